@@ -1,0 +1,124 @@
+"""Small typed records passed between pipeline stages (instead of dicts of dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EntityMention:
+    """A watchlist entity or cashtag found in a document's text."""
+
+    entity: str  # canonical key: the ticker for watchlist entities, e.g. "AAPL"; "$XYZ" cashtags map to "XYZ"
+    kind: str  # "watchlist" | "cashtag"
+    matched: str  # the text that matched
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One normalised feed entry, ready to store."""
+
+    source: str
+    external_id: str  # feed GUID, else canonical URL, else content hash
+    content_hash: str  # sha256 of normalised title+summary, for cross-source duplicate detection
+    title: str
+    summary: str
+    link: str | None
+    published_at: datetime  # timezone-aware UTC
+    language: str | None = None
+    entities: tuple[EntityMention, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The text the model scores: title plus summary."""
+        if self.summary and self.summary != self.title:
+            return f"{self.title}. {self.summary}" if self.title else self.summary
+        return self.title
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """Outcome of fetching one source: documents on success, an error message on failure."""
+
+    source: str
+    documents: list[Document] = field(default_factory=list)
+    status: str = "ok"  # "ok" | "not_modified" | "failed"
+    http_status: int | None = None
+    error: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    entries_seen: int = 0
+    entries_skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Model output for one text."""
+
+    label: str  # negative | neutral | positive
+    probs: dict[str, float]  # class name -> probability, sums to 1
+    topic: str | None = None
+    topic_prob: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDocument:
+    """A stored document that has no score yet from the current model."""
+
+    id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRow:
+    document_id: int
+    model_version: str
+    prediction: Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class AlertItem:
+    """A negative document cited by an alert as evidence."""
+
+    document_id: int
+    title: str
+    link: str | None
+    source: str
+    p_negative: float
+    evidence: tuple[str, ...] = ()  # tokens that pushed the label, when available
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """A detected (or resolved) negative-sentiment episode for one scope and window."""
+
+    id: str  # deterministic: same scope+window+kind -> same id
+    scope_kind: str  # market | entity | source | topic
+    scope_value: str  # "*" for market
+    window_start: datetime
+    window_end: datetime
+    kind: str  # "spike" | "resolved"
+    severity: str  # "warning" | "critical" | "info"
+    neg_count: int
+    total_count: int
+    neg_share: float
+    baseline_share: float
+    baseline_neg_rate: float  # expected negatives per window
+    statistic: float  # test statistic or z-score
+    p_value: float | None = None
+    risk_score: float | None = None
+    top_documents: tuple[AlertItem, ...] = ()
+    episode_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CycleSummary:
+    """What one monitoring cycle did, for logs, the CLI and pipeline_runs."""
+
+    run_id: int | None
+    fetched: dict[str, int]  # source -> new documents
+    failed_sources: dict[str, str]  # source -> error
+    scored: int
+    alerts: list[AlertRecord]
+    delivered: int = 0

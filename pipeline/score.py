@@ -1,0 +1,176 @@
+"""Scoring stage: any Hugging Face sequence-classification checkpoint, plus finsent's optional topic head.
+
+A finsent model folder is a normal HF checkpoint (so `from_pretrained` and other tools read it) with
+two optional extras: `finsent.json` (version, topic names, calibration temperatures) and
+`topic_head.safetensors` (a linear head on the [CLS] hidden state, so sentiment and topic come from
+one encoder pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.records import Prediction
+
+log = logging.getLogger(__name__)
+
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+_LABEL_ALIASES = {"bearish": "negative", "bullish": "positive", "neg": "negative", "pos": "positive", "neu": "neutral"}
+META_FILE = "finsent.json"
+TOPIC_HEAD_FILE = "topic_head.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder or hub id cannot be loaded; the message names it."""
+
+
+def _is_local(path_or_id: str) -> bool:
+    p = Path(path_or_id)
+    return p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+
+
+def model_version_id(path_or_id: str) -> str:
+    """A stable id: finsent.json's version, else folder name + weight hash, else the hub id (+revision)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        meta = p / META_FILE
+        if meta.exists():
+            v = json.loads(meta.read_text()).get("version")
+            if v:
+                return str(v)
+        h = hashlib.sha256()
+        for f in sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")):
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+            h.update(str(f.stat().st_size).encode())
+        return f"{p.name}-{h.hexdigest()[:12]}"
+    return f"hub:{path_or_id}"
+
+
+def _normalise_labels(id2label: dict[int, str], source: str) -> list[str]:
+    labels = []
+    for i in range(len(id2label)):
+        name = str(id2label[i]).strip().lower()
+        name = _LABEL_ALIASES.get(name, name)
+        labels.append(name)
+    missing = set(SENTIMENT_LABELS) - set(labels)
+    if missing:
+        raise ModelLoadError(
+            f"model {source}: its labels {labels} do not name {sorted(missing)}; "
+            "a sentiment model needs negative/neutral/positive (or bearish/bullish) in config.id2label"
+        )
+    return labels
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped by similar length so dynamic padding wastes little compute."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+@dataclass
+class Scorer:
+    """A loaded model; `score` maps texts to Predictions in input order."""
+
+    model: object
+    tokenizer: object
+    labels: list[str]
+    version: str
+    source: str
+    device: str
+    topics: list[str] | None = None
+    topic_head: object | None = None
+    temperature: float = 1.0
+    topic_temperature: float = 1.0
+    max_length: int = 128
+    batch_size: int = 64
+
+    @classmethod
+    def load(cls, path_or_id: str, device: str | None = None, max_length: int = 128, batch_size: int = 64) -> Scorer:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        source = str(path_or_id)
+        local = Path(source).expanduser()
+        if _is_local(source) and not local.is_dir():
+            raise ModelLoadError(f"model folder not found: {local}")
+        if local.is_dir() and not (local / "config.json").exists():
+            raise ModelLoadError(f"model folder {local} has no config.json: not a Hugging Face checkpoint")
+        target = str(local) if local.is_dir() else source
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            model = AutoModelForSequenceClassification.from_pretrained(target)
+        except Exception as e:  # transformers raises many types (OSError, ValueError, safetensors errors)
+            raise ModelLoadError(f"cannot load model {source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        labels = _normalise_labels(model.config.id2label, source)
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(dev).eval()
+        meta = {}
+        if local.is_dir() and (local / META_FILE).exists():
+            try:
+                meta = json.loads((local / META_FILE).read_text())
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"model folder {local}: {META_FILE} is not valid JSON ({e})") from None
+        topics = meta.get("topics")
+        topic_head = None
+        if topics and (local / TOPIC_HEAD_FILE).exists():
+            from safetensors.torch import load_file
+
+            state = load_file(str(local / TOPIC_HEAD_FILE))
+            topic_head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+            topic_head.load_state_dict({k: v.float() for k, v in state.items()})
+            topic_head.to(dev).eval()
+        elif topics:
+            topics = None
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            labels=labels,
+            version=model_version_id(source),
+            source=source,
+            device=dev,
+            topics=topics,
+            topic_head=topic_head,
+            temperature=float(meta.get("temperature", 1.0)),
+            topic_temperature=float(meta.get("topic_temperature", 1.0)),
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+
+    def _forward(self, texts: list[str]):
+        import torch
+
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            out = self.model(**enc, output_hidden_states=self.topic_head is not None)
+            sent = torch.softmax(out.logits.float() / self.temperature, dim=-1)
+            topic = None
+            if self.topic_head is not None:
+                cls_vec = out.hidden_states[-1][:, 0].float()
+                topic = torch.softmax(self.topic_head(cls_vec) / self.topic_temperature, dim=-1)
+        return sent.cpu(), (topic.cpu() if topic is not None else None)
+
+    def score(self, texts: Sequence[str]) -> list[Prediction]:
+        texts = [t if t and t.strip() else " " for t in texts]
+        lengths = [len(t) for t in texts]
+        results: list[Prediction | None] = [None] * len(texts)
+        for idx in length_batches(lengths, self.batch_size):
+            sent, topic = self._forward([texts[i] for i in idx])
+            for row, i in enumerate(idx):
+                probs = {lab: float(sent[row, j]) for j, lab in enumerate(self.labels)}
+                label = max(probs, key=probs.__getitem__)
+                t_name = t_prob = None
+                if topic is not None and self.topics:
+                    k = int(topic[row].argmax())
+                    t_name, t_prob = self.topics[k], float(topic[row, k])
+                results[i] = Prediction(label=label, probs=probs, topic=t_name, topic_prob=t_prob)
+        return [r for r in results if r is not None]

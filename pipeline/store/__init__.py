@@ -1,0 +1,271 @@
+"""Storage stage: engine, migrations and the idempotent writes every other stage relies on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.records import Document as DocumentRecord
+from pipeline.records import FetchResult, PendingDocument, ScoreRow
+from pipeline.store import schema as s
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql" / "migrations"
+
+
+class StoreError(RuntimeError):
+    """The database cannot be reached or used; the message never contains the password."""
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def make_engine(url: str, **kw: Any) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError("DATABASE_URL is not a valid SQLAlchemy URL (expected e.g. postgresql+psycopg://user@host/db)") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(parsed, **kw)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _rec: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    kw.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kw)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A transaction: commit on success, roll back on error, and turn connection loss into StoreError."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except OperationalError as e:
+            session.rollback()
+            raise StoreError(f"database {safe_url(engine.url.render_as_string(hide_password=False))} failed: {type(e.orig).__name__ if e.orig else e.__class__.__name__}") from None
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """Dialect insert that supports ON CONFLICT, for idempotent writes on Postgres and SQLite."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise StoreError(f"unsupported database dialect {name!r}: use PostgreSQL or SQLite")
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply Alembic migrations (the same ones for Postgres and the embedded SQLite)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = url
+    command.upgrade(cfg, revision)
+
+
+def ensure_sources(session: Session, sources: Iterable[Any]) -> None:
+    """Register configured sources (name, kind, url); keeps their HTTP validators."""
+    for src in sources:
+        stmt = _insert(session, s.Source).values(name=src.name, kind=src.kind, url=src.url, created_at=datetime.now(UTC))
+        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"kind": src.kind, "url": src.url})
+        session.execute(stmt)
+
+
+def source_validators(session: Session, name: str) -> tuple[str | None, str | None]:
+    row = session.execute(select(s.Source.etag, s.Source.last_modified).where(s.Source.name == name)).first()
+    return (row[0], row[1]) if row else (None, None)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedFetch:
+    new_documents: int
+    fetch_id: int
+
+
+def save_fetch(session: Session, result: FetchResult, run_id: int | None = None) -> SavedFetch:
+    """Store a fetch outcome and its documents; re-storing the same entries inserts nothing."""
+    now = datetime.now(UTC)
+    new_docs = 0
+    if result.documents:
+        new_docs = save_documents(session, result.documents)
+    values: dict[str, Any] = {"last_fetched_at": now, "last_status": result.status, "last_error": result.error}
+    if result.status == "ok":
+        values.update(etag=result.etag, last_modified=result.last_modified)
+    session.execute(update(s.Source).where(s.Source.name == result.source).values(**values))
+    fetch = s.SourceFetch(
+        run_id=run_id,
+        source_name=result.source,
+        fetched_at=now,
+        status=result.status,
+        http_status=result.http_status,
+        entries_seen=result.entries_seen,
+        entries_new=new_docs,
+        error=result.error,
+    )
+    session.add(fetch)
+    session.flush()
+    return SavedFetch(new_documents=new_docs, fetch_id=fetch.id)
+
+
+def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int = 500) -> int:
+    """Insert documents and their entities; existing (source, external_id) pairs are skipped."""
+    inserted = 0
+    now = datetime.now(UTC)
+    for i in range(0, len(docs), batch):
+        chunk = docs[i : i + batch]
+        seen: set[tuple[str, str]] = set()
+        rows = []
+        for d in chunk:
+            key = (d.source, d.external_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(
+                {
+                    "source_name": d.source,
+                    "external_id": d.external_id,
+                    "content_hash": d.content_hash,
+                    "title": d.title,
+                    "summary": d.summary,
+                    "link": d.link,
+                    "published_at": d.published_at,
+                    "fetched_at": now,
+                    "language": d.language,
+                }
+            )
+        stmt = (
+            _insert(session, s.Document)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["source_name", "external_id"])
+            .returning(s.Document.id, s.Document.source_name, s.Document.external_id)
+        )
+        new = {(r.source_name, r.external_id): r.id for r in session.execute(stmt)}
+        inserted += len(new)
+        ent_rows = [
+            {"document_id": new[(d.source, d.external_id)], "entity": e.entity, "kind": e.kind, "matched": e.matched}
+            for d in chunk
+            if (d.source, d.external_id) in new
+            for e in {e.entity: e for e in d.entities}.values()
+        ]
+        if ent_rows:
+            session.execute(
+                _insert(session, s.DocumentEntity).values(ent_rows).on_conflict_do_nothing(index_elements=["document_id", "entity"])
+            )
+    return inserted
+
+
+def register_model(session: Session, version: str, **fields: Any) -> None:
+    """Record a model version once; later calls with the same id change nothing."""
+    stmt = _insert(session, s.ModelVersion).values(id=version, created_at=datetime.now(UTC), **fields)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+
+
+def production_model(session: Session) -> s.ModelVersion | None:
+    return session.scalars(select(s.ModelVersion).where(s.ModelVersion.is_production.is_(True))).first()
+
+
+def iter_unscored(engine: Engine, model_version: str, chunk_size: int = 2000) -> Iterator[list[PendingDocument]]:
+    """Stream documents without a score from this model in id order, a chunk at a time (bounded memory)."""
+    last_id = 0
+    while True:
+        with Session(engine) as session:
+            scored = select(s.Score.document_id).where(
+                s.Score.model_version_id == model_version, s.Score.document_id == s.Document.id
+            )
+            rows = session.execute(
+                select(s.Document.id, s.Document.title, s.Document.summary)
+                .where(s.Document.id > last_id, ~scored.exists())
+                .order_by(s.Document.id)
+                .limit(chunk_size)
+            ).all()
+        if not rows:
+            return
+        last_id = rows[-1].id
+        yield [PendingDocument(id=r.id, text=document_text(r.title, r.summary)) for r in rows]
+
+
+def document_text(title: str, summary: str | None) -> str:
+    """The text a model scores; mirrors records.Document.text for stored rows."""
+    if summary and summary != title:
+        return f"{title}. {summary}" if title else summary
+    return title
+
+
+def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
+    if not rows:
+        return 0
+    now = datetime.now(UTC)
+    values = [
+        {
+            "document_id": r.document_id,
+            "model_version_id": r.model_version,
+            "label": r.prediction.label,
+            "p_negative": r.prediction.probs.get("negative", 0.0),
+            "p_neutral": r.prediction.probs.get("neutral", 0.0),
+            "p_positive": r.prediction.probs.get("positive", 0.0),
+            "probs": dict(r.prediction.probs),
+            "topic": r.prediction.topic,
+            "topic_prob": r.prediction.topic_prob,
+            "scored_at": now,
+        }
+        for r in rows
+    ]
+    stmt = _insert(session, s.Score).values(values).on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
+    return session.execute(stmt).rowcount or 0
+
+
+def start_run(engine: Engine, kind: str, interval_start: datetime | None = None, interval_end: datetime | None = None) -> int:
+    with session_scope(engine) as session:
+        run = s.PipelineRun(kind=kind, started_at=datetime.now(UTC), interval_start=interval_start, interval_end=interval_end)
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def finish_run(engine: Engine, run_id: int, status: str, counts: dict[str, Any], errors: list[Any]) -> None:
+    with session_scope(engine) as session:
+        session.execute(
+            update(s.PipelineRun)
+            .where(s.PipelineRun.id == run_id)
+            .values(finished_at=datetime.now(UTC), status=status, counts=counts, errors=errors)
+        )
+
+
+def count_rows(session: Session, model: Any) -> int:
+    return session.scalar(select(func.count()).select_from(model)) or 0
