@@ -1,0 +1,221 @@
+"""Core commands: demo, run, db upgrade, score."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, FinsentConfig, load_config
+
+log = logging.getLogger("finsent")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (sources, watchlist, thresholds, sinks).")
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def config_or_exit(path: Path | None) -> FinsentConfig:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise fail(f"--as-of {value!r}: expected an ISO 8601 time such as 2026-11-20T15:00Z") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a .txt (one per line), .csv or .jsonl file with a `text` column."""
+    if not path.exists():
+        raise fail(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or "text" not in reader.fieldnames:
+                    raise fail(f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})")
+                return [row["text"] or "" for row in reader]
+        if suffix in (".jsonl", ".ndjson"):
+            texts = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise fail(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or "text" not in obj:
+                    raise fail(f"{path}:{n}: each JSON line needs a 'text' field")
+                texts.append(str(obj["text"]))
+            return texts
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise fail(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def write_predictions(path: Path, texts: list[str], preds: list, labels: list[str], topics: bool) -> None:
+    rows = []
+    for text, p in zip(texts, preds, strict=True):
+        row = {"text": text, "label": p.label, **{f"p_{lab}": round(p.probs[lab], 6) for lab in labels}}
+        if topics:
+            row["topic"] = p.topic
+            row["topic_prob"] = round(p.topic_prob, 6) if p.topic_prob is not None else None
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with path.open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        fields = ["text", "label", *(f"p_{lab}" for lab in labels)] + (["topic", "topic_prob"] if topics else [])
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def print_demo(report) -> None:
+    console.rule("[bold]finsent demo")
+    t = Table(title="Items per source", show_edge=False)
+    t.add_column("source")
+    t.add_column("items", justify="right")
+    for src, n in sorted(report.per_source.items()):
+        t.add_row(src, str(n))
+    console.print(t)
+    total = sum(report.sentiment_mix.values()) or 1
+    mix = Table(title=f"Sentiment mix ({report.model_version})", show_edge=False)
+    mix.add_column("label")
+    mix.add_column("items", justify="right")
+    mix.add_column("share", justify="right")
+    for lab in ("negative", "neutral", "positive"):
+        n = report.sentiment_mix.get(lab, 0)
+        mix.add_row(lab, str(n), f"{n / total:.0%}")
+    console.print(mix)
+    neg = Table(title="Top negative headlines", show_edge=False)
+    neg.add_column("p(neg)", justify="right")
+    neg.add_column("source")
+    neg.add_column("headline")
+    for src, title, p in report.top_negative:
+        neg.add_row(f"{p:.2f}", src, title)
+    console.print(neg)
+    spikes = [a for a in report.alerts if a.kind == "spike"]
+    console.print(f"\n[bold]{len(spikes)} alert(s)[/] for the window ending {report.as_of:%Y-%m-%d %H:%M} UTC:")
+    for a in spikes:
+        risk = f", risk {a.risk_score:.0f}/100" if a.risk_score is not None else ""
+        console.print(
+            f"  [{'red' if a.severity == 'critical' else 'yellow'}]{a.severity.upper()}[/] {a.scope_kind} {a.scope_value}: "
+            f"{a.neg_count}/{a.total_count} negative ({a.neg_share:.0%} vs baseline {a.baseline_share:.0%}){risk}"
+        )
+    if report.failed_sources:
+        console.print(f"[red]failed sources:[/] {report.failed_sources}")
+    secs = report.seconds
+    console.print(
+        f"\nScored {report.scored} items. Wall time {secs['total']:.1f} s "
+        f"(ingest {secs['ingest']:.1f} s, model load {secs['load_model']:.1f} s, score {secs['score']:.1f} s, "
+        f"detect {secs['detect']:.1f} s, notify {secs['notify']:.1f} s). Database: {report.database_url}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+    app.add_typer(db_app, name="db")
+
+    @app.command()
+    def demo(
+        db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated each run).")] = Path("finsent-demo.db"),
+        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
+        keep: Annotated[bool, typer.Option(help="Keep the existing demo database instead of starting fresh.")] = False,
+    ) -> None:
+        """Run the whole loop offline on the bundled sample feeds: ingest, score, detect, alert."""
+        from pipeline.demo import run_demo
+        from pipeline.score import ModelLoadError
+
+        try:
+            report = run_demo(db, model_path=model, fresh=not keep)
+        except ModelLoadError as e:
+            raise fail(str(e)) from None
+        print_demo(report)
+
+    @app.command()
+    def run(
+        config: ConfigOpt = None,
+        as_of: Annotated[str | None, typer.Option(help="Detect for the window ending at this UTC time (default: last complete window).")] = None,
+    ) -> None:
+        """One monitoring cycle over the configured sources against DATABASE_URL."""
+        from pipeline import cycle
+        from pipeline.score import ModelLoadError
+        from pipeline.store import StoreError
+
+        cfg = config_or_exit(config)
+        try:
+            summary = cycle.run_cycle(cfg, as_of=parse_time(as_of))
+        except (ModelLoadError, StoreError) as e:
+            raise fail(str(e), code=1) from None
+        console.print(
+            f"run {summary.run_id}: {sum(summary.fetched.values())} new documents from {len(summary.fetched)} sources, "
+            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind == 'spike'])} alerts, {summary.delivered} delivered"
+        )
+        for src, error in summary.failed_sources.items():
+            err_console.print(f"[red]source {src} failed:[/] {error}", highlight=False)
+        if summary.failed_sources:
+            raise typer.Exit(3)
+
+    @db_app.command("upgrade")
+    def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
+        """Apply schema migrations to DATABASE_URL (or the config's database_url)."""
+        from pipeline.store import StoreError, safe_url, upgrade
+
+        cfg = config_or_exit(config)
+        url = cfg.database_url.get_secret_value()
+        try:
+            upgrade(url, revision)
+        except StoreError as e:
+            raise fail(str(e), code=1) from None
+        except Exception as e:  # alembic/driver errors: name the database, never the password
+            raise fail(f"migrating {safe_url(url)} failed: {type(e).__name__}", code=1) from None
+        console.print(f"database {safe_url(url)} is at revision {revision}")
+
+    @app.command()
+    def score(
+        file: Annotated[Path, typer.Argument(help="Texts: .txt (one per line), .csv or .jsonl with a 'text' column.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions (.csv or .jsonl).")],
+        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Score a file of texts: label and every class probability (and topic when the model has one)."""
+        from pipeline.score import ModelLoadError, Scorer
+
+        cfg = config_or_exit(config)
+        texts = read_texts(file)
+        try:
+            scorer = Scorer.load(model or cfg.model.path, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
+        except ModelLoadError as e:
+            raise fail(str(e), code=1) from None
+        preds = scorer.score(texts)
+        write_predictions(output, texts, preds, scorer.labels, topics=bool(scorer.topics))
+        err_console.print(f"scored {len(texts)} texts with {scorer.version} -> {output}", highlight=False)
+        sys.stdout.flush()
