@@ -246,8 +246,13 @@ def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
         }
         for r in rows
     ]
-    stmt = _insert(session, s.Score).values(values).on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
-    return session.execute(stmt).rowcount or 0
+    stmt = (
+        _insert(session, s.Score)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
+        .returning(s.Score.document_id)
+    )
+    return len(session.execute(stmt).all())
 
 
 def start_run(engine: Engine, kind: str, interval_start: datetime | None = None, interval_end: datetime | None = None) -> int:

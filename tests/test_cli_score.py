@@ -1,0 +1,62 @@
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+TEXTS = ["Operating profit rose to EUR 13.1 mn", "Shares plunged after the profit warning", "The AGM is on Friday"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_score_file_writes_label_and_every_probability(tmp_path, tiny_model_dir, suffix):
+    src = tmp_path / f"in{suffix}"
+    if suffix == ".txt":
+        src.write_text("\n".join(TEXTS) + "\n\n")
+    elif suffix == ".csv":
+        with src.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "text"])
+            w.writerows([[i, t] for i, t in enumerate(TEXTS)])
+    else:
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out_csv, out_jsonl = tmp_path / "out.csv", tmp_path / "out.jsonl"
+    for out in (out_csv, out_jsonl):
+        res = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", str(tiny_model_dir)])
+        assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [r["text"] for r in rows] == TEXTS
+    for r in rows:
+        probs = [float(r[f"p_{k}"]) for k in ("negative", "neutral", "positive")]
+        assert abs(sum(probs) - 1) < 1e-3
+        assert r["label"] == ("negative", "neutral", "positive")[probs.index(max(probs))]
+        assert r["topic"] in ("Earnings", "Legal")
+    lines = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert [x["label"] for x in lines] == [r["label"] for r in rows]
+
+
+def test_score_bad_inputs_name_the_input(tmp_path, tiny_model_dir):
+    res = runner.invoke(app, ["score", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 2 and "missing.txt" in res.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("headline\nx\n")
+    res = runner.invoke(app, ["score", str(bad), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 2 and "'text' column" in res.output
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Nokia's profit \xe4 rose".encode("latin-1"))
+    res = runner.invoke(app, ["score", str(latin), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 2 and "not UTF-8" in res.output
+
+
+def test_missing_or_corrupt_model_names_the_path(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("hello\n")
+    res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.csv"), "--model", str(tmp_path / "no-model")])
+    assert res.exit_code == 1 and "model folder not found" in res.output and "no-model" in res.output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.csv"), "--model", str(broken)])
+    assert res.exit_code == 1 and "broken" in res.output and not (tmp_path / "o.csv").exists()
