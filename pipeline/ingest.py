@@ -1,0 +1,616 @@
+"""Ingestion stage: fetch one configured source and normalise its entries into `Document` records.
+
+`fetch_source` never raises for a bad feed: whatever is wrong with it (down, slow, 4xx/5xx, oversized,
+malformed, an HTML page, empty) comes back as a failed `FetchResult` naming the source, the URL and the
+problem, so a cycle records it and carries on with the other sources.
+"""
+
+from __future__ import annotations
+
+import calendar
+import codecs
+import functools
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import formatdate
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
+from urllib.request import url2pathname
+
+import feedparser
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.config import SourceConfig, WatchlistEntity
+from pipeline.records import Document, EntityMention, FetchResult
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_DELAY_S = 0.2
+_ACCEPT = {
+    "stocktwits": "application/json",
+    "default": "application/rss+xml, application/atom+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1",
+}
+
+
+# --------------------------------------------------------------------------- text helpers
+
+
+class _TextExtractor(HTMLParser):
+    _SKIP = frozenset({"script", "style", "noscript", "template", "head", "title"})
+    _BLOCK = frozenset(
+        {"p", "div", "br", "li", "ul", "ol", "tr", "td", "th", "table", "blockquote", "pre", "hr", "section",
+         "article", "header", "footer", "h1", "h2", "h3", "h4", "h5", "h6", "dd", "dt", "figcaption"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag in self._BLOCK:
+            self.parts.append(" ")
+
+    def handle_startendtag(self, tag: str, attrs: Any) -> None:
+        if tag in self._BLOCK:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag in self._BLOCK:
+            self.parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.parts.append(data)
+
+
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+
+
+def collapse_ws(text: str) -> str:
+    return " ".join(text.translate(_INVISIBLE).split())
+
+
+def strip_html(text: str) -> str:
+    """Visible text of an HTML fragment: tags, scripts and comments dropped, entities decoded, whitespace collapsed."""
+    if not text:
+        return ""
+    if "<" not in text and "&" not in text:
+        return collapse_ws(text)
+    parser = _TextExtractor()
+    parser.feed(text)
+    parser.close()
+    return collapse_ws("".join(parser.parts))
+
+
+def content_hash(title: str, summary: str) -> str:
+    """sha256 of lowercase title+summary with whitespace collapsed: equal stories from two sources hash equal."""
+    return hashlib.sha256(collapse_ws(f"{title} {summary}".lower()).encode("utf-8")).hexdigest()
+
+
+def canonical_url(url: str) -> str:
+    """The URL without tracking parameters (utm_*) or fragment, scheme and host lower-cased, for stable ids."""
+    parts = urlsplit(url.strip())
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.lower().startswith("utm_")]
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", urlencode(query), ""))
+
+
+_SECRET_PARAM = re.compile(r"key|token|secret|pass|auth|sig|session|cred", re.IGNORECASE)
+
+
+def display_url(url: str) -> str:
+    """The URL safe for logs and error messages: no user:password, secret-looking query values redacted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.scheme == "file":
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    query = [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit((parts.scheme, host, parts.path, urlencode(query, safe="*"), ""))
+
+
+# --------------------------------------------------------------------------- entities
+
+# Letters only, so money ($5, $1.2bn) never matches; an optional upper-case class suffix ($BRK.B).
+_CASHTAG = re.compile(r"(?<![\w$])\$([A-Za-z]{1,6}(?:[.\-][A-Z]{1,2})?)(?![\w$])")
+_SYMBOL = re.compile(r"^[A-Za-z][A-Za-z0-9.\-]{0,15}$")
+
+
+@dataclass(frozen=True, slots=True)
+class _WatchlistMatcher:
+    tickers: re.Pattern[str] | None
+    aliases: re.Pattern[str] | None
+    alias_keys: dict[str, tuple[str, ...]]
+    keys: frozenset[str]
+
+
+def _alias_norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(spec: tuple[tuple[str, str, tuple[str, ...]], ...]) -> _WatchlistMatcher:
+    keys = frozenset(t.upper() for t, _, _ in spec)
+    # One-letter tickers (F, T, A...) are everyday words in caps; only their $-form counts, via cashtags.
+    multi = sorted({t.upper() for t in keys if len(t) > 1}, key=len, reverse=True)
+    tickers = re.compile(r"(?<![\w$])\$?(" + "|".join(map(re.escape, multi)) + r")(?!\w)") if multi else None
+    alias_keys: dict[str, list[str]] = {}
+    for ticker, name, aliases in spec:
+        for alias in (name, *aliases):
+            norm = _alias_norm(alias)
+            if norm and ticker.upper() not in alias_keys.setdefault(norm, []):
+                alias_keys[norm].append(ticker.upper())
+    alts = sorted(alias_keys, key=len, reverse=True)
+    alias_re = (
+        re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, a.split(" "))) for a in alts) + r")(?!\w)", re.IGNORECASE)
+        if alts
+        else None
+    )
+    return _WatchlistMatcher(tickers, alias_re, {k: tuple(v) for k, v in alias_keys.items()}, keys)
+
+
+def _watchlist_matcher(watchlist: Sequence[WatchlistEntity]) -> _WatchlistMatcher:
+    return _matcher(tuple((w.ticker, w.name, tuple(w.aliases)) for w in watchlist))
+
+
+def _entities(text: str, m: _WatchlistMatcher, symbols: Iterable[str] = ()) -> tuple[EntityMention, ...]:
+    hits: list[tuple[int, str, str, str]] = []  # position, key, kind, matched
+    for mt in _CASHTAG.finditer(text):
+        key = mt.group(1).upper()
+        hits.append((mt.start(), key, "watchlist" if key in m.keys else "cashtag", mt.group(0)))
+    if m.tickers is not None:
+        hits.extend((mt.start(), mt.group(1), "watchlist", mt.group(0)) for mt in m.tickers.finditer(text))
+    if m.aliases is not None:
+        for mt in m.aliases.finditer(text):
+            hits.extend((mt.start(), key, "watchlist", mt.group(0)) for key in m.alias_keys.get(_alias_norm(mt.group(0)), ()))
+    end = len(text)
+    for sym in symbols:
+        if _SYMBOL.match(sym):
+            key = sym.upper()
+            hits.append((end, key, "watchlist" if key in m.keys else "cashtag", f"${sym}"))
+    out: dict[str, EntityMention] = {}
+    for _, key, kind, matched in sorted(hits, key=lambda h: h[0]):
+        if key not in out:
+            out[key] = EntityMention(entity=key, kind=kind, matched=matched)
+    return tuple(out.values())
+
+
+def extract_entities(text: str, watchlist: Sequence[WatchlistEntity]) -> tuple[EntityMention, ...]:
+    """Cashtags and watchlist entities in `text`, one mention per entity key, in order of first appearance.
+
+    A cashtag is `$` plus letters (`$AAPL` -> "AAPL"), never a money amount (`$5`, `$1.2bn`). A watchlist
+    entity matches its ticker as a whole upper-case word or `$TICKER`, or its name or any alias as whole
+    words in any case; its key is the upper-case ticker and its kind "watchlist", also when written as a
+    cashtag (the store keeps one row per document and entity).
+    """
+    return _entities(text, _watchlist_matcher(watchlist))
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+class _FetchError(Exception):
+    def __init__(self, message: str, http_status: int | None = None, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.retry = retry
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    content: bytes
+    content_type: str
+    http_status: int | None
+    etag: str | None = None
+    last_modified: str | None = None
+    not_modified: bool = False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _http_once(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) -> _Body:
+    deadline = time.monotonic() + src.timeout_s
+    try:
+        with client.stream("GET", src.url, headers=headers, timeout=src.timeout_s) as resp:
+            code = resp.status_code
+            if code == 304:
+                return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
+            if code >= 400 or code < 200 or 300 <= code < 400:
+                raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
+            declared = resp.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > src.max_bytes:
+                raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
+            buf = bytearray()
+            for chunk in resp.iter_bytes():
+                buf += chunk
+                if len(buf) > src.max_bytes:
+                    raise _FetchError(f"response exceeds max_bytes={src.max_bytes}; download aborted", code)
+                if time.monotonic() > deadline:
+                    raise _FetchError(f"timed out after {src.timeout_s:g} s reading the response", code, retry=True)
+            return _Body(bytes(buf), resp.headers.get("content-type", ""), code, resp.headers.get("etag"), resp.headers.get("last-modified"))
+    except httpx.TimeoutException as e:
+        raise _FetchError(f"timed out after {src.timeout_s:g} s ({type(e).__name__})", retry=True) from None
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
+        raise _FetchError(f"connection failed: {_describe(e)}", retry=True) from None
+    except httpx.HTTPError as e:
+        raise _FetchError(f"request failed: {_describe(e)}") from None
+
+
+def _http_get(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) -> _Body:
+    """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx)."""
+    attempts = src.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _http_once(src, client, headers)
+        except _FetchError as e:
+            if not e.retry or attempt == attempts:
+                if attempt > 1:
+                    e.message = f"{e.message} (after {attempt} attempts)"
+                raise
+            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
+            log.info("source %s: %s; retry %d/%d in %.1f s", src.name, e.message, attempt, src.retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _file_path(url: str) -> Path:
+    parts = urlsplit(url)
+    path = url2pathname(unquote(parts.path))
+    if parts.netloc and parts.netloc != "localhost":
+        return Path(parts.netloc + path)  # file://relative/dir/feed.xml: relative to the working directory
+    return Path(path)
+
+
+def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
+    """A local feed (the offline demo); its mtime stands in for Last-Modified."""
+    path = _file_path(src.url)
+    try:
+        st = path.stat()
+        if not path.is_file():
+            raise _FetchError(f"{path} is not a regular file")
+        if st.st_size > src.max_bytes:
+            raise _FetchError(f"file of {st.st_size} bytes exceeds max_bytes={src.max_bytes}")
+        mtime = formatdate(st.st_mtime, usegmt=True)
+        if last_modified == mtime:
+            return _Body(b"", "", None, last_modified=mtime, not_modified=True)
+        with path.open("rb") as fh:
+            data = fh.read(src.max_bytes + 1)
+    except FileNotFoundError:
+        raise _FetchError(f"file not found: {path}") from None
+    except OSError as e:
+        raise _FetchError(f"cannot read {path}: {_describe(e)}") from None
+    if len(data) > src.max_bytes:
+        raise _FetchError(f"file exceeds max_bytes={src.max_bytes}")
+    suffix = path.suffix.lower()
+    ctype = {".json": "application/json", ".html": "text/html", ".htm": "text/html"}.get(suffix, "application/xml")
+    return _Body(data, ctype, None, last_modified=mtime)
+
+
+# --------------------------------------------------------------------------- decoding and parsing
+
+_XML_DECL_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._\-]+)["']""")
+_CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9._\-]+)", re.IGNORECASE)
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _known_encoding(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return None
+
+
+def decode_bytes(data: bytes, content_type: str = "") -> str:
+    """Text of a feed body: BOM, else the XML declaration, else the HTTP charset, else UTF-8.
+
+    Bytes invalid in that encoding become U+FFFD instead of failing the whole feed. The document's own
+    declaration wins over the HTTP header because servers often send a default charset that is wrong.
+    """
+    for bom, enc in _BOMS:
+        if data.startswith(bom):
+            return data.decode(enc, errors="replace")
+    decl = _XML_DECL_ENCODING.match(data[:512])
+    header = _CHARSET.search(content_type or "")
+    enc = _known_encoding(decl.group(1).decode("ascii") if decl else None) or _known_encoding(header.group(1) if header else None)
+    return data.decode(enc or "utf-8", errors="replace")
+
+
+def _looks_like_html(text: str, content_type: str) -> bool:
+    head = text[:2048].lstrip().lower()
+    return "html" in content_type.lower() or head.startswith(("<!doctype html", "<html")) or "<html" in head[:512]
+
+
+_LANG = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$")
+
+
+def _language(*candidates: Any) -> str | None:
+    for c in candidates:
+        if isinstance(c, str) and c.strip():
+            lang = c.strip().lower().replace("_", "-")
+            if len(lang) <= 16 and _LANG.match(lang):
+                return lang
+    return None
+
+
+def _utc(struct: Any) -> datetime | None:
+    if not struct:
+        return None
+    try:
+        return datetime.fromtimestamp(calendar.timegm(struct), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+_REDDIT_FOOTER = re.compile(r"\s*submitted by\s+/?u/[\w\-]+\s*(?:\[link\])?\s*(?:\[comments\])?\s*$", re.IGNORECASE)
+
+
+class _Builder:
+    """Turns raw entry fields into Documents for one source, sharing the watchlist matcher."""
+
+    def __init__(self, src: SourceConfig, watchlist: Sequence[WatchlistEntity], fetched_at: datetime) -> None:
+        self.src = src
+        self.matcher = _watchlist_matcher(watchlist)
+        self.fetched_at = fetched_at
+
+    def build(
+        self,
+        *,
+        raw_id: str | None,
+        title: str,
+        summary: str,
+        link: str | None,
+        published: datetime | None,
+        language: str | None,
+        symbols: Iterable[str] = (),
+    ) -> Document | None:
+        if not title and not summary:
+            return None
+        chash = content_hash(title, summary)
+        link = link.strip() if isinstance(link, str) and link.strip() else None
+        external_id = (raw_id or "").strip() or (canonical_url(link) if link else "") or chash
+        return Document(
+            source=self.src.name,
+            external_id=external_id,
+            content_hash=chash,
+            title=title,
+            summary=summary,
+            link=link,
+            published_at=published or self.fetched_at,
+            language=language,
+            entities=_entities(f"{title}\n{summary}", self.matcher, symbols),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    documents: list[Document]
+    seen: int
+    skipped: int
+
+
+def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
+    text = decode_bytes(body.content, body.content_type)
+    if not text.strip():
+        raise _FetchError("empty response (no content)", body.http_status)
+    # Already decoded: hand feedparser UTF-8 with a matching header (it rewrites the XML declaration),
+    # and a stream, never bytes, which it would first try to open as a local file name. No base URL:
+    # feedparser would resolve GUIDs against it, and ids must not change when a feed moves host.
+    parsed = feedparser.parse(
+        io.BytesIO(text.encode("utf-8")), response_headers={"content-type": "application/xml; charset=utf-8"}
+    )
+    entries = parsed.entries
+    if not entries:
+        if _looks_like_html(text, body.content_type):
+            ctype = body.content_type.split(";")[0] or "unknown content type"
+            raise _FetchError(f"returned an HTML page ({ctype}), not an RSS/Atom feed", body.http_status)
+        if parsed.bozo:
+            raise _FetchError(f"malformed feed, no entries could be read: {_describe(parsed.bozo_exception)}", body.http_status)
+        if not parsed.get("version"):
+            raise _FetchError("not an RSS/Atom feed (no feed element found)", body.http_status)
+        raise _FetchError(f"feed is empty ({parsed.version}, no entries)", body.http_status)
+    if parsed.bozo:
+        log.warning("source %s: feed is not well-formed (%s); kept the %d entries that parsed",
+                    src.name, _describe(parsed.bozo_exception), len(entries))
+    feed_lang = parsed.feed.get("language")
+    docs: list[Document] = []
+    invalid = 0
+    for e in entries[: src.max_entries]:
+        title = strip_html(e.get("title") or "")
+        content = e.get("content") or []
+        summary_detail = e.get("summary_detail") or (content[0] if content else None)
+        summary = strip_html(e.get("summary") or (content[0].get("value") if content else ""))
+        if src.kind == "reddit":
+            summary = _REDDIT_FOOTER.sub("", summary)
+        if summary == title:
+            summary = ""
+        doc = b.build(
+            raw_id=e.get("id"),
+            title=title,
+            summary=summary,
+            link=_absolute(src.url, e.get("link")),
+            published=_utc(e.get("published_parsed")) or _utc(e.get("updated_parsed")),
+            language=_language(
+                (e.get("title_detail") or {}).get("language"), (summary_detail or {}).get("language"), feed_lang
+            ),
+        )
+        if doc is None:
+            invalid += 1
+        else:
+            docs.append(doc)
+    if not docs:
+        problem = f"malformed feed ({_describe(parsed.bozo_exception)})" if parsed.bozo else "feed"
+        raise _FetchError(f"{problem}: none of its {len(entries)} entries has a title or text", body.http_status)
+    return _finish(src, docs, len(entries), invalid)
+
+
+def _absolute(base: str, link: str | None) -> str | None:
+    """Relative entry links resolved against an http(s) feed URL."""
+    if not link or urlsplit(link).scheme or not base.startswith(("http://", "https://")):
+        return link
+    return urljoin(base, link)
+
+
+class _StSymbol(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    symbol: str
+
+
+class _StUser(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    username: str | None = None
+
+
+class _StMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: int | str
+    body: str
+    created_at: datetime | None = None
+    symbols: list[_StSymbol] = []
+    user: _StUser | None = None
+
+
+def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
+    text = decode_bytes(body.content, body.content_type)
+    if not text.strip():
+        raise _FetchError("empty response (no content)", body.http_status)
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as e:
+        if _looks_like_html(text, body.content_type):
+            raise _FetchError("returned an HTML page, not a StockTwits JSON stream", body.http_status) from None
+        raise _FetchError(f"not valid JSON: {e}", body.http_status) from None
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(messages, list):
+        raise _FetchError('not a StockTwits stream: expected a JSON object with a "messages" list', body.http_status)
+    if not messages:
+        raise _FetchError("stream is empty (no messages)", body.http_status)
+    docs: list[Document] = []
+    invalid = 0
+    for raw in messages[: src.max_entries]:
+        try:
+            msg = _StMessage.model_validate(raw)
+        except ValidationError:
+            invalid += 1
+            continue
+        published = msg.created_at
+        if published is not None:
+            published = published.replace(tzinfo=UTC) if published.tzinfo is None else published.astimezone(UTC)
+        user = msg.user.username if msg.user and msg.user.username else None
+        doc = b.build(
+            raw_id=str(msg.id),
+            title=strip_html(msg.body),
+            summary="",
+            link=f"https://stocktwits.com/{user}/message/{msg.id}" if user else None,
+            published=published,
+            language=None,
+            symbols=[s.symbol for s in msg.symbols],
+        )
+        if doc is None:
+            invalid += 1
+        else:
+            docs.append(doc)
+    if not docs:
+        raise _FetchError(f"none of the {len(messages)} messages is valid (each needs an id and a body)", body.http_status)
+    return _finish(src, docs, len(messages), invalid)
+
+
+def _finish(src: SourceConfig, docs: list[Document], seen: int, invalid: int) -> _Parsed:
+    capped = max(0, seen - src.max_entries)
+    if capped:
+        log.warning("source %s: %d entries, kept the first max_entries=%d, skipped %d", src.name, seen, src.max_entries, capped)
+    if invalid:
+        log.warning("source %s: skipped %d entries without usable id/title/text", src.name, invalid)
+    return _Parsed(docs, seen, capped + invalid)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def fetch_source(
+    src: SourceConfig,
+    watchlist: Sequence[WatchlistEntity],
+    *,
+    etag: str | None = None,
+    last_modified: str | None = None,
+    client: httpx.Client | None = None,
+    user_agent: str = "finsent/0.1",
+) -> FetchResult:
+    """Fetch and normalise one source; any problem with the feed becomes a failed FetchResult, never an exception.
+
+    `etag`/`last_modified` are the validators stored from the last good fetch (conditional GET; a 304 gives
+    status "not_modified"); the result carries the new ones. Pass `client` to share connections.
+    """
+    fetched_at = datetime.now(UTC)
+    where = f"source {src.name!r} ({display_url(src.url)})"
+    body: _Body | None = None
+    try:
+        if src.url.startswith("file://"):
+            body = _read_file(src, last_modified)
+        else:
+            headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"])}
+            if etag:
+                headers["If-None-Match"] = etag
+            if last_modified:
+                headers["If-Modified-Since"] = last_modified
+            if client is None:
+                with httpx.Client(follow_redirects=True, timeout=src.timeout_s) as own:
+                    body = _http_get(src, own, headers)
+            else:
+                body = _http_get(src, client, headers)
+        if body.not_modified:
+            log.info("%s: not modified since the last fetch", where)
+            return FetchResult(
+                source=src.name,
+                status="not_modified",
+                http_status=body.http_status,
+                etag=body.etag or etag,
+                last_modified=body.last_modified or last_modified,
+            )
+        builder = _Builder(src, watchlist, fetched_at)
+        parsed = (_parse_stocktwits if src.kind == "stocktwits" else _parse_feed)(src, body, builder)
+    except _FetchError as e:
+        return _failed(src, f"{where}: {e.message}", e.http_status)
+    except Exception as e:  # a parser bug on one odd feed must not stop the cycle
+        log.exception("%s: unexpected error", where)
+        return _failed(src, f"{where}: unexpected error while fetching or parsing: {_describe(e)}", body.http_status if body else None)
+    log.info("%s: %d entries, %d documents", where, parsed.seen, len(parsed.documents))
+    return FetchResult(
+        source=src.name,
+        documents=parsed.documents,
+        status="ok",
+        http_status=body.http_status,
+        etag=body.etag,
+        last_modified=body.last_modified,
+        entries_seen=parsed.seen,
+        entries_skipped=parsed.skipped,
+    )
+
+
+def _failed(src: SourceConfig, message: str, http_status: int | None) -> FetchResult:
+    log.warning("%s", message, extra={"source": src.name})
+    return FetchResult(source=src.name, status="failed", http_status=http_status, error=message)
