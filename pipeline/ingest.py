@@ -28,7 +28,7 @@ from urllib.request import url2pathname
 
 import feedparser
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from pipeline.config import SourceConfig, WatchlistEntity
 from pipeline.records import Document, EntityMention, FetchResult
@@ -36,6 +36,7 @@ from pipeline.records import Document, EntityMention, FetchResult
 log = logging.getLogger(__name__)
 
 RETRY_BASE_DELAY_S = 0.2
+MAX_ID_CHARS = 500
 _ACCEPT = {
     "stocktwits": "application/json",
     "default": "application/rss+xml, application/atom+xml, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.1",
@@ -78,10 +79,12 @@ class _TextExtractor(HTMLParser):
             self.parts.append(data)
 
 
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+# Zero-width characters and C0 controls: invisible, and Postgres rejects NUL in text columns.
+_INVISIBLE = dict.fromkeys([*map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 
 
 def collapse_ws(text: str) -> str:
+    """Text on one line: invisible and control characters dropped, runs of whitespace made one space."""
     return " ".join(text.translate(_INVISIBLE).split())
 
 
@@ -233,11 +236,11 @@ def _describe(exc: BaseException) -> str:
 def _http_once(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) -> _Body:
     deadline = time.monotonic() + src.timeout_s
     try:
-        with client.stream("GET", src.url, headers=headers, timeout=src.timeout_s) as resp:
+        with client.stream("GET", src.url, headers=headers, timeout=src.timeout_s, follow_redirects=True) as resp:
             code = resp.status_code
             if code == 304:
                 return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
-            if code >= 400 or code < 200 or 300 <= code < 400:
+            if not 200 <= code < 300:
                 raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
             declared = resp.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > src.max_bytes:
@@ -391,8 +394,10 @@ class _Builder:
         if not title and not summary:
             return None
         chash = content_hash(title, summary)
-        link = link.strip() if isinstance(link, str) and link.strip() else None
-        external_id = (raw_id or "").strip() or (canonical_url(link) if link else "") or chash
+        link = (collapse_ws(link) if isinstance(link, str) else "") or None
+        external_id = collapse_ws(raw_id or "") or (canonical_url(link) if link else "") or chash
+        if len(external_id) > MAX_ID_CHARS:  # a B-tree unique index rejects very long keys
+            external_id = "sha256:" + hashlib.sha256(external_id.encode("utf-8")).hexdigest()
         return Document(
             source=self.src.name,
             external_id=external_id,
@@ -489,9 +494,22 @@ class _StMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: int | str
     body: str
-    created_at: datetime | None = None
+    created_at: Any = None  # parsed on its own: a bad date should not cost the message
     symbols: list[_StSymbol] = []
     user: _StUser | None = None
+
+
+_DATETIME = TypeAdapter(datetime)
+
+
+def _iso_utc(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        dt = _DATETIME.validate_python(value)
+    except ValidationError:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
@@ -517,9 +535,7 @@ def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
         except ValidationError:
             invalid += 1
             continue
-        published = msg.created_at
-        if published is not None:
-            published = published.replace(tzinfo=UTC) if published.tzinfo is None else published.astimezone(UTC)
+        published = _iso_utc(msg.created_at)
         user = msg.user.username if msg.user and msg.user.username else None
         doc = b.build(
             raw_id=str(msg.id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
@@ -430,3 +431,32 @@ def test_strip_html_and_canonical_url():
     assert strip_html("a < b and AT&T") == "a < b and AT&T"
     assert strip_html("<div>one</div><div>two</div>") == "one two"
     assert canonical_url("HTTPS://Example.COM/a?utm_source=x&b=2&UTM_Campaign=y#frag") == "https://example.com/a?b=2"
+
+
+def test_redirect_is_followed(feed_server):
+    feed_server.override("old/feed.xml", status=301, headers={"Location": "/news_rss.xml"})
+    r = fetch(feed_server, "old/feed.xml")
+    assert r.status == "ok" and len(r.documents) == 4
+    assert [q.path for q in feed_server.requests] == ["/old/feed.xml", "/news_rss.xml"]
+
+
+def test_odd_stream_values_are_made_storable(feed_server, engine):
+    """NUL bytes (Postgres rejects them), a huge id (too long for the unique index) and a bad date."""
+    long_id = "x" * 5000
+    url = feed_server.put("odd.json", (
+        '{"messages": ['
+        '{"id": 1, "body": "$ACME nul\\u0000byte", "created_at": "yesterday-ish"},'
+        f'{{"id": "{long_id}", "body": "long id", "created_at": "2026-11-20T10:00:00+01:00"}}'
+        "]}"
+    ))
+    before = datetime.now(UTC)
+    r = fetch_source(src("odd", url, "stocktwits"), WATCHLIST)
+    assert r.status == "ok"
+    nul, long = r.documents
+    assert nul.title == "$ACME nulbyte" and nul.published_at >= before
+    assert long.external_id == "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()
+    assert long.published_at == datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, [src("odd", url, "stocktwits")])
+        assert store.save_fetch(session, r).new_documents == 2
+        assert store.save_fetch(session, r).new_documents == 0
