@@ -12,6 +12,8 @@ from sqlalchemy import create_engine, text
 
 from pipeline.store import make_engine, upgrade
 
+pytest_plugins = ["tests.feedserver"]
+
 PG_BASE = os.environ.get("FINSENT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
