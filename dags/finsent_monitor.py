@@ -1,0 +1,70 @@
+"""finsent_monitor: every 15 minutes, ingest each source (one mapped task per source), score on the
+GPU queue, detect for the run's data interval, notify. Logic lives in pipeline.orchestrate."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
+
+from pipeline import orchestrate
+
+DEFAULT_ARGS = {
+    "owner": "finsent",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "on_failure_callback": orchestrate.on_failure,
+}
+
+
+@dag(
+    dag_id="finsent_monitor",
+    schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["finsent", "monitoring"],
+    doc_md=__doc__,
+)
+def finsent_monitor():
+    @task
+    def sources() -> list[str]:
+        return orchestrate.source_names()
+
+    @task
+    def start_run(data_interval_start=None, data_interval_end=None) -> int:
+        return orchestrate.start_run(data_interval_start, data_interval_end)
+
+    @task(max_active_tis_per_dagrun=8)
+    def ingest(source: str, pipeline_run_id: int) -> dict:
+        return orchestrate.ingest(source, pipeline_run_id)
+
+    @task(queue="gpu", pool="gpu", trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS, execution_timeout=timedelta(minutes=30))
+    def score() -> dict:
+        return orchestrate.score()
+
+    @task
+    def detect(scored: dict, data_interval_end=None) -> dict:
+        return orchestrate.detect(data_interval_end, scored["model_version"])
+
+    @task
+    def notify() -> dict:
+        return orchestrate.notify()
+
+    @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified) -> dict:
+        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified)
+
+    names = sources()
+    pipeline_run_id = start_run()
+    ingested = ingest.partial(pipeline_run_id=pipeline_run_id).expand(source=names)
+    scored = score()
+    ingested >> scored
+    detected = detect(scored)
+    notified = notify()
+    detected >> notified
+    finish(pipeline_run_id, names, ingested, scored, detected, notified)
+
+
+finsent_monitor()

@@ -1,0 +1,53 @@
+"""finsent_train: weekly (and on demand, with params) fine-tune a candidate, evaluate it, and promote it
+only if it beats the production model. Logic lives in pipeline.orchestrate / pipeline.train."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+
+from pipeline import orchestrate
+
+DEFAULT_ARGS = {
+    "owner": "finsent",
+    "retries": 1,
+    "retry_delay": timedelta(minutes=10),
+    "on_failure_callback": orchestrate.on_failure,
+}
+
+
+@dag(
+    dag_id="finsent_train",
+    schedule="0 3 * * 0",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["finsent", "training"],
+    params={
+        "limit": Param(None, type=["null", "integer"], minimum=1, description="cap on examples per split (smoke runs)"),
+        "epochs": Param(None, type=["null", "integer"], minimum=1),
+        "max_steps": Param(None, type=["null", "integer"], minimum=1),
+        "time_limit_s": Param(None, type=["null", "number"], minimum=1),
+    },
+    doc_md=__doc__,
+)
+def finsent_train():
+    @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=6))
+    def train(params=None) -> dict:
+        return orchestrate.train(**{k: v for k, v in (params or {}).items() if v is not None})
+
+    @task(queue="gpu", pool="gpu")
+    def evaluate(trained: dict) -> dict:
+        return orchestrate.evaluate(trained)
+
+    @task
+    def promote(trained: dict, evaluated: dict) -> dict:
+        return orchestrate.promote(trained, evaluated)
+
+    trained = train()
+    promote(trained, evaluate(trained))
+
+
+finsent_train()

@@ -1,0 +1,454 @@
+"""Glue between Airflow tasks and the pipeline steps in `pipeline.cycle`.
+
+DAG files stay declarative and cheap to parse: every task calls one function here, which resolves
+config and secrets the same way in every task (Airflow Variables/Connections first, then env vars,
+so the CLI, `dag.test()` and a bare container all work) and returns small JSON-able dicts for XCom.
+Nothing here imports torch or transformers at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import smtplib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy import Engine
+
+from pipeline import store
+from pipeline.config import FinsentConfig, SinkConfig, load_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_VARIABLE = "finsent_config_path"
+CONFIG_ENV = "FINSENT_CONFIG"
+DB_CONN_ID = "finsent_db"
+SLACK_CONN_ID = "finsent_slack"
+SMTP_CONN_ID = "finsent_smtp"
+RUN_KIND = "airflow:finsent_monitor"
+
+
+class OrchestrationError(RuntimeError):
+    """A DAG task cannot resolve its config or inputs; the message says which and never holds secrets."""
+
+
+def _airflow_variable(key: str) -> str | None:
+    """An Airflow Variable, or None outside Airflow or when it is not set."""
+    try:
+        from airflow.sdk import Variable
+
+        value = Variable.get(key, default=None)
+    except Exception:  # outside a task there is no supervisor to ask; the env fallback applies
+        return None
+    return str(value) if value not in (None, "") else None
+
+
+def _airflow_connection(conn_id: str) -> Any | None:
+    try:
+        from airflow.sdk import Connection
+
+        return Connection.get(conn_id)
+    except Exception:  # not defined, or not running under Airflow
+        return None
+
+
+def connection_url(conn: Any) -> str:
+    """A SQLAlchemy URL from an Airflow Postgres connection (extra `options`, e.g. a search_path, kept)."""
+    conn_type = (conn.conn_type or "postgres").lower()
+    driver = "postgresql+psycopg" if conn_type in ("postgres", "postgresql") else conn_type
+    auth = quote(conn.login or "", safe="")
+    if conn.password:
+        auth += ":" + quote(conn.password, safe="")
+    host = conn.host or "localhost"
+    port = f":{conn.port}" if conn.port else ""
+    url = f"{driver}://{auth}{'@' if auth else ''}{host}{port}/{conn.schema or ''}"
+    extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else {}
+    params = {k: v for k, v in (extra or {}).items() if k in ("options", "sslmode", "application_name")}
+    if params:
+        url += "?" + "&".join(f"{k}={quote(str(v), safe='')}" for k, v in params.items())
+    return url
+
+
+def config_path() -> str | None:
+    return _airflow_variable(CONFIG_VARIABLE) or os.environ.get(CONFIG_ENV) or None
+
+
+def database_url() -> str | None:
+    conn = _airflow_connection(DB_CONN_ID)
+    if conn is not None and conn.host:
+        return connection_url(conn)
+    return os.environ.get("DATABASE_URL") or None
+
+
+def _slack_webhook(conn: Any) -> str | None:
+    """The webhook URL from `finsent_slack`: the password holds it (or its path after an https host)."""
+    secret = conn.password or ""
+    if secret.startswith("https://") or secret.startswith("http://"):
+        return secret
+    host = conn.host or ""
+    if host.startswith(("https://", "http://")) and secret:
+        return host.rstrip("/") + "/" + secret.lstrip("/")
+    return host if host.startswith(("https://", "http://")) else None
+
+
+def _apply_sink_connections(cfg: FinsentConfig) -> FinsentConfig:
+    """Fold `finsent_slack`/`finsent_smtp` into the sink config; secrets go to the env vars the sinks read."""
+    slack = _airflow_connection(SLACK_CONN_ID) if any(s.kind == "slack" for s in cfg.sinks) else None
+    smtp = _airflow_connection(SMTP_CONN_ID) if any(s.kind == "email" for s in cfg.sinks) else None
+    if slack is None and smtp is None:
+        return cfg
+    sinks: list[SinkConfig] = []
+    for sink in cfg.sinks:
+        if sink.kind == "slack" and slack is not None:
+            url = _slack_webhook(slack)
+            if url:
+                os.environ[sink.webhook_url_env] = url
+        elif sink.kind == "email" and smtp is not None:
+            update: dict[str, Any] = {}
+            if smtp.host:
+                update["smtp_host"] = smtp.host
+            if smtp.port:
+                update["smtp_port"] = int(smtp.port)
+            if smtp.login:
+                update["smtp_user"] = smtp.login
+            extra = smtp.extra_dejson or {}
+            if "starttls" in extra:
+                update["smtp_starttls"] = bool(extra["starttls"])
+            if smtp.password:
+                os.environ[sink.smtp_password_env] = smtp.password
+            sink = sink.model_copy(update=update)
+        sinks.append(sink)
+    return cfg.model_copy(update={"sinks": sinks})
+
+
+def load() -> FinsentConfig:
+    """The config a task runs with: YAML from the Variable/env, DB URL from the connection/env."""
+    path = config_path()
+    if path is None:
+        raise OrchestrationError(
+            f"no finsent config: set the Airflow Variable {CONFIG_VARIABLE!r} or the env var {CONFIG_ENV} to the YAML path"
+        )
+    cfg = load_config(path)
+    url = database_url()
+    if url:
+        from pydantic import SecretStr
+
+        cfg = cfg.model_copy(update={"database_url": SecretStr(url)})
+    return _apply_sink_connections(cfg)
+
+
+def _engine(cfg: FinsentConfig) -> Engine:
+    from pipeline.cycle import open_engine
+
+    return open_engine(cfg)
+
+
+def _as_utc(value: Any) -> datetime:
+    """Airflow hands pendulum datetimes; the store wants plain aware UTC datetimes."""
+    if value is None:
+        raise OrchestrationError("the DAG run has no data interval; trigger it with a logical date")
+    return datetime.fromtimestamp(value.timestamp(), UTC)
+
+
+# --- finsent_monitor ---------------------------------------------------------------------------
+
+
+def source_names() -> list[str]:
+    cfg = load()
+    names = [s.name for s in cfg.sources if s.enabled]
+    if not names:
+        raise OrchestrationError(f"config {config_path()} has no enabled sources")
+    return names
+
+
+def start_run(interval_start: Any, interval_end: Any) -> int:
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        return store.start_run(engine, RUN_KIND, _as_utc(interval_start), _as_utc(interval_end))
+    finally:
+        engine.dispose()
+
+
+def ingest(name: str, run_id: int | None = None) -> dict[str, Any]:
+    from pipeline.cycle import ingest_source
+
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        return asdict(ingest_source(cfg, engine, name, run_id=run_id))
+    finally:
+        engine.dispose()
+
+
+def score() -> dict[str, Any]:
+    """Score everything still unscored; chunks are committed, so a killed try resumes where it stopped."""
+    from pipeline.cycle import score_pending
+
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        return asdict(score_pending(cfg, engine))
+    finally:
+        engine.dispose()
+
+
+def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any]:
+    """Detect for the last complete window at the run's data_interval_end, so a backfill replays that window.
+
+    The DAG runs every 15 minutes while detection windows may be longer (detect.window_minutes); the
+    window end is aligned to that grid, so the runs inside one window re-check it idempotently.
+    """
+    from pipeline.cycle import detect as detect_step
+    from pipeline.cycle import window_end
+
+    cfg = load()
+    as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)
+    engine = _engine(cfg)
+    try:
+        alerts = detect_step(cfg, engine, as_of, model_version=model_version)
+    finally:
+        engine.dispose()
+    return {"as_of": as_of.isoformat(), "alerts": [a.id for a in alerts]}
+
+
+def notify() -> dict[str, Any]:
+    from pipeline.cycle import notify as notify_step
+
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        report = notify_step(cfg, engine)
+    finally:
+        engine.dispose()
+    if report is None:
+        return {}
+    if isinstance(report, Mapping):
+        return dict(report)
+    try:
+        return asdict(report)
+    except TypeError:
+        return {"sent": int(getattr(report, "sent", 0))}
+
+
+def finish_run(
+    run_id: int | None,
+    sources: Sequence[str],
+    ingested: Iterable[Mapping[str, Any] | None],
+    scored: Mapping[str, Any] | None,
+    detected: Mapping[str, Any] | None,
+    notified: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed."""
+    if run_id is None:
+        raise OrchestrationError("start_run failed, so there is no pipeline run to record")
+    outcomes = [o for o in (ingested or []) if o]
+    errors: list[dict[str, str]] = [
+        {"step": "ingest", "source": o["source"], "error": o.get("error") or ""} for o in outcomes if o["status"] == "failed"
+    ]
+    missing = sorted(set(sources) - {o["source"] for o in outcomes})
+    errors += [{"step": "ingest", "source": n, "error": "task failed"} for n in missing]
+    errors += [{"step": step, "error": "task failed"} for step, out in (("score", scored), ("detect", detected), ("notify", notified)) if out is None]
+    counts = {
+        "new_documents": sum(int(o["new_documents"]) for o in outcomes),
+        "scored": int(scored["scored"]) if scored else 0,
+        "alerts": len(detected["alerts"]) if detected else 0,
+        "delivered": int((notified or {}).get("sent", 0) or 0),
+    }
+    failed_steps = [e for e in errors if e["error"] == "task failed"]
+    status = "failed" if failed_steps else ("partial" if errors else "ok")
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        store.finish_run(engine, run_id, status, counts, errors)
+    finally:
+        engine.dispose()
+    if failed_steps:
+        raise OrchestrationError(f"pipeline run {run_id} failed in: {', '.join(e.get('source') or e['step'] for e in failed_steps)}")
+    return {"run_id": run_id, "status": status, **counts}
+
+
+# --- finsent_train -------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    try:
+        return _jsonable(asdict(value))
+    except TypeError:
+        return str(value)
+
+
+def train(output_dir: str | None = None, **options: Any) -> dict[str, Any]:
+    """Fine-tune a candidate; options (limit, epochs, max_steps, time_limit_s...) come from the DAG run's params."""
+    from pipeline.train import TrainConfig, train_model
+
+    cfg = load()
+    target = output_dir or os.environ.get("FINSENT_TRAIN_OUTPUT") or os.path.join(os.getcwd(), "models", "candidates")
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise OrchestrationError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
+    tc = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    version_dir = os.path.join(target, datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
+    result = train_model(
+        version_dir, cfg.data_dir, tc, database_url=cfg.database_url.get_secret_value(), device=cfg.model.device, progress=False
+    )
+    return _jsonable({"path": str(result.output_dir), "version": result.version, "metrics": result.metrics, "seconds": result.seconds})
+
+
+def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
+    from pipeline.evaluate import evaluate_model
+
+    cfg = load()
+    path = trained.get("path") or trained.get("output_dir") or trained.get("model_dir")
+    if not path:
+        raise OrchestrationError(f"train task returned no model path (got keys {sorted(trained)})")
+    return _jsonable(evaluate_model(cfg, str(path)))
+
+
+def promote(trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
+    from pipeline.registry import promote_if_better
+
+    cfg = load()
+    engine = _engine(cfg)
+    version = trained.get("version") or evaluated.get("version")
+    if not version:
+        raise OrchestrationError("neither the train nor the evaluate task returned a model version")
+    try:
+        return _jsonable(promote_if_better(engine, str(version), metrics=evaluated.get("metrics", evaluated)))
+    finally:
+        engine.dispose()
+
+
+# --- finsent_maintenance ------------------------------------------------------------------------
+
+
+def maintain(as_of: Any) -> dict[str, Any]:
+    from pipeline.maintenance import run_maintenance
+
+    cfg = load()
+    engine = _engine(cfg)
+    try:
+        return _jsonable(run_maintenance(engine, now=_as_utc(as_of)))
+    finally:
+        engine.dispose()
+
+
+# --- failure notices ------------------------------------------------------------------------------
+
+
+def _secrets(cfg: FinsentConfig | None) -> list[str]:
+    values: list[str] = []
+    if cfg is not None:
+        from sqlalchemy.engine import make_url
+
+        try:
+            pw = make_url(cfg.database_url.get_secret_value()).password
+            if pw:
+                values.append(str(pw))
+        except Exception:
+            pass
+        for sink in cfg.sinks:
+            for env in (sink.webhook_url_env, sink.smtp_password_env):
+                if os.environ.get(env):
+                    values.append(os.environ[env])
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        values.append(url)
+    return sorted(set(values), key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def failure_message(context: Mapping[str, Any]) -> tuple[str, str]:
+    """Subject and body for a failed task: which DAG, task, run and try, and what went wrong."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
+    task_id = getattr(ti, "task_id", "?")
+    map_index = getattr(ti, "map_index", -1)
+    run_id = getattr(ti, "run_id", None) or context.get("run_id", "?")
+    try_number = getattr(ti, "try_number", "?")
+    exc = context.get("exception")
+    what = f"{type(exc).__name__}: {exc}" if exc is not None else "no exception recorded"
+    task = f"{task_id}[{map_index}]" if isinstance(map_index, int) and map_index >= 0 else str(task_id)
+    subject = f"[finsent] task failed: {dag_id}.{task}"
+    body = "\n".join(
+        [
+            f"DAG: {dag_id}",
+            f"Task: {task}",
+            f"Run: {run_id}",
+            f"Try: {try_number}",
+            f"Data interval end: {context.get('data_interval_end')}",
+            f"Error: {what[:1500]}",
+        ]
+    )
+    return subject, body
+
+
+def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
+    """Send an operational notice to every configured sink; returns the sinks reached. Never raises."""
+    secrets = _secrets(cfg)
+    subject, body = redact(subject, secrets), redact(body, secrets)
+    reached: list[str] = []
+    for sink in cfg.sinks:
+        try:
+            if sink.kind == "console":
+                log.error("%s\n%s", subject, body)
+            elif sink.kind == "slack":
+                url = os.environ.get(sink.webhook_url_env)
+                if not url:
+                    log.error("sink %s: no webhook URL in %s or connection %s", sink.name, sink.webhook_url_env, SLACK_CONN_ID)
+                    continue
+                from slack_sdk.webhook import WebhookClient
+
+                resp = WebhookClient(url, timeout=int(sink.timeout_s)).send(text=f"*{subject}*\n```{body}```")
+                if resp.status_code != 200:
+                    log.error("sink %s: webhook answered HTTP %s", sink.name, resp.status_code)
+                    continue
+            elif sink.kind == "email":
+                if not sink.mail_to:
+                    log.error("sink %s: no mail_to recipients", sink.name)
+                    continue
+                msg = EmailMessage()
+                msg["Subject"], msg["From"], msg["To"] = subject, sink.mail_from, ", ".join(sink.mail_to)
+                msg.set_content(body)
+                with smtplib.SMTP(sink.smtp_host, sink.smtp_port, timeout=sink.timeout_s) as smtp:
+                    if sink.smtp_starttls:
+                        smtp.starttls()
+                    password = os.environ.get(sink.smtp_password_env)
+                    if sink.smtp_user and password:
+                        smtp.login(sink.smtp_user, password)
+                    smtp.send_message(msg)
+            reached.append(sink.name)
+        except Exception as e:  # a notice must never mask the failure it reports
+            log.error("sink %s: could not send failure notice: %s", sink.name, redact(f"{type(e).__name__}: {e}", secrets))
+    return reached
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """Airflow on_failure_callback: tell the configured Slack/email sinks which task failed and why."""
+    subject, body = failure_message(context)
+    try:
+        cfg = load()
+    except Exception as e:
+        log.error("failure notice not sent, config unusable (%s): %s", type(e).__name__, redact(body, _secrets(None)))
+        return
+    send_notice(cfg, subject, body)
