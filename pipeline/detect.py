@@ -1,0 +1,702 @@
+"""Detection stage: negative-sentiment spikes per scope and window, tested against the scope's own baseline.
+
+Method (the same core runs on the database and on the synthetic replay of `finsent alerts evaluate`):
+
+- Each scope (market "*", watchlist entity, source, topic) is a series of per-window counts: n documents
+  and k negatives (label "negative"). Market, entity and topic scopes count a story once however many
+  sources carry it (distinct content_hash); a source scope counts its own items.
+- For the window ending at `as_of`, the baseline is the scope's previous `baseline_days` of windows.
+  The negative share p0 comes from the baseline (optionally per time-of-day slot, shrunk halfway to the
+  overall share). The test is the upper tail P(K >= k | n) of a beta-binomial whose over-dispersion is
+  estimated from the baseline windows (Pearson chi-square), i.e. a binomial tail that does not trust
+  news to be independent coin flips. Conditioning on n makes it volume-aware: a busy hour needs more
+  negatives than a quiet one, and the daily volume cycle cannot fire it.
+- A window is "hot" when p <= warning_p and n >= min_volume, k >= min_negative and the share rose by
+  at least min_share_increase; critical when p <= critical_p. It is "warm" when p <= EXIT_P and the
+  share is above baseline (hysteresis: an episode stays open through warm windows).
+- Episodes: a hot window opens one (one alert); it closes after `cooldown_windows` (at least 1)
+  consecutive windows that are neither hot nor warm, which emits a "resolved" notice. Re-spikes
+  during the cooldown belong to the same episode. The episode state at `as_of` is recomputed from the
+  data (scanning back to the last quiet run), never from earlier runs, so retries and backfills in any
+  order give the same alerts, whose ids hash scope, window and kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from pipeline.config import DetectConfig, FinsentConfig
+from pipeline.records import AlertItem, AlertRecord
+from pipeline.risk import RiskComponents, risk_components, topic_weight
+from pipeline.store import _insert, session_scope
+from pipeline.store import schema as s
+
+log = logging.getLogger(__name__)
+
+EXIT_P = 0.05
+SUSTAINED_WINDOWS = 2
+MIN_BASELINE_DOCS = 20
+LOOKBACK_WINDOWS = 48
+RHO_MAX = 0.2
+OUTLIER_R2 = 9.0
+TRUNCATED_R2_MEAN = 0.9733  # E[Z^2 | Z^2 <= 9] for a standard normal Z
+TOP_DOCUMENTS = 5
+EVIDENCE_TOKENS = 5
+MARKET = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorParams:
+    """Everything the statistics core needs, taken from DetectConfig plus this module's constants."""
+
+    window_minutes: int
+    baseline_windows: int
+    min_volume: int
+    min_negative: int
+    min_share_increase: float
+    warning_p: float
+    critical_p: float
+    cooldown_windows: int
+    seasonality: bool
+    exit_p: float = EXIT_P
+    min_baseline_docs: int = MIN_BASELINE_DOCS
+    lookback_windows: int = LOOKBACK_WINDOWS
+    sustained_windows: int = SUSTAINED_WINDOWS
+
+    @classmethod
+    def from_config(cls, d: DetectConfig, **overrides: Any) -> DetectorParams:
+        base = max(1, round(d.baseline_days * 24 * 60 / d.window_minutes))
+        values: dict[str, Any] = dict(
+            window_minutes=d.window_minutes,
+            baseline_windows=base,
+            min_volume=d.min_volume,
+            min_negative=d.min_negative,
+            min_share_increase=d.min_share_increase,
+            warning_p=d.warning_p,
+            critical_p=d.critical_p,
+            cooldown_windows=d.cooldown_windows,
+            seasonality=d.seasonality,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def slots_per_day(self) -> int:
+        """Time-of-day slots for seasonality; 1 (no seasonality) when windows do not tile a day."""
+        if not self.seasonality or (24 * 60) % self.window_minutes:
+            return 1
+        return (24 * 60) // self.window_minutes
+
+    @property
+    def history_windows(self) -> int:
+        """Windows of data one decision needs: the lookback plus each of its windows' baselines."""
+        return self.baseline_windows + self.lookback_windows + 1
+
+    @property
+    def quiet_to_close(self) -> int:
+        return max(1, self.cooldown_windows)
+
+
+@dataclass(slots=True)
+class Series:
+    """Per-window counts of one scope; index 0 is the oldest window."""
+
+    n: np.ndarray
+    k: np.ndarray
+    slot: np.ndarray
+    sum_p: np.ndarray | None = None  # sum of p_negative, for the risk score
+    sum_tw: np.ndarray | None = None  # sum of topic weights over negatives, for the risk score
+
+
+@dataclass(slots=True)
+class SeriesStats:
+    """Per-window test results; windows without a full baseline are never hot or warm."""
+
+    p0: np.ndarray
+    rho: np.ndarray
+    p_value: np.ndarray
+    z: np.ndarray
+    expected: np.ndarray
+    expected_sd: np.ndarray
+    baseline_docs: np.ndarray
+    hot: np.ndarray
+    warm: np.ndarray
+    critical: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str  # spike | resolved
+    index: int
+    onset: int
+    severity: str  # severity at the episode's onset
+
+
+def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
+    """The test for every window of a series at once (one row of baseline windows per target window)."""
+    n = np.asarray(series.n, dtype=np.float64)
+    k = np.asarray(series.k, dtype=np.float64)
+    T, B = len(n), p.baseline_windows
+    p0 = np.full(T, 0.5)
+    rho = np.zeros(T)
+    expected = np.zeros(T)
+    expected_sd = np.ones(T)
+    Nb = np.zeros(T)
+    has_base = np.arange(T) >= B
+    if T > B:
+        # Row j holds the B windows before target window B + j.
+        Nw = np.lib.stride_tricks.sliding_window_view(n, B)[: T - B]
+        Kw = np.lib.stride_tricks.sliding_window_view(k, B)[: T - B]
+        counted = Nw > 0
+        p_raw = (Kw.sum(1) + 0.5) / (Nw.sum(1) + 1.0)
+        pr = p_raw[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (np.where(counted, Nw, 1) * pr * (1 - pr)), 0.0)
+        m_all = np.maximum(counted.sum(1), 1)
+        phi_raw = np.maximum(r2.sum(1) / m_all, 1.0)
+        # Windows far out of line with their baseline (earlier spikes) are left out of p0 and of the
+        # dispersion, so one past episode neither hides the next nor inflates the noise estimate.
+        kept = counted & (r2 <= OUTLIER_R2 * phi_raw[:, None])
+        clean = ~counted | kept
+        Nk, Kk = (Nw * clean).sum(1), (Kw * clean).sum(1)
+        Bc = np.maximum(clean.sum(1), 1)
+        p_all = (Kk + 0.5) / (Nk + 1.0)
+        M = np.maximum(kept.sum(1), 1)
+        # Mean squared Pearson residual of the kept windows, corrected for the truncation.
+        phi = (r2 * kept).sum(1) / M / TRUNCATED_R2_MEAN
+        # E[r^2] = 1 + (n - 1) * rho for a beta-binomial, so the mean of n over the same windows.
+        nbar = (Nw * kept).sum(1) / M
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where((nbar > 1.5) & (M >= 10), (phi - 1) / (nbar - 1), 0.0)
+        lam_all = Kk / Bc
+        var_k = np.maximum((Kw * Kw * clean).sum(1) / Bc - lam_all**2, 0.0)
+        S = p.slots_per_day
+        if S > 1:
+            slot = np.asarray(series.slot, dtype=np.int64) % S
+            same = (np.lib.stride_tricks.sliding_window_view(slot, B)[: T - B] == slot[B:, None]) & clean
+            Ns, Ks, Ws = (Nw * same).sum(1), (Kw * same).sum(1), same.sum(1)
+            m0 = Nk / S
+            base_p = (Ks + m0 * p_all) / (Ns + m0 + 1e-12)
+            w0 = Bc / S
+            lam = (Ks + w0 * lam_all) / (Ws + w0)
+        else:
+            base_p, lam = p_all, lam_all
+        p0[B:] = base_p
+        rho[B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
+        expected[B:] = lam
+        expected_sd[B:] = np.sqrt(np.maximum(var_k, lam))
+        Nb[B:] = Nk
+    p0 = np.clip(p0, 1e-4, 1 - 1e-4)
+
+    ok = has_base & (Nb >= p.min_baseline_docs)
+    pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
+    warm = ok & (n > 0) & (k > n * p0) & (pv <= p.exit_p)
+    for m in range(2, p.sustained_windows + 1):
+        # The same test on the last m windows together catches a spike spread over several windows
+        # that no single window shows; the current window must itself be above baseline.
+        nm, km, ex = n.copy(), k.copy(), n * p0
+        exm, okm = ex.copy(), ok & warm
+        for lag in range(1, m):
+            nm[lag:] += n[:-lag]
+            km[lag:] += k[:-lag]
+            exm[lag:] += ex[:-lag]
+            okm[:lag] = False
+            okm[lag:] &= ok[:-lag]
+        p0m = np.where(nm > 0, exm / np.where(nm > 0, nm, 1), p0)
+        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p)
+        new = hotm & ~hot
+        pv, z, hot = np.where(new, pvm, pv), np.where(new, zm, z), hot | hotm
+    return SeriesStats(
+        p0=p0,
+        rho=rho,
+        p_value=pv,
+        z=z,
+        expected=expected,
+        expected_sd=expected_sd,
+        baseline_docs=Nb,
+        hot=hot,
+        warm=warm | hot,
+        critical=hot & (pv <= p.critical_p),
+    )
+
+
+def _tail_test(
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, rho: np.ndarray, ok: np.ndarray, p: DetectorParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Beta-binomial upper tail P(K >= k | n), its z-score, and whether each window passes every gate."""
+    T = len(n)
+    ni, ki = n.astype(np.int64), k.astype(np.int64)
+    pv = np.ones(T)
+    use = ok & (ni > 0) & (ki > 0)
+    if use.any():
+        nu, ku, pu, ru = ni[use], ki[use], p0[use], rho[use]
+        binom_tail = sps.binom.sf(ku - 1, nu, pu)
+        r = np.maximum(ru, 1e-9)
+        a, b = pu * (1 / r - 1), (1 - pu) * (1 / r - 1)
+        bb_tail = sps.betabinom.sf(ku - 1, nu, a, b)
+        pv[use] = np.where(ru > 1e-4, bb_tail, binom_tail)
+    pv = np.clip(np.nan_to_num(pv, nan=1.0), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
+        z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))
+        share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
+    hot = ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= p.warning_p)
+    return pv, z, hot
+
+
+def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
+    """The spike or resolved event at window t, replaying the episode state from the last quiet run."""
+    C = p.quiet_to_close
+    lo = max(0, t - p.lookback_windows)
+    start, run = lo, 0
+    for j in range(t - 1, lo - 1, -1):
+        if st.warm[j]:
+            run = 0
+            continue
+        run += 1
+        if run >= C:
+            start = j + C
+            break
+    open_, onset, quiet, sev = False, -1, 0, "warning"
+    for i in range(start, t + 1):
+        if not open_:
+            if st.hot[i]:
+                open_, onset, quiet = True, i, 0
+                sev = "critical" if st.critical[i] else "warning"
+                if i == t:
+                    return Event("spike", t, t, sev)
+        elif st.warm[i]:
+            quiet = 0
+        else:
+            quiet += 1
+            if quiet >= C:
+                open_ = False
+                if i == t:
+                    return Event("resolved", t, onset, sev)
+    return None
+
+
+def alert_id(scope_kind: str, scope_value: str, window_start: datetime, window_end: datetime, kind: str) -> str:
+    key = f"v1|{scope_kind}|{scope_value}|{window_start.astimezone(UTC).isoformat()}|{window_end.astimezone(UTC).isoformat()}|{kind}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def episode_id(scope_kind: str, scope_value: str, onset_start: datetime) -> str:
+    return hashlib.sha256(f"v1|episode|{scope_kind}|{scope_value}|{onset_start.astimezone(UTC).isoformat()}".encode()).hexdigest()[:32]
+
+
+# --- the database path -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Acc:
+    """Per-scope accumulator: (window, dedup key) -> (negative, p_negative, topic weight)."""
+
+    dedup: bool
+    items: dict[tuple[int, Any], list[float]] = field(default_factory=dict)
+
+    def add(self, w: int, key: Any, neg: bool, p_neg: float, tw: float) -> None:
+        cur = self.items.get((w, key))
+        if cur is None:
+            self.items[(w, key)] = [float(neg), p_neg, tw if neg else 0.0]
+        elif neg or p_neg > cur[1]:
+            self.items[(w, key)] = [max(cur[0], float(neg)), max(cur[1], p_neg), max(cur[2], tw if neg else 0.0)]
+
+    def series(self, T: int, slots: np.ndarray) -> Series:
+        n, k, sp, stw = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(T)
+        for (w, _), (neg, pn, tw) in self.items.items():
+            n[w] += 1
+            k[w] += neg
+            sp[w] += pn
+            stw[w] += tw
+        return Series(n=n, k=k, slot=slots, sum_p=sp, sum_tw=stw)
+
+
+def _check_as_of(as_of: datetime, window_minutes: int) -> None:
+    if as_of.tzinfo is None:
+        raise ValueError(f"as_of={as_of!r} is naive: pass a timezone-aware UTC datetime")
+    step = window_minutes * 60
+    if int(as_of.timestamp()) % step or as_of.microsecond:
+        raise ValueError(
+            f"as_of={as_of.isoformat()} is not aligned to the {window_minutes}-minute window grid "
+            "(pass a window end, e.g. the Airflow data interval end)"
+        )
+
+
+def load_series(
+    session: Session, cfg: FinsentConfig, model_version: str, range_start: datetime, T: int, p: DetectorParams
+) -> dict[tuple[str, str], Series]:
+    """Per-scope window counts over [range_start, range_start + T windows) from stored scores."""
+    step = timedelta(minutes=p.window_minutes)
+    end = range_start + T * step
+    secs = step.total_seconds()
+    D, Sc, E = s.Document, s.Score, s.DocumentEntity
+    rows = session.execute(
+        select(D.id, D.published_at, D.content_hash, D.source_name, Sc.label, Sc.p_negative, Sc.topic)
+        .join(Sc, Sc.document_id == D.id)
+        .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
+    ).all()
+    ents: dict[int, list[str]] = defaultdict(list)
+    for doc_id, entity in session.execute(
+        select(E.document_id, E.entity)
+        .join(D, D.id == E.document_id)
+        .where(E.kind == "watchlist", D.published_at >= range_start, D.published_at < end)
+    ):
+        ents[doc_id].append(entity)
+
+    kinds = set(cfg.detect.scopes)
+    accs: dict[tuple[str, str], _Acc] = {}
+    if "market" in kinds:
+        accs[("market", MARKET)] = _Acc(dedup=True)
+    if "entity" in kinds:
+        for w in cfg.watchlist:
+            accs[("entity", w.key)] = _Acc(dedup=True)
+    if "source" in kinds:
+        for src in cfg.sources:
+            accs[("source", src.name)] = _Acc(dedup=False)
+
+    def acc(kind: str, value: str, dedup: bool) -> _Acc:
+        a = accs.get((kind, value))
+        if a is None:
+            a = accs[(kind, value)] = _Acc(dedup=dedup)
+        return a
+
+    for r in rows:
+        w = int((r.published_at - range_start).total_seconds() // secs)
+        if not 0 <= w < T:
+            continue
+        neg = r.label == "negative"
+        pn = float(r.p_negative)
+        tw = topic_weight(r.topic)
+        if "market" in kinds:
+            acc("market", MARKET, True).add(w, r.content_hash, neg, pn, tw)
+        if "entity" in kinds:
+            for e in ents.get(r.id, ()):
+                acc("entity", e, True).add(w, r.content_hash, neg, pn, tw)
+        if "source" in kinds:
+            acc("source", r.source_name, False).add(w, r.id, neg, pn, tw)
+        if "topic" in kinds and r.topic:
+            acc("topic", r.topic, True).add(w, r.content_hash, neg, pn, tw)
+
+    slots = window_slots(range_start, T, p.window_minutes)
+    return {key: a.series(T, slots) for key, a in accs.items()}
+
+
+def window_slots(range_start: datetime, T: int, window_minutes: int) -> np.ndarray:
+    """Time-of-day slot (UTC) of each window's start."""
+    first = int(range_start.timestamp()) % 86400 // (window_minutes * 60)
+    return (first + np.arange(T)) % max(1, 86400 // (window_minutes * 60))
+
+
+def _top_documents(
+    session: Session, scope_kind: str, scope_value: str, model_version: str, start: datetime, end: datetime
+) -> list[tuple[AlertItem, str]]:
+    D, Sc, E = s.Document, s.Score, s.DocumentEntity
+    q = (
+        select(D.id, D.title, D.summary, D.link, D.source_name, D.content_hash, Sc.p_negative)
+        .join(Sc, Sc.document_id == D.id)
+        .where(Sc.model_version_id == model_version, Sc.label == "negative", D.published_at >= start, D.published_at < end)
+        .order_by(Sc.p_negative.desc(), D.published_at.desc(), D.id)
+        .limit(TOP_DOCUMENTS * 10)
+    )
+    if scope_kind == "entity":
+        q = q.join(E, E.document_id == D.id).where(E.entity == scope_value, E.kind == "watchlist")
+    elif scope_kind == "source":
+        q = q.where(D.source_name == scope_value)
+    elif scope_kind == "topic":
+        q = q.where(Sc.topic == scope_value)
+    seen: set[str] = set()
+    out: list[tuple[AlertItem, str]] = []
+    for r in session.execute(q):
+        if r.content_hash in seen:
+            continue
+        seen.add(r.content_hash)
+        text = f"{r.title}. {r.summary}" if r.summary and r.summary != r.title else r.title
+        item = AlertItem(document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative))
+        out.append((item, text))
+        if len(out) >= TOP_DOCUMENTS:
+            break
+    return out
+
+
+def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
+    """Evidence tokens from whatever explain_text returns: strings, (token, weight) pairs or objects."""
+    if result is None:
+        return ()
+    if hasattr(result, "tokens"):
+        result = result.tokens
+    out: list[str] = []
+    for item in result:
+        if isinstance(item, str):
+            tok = item
+        elif isinstance(item, dict):
+            tok = item.get("token") or item.get("text") or ""
+        elif isinstance(item, tuple | list) and item:
+            tok = item[0]
+        else:
+            tok = getattr(item, "token", None) or getattr(item, "text", None) or ""
+        tok = str(tok).strip()
+        if tok:
+            out.append(tok[:60])
+        if len(out) >= top_k:
+            break
+    return tuple(out)
+
+
+def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any) -> tuple[AlertItem, ...]:
+    """Attach explanation tokens; no scorer or no explain module just means no evidence."""
+    if scorer is None or not items:
+        return tuple(i for i, _ in items)
+    try:
+        from pipeline.explain import explain_text
+    except Exception as e:
+        log.info("no evidence tokens: pipeline.explain unavailable (%s)", type(e).__name__)
+        return tuple(i for i, _ in items)
+    out = []
+    for item, text in items:
+        try:
+            ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS), EVIDENCE_TOKENS)
+        except Exception as e:
+            log.warning("explain_text failed for document %s: %s", item.document_id, type(e).__name__)
+            ev = ()
+        out.append(AlertItem(item.document_id, item.title, item.link, item.source, item.p_negative, ev))
+    return tuple(out)
+
+
+def _load_scorer(cfg: FinsentConfig, model_version: str) -> Any:
+    """The configured model, only if it is the version that produced the scores; None on any failure."""
+    try:
+        from pipeline.score import Scorer, model_version_id
+
+        if model_version_id(cfg.model.path) != model_version:
+            return None
+        return Scorer.load(cfg.model.path, device=cfg.model.device, max_length=cfg.model.max_length)
+    except Exception as e:
+        log.info("no evidence tokens: cannot load model %s (%s)", cfg.model.path, type(e).__name__)
+        return None
+
+
+def item_to_dict(i: AlertItem) -> dict[str, Any]:
+    return {
+        "document_id": i.document_id,
+        "title": i.title,
+        "link": i.link,
+        "source": i.source,
+        "p_negative": round(i.p_negative, 4),
+        "evidence": list(i.evidence),
+    }
+
+
+def alert_from_row(a: s.Alert) -> AlertRecord:
+    """Rebuild the record from a stored alert (notify and the CLI read alerts back this way)."""
+    docs = tuple(
+        AlertItem(
+            document_id=int(d["document_id"]),
+            title=str(d.get("title", "")),
+            link=d.get("link"),
+            source=str(d.get("source", "")),
+            p_negative=float(d.get("p_negative", 0.0)),
+            evidence=tuple(d.get("evidence") or ()),
+        )
+        for d in (a.details or {}).get("top_documents", [])
+    )
+    return AlertRecord(
+        id=a.id,
+        scope_kind=a.scope_kind,
+        scope_value=a.scope_value,
+        window_start=a.window_start,
+        window_end=a.window_end,
+        kind=a.kind,
+        severity=a.severity,
+        neg_count=a.neg_count,
+        total_count=a.total_count,
+        neg_share=a.neg_share,
+        baseline_share=a.baseline_share,
+        baseline_neg_rate=a.baseline_neg_rate,
+        statistic=a.statistic,
+        p_value=a.p_value,
+        risk_score=a.risk_score,
+        top_documents=docs,
+        episode_id=a.episode_id,
+    )
+
+
+def detect_spikes(
+    engine: Engine,
+    cfg: FinsentConfig,
+    as_of: datetime,
+    model_version: str,
+    scorer: Any = None,
+    *,
+    explain: bool = True,
+) -> list[AlertRecord]:
+    """Alerts (spikes and resolutions) for the window ending at `as_of`; stores them and the risk scores.
+
+    Idempotent: a retry or backfill of the same window stores nothing new and returns the same alerts.
+    `scorer` (optional) supplies evidence tokens; without one the configured model is loaded only when
+    an alert fires, and any failure there just leaves the evidence empty.
+    """
+    p = DetectorParams.from_config(cfg.detect)
+    _check_as_of(as_of, p.window_minutes)
+    step = timedelta(minutes=p.window_minutes)
+    T = p.history_windows
+    range_start = as_of - T * step
+    t = T - 1
+    w_start, w_end = as_of - step, as_of
+
+    with session_scope(engine) as session:
+        all_series = load_series(session, cfg, model_version, range_start, T, p)
+
+    found: list[tuple[str, str, Event, SeriesStats, Series, RiskComponents]] = []
+    risk_rows = []
+    for (kind, value), ser in sorted(all_series.items()):
+        st = compute_stats(ser, p)
+        rc = risk_components(
+            n=int(ser.n[t]),
+            neg=int(ser.k[t]),
+            sum_p_negative=float(ser.sum_p[t]) if ser.sum_p is not None else 0.0,
+            sum_topic_weight_negative=float(ser.sum_tw[t]) if ser.sum_tw is not None else 0.0,
+            baseline_share=float(st.p0[t]),
+            expected_negatives=float(st.expected[t]),
+            negatives_sd=float(st.expected_sd[t]),
+        )
+        risk_rows.append(
+            {
+                "scope_kind": kind,
+                "scope_value": value,
+                "window_start": w_start,
+                "window_end": w_end,
+                "risk": rc.risk,
+                "components": {
+                    **rc.as_dict(),
+                    "n": int(ser.n[t]),
+                    "negatives": int(ser.k[t]),
+                    "expected_negatives": round(float(st.expected[t]), 4),
+                    "baseline_share": round(float(st.p0[t]), 4),
+                    "p_value": float(st.p_value[t]),
+                    "model_version": model_version,
+                },
+                "computed_at": datetime.now(UTC),
+            }
+        )
+        ev = event_at(st, t, p)
+        if ev is not None:
+            found.append((kind, value, ev, st, ser, rc))
+
+    records: list[AlertRecord] = []
+    with session_scope(engine) as session:
+        if risk_rows:
+            stmt = _insert(session, s.RiskScore).values(risk_rows)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["scope_kind", "scope_value", "window_start"],
+                set_={
+                    "window_end": stmt.excluded.window_end,
+                    "risk": stmt.excluded.risk,
+                    "components": stmt.excluded.components,
+                    "computed_at": stmt.excluded.computed_at,
+                },
+            )
+            session.execute(stmt)
+        tops = {
+            (kind, value): _top_documents(session, kind, value, model_version, w_start, w_end)
+            for kind, value, ev, *_ in found
+            if ev.kind == "spike"
+        }
+
+    if explain and any(tops.values()) and scorer is None:
+        scorer = _load_scorer(cfg, model_version)
+    for kind, value, ev, st, ser, rc in found:
+        onset_start = w_start - (t - ev.onset) * step
+        n, k = int(ser.n[t]), int(ser.k[t])
+        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None) if ev.kind == "spike" else ()
+        records.append(
+            AlertRecord(
+                id=alert_id(kind, value, w_start, w_end, ev.kind),
+                scope_kind=kind,
+                scope_value=value,
+                window_start=w_start,
+                window_end=w_end,
+                kind=ev.kind,
+                severity=ev.severity if ev.kind == "spike" else "info",
+                neg_count=k,
+                total_count=n,
+                neg_share=k / n if n else 0.0,
+                baseline_share=float(st.p0[t]),
+                baseline_neg_rate=float(st.expected[t]),
+                statistic=float(st.z[t]),
+                p_value=float(st.p_value[t]),
+                risk_score=rc.risk,
+                top_documents=docs,
+                episode_id=episode_id(kind, value, onset_start),
+            )
+        )
+    if records:
+        with session_scope(engine) as session:
+            now = datetime.now(UTC)
+            rows = [
+                {
+                    "id": r.id,
+                    "episode_id": r.episode_id,
+                    "kind": r.kind,
+                    "scope_kind": r.scope_kind,
+                    "scope_value": r.scope_value,
+                    "window_start": r.window_start,
+                    "window_end": r.window_end,
+                    "severity": r.severity,
+                    "neg_count": r.neg_count,
+                    "total_count": r.total_count,
+                    "neg_share": r.neg_share,
+                    "baseline_share": r.baseline_share,
+                    "baseline_neg_rate": r.baseline_neg_rate,
+                    "statistic": r.statistic,
+                    "p_value": r.p_value,
+                    "risk_score": r.risk_score,
+                    "details": _details(r, ev_sev, onset, model_version, p),
+                    "created_at": now,
+                }
+                for r, ev_sev, onset in _with_episode_info(records, found, w_start, t, step)
+            ]
+            session.execute(_insert(session, s.Alert).values(rows).on_conflict_do_nothing(index_elements=["id"]))
+    for r in records:
+        log.info(
+            "%s %s %s=%s window %s: %d/%d negative (baseline share %.1f%%), p=%.2g, risk %.0f",
+            r.kind, r.severity, r.scope_kind, r.scope_value, r.window_end.isoformat(), r.neg_count,
+            r.total_count, 100 * r.baseline_share, r.p_value or 1.0, r.risk_score or 0.0,
+        )  # fmt: skip
+    return records
+
+
+def _with_episode_info(
+    records: Sequence[AlertRecord], found: Sequence[tuple], w_start: datetime, t: int, step: timedelta
+) -> Iterable[tuple[AlertRecord, str, datetime]]:
+    for r, (_k, _v, ev, *_rest) in zip(records, found, strict=True):
+        yield r, ev.severity, w_start - (t - ev.onset) * step
+
+
+def _details(r: AlertRecord, episode_severity: str, onset: datetime, model_version: str, p: DetectorParams) -> dict[str, Any]:
+    return {
+        "model_version": model_version,
+        "episode_severity": episode_severity,
+        "episode_onset": onset.isoformat(),
+        "top_documents": [item_to_dict(i) for i in r.top_documents],
+        "detector": {
+            "method": "beta-binomial upper tail vs trailing baseline",
+            "window_minutes": p.window_minutes,
+            "baseline_windows": p.baseline_windows,
+            "warning_p": p.warning_p,
+            "critical_p": p.critical_p,
+            "exit_p": p.exit_p,
+            "seasonality": p.seasonality,
+        },
+    }
