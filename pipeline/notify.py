@@ -1,0 +1,546 @@
+"""Notify stage: deliver stored alerts to the configured sinks exactly once, losing none.
+
+Every (alert, sink) pair gets one `alert_deliveries` row (unique: the idempotency key). A run claims a
+due row with one conditional UPDATE (pending/failed and due -> sending), so two concurrent or retried
+tasks never both send it; the claim is committed before sending. Each attempt is written to
+`delivery_attempts`. Failures are retried a few times in the same run with short backoff, then in later
+runs (next_attempt_at, exponential) until sent or expired (sink.max_attempts or sink.expire_hours).
+A claim left by a crashed run is taken over after `CLAIM_LEASE`, so an alert is never lost; in that
+one case it may be sent twice (email carries a stable Message-ID so clients fold the copy).
+Acknowledged alerts are never (re-)sent.
+
+Text from feeds is untrusted: it is escaped for Slack mrkdwn (&, <, >, mentions, formatting marks)
+and HTML, control characters are dropped for terminals, and secrets (webhook URL, SMTP password)
+never reach logs, stored errors or exceptions.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+import smtplib
+import ssl
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Any, Protocol, TextIO
+from urllib.parse import quote, urlsplit
+
+from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from pipeline import secrets
+from pipeline.config import FinsentConfig, SinkConfig
+from pipeline.detect import alert_from_row
+from pipeline.records import AlertRecord
+from pipeline.store import _insert, session_scope
+from pipeline.store import schema as s
+
+log = logging.getLogger(__name__)
+
+CLAIM_LEASE = timedelta(minutes=10)
+IN_RUN_DELAYS = (1.0, 3.0)  # sleep before the 2nd and 3rd attempt within one run
+BACKOFF_BASE = timedelta(minutes=1)
+BACKOFF_MAX = timedelta(hours=1)
+MAX_TOP_ITEMS = 5
+
+
+class DeliveryError(RuntimeError):
+    """A sink could not deliver; the message is safe to log and store (no secrets)."""
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    sent: int = 0
+    failed: int = 0
+    expired: int = 0
+    skipped: int = 0  # acknowledged before they were sent
+    errors: list[str] = field(default_factory=list)
+
+
+# --- text hygiene --------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SLACK_MARKS = str.maketrans({"*": "\u2217", "_": "\uff3f", "~": "\u223c", "`": "\u02cb", "|": "\u2223"})
+
+
+def clean_text(text: str | None, limit: int = 300) -> str:
+    """One line of feed text without control or bidi-override characters (terminal/escape safety)."""
+    t = _CONTROL.sub(" ", text or "")
+    t = " ".join(t.split())
+    return t if len(t) <= limit else t[: limit - 1] + "\u2026"
+
+
+def slack_escape(text: str | None, limit: int = 300) -> str:
+    """Feed text made inert for Slack mrkdwn: no links, mentions, channel pings or formatting."""
+    t = clean_text(text, limit)
+    t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    t = t.replace("@", "@\u200b")
+    return t.translate(_SLACK_MARKS)
+
+
+def safe_link(url: str | None) -> str | None:
+    """An http(s) URL, percent-encoded where it could break out of Slack or HTML syntax; else None."""
+    if not url:
+        return None
+    url = clean_text(url, 2000).replace(" ", "")
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    return quote(url, safe=":/?#[]@!$&'()*+,;=%~-._")
+
+
+def _slack_link(url: str | None, label: str) -> str:
+    link = safe_link(url)
+    if not link:
+        return label
+    return f"<{link.replace('&', '&amp;').replace('|', '%7C')}|{label}>"
+
+
+def scrub(message: str, secrets_: Sequence[str | None]) -> str:
+    """The message with every secret (and a Slack webhook path) replaced by a placeholder."""
+    for sec in secrets_:
+        if sec:
+            message = message.replace(sec, "<redacted>")
+    return re.sub(r"hooks\.slack\.com/\S+", "hooks.slack.com/<redacted>", message)[:1000]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AlertView:
+    """An alert plus what a reader needs around it (display names, episode, model)."""
+
+    alert: AlertRecord
+    scope_label: str
+    episode_severity: str
+    episode_onset: str | None
+    model_version: str | None
+    acknowledged: bool = False
+
+    @property
+    def title(self) -> str:
+        a = self.alert
+        if a.kind == "resolved":
+            return f"[RESOLVED] Negative sentiment back to normal: {self.scope_label}"
+        return f"[{a.severity.upper()}] Negative sentiment spike: {self.scope_label}"
+
+    @property
+    def window(self) -> str:
+        a = self.alert
+        return f"{a.window_start:%Y-%m-%d %H:%M}\u2013{a.window_end:%H:%M} UTC"
+
+    @property
+    def share_line(self) -> str:
+        a = self.alert
+        return (
+            f"{a.neg_count} of {a.total_count} items negative ({100 * a.neg_share:.0f}%) "
+            f"vs baseline {100 * a.baseline_share:.0f}% (about {a.baseline_neg_rate:.1f} negatives expected per window)"
+        )
+
+    @property
+    def stats_line(self) -> str:
+        a = self.alert
+        p = f"p={a.p_value:.1e}" if a.p_value is not None else "p=n/a"
+        return f"z={a.statistic:.1f}, {p}"
+
+    @property
+    def risk(self) -> str:
+        r = self.alert.risk_score
+        return "n/a" if r is None else f"{r:.0f}/100"
+
+
+def view_of(row: s.Alert, cfg: FinsentConfig | None = None) -> AlertView:
+    a = alert_from_row(row)
+    d = row.details or {}
+    return AlertView(
+        alert=a,
+        scope_label=scope_label(a.scope_kind, a.scope_value, cfg),
+        episode_severity=str(d.get("episode_severity") or a.severity),
+        episode_onset=d.get("episode_onset"),
+        model_version=d.get("model_version"),
+        acknowledged=row.acknowledged_at is not None,
+    )
+
+
+def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
+    if kind == "market":
+        return "market-wide"
+    if kind == "entity":
+        names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
+        return f"{clean_text(names[value], 100)} ({clean_text(value, 40)})" if value in names else f"entity {clean_text(value, 60)}"
+    return f"{kind} {clean_text(value, 100)}"
+
+
+def render_text(v: AlertView) -> str:
+    """Plain text for the console/log sink and the email's text part."""
+    a = v.alert
+    rule = "=" * 78
+    lines = [rule, v.title, rule, f"Window:     {v.window}"]
+    if a.kind == "resolved":
+        lines.append(f"Episode:    began {v.episode_onset or 'n/a'} ({v.episode_severity}); now {a.neg_count} of {a.total_count} negative")
+    lines += [
+        f"Negatives:  {v.share_line}",
+        f"Statistic:  {v.stats_line}",
+        f"Risk score: {v.risk}",
+    ]
+    if a.top_documents:
+        lines.append("Top negative items:")
+        for i, d in enumerate(a.top_documents[:MAX_TOP_ITEMS], 1):
+            lines.append(f"  {i}. [{clean_text(d.source, 60)}] {clean_text(d.title)}  (p_neg {d.p_negative:.2f})")
+            link = safe_link(d.link)
+            if link:
+                lines.append(f"     {link}")
+            if d.evidence:
+                lines.append(f"     evidence: {', '.join(clean_text(t, 40) for t in d.evidence)}")
+    lines.append(f"Alert id:   {a.id}   (acknowledge: finsent alerts ack {a.id})")
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
+    """Fallback text and Block Kit blocks; every feed-derived string goes through slack_escape."""
+    a = v.alert
+    title = clean_text(v.title, 150)
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": title, "emoji": False}},
+        {
+            "type": "section",
+            "fields": [
+                {"type": "mrkdwn", "text": f"*Window*\n{slack_escape(v.window)}"},
+                {"type": "mrkdwn", "text": f"*Risk score*\n{slack_escape(v.risk)}"},
+                {"type": "mrkdwn", "text": f"*Negative share*\n{100 * a.neg_share:.0f}% now vs {100 * a.baseline_share:.0f}% baseline"},
+                {"type": "mrkdwn", "text": f"*Volume*\n{a.neg_count} negative of {a.total_count} items ({a.baseline_neg_rate:.1f} expected)"},
+            ],
+        },
+    ]
+    if a.kind == "resolved":
+        blocks.append(
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode began {v.episode_onset or 'n/a'} ({v.episode_severity}) and has ended.")},
+            }
+        )
+    items = []
+    for d in a.top_documents[:MAX_TOP_ITEMS]:
+        line = f"\u2022 {_slack_link(d.link, slack_escape(d.title))} \u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
+        if d.evidence:
+            line += f"\n    evidence: {slack_escape(', '.join(d.evidence), 200)}"
+        items.append(line)
+    if items:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Top negative items*\n" + "\n".join(items)[:2900]}})
+    blocks.append(
+        {
+            "type": "context",
+            "elements": [{"type": "mrkdwn", "text": slack_escape(f"{v.stats_line} | alert {a.id} | ack: finsent alerts ack {a.id}")}],
+        }
+    )
+    return slack_escape(f"{title} \u2014 {v.share_line}, risk {v.risk}", 400), blocks
+
+
+def render_html(v: AlertView) -> str:
+    a = v.alert
+    e = html.escape
+    rows = [
+        ("Window", v.window),
+        ("Negatives", v.share_line),
+        ("Statistic", v.stats_line),
+        ("Risk score", v.risk),
+    ]
+    if a.kind == "resolved":
+        rows.insert(1, ("Episode", f"began {v.episode_onset or 'n/a'} ({v.episode_severity}), now ended"))
+    table = "".join(f"<tr><th align='left'>{e(k)}</th><td>{e(clean_text(val, 400))}</td></tr>" for k, val in rows)
+    items = []
+    for d in a.top_documents[:MAX_TOP_ITEMS]:
+        title = e(clean_text(d.title))
+        link = safe_link(d.link)
+        head = f"<a href=\"{e(link, quote=True)}\">{title}</a>" if link else title
+        ev = f"<br><small>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</small>" if d.evidence else ""
+        items.append(f"<li>{head} &mdash; {e(clean_text(d.source, 60))}, p_neg {d.p_negative:.2f}{ev}</li>")
+    top = f"<h3>Top negative items</h3><ol>{''.join(items)}</ol>" if items else ""
+    return (
+        "<!doctype html><html><body>"
+        f"<h2>{e(clean_text(v.title, 200))}</h2><table>{table}</table>{top}"
+        f"<p><small>alert {e(a.id)} &middot; acknowledge: <code>finsent alerts ack {e(a.id)}</code></small></p>"
+        "</body></html>"
+    )
+
+
+# --- sinks ---------------------------------------------------------------------------------------
+
+
+class Sink(Protocol):
+    name: str
+
+    def send(self, view: AlertView) -> None: ...
+
+
+class ConsoleSink:
+    """Prints a readable plain-text alert (the offline demo's sink; under Airflow it lands in the task log)."""
+
+    def __init__(self, cfg: SinkConfig, stream: TextIO | None = None) -> None:
+        self.name = cfg.name
+        self.stream = stream
+
+    def send(self, view: AlertView) -> None:
+        print(render_text(view), file=self.stream or sys.stdout, flush=True)
+
+
+class _RedactFilter(logging.Filter):
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage(), [self.secret]), None
+        return True
+
+
+class SlackSink:
+    """Slack incoming webhook (slack_sdk WebhookClient) with Block Kit; URL from env or `finsent_slack`."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+
+    def send(self, view: AlertView) -> None:
+        from slack_sdk.webhook import WebhookClient
+
+        url = secrets.slack_webhook_url(self.cfg.webhook_url_env)
+        if not url:
+            raise DeliveryError(
+                f"sink {self.name}: no Slack webhook URL (set env {self.cfg.webhook_url_env} or Airflow connection {secrets.SLACK_CONN_ID})"
+            )
+        sdk_log = logging.Logger(f"{__name__}.slack_sdk", level=logging.WARNING)
+        sdk_log.addFilter(_RedactFilter(url))
+        for h in logging.getLogger().handlers:
+            sdk_log.addHandler(h)
+        text, blocks = render_slack(view)
+        try:
+            client = WebhookClient(url, timeout=max(1, round(self.cfg.timeout_s)), logger=sdk_log, retry_handlers=[])
+            resp = client.send(text=text, blocks=blocks, unfurl_links=False, unfurl_media=False)
+        except Exception as e:
+            raise DeliveryError(f"sink {self.name}: Slack webhook failed: {scrub(f'{type(e).__name__}: {e}', [url])}") from None
+        if resp.status_code != 200:
+            raise DeliveryError(f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: {scrub(str(resp.body)[:200], [url])}")
+
+
+class EmailSink:
+    """Email over SMTP with STARTTLS (certificate verified) and AUTH; plain text plus an HTML alternative."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+
+    def message(self, view: AlertView) -> EmailMessage:
+        msg = EmailMessage()
+        msg["Subject"] = clean_text(f"finsent: {view.title}", 200)
+        msg["From"] = self.cfg.mail_from
+        msg["To"] = ", ".join(self.cfg.mail_to)
+        msg["Date"] = format_datetime(datetime.now(UTC))
+        msg["Message-ID"] = f"<{view.alert.id}.{self.name}@finsent.alerts>"
+        msg.set_content(render_text(view))
+        msg.add_alternative(render_html(view), subtype="html")
+        return msg
+
+    def send(self, view: AlertView) -> None:
+        c = self.cfg
+        if not c.mail_to:
+            raise DeliveryError(f"sink {self.name}: no recipients (mail_to is empty)")
+        user, password = secrets.smtp_credentials(c.smtp_password_env, c.smtp_user)
+        if user and not password:
+            raise DeliveryError(
+                f"sink {self.name}: no SMTP password for {user} (set env {c.smtp_password_env} or Airflow connection {secrets.SMTP_CONN_ID})"
+            )
+        msg = self.message(view)
+        try:
+            with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=c.timeout_s) as smtp:
+                smtp.ehlo()
+                if c.smtp_starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                    smtp.ehlo()
+                if user:
+                    smtp.login(user, password or "")
+                smtp.send_message(msg)
+        except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
+            raise DeliveryError(f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: {scrub(f'{type(e).__name__}: {e}', [password])}") from None
+
+
+def build_sink(cfg: SinkConfig) -> Sink:
+    return {"console": ConsoleSink, "slack": SlackSink, "email": EmailSink}[cfg.kind](cfg)
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+
+def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
+    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks)."""
+    if alert.scope_kind not in sink.scopes:
+        return False
+    if alert.kind == "resolved":
+        episode_sev = (alert.details or {}).get("episode_severity", "warning")
+        return "info" in sink.severities or episode_sev in sink.severities
+    return alert.severity in sink.severities
+
+
+def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
+    """One delivery row per routed (alert, sink). Alerts whose window is already older than the sink's
+    expiry are recorded as expired rather than sent to Slack or email (a backfill must not page anyone
+    about last month); the console sink prints them (the offline demo replays a past week)."""
+    for sink in cfg.sinks:
+        has_row = select(s.AlertDelivery.id).where(s.AlertDelivery.alert_id == s.Alert.id, s.AlertDelivery.sink == sink.name).exists()
+        alerts = session.scalars(
+            select(s.Alert).where(~has_row, s.Alert.acknowledged_at.is_(None), s.Alert.scope_kind.in_(sink.scopes)).order_by(s.Alert.window_end, s.Alert.id)
+        ).all()
+        rows = []
+        for a in alerts:
+            if not routes_to(sink, a):
+                continue
+            stale = sink.kind != "console" and a.window_end < now - timedelta(hours=sink.expire_hours)
+            rows.append(
+                {
+                    "alert_id": a.id,
+                    "sink": sink.name,
+                    "status": "expired" if stale else "pending",
+                    "attempts": 0,
+                    "last_error": "alert window older than expire_hours when first routed" if stale else None,
+                    "created_at": now,
+                }
+            )
+        if rows:
+            session.execute(_insert(session, s.AlertDelivery).values(rows).on_conflict_do_nothing(index_elements=["alert_id", "sink"]))
+
+
+def _due_filter(now: datetime) -> Any:
+    D = s.AlertDelivery
+    return or_(
+        and_(D.status.in_(("pending", "failed")), or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now)),
+        and_(D.status == "sending", D.last_attempt_at < now - CLAIM_LEASE),
+    )
+
+
+def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
+    """Atomically take a due delivery (committed before sending) so no other run sends it too."""
+    D = s.AlertDelivery
+    unacked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_(None))
+    with session_scope(engine) as session:
+        res = session.execute(
+            update(D)
+            .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
+            .values(status="sending", last_attempt_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return res.rowcount == 1
+
+
+def _record_attempt(engine: Engine, delivery_id: int, ok: bool, error: str | None, at: datetime) -> int:
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        session.add(s.DeliveryAttempt(delivery_id=delivery_id, attempted_at=at, ok=ok, error=error))
+        attempts = session.scalar(select(D.attempts).where(D.id == delivery_id)) or 0
+        values: dict[str, Any] = {"attempts": attempts + 1, "last_attempt_at": at, "last_error": error}
+        if ok:
+            values.update(status="sent", delivered_at=at, next_attempt_at=None)
+        session.execute(update(D).where(D.id == delivery_id).values(**values))
+        return attempts + 1
+
+
+def _release(engine: Engine, delivery_id: int, status: str, next_at: datetime | None) -> None:
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        session.execute(update(D).where(D.id == delivery_id, D.status == "sending").values(status=status, next_attempt_at=next_at))
+
+
+def backoff(attempts: int) -> timedelta:
+    return min(BACKOFF_BASE * (2 ** max(0, attempts - 1)), BACKOFF_MAX)
+
+
+def deliver_pending(
+    engine: Engine,
+    cfg: FinsentConfig,
+    now: datetime | None = None,
+    *,
+    sinks: dict[str, Sink] | None = None,
+    retry_delays: Sequence[float] = IN_RUN_DELAYS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeliveryReport:
+    """Send every due delivery; returns what was sent, failed (to be retried later) and expired.
+
+    `now` is the run's clock for scheduling (tests and backfills pass it); `sinks` replaces the sinks
+    built from the config (by name).
+    """
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError(f"now={now!r} is naive: pass a timezone-aware UTC datetime")
+    report = DeliveryReport()
+    by_name = {sc.name: sc for sc in cfg.sinks}
+    built = dict(sinks or {})
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        _enqueue(session, cfg, now)
+        acked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_not(None))
+        skipped = session.execute(
+            update(D)
+            .where(D.status.in_(("pending", "failed")), D.alert_id.in_(acked))
+            .values(status="expired", last_error="acknowledged before delivery", next_attempt_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        report.skipped = skipped.rowcount or 0
+        due = session.execute(
+            select(D.id, D.sink, D.alert_id, D.attempts, D.created_at).where(_due_filter(now)).order_by(D.created_at, D.id)
+        ).all()
+
+    for row in due:
+        sink_cfg = by_name.get(row.sink)
+        if sink_cfg is None:
+            continue  # a sink removed from the config keeps its rows untouched
+        if row.attempts >= sink_cfg.max_attempts or now > row.created_at + timedelta(hours=sink_cfg.expire_hours):
+            with session_scope(engine) as session:
+                done = session.execute(
+                    update(D).where(D.id == row.id, _due_filter(now)).values(status="expired", next_attempt_at=None)
+                ).rowcount
+            if done:
+                report.expired += 1
+                log.warning("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
+            continue
+        if not _claim(engine, row.id, now):
+            continue
+        with session_scope(engine) as session:
+            alert_row = session.get(s.Alert, row.alert_id)
+            view = view_of(alert_row, cfg)
+        sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
+        attempts = row.attempts
+        delays = list(retry_delays)
+        while True:
+            try:
+                sink.send(view)
+            except Exception as e:
+                err = str(e) if isinstance(e, DeliveryError) else f"sink {row.sink}: {type(e).__name__}"
+                attempts = _record_attempt(engine, row.id, False, err, now)
+                log.warning("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
+                if attempts < sink_cfg.max_attempts and delays:
+                    sleep(delays.pop(0))
+                    continue
+                if attempts >= sink_cfg.max_attempts:
+                    _release(engine, row.id, "expired", None)
+                    report.expired += 1
+                else:
+                    _release(engine, row.id, "failed", now + backoff(attempts))
+                    report.failed += 1
+                report.errors.append(err)
+                break
+            else:
+                _record_attempt(engine, row.id, True, None, now)
+                report.sent += 1
+                log.info("alert %s sent to %s", row.alert_id, row.sink)
+                break
+    return report

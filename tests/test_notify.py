@@ -1,0 +1,466 @@
+"""Delivery against real receivers: a Slack-style webhook on 127.0.0.1, aiosmtpd with STARTTLS + AUTH,
+and the real Postgres (alerts, deliveries and attempts)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import ipaddress
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email import policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pipeline.config import FinsentConfig
+from pipeline.notify import DeliveryError, EmailSink, deliver_pending, safe_link, slack_escape
+from pipeline.store import session_scope
+from pipeline.store import schema as s
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 11, 20, 15, 5, tzinfo=UTC)
+HOSTILE = "<!channel> <script>alert(1)</script> Profits & losses @here <@U123ABC> *bold* `code`"
+FAST = (0.01, 0.01)
+
+
+# --- receivers -----------------------------------------------------------------------------------
+
+
+class Webhook:
+    """A Slack-style incoming webhook: records accepted JSON posts; `status` switches to 500; `delay` slows it."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict] = []
+        self.hits = 0
+        self.status = 200
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with hook.lock:
+                    hook.hits += 1
+                time.sleep(hook.delay)
+                if hook.status != 200:
+                    self.send_response(hook.status)
+                    self.end_headers()
+                    self.wfile.write(b"internal_error")
+                    return
+                with hook.lock:
+                    hook.posts.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/services/T000/B000/s3cretT0ken"
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.server.RequestHandlerClass)
+            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread = None
+
+
+@pytest.fixture
+def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Webhook]:
+    hook = Webhook()
+    hook.server.server_close()  # start() rebinds the same port, so "down" and "up again" are both real
+    hook.start()
+    monkeypatch.setenv("TEST_SLACK_URL", hook.url)
+    yield hook
+    hook.stop()
+
+
+def _cert(tmp: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+        self.logins: list[tuple[str, str]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Mailbox, int]]:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+
+    cert, key = _cert(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    box = Mailbox()
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        box.logins.append((auth_data.login.decode(), auth_data.password.decode()))
+        ok = auth_data.login == b"alerts" and auth_data.password == b"smtp-pa55word"
+        return AuthResult(success=ok, handled=False)
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctl = Controller(
+        box,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=ctx,
+        require_starttls=True,
+        auth_required=True,
+        auth_require_tls=True,
+        authenticator=authenticator,
+    )
+    ctl.start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client verifies the server against this CA
+    monkeypatch.setenv("TEST_SMTP_PASSWORD", "smtp-pa55word")
+    yield box, port
+    ctl.stop()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def make_cfg(**sink_overrides) -> FinsentConfig:
+    sinks = sink_overrides.pop("sinks", None) or [
+        {"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL", "timeout_s": 5, **sink_overrides}
+    ]
+    return FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": sinks, "database_url": "sqlite://"}
+    )
+
+
+def add_alert(engine, kind: str = "spike", severity: str = "critical", scope: tuple[str, str] = ("entity", "NWB"), suffix: str = "a") -> str:
+    ws = datetime(2026, 11, 20, 14, tzinfo=UTC)
+    aid = f"{kind}-{scope[1]}-{suffix}".ljust(12, "0")
+    details = {
+        "model_version": "m1",
+        "episode_severity": "warning" if kind == "resolved" else severity,
+        "episode_onset": ws.isoformat(),
+        "top_documents": [
+            {"document_id": 1, "title": HOSTILE, "link": "https://news.example.com/a?x=1&y=<2>", "source": "newswire", "p_negative": 0.97, "evidence": ["plunge", "<@U999>"]},
+            {"document_id": 2, "title": "Northwind Bank faces record fine", "link": "javascript:alert(1)", "source": "reddit", "p_negative": 0.91, "evidence": []},
+        ] if kind == "spike" else [],
+    }
+    with session_scope(engine) as session:
+        session.add(
+            s.Alert(
+                id=aid,
+                episode_id="ep1",
+                kind=kind,
+                scope_kind=scope[0],
+                scope_value=scope[1],
+                window_start=ws,
+                window_end=ws + timedelta(hours=1),
+                severity=severity if kind == "spike" else "info",
+                neg_count=12,
+                total_count=15,
+                neg_share=0.8,
+                baseline_share=0.15,
+                baseline_neg_rate=0.6,
+                statistic=9.5,
+                p_value=1e-9,
+                risk_score=81.5,
+                details=details,
+                created_at=NOW,
+            )
+        )
+    return aid
+
+
+def deliveries(engine) -> list[s.AlertDelivery]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(s.AlertDelivery).order_by(s.AlertDelivery.id)))
+
+
+def attempts(engine) -> list[s.DeliveryAttempt]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(s.DeliveryAttempt).order_by(s.DeliveryAttempt.id)))
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, webhook: Webhook) -> None:
+    add_alert(engine)
+    report = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert (report.sent, report.failed, report.expired) == (1, 0, 0)
+    assert len(webhook.posts) == 1
+    post = webhook.posts[0]
+    raw = json.dumps(post, ensure_ascii=False)
+    assert post["blocks"][0]["type"] == "header"
+    assert "CRITICAL" in post["blocks"][0]["text"]["text"] and "Northwind Bank (NWB)" in post["blocks"][0]["text"]["text"]
+    assert "80% now vs 15% baseline" in raw and "12 negative of 15 items" in raw and "82/100" in raw
+    for bad in ("<!channel>", "<@U123ABC>", "<@U999>", "<script>", "@here", "*bold*", "`code`", "javascript:"):
+        assert bad not in raw, bad
+    assert "&lt;!channel&gt;" in raw and "&lt;script&gt;" in raw and "Profits &amp; losses" in raw
+    assert "<https://news.example.com/a?x=1&amp;y=%3C2%3E|" in raw  # the link survives, escaped
+    assert "plunge" in raw  # evidence tokens are shown
+    d = deliveries(engine)
+    assert [(x.status, x.attempts) for x in d] == [("sent", 1)]
+    assert [a.ok for a in attempts(engine)] == [True]
+
+
+def test_repeated_and_concurrent_runs_send_once(engine, webhook: Webhook) -> None:
+    add_alert(engine)
+    webhook.delay = 0.5
+    cfg = make_cfg()
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(deliver_pending(engine, cfg, now=NOW, retry_delays=FAST))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.sent for r in reports) == 1
+    assert webhook.hits == 1
+    again = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert again.sent == 0 and webhook.hits == 1
+    assert len(deliveries(engine)) == 1
+
+
+def test_500_is_retried_in_run_then_in_a_later_run(engine, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+    add_alert(engine)
+    webhook.status = 500
+    cfg = make_cfg(max_attempts=10)
+    with caplog.at_level(logging.DEBUG):
+        r1 = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert (r1.sent, r1.failed) == (0, 1)
+    assert webhook.hits == 3  # three attempts in the same run
+    d = deliveries(engine)[0]
+    assert d.status == "failed" and d.attempts == 3 and d.next_attempt_at > NOW
+    errs = [a.error for a in attempts(engine)]
+    assert len(errs) == 3 and all("HTTP 500" in e for e in errs)
+    assert "s3cretT0ken" not in caplog.text and all("s3cretT0ken" not in e for e in errs)
+
+    webhook.status = 200
+    r_early = deliver_pending(engine, cfg, now=NOW + timedelta(seconds=30), retry_delays=FAST)
+    assert r_early.sent == 0 and webhook.posts == []  # not due yet: backoff
+    r2 = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert r2.sent == 1 and len(webhook.posts) == 1
+    d = deliveries(engine)[0]
+    assert d.status == "sent" and d.attempts == 4
+    assert [a.ok for a in attempts(engine)] == [False, False, False, True]
+
+
+def test_receiver_down_then_up_delivers_later_without_leaking_url(engine, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+    add_alert(engine)
+    webhook.stop()
+    cfg = make_cfg()
+    with caplog.at_level(logging.DEBUG):
+        r1 = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r1.failed == 1 and r1.sent == 0
+    assert "s3cretT0ken" not in caplog.text and all("s3cretT0ken" not in e for e in r1.errors)
+    assert all("s3cretT0ken" not in (a.error or "") for a in attempts(engine))
+    assert "Slack webhook failed" in r1.errors[0]
+    webhook.start()
+    r2 = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert r2.sent == 1 and len(webhook.posts) == 1
+
+
+def test_max_attempts_and_expiry(engine, webhook: Webhook) -> None:
+    add_alert(engine, suffix="x")
+    webhook.status = 500
+    r = deliver_pending(engine, make_cfg(max_attempts=2), now=NOW, retry_delays=FAST)
+    assert (r.sent, r.failed, r.expired) == (0, 0, 1)
+    assert webhook.hits == 2
+    assert deliveries(engine)[0].status == "expired"
+    webhook.status = 200
+    assert deliver_pending(engine, make_cfg(max_attempts=2), now=NOW + timedelta(hours=2), retry_delays=FAST).sent == 0
+
+    add_alert(engine, suffix="y")
+    webhook.status = 500
+    cfg = make_cfg(expire_hours=1)
+    assert deliver_pending(engine, cfg, now=NOW, retry_delays=FAST).failed == 1
+    webhook.status = 200
+    late = deliver_pending(engine, cfg, now=NOW + timedelta(hours=3), retry_delays=FAST)
+    assert late.expired == 1 and late.sent == 0 and webhook.posts == []
+
+
+def test_acknowledged_alerts_are_not_sent_or_resent(engine, webhook: Webhook) -> None:
+    first = add_alert(engine, suffix="1")
+    with session_scope(engine) as session:
+        session.get(s.Alert, first).acknowledged_at = NOW
+    second = add_alert(engine, suffix="2")
+    webhook.status = 500
+    r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert r.failed == 1  # only the unacknowledged one was tried
+    with session_scope(engine) as session:
+        session.get(s.Alert, second).acknowledged_at = NOW
+    webhook.status = 200
+    r2 = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert r2.sent == 0 and r2.skipped == 1 and webhook.posts == []
+    states = {d.alert_id: d.status for d in deliveries(engine)}
+    assert states == {second: "expired"}
+
+
+def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -> None:
+    add_alert(engine, kind="resolved")
+    add_alert(engine, scope=("source", "reddit"), suffix="r")
+    cfg = make_cfg(severities=["warning", "critical"], scopes=["entity", "market"])
+    r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.sent == 1  # the source-scope spike is routed elsewhere
+    text = json.dumps(webhook.posts[0])
+    assert "RESOLVED" in text and "back to normal" in text and "has ended" in text
+    # A critical-only sink gets the critical spike but not the end of a warning-level episode.
+    crit = make_cfg(severities=["critical"])
+    crit = crit.model_copy(update={"sinks": [crit.sinks[0].model_copy(update={"name": "crit"})]})
+    assert deliver_pending(engine, crit, now=NOW, retry_delays=FAST).sent == 1
+    assert "RESOLVED" not in json.dumps(webhook.posts[1]) and "reddit" in json.dumps(webhook.posts[1])
+
+
+def test_email_starttls_auth_text_and_html(engine, smtp_server, caplog: pytest.LogCaptureFixture) -> None:
+    box, port = smtp_server
+    aid = add_alert(engine)
+    sink = {
+        "name": "mail-desk",
+        "kind": "email",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "smtp_user": "alerts",
+        "smtp_password_env": "TEST_SMTP_PASSWORD",
+        "mail_from": "finsent@example.com",
+        "mail_to": ["desk@example.com"],
+    }
+    cfg = make_cfg(sinks=[sink])
+    with caplog.at_level(logging.DEBUG):
+        r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.sent == 1, r.errors
+    assert box.logins == [("alerts", "smtp-pa55word")]
+    assert len(box.messages) == 1
+    msg = box.messages[0]
+    assert msg["Subject"].startswith("finsent: [CRITICAL] Negative sentiment spike: Northwind Bank (NWB)")
+    assert msg["Message-ID"] == f"<{aid}.mail-desk@finsent.alerts>"
+    plain = msg.get_body(("plain",)).get_content()
+    html_part = msg.get_body(("html",)).get_content()
+    assert "12 of 15 items negative (80%) vs baseline 15%" in plain and "Risk score: 82/100" in plain
+    assert "<script>" not in html_part and "&lt;script&gt;" in html_part and "Profits &amp; losses" in html_part
+    assert 'href="https://news.example.com/a?x=1&amp;y=%3C2%3E"' in html_part
+    assert "javascript:" not in html_part
+    assert "smtp-pa55word" not in caplog.text
+
+
+def test_email_wrong_password_fails_without_leaking_it(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    box, port = smtp_server
+    monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong-pa55word")
+    add_alert(engine)
+    sink = {"name": "mail", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_user": "alerts",
+            "smtp_password_env": "TEST_SMTP_PASSWORD", "mail_to": ["desk@example.com"]}  # fmt: skip
+    r = deliver_pending(engine, make_cfg(sinks=[sink]), now=NOW, retry_delays=FAST)
+    assert r.failed == 1 and box.messages == []
+    assert "SMTPAuthenticationError" in r.errors[0]
+    assert all("wrong-pa55word" not in (a.error or "") for a in attempts(engine))
+
+
+def test_email_refuses_an_unverified_certificate(engine, smtp_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    box, port = smtp_server
+    (tmp_path / "other").mkdir()
+    other, _ = _cert(tmp_path / "other")  # a different CA than the server's
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_user": "alerts",
+                            "smtp_password_env": "TEST_SMTP_PASSWORD", "mail_to": ["d@example.com"]}]).sinks[0]  # fmt: skip
+    from pipeline.notify import view_of
+
+    aid = add_alert(engine)
+    with session_scope(engine) as session:
+        view = view_of(session.get(s.Alert, aid))
+    with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED|certificate"):
+        EmailSink(sink).send(view)
+    assert box.messages == [] and box.logins == []
+
+
+def test_console_sink_prints_a_readable_alert(engine, capsys: pytest.CaptureFixture[str]) -> None:
+    add_alert(engine)
+    cfg = make_cfg(sinks=[{"name": "console", "kind": "console"}])
+    assert deliver_pending(engine, cfg, now=NOW + timedelta(days=30)).sent == 1  # the console prints past alerts (demo)
+    out = capsys.readouterr().out
+    assert "[CRITICAL] Negative sentiment spike: Northwind Bank (NWB)" in out
+    assert "Window:     2026-11-20 14:00\u201315:00 UTC" in out
+    assert "12 of 15 items negative (80%) vs baseline 15%" in out
+    assert "1. [newswire]" in out and "https://news.example.com/a?x=1&y=%3C2%3E" in out and "evidence: plunge" in out
+    assert "javascript:" not in out
+
+
+def test_stale_alerts_are_not_paged_to_slack(engine, webhook: Webhook) -> None:
+    add_alert(engine)
+    r = deliver_pending(engine, make_cfg(expire_hours=24), now=NOW + timedelta(days=3), retry_delays=FAST)
+    assert r.sent == 0 and webhook.hits == 0
+    assert deliveries(engine)[0].status == "expired"
+
+
+def test_escaping_helpers() -> None:
+    assert slack_escape("<!here> & <@U1|x> @channel") == "&lt;!here&gt; &amp; &lt;@\u200bU1\u2223x&gt; @\u200bchannel"
+    assert slack_escape("a\x1b[31mred\u202eevil") == "a [31mred evil"
+    assert safe_link("javascript:alert(1)") is None and safe_link("ftp://x/y") is None
+    assert safe_link("https://e.com/a b|c") == "https://e.com/ab%7Cc"
+
+
+def test_secrets_from_airflow_connections_when_env_is_empty() -> None:
+    """In a fresh interpreter (Airflow reads its config at import): connections come from AIRFLOW_CONN_*."""
+    code = (
+        "from pipeline import secrets;"
+        "print(secrets.slack_webhook_url('UNSET_ENV_VAR'));"
+        "print(secrets.smtp_credentials('UNSET_ENV_VAR', None));"
+        "print(secrets.airflow_connection('no_such_conn'))"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")
+    } | {
+        "AIRFLOW_CONN_FINSENT_SLACK": json.dumps({"conn_type": "slackwebhook", "host": "https://hooks.example.com/services", "password": "T1/B2/xyz"}),
+        "AIRFLOW_CONN_FINSENT_SMTP": json.dumps({"conn_type": "smtp", "login": "bot", "password": "from-conn"}),
+    }
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines == ["https://hooks.example.com/services/T1/B2/xyz", "('bot', 'from-conn')", "None"]
