@@ -1,7 +1,213 @@
-"""Placeholder: filled by the stage that owns these commands."""
+"""`finsent alerts list|show|ack|evaluate`: read and acknowledge stored alerts, and measure the detector."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from sqlalchemy import func, select
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults).")
+]
+DbOpt = Annotated[str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")]
+
+alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, evaluate the detector.", no_args_is_help=True)
+
+
+def _open(config: str | None, database_url: str | None):
+    from pipeline import store
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    url = database_url or cfg.database_url.get_secret_value()
+    try:
+        return cfg, store.make_engine(url)
+    except store.StoreError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _find(session, alert_id: str):
+    """An alert by id or unique id prefix (at least 6 characters)."""
+    from pipeline.store import schema as s
+
+    row = session.get(s.Alert, alert_id)
+    if row is not None:
+        return row
+    if len(alert_id) >= 6:
+        rows = session.scalars(select(s.Alert).where(s.Alert.id.startswith(alert_id, autoescape=True)).limit(2)).all()
+        if len(rows) == 1:
+            return rows[0]
+        if len(rows) > 1:
+            typer.echo(f"alert id prefix {alert_id!r} is ambiguous; give more characters", err=True)
+            raise typer.Exit(2)
+    typer.echo(f"no alert with id {alert_id!r}", err=True)
+    raise typer.Exit(1)
+
+
+@alerts_app.command("list")
+def list_alerts(
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+    since_hours: Annotated[float, typer.Option("--since-hours", help="Only alerts whose window ended this recently.")] = 24 * 7,
+    scope: Annotated[str | None, typer.Option(help="Only this scope kind: market, entity, source or topic.")] = None,
+    unacked: Annotated[bool, typer.Option("--unacked", help="Only alerts not yet acknowledged.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """Recent alerts, newest first, with their delivery state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.notify import clean_text, scope_label
+    from pipeline.store import session_scope
+    from pipeline.store import schema as s
+
+    cfg, engine = _open(config, database_url)
+    since = datetime.now(UTC) - timedelta(hours=since_hours)
+    with session_scope(engine) as session:
+        q = select(s.Alert).where(s.Alert.window_end >= since).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(limit)
+        if scope:
+            q = q.where(s.Alert.scope_kind == scope)
+        if unacked:
+            q = q.where(s.Alert.acknowledged_at.is_(None))
+        rows = session.scalars(q).all()
+        states = {
+            (a, st): c
+            for a, st, c in session.execute(
+                select(s.AlertDelivery.alert_id, s.AlertDelivery.status, func.count())
+                .where(s.AlertDelivery.alert_id.in_([r.id for r in rows]))
+                .group_by(s.AlertDelivery.alert_id, s.AlertDelivery.status)
+            )
+        }
+    engine.dispose()
+    if not rows:
+        typer.echo("no alerts")
+        return
+    t = Table("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "delivery", "ack")
+    for r in rows:
+        deliv = ", ".join(f"{st} {c}" for (a, st), c in sorted(states.items()) if a == r.id) or "-"
+        t.add_row(
+            r.id[:12],
+            f"{r.window_end:%Y-%m-%d %H:%M}",
+            r.kind,
+            r.severity,
+            clean_text(scope_label(r.scope_kind, r.scope_value, cfg), 40),
+            f"{r.neg_count}/{r.total_count}",
+            f"{100 * r.neg_share:.0f}% vs {100 * r.baseline_share:.0f}%",
+            "-" if r.risk_score is None else f"{r.risk_score:.0f}",
+            deliv,
+            "yes" if r.acknowledged_at else "",
+        )
+    Console(highlight=False, markup=False).print(t)
+
+
+@alerts_app.command("show")
+def show_alert(
+    alert_id: Annotated[str, typer.Argument(help="Alert id (or a unique prefix of 6+ characters).")],
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """One alert in full: the message the sinks get, plus every delivery attempt."""
+    from pipeline.notify import render_text, view_of
+    from pipeline.store import session_scope
+    from pipeline.store import schema as s
+
+    cfg, engine = _open(config, database_url)
+    with session_scope(engine) as session:
+        row = _find(session, alert_id)
+        view = view_of(row, cfg)
+        deliveries = session.execute(
+            select(s.AlertDelivery).where(s.AlertDelivery.alert_id == row.id).order_by(s.AlertDelivery.sink)
+        ).scalars().all()
+        attempts = {
+            d.id: session.scalars(select(s.DeliveryAttempt).where(s.DeliveryAttempt.delivery_id == d.id).order_by(s.DeliveryAttempt.id)).all()
+            for d in deliveries
+        }
+        ack = (row.acknowledged_at, row.acknowledged_by)
+    engine.dispose()
+    typer.echo(render_text(view))
+    if ack[0]:
+        typer.echo(f"Acknowledged {ack[0]:%Y-%m-%d %H:%M} UTC by {ack[1] or 'unknown'}")
+    if not deliveries:
+        typer.echo("Deliveries: none yet")
+    for d in deliveries:
+        typer.echo(f"Delivery to {d.sink}: {d.status}, {d.attempts} attempt(s)" + (f", next at {d.next_attempt_at:%H:%M} UTC" if d.next_attempt_at else ""))
+        for a in attempts[d.id]:
+            typer.echo(f"  {a.attempted_at:%Y-%m-%d %H:%M:%S} {'ok' if a.ok else 'failed'}" + (f": {a.error}" if a.error else ""))
+
+
+@alerts_app.command("ack")
+def ack_alert(
+    alert_ids: Annotated[list[str], typer.Argument(help="Alert ids (or unique prefixes).")],
+    by: Annotated[str | None, typer.Option("--by", help="Who acknowledges (default: $USER).")] = None,
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Acknowledge alerts: their pending deliveries are cancelled and they are never re-sent."""
+    from pipeline.store import session_scope
+
+    who = (by or os.environ.get("USER") or "unknown")[:100]
+    _cfg, engine = _open(config, database_url)
+    with session_scope(engine) as session:
+        for aid in alert_ids:
+            row = _find(session, aid)
+            if row.acknowledged_at:
+                typer.echo(f"{row.id} was already acknowledged by {row.acknowledged_by or 'unknown'}")
+                continue
+            row.acknowledged_at = datetime.now(UTC)
+            row.acknowledged_by = who
+            typer.echo(f"acknowledged {row.id} ({row.kind} {row.scope_kind} {row.scope_value}) as {who}")
+    engine.dispose()
+
+
+@alerts_app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where alert-evaluation.md/.json go.")] = Path("docs"),
+    seed: Annotated[int, typer.Option(help="Random seed of the synthetic streams.")] = 7,
+    scopes: Annotated[int, typer.Option(min=2, max=1000)] = 40,
+    weeks: Annotated[float, typer.Option(min=1, max=52)] = 8.0,
+    warning_p: Annotated[float | None, typer.Option("--warning-p", help="Override detect.warning_p.")] = None,
+    min_share_increase: Annotated[float | None, typer.Option("--min-share-increase", help="Override detect.min_share_increase.")] = None,
+    seasonality: Annotated[bool | None, typer.Option("--seasonality/--no-seasonality", help="Override detect.seasonality.")] = None,
+    db_check: Annotated[bool, typer.Option("--db-check/--no-db-check", help="Also replay a slice through SQLite and detect_spikes.")] = True,
+) -> None:
+    """Replay synthetic streams through the detector; report recall, precision, false alerts, delay."""
+    import sys
+
+    from pipeline.alert_eval import evaluate, write_report
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    overrides = {k: v for k, v in {"warning_p": warning_p, "min_share_increase": min_share_increase, "seasonality": seasonality}.items() if v is not None}
+    try:
+        detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})
+    except ValueError as e:
+        typer.echo(f"invalid detector override: {e}", err=True)
+        raise typer.Exit(2) from None
+    command = "finsent alerts " + " ".join(sys.argv[sys.argv.index("evaluate") :]) if "evaluate" in sys.argv else "finsent alerts evaluate"
+    result = evaluate(detect_cfg, seed=seed, scopes=scopes, weeks=weeks, db_check=db_check, command=command)
+    md, js = write_report(result, out_dir)
+    typer.echo(f"recall (spikes >= 3 baseline SD, n={result.spikes_3sd}): {result.recall_3sd:.3f}   target >= 0.95")
+    typer.echo(f"false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope {result.max_false_alerts_per_scope_week:.3f})   target <= 1")
+    typer.echo(f"median detection delay (windows): {result.median_delay_windows_3sd}   target <= 1")
+    typer.echo(f"precision: {result.precision:.3f}   recall over all {result.spikes_total} spikes: {result.recall_all:.3f}")
+    if result.db_path_agreement:
+        typer.echo(f"database path identical to in-memory replay: {result.db_path_agreement['identical']}")
+    typer.echo(f"wrote {md} and {js} ({result.seconds:g} s)")
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.add_typer(alerts_app, name="alerts")
