@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import smtplib
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -20,16 +21,16 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine
 
-from pipeline import store
-from pipeline.config import FinsentConfig, SinkConfig, load_config
+from pipeline import secrets, store
+from pipeline.config import FinsentConfig, load_config
 
 log = logging.getLogger(__name__)
 
 CONFIG_VARIABLE = "finsent_config_path"
 CONFIG_ENV = "FINSENT_CONFIG"
 DB_CONN_ID = "finsent_db"
-SLACK_CONN_ID = "finsent_slack"
-SMTP_CONN_ID = "finsent_smtp"
+SLACK_CONN_ID = secrets.SLACK_CONN_ID
+SMTP_CONN_ID = secrets.SMTP_CONN_ID
 RUN_KIND = "airflow:finsent_monitor"
 
 
@@ -46,15 +47,6 @@ def _airflow_variable(key: str) -> str | None:
     except Exception:  # outside a task there is no supervisor to ask; the env fallback applies
         return None
     return str(value) if value not in (None, "") else None
-
-
-def _airflow_connection(conn_id: str) -> Any | None:
-    try:
-        from airflow.sdk import Connection
-
-        return Connection.get(conn_id)
-    except Exception:  # not defined, or not running under Airflow
-        return None
 
 
 def connection_url(conn: Any) -> str:
@@ -79,55 +71,18 @@ def config_path() -> str | None:
 
 
 def database_url() -> str | None:
-    conn = _airflow_connection(DB_CONN_ID)
+    conn = secrets.airflow_connection(DB_CONN_ID)
     if conn is not None and conn.host:
         return connection_url(conn)
     return os.environ.get("DATABASE_URL") or None
 
 
-def _slack_webhook(conn: Any) -> str | None:
-    """The webhook URL from `finsent_slack`: the password holds it (or its path after an https host)."""
-    secret = conn.password or ""
-    if secret.startswith("https://") or secret.startswith("http://"):
-        return secret
-    host = conn.host or ""
-    if host.startswith(("https://", "http://")) and secret:
-        return host.rstrip("/") + "/" + secret.lstrip("/")
-    return host if host.startswith(("https://", "http://")) else None
-
-
-def _apply_sink_connections(cfg: FinsentConfig) -> FinsentConfig:
-    """Fold `finsent_slack`/`finsent_smtp` into the sink config; secrets go to the env vars the sinks read."""
-    slack = _airflow_connection(SLACK_CONN_ID) if any(s.kind == "slack" for s in cfg.sinks) else None
-    smtp = _airflow_connection(SMTP_CONN_ID) if any(s.kind == "email" for s in cfg.sinks) else None
-    if slack is None and smtp is None:
-        return cfg
-    sinks: list[SinkConfig] = []
-    for sink in cfg.sinks:
-        if sink.kind == "slack" and slack is not None:
-            url = _slack_webhook(slack)
-            if url:
-                os.environ[sink.webhook_url_env] = url
-        elif sink.kind == "email" and smtp is not None:
-            update: dict[str, Any] = {}
-            if smtp.host:
-                update["smtp_host"] = smtp.host
-            if smtp.port:
-                update["smtp_port"] = int(smtp.port)
-            if smtp.login:
-                update["smtp_user"] = smtp.login
-            extra = smtp.extra_dejson or {}
-            if "starttls" in extra:
-                update["smtp_starttls"] = bool(extra["starttls"])
-            if smtp.password:
-                os.environ[sink.smtp_password_env] = smtp.password
-            sink = sink.model_copy(update=update)
-        sinks.append(sink)
-    return cfg.model_copy(update={"sinks": sinks})
-
-
 def load() -> FinsentConfig:
-    """The config a task runs with: YAML from the Variable/env, DB URL from the connection/env."""
+    """The config a task runs with: YAML from the Variable/env, DB URL from the connection/env.
+
+    Sink secrets are not resolved here: pipeline.secrets reads them (env first, then the
+    `finsent_slack`/`finsent_smtp` connections) at send time, so they never sit in the config object.
+    """
     path = config_path()
     if path is None:
         raise OrchestrationError(
@@ -139,7 +94,7 @@ def load() -> FinsentConfig:
         from pydantic import SecretStr
 
         cfg = cfg.model_copy(update={"database_url": SecretStr(url)})
-    return _apply_sink_connections(cfg)
+    return cfg
 
 
 def _engine(cfg: FinsentConfig) -> Engine:
@@ -362,9 +317,10 @@ def _secrets(cfg: FinsentConfig | None) -> list[str]:
         except Exception:
             pass
         for sink in cfg.sinks:
-            for env in (sink.webhook_url_env, sink.smtp_password_env):
-                if os.environ.get(env):
-                    values.append(os.environ[env])
+            if sink.kind == "slack":
+                values.append(secrets.slack_webhook_url(sink.webhook_url_env) or "")
+            elif sink.kind == "email":
+                values.append(secrets.smtp_credentials(sink.smtp_password_env, sink.smtp_user)[1] or "")
     url = os.environ.get("DATABASE_URL")
     if url:
         values.append(url)
@@ -405,15 +361,15 @@ def failure_message(context: Mapping[str, Any]) -> tuple[str, str]:
 
 def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
     """Send an operational notice to every configured sink; returns the sinks reached. Never raises."""
-    secrets = _secrets(cfg)
-    subject, body = redact(subject, secrets), redact(body, secrets)
+    hidden = _secrets(cfg)
+    subject, body = redact(subject, hidden), redact(body, hidden)
     reached: list[str] = []
     for sink in cfg.sinks:
         try:
             if sink.kind == "console":
                 log.error("%s\n%s", subject, body)
             elif sink.kind == "slack":
-                url = os.environ.get(sink.webhook_url_env)
+                url = secrets.slack_webhook_url(sink.webhook_url_env)
                 if not url:
                     log.error("sink %s: no webhook URL in %s or connection %s", sink.name, sink.webhook_url_env, SLACK_CONN_ID)
                     continue
@@ -430,16 +386,16 @@ def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
                 msg = EmailMessage()
                 msg["Subject"], msg["From"], msg["To"] = subject, sink.mail_from, ", ".join(sink.mail_to)
                 msg.set_content(body)
+                user, password = secrets.smtp_credentials(sink.smtp_password_env, sink.smtp_user)
                 with smtplib.SMTP(sink.smtp_host, sink.smtp_port, timeout=sink.timeout_s) as smtp:
                     if sink.smtp_starttls:
-                        smtp.starttls()
-                    password = os.environ.get(sink.smtp_password_env)
-                    if sink.smtp_user and password:
-                        smtp.login(sink.smtp_user, password)
+                        smtp.starttls(context=ssl.create_default_context())
+                    if user and password:
+                        smtp.login(user, password)
                     smtp.send_message(msg)
             reached.append(sink.name)
         except Exception as e:  # a notice must never mask the failure it reports
-            log.error("sink %s: could not send failure notice: %s", sink.name, redact(f"{type(e).__name__}: {e}", secrets))
+            log.error("sink %s: could not send failure notice: %s", sink.name, redact(f"{type(e).__name__}: {e}", hidden))
     return reached
 
 
