@@ -63,9 +63,6 @@ def list_alerts(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Recent alerts, newest first, with their delivery state."""
-    from rich.console import Console
-    from rich.table import Table
-
     from pipeline.notify import clean_text, scope_label
     from pipeline.store import session_scope
     from pipeline.store import schema as s
@@ -91,22 +88,27 @@ def list_alerts(
     if not rows:
         typer.echo("no alerts")
         return
-    t = Table("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "delivery", "ack")
+    header = ("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "delivery", "ack")
+    table = [header]
     for r in rows:
         deliv = ", ".join(f"{st} {c}" for (a, st), c in sorted(states.items()) if a == r.id) or "-"
-        t.add_row(
-            r.id[:12],
-            f"{r.window_end:%Y-%m-%d %H:%M}",
-            r.kind,
-            r.severity,
-            clean_text(scope_label(r.scope_kind, r.scope_value, cfg), 40),
-            f"{r.neg_count}/{r.total_count}",
-            f"{100 * r.neg_share:.0f}% vs {100 * r.baseline_share:.0f}%",
-            "-" if r.risk_score is None else f"{r.risk_score:.0f}",
-            deliv,
-            "yes" if r.acknowledged_at else "",
+        table.append(
+            (
+                r.id[:12],
+                f"{r.window_end:%Y-%m-%d %H:%M}",
+                r.kind,
+                r.severity,
+                clean_text(scope_label(r.scope_kind, r.scope_value, cfg), 40),
+                f"{r.neg_count}/{r.total_count}",
+                f"{100 * r.neg_share:.0f}% vs {100 * r.baseline_share:.0f}%",
+                "-" if r.risk_score is None else f"{r.risk_score:.0f}",
+                deliv,
+                "yes" if r.acknowledged_at else "",
+            )
         )
-    Console(highlight=False, markup=False).print(t)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @alerts_app.command("show")
@@ -181,8 +183,6 @@ def evaluate_cmd(
     db_check: Annotated[bool, typer.Option("--db-check/--no-db-check", help="Also replay a slice through SQLite and detect_spikes.")] = True,
 ) -> None:
     """Replay synthetic streams through the detector; report recall, precision, false alerts, delay."""
-    import sys
-
     from pipeline.alert_eval import evaluate, write_report
     from pipeline.config import ConfigError, load_config
 
@@ -197,7 +197,21 @@ def evaluate_cmd(
     except ValueError as e:
         typer.echo(f"invalid detector override: {e}", err=True)
         raise typer.Exit(2) from None
-    command = "finsent alerts " + " ".join(sys.argv[sys.argv.index("evaluate") :]) if "evaluate" in sys.argv else "finsent alerts evaluate"
+    parts = ["finsent alerts evaluate"]
+    if config:
+        parts.append(f"-c {config}")
+    if out_dir != Path("docs"):
+        parts.append(f"--out-dir {out_dir}")
+    parts += [f"--{k} {v:g}" for k, v in (("seed", seed), ("scopes", scopes), ("weeks", weeks)) if v != {"seed": 7, "scopes": 40, "weeks": 8.0}[k]]
+    if warning_p is not None:
+        parts.append(f"--warning-p {warning_p:g}")
+    if min_share_increase is not None:
+        parts.append(f"--min-share-increase {min_share_increase:g}")
+    if seasonality is not None:
+        parts.append("--seasonality" if seasonality else "--no-seasonality")
+    if not db_check:
+        parts.append("--no-db-check")
+    command = " ".join(parts)
     result = evaluate(detect_cfg, seed=seed, scopes=scopes, weeks=weeks, db_check=db_check, command=command)
     md, js = write_report(result, out_dir)
     typer.echo(f"recall (spikes >= 3 baseline SD, n={result.spikes_3sd}): {result.recall_3sd:.3f}   target >= 0.95")

@@ -1,0 +1,255 @@
+"""Detection on seeded rows in the real Postgres: documents, entities and scores inserted with SQLAlchemy."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from sqlalchemy import func, insert, select
+
+from pipeline.config import FinsentConfig
+from pipeline.detect import DetectorParams, Series, _tokens, compute_stats, detect_spikes, event_at
+from pipeline.risk import risk_components, topic_weight
+from pipeline.store import register_model, session_scope
+from pipeline.store import schema as s
+
+AS_OF = datetime(2026, 11, 20, 15, tzinfo=UTC)
+H = timedelta(hours=1)
+MODEL = "test-model-v1"
+
+
+def cfg(**detect) -> FinsentConfig:
+    return FinsentConfig.model_validate(
+        {
+            "database_url": "sqlite://",
+            "sources": [{"name": "newswire", "url": "http://127.0.0.1/a"}, {"name": "reddit", "kind": "reddit", "url": "http://127.0.0.1/b"}],
+            "watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}, {"ticker": "ACME", "name": "Acme Motors"}],
+            "detect": detect,
+        }
+    )
+
+
+class Seeder:
+    """Writes documents with their entities and scores, the way ingest and score leave them."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.n = 0
+        with session_scope(engine) as session:
+            for name, kind in (("newswire", "rss"), ("reddit", "reddit")):
+                session.add(s.Source(name=name, kind=kind, url=f"http://127.0.0.1/{name}"))
+            register_model(session, MODEL, name="t", path="-", labels=["negative", "neutral", "positive"])
+
+    def add(self, items: list[dict]) -> None:
+        docs, ents, scores = [], [], []
+        with session_scope(self.engine) as session:
+            for it in items:
+                self.n += 1
+                title = it.get("title") or f"item {self.n}"
+                docs.append(
+                    {
+                        "source_name": it.get("source", "newswire"),
+                        "external_id": f"x{self.n}",
+                        "content_hash": it.get("hash") or hashlib.sha256(title.encode()).hexdigest(),
+                        "title": title,
+                        "summary": "",
+                        "link": f"https://news.example.com/{self.n}",
+                        "published_at": it["at"],
+                        "fetched_at": it["at"],
+                    }
+                )
+            ids = session.execute(insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True), docs).scalars().all()
+            for doc_id, it in zip(ids, items, strict=True):
+                neg = it.get("neg", False)
+                pn = it.get("p", 0.93 if neg else 0.04)
+                scores.append(
+                    {
+                        "document_id": doc_id,
+                        "model_version_id": MODEL,
+                        "label": "negative" if neg else "neutral",
+                        "p_negative": pn,
+                        "p_neutral": 1 - pn - 0.01,
+                        "p_positive": 0.01,
+                        "probs": {},
+                        "topic": it.get("topic"),
+                        "topic_prob": 0.9 if it.get("topic") else None,
+                    }
+                )
+                for e in it.get("entities", ()):
+                    ents.append({"document_id": doc_id, "entity": e, "kind": "watchlist", "matched": e})
+                ents += [{"document_id": doc_id, "entity": "ZZZ", "kind": "cashtag", "matched": "$ZZZ"}] if it.get("cashtag") else []
+            session.execute(insert(s.Score), scores)
+            if ents:
+                session.execute(insert(s.DocumentEntity), ents)
+
+    def quiet(self, start: datetime, end: datetime, seed: int = 1) -> None:
+        rng = random.Random(seed)
+        items = []
+        t = start
+        while t < end:
+            for j in range(rng.randint(8, 14)):
+                items.append(
+                    {
+                        "at": t + timedelta(minutes=rng.randint(0, 59)),
+                        "neg": rng.random() < 0.15,
+                        "source": rng.choice(["newswire", "reddit"]),
+                        "entities": [rng.choice(["NWB", "ACME"])],
+                        "topic": rng.choice(["Earnings", "Stock Commentary", "Legal | Regulation"]),
+                        "title": f"quiet {t:%m%d%H} {j} {rng.random()}",
+                        "cashtag": j == 0,
+                    }
+                )
+            t += H
+        self.add(items)
+
+    def spike(self, start: datetime, negatives: int = 14, tag: str = "s") -> None:
+        items = [
+            {
+                "at": start + timedelta(minutes=3 * i),
+                "neg": True,
+                "p": 0.80 + i / 100,
+                "source": "newswire" if i % 2 else "reddit",
+                "entities": ["NWB"],
+                "topic": "Legal | Regulation",
+                "title": f"Northwind Bank probe widens {tag}{i}",
+            }
+            for i in range(negatives)
+        ]
+        # The same story carried by both sources: counted once for market/entity/topic scopes.
+        items += [
+            {"at": start + timedelta(minutes=50), "neg": True, "p": 0.99, "source": src, "entities": ["NWB"], "topic": "Legal | Regulation",
+             "title": f"Regulator fines Northwind Bank {tag}", "hash": f"dup-{tag}"}  # fmt: skip
+            for src in ("newswire", "reddit")
+        ]
+        items += [{"at": start + timedelta(minutes=20), "source": "reddit", "entities": ["ACME"], "title": f"Acme schedule {tag}{i}"} for i in range(3)]
+        self.add(items)
+
+
+@pytest.fixture
+def seeded(engine) -> Seeder:
+    sd = Seeder(engine)
+    sd.quiet(AS_OF - timedelta(days=7) - 60 * H, AS_OF - H)
+    return sd
+
+
+def by_scope(alerts) -> dict[tuple[str, str], object]:
+    return {(a.scope_kind, a.scope_value): a for a in alerts}
+
+
+def test_spike_alerts_per_scope_with_top_documents_and_risk(engine, seeded: Seeder) -> None:
+    seeded.spike(AS_OF - H)
+    alerts = detect_spikes(engine, cfg(), AS_OF, MODEL)
+    got = by_scope(alerts)
+    assert ("entity", "NWB") in got and ("market", "*") in got and ("topic", "Legal | Regulation") in got
+    assert ("entity", "ACME") not in got and ("entity", "ZZZ") not in got  # cashtags are not scopes
+    nwb = got[("entity", "NWB")]
+    assert nwb.kind == "spike" and nwb.severity == "critical" and nwb.p_value < 1e-6
+    assert (nwb.neg_count, nwb.total_count) == (15, 15)  # 14 + one story carried twice
+    assert got[("market", "*")].total_count == 18
+    assert 0.1 < nwb.baseline_share < 0.25 and nwb.neg_share == 1.0
+    assert nwb.window_start == AS_OF - H and nwb.window_end == AS_OF
+    tops = nwb.top_documents
+    assert len(tops) == 5 and [t.p_negative for t in tops] == sorted((t.p_negative for t in tops), reverse=True)
+    assert tops[0].title == "Regulator fines Northwind Bank s" and sum(t.title.startswith("Regulator") for t in tops) == 1
+    assert got[("source", "newswire")].total_count == 8  # a source scope counts its own copy
+    with session_scope(engine) as session:
+        risks = dict(
+            session.execute(
+                select(s.RiskScore.scope_value, s.RiskScore.risk).where(s.RiskScore.scope_kind == "entity", s.RiskScore.window_start == AS_OF - H)
+            ).all()
+        )
+        stored = session.scalar(select(s.Alert).where(s.Alert.id == nwb.id))
+    assert set(risks) == {"NWB", "ACME"}
+    assert 70 <= risks["NWB"] <= 100 and risks["ACME"] < 30
+    assert nwb.risk_score == risks["NWB"]
+    assert stored.details["top_documents"][0]["title"] == "Regulator fines Northwind Bank s"
+    assert stored.details["episode_severity"] == "critical"
+
+
+def test_rerun_and_backfill_give_the_same_ids_and_store_nothing_twice(engine, seeded: Seeder) -> None:
+    seeded.spike(AS_OF - H)
+    first = detect_spikes(engine, cfg(), AS_OF, MODEL, explain=False)
+    again = detect_spikes(engine, cfg(), AS_OF, MODEL, explain=False)
+    assert sorted(a.id for a in first) == sorted(a.id for a in again) and first
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(s.Alert)) == len(first)
+        assert session.scalar(select(func.count()).select_from(s.RiskScore)) == 2 + 2 + 1 + 3  # entities, sources, market, topics
+
+
+def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None:
+    seeded.spike(AS_OF - H, tag="a")
+    seeded.spike(AS_OF, negatives=10, tag="b")  # the episode goes on in the next window
+    seeded.quiet(AS_OF + H, AS_OF + 6 * H, seed=9)
+    c = cfg(cooldown_windows=3)
+    windows = [AS_OF + i * H for i in range(6)]
+    seen = {w: [a for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in windows}
+    kinds = {w: [(a.scope_value, a.kind) for a in v] for w, v in seen.items()}
+    assert kinds[AS_OF] == [("NWB", "spike")]
+    assert kinds[AS_OF + H] == [] and kinds[AS_OF + 2 * H] == [] and kinds[AS_OF + 3 * H] == []
+    assert kinds[AS_OF + 4 * H] == [("NWB", "resolved")]  # three quiet windows after the last hot one
+    assert kinds[AS_OF + 5 * H] == []
+    spike, resolved = seen[AS_OF][0], seen[AS_OF + 4 * H][0]
+    assert resolved.episode_id == spike.episode_id and resolved.severity == "info" and resolved.id != spike.id
+    # A backfill in reverse order recomputes the same episodes and ids.
+    back = {w: [a.id for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in reversed(windows)}
+    assert all(back[w] == [a.id for a in seen[w]] for w in windows)
+
+
+def test_quiet_data_raises_nothing_and_bad_as_of_is_named(engine, seeded: Seeder) -> None:
+    assert detect_spikes(engine, cfg(), AS_OF - 3 * H, MODEL) == []
+    assert detect_spikes(engine, cfg(seasonality=True), AS_OF - 3 * H, MODEL) == []
+    with pytest.raises(ValueError, match="as_of=.*not aligned"):
+        detect_spikes(engine, cfg(), AS_OF - timedelta(minutes=20), MODEL)
+    with pytest.raises(ValueError, match="as_of=.*naive"):
+        detect_spikes(engine, cfg(), AS_OF.replace(tzinfo=None), MODEL)
+    assert detect_spikes(engine, cfg(), AS_OF, "another-model") == []  # scores of other models are not mixed in
+
+
+def test_seasonality_and_min_volume_gates(engine, seeded: Seeder) -> None:
+    seeded.spike(AS_OF - H)
+    assert ("entity", "NWB") in by_scope(detect_spikes(engine, cfg(seasonality=True), AS_OF, MODEL, explain=False))
+    high_floor = detect_spikes(engine, cfg(min_volume=100), AS_OF, MODEL, explain=False)
+    assert high_floor == []
+
+
+def test_core_counts_statistics() -> None:
+    """The statistics core on plain arrays: a calm binomial series, then one window with a jump."""
+    p = DetectorParams.from_config(cfg().detect)
+    rng = np.random.default_rng(3)
+    T = p.history_windows + 10
+    n = rng.poisson(40, T).astype(float)
+    k = rng.binomial(n.astype(int), 0.2).astype(float)
+    n[-1], k[-1] = 40, 22
+    st = compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p)
+    assert abs(st.p0[-1] - 0.2) < 0.02 and st.rho[-1] < 0.02
+    assert st.hot[-1] and st.critical[-1] and not st.hot[-10:-1].any()
+    ev = event_at(st, T - 1, p)
+    assert ev is not None and ev.kind == "spike" and ev.severity == "critical"
+    assert not st.hot[: p.baseline_windows].any()  # no verdict without a full baseline
+
+
+def test_risk_formula_and_topic_weights() -> None:
+    assert topic_weight("Legal | Regulation") == 1.0 > topic_weight("Earnings") > topic_weight("Stock Commentary")
+    assert topic_weight(None) == 0.5 and topic_weight("Unheard Of") == 0.5
+    calm = risk_components(20, 3, 3.0, 1.5, 0.15, 3.0, 1.7)
+    hot = risk_components(20, 18, 17.0, 18.0, 0.15, 3.0, 1.7)
+    assert 0 <= calm.risk < 20 and 85 <= hot.risk <= 100
+    legal = risk_components(20, 10, 9.0, 10 * 1.0, 0.15, 3.0, 1.7).risk
+    chatter = risk_components(20, 10, 9.0, 10 * 0.25, 0.15, 3.0, 1.7).risk
+    assert legal > chatter
+    assert risk_components(0, 0, 0.0, 0.0, 0.15, 0.0, 0.0).risk < 10
+
+
+def test_evidence_token_shapes() -> None:
+    class Tok:
+        def __init__(self, t: str) -> None:
+            self.token = t
+
+    assert _tokens(["plunge", "probe"], 5) == ("plunge", "probe")
+    assert _tokens([("loss", 0.9), ("cut", 0.5)], 1) == ("loss",)
+    assert _tokens([{"token": "fine"}], 5) == ("fine",)
+    assert _tokens([Tok("scandal")], 5) == ("scandal",)
+    assert _tokens(None, 5) == ()
