@@ -144,7 +144,7 @@ class AlertView:
         a = self.alert
         return (
             f"{a.neg_count} of {a.total_count} items negative ({100 * a.neg_share:.0f}%) "
-            f"vs baseline {100 * a.baseline_share:.0f}% (about {a.baseline_neg_rate:.1f} negatives expected per window)"
+            f"vs baseline {100 * a.baseline_share:.0f}% (about {_num(a.baseline_neg_rate)} negatives expected per window)"
         )
 
     @property
@@ -157,6 +157,10 @@ class AlertView:
     def risk(self) -> str:
         r = self.alert.risk_score
         return "n/a" if r is None else f"{r:.0f}/100"
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
 
 
 def view_of(row: s.Alert, cfg: FinsentConfig | None = None) -> AlertView:
@@ -219,7 +223,7 @@ def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
                 {"type": "mrkdwn", "text": f"*Window*\n{slack_escape(v.window)}"},
                 {"type": "mrkdwn", "text": f"*Risk score*\n{slack_escape(v.risk)}"},
                 {"type": "mrkdwn", "text": f"*Negative share*\n{100 * a.neg_share:.0f}% now vs {100 * a.baseline_share:.0f}% baseline"},
-                {"type": "mrkdwn", "text": f"*Volume*\n{a.neg_count} negative of {a.total_count} items ({a.baseline_neg_rate:.1f} expected)"},
+                {"type": "mrkdwn", "text": f"*Volume*\n{a.neg_count} negative of {a.total_count} items ({_num(a.baseline_neg_rate)} expected)"},
             ],
         },
     ]
