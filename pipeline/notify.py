@@ -7,7 +7,7 @@ tasks never both send it; the claim is committed before sending. Each attempt is
 runs (next_attempt_at, exponential) until sent or expired (sink.max_attempts or sink.expire_hours).
 A claim left by a crashed run is taken over after `CLAIM_LEASE`, so an alert is never lost; in that
 one case it may be sent twice (email carries a stable Message-ID so clients fold the copy).
-Acknowledged alerts are never (re-)sent.
+Acknowledged alerts are never (re-)sent: their open deliveries become "cancelled".
 
 Text from feeds is untrusted: it is escaped for Slack mrkdwn (&, <, >, mentions, formatting marks)
 and HTML, control characters are dropped for terminals, and secrets (webhook URL, SMTP password)
@@ -495,7 +495,7 @@ def deliver_pending(
         skipped = session.execute(
             update(D)
             .where(D.status.in_(("pending", "failed")), D.alert_id.in_(acked))
-            .values(status="expired", last_error="acknowledged before delivery", next_attempt_at=None)
+            .values(status="cancelled", last_error="acknowledged before delivery", next_attempt_at=None)
             .execution_options(synchronize_session=False)
         )
         report.skipped = skipped.rowcount or 0

@@ -18,6 +18,7 @@ are stored next to the score (risk_scores.components) so a number can always be 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 WEIGHTS = {"intensity": 0.45, "anomaly": 0.35, "topic_severity": 0.20}
 INTENSITY_PRIOR_DOCS = 5.0
@@ -58,6 +59,7 @@ TOPIC_WEIGHTS: dict[str, float] = {
 }
 
 
+@lru_cache(maxsize=1024)
 def topic_weight(topic: str | None) -> float:
     """Severity weight of a topic; the highest matching key wins, unknown topics get the default."""
     if not topic:

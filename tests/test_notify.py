@@ -342,7 +342,7 @@ def test_acknowledged_alerts_are_not_sent_or_resent(engine, webhook: Webhook) ->
     r2 = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
     assert r2.sent == 0 and r2.skipped == 1 and webhook.posts == []
     states = {d.alert_id: d.status for d in deliveries(engine)}
-    assert states == {second: "expired"}
+    assert states == {second: "cancelled"}
 
 
 def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -> None:
@@ -464,3 +464,15 @@ def test_secrets_from_airflow_connections_when_env_is_empty() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines == ["https://hooks.example.com/services/T1/B2/xyz", "('bot', 'from-conn')", "None"]
+
+
+def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, webhook: Webhook) -> None:
+    add_alert(engine)
+    cfg = make_cfg()
+    with session_scope(engine) as session:
+        session.add(s.AlertDelivery(alert_id=session.scalar(select(s.Alert.id)), sink="slack-desk", status="sending", attempts=0, last_attempt_at=NOW, created_at=NOW))
+    assert deliver_pending(engine, cfg, now=NOW + timedelta(minutes=2), retry_delays=FAST).sent == 0  # another run may still be sending
+    assert webhook.hits == 0
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST)
+    assert r.sent == 1 and len(webhook.posts) == 1
+    assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
