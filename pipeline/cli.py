@@ -23,6 +23,8 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("alembic", "httpx", "httpcore", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     app()
 
 
