@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -299,30 +299,6 @@ def episode_id(scope_kind: str, scope_value: str, onset_start: datetime) -> str:
 # --- the database path -------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Acc:
-    """Per-scope accumulator: (window, dedup key) -> (negative, p_negative, topic weight)."""
-
-    dedup: bool
-    items: dict[tuple[int, Any], list[float]] = field(default_factory=dict)
-
-    def add(self, w: int, key: Any, neg: bool, p_neg: float, tw: float) -> None:
-        cur = self.items.get((w, key))
-        if cur is None:
-            self.items[(w, key)] = [float(neg), p_neg, tw if neg else 0.0]
-        elif neg or p_neg > cur[1]:
-            self.items[(w, key)] = [max(cur[0], float(neg)), max(cur[1], p_neg), max(cur[2], tw if neg else 0.0)]
-
-    def series(self, T: int, slots: np.ndarray) -> Series:
-        n, k, sp, stw = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(T)
-        for (w, _), (neg, pn, tw) in self.items.items():
-            n[w] += 1
-            k[w] += neg
-            sp[w] += pn
-            stw[w] += tw
-        return Series(n=n, k=k, slot=slots, sum_p=sp, sum_tw=stw)
-
-
 def _check_as_of(as_of: datetime, window_minutes: int) -> None:
     if as_of.tzinfo is None:
         raise ValueError(f"as_of={as_of!r} is naive: pass a timezone-aware UTC datetime")
@@ -347,50 +323,57 @@ def load_series(
         .join(Sc, Sc.document_id == D.id)
         .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
     ).all()
-    ents: dict[int, list[str]] = defaultdict(list)
-    for doc_id, entity in session.execute(
+    ents = session.execute(
         select(E.document_id, E.entity)
         .join(D, D.id == E.document_id)
         .where(E.kind == "watchlist", D.published_at >= range_start, D.published_at < end)
-    ):
-        ents[doc_id].append(entity)
+    ).all()
 
     kinds = set(cfg.detect.scopes)
-    accs: dict[tuple[str, str], _Acc] = {}
+    keys: list[tuple[str, str]] = []
     if "market" in kinds:
-        accs[("market", MARKET)] = _Acc(dedup=True)
+        keys.append(("market", MARKET))
     if "entity" in kinds:
-        for w in cfg.watchlist:
-            accs[("entity", w.key)] = _Acc(dedup=True)
+        keys += [("entity", w.key) for w in cfg.watchlist]
     if "source" in kinds:
-        for src in cfg.sources:
-            accs[("source", src.name)] = _Acc(dedup=False)
-
-    def acc(kind: str, value: str, dedup: bool) -> _Acc:
-        a = accs.get((kind, value))
-        if a is None:
-            a = accs[(kind, value)] = _Acc(dedup=dedup)
-        return a
-
-    for r in rows:
-        w = int((r.published_at - range_start).total_seconds() // secs)
-        if not 0 <= w < T:
-            continue
-        neg = r.label == "negative"
-        pn = float(r.p_negative)
-        tw = topic_weight(r.topic)
-        if "market" in kinds:
-            acc("market", MARKET, True).add(w, r.content_hash, neg, pn, tw)
-        if "entity" in kinds:
-            for e in ents.get(r.id, ()):
-                acc("entity", e, True).add(w, r.content_hash, neg, pn, tw)
-        if "source" in kinds:
-            acc("source", r.source_name, False).add(w, r.id, neg, pn, tw)
-        if "topic" in kinds and r.topic:
-            acc("topic", r.topic, True).add(w, r.content_hash, neg, pn, tw)
-
+        keys += [("source", src.name) for src in cfg.sources]
     slots = window_slots(range_start, T, p.window_minutes)
-    return {key: a.series(T, slots) for key, a in accs.items()}
+    out = {key: Series(n=np.zeros(T), k=np.zeros(T), slot=slots, sum_p=np.zeros(T), sum_tw=np.zeros(T)) for key in keys}
+    if not rows:
+        return out
+
+    df = pd.DataFrame(rows, columns=["id", "published_at", "content_hash", "source_name", "label", "p_negative", "topic"])
+    published = pd.to_datetime(df["published_at"], utc=True)
+    df["w"] = ((published - pd.Timestamp(range_start)).dt.total_seconds() // secs).astype(np.int64)
+    df = df[(df["w"] >= 0) & (df["w"] < T)]
+    df["neg"] = (df["label"] == "negative").astype(np.float64)
+    df["p"] = df["p_negative"].astype(np.float64)
+    df["tw_neg"] = df["topic"].map(lambda t: topic_weight(t if isinstance(t, str) else None)).astype(np.float64) * df["neg"]
+
+    def add(kind: str, frame: pd.DataFrame, scope_col: str, dedup_col: str) -> None:
+        """Count one item per (scope, window, dedup key); a story is negative if any copy is."""
+        if frame.empty:
+            return
+        items = frame.groupby([scope_col, "w", dedup_col], sort=False)[["neg", "p", "tw_neg"]].max()
+        per_window = items.groupby(level=[0, 1]).agg(n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum"))
+        for value, g in per_window.groupby(level=0):
+            ser = out.setdefault(
+                (kind, str(value)), Series(n=np.zeros(T), k=np.zeros(T), slot=slots, sum_p=np.zeros(T), sum_tw=np.zeros(T))
+            )
+            w = g.index.get_level_values(1).to_numpy()
+            ser.n[w], ser.k[w] = g["n"].to_numpy(), g["k"].to_numpy()
+            ser.sum_p[w], ser.sum_tw[w] = g["sp"].to_numpy(), g["stw"].to_numpy()
+
+    if "market" in kinds:
+        add("market", df.assign(scope=MARKET), "scope", "content_hash")
+    if "entity" in kinds and ents:
+        ent_df = pd.DataFrame(ents, columns=["id", "entity"]).drop_duplicates()
+        add("entity", df.merge(ent_df, on="id"), "entity", "content_hash")
+    if "source" in kinds:
+        add("source", df, "source_name", "id")
+    if "topic" in kinds:
+        add("topic", df[df["topic"].notna()], "topic", "content_hash")
+    return out
 
 
 def window_slots(range_start: datetime, T: int, window_minutes: int) -> np.ndarray:
