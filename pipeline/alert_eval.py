@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.config import DetectConfig
 from pipeline.detect import DetectorParams, Series, compute_stats, event_at
+from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR_DOCS, WEIGHTS
 
 WEEK_HOURS = 7 * 24
 
@@ -492,6 +493,17 @@ def render_markdown(r: EvalResult) -> str:
         f"- The volume-band table is the honest summary: at ten or more items per window this run found "
         f"{_fmt(_recall_from(r, 10))} of the 3-SD spikes while they lasted,",
         f"  at {_fmt(_max_fa_from(r, 10))} false alerts per scope-week at most in any of those bands.",
+        "",
+        "## Risk score",
+        "",
+        "Stored per scope and window in `risk_scores` (components alongside) and shown in every alert:",
+        "",
+        f"    risk = 100 * ({WEIGHTS['intensity']} * intensity + {WEIGHTS['anomaly']} * anomaly + {WEIGHTS['topic_severity']} * topic_severity)",
+        "",
+        f"- intensity: mean p_negative of the window's items, shrunk toward the baseline share with the weight of {INTENSITY_PRIOR_DOCS:g} items;",
+        f"- anomaly: (negatives - expected) / SD of the baseline's negative counts, divided by {ANOMALY_FULL_SD:g} and clipped to [0, 1];",
+        "- topic_severity: mean topic weight of the negative items (legal/regulation 1.0, earnings 0.85, M&A 0.7, ...,",
+        f"  stock commentary 0.25, no topic {DEFAULT_TOPIC_WEIGHT:g}; see `pipeline/risk.py`).",
         "",
         "Detector settings:",
         "",

@@ -403,7 +403,14 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
     for sink in cfg.sinks:
         has_row = select(s.AlertDelivery.id).where(s.AlertDelivery.alert_id == s.Alert.id, s.AlertDelivery.sink == sink.name).exists()
         alerts = session.scalars(
-            select(s.Alert).where(~has_row, s.Alert.acknowledged_at.is_(None), s.Alert.scope_kind.in_(sink.scopes)).order_by(s.Alert.window_end, s.Alert.id)
+            select(s.Alert)
+            .where(
+                ~has_row,
+                s.Alert.acknowledged_at.is_(None),
+                s.Alert.scope_kind.in_(sink.scopes),
+                or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
+            )
+            .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
         rows = []
         for a in alerts:
