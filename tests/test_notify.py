@@ -3,7 +3,6 @@ and the real Postgres (alerts, deliveries and attempts)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import email
 import ipaddress
 import json
@@ -22,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from pipeline.config import FinsentConfig
 from pipeline.notify import DeliveryError, EmailSink, deliver_pending, safe_link, slack_escape
