@@ -154,6 +154,13 @@ class AlertView:
         return f"z={a.statistic:.1f}, {p}"
 
     @property
+    def onset(self) -> str:
+        try:
+            return f"{datetime.fromisoformat(self.episode_onset):%Y-%m-%d %H:%M} UTC" if self.episode_onset else "n/a"
+        except ValueError:
+            return clean_text(self.episode_onset, 40)
+
+    @property
     def risk(self) -> str:
         r = self.alert.risk_score
         return "n/a" if r is None else f"{r:.0f}/100"
@@ -191,7 +198,7 @@ def render_text(v: AlertView) -> str:
     rule = "=" * 78
     lines = [rule, v.title, rule, f"Window:     {v.window}"]
     if a.kind == "resolved":
-        lines.append(f"Episode:    began {v.episode_onset or 'n/a'} ({v.episode_severity}); now {a.neg_count} of {a.total_count} negative")
+        lines.append(f"Episode:    began {v.onset} ({v.episode_severity}); now {a.neg_count} of {a.total_count} negative")
     lines += [
         f"Negatives:  {v.share_line}",
         f"Statistic:  {v.stats_line}",
@@ -231,7 +238,7 @@ def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
         blocks.append(
             {
                 "type": "section",
-                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode began {v.episode_onset or 'n/a'} ({v.episode_severity}) and has ended.")},
+                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode began {v.onset} ({v.episode_severity}) and has ended.")},
             }
         )
     items = []
@@ -261,7 +268,7 @@ def render_html(v: AlertView) -> str:
         ("Risk score", v.risk),
     ]
     if a.kind == "resolved":
-        rows.insert(1, ("Episode", f"began {v.episode_onset or 'n/a'} ({v.episode_severity}), now ended"))
+        rows.insert(1, ("Episode", f"began {v.onset} ({v.episode_severity}), now ended"))
     table = "".join(f"<tr><th align='left'>{e(k)}</th><td>{e(clean_text(val, 400))}</td></tr>" for k, val in rows)
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:

@@ -475,3 +475,11 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, web
     r = deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST)
     assert r.sent == 1 and len(webhook.posts) == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
+
+
+def test_console_resolution_notice(engine, capsys: pytest.CaptureFixture[str]) -> None:
+    add_alert(engine, kind="resolved")
+    assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console", "severities": ["warning"]}]), now=NOW).sent == 1
+    out = capsys.readouterr().out
+    assert "[RESOLVED] Negative sentiment back to normal: Northwind Bank (NWB)" in out
+    assert "Episode:    began 2026-11-20 14:00 UTC (warning)" in out and "Top negative items" not in out
