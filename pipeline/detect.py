@@ -437,8 +437,9 @@ def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any) -> tuple[AlertItem, ...]:
-    """Attach explanation tokens; no scorer or no explain module just means no evidence."""
+def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[int, tuple[str, ...]] | None = None) -> tuple[AlertItem, ...]:
+    """Attach explanation tokens (each document explained once per run, however many alerts cite it);
+    no scorer or no explain module just means no evidence."""
     if scorer is None or not items:
         return tuple(i for i, _ in items)
     try:
@@ -446,13 +447,17 @@ def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any) -> tuple[Ale
     except Exception as e:
         log.info("no evidence tokens: pipeline.explain unavailable (%s)", type(e).__name__)
         return tuple(i for i, _ in items)
+    cache = {} if cache is None else cache
     out = []
     for item, text in items:
-        try:
-            ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS), EVIDENCE_TOKENS)
-        except Exception as e:
-            log.warning("explain_text failed for document %s: %s", item.document_id, type(e).__name__)
-            ev = ()
+        ev = cache.get(item.document_id)
+        if ev is None:
+            try:
+                ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS), EVIDENCE_TOKENS)
+            except Exception as e:
+                log.warning("explain_text failed for document %s: %s", item.document_id, type(e).__name__)
+                ev = ()
+            cache[item.document_id] = ev
         out.append(AlertItem(item.document_id, item.title, item.link, item.source, item.p_negative, ev))
     return tuple(out)
 
@@ -599,10 +604,11 @@ def detect_spikes(
 
     if explain and any(tops.values()) and scorer is None:
         scorer = _load_scorer(cfg, model_version)
+    evidence_cache: dict[int, tuple[str, ...]] = {}
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None) if ev.kind == "spike" else ()
+        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache) if ev.kind == "spike" else ()
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),

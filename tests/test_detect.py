@@ -253,3 +253,25 @@ def test_evidence_token_shapes() -> None:
     assert _tokens([{"token": "fine"}], 5) == ("fine",)
     assert _tokens([Tok("scandal")], 5) == ("scandal",)
     assert _tokens(None, 5) == ()
+
+
+def test_evidence_tokens_from_the_model_that_scored(engine, seeded: Seeder, tiny_model_dir) -> None:
+    """With no scorer passed, the configured model is loaded when an alert fires, if it made the scores."""
+    from pipeline.score import model_version_id
+
+    version = model_version_id(str(tiny_model_dir))
+    with session_scope(engine) as session:
+        register_model(session, version, name="tiny", path=str(tiny_model_dir), labels=["negative", "neutral", "positive"])
+        session.execute(s.Score.__table__.update().values(model_version_id=version))
+    seeded.spike(AS_OF - H)
+    with session_scope(engine) as session:
+        session.execute(s.Score.__table__.update().where(s.Score.model_version_id == MODEL).values(model_version_id=version))
+    c = cfg().model_copy(update={"model": cfg().model.model_copy(update={"path": str(tiny_model_dir)})})
+    nwb = by_scope(detect_spikes(engine, c, AS_OF, version))[("entity", "NWB")]
+    with_ev = [d for d in nwb.top_documents if d.evidence]
+    assert with_ev, nwb.top_documents
+    for d in with_ev:
+        assert all(tok.lower() in d.title.lower() for tok in d.evidence)
+    # A model that did not make these scores is not used to explain them.
+    other = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
+    assert all(d.evidence == () for d in other.top_documents)
