@@ -59,6 +59,7 @@ class Splits:
     val: dict[str, list[Example]]
     eval: dict[str, list[Example]]
     fingerprints: dict[str, str] = field(default_factory=dict)
+    excluded: frozenset[str] = frozenset()  # normalised texts of the full eval and validation splits (before any limit)
 
     def summary(self) -> dict[str, int]:
         out = {"train": len(self.train)}
@@ -210,6 +211,7 @@ def build_splits(data_dir: str | Path | None = None, seed: int = DEFAULT_SEED, l
         "topic_val": keep(top(topic_val, "topic")),
     }
     banned |= {normalise(ex.text) for split in val.values() for ex in split}
+    excluded = frozenset(banned)
     trains = {
         "fpb": keep(sent(fpb_train, "fpb")),
         "tfns": keep(sent(tfns_train, "tfns")),
@@ -223,12 +225,12 @@ def build_splits(data_dir: str | Path | None = None, seed: int = DEFAULT_SEED, l
     fingerprints = {f"file:{name}": file_fingerprint(d / name) for name in DATA_FILES}
     fingerprints.update({f"split:{k}": split_fingerprint(v) for k, v in {**evals, **val}.items()})
     fingerprints["split:train"] = split_fingerprint(train)
-    return Splits(seed=seed, topics=topics, train=train, val=val, eval=evals, fingerprints=fingerprints)
+    return Splits(seed=seed, topics=topics, train=train, val=val, eval=evals, fingerprints=fingerprints, excluded=excluded)
 
 
 def eval_texts(splits: Splits) -> set[str]:
-    """Normalised texts of every evaluation and validation split: feedback must never add to these."""
-    return {normalise(ex.text) for group in (splits.eval, splits.val) for exs in group.values() for ex in exs}
+    """Normalised texts of every evaluation and validation split (uncapped): feedback must never add to these."""
+    return set(splits.excluded) | {normalise(ex.text) for group in (splits.eval, splits.val) for exs in group.values() for ex in exs}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,258 @@
+"""Training: end to end on CPU with a tiny model, the fixed splits, feedback into training only."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from pipeline.data import (
+    EVAL_SPLITS,
+    DataError,
+    FeedbackRow,
+    build_splits,
+    eval_texts,
+    feedback_examples,
+    load_feedback_rows,
+    normalise,
+)
+from pipeline.train import TrainConfig, TrainError, default_base, train_model
+
+TOPICS = ["Analyst Update", "Earnings", "Macro", "Stock Movement"]
+_COMPANIES = ["Acme", "Nordic Steel", "Baltic Foods", "Helsinki Tech", "Orion Paper", "Kone Lifts", "Vaasa Energy", "Oulu Mills"]
+_POS = ["operating profit rose sharply", "net sales increased strongly", "the company won a large order", "earnings beat expectations"]
+_NEG = ["operating loss widened badly", "net sales decreased sharply", "the company issued a profit warning", "shares plunged after losses"]
+_NEU = ["the company is headquartered in", "the annual meeting will be held in", "the report is available on the website of", "the chairman is based in"]
+
+
+def _sentences(seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for c in _COMPANIES:
+        for i, (pos, neg, neu) in enumerate(zip(_POS, _NEG, _NEU)):
+            rows.append((f"{c} said {pos} in quarter {i + 1} .", "positive"))
+            rows.append((f"{c} said {neg} in quarter {i + 1} .", "negative"))
+            rows.append((f"{c} : {neu} Espoo , Finland , in {2000 + i} .", "neutral"))
+    rng.shuffle(rows)
+    return rows
+
+
+def make_data_dir(root: Path, shuffle_seed: int = 0) -> Path:
+    """A miniature of ../shared/data in the same formats (Latin-1 FPB, CSVs), with learnable templates."""
+    d = root / "data"
+    for sub in ("financial_phrasebank", "tfns", "tfn_topic"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    rows = _sentences(shuffle_seed)
+    rows.append(("Fiskars said the Hämeenlinna plant's profit rose .", "positive"))  # non-ASCII, Latin-1 encoded
+    (d / "financial_phrasebank/Sentences_50Agree.txt").write_bytes("".join(f"{t}@{y}\n" for t, y in rows).encode("latin-1"))
+    (d / "financial_phrasebank/Sentences_AllAgree.txt").write_text("".join(f"{t}@{y}\n" for t, y in sorted(rows)[::2]), encoding="utf-8")
+    tfns_map = {"negative": 0, "positive": 1, "neutral": 2}
+    tweets = [(f"$TICK{i} {t.replace(' .', '')} https://t.co/x{i}", tfns_map[y]) for i, (t, y) in enumerate(sorted(_sentences()))]
+    random.Random(shuffle_seed).shuffle(tweets)
+    (d / "tfns/sent_train.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in tweets), encoding="utf-8")
+    topic_words = ["analyst upgrade rating", "quarterly earnings report", "central bank inflation rates", "stock jumps premarket trading"]
+    rng = random.Random(shuffle_seed)
+    topic_rows = [(f"{c} {w} update {k}", t) for k in range(3) for c in _COMPANIES for t, w in enumerate(topic_words)]
+    rng.shuffle(topic_rows)
+    (d / "tfn_topic/topic_train.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in topic_rows), encoding="utf-8")
+    (d / "tfn_topic/classes.txt").write_text("\n".join(TOPICS) + "\n", encoding="utf-8")
+    return d
+
+
+def make_tiny_base(root: Path) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer: trains in seconds on CPU."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = root / "tiny-base"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_base()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data_dir(tmp_path_factory.mktemp("finsent-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("finsent-base"))
+
+
+TINY = dict(epochs=30, batch_size=16, lr=1e-2, head_lr=1e-2, max_length=32, patience=100, fpb_repeat=1, warmup_frac=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box run several times faster on one thread than fighting for two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, data_dir: Path, tiny_base: Path) -> Path:
+    out = tmp_path_factory.mktemp("finsent-model") / "m"
+    train_model(out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False)
+    return out
+
+
+def test_splits_fixed_across_runs_and_file_order(tmp_path: Path, data_dir: Path) -> None:
+    a = build_splits(data_dir, seed=7)
+    b = build_splits(data_dir, seed=7)
+    c = build_splits(make_data_dir(tmp_path, shuffle_seed=99), seed=7)  # same rows, other order
+    for split in EVAL_SPLITS:
+        assert [e.text for e in a.eval[split]] == [e.text for e in b.eval[split]]
+        assert sorted(e.text for e in a.eval[split]) == sorted(e.text for e in c.eval[split])
+        assert a.fingerprints[f"split:{split}"] == b.fingerprints[f"split:{split}"]
+    assert build_splits(data_dir, seed=8).fingerprints["split:fpb_test"] != a.fingerprints["split:fpb_test"]
+    # stratified 20% test, AllAgree subset inside it, no eval text in training
+    n_fpb = len(_sentences()) + 1
+    assert abs(len(a.eval["fpb_test"]) - 0.2 * n_fpb) <= 3
+    assert {e.text for e in a.eval["fpb_allagree_test"]} <= {e.text for e in a.eval["fpb_test"]}
+    assert not {normalise(e.text) for e in a.train} & eval_texts(a)
+    assert any("Hämeenlinna" in e.text for e in a.train + a.eval["fpb_test"] + a.val["fpb_val"])
+
+
+def test_missing_data_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=str(tmp_path / "tfn_topic" / "classes.txt")):
+        build_splits(tmp_path)
+
+
+def test_training_runs_end_to_end_and_changes_predictions(tiny_model: Path, tiny_base: Path, data_dir: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.score import Scorer
+
+    meta = json.loads((tiny_model / "finsent.json").read_text())
+    assert meta["topics"] == TOPICS and meta["split_seed"] and meta["data_fingerprints"]["split:fpb_test"]
+    assert meta["temperature"] > 0 and meta["topic_temperature"] > 0
+    with safe_open(str(tiny_model / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    scorer = Scorer.load(str(tiny_model))
+    assert scorer.version == meta["version"] and scorer.topics == TOPICS
+
+    splits = build_splits(data_dir, seed=meta["split_seed"])
+    tests = splits.eval["fpb_test"]
+    preds = scorer.score([e.text for e in tests])
+    acc = sum(p.label == ("negative", "neutral", "positive")[e.sentiment] for p, e in zip(preds, tests)) / len(tests)
+    torch.manual_seed(TrainConfig().seed)
+    untrained = AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=3).eval()
+    enc = scorer.tokenizer([e.text for e in tests], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = untrained(**enc).logits.argmax(1).tolist()
+    acc_before = sum(y == e.sentiment for y, e in zip(before, tests)) / len(tests)
+    assert acc >= 0.8 > acc_before + 0.2
+    topics = splits.eval["topic_dev"]
+    tpreds = scorer.score([e.text for e in topics])
+    assert sum(p.topic == TOPICS[e.topic] for p, e in zip(tpreds, topics)) / len(topics) >= 0.8
+
+
+def test_real_minilm_trains_on_a_few_dozen_examples(tmp_path: Path, data_dir: Path) -> None:
+    from pipeline.score import Scorer
+
+    out = tmp_path / "minilm"
+    texts = ["Acme said operating profit rose sharply in quarter 1 .", "Acme said operating loss widened badly in quarter 1 ."]
+    res = train_model(out, data_dir, TrainConfig(limit=10, max_steps=4, batch_size=8, lr=1e-4, max_length=32), progress=False)
+    assert res.version.startswith("finsent-minilm-") and res.output_dir == out
+    size = (out / "model.safetensors").stat().st_size
+    assert 30e6 < size < 60e6  # fp16 MiniLM
+    trained = Scorer.load(str(out)).logits(texts)[0]
+    base = Scorer.load(str(out))
+    assert base.version == res.version
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(TrainConfig().seed)
+    fresh = AutoModelForSequenceClassification.from_pretrained(default_base(), num_labels=3).eval()
+    with torch.no_grad():
+        before = fresh(**base.tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
+    assert abs(trained - before).max() > 1e-3
+
+
+def test_bad_base_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(TrainError, match=str(tmp_path / "no-such-base")):
+        train_model(tmp_path / "out", data_dir, TrainConfig(base=str(tmp_path / "no-such-base"), limit=4, max_steps=1), progress=False)
+
+
+def test_feedback_filtering_never_touches_eval_texts(data_dir: Path) -> None:
+    splits = build_splits(data_dir)
+    eval_text = splits.eval["fpb_test"][0].text
+    rows = [
+        FeedbackRow(1, "Brand new analyst sentence about margins", "negative", None),
+        FeedbackRow(2, eval_text.upper(), "positive", None),  # same text, other case: still excluded
+        FeedbackRow(3, "A tweet about the Fed", None, "macro"),
+        FeedbackRow(4, "Bad label", "bullish-ish", None),
+        FeedbackRow(5, "", "negative", None),
+    ]
+    exs, skipped = feedback_examples(rows, splits.topics, eval_texts(splits))
+    assert [(e.text, e.sentiment, e.topic) for e in exs] == [
+        ("Brand new analyst sentence about margins", 0, None),
+        ("A tweet about the Fed", None, 2),
+    ]
+    assert skipped == {"in_eval_split": 1, "unknown_label": 1, "no_text": 1}
+
+
+def test_feedback_rows_from_postgres_reach_training_not_evaluation(pg_url: str, engine, tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+    splits = build_splits(data_dir)
+    eval_text = splits.eval["tfns_dev"][0].text
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
+        doc_id = c.execute(
+            text(
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "VALUES ('wire', 'g1', 'h', 'Orion Paper cuts 300 jobs', 'Mill closes.', now(), now()) RETURNING id"
+            )
+        ).scalar_one()
+        c.execute(text("INSERT INTO feedback (document_id, text, label, created_at) VALUES (:d, NULL, 'negative', now())"), {"d": doc_id})
+        c.execute(text("INSERT INTO feedback (text, label, topic, created_at) VALUES ('Kone Lifts stock jumps', 'positive', 'Stock Movement', now())"))
+        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES (:t, 'negative', now())"), {"t": eval_text})
+    rows = load_feedback_rows(pg_url)
+    assert sorted(r.text for r in rows) == sorted(["Orion Paper cuts 300 jobs. Mill closes.", "Kone Lifts stock jumps", eval_text])
+
+    seen: list[str] = []
+    out = tmp_path / "fb"
+    res = train_model(out, data_dir, TrainConfig(base=str(tiny_base), limit=6, max_steps=2, batch_size=64, max_length=32), database_url=pg_url, progress=False, on_epoch=lambda r: seen.append("eval"))
+    meta = json.loads((out / "finsent.json").read_text())
+    assert res.feedback_used == 2
+    assert meta["data_sizes"]["feedback"] == 2 and meta["data_sizes"]["feedback_skipped"] == {"in_eval_split": 1}
+    again = build_splits(data_dir, limit=6)
+    for split in EVAL_SPLITS:
+        assert meta["data_fingerprints"][f"split:{split}"] == again.fingerprints[f"split:{split}"]
+    assert seen
+
+
+def test_cli_train_with_limit(tmp_path: Path, data_dir: Path, tiny_base: Path, pg_url: str, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.registry import list_models
+
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    out = tmp_path / "cli-model"
+    r = CliRunner().invoke(
+        app, ["train", "--out", str(out), "--base", str(tiny_base), "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2", "--epochs", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (out / "topic_head.safetensors").exists() and "registered" in r.output
+    from pipeline.store import make_engine
+
+    eng = make_engine(pg_url)
+    try:
+        [m] = list_models(eng)
+        assert m.path == str(out.resolve()) and not m.is_production
+    finally:
+        eng.dispose()
+    shutil.rmtree(out)
