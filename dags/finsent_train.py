@@ -30,6 +30,7 @@ DEFAULT_ARGS = {
         "epochs": Param(None, type=["null", "integer"], minimum=1),
         "max_steps": Param(None, type=["null", "integer"], minimum=1),
         "time_limit_s": Param(None, type=["null", "number"], minimum=1),
+        "base": Param(None, type=["null", "string"], description="model folder or hub id to fine-tune (default: MiniLM)"),
     },
     doc_md=__doc__,
 )

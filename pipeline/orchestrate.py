@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +33,7 @@ DB_CONN_ID = "finsent_db"
 SLACK_CONN_ID = secrets.SLACK_CONN_ID
 SMTP_CONN_ID = secrets.SMTP_CONN_ID
 RUN_KIND = "airflow:finsent_monitor"
+TRAIN_OUTPUT_ENV = "FINSENT_TRAIN_OUTPUT"
 
 
 class OrchestrationError(RuntimeError):
@@ -247,43 +249,62 @@ def _jsonable(value: Any) -> Any:
 
 
 def train(output_dir: str | None = None, **options: Any) -> dict[str, Any]:
-    """Fine-tune a candidate; options (limit, epochs, max_steps, time_limit_s...) come from the DAG run's params."""
+    """Fine-tune a candidate and register it; options (limit, epochs, max_steps, base...) come from the run's params."""
+    from pipeline.registry import register_trained
     from pipeline.train import TrainConfig, train_model
 
     cfg = load()
-    target = output_dir or os.environ.get("FINSENT_TRAIN_OUTPUT") or os.path.join(os.getcwd(), "models", "candidates")
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(k for k in options if k not in known)
     if unknown:
         raise OrchestrationError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
-    tc = TrainConfig(**{k: v for k, v in options.items() if v is not None})
-    version_dir = os.path.join(target, datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
+    target = Path(output_dir or os.environ.get(TRAIN_OUTPUT_ENV) or Path.cwd() / "models" / "candidates")
+    run_dir = target / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     result = train_model(
-        version_dir, cfg.data_dir, tc, database_url=cfg.database_url.get_secret_value(), device=cfg.model.device, progress=False
+        run_dir,
+        cfg.data_dir,
+        TrainConfig(**{k: v for k, v in options.items() if v is not None}),
+        database_url=cfg.database_url.get_secret_value(),
+        device=cfg.model.device,
+        progress=False,
     )
-    return _jsonable({"path": str(result.output_dir), "version": result.version, "metrics": result.metrics, "seconds": result.seconds})
+    engine = _engine(cfg)
+    try:
+        version = register_trained(engine, result.output_dir)
+    finally:
+        engine.dispose()
+    return _jsonable({"path": str(result.output_dir), "version": version, "seconds": result.seconds, "device": result.device, "limit": options.get("limit")})
 
 
 def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
+    """Score the candidate on the fixed splits; the metrics land in the registry (not for a `limit` smoke run)."""
     from pipeline.evaluate import evaluate_model
 
     cfg = load()
-    path = trained.get("path") or trained.get("output_dir") or trained.get("model_dir")
-    if not path:
-        raise OrchestrationError(f"train task returned no model path (got keys {sorted(trained)})")
-    return _jsonable(evaluate_model(cfg, str(path)))
+    engine = _engine(cfg)
+    try:
+        report = evaluate_model(trained["path"], cfg.data_dir, engine=engine, baselines=False, limit=trained.get("limit"), command="finsent_train.evaluate")
+    finally:
+        engine.dispose()
+    model = report.results["model"]
+    return {
+        "version": report.version,
+        "metrics": {split: {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "n": r.n} for split, r in model.items()},
+        "targets": _jsonable(report.targets),
+        "notes": list(report.notes),
+    }
 
 
 def promote(trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
+    """Promote through the registry's gate: only a candidate no worse anywhere and better on the primary split."""
     from pipeline.registry import promote_if_better
 
+    if evaluated["version"] != trained["version"]:
+        raise OrchestrationError(f"evaluated {evaluated['version']} but trained {trained['version']}")
     cfg = load()
     engine = _engine(cfg)
-    version = trained.get("version") or evaluated.get("version")
-    if not version:
-        raise OrchestrationError("neither the train nor the evaluate task returned a model version")
     try:
-        return _jsonable(promote_if_better(engine, str(version), metrics=evaluated.get("metrics", evaluated)))
+        return _jsonable(promote_if_better(engine, trained["version"]).as_dict())
     finally:
         engine.dispose()
 

@@ -386,3 +386,20 @@ def test_dashboard_views_agree_with_stored_scores(engine):
     assert last.bucket_start == end - timedelta(hours=1) and last.neg_share == pytest.approx(last.neg_count / last.total_count)
     baseline = sum(r.neg_count for r in rows[:-1]) / sum(r.total_count for r in rows[:-1])
     assert last.neg_share > 0.4 > 0.2 > baseline
+
+
+def test_train_dag_trains_evaluates_and_promotes_through_the_gate(airflow_db, tmp_path, pg_url, engine, tiny_model_dir, monkeypatch):
+    """finsent_train with a tiny base and two steps: a registered candidate with its fixed-split metrics in
+    the registry, promoted by the registry's gate (here because no production model exists yet)."""
+    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "t.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("FINSENT_TRAIN_OUTPUT", str(tmp_path / "candidates"))
+    dag = fresh_dag("finsent_train")
+    conf = {"base": str(tiny_model_dir), "max_steps": 2, "epochs": 1}
+    assert dag.test(logical_date=datetime(2026, 3, 1, 3, 0, tzinfo=UTC), run_conf=conf).state == "success"
+    with engine.connect() as c:
+        rows = c.execute(select(s.ModelVersion.id, s.ModelVersion.path, s.ModelVersion.is_production, s.ModelVersion.metrics)).all()
+    assert len(rows) == 1 and rows[0].is_production
+    assert Path(rows[0].path).is_relative_to(tmp_path / "candidates") and (Path(rows[0].path) / "config.json").is_file()
+    assert set(rows[0].metrics["eval"]) >= {"fpb_test", "tfns_dev"}
+    assert rows[0].metrics["promotion_decision"]["reasons"] == ["no production model yet"]
