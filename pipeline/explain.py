@@ -1,7 +1,8 @@
 """Evidence for a label: which words pushed a text to its predicted sentiment.
 
-Occlusion over words: drop one word at a time and measure how much the probability of the predicted
-label falls. Whole words (not word pieces) are removed, so the evidence reads as words; one batched
+Occlusion over words: drop one word at a time and measure how much the log-probability of the
+predicted label falls (log-probability, not probability, so a confident model still shows which words
+carry the decision). Whole words (not word pieces) are removed, so the evidence reads as words; one batched
 forward pass of n+1 texts, cheap enough for alert messages.
 """
 
@@ -16,7 +17,7 @@ MAX_WORDS = 96
 
 
 def explain_text(scorer: Any, text: str, top_k: int = 5) -> list[tuple[str, float]]:
-    """Up to top_k (word, contribution) pairs, largest first; contribution = drop in P(label) without the word.
+    """Up to top_k (word, contribution) pairs, largest first; contribution = drop in log P(label) without the word.
 
     Only words that support the label (contribution > 0) are returned, so an empty list means no single
     word mattered.
@@ -30,13 +31,13 @@ def explain_text(scorer: Any, text: str, top_k: int = 5) -> list[tuple[str, floa
     logits, _ = scorer.logits(variants)
     z = logits / float(getattr(scorer, "temperature", 1.0) or 1.0)
     z = z - z.max(1, keepdims=True)
-    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    label = int(probs[0].argmax())
-    drops = probs[0, label] - probs[1:, label]
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    label = int(logp[0].argmax())
+    drops = logp[0, label] - logp[1:, label]
     best: dict[str, float] = {}
     for w, d in zip(words, drops):
-        key = w.strip(_STRIP) or w
-        if d > 0 and d > best.get(key, 0.0):
+        key = w.strip(_STRIP)
+        if key and d > 0 and d > best.get(key, 0.0):
             best[key] = float(d)
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
 

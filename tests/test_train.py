@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,14 +77,36 @@ def make_tiny_base(root: Path) -> Path:
     return out
 
 
+_BUILT: dict[str, Path] = {}  # other test modules import these fixtures; build each once per session
+
+
+@contextmanager
+def single_thread():
+    """Tiny models on a shared 2-core box run several times faster on one thread than fighting for two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _once(key: str, build) -> Path:
+    if key not in _BUILT:
+        _BUILT[key] = build()
+    return _BUILT[key]
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    return make_data_dir(tmp_path_factory.mktemp("finsent-data"))
+    return _once("data", lambda: make_data_dir(tmp_path_factory.mktemp("finsent-data")))
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    return make_tiny_base(tmp_path_factory.mktemp("finsent-base"))
+    return _once("base", lambda: make_tiny_base(tmp_path_factory.mktemp("finsent-base")))
 
 
 TINY = dict(epochs=30, batch_size=16, lr=1e-2, head_lr=1e-2, max_length=32, patience=100, fpb_repeat=1, warmup_frac=0.0)
@@ -91,20 +114,19 @@ TINY = dict(epochs=30, batch_size=16, lr=1e-2, head_lr=1e-2, max_length=32, pati
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """Tiny models on a shared 2-core box run several times faster on one thread than fighting for two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, data_dir: Path, tiny_base: Path) -> Path:
-    out = tmp_path_factory.mktemp("finsent-model") / "m"
-    train_model(out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False)
-    return out
+    def build() -> Path:
+        out = tmp_path_factory.mktemp("finsent-model") / "m"
+        with single_thread():
+            train_model(out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False)
+        return out
+
+    return _once("model", build)
 
 
 def test_splits_fixed_across_runs_and_file_order(tmp_path: Path, data_dir: Path) -> None:

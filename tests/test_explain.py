@@ -1,0 +1,74 @@
+"""Explanations: occlusion finds the words that carry the label."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from pipeline.explain import explain_text
+from pipeline.score import Scorer
+from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
+
+
+class KeywordScorer:
+    """Negative logit grows with 'plunged' (strongly) and 'losses' (weakly): a known ground truth."""
+
+    temperature = 1.0
+
+    def logits(self, texts):
+        rows = []
+        for t in texts:
+            w = t.lower().split()
+            rows.append([3.0 * ("plunged" in w) + 1.0 * ("losses," in w or "losses" in w), 1.0, 0.0])
+        return np.array(rows, dtype=np.float32), None
+
+
+def test_occlusion_ranks_the_decisive_word_first() -> None:
+    ev = explain_text(KeywordScorer(), "Shares plunged after heavy losses, traders said", top_k=3)
+    assert [w for w, _ in ev] == ["plunged", "losses"]
+    assert ev[0][1] > ev[1][1] > 0
+
+
+def test_no_supporting_word_and_empty_text() -> None:
+    assert explain_text(KeywordScorer(), "The meeting is in Espoo") == []
+    assert explain_text(KeywordScorer(), "   ") == []
+
+
+def test_bundled_model_evidence_names_the_sentiment_word() -> None:
+    from pipeline.config import DEFAULT_MODEL_DIR
+
+    s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    neg = explain_text(s, "Shares of Acme plunged after the company issued a profit warning for 2026.", top_k=2)
+    pos = explain_text(s, "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn a year earlier.", top_k=2)
+    assert len(neg) == 2 and all(isinstance(w, str) and wt > 0 for w, wt in neg)
+    assert neg[0][0] == "plunged" and pos[0][0] == "rose"
+
+
+def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
+        doc = c.execute(
+            text(
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "VALUES ('wire', 'e1', 'h', 'Acme said operating loss widened badly in quarter 2 .', '', now(), now()) RETURNING id"
+            )
+        ).scalar_one()
+    run = CliRunner().invoke
+    r = run(app, ["explain", str(doc), "--model", str(tiny_model)])
+    assert r.exit_code == 0, r.output
+    assert "negative" in r.output and "+0." in r.output
+    r = run(app, ["label", str(doc), "Negative", "--author", "ana"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["label", str(doc), "bullish"])
+    assert r.exit_code == 2 and "expected one of" in r.output
+    r = run(app, ["label", "999999", "neutral"])
+    assert r.exit_code == 2 and "no document with id 999999" in r.output
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT document_id, text, label, author FROM feedback")).all()
+    assert [tuple(r) for r in rows] == [(doc, None, "negative", "ana")]
