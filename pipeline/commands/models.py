@@ -108,6 +108,7 @@ def train(
 
 
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model-evaluation.md/.json.")] = Path("docs"),
@@ -123,7 +124,7 @@ def evaluate(
 
     cfg = config_or_exit(config)
     engine = None if no_db else _engine(cfg)
-    command = " ".join(shlex.quote(a) for a in ["finsent", *sys.argv[1:]])
+    command = _command_line(ctx, model)
     try:
         rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
     except ModelLoadError as e:
@@ -145,6 +146,20 @@ def evaluate(
         if engine is None:
             raise fail("--promote needs the database (drop --no-db)")
         _print_decision(_gate(engine, rep.version))
+
+
+def _command_line(ctx: typer.Context, model: str) -> str:
+    """The invocation as a user would retype it (CliRunner and wrappers leave sys.argv unrelated)."""
+    parts = ["finsent", ctx.info_name or "evaluate", model]
+    for p in ctx.command.params:
+        if p.name == "model" or getattr(p, "param_type_name", "") != "option":
+            continue
+        value = ctx.params.get(p.name)
+        if value == p.default or value is None:
+            continue
+        flag = p.opts[0] if value is not False or not p.secondary_opts else p.secondary_opts[0]
+        parts += [flag] if isinstance(value, bool) else [flag, str(value)]
+    return " ".join(shlex.quote(x) for x in parts)
 
 
 def _gate(engine, version: str, tolerance: float = 0.0):

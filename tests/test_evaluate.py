@@ -1,0 +1,94 @@
+"""Evaluation: metrics, baselines on the same splits, targets, report files, registry records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from pipeline.data import EVAL_SPLITS, build_splits
+from pipeline.evaluate import evaluate_model, expected_calibration_error, split_result, write_report
+from pipeline.lexicon import lm_label, vader_label
+from pipeline.registry import list_models, promote_if_better
+from pipeline.score import ModelLoadError
+from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
+
+
+def test_ece_known_values() -> None:
+    assert expected_calibration_error([[0.9, 0.1], [0.9, 0.1]], [0, 0]) == pytest.approx(0.1)
+    assert expected_calibration_error([[0.6, 0.4]] * 5, [0, 0, 0, 1, 1]) == pytest.approx(0.0)
+    assert expected_calibration_error([[1.0, 0.0]] * 4, [1, 1, 1, 1]) == pytest.approx(1.0)
+
+
+def test_split_result_metrics_and_temperature() -> None:
+    logits = np.array([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0], [4.0, 0, 0]])
+    r = split_result([0, 1, 2, 1], [0, 1, 2, 0], ["negative", "neutral", "positive"], temperature=2.0, logits=logits)
+    assert r.accuracy == 0.75 and r.confusion == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert r.per_class["neutral"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert r.ece_calibrated < r.ece  # softer probabilities fit a 75%-accurate model better
+
+
+def test_lexicon_baselines() -> None:
+    assert lm_label("Operating profit rose and sales increased") == "positive"
+    assert lm_label("The company reported a loss and a decline in sales") == "negative"
+    assert lm_label("The results did not improve") == "negative"  # negated positive
+    assert lm_label("The company is based in Espoo") == "neutral"
+    assert vader_label("This is a great, wonderful result") == "positive"
+
+
+def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    rep = evaluate_model(tiny_model, data_dir, command="finsent evaluate X")
+    splits = build_splits(data_dir, seed=rep.split_seed)
+    assert set(rep.results) == {"model", "vader", "lm_dictionary", "tfidf_logreg"}
+    for split in EVAL_SPLITS:
+        assert rep.results["model"][split].n == len(splits.eval[split]) == rep.split_sizes[split]
+        assert rep.results["tfidf_logreg"][split].n == len(splits.eval[split])
+    assert "topic_dev" not in rep.results["vader"]
+    assert rep.results["model"]["fpb_test"].accuracy >= 0.8
+    assert rep.results["model"]["fpb_test"].ece_calibrated is not None
+    by = {(t["split"], t["metric"]): t for t in rep.targets}
+    assert by[("fpb_test", "accuracy")]["met"] == (rep.results["model"]["fpb_test"].accuracy >= 0.86)
+    assert rep.baselines_beaten["vader"]["fpb_test"] is True
+    md, js = write_report(rep, tmp_path / "docs")
+    body = md.read_text()
+    assert "finsent evaluate X" in body and "| tfidf_logreg |" in body and "## Targets" in body
+    data = json.loads(js.read_text())
+    assert data["command"] == "finsent evaluate X" and data["results"]["model"]["fpb_test"]["confusion"]
+
+
+def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_url: str, engine, tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    with engine.begin() as c:  # feedback must change no eval split
+        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES ('Totally new sentence about margins', 'negative', now())"))
+    before = build_splits(data_dir).fingerprints
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    out = tmp_path / "docs"
+    r = CliRunner().invoke(app, ["evaluate", str(tiny_model), "--data-dir", str(data_dir), "--out", str(out), "--promote", "--no-baselines"])
+    assert r.exit_code == 0, r.output
+    assert "targets met" in r.output and "PROMOTED" in r.output
+    [m] = list_models(engine)
+    assert m.is_production and m.primary is not None
+    rep = json.loads((out / "model-evaluation.json").read_text())
+    assert {k: v for k, v in rep["fingerprints"].items() if k.startswith("split:")} == {k: v for k, v in before.items() if k.startswith("split:")}
+    assert "finsent evaluate" in rep["command"]
+    # a second version is compared against production in the same run; equal numbers are no promotion
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_model, twin)
+    meta = json.loads((twin / "finsent.json").read_text())
+    (twin / "finsent.json").write_text(json.dumps({**meta, "version": "twin-v2"}))
+    rep2 = evaluate_model(twin, data_dir, engine=engine, baselines=False)
+    prod = rep2.results[f"production ({m.id})"]
+    assert prod["fpb_test"].accuracy == rep2.results["model"]["fpb_test"].accuracy
+    d = promote_if_better(engine, "twin-v2")
+    assert not d.promoted and d.incumbent == m.id
+
+
+def test_evaluate_missing_model_is_clear(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match=str(tmp_path / "absent")):
+        evaluate_model(tmp_path / "absent", data_dir, baselines=False)
