@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, select, text, update
+from sqlalchemy import Engine, delete, text, update
 
 from pipeline import store
 from pipeline.store import schema as s
@@ -126,9 +126,3 @@ def run_maintenance(engine: Engine, now: datetime | None = None, days: int | Non
         log.warning("maintenance hint: %s", h)
     log.info("retention %d days (cutoff %s): %d bodies cleared, %d fetch logs and %d attempts deleted", days, cutoff, cleared, fetches, attempts)
     return MaintenanceReport(days, cutoff, cleared, fetches, attempts, refreshed, analyzed, hints)
-
-
-def oldest_body(engine: Engine) -> datetime | None:
-    """When the oldest document that still has its body was fetched (for checks and the dashboard)."""
-    with store.session_scope(engine) as session:
-        return session.scalar(select(s.Document.fetched_at).where(s.Document.summary != "").order_by(s.Document.fetched_at).limit(1))

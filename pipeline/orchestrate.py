@@ -348,10 +348,10 @@ def _secrets(cfg: FinsentConfig | None) -> list[str]:
     return sorted(set(values), key=len, reverse=True)
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
+def redact(text: str, values: Iterable[str]) -> str:
+    for v in values:
+        if v and len(v) >= 4:
+            text = text.replace(v, "***")
     return text
 
 
@@ -396,7 +396,9 @@ def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
                     continue
                 from slack_sdk.webhook import WebhookClient
 
-                resp = WebhookClient(url, timeout=int(sink.timeout_s)).send(text=f"*{subject}*\n```{body}```")
+                quiet = logging.getLogger(f"{__name__}.slack_sdk")  # slack_sdk logs request URLs at DEBUG
+                quiet.setLevel(logging.WARNING)
+                resp = WebhookClient(url, timeout=max(1, round(sink.timeout_s)), logger=quiet).send(text=f"*{subject}*\n```{body}```")
                 if resp.status_code != 200:
                     log.error("sink %s: webhook answered HTTP %s", sink.name, resp.status_code)
                     continue

@@ -403,3 +403,34 @@ def test_train_dag_trains_evaluates_and_promotes_through_the_gate(airflow_db, tm
     assert Path(rows[0].path).is_relative_to(tmp_path / "candidates") and (Path(rows[0].path) / "config.json").is_file()
     assert set(rows[0].metrics["eval"]) >= {"fpb_test", "tfns_dev"}
     assert rows[0].metrics["promotion_decision"]["reasons"] == ["no production model yet"]
+
+
+def test_bad_task_inputs_fail_with_errors_that_name_them(tmp_path, monkeypatch):
+    from pipeline import orchestrate
+    from pipeline.config import ConfigError
+    from pipeline.maintenance import MaintenanceError, retention_days
+
+    monkeypatch.delenv("FINSENT_CONFIG", raising=False)
+    monkeypatch.delenv("AIRFLOW_VAR_FINSENT_CONFIG_PATH", raising=False)
+    with pytest.raises(orchestrate.OrchestrationError, match="finsent_config_path.*FINSENT_CONFIG"):
+        orchestrate.load()
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("sources:\n  - name: wire\n    url: http://127.0.0.1/x.xml\n    timeout: 5\n")
+    monkeypatch.setenv("FINSENT_CONFIG", str(bad))
+    with pytest.raises(ConfigError, match=r"typo\.yaml[\s\S]*sources\.0\.timeout: unknown key"):
+        orchestrate.source_names()
+    with pytest.raises(MaintenanceError, match="FINSENT_RETENTION_DAYS='ninety'"):
+        retention_days({"FINSENT_RETENTION_DAYS": "ninety"})
+    assert retention_days({}) == 90 and retention_days({"FINSENT_RETENTION_DAYS": "7"}) == 7
+
+
+def test_finsent_db_connection_becomes_a_sqlalchemy_url():
+    from airflow.sdk import Connection
+    from sqlalchemy.engine import make_url
+
+    from pipeline import orchestrate
+
+    conn = Connection(conn_id="finsent_db", conn_type="postgres", host="db.internal", port=5433, login="finsent", password="p@ss/w:rd", schema="finsent", extra=json.dumps({"options": "-csearch_path=prod", "sslmode": "require", "other": "x"}))
+    url = make_url(orchestrate.connection_url(conn))
+    assert (url.drivername, url.host, url.port, url.username, url.password, url.database) == ("postgresql+psycopg", "db.internal", 5433, "finsent", "p@ss/w:rd", "finsent")
+    assert dict(url.query) == {"options": "-csearch_path=prod", "sslmode": "require"}
