@@ -365,19 +365,7 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
 
-    sent_val = [ex for name in ("fpb_val", "tfns_val") for ex in splits.val.get(name, [])]
-    s_logits, _ = predict_logits(model, tokenizer, sent_val, cfg.max_length, dev) if sent_val else (np.zeros((0, 3)), None)
-    temperature = fit_temperature(s_logits, [ex.sentiment for ex in sent_val])
-    topic_val = splits.val.get("topic_val", [])
-    _, t_logits = predict_logits(model, tokenizer, topic_val, cfg.max_length, dev) if topic_val else (None, np.zeros((0, 1)))
-    topic_temperature = fit_temperature(t_logits, [ex.topic for ex in topic_val])
-
-    out.mkdir(parents=True, exist_ok=True)
-    model.seq.to("cpu", dtype=torch.float16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    head = model.topic_head.to("cpu", dtype=torch.float16)
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(out / "topic_head.safetensors"))
-    version = _version_id(cfg.name, out)
+    version, temperature, topic_temperature = _calibrate_and_save(model, tokenizer, splits, out, cfg.max_length, dev, cfg.name)
     seconds = time.monotonic() - t0
     meta = {
         "version": version,
@@ -404,6 +392,100 @@ def train_model(
     (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, best_metrics)
     return TrainResult(out, version, best_metrics, temperature, topic_temperature, history, seconds, _device_name(dev), len(feedback))
+
+
+def _calibrate_and_save(model, tokenizer, splits: Splits, out: Path, max_length: int, dev: str, name: str) -> tuple[str, float, float]:
+    """Fit temperatures on the validation splits, then write the fp16 folder; returns (version, T, topic T)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    sent_val = [ex for name_ in ("fpb_val", "tfns_val") for ex in splits.val.get(name_, [])]
+    s_logits, _ = predict_logits(model, tokenizer, sent_val, max_length, dev) if sent_val else (np.zeros((0, 3)), None)
+    temperature = fit_temperature(s_logits, [ex.sentiment for ex in sent_val])
+    topic_val = splits.val.get("topic_val", [])
+    _, t_logits = predict_logits(model, tokenizer, topic_val, max_length, dev) if topic_val else (None, np.zeros((0, 1)))
+    topic_temperature = fit_temperature(t_logits, [ex.topic for ex in topic_val])
+    out.mkdir(parents=True, exist_ok=True)
+    model.seq.to("cpu", dtype=torch.float16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    head = model.topic_head.to("cpu", dtype=torch.float16)
+    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(out / "topic_head.safetensors"))
+    return _version_id(name, out), temperature, topic_temperature
+
+
+def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: str | Path | None = None, *, device: str | None = None, name: str = "finsent-minilm-soup") -> TrainResult:
+    """Greedy "model soup" (Wortsman et al. 2022): average the weights of runs fine-tuned from the same base,
+    adding each run (best validation score first) only if the average scores better on validation.
+    One model's size and speed, usually an ensemble's accuracy; test splits play no part."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    t0 = time.monotonic()
+    metas = [json.loads((Path(p) / "finsent.json").read_text()) for p in paths]
+    if len({m["split_seed"] for m in metas}) != 1 or len({tuple(m["topics"]) for m in metas}) != 1:
+        raise TrainError("soup needs models trained on the same splits and topics")
+    splits = build_splits(data_dir, seed=metas[0]["split_seed"])
+    max_length = metas[0]["hyperparameters"].get("max_length", 128)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    states = [
+        ({k: v.float() for k, v in load_file(str(Path(p) / "model.safetensors")).items()},
+         {k: v.float() for k, v in load_file(str(Path(p) / "topic_head.safetensors")).items()})
+        for p in paths
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(str(paths[0]))
+    seq = AutoModelForSequenceClassification.from_pretrained(str(paths[0]), dtype=torch.float32)
+    model = JointModel(seq, len(splits.topics), 0.0).to(dev)
+
+    def load(members: list[int]) -> None:
+        avg_seq = {k: sum(states[i][0][k] for i in members) / len(members) for k in states[members[0]][0]}
+        avg_head = {k: sum(states[i][1][k] for i in members) / len(members) for k in states[members[0]][1]}
+        model.seq.load_state_dict(avg_seq)
+        model.topic_head.load_state_dict(avg_head)
+        model.to(dev)
+
+    def evaluate() -> tuple[float, dict]:
+        cfg = TrainConfig(max_length=max_length)
+        metrics = {k: _split_metrics(model, tokenizer, k, exs, cfg, dev, len(splits.topics))[0] for k, exs in splits.val.items() if exs}
+        return _val_score(metrics), metrics
+
+    scored = []
+    for i in range(len(paths)):
+        load([i])
+        scored.append((evaluate()[0], i))
+    order = [i for _, i in sorted(scored, reverse=True)]
+    soup = [order[0]]
+    load(soup)
+    best, best_metrics = evaluate()
+    trail = [{"members": [str(paths[i]) for i in soup], "val_score": best}]
+    for i in order[1:]:
+        load(soup + [i])
+        score, metrics = evaluate()
+        trail.append({"members": [str(paths[j]) for j in soup + [i]], "val_score": score})
+        if score >= best:
+            soup, best, best_metrics = soup + [i], score, metrics
+    load(soup)
+    out = Path(output_dir)
+    version, temperature, topic_temperature = _calibrate_and_save(model, tokenizer, splits, out, max_length, dev, name)
+    seconds = time.monotonic() - t0
+    first = metas[soup[0]]
+    meta = {
+        **{k: first[k] for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes") if k in first},
+        "version": version,
+        "temperature": temperature,
+        "topic_temperature": topic_temperature,
+        "hyperparameters": {**first["hyperparameters"], "name": name, "soup_of": [metas[i]["version"] for i in soup]},
+        "metrics": {"val": best_metrics},
+        "soup": {"members": [metas[i]["version"] for i in soup], "candidates": [m["version"] for m in metas],
+                 "single_val_scores": {metas[i]["version"]: sc for sc, i in scored}, "trail": trail,
+                 "member_hyperparameters": [metas[i]["hyperparameters"] for i in soup], "member_training": [metas[i].get("training") for i in soup]},
+        "training": {"seconds": round(seconds, 1), "device": _device_name(dev), "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "torch": torch.__version__, "command": _command_line()},
+    }
+    (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("soup %s of %d/%d runs: val %.4f", version, len(soup), len(paths), best)
+    return TrainResult(out, version, best_metrics, temperature, topic_temperature, trail, seconds, _device_name(dev), 0)
 
 
 def _command_line() -> str:
@@ -447,6 +529,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["soup"]:
+        p = argparse.ArgumentParser(prog="python -m pipeline.train soup", description="greedy weight-average of finsent runs")
+        p.add_argument("output_dir")
+        p.add_argument("models", nargs="+")
+        p.add_argument("--data-dir", default=None)
+        a = p.parse_args(argv[1:])
+        res = soup_models(a.models, a.output_dir, a.data_dir)
+        print(json.dumps({"version": res.version, "val": res.metrics, "temperature": res.temperature, "seconds": round(res.seconds, 1)}, indent=2))
+        return
     a = _parse_args(argv)
     fields = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__}
     res = train_model(a.output_dir, a.data_dir, TrainConfig(**fields), database_url=a.database_url, progress=not a.no_progress)
