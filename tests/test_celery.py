@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +35,6 @@ from tests.airflow_support import (  # noqa: F401  (fixtures)
 )
 from tests.feedserver import feed_server  # noqa: F401
 
-import pytest
 from sqlalchemy import create_engine, text
 
 from tests.test_dags import _snapshot
@@ -113,17 +113,6 @@ class Stack:
                 proc.wait(timeout=10)
 
 
-@pytest.fixture
-def meta_db_url() -> str:
-    """A fresh Airflow metadata database on the Postgres here, shared by every process of the stack."""
-    admin = create_engine(PG_ADMIN.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"DROP DATABASE IF EXISTS {META_DB} WITH (FORCE)"))
-        c.execute(text(f"CREATE DATABASE {META_DB}"))
-    admin.dispose()
-    return PG_ADMIN.rsplit("/", 1)[0] + f"/{META_DB}"
-
-
 def _tis(meta_url: str, run_id: str) -> list:
     eng = create_engine(meta_url)
     with eng.connect() as c:
@@ -149,24 +138,28 @@ def _celery_compatible() -> str | None:
     return None
 
 
-def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, meta_db_url, pg_url, feed_server, tiny_model_dir, monkeypatch):  # noqa: F811
+def reset_meta_db() -> str:
+    """Drop and recreate the shared Airflow metadata database; returns its URL."""
+    admin = create_engine(PG_ADMIN.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"DROP DATABASE IF EXISTS {META_DB} WITH (FORCE)"))
+        c.execute(text(f"CREATE DATABASE {META_DB}"))
+    admin.dispose()
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{META_DB}"
+
+
+@contextmanager
+def celery_stack(home: Path, meta_db_url: str, app_env: dict[str, str], default_concurrency: int = 2) -> Iterator[CeleryStack]:
+    """Migrated metadata DB, serialized DAGs, the gpu pool, an api-server and two Celery workers
+    (`default` and `gpu`), all sharing `meta_db_url` and the Redis broker; stopped on exit."""
     import redis
 
     assert _redis_ok(), "needs Redis on 127.0.0.1:6379 (.ci/run starts it)"
     problem = _celery_compatible()
     assert problem is None, problem
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
-    end = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
-    feed_server.put("wire.xml", rss("wire", window_items("wire", end - timedelta(minutes=15), 6)))
-    feed_server.put("social.xml", rss("social", window_items("social", end - timedelta(minutes=12), 5)))
-    cfg = write_config(tmp_path / "finsent.yaml", {"wire": feed_server.url("wire.xml"), "social": feed_server.url("social.xml")})
-
-    pg_celery = pg_url
-    home = Path(tempfile.mkdtemp(prefix="finsent-celery-"))
     api_port = _free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))
-    } | {
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))} | {
         "AIRFLOW_HOME": str(home),
         "PYTHONPATH": str(ROOT),
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -177,7 +170,6 @@ def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, meta_d
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": meta_db_url.replace("postgresql+psycopg://", "postgresql+psycopg_async://"),
         "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta_db_url,
-        "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -186,59 +178,79 @@ def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, meta_d
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         # each worker runs in its own directory; recording that as the TI's hostname tells them apart
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "os.getcwd",
-        "FINSENT_CONFIG": str(cfg),
-        "DATABASE_URL": pg_celery,
-        "FINSENT_MODEL": str(tiny_model_dir),
-    }
-    airflow = str(Path(sys.executable).parent / "airflow")
-    stack = Stack(home, env)
-    t0 = time.monotonic()
+    } | app_env
+    stack = CeleryStack(home, env)
     try:
-        mig = subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
-        assert mig.returncode == 0, mig.stdout[-3000:] + mig.stderr[-3000:]
-        ser = subprocess.run([airflow, "dags", "reserialize"], env=env, capture_output=True, text=True, timeout=120)
-        assert ser.returncode == 0, ser.stdout[-3000:] + ser.stderr[-3000:]
-        pool = subprocess.run([airflow, "pools", "set", "gpu", "1", "one slot per GPU"], env=env, capture_output=True, text=True, timeout=120)
-        assert pool.returncode == 0, pool.stderr[-3000:]
-        booted = time.monotonic() - t0
-
-        api, api_log = stack.start("api-server", [airflow, "api-server", "--port", str(api_port)])
-        dirs = {}
-        for queue in ("default", "gpu"):
-            dirs[queue] = home / f"worker-{queue}"
-            dirs[queue].mkdir()
+        t0 = time.monotonic()
+        for args in (["db", "migrate"], ["dags", "reserialize"], ["pools", "set", "gpu", "1", "one slot per GPU"]):
+            done = subprocess.run([stack.airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"airflow {' '.join(args)}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+        stack.setup_seconds = time.monotonic() - t0
+        api, api_log = stack.start("api-server", [stack.airflow, "api-server", "--port", str(api_port)])
+        for queue, concurrency in (("default", default_concurrency), ("gpu", 1)):
+            stack.dirs[queue] = home / f"worker-{queue}"
+            stack.dirs[queue].mkdir()
             stack.start(
                 f"worker-{queue}",
-                [airflow, "celery", "worker", "--queues", queue, "--concurrency", "2" if queue == "default" else "1",
+                [stack.airflow, "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
                  "--celery-hostname", f"{queue}@%h", "--skip-serve-logs", "--without-gossip", "--without-mingle"],
-                cwd=dirs[queue],
+                cwd=stack.dirs[queue],
             )
         _wait_http(f"http://127.0.0.1:{api_port}/api/v2/version", api, api_log, BOOT_TIMEOUT)
         for name, proc, log in stack.procs:
             if name.startswith("worker-"):
                 _wait_worker(log, proc, BOOT_TIMEOUT)
-        started = time.monotonic()
-
-        run = subprocess.run(
-            [airflow, "dags", "test", "finsent_monitor", end.isoformat(), "--use-executor"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400,
-        )
-        ran = time.monotonic() - started
-        assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+        yield stack
     finally:
         stack.stop()
-        logs = {name: log.read_text(errors="replace")[-3000:] for name, _, log in stack.procs}
 
-    meta = create_engine(meta_db_url)
-    with meta.connect() as c:
-        run_row = c.execute(text("SELECT run_id, state FROM dag_run WHERE dag_id = 'finsent_monitor'")).one()
-    meta.dispose()
-    assert run_row.state == "success", logs
-    tis = _tis(meta_db_url, run_row.run_id)
+
+class CeleryStack(Stack):
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        super().__init__(workdir, env)
+        self.airflow = str(Path(sys.executable).parent / "airflow")
+        self.dirs: dict[str, Path] = {}
+        self.setup_seconds = 0.0
+
+    def run_monitor(self, logical_date: datetime) -> tuple[str, float]:
+        """One finsent_monitor run, its tasks shipped through Celery; returns (run_id, seconds)."""
+        started = time.monotonic()
+        done = subprocess.run(
+            [self.airflow, "dags", "test", "finsent_monitor", logical_date.isoformat(), "--use-executor"],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=400,
+        )
+        seconds = time.monotonic() - started
+        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+        meta = create_engine(self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+        with meta.connect() as c:
+            row = c.execute(
+                text("SELECT run_id, state FROM dag_run WHERE dag_id = 'finsent_monitor' AND logical_date = :d"), {"d": logical_date}
+            ).one()
+        meta.dispose()
+        assert row.state == "success", self.logs()
+        return row.run_id, seconds
+
+    def logs(self) -> dict[str, str]:
+        return {name: log.read_text(errors="replace")[-3000:] for name, _, log in self.procs}
+
+
+def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, pg_url, feed_server, tiny_model_dir, monkeypatch):  # noqa: F811
+    end = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+    feed_server.put("wire.xml", rss("wire", window_items("wire", end - timedelta(minutes=15), 6)))
+    feed_server.put("social.xml", rss("social", window_items("social", end - timedelta(minutes=12), 5)))
+    cfg = write_config(tmp_path / "finsent.yaml", {"wire": feed_server.url("wire.xml"), "social": feed_server.url("social.xml")})
+    meta_db_url = reset_meta_db()
+    home = Path(tempfile.mkdtemp(prefix="finsent-celery-"))
+    app_env = {"FINSENT_CONFIG": str(cfg), "DATABASE_URL": pg_url, "FINSENT_MODEL": str(tiny_model_dir)}
+    with celery_stack(home, meta_db_url, app_env) as stack:
+        run_id, ran = stack.run_monitor(end)
+        dirs = dict(stack.dirs)
+
+    tis = _tis(meta_db_url, run_id)
     by_task: dict[str, list] = {}
     for ti in tis:
         by_task.setdefault(ti.task_id, []).append(ti)
-    assert {t for t in by_task} == {"sources", "start_run", "ingest", "score", "detect", "notify", "finish"}
+    assert set(by_task) == {"sources", "start_run", "ingest", "score", "detect", "notify", "finish"}
     assert all(ti.state == "success" for ti in tis), [(t.task_id, t.map_index, t.state) for t in tis]
     assert sorted(ti.map_index for ti in by_task["ingest"]) == [0, 1]  # one mapped instance per source
     assert [(ti.queue, ti.pool) for ti in by_task["score"]] == [("gpu", "gpu")]
@@ -247,7 +259,7 @@ def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, meta_d
         if ti.task_id != "score":
             assert ti.queue == "default" and ti.hostname == str(dirs["default"]), (ti.task_id, ti.queue, ti.hostname)
 
-    celery_engine = create_engine(pg_celery)
+    celery_engine = create_engine(pg_url)
     on_celery = _snapshot(celery_engine)
     celery_engine.dispose()
     assert len(on_celery["documents"]) == 11 and len(on_celery["scores"]) == 11
@@ -263,7 +275,7 @@ def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, meta_d
         local_engine.dispose()
     assert _rounded(on_celery) == _rounded(in_process)
     shutil.rmtree(home, ignore_errors=True)
-    print(f"celery stack: metadata DB setup {booted:.1f} s, DAG run {ran:.1f} s")
+    print(f"celery stack: metadata DB setup {stack.setup_seconds:.1f} s, DAG run {ran:.1f} s")
     for ti in tis:
         print(f"  {ti.task_id}[{ti.map_index}] queue={ti.queue} {ti.seconds:.1f} s")
 
