@@ -242,7 +242,9 @@ def evaluate_model(
     notes = []
     if baselines:
         results.update(score_baselines(splits))
-    if engine is not None:
+    if engine is None:
+        notes.append("registry not consulted (--no-db): no production-model comparison, metrics not recorded")
+    else:
         from pipeline.registry import record_evaluation
         from pipeline.store import production_model, session_scope
 
