@@ -11,7 +11,6 @@ This module imports neither pydantic nor SQLAlchemy at import time, so it also r
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
