@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select as io_select
 import signal
 import subprocess
 import sys
@@ -278,7 +279,7 @@ orchestrate.score()
 """
 
 
-def test_killed_score_task_and_reruns_leave_no_duplicates(pg_url, engine, monitor_env):
+def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engine, monitor_env):
     """SIGKILL the score task after its first committed chunk, then let the DAG run (the retry) finish,
     then run the same window again: every document scored once, one alert, one message per sink."""
     from pipeline.cycle import window_end
@@ -294,15 +295,21 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(pg_url, engine, monito
 
     for name in ("wire", "social"):
         assert orchestrate.ingest(name)["status"] == "ok"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_log = (tmp_path / "score-task.err").open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=err_log, text=True)
     try:
-        line = proc.stdout.readline()
-        assert "IN_SECOND_CHUNK" in line, proc.stderr.read()[-3000:] if proc.poll() is not None else line
+        ready, _, _ = io_select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if "IN_SECOND_CHUNK" not in line:
+            err_log.seek(0)
+            pytest.fail(f"score task did not reach its second chunk: {line!r}\n{err_log.read()[-3000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+        err_log.close()
+    assert proc.returncode == -signal.SIGKILL
     with engine.connect() as c:
         partial = c.scalar(select(func.count()).select_from(s.Score).join(s.Document).where(s.Document.source_name != "seed"))
     assert partial == 4, "the first chunk (chunk_size=4) should be committed before the kill"
