@@ -127,6 +127,18 @@ class JointModel:
         return _Joint()
 
 
+def joint_loss(s_logits, t_logits, ys, yt, topic_weight: float):
+    """Each head's cross-entropy over the examples that carry its label; a head with none adds nothing."""
+    import torch
+
+    loss = torch.zeros((), device=s_logits.device)
+    if (ys != IGNORE).any():
+        loss = loss + torch.nn.functional.cross_entropy(s_logits.float(), ys, ignore_index=IGNORE)
+    if (yt != IGNORE).any():
+        loss = loss + topic_weight * torch.nn.functional.cross_entropy(t_logits.float(), yt, ignore_index=IGNORE)
+    return loss
+
+
 def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None) -> list[list[Example]]:
     idx = list(range(len(examples)))
     if rng is not None:
@@ -313,11 +325,7 @@ def train_model(
             enc, ys, yt = _encode(tokenizer, batch, cfg.max_length, dev)
             with _autocast(dev) if use_amp else torch.autocast("cpu", enabled=False):
                 s_logits, t_logits = model(**enc)
-            loss = torch.zeros((), device=dev)
-            if (ys != IGNORE).any():
-                loss = loss + torch.nn.functional.cross_entropy(s_logits.float(), ys, ignore_index=IGNORE)
-            if (yt != IGNORE).any():
-                loss = loss + cfg.topic_weight * torch.nn.functional.cross_entropy(t_logits.float(), yt, ignore_index=IGNORE)
+            loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

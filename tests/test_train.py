@@ -204,6 +204,35 @@ def test_real_minilm_trains_on_a_few_dozen_examples(tmp_path: Path, data_dir: Pa
     assert abs(trained - before).max() > 1e-3
 
 
+def test_examples_train_only_the_head_they_have_a_label_for(tiny_base: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.data import Example
+    from pipeline.train import JointModel, _encode, joint_loss
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    model = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=3), 4, 0.0)
+    for batch, quiet in (([Example("a tweet", topic=1), Example("another", topic=2)], "seq.classifier"),
+                         ([Example("profit rose", sentiment=2)], "topic_head")):
+        model.zero_grad(set_to_none=True)
+        enc, ys, yt = _encode(tok, batch, 16, "cpu")
+        joint_loss(*model(**enc), ys, yt, 0.5).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        assert all(g is None or not g.any() for n, g in grads.items() if n.startswith(quiet))
+        assert any(g is not None and g.any() for n, g in grads.items() if n.startswith("seq.bert.encoder"))
+
+
+def test_cpu_training_is_reproducible(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(base=str(tiny_base), limit=12, max_steps=3, batch_size=8, max_length=32, lr=1e-3)
+    a = train_model(tmp_path / "a", data_dir, cfg, progress=False)
+    b = train_model(tmp_path / "b", data_dir, cfg, progress=False)
+    wa, wb = load_file(str(a.output_dir / "model.safetensors")), load_file(str(b.output_dir / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa) and a.metrics == b.metrics
+
+
 def test_bad_base_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(TrainError, match=str(tmp_path / "no-such-base")):
         train_model(tmp_path / "out", data_dir, TrainConfig(base=str(tmp_path / "no-such-base"), limit=4, max_steps=1), progress=False)
