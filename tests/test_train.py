@@ -298,12 +298,14 @@ def test_cli_train_with_limit(tmp_path: Path, data_dir: Path, tiny_base: Path, p
     )
     assert r.exit_code == 0, r.output
     assert (out / "topic_head.safetensors").exists() and "registered" in r.output
+    assert "held-out splits" in r.output and "FPB 50Agree test" in r.output
     from pipeline.store import make_engine
 
     eng = make_engine(pg_url)
     try:
         [m] = list_models(eng)
         assert m.path == str(out.resolve()) and not m.is_production
+        assert m.primary is None  # --limit runs never record held-out metrics
     finally:
         eng.dispose()
     shutil.rmtree(out)

@@ -63,6 +63,7 @@ def train(
     time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
     name: str = "finsent-minilm",
+    held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
     no_db: NoDb = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -104,7 +105,18 @@ def train(
         from pipeline.registry import register_trained
 
         register_trained(engine, res.output_dir, name)
-        console.print(f"registered {res.version}; next: finsent evaluate {res.output_dir} --promote")
+        console.print(f"registered {res.version}")
+    if held_out:
+        from pipeline.evaluate import SPLIT_TITLES, evaluate_model
+
+        rep = evaluate_model(res.output_dir, data_dir or cfg.data_dir, engine=engine, baselines=False, limit=limit, command=f"finsent evaluate {res.output_dir}")
+        table = Table(title="held-out splits (never used for training or early stopping)")
+        for col in ("split", "accuracy", "macro-F1", "n"):
+            table.add_column(col)
+        for split, r in rep.results["model"].items():
+            table.add_row(SPLIT_TITLES[split], _pct(r.accuracy), _pct(r.macro_f1), str(r.n))
+        console.print(table)
+    console.print(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
 
 
 def evaluate(
