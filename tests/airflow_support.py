@@ -257,8 +257,3 @@ def write_config(
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def run_dag(dag, logical_date: datetime):
-    """dag.test() for one logical date; returns the finished DagRun."""
-    return dag.test(logical_date=logical_date)

@@ -29,7 +29,6 @@ from tests.airflow_support import (  # noqa: F401  (fixtures)
     airflow_db,
     fresh_dag,
     rss,
-    webhook,
     window_items,
     write_config,
 )
@@ -37,9 +36,10 @@ from tests.feedserver import feed_server  # noqa: F401
 
 from sqlalchemy import create_engine, text
 
+from tests.conftest import PG_BASE
 from tests.test_dags import _snapshot
 
-PG_ADMIN = os.environ.get("FINSENT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ADMIN = PG_BASE
 META_DB = "airflow_test"
 REDIS_DB = 7  # a Redis database of its own, flushed before the run
 BOOT_TIMEOUT = 120
