@@ -1,5 +1,6 @@
 """finsent_monitor: every 15 minutes, ingest each source (one mapped task per source), score on the
-GPU queue, detect for the run's data interval, notify. Logic lives in pipeline.orchestrate."""
+GPU queue (one mapped task per shard, FINSENT_SCORE_SHARDS, sized to the gpu pool), detect for the
+run's data interval, notify. Logic lives in pipeline.orchestrate."""
 
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def finsent_monitor():
         return orchestrate.ingest(source, pipeline_run_id)
 
     @task(queue="gpu", pool="gpu", trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS, execution_timeout=timedelta(minutes=30))
-    def score() -> dict:
-        return orchestrate.score()
+    def score(shard: int, shards: int) -> dict:
+        return orchestrate.score(shard, shards)
 
     @task
-    def detect(scored: dict, data_interval_end=None) -> dict:
-        return orchestrate.detect(data_interval_end, scored["model_version"])
+    def detect(scored, data_interval_end=None) -> dict:
+        return orchestrate.detect(data_interval_end, orchestrate.merge_scored(scored)["model_version"])
 
     @task
     def notify() -> dict:
@@ -59,7 +60,8 @@ def finsent_monitor():
     names = sources()
     pipeline_run_id = start_run()
     ingested = ingest.partial(pipeline_run_id=pipeline_run_id).expand(source=names)
-    scored = score()
+    shards = orchestrate.score_shards()
+    scored = score.partial(shards=len(shards)).expand(shard=shards)
     ingested >> scored
     detected = detect(scored)
     notified = notify()

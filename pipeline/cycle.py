@@ -114,13 +114,15 @@ def register_scorer(engine: Engine, scorer: Scorer) -> None:
         )
 
 
-def score_pending(cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None) -> ScoreOutcome:
-    """Score every stored document the model has not scored yet, committing chunk by chunk."""
+def score_pending(
+    cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None, shard: int = 0, shards: int = 1
+) -> ScoreOutcome:
+    """Score every stored document the model has not scored yet (this shard's share), committing chunk by chunk."""
     t = StepTimer()
     scorer = scorer or load_scorer(cfg, engine)
     register_scorer(engine, scorer)
     total = 0
-    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size):
+    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards):
         preds = scorer.score([d.text for d in chunk])
         rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
         with store.session_scope(engine) as session:

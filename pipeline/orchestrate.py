@@ -143,16 +143,47 @@ def ingest(name: str, run_id: int | None = None) -> dict[str, Any]:
         engine.dispose()
 
 
-def score() -> dict[str, Any]:
-    """Score everything still unscored; chunks are committed, so a killed try resumes where it stopped."""
+SHARDS_ENV = "FINSENT_SCORE_SHARDS"
+
+
+def score_shards() -> list[int]:
+    """Shard numbers for the mapped score task: FINSENT_SCORE_SHARDS (default 1), sized to the gpu pool.
+
+    Read when the DAG file is parsed (an env lookup, no I/O), so the mapping is static per deployment.
+    """
+    raw = os.environ.get(SHARDS_ENV, "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise OrchestrationError(f"{SHARDS_ENV}={raw!r}: expected a whole number of score shards (>= 1)") from None
+    if n < 1:
+        raise OrchestrationError(f"{SHARDS_ENV}={raw!r}: expected a whole number of score shards (>= 1)")
+    return list(range(n))
+
+
+def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    """Score this shard of everything still unscored; chunks are committed, so a killed try resumes where it stopped."""
     from pipeline.cycle import score_pending
 
     cfg = load()
     engine = _engine(cfg)
     try:
-        return asdict(score_pending(cfg, engine))
+        return asdict(score_pending(cfg, engine, shard=shard, shards=shards))
     finally:
         engine.dispose()
+
+
+def merge_scored(scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None) -> dict[str, Any] | None:
+    """One summary of the mapped score tasks; None when any shard failed."""
+    if scored is None or isinstance(scored, Mapping):
+        return dict(scored) if scored is not None else None
+    parts = list(scored)
+    if not parts or any(p is None for p in parts):
+        return None
+    versions = {p["model_version"] for p in parts}
+    if len(versions) != 1:
+        raise OrchestrationError(f"score shards used different models: {sorted(versions)}")
+    return {"model_version": versions.pop(), "scored": sum(int(p["scored"]) for p in parts), "seconds": max(float(p["seconds"]) for p in parts)}
 
 
 def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any]:
@@ -197,13 +228,14 @@ def finish_run(
     run_id: int | None,
     sources: Sequence[str],
     ingested: Iterable[Mapping[str, Any] | None],
-    scored: Mapping[str, Any] | None,
+    scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None,
     detected: Mapping[str, Any] | None,
     notified: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed."""
     if run_id is None:
         raise OrchestrationError("start_run failed, so there is no pipeline run to record")
+    scored = merge_scored(scored)
     outcomes = [o for o in (ingested or []) if o]
     errors: list[dict[str, str]] = [
         {"step": "ingest", "source": o["source"], "error": o.get("error") or ""} for o in outcomes if o["status"] == "failed"

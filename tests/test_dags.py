@@ -181,6 +181,7 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
         Item("social-nwb", "Northwind Bank faces lawsuit", "Northwind Bank accused of hiding losses", a_end - timedelta(minutes=2))
     ]
     wire_b = window_items("wire", b_end - timedelta(minutes=15), 5)
+    monkeypatch.setenv("FINSENT_SCORE_SHARDS", "2")  # two mapped score tasks split the backlog
     dag = fresh_dag("finsent_monitor")
 
     def run_window(end: datetime, wire, social) -> None:
@@ -188,6 +189,7 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
         feeds.put("social.xml", rss("social", social))
         dr = dag.test(logical_date=end)
         assert dr.state == "success", f"{end}: {dr.state}"
+        assert sorted(ti.map_index for ti in dr.get_task_instances() if ti.task_id == "score") == [0, 1]
 
     run_window(a_end, wire_a, social_a)
     first_a = _snapshot(engine)

@@ -136,3 +136,20 @@ def test_sqlite_uses_the_same_migrations(tmp_path, tiny_model_dir):
     with store.session_scope(engine) as session:
         published = session.scalars(select(s.Document.published_at).order_by(s.Document.id)).first()
     assert published == T0 and published.tzinfo is not None
+
+
+def test_shards_split_the_backlog_without_overlap(engine, tiny_model_dir, pg_url):
+    cfg = cfg_for(pg_url, tiny_model_dir)
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, cfg.sources)
+        store.save_documents(session, docs("wire", 11))
+    scorer = cycle.load_scorer(cfg, path=str(tiny_model_dir))
+    seen = [
+        {d.id for chunk in store.iter_unscored(engine, scorer.version, 4, shard, 3) for d in chunk} for shard in range(3)
+    ]
+    assert sum(len(x) for x in seen) == 11 and len(set().union(*seen)) == 11
+    assert all(seen)
+    assert [cycle.score_pending(cfg, engine, scorer, shard=i, shards=3).scored for i in range(3)] == [len(x) for x in seen]
+    assert count(engine, s.Score) == 11
+    with pytest.raises(ValueError, match="shard 3 is outside 0..2"):
+        next(store.iter_unscored(engine, scorer.version, 4, 3, 3))

@@ -200,8 +200,15 @@ def production_model(session: Session) -> s.ModelVersion | None:
     return session.scalars(select(s.ModelVersion).where(s.ModelVersion.is_production.is_(True))).first()
 
 
-def iter_unscored(engine: Engine, model_version: str, chunk_size: int = 2000) -> Iterator[list[PendingDocument]]:
-    """Stream documents without a score from this model in id order, a chunk at a time (bounded memory)."""
+def iter_unscored(
+    engine: Engine, model_version: str, chunk_size: int = 2000, shard: int = 0, shards: int = 1
+) -> Iterator[list[PendingDocument]]:
+    """Stream documents without a score from this model in id order, a chunk at a time (bounded memory).
+
+    With shards > 1 only ids congruent to `shard` are read, so several GPU workers split one backlog.
+    """
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
     last_id = 0
     while True:
         with Session(engine) as session:
@@ -210,7 +217,7 @@ def iter_unscored(engine: Engine, model_version: str, chunk_size: int = 2000) ->
             )
             rows = session.execute(
                 select(s.Document.id, s.Document.title, s.Document.summary)
-                .where(s.Document.id > last_id, ~scored.exists())
+                .where(s.Document.id > last_id, ~scored.exists(), *([s.Document.id % shards == shard] if shards > 1 else []))
                 .order_by(s.Document.id)
                 .limit(chunk_size)
             ).all()
