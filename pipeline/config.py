@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_DIR = PACKAGE_DIR.parent
+# FINSENT_HOME: where sql/ and models/ live when the package is installed outside its checkout (e.g. the image)
+PROJECT_DIR = Path(os.environ.get("FINSENT_HOME") or PACKAGE_DIR.parent).resolve()
 DEFAULT_MODEL_DIR = PROJECT_DIR / "models" / "finsent-minilm"
 DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data"
 DEFAULT_DATABASE_URL = "sqlite:///finsent.db"

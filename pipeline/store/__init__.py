@@ -16,13 +16,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.config import PROJECT_DIR
 from pipeline.records import Document as DocumentRecord
 from pipeline.records import FetchResult, PendingDocument, ScoreRow
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql" / "migrations"
+MIGRATIONS_DIR = PROJECT_DIR / "sql" / "migrations"
 
 
 class StoreError(RuntimeError):
