@@ -60,3 +60,15 @@ def test_missing_or_corrupt_model_names_the_path(tmp_path):
     (broken / "config.json").write_text("{not json")
     res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.csv"), "--model", str(broken)])
     assert res.exit_code == 1 and "broken" in res.output and not (tmp_path / "o.csv").exists()
+
+
+def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir):
+    report = tmp_path / "bench"
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "-n", "40", "--batch-sizes", "8,16", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert [r["batch_size"] for r in data["results"]] == [8, 16]
+    assert all(r["texts"] == 40 and r["texts_per_s"] > 0 for r in data["results"])
+    assert "texts/s" in res.output and "| tiny-0 | cpu | 40 | 8 |" in report.with_suffix(".md").read_text()
+    res = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--batch-sizes", "8,x"])
+    assert res.exit_code == 2 and "--batch-sizes" in res.output

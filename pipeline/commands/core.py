@@ -184,6 +184,34 @@ def register(app: typer.Typer) -> None:
         if summary.failed_sources:
             raise typer.Exit(3)
 
+    @app.command()
+    def bench(
+        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
+        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="How many headlines to score per batch size.")] = 2000,
+        batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "32,64,128",
+        device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+        report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path("docs/benchmark"),
+        config: ConfigOpt = None,
+    ) -> None:
+        """Measure scoring throughput (texts/s) and write it to a report file."""
+        from pipeline.bench import run_bench, write_report
+        from pipeline.score import ModelLoadError
+
+        cfg = config_or_exit(config)
+        try:
+            sizes = tuple(int(x) for x in batch_sizes.split(","))
+        except ValueError:
+            raise fail(f"--batch-sizes {batch_sizes!r}: expected comma-separated whole numbers, e.g. 32,64,128") from None
+        try:
+            results = run_bench(model or cfg.model.path, n, sizes, device or cfg.model.device)
+        except ModelLoadError as e:
+            raise fail(str(e), code=1) from None
+        command = "finsent bench " + " ".join(sys.argv[2:])
+        write_report(results, command.strip(), report)
+        for r in results:
+            console.print(f"{r.model_version} on {r.device}: batch {r.batch_size}: {r.texts} texts in {r.seconds:.2f} s = {r.texts_per_s:.0f} texts/s")
+        console.print(f"report: {report.with_suffix('.md')}")
+
     @db_app.command("upgrade")
     def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
         """Apply schema migrations to DATABASE_URL (or the config's database_url)."""
