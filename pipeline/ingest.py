@@ -34,6 +34,8 @@ from pipeline.config import SourceConfig, WatchlistEntity
 from pipeline.records import Document, EntityMention, FetchResult
 
 log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, credentials and api keys included; our own lines redact them.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 RETRY_BASE_DELAY_S = 0.2
 MAX_ID_CHARS = 500
@@ -80,7 +82,7 @@ class _TextExtractor(HTMLParser):
 
 
 # Zero-width characters and C0 controls: invisible, and Postgres rejects NUL in text columns.
-_INVISIBLE = dict.fromkeys([*map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_INVISIBLE = dict.fromkeys([*map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0xD800, 0xE000)])
 
 
 def collapse_ws(text: str) -> str:
@@ -453,7 +455,9 @@ def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
             summary = _REDDIT_FOOTER.sub("", summary)
         if summary == title:
             summary = ""
-        doc = b.build(
+        doc = _safe_build(
+            b,
+            src,
             raw_id=e.get("id"),
             title=title,
             summary=summary,
@@ -537,7 +541,9 @@ def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
             continue
         published = _iso_utc(msg.created_at)
         user = msg.user.username if msg.user and msg.user.username else None
-        doc = b.build(
+        doc = _safe_build(
+            b,
+            src,
             raw_id=str(msg.id),
             title=strip_html(msg.body),
             summary="",
@@ -553,6 +559,15 @@ def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
     if not docs:
         raise _FetchError(f"none of the {len(messages)} messages is valid (each needs an id and a body)", body.http_status)
     return _finish(src, docs, len(messages), invalid)
+
+
+def _safe_build(builder: Any, src: SourceConfig, **fields: Any) -> Document | None:
+    """One odd entry (bad id, unencodable text) is skipped and counted, never the whole feed."""
+    try:
+        return builder.build(**fields)
+    except (UnicodeError, ValueError, TypeError) as e:
+        log.warning("source %s: skipped an entry that cannot be normalised (%s)", src.name, type(e).__name__)
+        return None
 
 
 def _finish(src: SourceConfig, docs: list[Document], seen: int, invalid: int) -> _Parsed:

@@ -242,6 +242,7 @@ def test_oversized_response_is_aborted(feed_server, content_length):
 def test_secrets_in_the_feed_url_stay_out_of_errors_and_logs(feed_server, caplog):
     feed_server.override("news_rss.xml", status=403)
     url = feed_server.url("news_rss.xml").replace("http://", "http://bob:hunter2@") + "?api_key=s3cr3t&q=acme"
+    caplog.set_level(logging.DEBUG)  # root at DEBUG, as a chatty Airflow task might run: httpx must still not log URLs
     with caplog.at_level(logging.DEBUG, logger="pipeline.ingest"):
         r = fetch_source(src("private", url), WATCHLIST)
     assert r.status == "failed" and "HTTP 403" in r.error and "q=acme" in r.error
@@ -460,3 +461,20 @@ def test_odd_stream_values_are_made_storable(feed_server, engine):
         store.ensure_sources(session, [src("odd", url, "stocktwits")])
         assert store.save_fetch(session, r).new_documents == 2
         assert store.save_fetch(session, r).new_documents == 0
+
+
+def test_one_unencodable_message_does_not_fail_the_stream(feed_server, engine):
+    """A lone surrogate (a truncated emoji in JSON) is dropped; the valid messages beside it are kept and stored."""
+    body = (
+        '{"messages": ['
+        '{"id": 1, "body": "$ACME guidance cut \\ud83d", "created_at": "2026-11-20T14:03:00Z", "symbols": [{"symbol": "ACME"}]},'
+        '{"id": 2, "body": "$ACME beats estimates", "created_at": "2026-11-20T14:05:00Z", "symbols": [{"symbol": "ACME"}]}'
+        "]}"
+    )
+    url = feed_server.put("surrogate.json", body.encode(), "application/json")
+    r = fetch_source(src("st", url, "stocktwits"), WATCHLIST)
+    assert r.status == "ok" and [d.external_id for d in r.documents] == ["1", "2"]
+    assert r.documents[0].title == "$ACME guidance cut"
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, [src("st", url, "stocktwits")])
+        assert store.save_fetch(session, r).new_documents == 2
