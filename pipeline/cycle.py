@@ -61,6 +61,19 @@ def window_end(now: datetime, window_minutes: int) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def check_as_of(as_of: datetime, window_minutes: int) -> None:
+    """Reject an off-grid detection time before any work is done, naming the nearest valid ones."""
+    if as_of.tzinfo is None:
+        raise ValueError(f"as-of time {as_of.isoformat()} has no timezone: give UTC, e.g. {as_of.isoformat()}Z")
+    before = window_end(as_of, window_minutes)
+    if before != as_of:
+        after = before + timedelta(minutes=window_minutes)
+        raise ValueError(
+            f"as-of time {as_of.isoformat()} is not on the {window_minutes}-minute window grid: "
+            f"use {before:%Y-%m-%dT%H:%MZ} or {after:%Y-%m-%dT%H:%MZ}"
+        )
+
+
 def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | None = None) -> IngestOutcome:
     """Fetch one source and commit its new documents; a broken feed is recorded, never raised."""
     from pipeline.ingest import fetch_source
@@ -86,10 +99,8 @@ def ingest_all(cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None =
 
 def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
     """Which model `run` uses: an explicit config/env path, else the registry's production model, else the bundled one."""
-    try:
-        from pipeline.registry import resolve_model_path
-    except ImportError:
-        return cfg.model.path
+    from pipeline.registry import resolve_model_path
+
     with store.session_scope(engine) as session:
         return resolve_model_path(cfg, session)
 
@@ -156,6 +167,8 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
     """ingest -> score -> detect -> notify, recorded in pipeline_runs with per-step counts and errors."""
     engine = engine or open_engine(cfg)
     as_of = as_of or window_end(datetime.now(UTC), cfg.detect.window_minutes)
+    check_as_of(as_of, cfg.detect.window_minutes)
+    store.check_schema(engine)
     run_id = store.start_run(engine, "cycle", as_of - timedelta(minutes=cfg.detect.window_minutes), as_of)
     errors: list[dict[str, str]] = []
     counts: dict[str, int] = {}
@@ -164,6 +177,7 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
         outcomes = ingest_all(cfg, engine, run_id=run_id)
         errors += [{"step": "ingest", "source": o.source, "error": o.error or ""} for o in outcomes if o.status == "failed"]
         counts["new_documents"] = sum(o.new_documents for o in outcomes)
+        scorer = scorer or load_scorer(cfg, engine)  # one load: it scores and explains the alerts
         scored = score_pending(cfg, engine, scorer)
         counts["scored"] = scored.scored
         alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)

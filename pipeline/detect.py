@@ -37,7 +37,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import DetectConfig, FinsentConfig
-from pipeline.records import AlertItem, AlertRecord
+from pipeline.records import AlertItem, AlertRecord, document_text
 from pipeline.risk import RiskComponents, risk_components, topic_weight
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -405,7 +405,7 @@ def _top_documents(
         if r.content_hash in seen:
             continue
         seen.add(r.content_hash)
-        text = f"{r.title}. {r.summary}" if r.summary and r.summary != r.title else r.title
+        text = document_text(r.title, r.summary)
         item = AlertItem(document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative))
         out.append((item, text))
         if len(out) >= TOP_DOCUMENTS:
@@ -462,16 +462,22 @@ def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[
     return tuple(out)
 
 
-def _load_scorer(cfg: FinsentConfig, model_version: str) -> Any:
-    """The configured model, only if it is the version that produced the scores; None on any failure."""
+def _load_scorer(cfg: FinsentConfig, model_version: str, engine: Engine) -> Any:
+    """The model that produced the scores (its registry path, else the configured one if the versions
+    match), so evidence explains the label that was stored; None on any failure."""
+    path = cfg.model.path
     try:
         from pipeline.score import Scorer, model_version_id
 
-        if model_version_id(cfg.model.path) != model_version:
+        with session_scope(engine) as session:
+            registered = session.scalar(select(s.ModelVersion.path).where(s.ModelVersion.id == model_version))
+        if registered and model_version_id(registered) == model_version:
+            path = registered
+        elif model_version_id(path) != model_version:
             return None
-        return Scorer.load(cfg.model.path, device=cfg.model.device, max_length=cfg.model.max_length)
+        return Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
     except Exception as e:
-        log.info("no evidence tokens: cannot load model %s (%s)", cfg.model.path, type(e).__name__)
+        log.info("no evidence tokens: cannot load model %s (%s)", path, type(e).__name__)
         return None
 
 
@@ -603,7 +609,7 @@ def detect_spikes(
         }
 
     if explain and any(tops.values()) and scorer is None:
-        scorer = _load_scorer(cfg, model_version)
+        scorer = _load_scorer(cfg, model_version, engine)
     evidence_cache: dict[int, tuple[str, ...]] = {}
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step

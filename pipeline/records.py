@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 
+def document_text(title: str, summary: str | None) -> str:
+    """The text a model scores: title plus summary (one definition for ingest, storage, scoring and evidence)."""
+    if summary and summary != title:
+        return f"{title}. {summary}" if title else summary
+    return title
+
+
 @dataclass(frozen=True, slots=True)
 class EntityMention:
     """A watchlist entity or cashtag found in a document's text."""
@@ -31,10 +38,7 @@ class Document:
 
     @property
     def text(self) -> str:
-        """The text the model scores: title plus summary."""
-        if self.summary and self.summary != self.title:
-            return f"{self.title}. {self.summary}" if self.title else self.summary
-        return self.title
+        return document_text(self.title, self.summary)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,3 +72,23 @@ def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir):
     assert "texts/s" in res.output and "| tiny-0 | cpu | 40 | 8 |" in report.with_suffix(".md").read_text()
     res = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--batch-sizes", "8,x"])
     assert res.exit_code == 2 and "--batch-sizes" in res.output
+
+
+def test_score_uses_the_production_model_like_run(tmp_path, tiny_model_dir, monkeypatch):
+    from pipeline import store
+    from tests.conftest import make_tiny_model
+
+    prod = make_tiny_model(tmp_path / "prod-model", seed=1)
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    with store.session_scope(engine) as session:
+        store.register_model(session, "tiny-1", name="tiny-1", path=str(prod), labels=["negative", "neutral", "positive"], is_production=True)
+    engine.dispose()
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.delenv("FINSENT_MODEL", raising=False)
+    src = tmp_path / "in.txt"
+    src.write_text("Shares fell\n")
+    res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.csv")])
+    assert res.exit_code == 0, res.output
+    assert "with tiny-1" in res.output

@@ -256,7 +256,7 @@ def test_evidence_token_shapes() -> None:
 
 
 def test_evidence_tokens_from_the_model_that_scored(engine, seeded: Seeder, tiny_model_dir) -> None:
-    """With no scorer passed, the configured model is loaded when an alert fires, if it made the scores."""
+    """With no scorer passed, the model that made the scores (registry path, else config) explains them."""
     from pipeline.score import model_version_id
 
     version = model_version_id(str(tiny_model_dir))
@@ -272,6 +272,12 @@ def test_evidence_tokens_from_the_model_that_scored(engine, seeded: Seeder, tiny
     assert with_ev, nwb.top_documents
     for d in with_ev:
         assert all(tok.lower() in d.title.lower() for tok in d.evidence)
+    # Config pointing elsewhere (e.g. a promoted model in production): the registry's path for the
+    # version that made the scores is used, so evidence still explains the stored labels.
+    promoted = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
+    assert [d.evidence for d in promoted.top_documents] == [d.evidence for d in nwb.top_documents]
     # A model that did not make these scores is not used to explain them.
+    with session_scope(engine) as session:
+        session.execute(s.ModelVersion.__table__.update().values(path="/nowhere/else"))
     other = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
     assert all(d.evidence == () for d in other.top_documents)

@@ -94,6 +94,9 @@ def test_bad_config_and_missing_model_fail_clearly(tmp_path, demo_feeds, pg_url,
     res = runner.invoke(app, ["run", "-c", str(bad)])
     assert res.exit_code == 2 and "typo.yaml" in res.output and "watchlst" in res.output
 
+    res = runner.invoke(app, ["run", "-c", str(cfg), "--as-of", "2026-11-20T15:07Z"])
+    assert res.exit_code == 2 and "not on the 60-minute window grid" in res.output and "2026-11-20T15:00Z" in res.output
+
     monkeypatch.setenv("FINSENT_MODEL", str(tmp_path / "no-such-model"))
     res = runner.invoke(app, ["run", "-c", str(cfg), "--as-of", SPIKE_WINDOW_END])
     assert res.exit_code == 1 and "no-such-model" in res.output
@@ -107,5 +110,7 @@ def test_demo_smoke(tmp_path):
     res = runner.invoke(app, ["demo", "--db", str(db)])
     assert res.exit_code == 0, res.output
     assert "newswire" in res.output and "Top negative headlines" in res.output
-    assert "entity NWB" in res.output or "Northwind Bank" in res.output
-    assert "Northwind Bank" in res.output.split("Top negative headlines")[1]
+    summary = res.output.split("Top negative headlines")[1]
+    assert "CRITICAL entity NWB" in summary and "market *" in summary
+    assert "evidence:" in res.output  # the console alert cites the words that made headlines negative
+    assert "Northwind Bank" in summary

@@ -153,3 +153,30 @@ def test_shards_split_the_backlog_without_overlap(engine, tiny_model_dir, pg_url
     assert count(engine, s.Score) == 11
     with pytest.raises(ValueError, match="shard 3 is outside 0..2"):
         next(store.iter_unscored(engine, scorer.version, 4, 3, 3))
+
+
+def test_a_moved_source_forgets_its_validators(engine, tiny_model_dir, pg_url):
+    cfg = cfg_for(pg_url, tiny_model_dir)
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, cfg.sources)
+        store.save_fetch(session, FetchResult(source="wire", documents=docs("wire", 1), etag='"v1"', last_modified="Fri, 20 Nov 2026 10:00:00 GMT"))
+        store.ensure_sources(session, cfg.sources)
+        assert store.source_validators(session, "wire") == ('"v1"', "Fri, 20 Nov 2026 10:00:00 GMT")
+    moved = cfg_for(pg_url, tiny_model_dir).model_copy(
+        update={"sources": [cfg.sources[0].model_copy(update={"url": "https://example.org/new.xml"})]}
+    )
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, moved.sources)
+        assert store.source_validators(session, "wire") == (None, None)
+        assert session.get(s.Source, "wire").url == "https://example.org/new.xml"
+
+
+def test_unmigrated_or_old_database_says_run_db_upgrade(tmp_path, engine, pg_url):
+    bare = store.make_engine(f"sqlite:///{tmp_path / 'bare.db'}")
+    with pytest.raises(store.StoreError, match="no finsent schema: run `finsent db upgrade`"):
+        store.check_schema(bare)
+    store.check_schema(engine)  # migrated fixture: no error
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0001'")
+    with pytest.raises(store.StoreError, match="revision 0001, this finsent needs .*: run `finsent db upgrade`"):
+        store.check_schema(engine)

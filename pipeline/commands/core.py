@@ -18,7 +18,7 @@ from pipeline.config import ConfigError, FinsentConfig, load_config
 
 log = logging.getLogger("finsent")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for logs and grep
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (sources, watchlist, thresholds, sinks).")
@@ -45,6 +45,28 @@ def parse_time(value: str | None) -> datetime | None:
     except ValueError:
         raise fail(f"--as-of {value!r}: expected an ISO 8601 time such as 2026-11-20T15:00Z") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def production_or_configured_model(cfg: FinsentConfig) -> str:
+    """The model `finsent run` would use (registry's production model when the database has one), so
+    analysts score files with the same model as production; the configured/bundled one otherwise."""
+    from sqlalchemy.engine import make_url
+
+    from pipeline import cycle, store
+
+    url = cfg.database_url.get_secret_value()
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).exists()):
+        return cfg.model.path
+    engine = store.make_engine(url)
+    try:
+        store.check_schema(engine)
+        return cycle.resolve_model(cfg, engine)
+    except store.StoreError as e:
+        log.info("scoring with the configured model: %s", e)
+        return cfg.model.path
+    finally:
+        engine.dispose()
 
 
 def read_texts(path: Path) -> list[str]:
@@ -171,8 +193,14 @@ def register(app: typer.Typer) -> None:
         from pipeline.store import StoreError
 
         cfg = config_or_exit(config)
+        when = parse_time(as_of)
+        if when is not None:
+            try:
+                cycle.check_as_of(when, cfg.detect.window_minutes)
+            except ValueError as e:
+                raise fail(f"--as-of: {e}") from None
         try:
-            summary = cycle.run_cycle(cfg, as_of=parse_time(as_of))
+            summary = cycle.run_cycle(cfg, as_of=when)
         except (ModelLoadError, StoreError) as e:
             raise fail(str(e), code=1) from None
         console.print(
@@ -240,7 +268,8 @@ def register(app: typer.Typer) -> None:
         cfg = config_or_exit(config)
         texts = read_texts(file)
         try:
-            scorer = Scorer.load(model or cfg.model.path, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
+            target = model or production_or_configured_model(cfg)
+            scorer = Scorer.load(target, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
         except ModelLoadError as e:
             raise fail(str(e), code=1) from None
         preds = scorer.score(texts)

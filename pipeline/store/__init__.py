@@ -10,15 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, case, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from pipeline.config import PROJECT_DIR
 from pipeline.records import Document as DocumentRecord
-from pipeline.records import FetchResult, PendingDocument, ScoreRow
+from pipeline.records import FetchResult, PendingDocument, ScoreRow, document_text
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ def make_engine(url: str, **kw: Any) -> Engine:
     return create_engine(parsed, **kw)
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
-
-
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A transaction: commit on success, roll back on error, and turn connection loss into StoreError."""
@@ -100,11 +96,42 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
+def check_schema(engine: Engine) -> None:
+    """Fail fast, with the fix, when the database was never migrated or is behind this code."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    where = safe_url(engine.url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                raise StoreError(f"database {where} has no finsent schema: run `finsent db upgrade` first")
+            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except OperationalError as e:
+        raise StoreError(f"database {where} cannot be reached: {type(e.orig).__name__ if e.orig else type(e).__name__}") from None
+    if current != head:
+        raise StoreError(f"database {where} is at schema revision {current}, this finsent needs {head}: run `finsent db upgrade`")
+
+
 def ensure_sources(session: Session, sources: Iterable[Any]) -> None:
-    """Register configured sources (name, kind, url); keeps their HTTP validators."""
+    """Register configured sources (name, kind, url); keeps their HTTP validators unless the URL changed,
+    since an old ETag/Last-Modified sent to a new URL could make it answer 304 forever."""
+    table = s.Source.__table__
     for src in sources:
         stmt = _insert(session, s.Source).values(name=src.name, kind=src.kind, url=src.url, created_at=datetime.now(UTC))
-        stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={"kind": src.kind, "url": src.url})
+        moved = table.c.url != stmt.excluded.url
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name"],
+            set_={
+                "kind": stmt.excluded.kind,
+                "url": stmt.excluded.url,
+                "etag": case((moved, None), else_=table.c.etag),
+                "last_modified": case((moved, None), else_=table.c.last_modified),
+            },
+        )
         session.execute(stmt)
 
 
@@ -226,13 +253,6 @@ def iter_unscored(
             return
         last_id = rows[-1].id
         yield [PendingDocument(id=r.id, text=document_text(r.title, r.summary)) for r in rows]
-
-
-def document_text(title: str, summary: str | None) -> str:
-    """The text a model scores; mirrors records.Document.text for stored rows."""
-    if summary and summary != title:
-        return f"{title}. {summary}" if title else summary
-    return title
 
 
 def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
