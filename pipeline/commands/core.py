@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.config import ConfigError, FinsentConfig, load_config
 
@@ -26,7 +28,7 @@ ConfigOpt = Annotated[
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 
@@ -126,7 +128,7 @@ def print_demo(report) -> None:
     t.add_column("source")
     t.add_column("items", justify="right")
     for src, n in sorted(report.per_source.items()):
-        t.add_row(src, str(n))
+        t.add_row(Text(src), str(n))
     console.print(t)
     total = sum(report.sentiment_mix.values()) or 1
     mix = Table(title=f"Sentiment mix ({report.model_version})", show_edge=False)
@@ -142,14 +144,14 @@ def print_demo(report) -> None:
     neg.add_column("source")
     neg.add_column("headline")
     for src, title, p in report.top_negative:
-        neg.add_row(f"{p:.2f}", src, title)
+        neg.add_row(f"{p:.2f}", Text(src), Text(title))  # feed text is data, never rich markup
     console.print(neg)
     spikes = [a for a in report.alerts if a.kind == "spike"]
     console.print(f"\n[bold]{len(spikes)} alert(s)[/] for the window ending {report.as_of:%Y-%m-%d %H:%M} UTC:")
     for a in spikes:
         risk = f", risk {a.risk_score:.0f}/100" if a.risk_score is not None else ""
         console.print(
-            f"  [{'red' if a.severity == 'critical' else 'yellow'}]{a.severity.upper()}[/] {a.scope_kind} {a.scope_value}: "
+            f"  [{'red' if a.severity == 'critical' else 'yellow'}]{a.severity.upper()}[/] {a.scope_kind} {escape(a.scope_value)}: "
             f"{a.neg_count}/{a.total_count} negative ({a.neg_share:.0%} vs baseline {a.baseline_share:.0%}){risk}"
         )
     if report.failed_sources:
@@ -208,7 +210,7 @@ def register(app: typer.Typer) -> None:
             f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind == 'spike'])} alerts, {summary.delivered} delivered"
         )
         for src, error in summary.failed_sources.items():
-            err_console.print(f"[red]source {src} failed:[/] {error}", highlight=False)
+            err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
         if summary.failed_sources:
             raise typer.Exit(3)
 
