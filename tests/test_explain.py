@@ -72,3 +72,25 @@ def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monke
     with engine.connect() as c:
         rows = c.execute(text("SELECT document_id, text, label, author FROM feedback")).all()
     assert [tuple(r) for r in rows] == [(doc, None, "negative", "ana")]
+
+
+def test_explain_prints_feed_text_verbatim(pg_url: str, engine, tiny_model: Path, monkeypatch) -> None:
+    """Headlines are untrusted: rich markup in them must neither crash the command nor vanish."""
+    from pipeline.cli import app
+
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    title = "[/r/stocks] Acme [removed] shares [bold]plunged[/bold] after loss"
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('reddit', 'reddit', 'http://x', now())"))
+        doc = c.execute(
+            text(
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "VALUES ('reddit', 'r1', 'h', :t, '', now(), now()) RETURNING id"
+            ),
+            {"t": title},
+        ).scalar_one()
+    r = CliRunner().invoke(app, ["explain", str(doc), "--model", str(tiny_model), "--top-k", "20"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert title in r.output
+    r = CliRunner().invoke(app, ["explain", str(doc), "--model", str(Path(str(tiny_model) + "[missing]"))], terminal_width=400)
+    assert r.exit_code == 2 and "[missing]" in r.output

@@ -1,7 +1,8 @@
 """Model commands: train, evaluate, models list|promote|rollback|register, label, explain.
 
 Heavy modules (torch, transformers, scikit-learn) are imported inside the commands so that
-`finsent --help` and the other stages start fast.
+`finsent --help` and the other stages start fast. Feed text, versions, paths and error messages are
+printed with rich markup off (or escaped), so a headline like "[/r/stocks] ..." prints as written.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pipeline.commands.core import ConfigOpt, config_or_exit, fail
+from pipeline.commands.core import ConfigOpt, config_or_exit
+from pipeline.commands.core import fail as _core_fail
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -31,6 +34,15 @@ def _engine(cfg):
     from pipeline.store import make_engine
 
     return make_engine(cfg.database_url.get_secret_value())
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """core.fail renders rich markup; messages here carry paths, versions and feed text."""
+    return _core_fail(escape(message), code)
+
+
+def _say(text: object) -> None:
+    console.print(text, markup=False, highlight=False)
 
 
 def _pct(v: float | None) -> str:
@@ -82,7 +94,7 @@ def train(
             rows = load_feedback_rows(url)
             engine = _engine(cfg)
         except (StoreError, Exception) as e:  # a missing table on a fresh SQLite file is an OperationalError
-            console.print(f"[yellow]warning:[/] no feedback or registry ({safe_url(url)}: {type(e).__name__}); training on the data files only")
+            console.print(f"[yellow]warning:[/] no feedback or registry ({escape(safe_url(url))}: {type(e).__name__}); training on the data files only")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = out or Path("runs") / f"{name}-{stamp}"
     hp = TrainConfig(
@@ -94,18 +106,18 @@ def train(
         res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
     except (TrainError, ValueError) as e:
         raise fail(str(e)) from None
-    table = Table(title=f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})")
+    table = Table(title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})"))
     for col in ("validation split", "accuracy", "macro-F1", "n"):
         table.add_column(col)
     for split, m in res.metrics.items():
-        table.add_row(split, _pct(m.get("accuracy")), _pct(m.get("macro_f1")), str(m.get("n")))
+        table.add_row(escape(split), _pct(m.get("accuracy")), _pct(m.get("macro_f1")), str(m.get("n")))
     console.print(table)
-    console.print(f"temperatures: sentiment {res.temperature}, topic {res.topic_temperature}; saved to {res.output_dir}")
+    _say(f"temperatures: sentiment {res.temperature}, topic {res.topic_temperature}; saved to {res.output_dir}")
     if engine is not None:
         from pipeline.registry import register_trained
 
         register_trained(engine, res.output_dir, name)
-        console.print(f"registered {res.version}")
+        _say(f"registered {res.version}")
     if held_out:
         from pipeline.evaluate import SPLIT_TITLES, evaluate_model
 
@@ -116,7 +128,7 @@ def train(
         for split, r in rep.results["model"].items():
             table.add_row(SPLIT_TITLES[split], _pct(r.accuracy), _pct(r.macro_f1), str(r.n))
         console.print(table)
-    console.print(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
+    _say(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
 
 
 def evaluate(
@@ -142,18 +154,18 @@ def evaluate(
     except ModelLoadError as e:
         raise fail(str(e)) from None
     md, js = write_report(rep, out)
-    table = Table(title=f"{rep.version}: accuracy / macro-F1")
+    table = Table(title=escape(f"{rep.version}: accuracy / macro-F1"))
     table.add_column("system")
     for k in SPLIT_TITLES:
         table.add_column(SPLIT_TITLES[k])
     for sys_name, res in rep.results.items():
-        table.add_row(sys_name, *("n/a" if k not in res else f"{res[k].accuracy:.3f} / {res[k].macro_f1:.3f}" for k in SPLIT_TITLES))
+        table.add_row(escape(sys_name), *("n/a" if k not in res else f"{res[k].accuracy:.3f} / {res[k].macro_f1:.3f}" for k in SPLIT_TITLES))
     console.print(table)
     met = sum(t["met"] for t in rep.targets)
-    console.print(f"targets met: {met}/{len(rep.targets)}")
+    _say(f"targets met: {met}/{len(rep.targets)}")
     for t in rep.targets:
-        console.print(f"  {'met ' if t['met'] else 'MISS'} {t['split']} {t['metric']} {t['target']}: {_pct(t['value'])}", highlight=False)
-    console.print(f"wrote {md} and {js}")
+        _say(f"  {'met ' if t['met'] else 'MISS'} {t['split']} {t['metric']} {t['target']}: {_pct(t['value'])}")
+    _say(f"wrote {md} and {js}")
     if promote:
         if engine is None:
             raise fail("--promote needs the database (drop --no-db)")
@@ -184,11 +196,11 @@ def _gate(engine, version: str, tolerance: float = 0.0):
 
 
 def _print_decision(d) -> None:
-    console.print(f"[bold]{'PROMOTED' if d.promoted else 'NOT promoted'}[/] {d.candidate} (production was {d.incumbent or 'none'})")
+    console.print(f"[bold]{'PROMOTED' if d.promoted else 'NOT promoted'}[/] {escape(d.candidate)} (production was {escape(d.incumbent or 'none')})", highlight=False)
     for r in d.reasons:
-        console.print(f"  - {r}", highlight=False)
+        _say(f"  - {r}")
     for c in d.comparisons:
-        console.print(f"    {c.split} {c.metric}: {_pct(c.candidate)} vs {_pct(c.incumbent)} {'ok' if c.ok else 'WORSE'}", highlight=False)
+        _say(f"    {c.split} {c.metric}: {_pct(c.candidate)} vs {_pct(c.incumbent)} {'ok' if c.ok else 'WORSE'}")
 
 
 @models_app.command("list")
@@ -201,11 +213,11 @@ def models_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option(
         print(json.dumps([{**r.__dict__, "promoted_at": str(r.promoted_at or ""), "created_at": str(r.created_at or "")} for r in rows], indent=1))
         return
     if not rows:
-        console.print("no models registered (finsent train, or finsent models register PATH)")
+        _say("no models registered (finsent train, or finsent models register PATH)")
         return
     for r in rows:
         flag = "*" if r.is_production else " "
-        console.print(f"{flag} {r.id}  fpb_test macro-F1 {_pct(r.primary)}  created {r.created_at:%Y-%m-%d %H:%M}  {r.path}", highlight=False)
+        _say(f"{flag} {r.id}  fpb_test macro-F1 {_pct(r.primary)}  created {r.created_at:%Y-%m-%d %H:%M}  {r.path}")
 
 
 @models_app.command("register")
@@ -215,7 +227,7 @@ def models_register(path: Path, config: ConfigOpt = None) -> None:
     from pipeline.score import ModelLoadError
 
     try:
-        console.print(f"registered {register_trained(_engine(config_or_exit(config)), path)}")
+        _say(f"registered {register_trained(_engine(config_or_exit(config)), path)}")
     except ModelLoadError as e:
         raise fail(str(e)) from None
 
@@ -237,7 +249,7 @@ def models_promote(
             force_promote(engine, version)
         except RegistryError as e:
             raise fail(str(e)) from None
-        console.print(f"{version} is production (forced)")
+        _say(f"{version} is production (forced)")
         return
     d = _gate(engine, version, tolerance)
     _print_decision(d)
@@ -251,7 +263,7 @@ def models_rollback(config: ConfigOpt = None) -> None:
     from pipeline.registry import RegistryError, rollback
 
     try:
-        console.print(f"production is now {rollback(_engine(config_or_exit(config)))}")
+        _say(f"production is now {rollback(_engine(config_or_exit(config)))}")
     except RegistryError as e:
         raise fail(str(e)) from None
 
@@ -295,7 +307,7 @@ def label(
         fid = add_feedback(_engine(cfg), doc_id, sentiment, topic, author)
     except (ValueError, LookupError) as e:
         raise fail(str(e)) from None
-    console.print(f"feedback {fid}: document {doc_id} -> {sentiment.lower()}" + (f", topic {topic}" if topic else ""))
+    _say(f"feedback {fid}: document {doc_id} -> {sentiment.lower()}" + (f", topic {topic}" if topic else ""))
 
 
 def explain(
@@ -324,7 +336,8 @@ def explain(
     except ModelLoadError as e:
         raise fail(str(e)) from None
     pred = scorer.score([text])[0]
-    console.print(f"[bold]{pred.label}[/] ({pred.probs[pred.label]:.2f})" + (f", topic {pred.topic} ({pred.topic_prob:.2f})" if pred.topic else "") + f"  model {scorer.version}")
-    console.print(text, highlight=False)
+    topic = f", topic {pred.topic} ({pred.topic_prob:.2f})" if pred.topic else ""
+    console.print(f"[bold]{escape(pred.label)}[/] " + escape(f"({pred.probs[pred.label]:.2f}){topic}  model {scorer.version}"), highlight=False)
+    _say(text)
     for word, weight in explain_text(scorer, text, top_k):
-        console.print(f"  {word:<24} +{weight:.3f}", highlight=False)
+        _say(f"  {word:<24} +{weight:.3f}")
