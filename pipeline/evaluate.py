@@ -283,6 +283,34 @@ def evaluate_model(
     )
 
 
+class EvaluationError(ValueError):
+    """An evaluation result cannot be used as asked; the message names the model and why."""
+
+
+def record_in_model(rep: EvalReport | dict[str, Any], model_dir: str | Path) -> Path:
+    """Write a report's fixed-split numbers into the model folder's finsent.json (`metrics.eval`), where the
+    promotion gate reads them for the bundled default, which has no evaluated registry row of its own."""
+    from pipeline.registry import read_meta
+
+    data = rep.to_json() if isinstance(rep, EvalReport) else rep
+    meta = read_meta(model_dir)
+    meta_path = Path(model_dir).expanduser() / "finsent.json"
+    if data.get("version") != meta.get("version"):
+        raise EvaluationError(f"the report is for {data.get('version')!r} but {meta_path} is {meta.get('version')!r}")
+    model = data["results"]["model"]
+    missing = [k for k in EVAL_SPLITS if f"split:{k}" not in data["fingerprints"]] + ([] if "fpb_test" in model else ["fpb_test"])
+    if missing:
+        raise EvaluationError(f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in {meta_path}")
+    meta.setdefault("metrics", {}).update(
+        eval={k: {m: r[m] for m in ("accuracy", "macro_f1", "ece", "ece_calibrated", "n")} for k, r in model.items()},
+        eval_fingerprints={k: data["fingerprints"][f"split:{k}"] for k in EVAL_SPLITS},
+        evaluated_at=data["created_at"],
+        eval_command=data["command"],
+    )
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta_path
+
+
 def _model_split_seed(path: str) -> int:
     from pipeline.data import DEFAULT_SEED
 

@@ -4,6 +4,11 @@ Every trained model gets a `model_versions` row. Only a model that is no worse o
 evaluation split and better on the primary one (FPB 50Agree test macro-F1) becomes production, which
 is what `finsent run` scores with unless the user names a model explicitly. Evaluation numbers live in
 the row's `metrics` JSON (`metrics["eval"]`), with the split fingerprints they were measured on.
+
+With no production row, `finsent run` scores with the bundled default, so that is what a candidate must
+beat: its numbers are recorded in its own `finsent.json` (`metrics.eval`, written by
+`finsent evaluate MODEL --record-in-model`). Without any baseline numbers the gate refuses; only an
+operator's `--force` promotes then.
 """
 
 from __future__ import annotations
@@ -122,9 +127,11 @@ class Comparison:
 class PromotionDecision:
     promoted: bool
     candidate: str
-    incumbent: str | None
+    incumbent: str | None  # the production row, None when there is none
     reasons: list[str] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
+    baseline: str | None = None  # whose numbers the candidate was compared with
+    forced: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,8 +145,46 @@ def _set_production(session: Session, version: str) -> None:
     )
 
 
-def promote_if_better(engine: Engine, candidate_version: str, *, tolerance: float = 0.0) -> PromotionDecision:
-    """Promote only if no worse (within `tolerance`) on every fixed split and strictly better on the primary one."""
+def bundled_baseline(path: str | Path | None = None) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(version, metrics, why-not) of the bundled default model, the incumbent when no row is production."""
+    from pipeline.config import DEFAULT_MODEL_DIR
+
+    folder = Path(path or DEFAULT_MODEL_DIR)
+    try:
+        meta = read_meta(folder)
+    except ModelLoadError as e:
+        return None, None, f"the bundled default model cannot be read ({e})"
+    version = str(meta.get("version"))
+    metrics = meta.get("metrics") or {}
+    if not metrics.get("eval"):
+        return version, None, (
+            f"the bundled default {version} has no recorded evaluation metrics (metrics.eval in {folder / META_FILE}; "
+            f"finsent evaluate {folder} --no-db --record-in-model writes them)"
+        )
+    return version, metrics, None
+
+
+def _incumbent_metrics(inc: s.ModelVersion | None, bundled: str | Path | None) -> tuple[str | None, dict[str, Any] | None, str]:
+    """The numbers to beat: production's, else the bundled default's; with a reason when there are none."""
+    if inc is not None:
+        if (inc.metrics or {}).get("eval"):
+            return inc.id, inc.metrics, f"compared with production {inc.id}"
+        version, metrics, _ = bundled_baseline(bundled)
+        if version == inc.id and metrics is not None:  # the bundled default promoted by hand, never evaluated in the DB
+            return inc.id, metrics, f"compared with production {inc.id} (its metrics from the bundled folder)"
+        return inc.id, None, f"production {inc.id} has no evaluation metrics: evaluate it, or promote by hand with --force"
+    version, metrics, why = bundled_baseline(bundled)
+    if metrics is None:
+        return version, None, f"no production model and {why}: nothing to compare with, promote by hand with --force"
+    return version, metrics, f"no production model: compared with the bundled default {version}"
+
+
+def promote_if_better(
+    engine: Engine, candidate_version: str, *, tolerance: float = 0.0, force: bool = False, bundled: str | Path | None = None
+) -> PromotionDecision:
+    """Promote only if no worse (within `tolerance`) on every fixed split and strictly better on the primary one
+    than production, or than the bundled default (`bundled`, default models/finsent-minilm) when nothing is
+    production. `force` promotes a refused candidate anyway, keeping the comparison on record."""
     with session_scope(engine) as session:
         cand = session.get(s.ModelVersion, candidate_version)
         if cand is None:
@@ -147,53 +192,58 @@ def promote_if_better(engine: Engine, candidate_version: str, *, tolerance: floa
         inc = production_model(session)
         decision = PromotionDecision(False, candidate_version, inc.id if inc else None)
         cand_eval = (cand.metrics or {}).get("eval")
-        if not cand_eval:
-            decision.reasons.append(f"{candidate_version} has no evaluation metrics: run `finsent evaluate` on it first")
-        elif inc is not None and inc.id == candidate_version:
+        if inc is not None and inc.id == candidate_version:
             decision.reasons.append(f"{candidate_version} is already production")
-        elif inc is None:
-            decision.promoted = True
-            decision.reasons.append("no production model yet")
+        elif not cand_eval:
+            decision.reasons.append(f"{candidate_version} has no evaluation metrics: run `finsent evaluate` on it first")
         else:
-            inc_eval = (inc.metrics or {}).get("eval")
-            if not inc_eval:
-                decision.reasons.append(f"production {inc.id} has no evaluation metrics: evaluate it, or promote by hand")
-            elif (cand.metrics or {}).get("eval_fingerprints") != (inc.metrics or {}).get("eval_fingerprints"):
-                decision.reasons.append("candidate and production were evaluated on different splits: re-evaluate both with the same data")
+            decision.baseline, base, against = _incumbent_metrics(inc, bundled)
+            if base is None:
+                decision.reasons.append(against)
+            elif (cand.metrics or {}).get("eval_fingerprints") != base.get("eval_fingerprints"):
+                decision.reasons.append(f"{against}: evaluated on different splits; re-evaluate both with the same data")
             else:
-                ok = True
-                for split in EVAL_SPLITS:
-                    for metric in GATE_METRICS:
-                        c, i = _metric(cand.metrics, split, metric), _metric(inc.metrics, split, metric)
-                        if i is None:
-                            continue
-                        fine = c is not None and c >= i - tolerance
-                        decision.comparisons.append(Comparison(split, metric, c, i, fine))
-                        if not fine:
-                            ok = False
-                            decision.reasons.append(f"worse on {split} {metric}: {c} < {i}" + (f" - {tolerance}" if tolerance else ""))
-                c, i = _metric(cand.metrics, *PRIMARY), _metric(inc.metrics, *PRIMARY)
-                better = c is not None and i is not None and c > i
-                decision.comparisons.append(Comparison(PRIMARY[0], f"{PRIMARY[1]} (primary, must improve)", c, i, better))
-                if not better:
-                    ok = False
-                    decision.reasons.append(f"not better on the primary {PRIMARY[0]} {PRIMARY[1]}: {c} <= {i}")
-                if ok:
-                    decision.promoted = True
-                    decision.reasons.append(f"better on {PRIMARY[0]} {PRIMARY[1]} ({i} -> {c}) and no worse elsewhere")
+                decision.reasons.append(against)
+                _compare(decision, cand.metrics, base, tolerance)
+        if force and not decision.promoted and not (inc is not None and inc.id == candidate_version):
+            decision.promoted = decision.forced = True
+            decision.reasons.append("forced by the operator although the gate refused")
         if decision.promoted:
             _set_production(session, candidate_version)
-        if cand is not None:
-            cand.metrics = {**(cand.metrics or {}), "promotion_decision": {**decision.as_dict(), "at": datetime.now(UTC).isoformat(timespec="seconds")}}
+        cand.metrics = {**(cand.metrics or {}), "promotion_decision": {**decision.as_dict(), "at": datetime.now(UTC).isoformat(timespec="seconds")}}
     log.info(
-        "promotion %s for %s (production was %s): %s; %s",
-        "ACCEPTED" if decision.promoted else "REFUSED",
+        "promotion %s for %s (production was %s, compared with %s): %s; %s",
+        ("FORCED" if decision.forced else "ACCEPTED") if decision.promoted else "REFUSED",
         candidate_version,
         decision.incumbent,
+        decision.baseline,
         "; ".join(decision.reasons),
         ", ".join(f"{c.split}.{c.metric}={c.candidate} vs {c.incumbent}" for c in decision.comparisons),
     )
     return decision
+
+
+def _compare(decision: PromotionDecision, cand: dict[str, Any], base: dict[str, Any], tolerance: float) -> None:
+    ok = True
+    for split in EVAL_SPLITS:
+        for metric in GATE_METRICS:
+            c, i = _metric(cand, split, metric), _metric(base, split, metric)
+            if i is None:
+                continue
+            fine = c is not None and c >= i - tolerance
+            decision.comparisons.append(Comparison(split, metric, c, i, fine))
+            if not fine:
+                ok = False
+                decision.reasons.append(f"worse on {split} {metric}: {c} < {i}" + (f" - {tolerance}" if tolerance else ""))
+    c, i = _metric(cand, *PRIMARY), _metric(base, *PRIMARY)
+    better = c is not None and i is not None and c > i
+    decision.comparisons.append(Comparison(PRIMARY[0], f"{PRIMARY[1]} (primary, must improve)", c, i, better))
+    if not better:
+        ok = False
+        decision.reasons.append(f"not better on the primary {PRIMARY[0]} {PRIMARY[1]}: {c} <= {i}")
+    if ok:
+        decision.promoted = True
+        decision.reasons.append(f"better on {PRIMARY[0]} {PRIMARY[1]} ({i} -> {c}) and no worse elsewhere")
 
 
 def promote(engine: Engine, version: str) -> None:

@@ -397,9 +397,12 @@ def test_dashboard_views_agree_with_stored_scores(engine):
     assert last.neg_share > 0.4 > 0.2 > baseline
 
 
-def test_train_dag_trains_evaluates_and_promotes_through_the_gate(airflow_db, tmp_path, pg_url, engine, tiny_model_dir, monkeypatch):
+def test_train_dag_trains_evaluates_and_gates_against_the_bundled_default(airflow_db, tmp_path, pg_url, engine, tiny_model_dir, monkeypatch):
     """finsent_train with a tiny base and two steps: a registered candidate with its fixed-split metrics in
-    the registry, promoted by the registry's gate (here because no production model exists yet)."""
+    the registry, refused by the registry's gate: with no production model it must beat the bundled default."""
+    from pipeline.registry import bundled_baseline
+
+    default_version, default_metrics, _ = bundled_baseline()
     monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "t.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("FINSENT_TRAIN_OUTPUT", str(tmp_path / "candidates"))
@@ -408,10 +411,15 @@ def test_train_dag_trains_evaluates_and_promotes_through_the_gate(airflow_db, tm
     assert dag.test(logical_date=datetime(2026, 3, 1, 3, 0, tzinfo=UTC), run_conf=conf).state == "success"
     with engine.connect() as c:
         rows = c.execute(select(s.ModelVersion.id, s.ModelVersion.path, s.ModelVersion.is_production, s.ModelVersion.metrics)).all()
-    assert len(rows) == 1 and rows[0].is_production
+    assert len(rows) == 1 and not rows[0].is_production
     assert Path(rows[0].path).is_relative_to(tmp_path / "candidates") and (Path(rows[0].path) / "config.json").is_file()
     assert set(rows[0].metrics["eval"]) >= {"fpb_test", "tfns_dev"}
-    assert rows[0].metrics["promotion_decision"]["reasons"] == ["no production model yet"]
+    decision = rows[0].metrics["promotion_decision"]
+    assert not decision["promoted"] and decision["incumbent"] is None and decision["baseline"] == default_version
+    assert decision["reasons"][0] == f"no production model: compared with the bundled default {default_version}"
+    primary = next(c for c in decision["comparisons"] if "primary" in c["metric"])
+    assert primary["incumbent"] == default_metrics["eval"]["fpb_test"]["macro_f1"] and primary["candidate"] < primary["incumbent"]
+    assert any(r.startswith("not better on the primary fpb_test macro_f1") for r in decision["reasons"])
 
 
 def test_bad_task_inputs_fail_with_errors_that_name_them(tmp_path, monkeypatch):

@@ -12,9 +12,9 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from pipeline.data import EVAL_SPLITS, build_splits
-from pipeline.evaluate import evaluate_model, expected_calibration_error, split_result, write_report
+from pipeline.evaluate import EvaluationError, evaluate_model, expected_calibration_error, record_in_model, split_result, write_report
 from pipeline.lexicon import lm_label, vader_label
-from pipeline.registry import list_models, promote_if_better
+from pipeline.registry import bundled_baseline, list_models, promote, promote_if_better
 from pipeline.score import ModelLoadError
 from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
 
@@ -71,9 +71,11 @@ def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_ur
     out = tmp_path / "docs"
     r = CliRunner().invoke(app, ["evaluate", str(tiny_model), "--data-dir", str(data_dir), "--out", str(out), "--promote", "--no-baselines"])
     assert r.exit_code == 0, r.output
-    assert "targets met" in r.output and "PROMOTED" in r.output
+    # with no production model the gate compares with the bundled default, measured on the full data, not these splits
+    assert "targets met" in r.output and "NOT promoted" in r.output and "bundled default" in r.output and "different splits" in r.output
     [m] = list_models(engine)
-    assert m.is_production and m.primary is not None
+    assert not m.is_production and m.primary is not None
+    promote(engine, m.id)
     rep = json.loads((out / "model-evaluation.json").read_text())
     assert {k: v for k, v in rep["fingerprints"].items() if k.startswith("split:")} == {k: v for k, v in before.items() if k.startswith("split:")}
     assert "finsent evaluate" in rep["command"]
@@ -87,6 +89,31 @@ def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_ur
     assert prod["fpb_test"].accuracy == rep2.results["model"]["fpb_test"].accuracy
     d = promote_if_better(engine, "twin-v2")
     assert not d.promoted and d.incumbent == m.id
+
+
+def test_record_in_model_gives_the_gate_a_baseline(tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    model = tmp_path / "default"
+    shutil.copytree(tiny_model, model)
+    assert bundled_baseline(model)[1] is None
+    run = CliRunner().invoke
+    r = run(app, ["evaluate", str(model), "--data-dir", str(data_dir), "--out", str(tmp_path / "docs"), "--no-db", "--no-baselines", "--record-in-model", "--limit", "5"])
+    assert r.exit_code == 2 and "--record-in-model needs the full splits" in r.output
+    assert "eval" not in json.loads((model / "finsent.json").read_text()).get("metrics", {})
+    r = run(app, ["evaluate", str(model), "--data-dir", str(data_dir), "--out", str(tmp_path / "docs"), "--no-db", "--no-baselines", "--record-in-model"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "docs" / "model-evaluation.json").read_text())
+    version, metrics, why = bundled_baseline(model)
+    assert why is None and version == report["version"]
+    assert metrics["eval"]["fpb_test"]["macro_f1"] == report["results"]["model"]["fpb_test"]["macro_f1"]
+    assert metrics["eval_fingerprints"] == {k: report["fingerprints"][f"split:{k}"] for k in EVAL_SPLITS}
+    assert metrics["eval_command"] == report["command"]
+    before = (model / "finsent.json").read_text()
+    with pytest.raises(EvaluationError, match=f"report is for 'someone-else'.*{model}"):
+        record_in_model({**report, "version": "someone-else"}, model)
+    assert (model / "finsent.json").read_text() == before
 
 
 def test_evaluate_missing_model_is_clear(tmp_path: Path, data_dir: Path) -> None:

@@ -139,14 +139,20 @@ def evaluate(
     baselines: Annotated[bool, typer.Option(help="Also score VADER, the dictionary and TF-IDF+LR.")] = True,
     limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")] = None,
     promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
+    record_in_model: Annotated[
+        bool, typer.Option(help="Also write the metrics into MODEL/finsent.json: the gate's baseline when MODEL is the bundled default.")
+    ] = False,
     no_db: NoDb = False,
     config: ConfigOpt = None,
 ) -> None:
     """Score MODEL and the baselines on the fixed splits; write the report; record metrics in the registry."""
-    from pipeline.evaluate import SPLIT_TITLES, evaluate_model, write_report
+    from pipeline.evaluate import SPLIT_TITLES, EvaluationError, evaluate_model, write_report
+    from pipeline.evaluate import record_in_model as write_into_model
     from pipeline.score import ModelLoadError
 
     cfg = config_or_exit(config)
+    if record_in_model and limit is not None:
+        raise fail("--record-in-model needs the full splits (drop --limit)")
     engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
     try:
@@ -166,6 +172,11 @@ def evaluate(
     for t in rep.targets:
         _say(f"  {'met ' if t['met'] else 'MISS'} {t['split']} {t['metric']} {t['target']}: {_pct(t['value'])}")
     _say(f"wrote {md} and {js}")
+    if record_in_model:
+        try:
+            _say(f"recorded the fixed-split metrics in {write_into_model(rep, model)}")
+        except (EvaluationError, ModelLoadError) as e:
+            raise fail(str(e)) from None
     if promote:
         if engine is None:
             raise fail("--promote needs the database (drop --no-db)")
@@ -186,17 +197,18 @@ def _command_line(ctx: typer.Context, model: str) -> str:
     return " ".join(shlex.quote(x) for x in parts)
 
 
-def _gate(engine, version: str, tolerance: float = 0.0):
+def _gate(engine, version: str, tolerance: float = 0.0, force: bool = False):
     from pipeline.registry import RegistryError, promote_if_better
 
     try:
-        return promote_if_better(engine, version, tolerance=tolerance)
+        return promote_if_better(engine, version, tolerance=tolerance, force=force)
     except RegistryError as e:
         raise fail(str(e)) from None
 
 
 def _print_decision(d) -> None:
-    console.print(f"[bold]{'PROMOTED' if d.promoted else 'NOT promoted'}[/] {escape(d.candidate)} (production was {escape(d.incumbent or 'none')})", highlight=False)
+    verdict = ("PROMOTED (forced)" if d.forced else "PROMOTED") if d.promoted else "NOT promoted"
+    console.print(f"[bold]{verdict}[/] {escape(d.candidate)} (production was {escape(d.incumbent or 'none')})", highlight=False)
     for r in d.reasons:
         _say(f"  - {r}")
     for c in d.comparisons:
@@ -235,23 +247,12 @@ def models_register(path: Path, config: ConfigOpt = None) -> None:
 @models_app.command("promote")
 def models_promote(
     version: str,
-    force: Annotated[bool, typer.Option(help="Skip the gate (an operator's decision).")] = False,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses (an operator's decision; the comparison is still recorded).")] = False,
     tolerance: Annotated[float, typer.Option(help="Allowed drop on non-primary metrics.")] = 0.0,
     config: ConfigOpt = None,
 ) -> None:
     """Make VERSION production if it passes the gate (or unconditionally with --force)."""
-    from pipeline.registry import RegistryError
-    from pipeline.registry import promote as force_promote
-
-    engine = _engine(config_or_exit(config))
-    if force:
-        try:
-            force_promote(engine, version)
-        except RegistryError as e:
-            raise fail(str(e)) from None
-        _say(f"{version} is production (forced)")
-        return
-    d = _gate(engine, version, tolerance)
+    d = _gate(_engine(config_or_exit(config)), version, tolerance, force)
     _print_decision(d)
     if not d.promoted:
         raise typer.Exit(1)
