@@ -20,8 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.commands.core import ConfigOpt, config_or_exit
-from pipeline.commands.core import fail as _core_fail
+from pipeline.commands.core import ConfigOpt, config_or_exit, fail
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -34,11 +33,6 @@ def _engine(cfg):
     from pipeline.store import make_engine
 
     return make_engine(cfg.database_url.get_secret_value())
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """core.fail renders rich markup; messages here carry paths, versions and feed text."""
-    return _core_fail(escape(message), code)
 
 
 def _say(text: object) -> None:
