@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, make_msgid
 from typing import Any, Protocol, TextIO
 from urllib.parse import quote, urlsplit
 
@@ -96,6 +96,21 @@ def safe_link(url: str | None) -> str | None:
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return None
     return quote(url, safe=":/?#[]@!$&'()*+,;=%~-._")
+
+
+def clean_block(text: str | None, limit: int = 2900) -> str:
+    """Multi-line text (an error, a traceback line) with its line breaks kept but control characters dropped."""
+    lines = [" ".join(_CONTROL.sub(" ", line).split()) for line in (text or "").splitlines()]
+    t = "\n".join(lines).strip("\n")
+    return t if len(t) <= limit else t[: limit - 1] + "\u2026"
+
+
+def slack_code_block(text: str | None, limit: int = 2900) -> str:
+    """Untrusted multi-line text as a Slack code block: read verbatim (no *_~ formatting inside a block),
+    with no links, mentions or channel pings, and no backtick that could close the block early."""
+    t = clean_block(text, limit)
+    t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("@", "@\u200b").replace("`", "\u02cb")
+    return f"```{t}```"
 
 
 def _slack_link(url: str | None, label: str) -> str:
@@ -286,6 +301,15 @@ def render_html(v: AlertView) -> str:
     )
 
 
+def render_notice_slack(subject: str, body: str) -> tuple[str, list[dict[str, Any]]]:
+    """An operational notice (not an alert): a plain-text header and the body as an escaped code block."""
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": clean_text(subject, 150), "emoji": False}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": slack_code_block(body)}},
+    ]
+    return slack_escape(subject, 400), blocks
+
+
 # --- sinks ---------------------------------------------------------------------------------------
 
 
@@ -304,6 +328,9 @@ class ConsoleSink:
 
     def send(self, view: AlertView) -> None:
         print(render_text(view), file=self.stream or sys.stdout, flush=True)
+
+    def notice(self, subject: str, body: str) -> None:
+        print(f"{clean_text(subject, 200)}\n{clean_block(body, 10000)}", file=self.stream or sys.stdout, flush=True)
 
 
 class _RedactFilter(logging.Filter):
@@ -324,6 +351,12 @@ class SlackSink:
         self.cfg = cfg
 
     def send(self, view: AlertView) -> None:
+        self._post(*render_slack(view))
+
+    def notice(self, subject: str, body: str) -> None:
+        self._post(*render_notice_slack(subject, body))
+
+    def _post(self, text: str, blocks: list[dict[str, Any]]) -> None:
         from slack_sdk.webhook import WebhookClient
 
         url = secrets.slack_webhook_url(self.cfg.webhook_url_env)
@@ -335,7 +368,6 @@ class SlackSink:
         sdk_log.addFilter(_RedactFilter(url))
         for h in logging.getLogger().handlers:
             sdk_log.addHandler(h)
-        text, blocks = render_slack(view)
         try:
             client = WebhookClient(url, timeout=max(1, round(self.cfg.timeout_s)), logger=sdk_log, retry_handlers=[])
             resp = client.send(text=text, blocks=blocks, unfurl_links=False, unfurl_media=False)
@@ -363,7 +395,21 @@ class EmailSink:
         msg.add_alternative(render_html(view), subtype="html")
         return msg
 
+    def notice(self, subject: str, body: str) -> None:
+        """A plain-text operational notice over the same SMTP path (STARTTLS, AUTH) as alerts."""
+        msg = EmailMessage()
+        msg["Subject"] = clean_text(subject, 200)
+        msg["From"] = self.cfg.mail_from
+        msg["To"] = ", ".join(self.cfg.mail_to)
+        msg["Date"] = format_datetime(datetime.now(UTC))
+        msg["Message-ID"] = make_msgid(domain="finsent.alerts")
+        msg.set_content(clean_block(body, 10000))
+        self._deliver(msg)
+
     def send(self, view: AlertView) -> None:
+        self._deliver(self.message(view))
+
+    def _deliver(self, msg: EmailMessage) -> None:
         c = self.cfg
         if not c.mail_to:
             raise DeliveryError(f"sink {self.name}: no recipients (mail_to is empty)")
@@ -372,7 +418,6 @@ class EmailSink:
             raise DeliveryError(
                 f"sink {self.name}: no SMTP password for {user} (set env {c.smtp_password_env} or Airflow connection {secrets.SMTP_CONN_ID})"
             )
-        msg = self.message(view)
         try:
             with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=c.timeout_s) as smtp:
                 smtp.ehlo()
@@ -386,8 +431,17 @@ class EmailSink:
             raise DeliveryError(f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: {scrub(f'{type(e).__name__}: {e}', [password])}") from None
 
 
+_SINK_KINDS: dict[str, type[ConsoleSink | SlackSink | EmailSink]] = {"console": ConsoleSink, "slack": SlackSink, "email": EmailSink}
+
+
 def build_sink(cfg: SinkConfig) -> Sink:
-    return {"console": ConsoleSink, "slack": SlackSink, "email": EmailSink}[cfg.kind](cfg)
+    return _SINK_KINDS[cfg.kind](cfg)
+
+
+def send_notice(cfg: SinkConfig, subject: str, body: str) -> None:
+    """Send an operational notice (e.g. a failed Airflow task) through the sink code alerts use, with the
+    same escaping and TLS; raises DeliveryError (secret-free) when the sink cannot deliver it."""
+    _SINK_KINDS[cfg.kind](cfg).notice(subject, body)
 
 
 # --- delivery ------------------------------------------------------------------------------------

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import smtplib
-import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -413,44 +410,22 @@ def failure_message(context: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
-    """Send an operational notice to every configured sink; returns the sinks reached. Never raises."""
+    """Send an operational notice to every configured sink through pipeline.notify's sinks (the alerts'
+    Slack escaping, STARTTLS and secret scrubbing); returns the sinks reached. Never raises."""
+    from pipeline.notify import DeliveryError
+    from pipeline.notify import send_notice as send_to_sink
+
     hidden = _secrets(cfg)
     subject, body = redact(subject, hidden), redact(body, hidden)
     reached: list[str] = []
     for sink in cfg.sinks:
         try:
-            if sink.kind == "console":
-                log.error("%s\n%s", subject, body)
-            elif sink.kind == "slack":
-                url = secrets.slack_webhook_url(sink.webhook_url_env)
-                if not url:
-                    log.error("sink %s: no webhook URL in %s or connection %s", sink.name, sink.webhook_url_env, SLACK_CONN_ID)
-                    continue
-                from slack_sdk.webhook import WebhookClient
-
-                quiet = logging.getLogger(f"{__name__}.slack_sdk")  # slack_sdk logs request URLs at DEBUG
-                quiet.setLevel(logging.WARNING)
-                resp = WebhookClient(url, timeout=max(1, round(sink.timeout_s)), logger=quiet).send(text=f"*{subject}*\n```{body}```")
-                if resp.status_code != 200:
-                    log.error("sink %s: webhook answered HTTP %s", sink.name, resp.status_code)
-                    continue
-            elif sink.kind == "email":
-                if not sink.mail_to:
-                    log.error("sink %s: no mail_to recipients", sink.name)
-                    continue
-                msg = EmailMessage()
-                msg["Subject"], msg["From"], msg["To"] = subject, sink.mail_from, ", ".join(sink.mail_to)
-                msg.set_content(body)
-                user, password = secrets.smtp_credentials(sink.smtp_password_env, sink.smtp_user)
-                with smtplib.SMTP(sink.smtp_host, sink.smtp_port, timeout=sink.timeout_s) as smtp:
-                    if sink.smtp_starttls:
-                        smtp.starttls(context=ssl.create_default_context())
-                    if user and password:
-                        smtp.login(user, password)
-                    smtp.send_message(msg)
-            reached.append(sink.name)
+            send_to_sink(sink, subject, body)
         except Exception as e:  # a notice must never mask the failure it reports
-            log.error("sink %s: could not send failure notice: %s", sink.name, redact(f"{type(e).__name__}: {e}", hidden))
+            why = str(e) if isinstance(e, DeliveryError) else f"{type(e).__name__}: {e}"
+            log.error("sink %s: could not send failure notice: %s", sink.name, redact(why, hidden))
+        else:
+            reached.append(sink.name)
     return reached
 
 

@@ -352,6 +352,43 @@ def test_failed_task_notifies_sinks_without_leaking_secrets(tmp_path, monitor_en
         assert password not in blob and "test-secret-token" not in blob
 
 
+def test_failure_notice_text_from_feeds_is_escaped_and_a_broken_sink_does_not_stop_the_others(monitor_env, capsys, caplog):
+    """The on_failure callback with an error quoting hostile feed text: Slack gets it inert in a code block,
+    email and the console get it without control characters, and a sink that fails is logged without secrets."""
+    from types import SimpleNamespace
+
+    from pipeline import orchestrate
+
+    hook, smtp = monitor_env["webhook"], monitor_env["smtp"]
+    hostile = "feed 'wire' item <!channel> <http://evil.example|click> @here *bold* ```x``` \x1b[31mred\u202e"
+    ti = SimpleNamespace(dag_id="finsent_monitor", task_id="ingest", map_index=1, run_id="scheduled__2026-03-02T10:00:00+00:00", try_number=3)
+    context = {"ti": ti, "exception": ValueError(hostile), "data_interval_end": datetime(2026, 3, 2, 10, 0, tzinfo=UTC)}
+    orchestrate.on_failure(context)
+
+    assert len(hook.bodies) == 1 and len(smtp.messages) == 1
+    post = hook.bodies[0]
+    assert post["blocks"][0] == {"type": "header", "text": {"type": "plain_text", "text": "[finsent] task failed: finsent_monitor.ingest[1]", "emoji": False}}
+    code = post["blocks"][1]["text"]["text"]
+    assert code.startswith("```") and code.endswith("```") and code.count("```") == 2, code
+    assert "Task: ingest[1]" in code and "Try: 3" in code and "ValueError" in code
+    raw = json.dumps(post, ensure_ascii=False)
+    for bad in ("<!channel>", "<http://evil.example|click>", "@here", "\x1b", "\u202e"):
+        assert bad not in raw, bad
+    assert "&lt;!channel&gt;" in code and "&lt;http://evil.example|click&gt;" in code
+    assert "<" not in post["text"] and "*" not in post["text"]
+    mail = smtp.messages[0]
+    assert mail["Subject"] == "[finsent] task failed: finsent_monitor.ingest[1]"
+    assert "<!channel>" in mail.get_content() and "\x1b" not in mail.get_content()  # plain text: shown as is, minus control characters
+    out = capsys.readouterr().out
+    assert "finsent_monitor.ingest[1]" in out and "\x1b" not in out and "\u202e" not in out
+
+    hook.status = 500
+    caplog.clear()
+    assert orchestrate.send_notice(orchestrate.load(), "[finsent] task failed: x", "Error: boom") == ["console", "ops-mail"]
+    assert len(smtp.messages) == 2 and "ops-slack" in caplog.text and "HTTP 500" in caplog.text
+    assert "test-secret-token" not in caplog.text
+
+
 def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp_path, pg_url, engine, monkeypatch):
     monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "m.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
     monkeypatch.setenv("DATABASE_URL", pg_url)
