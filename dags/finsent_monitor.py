@@ -34,8 +34,8 @@ def finsent_monitor():
         return orchestrate.source_names()
 
     @task
-    def start_run(data_interval_start=None, data_interval_end=None) -> int:
-        return orchestrate.start_run(data_interval_start, data_interval_end)
+    def start_run(data_interval_start=None, data_interval_end=None, run_id=None) -> int:
+        return orchestrate.start_run(data_interval_start, data_interval_end, airflow_run_id=run_id)
 
     @task(max_active_tis_per_dagrun=8)
     def ingest(source: str, pipeline_run_id: int) -> dict:
@@ -53,7 +53,8 @@ def finsent_monitor():
     def notify() -> dict:
         return orchestrate.notify()
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None)
+    # finish fails on purpose when a step failed; retrying would only repeat that verdict
+    @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
     def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified) -> dict:
         return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified)
 

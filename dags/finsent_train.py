@@ -36,8 +36,8 @@ DEFAULT_ARGS = {
 )
 def finsent_train():
     @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=6))
-    def train(params=None) -> dict:
-        return orchestrate.train(**{k: v for k, v in (params or {}).items() if v is not None})
+    def train(params=None, run_id=None) -> dict:
+        return orchestrate.train(airflow_run_id=run_id, **{k: v for k, v in (params or {}).items() if v is not None})
 
     @task(queue="gpu", pool="gpu")
     def evaluate(trained: dict) -> dict:

@@ -8,8 +8,11 @@ Nothing here imports torch or transformers at module level.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -17,10 +20,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 
 from pipeline import secrets, store
 from pipeline.config import FinsentConfig, load_config
+from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +124,44 @@ def source_names() -> list[str]:
     return names
 
 
-def start_run(interval_start: Any, interval_end: Any) -> int:
+AIRFLOW_RUN_KEY = "airflow_run_id"
+
+
+def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None = None) -> int:
+    """The `pipeline_runs` row for this DAG run: a retried start_run reuses the unfinished row its earlier
+    try made (same kind, interval and Airflow run id, kept in `counts`) instead of leaving an orphan.
+
+    A DAG run cleared and run again after `finish` gets a new row, so each full execution stays on record.
+    """
+    start, end = _as_utc(interval_start), _as_utc(interval_end)
     cfg = load()
     engine = _engine(cfg)
     try:
-        return store.start_run(engine, RUN_KIND, _as_utc(interval_start), _as_utc(interval_end))
+        if not airflow_run_id:
+            return store.start_run(engine, RUN_KIND, start, end)
+        P = s.PipelineRun
+        with store.session_scope(engine) as session:
+            if session.get_bind().dialect.name == "postgresql":  # two tries racing (a zombie and its retry) still make one row
+                session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{RUN_KIND}:{airflow_run_id}"))))
+            found = session.scalars(
+                select(P.id)
+                .where(
+                    P.kind == RUN_KIND,
+                    P.interval_start == start,
+                    P.interval_end == end,
+                    P.finished_at.is_(None),
+                    P.counts[AIRFLOW_RUN_KEY].as_string() == airflow_run_id,
+                )
+                .order_by(P.id.desc())
+                .limit(1)
+            ).first()
+            if found is not None:
+                log.info("pipeline run %s reused for Airflow run %s (a retried start_run)", found, airflow_run_id)
+                return found
+            run = P(kind=RUN_KIND, started_at=datetime.now(UTC), interval_start=start, interval_end=end, counts={AIRFLOW_RUN_KEY: airflow_run_id})
+            session.add(run)
+            session.flush()
+            return run.id
     finally:
         engine.dispose()
 
@@ -251,7 +288,10 @@ def finish_run(
     cfg = load()
     engine = _engine(cfg)
     try:
-        store.finish_run(engine, run_id, status, counts, errors)
+        with engine.connect() as c:
+            stored = c.scalar(select(s.PipelineRun.counts).where(s.PipelineRun.id == run_id)) or {}
+        keep = {AIRFLOW_RUN_KEY: stored[AIRFLOW_RUN_KEY]} if AIRFLOW_RUN_KEY in stored else {}
+        store.finish_run(engine, run_id, status, {**counts, **keep}, errors)
     finally:
         engine.dispose()
     if failed_steps:
@@ -277,8 +317,43 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def train(output_dir: str | None = None, **options: Any) -> dict[str, Any]:
-    """Fine-tune a candidate and register it; options (limit, epochs, max_steps, base...) come from the run's params."""
+def candidate_dir_name(airflow_run_id: str) -> str:
+    """A folder name for a DAG run's candidate: the run id made path-safe, plus a short hash of the raw id
+    so two run ids that differ only in punctuation never share a folder."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", airflow_run_id).strip("._-")[:80] or "run"
+    return f"{safe}-{hashlib.sha256(airflow_run_id.encode()).hexdigest()[:8]}"
+
+
+def _finished_candidate(run_dir: Path, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The metadata of a candidate an earlier try of this DAG run finished in `run_dir`, else None.
+
+    `finsent.json` is written last, so without it the folder is a killed try's leftovers. A finished
+    folder trained with other options is refused rather than overwritten: it may already be registered.
+    """
+    from pipeline.registry import ModelLoadError, read_meta
+
+    if not (run_dir / "finsent.json").is_file():
+        return None
+    try:
+        meta = read_meta(run_dir)
+    except ModelLoadError:
+        return None
+    hyper = meta.get("hyperparameters") or {}
+    differs = sorted(k for k, v in options.items() if hyper.get(k) != v)
+    if differs:
+        raise OrchestrationError(
+            f"candidate folder {run_dir} holds a model trained with other {differs} than this run asks for; "
+            "move it away or trigger a new DAG run"
+        )
+    return meta
+
+
+def train(output_dir: str | None = None, airflow_run_id: str | None = None, **options: Any) -> dict[str, Any]:
+    """Fine-tune a candidate and register it; options (limit, epochs, max_steps, base...) come from the run's params.
+
+    Under Airflow the folder is named by the DAG run id, so a retried task finds the candidate an earlier
+    try finished (and registers it, idempotently) instead of training and registering a second one.
+    """
     from pipeline.registry import register_trained
     from pipeline.train import TrainConfig, train_model
 
@@ -287,22 +362,33 @@ def train(output_dir: str | None = None, **options: Any) -> dict[str, Any]:
     unknown = sorted(k for k in options if k not in known)
     if unknown:
         raise OrchestrationError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
+    options = {k: v for k, v in options.items() if v is not None}
     target = Path(output_dir or os.environ.get(TRAIN_OUTPUT_ENV) or Path.cwd() / "models" / "candidates")
-    run_dir = target / datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    result = train_model(
-        run_dir,
-        cfg.data_dir,
-        TrainConfig(**{k: v for k, v in options.items() if v is not None}),
-        database_url=cfg.database_url.get_secret_value(),
-        device=cfg.model.device,
-        progress=False,
-    )
+    run_dir = target / (candidate_dir_name(airflow_run_id) if airflow_run_id else datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
+    meta = _finished_candidate(run_dir, options) if airflow_run_id else None
+    if meta is not None:
+        log.info("reusing candidate %s finished by an earlier try of %s", run_dir, airflow_run_id)
+        path, seconds, device = run_dir, (meta.get("training") or {}).get("seconds"), (meta.get("training") or {}).get("device")
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        result = train_model(
+            run_dir,
+            cfg.data_dir,
+            TrainConfig(**options),
+            database_url=cfg.database_url.get_secret_value(),
+            device=cfg.model.device,
+            progress=False,
+        )
+        path, seconds, device = result.output_dir, result.seconds, result.device
     engine = _engine(cfg)
     try:
-        version = register_trained(engine, result.output_dir)
+        version = register_trained(engine, path)
     finally:
         engine.dispose()
-    return _jsonable({"path": str(result.output_dir), "version": version, "seconds": result.seconds, "device": result.device, "limit": options.get("limit")})
+    return _jsonable(
+        {"path": str(path), "version": version, "seconds": seconds, "device": device, "limit": options.get("limit"), "reused": meta is not None}
+    )
 
 
 def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
