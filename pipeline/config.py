@@ -7,6 +7,7 @@ KeyError in the middle of a scheduled run.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -135,6 +136,20 @@ class EnvOverrides(BaseSettings):
     database_url: SecretStr | None = None
     finsent_model: str | None = None
     finsent_data_dir: str | None = None
+
+
+def env_int(name: str, default: int, what: str, env: Mapping[str, str] | None = None) -> int:
+    """A whole-number (>= 1) setting from the environment; a bad value names the variable and what it counts."""
+    raw = (env if env is not None else os.environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number of {what} (>= 1)")
+    return value
 
 
 def _format_validation_error(path: str, err: ValidationError) -> str:

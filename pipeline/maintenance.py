@@ -9,13 +9,13 @@ the YAML schema belongs to pipeline.config.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, text, update
 
 from pipeline import store
+from pipeline.config import ConfigError, env_int
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,10 @@ class MaintenanceReport:
 
 
 def retention_days(env: dict[str, str] | None = None) -> int:
-    raw = (env if env is not None else os.environ).get(RETENTION_ENV)
-    if raw is None or raw.strip() == "":
-        return DEFAULT_RETENTION_DAYS
     try:
-        days = int(raw)
-    except ValueError:
-        raise MaintenanceError(f"{RETENTION_ENV}={raw!r}: expected a whole number of days (>= 1)") from None
-    if days < 1:
-        raise MaintenanceError(f"{RETENTION_ENV}={raw!r}: expected a whole number of days (>= 1)")
-    return days
+        return env_int(RETENTION_ENV, DEFAULT_RETENTION_DAYS, "days", env)
+    except ConfigError as e:
+        raise MaintenanceError(str(e)) from None
 
 
 def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 from sqlalchemy import Engine, func, select
 
 from pipeline import secrets, store
-from pipeline.config import FinsentConfig, load_config
+from pipeline.config import ConfigError, FinsentConfig, env_int, load_config
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,10 @@ def score_shards() -> list[int]:
 
     Read when the DAG file is parsed (an env lookup, no I/O), so the mapping is static per deployment.
     """
-    raw = os.environ.get(SHARDS_ENV, "1")
     try:
-        n = int(raw)
-    except ValueError:
-        raise OrchestrationError(f"{SHARDS_ENV}={raw!r}: expected a whole number of score shards (>= 1)") from None
-    if n < 1:
-        raise OrchestrationError(f"{SHARDS_ENV}={raw!r}: expected a whole number of score shards (>= 1)")
-    return list(range(n))
+        return list(range(env_int(SHARDS_ENV, 1, "score shards")))
+    except ConfigError as e:
+        raise OrchestrationError(str(e)) from None
 
 
 def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:

@@ -251,9 +251,7 @@ def train_model(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Fine-tune, early-stop on the validation splits, calibrate, and save an fp16 model folder."""
-    import numpy as np
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
