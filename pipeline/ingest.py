@@ -420,8 +420,48 @@ class _Parsed:
     skipped: int
 
 
+_NUM_REF = re.compile(r"&#([xX][0-9a-fA-F]{1,8}|[0-9]{1,10});")
+
+
+def _fix_surrogate_refs(text: str) -> str:
+    """Character references to UTF-16 surrogates (an emoji written as two refs, or a lone half) crash
+    feedparser's encoder: join an adjacent high+low pair into its character, replace a lone half with U+FFFD."""
+    if "&#" not in text:
+        return text
+    out: list[str] = []
+    last = 0
+    high: tuple[re.Match[str], int] | None = None
+
+    def lone(m: re.Match[str]) -> None:
+        nonlocal last
+        out.append(text[last : m.start()])
+        out.append("\ufffd")
+        last = m.end()
+
+    for m in _NUM_REF.finditer(text):
+        tok = m.group(1)
+        v = int(tok[1:], 16) if tok[0] in "xX" else int(tok)
+        if high is not None:
+            hm, hv = high
+            high = None
+            if m.start() == hm.end() and 0xDC00 <= v <= 0xDFFF:
+                out.append(text[last : hm.start()])
+                out.append(f"&#{0x10000 + ((hv - 0xD800) << 10) + (v - 0xDC00)};")
+                last = m.end()
+                continue
+            lone(hm)
+        if 0xD800 <= v <= 0xDBFF:
+            high = (m, v)
+        elif 0xDC00 <= v <= 0xDFFF:
+            lone(m)
+    if high is not None:
+        lone(high[0])
+    out.append(text[last:])
+    return "".join(out)
+
+
 def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
-    text = decode_bytes(body.content, body.content_type)
+    text = _fix_surrogate_refs(decode_bytes(body.content, body.content_type))
     if not text.strip():
         raise _FetchError("empty response (no content)", body.http_status)
     # Already decoded: hand feedparser UTF-8 with a matching header (it rewrites the XML declaration),

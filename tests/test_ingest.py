@@ -478,3 +478,19 @@ def test_one_unencodable_message_does_not_fail_the_stream(feed_server, engine):
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [src("st", url, "stocktwits")])
         assert store.save_fetch(session, r).new_documents == 2
+
+
+@pytest.mark.parametrize("kind", ["rss", "atom"])
+def test_surrogate_character_references_do_not_fail_a_feed(feed_server, kind):
+    """Emoji written as two UTF-16 references are joined; a lone half becomes U+FFFD; the feed still parses."""
+    titles = ["Acme rallies &#55357;&#56832;", "Broken half &#xD800; here", "Plain title"]
+    if kind == "rss":
+        items = "".join(f"<item><guid>g{i}</guid><title>{t}</title></item>" for i, t in enumerate(titles))
+        body = f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>x</title>{items}</channel></rss>'
+    else:
+        items = "".join(f"<entry><id>g{i}</id><title>{t}</title><updated>2026-11-20T10:00:00Z</updated></entry>" for i, t in enumerate(titles))
+        body = f'<?xml version="1.0" encoding="UTF-8"?><feed xmlns="http://www.w3.org/2005/Atom"><title>x</title><id>f</id>{items}</feed>'
+    url = feed_server.put(f"surrogates.{kind}", body.encode(), "application/xml")
+    r = fetch_source(src("s", url, kind), WATCHLIST)
+    assert r.status == "ok", r.error
+    assert [d.title for d in r.documents] == ["Acme rallies \U0001F600", "Broken half \ufffd here", "Plain title"]
