@@ -55,8 +55,8 @@ def finsent_monitor():
 
     # finish fails on purpose when a step failed; retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified) -> dict:
-        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int) -> dict:
+        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards)
 
     names = sources()
     pipeline_run_id = start_run()
@@ -67,7 +67,7 @@ def finsent_monitor():
     detected = detect(scored)
     notified = notify()
     detected >> notified
-    finish(pipeline_run_id, names, ingested, scored, detected, notified)
+    finish(pipeline_run_id, names, ingested, scored, detected, notified, len(shards))
 
 
 finsent_monitor()

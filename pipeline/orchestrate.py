@@ -196,6 +196,9 @@ def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
     from pipeline.cycle import score_pending
 
     cfg = load()
+    device = shard_device(cfg.model.device, shard)
+    if device != cfg.model.device:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
     engine = _engine(cfg)
     try:
         return asdict(score_pending(cfg, engine, shard=shard, shards=shards))
@@ -203,12 +206,26 @@ def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
         engine.dispose()
 
 
-def merge_scored(scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None) -> dict[str, Any] | None:
-    """One summary of the mapped score tasks; None when any shard failed."""
+def shard_device(configured: str | None, shard: int) -> str | None:
+    """Spread score shards over the GPUs one worker sees (its N task slots share N GPUs); an explicit
+    device other than plain "cuda" is kept."""
+    if configured not in (None, "cuda"):
+        return configured
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"cuda:{shard % n}" if n > 1 else configured
+
+
+def merge_scored(
+    scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None, expected: int | None = None
+) -> dict[str, Any] | None:
+    """One summary of the mapped score tasks; None when any shard failed. Airflow hands downstream tasks
+    only the results that exist, so a failed shard shows up as fewer than `expected` parts."""
     if scored is None or isinstance(scored, Mapping):
         return dict(scored) if scored is not None else None
     parts = list(scored)
-    if not parts or any(p is None for p in parts):
+    if not parts or any(p is None for p in parts) or (expected is not None and len(parts) < expected):
         return None
     versions = {p["model_version"] for p in parts}
     if len(versions) != 1:
@@ -261,11 +278,12 @@ def finish_run(
     scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None,
     detected: Mapping[str, Any] | None,
     notified: Mapping[str, Any] | None,
+    score_shards: int | None = None,
 ) -> dict[str, Any]:
     """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed."""
     if run_id is None:
         raise OrchestrationError("start_run failed, so there is no pipeline run to record")
-    scored = merge_scored(scored)
+    scored = merge_scored(scored, score_shards)
     outcomes = [o for o in (ingested or []) if o]
     errors: list[dict[str, str]] = [
         {"step": "ingest", "source": o["source"], "error": o.get("error") or ""} for o in outcomes if o["status"] == "failed"

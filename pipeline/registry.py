@@ -192,6 +192,19 @@ def promote_if_better(
         inc = production_model(session)
         decision = PromotionDecision(False, candidate_version, inc.id if inc else None)
         cand_eval = (cand.metrics or {}).get("eval")
+        stored = (cand.metrics or {}).get("promotion_decision") or {}
+        if inc is not None and inc.id == candidate_version and stored.get("promoted"):
+            # a retried promote task: report the decision that promoted it, don't overwrite it
+            log.info("promotion of %s was already decided at %s; unchanged", candidate_version, stored.get("at"))
+            return PromotionDecision(
+                promoted=True,
+                candidate=candidate_version,
+                incumbent=stored.get("incumbent"),
+                reasons=list(stored.get("reasons", [])),
+                comparisons=[Comparison(**c) for c in stored.get("comparisons", [])],
+                baseline=stored.get("baseline"),
+                forced=bool(stored.get("forced")),
+            )
         if inc is not None and inc.id == candidate_version:
             decision.reasons.append(f"{candidate_version} is already production")
         elif not cand_eval:

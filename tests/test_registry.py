@@ -74,6 +74,12 @@ def test_gate_accepts_first_and_better_refuses_worse(engine, tmp_path: Path, cap
     d = promote_if_better(engine, "m1", bundled=weak)
     assert d.promoted and d.incumbent is None and d.baseline == "default-v0" and production(engine) == "m1"
     assert d.reasons[0] == "no production model: compared with the bundled default default-v0"
+    again = promote_if_better(engine, "m1", bundled=weak)  # a retried promote task
+    assert again.promoted and again.reasons == d.reasons and again.comparisons == d.comparisons
+    with session_scope(engine) as session:
+        from pipeline.store import schema as sc
+
+        assert session.get(sc.ModelVersion, "m1").metrics["promotion_decision"]["promoted"] is True
 
     add(engine, tmp_path, "worse", metrics(0.79))
     d = promote_if_better(engine, "worse")
