@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def _schema_url(schema: str) -> str:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A migrated, empty schema of its own; dropped afterwards, so tests run in any order."""
+    with migrated_schema() as url:
+        yield url
+
+
+@contextmanager
+def migrated_schema() -> Iterator[str]:
+    """Create a Postgres schema, migrate it, yield its URL, drop it (for fixtures of any scope)."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = create_engine(PG_BASE, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:

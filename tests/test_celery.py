@@ -36,7 +36,7 @@ from tests.feedserver import feed_server  # noqa: F401
 
 from sqlalchemy import create_engine, text
 
-from tests.conftest import PG_BASE
+from tests.conftest import PG_BASE, migrated_schema
 from tests.test_dags import _snapshot
 
 PG_ADMIN = PG_BASE
@@ -284,19 +284,4 @@ def _rounded(snapshot: dict[str, list]) -> dict[str, list]:
     return {k: [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows] for k, rows in snapshot.items()}
 
 
-@contextmanager
-def _fresh_schema():
-    from pipeline.store import upgrade
-
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_ADMIN}?options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+_fresh_schema = migrated_schema
