@@ -10,21 +10,13 @@ from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
 
 from pipeline import orchestrate
 
-DEFAULT_ARGS = {
-    "owner": "finsent",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=1),
-    "on_failure_callback": orchestrate.on_failure,
-}
-
-
 @dag(
     dag_id="finsent_monitor",
     schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=orchestrate.default_args(retries=2, retry_delay=timedelta(minutes=1)),
     tags=["finsent", "monitoring"],
     doc_md=__doc__,
 )

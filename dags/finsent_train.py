@@ -9,21 +9,13 @@ from airflow.sdk import Param, dag, task
 
 from pipeline import orchestrate
 
-DEFAULT_ARGS = {
-    "owner": "finsent",
-    "retries": 1,
-    "retry_delay": timedelta(minutes=10),
-    "on_failure_callback": orchestrate.on_failure,
-}
-
-
 @dag(
     dag_id="finsent_train",
     schedule="0 3 * * 0",
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=orchestrate.default_args(retries=1, retry_delay=timedelta(minutes=10)),
     tags=["finsent", "training"],
     params={
         "limit": Param(None, type=["null", "integer"], minimum=1, description="cap on examples per split (smoke runs)"),

@@ -15,7 +15,7 @@ import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -527,6 +527,11 @@ def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
         else:
             reached.append(sink.name)
     return reached
+
+
+def default_args(retries: int, retry_delay: timedelta) -> dict[str, Any]:
+    """The default_args every finsent DAG shares: owner, retries, and failure notices to the sinks."""
+    return {"owner": "finsent", "retries": retries, "retry_delay": retry_delay, "on_failure_callback": on_failure}
 
 
 def on_failure(context: Mapping[str, Any]) -> None:
