@@ -42,5 +42,3 @@ def explain_text(scorer: Any, text: str, top_k: int = 5) -> list[tuple[str, floa
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
 
 
-def predicted_label(scorer: Any, text: str) -> str:
-    return scorer.score([text])[0].label

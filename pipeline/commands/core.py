@@ -277,4 +277,3 @@ def register(app: typer.Typer) -> None:
         preds = scorer.score(texts)
         write_predictions(output, texts, preds, scorer.labels, topics=bool(scorer.topics))
         err_console.print(f"scored {len(texts)} texts with {scorer.version} -> {output}", highlight=False)
-        sys.stdout.flush()
