@@ -7,18 +7,24 @@ Method (the same core runs on the database and on the synthetic replay of `finse
   sources carry it (distinct content_hash); a source scope counts its own items.
 - For the window ending at `as_of`, the baseline is the scope's previous `baseline_days` of windows.
   The negative share p0 comes from the baseline (optionally per time-of-day slot, shrunk halfway to the
-  overall share). The test is the upper tail P(K >= k | n) of a beta-binomial whose over-dispersion is
-  estimated from the baseline windows (Pearson chi-square), i.e. a binomial tail that does not trust
-  news to be independent coin flips. Conditioning on n makes it volume-aware: a busy hour needs more
-  negatives than a quiet one, and the daily volume cycle cannot fire it.
-- A window is "hot" when p <= warning_p and n >= min_volume, k >= min_negative and the share rose by
-  at least min_share_increase; critical when p <= critical_p. It is "warm" when p <= EXIT_P and the
+  overall share). The share test is the upper tail P(K >= k | n) of a beta-binomial whose over-dispersion
+  is estimated from the baseline windows (Pearson chi-square, counted only beyond two standard errors of
+  the estimate), i.e. a binomial tail that does not trust news to be independent coin flips.
+  Conditioning on n makes it volume-aware: a busy hour needs more negatives than a quiet one, and the
+  daily volume cycle cannot fire it. The same test runs on the last 2-4 windows together (p-values
+  doubled for the extra scans), and a negative-volume test compares k with the baseline share times the
+  hour's usual volume (new negative stories raise n too, which hides part of a spike from the share
+  test). All tails are mid-p values, so a few items per window are not tested far below the nominal level.
+- A window is "hot" when a p-value <= warning_p and n >= min_volume, k >= min_negative and the share rose
+  by at least min_share_increase; critical when p <= critical_p. It is "warm" when p <= EXIT_P and the
   share is above baseline (hysteresis: an episode stays open through warm windows).
 - Episodes: a hot window opens one (one alert); it closes after `cooldown_windows` (at least 1)
   consecutive windows that are neither hot nor warm, which emits a "resolved" notice. Re-spikes
-  during the cooldown belong to the same episode. The episode state at `as_of` is recomputed from the
-  data (scanning back to the last quiet run), never from earlier runs, so retries and backfills in any
-  order give the same alerts, whose ids hash scope, window and kind.
+  during the cooldown belong to the same episode, unless their evidence is ESCALATE_FACTOR times
+  stronger than at the episode's last alert (or they turn a warning episode critical): that sends an
+  "escalated" alert, so a real spike right after a false alarm is not swallowed. The episode state at
+  `as_of` is recomputed from the data (scanning back to the last quiet run), never from earlier runs, so
+  retries and backfills in any order give the same alerts, whose ids hash scope, window and kind.
 """
 
 from __future__ import annotations
@@ -45,7 +51,11 @@ from pipeline.store import schema as s
 log = logging.getLogger(__name__)
 
 EXIT_P = 0.05
-SUSTAINED_WINDOWS = 2
+ESCALATE_FACTOR = 0.01  # an open episode alerts again when its evidence is 100x stronger than at its last alert
+SUSTAINED_WINDOWS = 4
+SCAN_CHARGE = 2.0  # multi-window p-values are multiplied by this (a Bonferroni-style charge for scanning)
+DISPERSION_SE = 2.0  # over-dispersion is only counted beyond this many standard errors of its estimate
+COUNT_GATE_P = 0.02  # the negative-volume test needs the share test at least this small
 MIN_BASELINE_DOCS = 20
 LOOKBACK_WINDOWS = 48
 RHO_MAX = 0.2
@@ -137,7 +147,7 @@ class SeriesStats:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # spike | resolved
+    kind: str  # spike | escalated | resolved
     index: int
     onset: int
     severity: str  # severity at the episode's onset
@@ -175,6 +185,11 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
         M = np.maximum(kept.sum(1), 1)
         # Mean squared Pearson residual of the kept windows, corrected for the truncation.
         phi = (r2 * kept).sum(1) / M / TRUNCATED_R2_MEAN
+        # Only over-dispersion the baseline shows beyond sampling noise counts: at a few items per
+        # window the estimate is noisy enough to swallow a real spike.
+        r2m = (r2 * kept).sum(1) / M
+        r2v = np.maximum((r2 * r2 * kept).sum(1) / M - r2m**2, 0.0)
+        phi = np.maximum(phi - DISPERSION_SE * np.sqrt(r2v / M) / TRUNCATED_R2_MEAN, 1.0)
         # E[r^2] = 1 + (n - 1) * rho for a beta-binomial, so the mean of n over the same windows.
         nbar = (Nw * kept).sum(1) / M
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -201,6 +216,19 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
 
     ok = has_base & (Nb >= p.min_baseline_docs)
     pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
+    if T > B:
+        pc = _count_test(n, k, p0, np.asarray(series.slot, dtype=np.int64), B, p.window_minutes)
+        share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
+        hotc = (
+            ok
+            & (pv <= COUNT_GATE_P)
+            & (n >= p.min_volume)
+            & (k >= p.min_negative)
+            & (share - p0 >= p.min_share_increase)
+            & (pc <= p.warning_p)
+        )
+        new = hotc & ~hot
+        pv, hot = np.where(new, pc, pv), hot | hotc
     warm = ok & (n > 0) & (k > n * p0) & (pv <= p.exit_p)
     for m in range(2, p.sustained_windows + 1):
         # The same test on the last m windows together catches a spike spread over several windows
@@ -214,7 +242,7 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
             okm[:lag] = False
             okm[lag:] &= ok[:-lag]
         p0m = np.where(nm > 0, exm / np.where(nm > 0, nm, 1), p0)
-        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p)
+        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, charge=SCAN_CHARGE)
         new = hotm & ~hot
         pv, z, hot = np.where(new, pvm, pv), np.where(new, zm, z), hot | hotm
     return SeriesStats(
@@ -231,10 +259,46 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
     )
 
 
+def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int) -> np.ndarray:
+    """Negative volume against its time-of-day expectation: mid-p upper tail of a negative binomial.
+
+    Expected negatives = baseline share x the mean volume of the same time-of-day slot in the baseline;
+    the volume's Gamma-Poisson dispersion is estimated from the baseline around those slot means, and the
+    slot mean's own sampling error is added to the variance. A spike of new negative items raises n as
+    well as k, which hides part of it from the share test; at a few items per window this test sees it.
+    """
+    T = len(n)
+    out = np.ones(T)
+    S = (24 * 60) // window_minutes if (24 * 60) % window_minutes == 0 else 1
+    slot = slot % S
+    Nw = np.lib.stride_tricks.sliding_window_view(n, B)[: T - B]
+    Sw = np.lib.stride_tricks.sliding_window_view(slot, B)[: T - B]
+    masks = [Sw == q for q in range(S)]
+    cnt = np.stack([m.sum(1) for m in masks], 1)
+    smean = np.stack([(Nw * m).sum(1) for m in masks], 1) / np.maximum(cnt, 1)
+    m_j = np.take_along_axis(smean, Sw, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_r = np.where(m_j > 0, ((Nw - m_j) ** 2 - m_j) / np.maximum(m_j, 1e-9) ** 2, 0.0)
+    c = np.maximum(cnt.min(1), 2).astype(np.float64)
+    inv_r = np.maximum(inv_r.mean(1) * c / (c - 1), 1e-3)
+    nexp = np.maximum(smean[np.arange(T - B), slot[B:]], 0.1)
+    pb = p0[B:]
+    lam = np.maximum(pb * nexp, 0.05)
+    var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
+    phi = var / lam
+    size, prob = lam / np.maximum(phi - 1, 1e-9), 1 / phi
+    kk = k[B:].astype(np.int64)
+    pc = sps.nbinom.sf(kk - 1, size, prob) - 0.5 * sps.nbinom.pmf(kk, size, prob)
+    out[B:] = np.clip(np.nan_to_num(pc, nan=1.0), 0.0, 1.0)
+    return out
+
+
 def _tail_test(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, rho: np.ndarray, ok: np.ndarray, p: DetectorParams
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, rho: np.ndarray, ok: np.ndarray, p: DetectorParams, charge: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Beta-binomial upper tail P(K >= k | n), its z-score, and whether each window passes every gate."""
+    """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
+    items per window are not tested far below the nominal level), its z-score, and whether each window
+    passes every gate."""
     T = len(n)
     ni, ki = n.astype(np.int64), k.astype(np.int64)
     pv = np.ones(T)
@@ -245,8 +309,9 @@ def _tail_test(
         r = np.maximum(ru, 1e-9)
         a, b = pu * (1 / r - 1), (1 - pu) * (1 / r - 1)
         bb_tail = sps.betabinom.sf(ku - 1, nu, a, b)
-        pv[use] = np.where(ru > 1e-4, bb_tail, binom_tail)
-    pv = np.clip(np.nan_to_num(pv, nan=1.0), 0.0, 1.0)
+        half = np.where(ru > 1e-4, sps.betabinom.pmf(ku, nu, a, b), sps.binom.pmf(ku, nu, pu))
+        pv[use] = np.where(ru > 1e-4, bb_tail, binom_tail) - 0.5 * half
+    pv = np.clip(np.nan_to_num(pv * charge, nan=1.0), 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
         z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))
@@ -268,16 +333,24 @@ def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
         if run >= C:
             start = j + C
             break
-    open_, onset, quiet, sev = False, -1, 0, "warning"
+    open_, onset, quiet, sev, last_p = False, -1, 0, "warning", 1.0
     for i in range(start, t + 1):
         if not open_:
             if st.hot[i]:
                 open_, onset, quiet = True, i, 0
                 sev = "critical" if st.critical[i] else "warning"
+                last_p = float(st.p_value[i])
                 if i == t:
                     return Event("spike", t, t, sev)
         elif st.warm[i]:
             quiet = 0
+            if st.hot[i] and (
+                float(st.p_value[i]) <= last_p * ESCALATE_FACTOR or (st.critical[i] and sev == "warning")
+            ):
+                last_p = float(st.p_value[i])
+                sev = "critical" if st.critical[i] else sev
+                if i == t:
+                    return Event("escalated", t, onset, sev)
         else:
             quiet += 1
             if quiet >= C:
@@ -605,7 +678,7 @@ def detect_spikes(
         tops = {
             (kind, value): _top_documents(session, kind, value, model_version, w_start, w_end)
             for kind, value, ev, *_ in found
-            if ev.kind == "spike"
+            if ev.kind != "resolved"
         }
 
     if explain and any(tops.values()) and scorer is None:
@@ -614,7 +687,7 @@ def detect_spikes(
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache) if ev.kind == "spike" else ()
+        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache) if ev.kind != "resolved" else ()
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),
@@ -623,7 +696,7 @@ def detect_spikes(
                 window_start=w_start,
                 window_end=w_end,
                 kind=ev.kind,
-                severity=ev.severity if ev.kind == "spike" else "info",
+                severity=ev.severity if ev.kind != "resolved" else "info",
                 neg_count=k,
                 total_count=n,
                 neg_share=k / n if n else 0.0,
@@ -686,7 +759,7 @@ def _details(r: AlertRecord, episode_severity: str, onset: datetime, model_versi
         "episode_onset": onset.isoformat(),
         "top_documents": [item_to_dict(i) for i in r.top_documents],
         "detector": {
-            "method": "beta-binomial upper tail vs trailing baseline",
+            "method": "beta-binomial share test + negative-volume test vs trailing baseline (mid-p)",
             "window_minutes": p.window_minutes,
             "baseline_windows": p.baseline_windows,
             "warning_p": p.warning_p,

@@ -188,10 +188,12 @@ def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None
     seen = {w: [a for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in windows}
     kinds = {w: [(a.scope_value, a.kind) for a in v] for w, v in seen.items()}
     assert kinds[AS_OF] == [("NWB", "spike")]
-    assert kinds[AS_OF + H] == [] and kinds[AS_OF + 2 * H] == [] and kinds[AS_OF + 3 * H] == []
-    assert kinds[AS_OF + 4 * H] == [("NWB", "resolved")]  # three quiet windows after the last hot one
-    assert kinds[AS_OF + 5 * H] == []
-    spike, resolved = seen[AS_OF][0], seen[AS_OF + 4 * H][0]
+    later = [(w, v) for w, v in kinds.items() if w > AS_OF and v]
+    # One resolution, only after three windows that are neither hot nor warm (the quiet data after the
+    # spike may hold a mildly warm window, which keeps the episode open one window longer).
+    assert len(later) == 1 and later[0][1] == [("NWB", "resolved")] and later[0][0] >= AS_OF + 4 * H
+    resolved_at = later[0][0]
+    spike, resolved = seen[AS_OF][0], seen[resolved_at][0]
     assert resolved.episode_id == spike.episode_id and resolved.severity == "info" and resolved.id != spike.id
     # A backfill in reverse order recomputes the same episodes and ids.
     back = {w: [a.id for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in reversed(windows)}
@@ -281,3 +283,62 @@ def test_evidence_tokens_from_the_model_that_scored(engine, seeded: Seeder, tiny
         session.execute(s.ModelVersion.__table__.update().values(path="/nowhere/else"))
     other = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
     assert all(d.evidence == () for d in other.top_documents)
+
+
+def _calm(p: DetectorParams, mean_volume: float, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    T = p.history_windows + 10
+    n = rng.poisson(mean_volume, T).astype(float)
+    return n, rng.binomial(n.astype(int), share).astype(float)
+
+
+def test_negative_volume_test_sees_a_spike_the_share_test_alone_misses() -> None:
+    """A quiet scope (about 4 items an hour) suddenly carries 14 items, 7 negative: the share alone is
+    only mildly unusual (p ~ 0.007), the negative volume is far out of line, so the window alerts;
+    the same share in a scope that always carries 14 items an hour does not."""
+    p = DetectorParams.from_config(cfg().detect)
+    n, k = _calm(p, 4, 0.2, seed=4)
+    n[-1], k[-1] = 14, 7
+    st = compute_stats(Series(n=n, k=k, slot=np.arange(len(n)) % 24), p)
+    assert st.hot[-1] and st.p_value[-1] < p.warning_p
+    busy_n, busy_k = _calm(p, 14, 0.2, seed=4)
+    busy_n[-1], busy_k[-1] = 14, 7
+    busy = compute_stats(Series(n=busy_n, k=busy_k, slot=np.arange(len(busy_n)) % 24), p)
+    assert not busy.hot[-1] and busy.p_value[-1] > p.warning_p
+    # A volume burst at the usual share is news, not a negative spike.
+    n2, k2 = _calm(p, 4, 0.2, seed=4)
+    n2[-1], k2[-1] = 40, 8
+    assert not compute_stats(Series(n=n2, k=k2, slot=np.arange(len(n2)) % 24), p).hot[-1]
+
+
+def test_an_open_episode_escalates_once_when_the_evidence_grows() -> None:
+    p = DetectorParams.from_config(cfg().detect)
+    n, k = _calm(p, 40, 0.2, seed=3)
+    T = len(n)
+    n[-4], k[-4] = 40, 17  # a warning
+    n[-3], k[-3] = 40, 30  # far stronger: escalates to critical
+    n[-2], k[-2] = 40, 29  # as strong again: no third alert
+    n[-1], k[-1] = 40, 8
+    st = compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p)
+    events = [event_at(st, t, p) for t in range(T - 4, T)]
+    assert events[0] is not None and (events[0].kind, events[0].severity) == ("spike", "warning")
+    assert events[1] is not None and (events[1].kind, events[1].severity) == ("escalated", "critical")
+    assert events[1].onset == events[0].onset == T - 4
+    assert events[2] is None and events[3] is None
+    quiet = np.concatenate([n, np.full(3, 40.0)]), np.concatenate([k, np.full(3, 8.0)])
+    st2 = compute_stats(Series(n=quiet[0], k=quiet[1], slot=np.arange(T + 3) % 24), p)
+    ends = [ev for t in range(T - 1, T + 3) if (ev := event_at(st2, t, p)) is not None]
+    assert [(e.kind, e.severity) for e in ends] == [("resolved", "critical")]  # the episode's peak severity
+
+
+def test_escalation_reaches_the_database_with_its_own_id(engine, seeded: Seeder) -> None:
+    seeded.spike(AS_OF - H, negatives=4, tag="mild")
+    seeded.spike(AS_OF, negatives=40, tag="big")
+    c = cfg()
+    first = [a for a in detect_spikes(engine, c, AS_OF, MODEL, explain=False) if a.scope_kind == "entity"]
+    second = [a for a in detect_spikes(engine, c, AS_OF + H, MODEL, explain=False) if a.scope_kind == "entity"]
+    assert [(a.scope_value, a.kind) for a in first] == [("NWB", "spike")]
+    assert [(a.scope_value, a.kind, a.severity) for a in second] == [("NWB", "escalated", "critical")]
+    assert second[0].episode_id == first[0].episode_id and second[0].id != first[0].id and second[0].top_documents
+    again = [a.id for a in detect_spikes(engine, c, AS_OF + H, MODEL, explain=False) if a.scope_kind == "entity"]
+    assert again == [second[0].id]
