@@ -147,6 +147,8 @@ class AlertView:
         a = self.alert
         if a.kind == "resolved":
             return f"[RESOLVED] Negative sentiment back to normal: {self.scope_label}"
+        if a.kind == "escalated":
+            return f"[{a.severity.upper()}] Negative sentiment spike escalating: {self.scope_label}"
         return f"[{a.severity.upper()}] Negative sentiment spike: {self.scope_label}"
 
     @property
@@ -214,6 +216,8 @@ def render_text(v: AlertView) -> str:
     lines = [rule, v.title, rule, f"Window:     {v.window}"]
     if a.kind == "resolved":
         lines.append(f"Episode:    began {v.onset} ({v.episode_severity}); now {a.neg_count} of {a.total_count} negative")
+    elif a.kind == "escalated":
+        lines.append(f"Episode:    open since {v.onset}; the evidence is now much stronger than at its last alert")
     lines += [
         f"Negatives:  {v.share_line}",
         f"Statistic:  {v.stats_line}",
@@ -256,6 +260,13 @@ def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
                 "text": {"type": "mrkdwn", "text": slack_escape(f"Episode began {v.onset} ({v.episode_severity}) and has ended.")},
             }
         )
+    elif a.kind == "escalated":
+        blocks.append(
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode open since {v.onset}; the evidence is now much stronger than at its last alert.")},
+            }
+        )
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:
         line = f"\u2022 {_slack_link(d.link, slack_escape(d.title))} \u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
@@ -284,6 +295,8 @@ def render_html(v: AlertView) -> str:
     ]
     if a.kind == "resolved":
         rows.insert(1, ("Episode", f"began {v.onset} ({v.episode_severity}), now ended"))
+    elif a.kind == "escalated":
+        rows.insert(1, ("Episode", f"open since {v.onset}; escalating"))
     table = "".join(f"<tr><th align='left'>{e(k)}</th><td>{e(clean_text(val, 400))}</td></tr>" for k, val in rows)
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:

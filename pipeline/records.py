@@ -102,7 +102,7 @@ class AlertRecord:
     scope_value: str  # "*" for market
     window_start: datetime
     window_end: datetime
-    kind: str  # "spike" | "resolved"
+    kind: str  # "spike" | "escalated" | "resolved"
     severity: str  # "warning" | "critical" | "info"
     neg_count: int
     total_count: int

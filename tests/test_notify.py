@@ -191,7 +191,7 @@ def add_alert(engine, kind: str = "spike", severity: str = "critical", scope: tu
         "top_documents": [
             {"document_id": 1, "title": HOSTILE, "link": "https://news.example.com/a?x=1&y=<2>", "source": "newswire", "p_negative": 0.97, "evidence": ["plunge", "<@U999>"]},
             {"document_id": 2, "title": "Northwind Bank faces record fine", "link": "javascript:alert(1)", "source": "reddit", "p_negative": 0.91, "evidence": []},
-        ] if kind == "spike" else [],
+        ] if kind != "resolved" else [],
     }
     with session_scope(engine) as session:
         session.add(
@@ -203,7 +203,7 @@ def add_alert(engine, kind: str = "spike", severity: str = "critical", scope: tu
                 scope_value=scope[1],
                 window_start=ws,
                 window_end=ws + timedelta(hours=1),
-                severity=severity if kind == "spike" else "info",
+                severity=severity if kind != "resolved" else "info",
                 neg_count=12,
                 total_count=15,
                 neg_share=0.8,
@@ -483,3 +483,13 @@ def test_console_resolution_notice(engine, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "[RESOLVED] Negative sentiment back to normal: Northwind Bank (NWB)" in out
     assert "Episode:    began 2026-11-20 14:00 UTC (warning)" in out and "Top negative items" not in out
+
+
+def test_escalation_is_paged_like_a_spike_and_says_so(engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]) -> None:
+    add_alert(engine, kind="escalated", severity="critical")
+    assert deliver_pending(engine, make_cfg(severities=["critical"]), now=NOW, retry_delays=FAST).sent == 1
+    text = json.dumps(webhook.posts[0])
+    assert "[CRITICAL] Negative sentiment spike escalating" in text and "much stronger than at its last alert" in text
+    assert "Top negative items" in text and "<@U999>" not in text
+    assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console"}]), now=NOW).sent == 1
+    assert "Episode:    open since 2026-11-20 14:00 UTC" in capsys.readouterr().out

@@ -146,7 +146,7 @@ def print_demo(report) -> None:
     for src, title, p in report.top_negative:
         neg.add_row(f"{p:.2f}", Text(src), Text(title))  # feed text is data, never rich markup
     console.print(neg)
-    spikes = [a for a in report.alerts if a.kind == "spike"]
+    spikes = [a for a in report.alerts if a.kind != "resolved"]
     console.print(f"\n[bold]{len(spikes)} alert(s)[/] for the window ending {report.as_of:%Y-%m-%d %H:%M} UTC:")
     for a in spikes:
         risk = f", risk {a.risk_score:.0f}/100" if a.risk_score is not None else ""
@@ -207,7 +207,7 @@ def register(app: typer.Typer) -> None:
             raise fail(str(e), code=1) from None
         console.print(
             f"run {summary.run_id}: {sum(summary.fetched.values())} new documents from {len(summary.fetched)} sources, "
-            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind == 'spike'])} alerts, {summary.delivered} delivered"
+            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind != 'resolved'])} alerts, {summary.delivered} delivered"
         )
         for src, error in summary.failed_sources.items():
             err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)

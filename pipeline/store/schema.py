@@ -177,7 +177,7 @@ class Alert(Base):
     __table_args__ = (Index("ix_alerts_scope_window", "scope_kind", "scope_value", "window_end"),)
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # deterministic hash of scope+window+kind
     episode_id: Mapped[str | None] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # spike | resolved
+    kind: Mapped[str] = mapped_column(String(16))  # spike | escalated | resolved
     scope_kind: Mapped[str] = mapped_column(String(16))
     scope_value: Mapped[str] = mapped_column(String(200))
     window_start: Mapped[datetime]
