@@ -174,8 +174,8 @@ def ack_alert(
 def evaluate_cmd(
     config: ConfigOpt = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where alert-evaluation.md/.json go.")] = Path("docs"),
-    seed: Annotated[int, typer.Option(help="Random seed of the synthetic streams.")] = 7,
-    scopes: Annotated[int, typer.Option(min=2, max=1000)] = 40,
+    seed: Annotated[list[int] | None, typer.Option(help="Random seed of the synthetic streams; repeat to pool several (default 7, 11, 23, 31).")] = None,
+    scopes: Annotated[int, typer.Option(min=2, max=1000, help="Scopes per seed.")] = 100,
     weeks: Annotated[float, typer.Option(min=1, max=52)] = 8.0,
     warning_p: Annotated[float | None, typer.Option("--warning-p", help="Override detect.warning_p.")] = None,
     min_share_increase: Annotated[float | None, typer.Option("--min-share-increase", help="Override detect.min_share_increase.")] = None,
@@ -183,7 +183,7 @@ def evaluate_cmd(
     db_check: Annotated[bool, typer.Option("--db-check/--no-db-check", help="Also replay a slice through SQLite and detect_spikes.")] = True,
 ) -> None:
     """Replay synthetic streams through the detector; report recall, precision, false alerts, delay."""
-    from pipeline.alert_eval import evaluate, write_report
+    from pipeline.alert_eval import DEFAULT_SEEDS, evaluate, write_report
     from pipeline.config import ConfigError, load_config
 
     try:
@@ -202,7 +202,10 @@ def evaluate_cmd(
         parts.append(f"-c {config}")
     if out_dir != Path("docs"):
         parts.append(f"--out-dir {out_dir}")
-    parts += [f"--{k} {v:g}" for k, v in (("seed", seed), ("scopes", scopes), ("weeks", weeks)) if v != {"seed": 7, "scopes": 40, "weeks": 8.0}[k]]
+    seeds = tuple(seed) if seed else DEFAULT_SEEDS
+    if seeds != DEFAULT_SEEDS:
+        parts += [f"--seed {x}" for x in seeds]
+    parts += [f"--{k} {v:g}" for k, v in (("scopes", scopes), ("weeks", weeks)) if v != {"scopes": 100, "weeks": 8.0}[k]]
     if warning_p is not None:
         parts.append(f"--warning-p {warning_p:g}")
     if min_share_increase is not None:
@@ -212,11 +215,13 @@ def evaluate_cmd(
     if not db_check:
         parts.append("--no-db-check")
     command = " ".join(parts)
-    result = evaluate(detect_cfg, seed=seed, scopes=scopes, weeks=weeks, db_check=db_check, command=command)
+    result = evaluate(detect_cfg, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check, command=command)
     md, js = write_report(result, out_dir)
     typer.echo(f"recall (spikes >= 3 baseline SD, n={result.spikes_3sd}): {result.recall_3sd:.3f}   target >= 0.95")
     typer.echo(f"false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope {result.max_false_alerts_per_scope_week:.3f})   target <= 1")
     typer.echo(f"median detection delay (windows): {result.median_delay_windows_3sd}   target <= 1")
+    for x in result.per_seed:
+        typer.echo(f"  seed {x['seed']}: recall {x['recall_3sd']:.3f} over {x['spikes_3sd']} spikes, {x['false_alerts_per_scope_week']:.3f} false alerts per scope-week")
     typer.echo(f"precision: {result.precision:.3f}   recall over all {result.spikes_total} spikes: {result.recall_all:.3f}")
     if result.db_path_agreement:
         typer.echo(f"database path identical to in-memory replay: {result.db_path_agreement['identical']}")
