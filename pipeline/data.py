@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,12 @@ TWEET_VAL_FRAC = 0.05
 
 FPB_50 = "financial_phrasebank/Sentences_50Agree.txt"
 FPB_ALL = "financial_phrasebank/Sentences_AllAgree.txt"
+FPB_AGREEMENT = (  # (file, target probability of the majority label for sentences at that agreement level)
+    ("financial_phrasebank/Sentences_AllAgree.txt", 1.0),
+    ("financial_phrasebank/Sentences_75Agree.txt", 0.87),
+    ("financial_phrasebank/Sentences_66Agree.txt", 0.70),
+)
+FPB_50_TARGET = 0.58  # sentences on which only 50-65% of the annotators agreed
 TFNS = "tfns/sent_train.csv"
 TOPIC = "tfn_topic/topic_train.csv"
 TOPIC_CLASSES = "tfn_topic/classes.txt"
@@ -47,6 +53,7 @@ class Example:
     sentiment: int | None = None  # index into SENTIMENT_LABELS
     topic: int | None = None  # index into Splits.topics
     source: str = ""
+    agreement: float = 1.0  # target probability of the sentiment label (soft labels; 1.0 = a hard label)
 
 
 @dataclass
@@ -131,6 +138,21 @@ def read_topics(data_dir: Path) -> list[str]:
 
 def _hash(*parts: object) -> str:
     return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def fpb_agreement(data_dir: Path) -> dict[str, float]:
+    """Normalised FPB sentence -> target probability from the highest agreement file it appears in.
+
+    Training with these soft targets teaches the model to be less sure where annotators were not,
+    which a single temperature cannot do (the 50Agree test wants a higher temperature than its AllAgree
+    subset). Files that are missing are skipped: their sentences fall back to FPB_50_TARGET.
+    """
+    out: dict[str, float] = {}
+    for name, target in reversed(FPB_AGREEMENT):
+        path = data_dir / name
+        if path.exists():
+            out.update({normalise(t): target for t, _ in read_phrasebank(path)})
+    return out
 
 
 def stratified_split(
@@ -221,6 +243,8 @@ def build_splits(data_dir: str | Path | None = None, seed: int = DEFAULT_SEED, l
         evals = {k: _cap(v, limit, seed, k) for k, v in evals.items()}
         val = {k: _cap(v, limit, seed, k) for k, v in val.items()}
         trains = {k: _cap(v, limit, seed, k) for k, v in trains.items()}
+    agree = fpb_agreement(d)
+    trains["fpb"] = [replace(ex, agreement=agree.get(normalise(ex.text), FPB_50_TARGET)) for ex in trains["fpb"]]
     train = [ex for src in ("fpb", "tfns", "topic") for ex in trains[src]]
     fingerprints = {f"file:{name}": file_fingerprint(d / name) for name in DATA_FILES}
     fingerprints.update({f"split:{k}": split_fingerprint(v) for k, v in {**evals, **val}.items()})

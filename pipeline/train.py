@@ -80,6 +80,7 @@ class TrainConfig:
     amp: bool = True
     ema: float = 0.0  # >0: validate and save an exponential moving average of the weights (steadier than the last step)
     time_limit_s: float | None = None  # stop training (keeping the best checkpoint so far) after this long
+    soft_labels: bool = False  # FPB targets from annotator agreement (see pipeline.data.fpb_agreement)
 
 
 @dataclass
@@ -127,12 +128,22 @@ class JointModel:
         return _Joint()
 
 
-def joint_loss(s_logits, t_logits, ys, yt, topic_weight: float):
-    """Each head's cross-entropy over the examples that carry its label; a head with none adds nothing."""
+def joint_loss(s_logits, t_logits, ys, yt, topic_weight: float, agreement=None):
+    """Each head's cross-entropy over the examples that carry its label; a head with none adds nothing.
+
+    With `agreement` (per example, the target probability of its sentiment label), the rest of the
+    probability is spread over the other classes: soft targets for sentences annotators disagreed on."""
     import torch
 
     loss = torch.zeros((), device=s_logits.device)
-    if (ys != IGNORE).any():
+    labelled = ys != IGNORE
+    if labelled.any() and agreement is not None:
+        logits, y, a = s_logits.float()[labelled], ys[labelled], agreement.float()[labelled]
+        C = logits.shape[1]
+        target = ((1 - a) / (C - 1))[:, None].expand(-1, C).clone()
+        target[torch.arange(len(y), device=y.device), y] = a
+        loss = loss + torch.nn.functional.cross_entropy(logits, target)
+    elif labelled.any():
         loss = loss + torch.nn.functional.cross_entropy(s_logits.float(), ys, ignore_index=IGNORE)
     if (yt != IGNORE).any():
         loss = loss + topic_weight * torch.nn.functional.cross_entropy(t_logits.float(), yt, ignore_index=IGNORE)
@@ -323,7 +334,8 @@ def train_model(
             enc, ys, yt = _encode(tokenizer, batch, cfg.max_length, dev)
             with _autocast(dev) if use_amp else torch.autocast("cpu", enabled=False):
                 s_logits, t_logits = model(**enc)
-            loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight)
+            agree = torch.tensor([ex.agreement for ex in batch], device=dev) if cfg.soft_labels else None
+            loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight, agree)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

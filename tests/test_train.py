@@ -309,3 +309,44 @@ def test_cli_train_with_limit(tmp_path: Path, data_dir: Path, tiny_base: Path, p
     finally:
         eng.dispose()
     shutil.rmtree(out)
+
+
+def test_soft_labels_follow_annotator_agreement(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.data import FPB_50_TARGET, build_splits, normalise, read_phrasebank
+    from pipeline.train import joint_loss
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    fpb = read_phrasebank(d / "financial_phrasebank/Sentences_50Agree.txt")
+    (d / "financial_phrasebank/Sentences_75Agree.txt").write_text("".join(f"{t}@{['negative', 'neutral', 'positive'][y]}\n" for t, y in fpb[:30]), encoding="utf-8")
+    allagree = {normalise(t) for t, _ in read_phrasebank(d / "financial_phrasebank/Sentences_AllAgree.txt")}
+    sp = build_splits(d)
+    fpb_train = [ex for ex in sp.train if ex.source == "fpb"]
+    for ex in fpb_train:
+        t = normalise(ex.text)
+        expected = 1.0 if t in allagree else 0.87 if t in {normalise(x) for x, _ in fpb[:30]} else FPB_50_TARGET
+        assert ex.agreement == expected, ex.text
+    assert {ex.agreement for ex in fpb_train} == {1.0, 0.87, FPB_50_TARGET}
+    assert all(ex.agreement == 1.0 for split in sp.eval.values() for ex in split)  # evaluation keeps hard labels
+    assert all(ex.agreement == 1.0 for ex in sp.train if ex.source != "fpb")
+
+    ys, yt = torch.tensor([0]), torch.tensor([-100])
+    sure, unsure = torch.tensor([[6.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.0, 0.0]])
+    hard = joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5)
+    assert torch.isclose(joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5, torch.tensor([1.0])), hard)
+    soft = torch.tensor([FPB_50_TARGET])
+    # With a 0.58 target a near-certain prediction costs more than a hesitant one; with a hard label, less.
+    assert joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5, soft) > joint_loss(unsure, torch.zeros(1, 4), ys, yt, 0.5, soft)
+    assert hard < joint_loss(unsure, torch.zeros(1, 4), ys, yt, 0.5)
+
+    cfg = TrainConfig(base=str(tiny_base), limit=12, max_steps=3, batch_size=8, max_length=32, lr=1e-3)
+    a = train_model(tmp_path / "hard", d, cfg, progress=False)
+    b = train_model(tmp_path / "soft", d, TrainConfig(**{**cfg.__dict__, "soft_labels": True}), progress=False)
+    wa, wb = load_file(str(a.output_dir / "model.safetensors")), load_file(str(b.output_dir / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the soft targets reached the gradient
+    assert json.loads((b.output_dir / "finsent.json").read_text())["hyperparameters"]["soft_labels"] is True

@@ -67,6 +67,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (quick runs).")] = None,
     limit: Annotated[int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")] = None,
     time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = None,
+    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
     name: str = "finsent-minilm",
     held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
@@ -94,7 +95,7 @@ def train(
     hp = TrainConfig(
         base=base or "", name=name, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, topic_weight=topic_weight,
         fpb_repeat=fpb_repeat, ema=ema, patience=patience, eval_every=eval_every, max_steps=max_steps, limit=limit,
-        time_limit_s=time_limit_s,
+        time_limit_s=time_limit_s, soft_labels=soft_labels,
     )
     try:
         res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
