@@ -128,6 +128,21 @@ class JointModel:
         return _Joint()
 
 
+def _load_topic_head(model, base: Path) -> None:
+    """Continuing from a finsent model folder keeps its trained topic head instead of a random one."""
+    path = base / "topic_head.safetensors"
+    if not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    head = {k: v.float() for k, v in load_file(str(path)).items()}
+    if head.get("weight") is None or tuple(head["weight"].shape) != tuple(model.topic_head.weight.shape):
+        log.warning("%s does not fit %d topics; starting a new topic head", path, model.topic_head.out_features)
+        return
+    model.topic_head.load_state_dict(head)
+    log.info("topic head loaded from %s", path)
+
+
 def joint_loss(s_logits, t_logits, ys, yt, topic_weight: float, agreement=None):
     """Each head's cross-entropy over the examples that carry its label; a head with none adds nothing.
 
@@ -299,7 +314,9 @@ def train_model(
         )
     except Exception as e:
         raise TrainError(f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    model = JointModel(seq, len(splits.topics), cfg.dropout).to(dev)
+    model = JointModel(seq, len(splits.topics), cfg.dropout)
+    _load_topic_head(model, Path(cfg.base))
+    model = model.to(dev)
 
     head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
     no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")

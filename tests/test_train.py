@@ -350,3 +350,22 @@ def test_soft_labels_follow_annotator_agreement(tmp_path: Path, data_dir: Path, 
     wa, wb = load_file(str(a.output_dir / "model.safetensors")), load_file(str(b.output_dir / "model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the soft targets reached the gradient
     assert json.loads((b.output_dir / "finsent.json").read_text())["hyperparameters"]["soft_labels"] is True
+
+
+def test_continuing_from_a_finsent_model_keeps_its_topic_head(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.train import JointModel, _load_topic_head
+
+    saved = load_file(str(tiny_model / "topic_head.safetensors"))
+    n_topics = saved["weight"].shape[0]
+    model = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3), n_topics, 0.0)
+    assert not torch.allclose(model.topic_head.weight, saved["weight"].float())
+    _load_topic_head(model, tiny_model)
+    assert torch.equal(model.topic_head.weight, saved["weight"].float()) and torch.equal(model.topic_head.bias, saved["bias"].float())
+    other = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3), n_topics + 1, 0.0)
+    before = other.topic_head.weight.clone()
+    _load_topic_head(other, tiny_model)
+    assert torch.equal(other.topic_head.weight, before) and "does not fit" in caplog.text
