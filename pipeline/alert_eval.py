@@ -34,7 +34,7 @@ from pipeline.detect import DetectorParams, Series, compute_stats, event_at
 from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR_DOCS, WEIGHTS
 
 WEEK_HOURS = 7 * 24
-DEFAULT_SEEDS = (7, 11, 23, 31)
+DEFAULT_SEEDS = (101, 202, 303, 404)  # not the seeds the detector was tuned on (7 and 11)
 METHOD = "beta-binomial share test (mid-p) + negative-volume test + 2-4 window scans; escalation at 100x"
 
 
@@ -467,7 +467,8 @@ def render_markdown(r: EvalResult) -> str:
         f"| recall, all injected spikes ({r.spikes_total}) | {_fmt(r.recall_all)} | |",
         f"| median lag of the resolved notice after a spike ends, windows | {_fmt(r.median_resolution_lag_windows)} | |",
         "",
-        "Per seed (each seed draws its own scopes, streams and spikes):",
+        "Per seed (each seed draws its own scopes, streams and spikes; the detector's settings were tuned on",
+        "seeds 7 and 11, which the default report leaves out):",
         "",
         "| seed | spikes >= 3 SD | recall | false alerts / scope-week |",
         "|---|---|---|---|",

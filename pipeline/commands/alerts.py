@@ -174,7 +174,7 @@ def ack_alert(
 def evaluate_cmd(
     config: ConfigOpt = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where alert-evaluation.md/.json go.")] = Path("docs"),
-    seed: Annotated[list[int] | None, typer.Option(help="Random seed of the synthetic streams; repeat to pool several (default 7, 11, 23, 31).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Random seed of the synthetic streams; repeat to pool several (default 101, 202, 303, 404).")] = None,
     scopes: Annotated[int, typer.Option(min=2, max=1000, help="Scopes per seed.")] = 100,
     weeks: Annotated[float, typer.Option(min=1, max=52)] = 8.0,
     warning_p: Annotated[float | None, typer.Option("--warning-p", help="Override detect.warning_p.")] = None,
