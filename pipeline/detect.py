@@ -150,7 +150,7 @@ class Event:
     kind: str  # spike | escalated | resolved
     index: int
     onset: int
-    severity: str  # severity at the episode's onset
+    severity: str  # the episode's severity: set at its onset, raised by an escalation
 
 
 def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
