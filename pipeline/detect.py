@@ -218,15 +218,7 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
     pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
     if T > B:
         pc = _count_test(n, k, p0, np.asarray(series.slot, dtype=np.int64), B, p.window_minutes)
-        share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-        hotc = (
-            ok
-            & (pv <= COUNT_GATE_P)
-            & (n >= p.min_volume)
-            & (k >= p.min_negative)
-            & (share - p0 >= p.min_share_increase)
-            & (pc <= p.warning_p)
-        )
+        hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p)
         new = hotc & ~hot
         pv, hot = np.where(new, pc, pv), hot | hotc
     warm = ok & (n > 0) & (k > n * p0) & (pv <= p.exit_p)
@@ -315,9 +307,14 @@ def _tail_test(
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
         z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))
+    return pv, z, _passes(n, k, p0, ok, pv, p)
+
+
+def _passes(n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams) -> np.ndarray:
+    """The gates every test shares: enough items and negatives, a real rise in share, p <= warning_p."""
+    with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-    hot = ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= p.warning_p)
-    return pv, z, hot
+    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= p.warning_p)
 
 
 def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
