@@ -16,13 +16,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from pipeline.errors import FinsentError
 from pipeline.store import session_scope
 from pipeline.store.schema import Alert
 
 MAX_BY_LENGTH = 100
 
 
-class AckError(Exception):
+class AckError(FinsentError):
     """An acknowledgement that cannot be done: unknown alert, ambiguous prefix, bad or expired token."""
 
 

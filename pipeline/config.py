@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.errors import UsageError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # FINSENT_HOME: where sql/ and models/ live when the package is installed outside its checkout (e.g. the image)
 PROJECT_DIR = Path(os.environ.get("FINSENT_HOME") or PACKAGE_DIR.parent).resolve()
@@ -23,7 +25,7 @@ DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data"
 DEFAULT_DATABASE_URL = "sqlite:///finsent.db"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or value is wrong; the message names the file, key and expectation."""
 
 

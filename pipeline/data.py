@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pipeline.errors import FinsentError
+
 log = logging.getLogger(__name__)
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
@@ -41,7 +43,7 @@ VAL_SPLITS = ("fpb_val", "tfns_val", "topic_val")
 _TFNS_MAP = {0: 0, 1: 2, 2: 1}  # bearish -> negative, bullish -> positive, neutral -> neutral
 
 
-class DataError(ValueError):
+class DataError(FinsentError, ValueError):
     """A data file is missing or malformed; the message names the file."""
 
 

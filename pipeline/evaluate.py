@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, Splits, build_splits
+from pipeline.errors import FinsentError
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def evaluate_model(
     )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(FinsentError, ValueError):
     """An evaluation result cannot be used as asked; the message names the model and why."""
 
 

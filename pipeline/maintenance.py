@@ -16,6 +16,7 @@ from sqlalchemy import Engine, delete, text, update
 
 from pipeline import store
 from pipeline.config import ConfigError, env_int
+from pipeline.errors import FinsentError
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ DEAD_SHARE_HINT = 0.2
 TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
 
 
-class MaintenanceError(ValueError):
+class MaintenanceError(FinsentError, ValueError):
     """A maintenance setting is wrong; the message names it."""
 
 

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from pipeline import secrets
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.detect import alert_from_row
+from pipeline.errors import FinsentError
 from pipeline.records import AlertRecord
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -50,7 +51,7 @@ BACKOFF_MAX = timedelta(hours=1)
 MAX_TOP_ITEMS = 5
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(FinsentError, RuntimeError):
     """A sink could not deliver; the message is safe to log and store (no secrets)."""
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import Engine, func, select
 
 from pipeline import secrets, store
 from pipeline.config import ConfigError, FinsentConfig, env_int, load_config
+from pipeline.errors import FinsentError
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ RUN_KIND = "airflow:finsent_monitor"
 TRAIN_OUTPUT_ENV = "FINSENT_TRAIN_OUTPUT"
 
 
-class OrchestrationError(RuntimeError):
+class OrchestrationError(FinsentError, RuntimeError):
     """A DAG task cannot resolve its config or inputs; the message says which and never holds secrets."""
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.data import EVAL_SPLITS
+from pipeline.errors import FinsentError
 from pipeline.score import META_FILE, ModelLoadError
 from pipeline.store import production_model, register_model, session_scope
 from pipeline.store import schema as s
@@ -35,7 +36,7 @@ PRIMARY = ("fpb_test", "macro_f1")
 GATE_METRICS = ("accuracy", "macro_f1")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FinsentError, RuntimeError):
     """A registry operation cannot be done; the message says which version and why."""
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import FinsentError
 from pipeline.records import Prediction
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ META_FILE = "finsent.json"
 TOPIC_HEAD_FILE = "topic_head.safetensors"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(FinsentError, RuntimeError):
     """The model folder or hub id cannot be loaded; the message names it."""
 
 

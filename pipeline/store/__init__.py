@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline.config import PROJECT_DIR
+from pipeline.errors import FinsentError
 from pipeline.records import Document as DocumentRecord
 from pipeline.records import FetchResult, PendingDocument, ScoreRow, document_text
 from pipeline.store import schema as s
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = PROJECT_DIR / "sql" / "migrations"
 
 
-class StoreError(RuntimeError):
+class StoreError(FinsentError, RuntimeError):
     """The database cannot be reached or used; the message never contains the password."""
 
 
