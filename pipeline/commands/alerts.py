@@ -20,19 +20,10 @@ alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, evaluate the det
 
 def _open(config: str | None, database_url: str | None):
     from pipeline import store
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
-    url = database_url or cfg.database_url.get_secret_value()
-    try:
-        return cfg, store.make_engine(url)
-    except store.StoreError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+    cfg = load_config(config)  # ConfigError and StoreError reach the CLI's one handler
+    return cfg, store.make_engine(database_url or cfg.database_url.get_secret_value())
 
 
 def _find(session, alert_id: str):
@@ -184,13 +175,9 @@ def evaluate_cmd(
 ) -> None:
     """Replay synthetic streams through the detector; report recall, precision, false alerts, delay."""
     from pipeline.alert_eval import DEFAULT_SEEDS, evaluate, write_report
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import load_config
 
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+    cfg = load_config(config)
     overrides = {k: v for k, v in {"warning_p": warning_p, "min_share_increase": min_share_increase, "seasonality": seasonality}.items() if v is not None}
     try:
         detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})

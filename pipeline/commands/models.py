@@ -75,21 +75,21 @@ def train(
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune sentiment + topic heads; uses analyst feedback from the database; records the model in the registry."""
-    from pipeline.train import TrainConfig, TrainError, train_model
+    from pipeline.train import TrainConfig, train_model
 
     cfg = config_or_exit(config)
     rows = []
     engine = None
     if not no_db:
         from pipeline.data import load_feedback_rows
-        from pipeline.store import StoreError, safe_url
+        from pipeline.store import StoreError
 
         url = cfg.database_url.get_secret_value()
         try:
             rows = load_feedback_rows(url)
             engine = _engine(cfg)
-        except (StoreError, Exception) as e:  # a missing table on a fresh SQLite file is an OperationalError
-            console.print(f"[yellow]warning:[/] no feedback or registry ({escape(safe_url(url))}: {type(e).__name__}); training on the data files only")
+        except StoreError as e:  # e.g. a fresh SQLite file that was never migrated
+            console.print(f"[yellow]warning:[/] no feedback or registry ({escape(str(e))}); training on the data files only")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = out or Path("runs") / f"{name}-{stamp}"
     hp = TrainConfig(
@@ -99,7 +99,7 @@ def train(
     )
     try:
         res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
-    except (TrainError, ValueError) as e:
+    except ValueError as e:  # a hyper-parameter train_model refuses is a usage error
         raise fail(str(e)) from None
     table = Table(title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})"))
     for col in ("validation split", "accuracy", "macro-F1", "n"):
@@ -141,19 +141,15 @@ def evaluate(
     config: ConfigOpt = None,
 ) -> None:
     """Score MODEL and the baselines on the fixed splits; write the report; record metrics in the registry."""
-    from pipeline.evaluate import SPLIT_TITLES, EvaluationError, evaluate_model, write_report
+    from pipeline.evaluate import SPLIT_TITLES, evaluate_model, write_report
     from pipeline.evaluate import record_in_model as write_into_model
-    from pipeline.score import ModelLoadError
 
     cfg = config_or_exit(config)
     if record_in_model and limit is not None:
         raise fail("--record-in-model needs the full splits (drop --limit)")
     engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
-    try:
-        rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
-    except ModelLoadError as e:
-        raise fail(str(e)) from None
+    rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
     md, js = write_report(rep, out)
     table = Table(title=escape(f"{rep.version}: accuracy / macro-F1"))
     table.add_column("system")
@@ -168,10 +164,7 @@ def evaluate(
         _say(f"  {'met ' if t['met'] else 'MISS'} {t['split']} {t['metric']} {t['target']}: {_pct(t['value'])}")
     _say(f"wrote {md} and {js}")
     if record_in_model:
-        try:
-            _say(f"recorded the fixed-split metrics in {write_into_model(rep, model)}")
-        except (EvaluationError, ModelLoadError) as e:
-            raise fail(str(e)) from None
+        _say(f"recorded the fixed-split metrics in {write_into_model(rep, model)}")
     if promote:
         if engine is None:
             raise fail("--promote needs the database (drop --no-db)")
@@ -193,12 +186,9 @@ def _command_line(ctx: typer.Context, model: str) -> str:
 
 
 def _gate(engine, version: str, tolerance: float = 0.0, force: bool = False):
-    from pipeline.registry import RegistryError, promote_if_better
+    from pipeline.registry import promote_if_better
 
-    try:
-        return promote_if_better(engine, version, tolerance=tolerance, force=force)
-    except RegistryError as e:
-        raise fail(str(e)) from None
+    return promote_if_better(engine, version, tolerance=tolerance, force=force)
 
 
 def _print_decision(d) -> None:
@@ -231,12 +221,8 @@ def models_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option(
 def models_register(path: Path, config: ConfigOpt = None) -> None:
     """Record an existing finsent model folder (e.g. the bundled default) in the registry."""
     from pipeline.registry import register_trained
-    from pipeline.score import ModelLoadError
 
-    try:
-        _say(f"registered {register_trained(_engine(config_or_exit(config)), path)}")
-    except ModelLoadError as e:
-        raise fail(str(e)) from None
+    _say(f"registered {register_trained(_engine(config_or_exit(config)), path)}")
 
 
 @models_app.command("promote")
@@ -256,12 +242,9 @@ def models_promote(
 @models_app.command("rollback")
 def models_rollback(config: ConfigOpt = None) -> None:
     """Return production to the previously promoted version."""
-    from pipeline.registry import RegistryError, rollback
+    from pipeline.registry import rollback
 
-    try:
-        _say(f"production is now {rollback(_engine(config_or_exit(config)))}")
-    except RegistryError as e:
-        raise fail(str(e)) from None
+    _say(f"production is now {rollback(_engine(config_or_exit(config)))}")
 
 
 def add_feedback(engine, document_id: int, label: str | None, topic: str | None = None, author: str | None = None, text: str | None = None) -> int:
@@ -315,7 +298,7 @@ def explain(
     """Show the words that pushed a document to its label (occlusion)."""
     from pipeline.explain import explain_text
     from pipeline.registry import resolve_model_path
-    from pipeline.score import ModelLoadError, Scorer
+    from pipeline.score import Scorer
     from pipeline.store import document_text, session_scope
     from pipeline.store import schema as s
 
@@ -327,10 +310,7 @@ def explain(
             raise fail(f"no document with id {doc_id}")
         text = document_text(doc.title, doc.summary)
         path = model or resolve_model_path(cfg, session)
-    try:
-        scorer = Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
-    except ModelLoadError as e:
-        raise fail(str(e)) from None
+    scorer = Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
     pred = scorer.score([text])[0]
     topic = f", topic {pred.topic} ({pred.topic_prob:.2f})" if pred.topic else ""
     console.print(f"[bold]{escape(pred.label)}[/] " + escape(f"({pred.probs[pred.label]:.2f}){topic}  model {scorer.version}"), highlight=False)

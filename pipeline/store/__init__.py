@@ -16,26 +16,14 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session
 
 from pipeline.config import PROJECT_DIR
-from pipeline.errors import FinsentError
 from pipeline.records import Document as DocumentRecord
 from pipeline.records import FetchResult, PendingDocument, ScoreRow, document_text
 from pipeline.store import schema as s
+from pipeline.store.errors import NOT_MIGRATED, StoreError, as_store_error, engine_url, install, safe_url
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = PROJECT_DIR / "sql" / "migrations"
-
-
-class StoreError(FinsentError, RuntimeError):
-    """The database cannot be reached or used; the message never contains the password."""
-
-
-def safe_url(url: str) -> str:
-    """The URL with its password hidden, for logs and error messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable database URL>"
 
 
 def make_engine(url: str, **kw: Any) -> Engine:
@@ -55,9 +43,9 @@ def make_engine(url: str, **kw: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
 
-        return engine
+        return install(engine)
     kw.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kw)
+    return install(create_engine(parsed, **kw))
 
 
 @contextmanager
@@ -67,9 +55,11 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         try:
             yield session
             session.commit()
-        except OperationalError as e:
+        except OperationalError as e:  # one the mapping has no words for: still name the database
             session.rollback()
-            raise StoreError(f"database {safe_url(engine.url.render_as_string(hide_password=False))} failed: {type(e.orig).__name__ if e.orig else e.__class__.__name__}") from None
+            raise as_store_error(e, engine_url(engine)) or StoreError(
+                f"database {engine_url(engine)} failed: {type(e.orig or e).__name__}"
+            ) from None
         except BaseException:
             session.rollback()
             raise
@@ -89,11 +79,15 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Apply Alembic migrations (the same ones for Postgres and the embedded SQLite)."""
     from alembic import command
     from alembic.config import Config
+    from alembic.util import CommandError
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["database_url"] = url
-    command.upgrade(cfg, revision)
+    try:
+        command.upgrade(cfg, revision)
+    except CommandError as e:  # an unknown revision, or a database migrated by a newer finsent
+        raise StoreError(f"migrating {safe_url(url)}: {e}") from None
 
 
 def check_schema(engine: Engine) -> None:
@@ -104,14 +98,11 @@ def check_schema(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     head = ScriptDirectory.from_config(cfg).get_current_head()
-    where = safe_url(engine.url.render_as_string(hide_password=False))
-    try:
-        with engine.connect() as conn:
-            if not inspect(conn).has_table("alembic_version"):
-                raise StoreError(f"database {where} has no finsent schema: run `finsent db upgrade` first")
-            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except OperationalError as e:
-        raise StoreError(f"database {where} cannot be reached: {type(e.orig).__name__ if e.orig else type(e).__name__}") from None
+    where = engine_url(engine)
+    with engine.connect() as conn:  # connect failures arrive as StoreError (store.errors)
+        if not inspect(conn).has_table("alembic_version"):
+            raise StoreError(f"database {where}: {NOT_MIGRATED}")
+        current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     if current != head:
         raise StoreError(f"database {where} is at schema revision {current}, this finsent needs {head}: run `finsent db upgrade`")
 
