@@ -17,7 +17,8 @@ from sqlalchemy import Engine
 
 from pipeline import store
 from pipeline.config import FinsentConfig
-from pipeline.records import AlertRecord, CycleSummary, ScoreRow
+from pipeline.records import AlertRecord, CycleSummary, RunStatus, ScoreRow
+from pipeline.store.runs import Heartbeat
 
 if TYPE_CHECKING:
     from pipeline.score import Scorer
@@ -137,8 +138,10 @@ def score_pending(
         preds = scorer.score([d.text for d in chunk])
         rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
         with store.session_scope(engine) as session:
-            total += store.save_scores(session, rows)
-        log.info("scored %d documents (%d so far) with %s", len(rows), total, scorer.version)
+            written = store.save_scores(session, rows)
+        total += written
+        # rows written, not attempted: a document another writer scored first is not counted twice
+        log.info("scored %d documents (%d written, %d so far) with %s", len(rows), written, total, scorer.version)
     return ScoreOutcome(scorer.version, total, t.elapsed)
 
 
@@ -164,15 +167,27 @@ def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None):
 
 
 def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine | None = None, scorer: Scorer | None = None) -> CycleSummary:
-    """ingest -> score -> detect -> notify, recorded in pipeline_runs with per-step counts and errors."""
+    """ingest -> score -> detect -> notify, recorded in pipeline_runs with per-step counts and errors.
+
+    One cycle at a time per database: a second one raises RunLockedError before doing anything. The run
+    holds a lease its heartbeat renews, so if this process dies the next cycle marks the run abandoned.
+    """
     engine = engine or open_engine(cfg)
     as_of = as_of or window_end(datetime.now(UTC), cfg.detect.window_minutes)
     check_as_of(as_of, cfg.detect.window_minutes)
     store.check_schema(engine)
-    run_id = store.start_run(engine, "cycle", as_of - timedelta(minutes=cfg.detect.window_minutes), as_of)
+    with store.run_lock(engine):
+        store.abandon_expired(engine)
+        run_id = store.start_run(engine, "cycle", as_of - timedelta(minutes=cfg.detect.window_minutes), as_of)
+        with Heartbeat(engine, run_id):
+            return _leased_cycle(cfg, as_of, engine, scorer, run_id)
+
+
+def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: Scorer | None, run_id: int) -> CycleSummary:
+    """The steps of one cycle under its run's lease; the outcome is recorded whatever happens."""
     errors: list[dict[str, str]] = []
     counts: dict[str, int] = {}
-    status = "failed"
+    status = RunStatus.FAILED
     try:
         outcomes = ingest_all(cfg, engine, run_id=run_id)
         errors += [{"step": "ingest", "source": o.source, "error": o.error or ""} for o in outcomes if o.status == "failed"]
@@ -184,7 +199,7 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
         counts["alerts"] = len(alerts)
         report = notify(cfg, engine)
         counts["delivered"] = getattr(report, "sent", 0)
-        status = "partial" if errors else "ok"
+        status = RunStatus.PARTIAL if errors else RunStatus.OK
         return CycleSummary(
             run_id=run_id,
             fetched={o.source: o.new_documents for o in outcomes},

@@ -25,7 +25,9 @@ from sqlalchemy import Engine, func, select
 from pipeline import secrets, store
 from pipeline.config import ConfigError, FinsentConfig, env_int, load_config
 from pipeline.errors import FinsentError
+from pipeline.records import RunStatus
 from pipeline.store import schema as s
+from pipeline.store.runs import AIRFLOW_LEASE, owner
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +127,21 @@ def source_names() -> list[str]:
     return names
 
 
-AIRFLOW_RUN_KEY = "airflow_run_id"
-
-
 def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None = None) -> int:
     """The `pipeline_runs` row for this DAG run: a retried start_run reuses the unfinished row its earlier
-    try made (same kind, interval and Airflow run id, kept in `counts`) instead of leaving an orphan.
+    try made (same kind, interval and Airflow run id) instead of leaving an orphan.
 
-    A DAG run cleared and run again after `finish` gets a new row, so each full execution stays on record.
+    Runs whose lease expired (a DAG run whose `finish` never ran) are marked abandoned first, so a retry
+    never adopts a dead row. A DAG run cleared and run again after `finish` gets a new row, so each full
+    execution stays on record.
     """
     start, end = _as_utc(interval_start), _as_utc(interval_end)
     cfg = load()
     engine = _engine(cfg)
     try:
+        store.abandon_expired(engine)
         if not airflow_run_id:
-            return store.start_run(engine, RUN_KIND, start, end)
+            return store.start_run(engine, RUN_KIND, start, end, lease=AIRFLOW_LEASE)
         P = s.PipelineRun
         with store.session_scope(engine) as session:
             if session.get_bind().dialect.name == "postgresql":  # two tries racing (a zombie and its retry) still make one row
@@ -150,16 +152,21 @@ def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None
                     P.kind == RUN_KIND,
                     P.interval_start == start,
                     P.interval_end == end,
-                    P.finished_at.is_(None),
-                    P.counts[AIRFLOW_RUN_KEY].as_string() == airflow_run_id,
+                    P.status == RunStatus.RUNNING,
+                    P.airflow_run_id == airflow_run_id,
                 )
                 .order_by(P.id.desc())
                 .limit(1)
             ).first()
             if found is not None:
                 log.info("pipeline run %s reused for Airflow run %s (a retried start_run)", found, airflow_run_id)
+                store.heartbeat(engine, found, AIRFLOW_LEASE)
                 return found
-            run = P(kind=RUN_KIND, started_at=datetime.now(UTC), interval_start=start, interval_end=end, counts={AIRFLOW_RUN_KEY: airflow_run_id})
+            now = datetime.now(UTC)
+            run = P(
+                kind=RUN_KIND, started_at=now, status=RunStatus.RUNNING, interval_start=start, interval_end=end,
+                heartbeat_at=now, lease_expires_at=now + AIRFLOW_LEASE, owner=owner(), airflow_run_id=airflow_run_id,
+            )
             session.add(run)
             session.flush()
             return run.id
@@ -299,14 +306,11 @@ def finish_run(
         "delivered": int((notified or {}).get("sent", 0) or 0),
     }
     failed_steps = [e for e in errors if e["error"] == "task failed"]
-    status = "failed" if failed_steps else ("partial" if errors else "ok")
+    status = RunStatus.FAILED if failed_steps else (RunStatus.PARTIAL if errors else RunStatus.OK)
     cfg = load()
     engine = _engine(cfg)
     try:
-        with engine.connect() as c:
-            stored = c.scalar(select(s.PipelineRun.counts).where(s.PipelineRun.id == run_id)) or {}
-        keep = {AIRFLOW_RUN_KEY: stored[AIRFLOW_RUN_KEY]} if AIRFLOW_RUN_KEY in stored else {}
-        store.finish_run(engine, run_id, status, {**counts, **keep}, errors)
+        store.finish_run(engine, run_id, status, counts, errors)
     finally:
         engine.dispose()
     if failed_steps:

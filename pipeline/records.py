@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    """A `pipeline_runs` row's state: `running` holds a lease; `abandoned` is a run whose lease ran out."""
+
+    RUNNING = "running"
+    OK = "ok"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
 
 
 def document_text(title: str, summary: str | None) -> str:

@@ -63,7 +63,7 @@ def test_start_run_twice_for_one_dag_run_gives_one_row(env, engine):
     first = orchestrate.start_run(START, END, airflow_run_id=RUN)
     assert orchestrate.start_run(START, END, airflow_run_id=RUN) == first
     rows = _runs(engine)
-    assert [(r.id, r.kind, r.status, r.counts) for r in rows] == [(first, orchestrate.RUN_KIND, "running", {"airflow_run_id": RUN})]
+    assert [(r.id, r.kind, r.status, r.airflow_run_id, r.counts) for r in rows] == [(first, orchestrate.RUN_KIND, "running", RUN, {})]
 
     other = orchestrate.start_run(START, END, airflow_run_id="manual__2026-03-02T10:03:00+00:00")
     assert other != first, "another DAG run for the same interval is a run of its own"
@@ -73,7 +73,8 @@ def test_start_run_twice_for_one_dag_run_gives_one_row(env, engine):
     done = orchestrate.finish_run(first, ["wire"], [{"source": "wire", "status": "ok", "new_documents": 2}], {"model_version": "m", "scored": 2, "seconds": 0.1}, {"alerts": []}, {"sent": 0})
     assert done["status"] == "ok"
     row = next(r for r in _runs(engine) if r.id == first)
-    assert row.status == "ok" and row.counts == {"new_documents": 2, "scored": 2, "alerts": 0, "delivered": 0, "airflow_run_id": RUN}
+    assert row.status == "ok" and row.airflow_run_id == RUN
+    assert row.counts == {"new_documents": 2, "scored": 2, "alerts": 0, "delivered": 0}
 
     rerun = orchestrate.start_run(START, END, airflow_run_id=RUN)
     assert rerun not in (first, other, later), "a DAG run cleared and run again after finish is recorded anew"
@@ -117,7 +118,7 @@ def test_retried_start_run_task_leaves_one_pipeline_run(airflow_db, env, engine,
     assert len(outputs) == 2 and outputs[0] == outputs[1]
     rows = _runs(engine)
     assert [(r.id, r.status, r.interval_start, r.interval_end) for r in rows] == [(outputs[0], "ok", START, END)]
-    assert rows[0].counts["airflow_run_id"] == dr.run_id and rows[0].counts["new_documents"] == 3 and rows[0].finished_at is not None
+    assert rows[0].airflow_run_id == dr.run_id and rows[0].counts["new_documents"] == 3 and rows[0].finished_at is not None
 
 
 TRAIN_CONF = {"base": None, "max_steps": 2, "epochs": 1, "limit": 40}

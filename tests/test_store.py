@@ -173,7 +173,7 @@ def test_a_moved_source_forgets_its_validators(engine, tiny_model_dir, pg_url):
 
 def test_unmigrated_or_old_database_says_run_db_upgrade(tmp_path, engine, pg_url):
     bare = store.make_engine(f"sqlite:///{tmp_path / 'bare.db'}")
-    with pytest.raises(store.StoreError, match="no finsent schema: run `finsent db upgrade`"):
+    with pytest.raises(store.StoreError, match="not migrated: run `finsent db upgrade`"):
         store.check_schema(bare)
     store.check_schema(engine)  # migrated fixture: no error
     with engine.begin() as conn:

@@ -20,6 +20,14 @@ from pipeline.records import Document as DocumentRecord
 from pipeline.records import FetchResult, PendingDocument, ScoreRow, document_text
 from pipeline.store import schema as s
 from pipeline.store.errors import NOT_MIGRATED, StoreError, as_store_error, engine_url, install, safe_url
+from pipeline.store.runs import (  # re-exported: callers use store.start_run etc.
+    RunLockedError as RunLockedError,
+    abandon_expired as abandon_expired,
+    finish_run as finish_run,
+    heartbeat as heartbeat,
+    run_lock as run_lock,
+    start_run as start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,23 +280,6 @@ def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
         .returning(s.Score.document_id)
     )
     return len(session.execute(stmt).all())
-
-
-def start_run(engine: Engine, kind: str, interval_start: datetime | None = None, interval_end: datetime | None = None) -> int:
-    with session_scope(engine) as session:
-        run = s.PipelineRun(kind=kind, started_at=datetime.now(UTC), interval_start=interval_start, interval_end=interval_end)
-        session.add(run)
-        session.flush()
-        return run.id
-
-
-def finish_run(engine: Engine, run_id: int, status: str, counts: dict[str, Any], errors: list[Any]) -> None:
-    with session_scope(engine) as session:
-        session.execute(
-            update(s.PipelineRun)
-            .where(s.PipelineRun.id == run_id)
-            .values(finished_at=datetime.now(UTC), status=status, counts=counts, errors=errors)
-        )
 
 
 def count_rows(session: Session, model: Any) -> int:

@@ -26,6 +26,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from pipeline.records import RunStatus
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY, Postgres wants BIGINT for big tables.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -244,11 +246,16 @@ class PipelineRun(Base):
     kind: Mapped[str] = mapped_column(String(32))  # cycle | ingest | score | detect | notify | train | demo
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running | ok | partial | failed
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.RUNNING, index=True)  # a RunStatus
     interval_start: Mapped[datetime | None]
     interval_end: Mapped[datetime | None]
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     errors: Mapped[list[Any]] = mapped_column(default=list)
+    # The lease: a live run pushes lease_expires_at forward; once it passes, the next run marks this one abandoned.
+    heartbeat_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    owner: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process that holds the lease
+    airflow_run_id: Mapped[str | None] = mapped_column(String(250), index=True)
 
 
 metadata = Base.metadata
