@@ -98,6 +98,15 @@ def upgrade(url: str, revision: str = "head") -> None:
         raise StoreError(f"migrating {safe_url(url)}: {e}") from None
 
 
+def apply_sql(bind: Any, statements: Iterable[str], only: str | None = None) -> None:
+    """Run SQL statements in order, each as written (migrations pass their own frozen copies, never a file);
+    with `only`, nothing happens on another dialect (Postgres-only views skip the SQLite demo)."""
+    if only is not None and bind.dialect.name != only:
+        return
+    for statement in statements:
+        bind.exec_driver_sql(statement)
+
+
 def check_schema(engine: Engine) -> None:
     """Fail fast, with the fix, when the database was never migrated or is behind this code."""
     from alembic.config import Config

@@ -1,0 +1,53 @@
+"""Migrations are frozen (#10.9): each applies SQL written inside it, so editing sql/views/ (the current
+definitions, for reading) can never change what an old revision does to a fresh database."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+
+from pipeline import store
+
+VERSIONS = Path(store.MIGRATIONS_DIR) / "versions"
+
+
+def test_no_migration_reads_a_file():
+    for path in sorted(VERSIONS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = {
+            node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+        }
+        assert not calls & {"read_text", "read_bytes", "open"}, f"{path.name} reads a file"
+        assert "views" not in {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+@pytest.mark.pg
+def test_views_down_to_0001_and_up_again(pg_url, engine):
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = pg_url
+
+    def views() -> set[str]:
+        with engine.connect() as c:
+            return set(c.scalars(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()"))) | set(
+                c.scalars(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()"))
+            )
+
+    expected = {"v_current_model", "v_sentiment_hourly", "mv_sentiment_daily", "v_entity_risk", "v_recent_alerts", "v_source_health"}
+    assert views() == expected
+    command.downgrade(cfg, "0002")
+    with engine.connect() as c:
+        assert "escalated" not in c.scalar(text("SELECT pg_get_viewdef('v_entity_risk')")), "0003's downgrade restores spikes only"
+    command.downgrade(cfg, "0001")
+    assert views() == set()
+    command.upgrade(cfg, "head")
+    assert views() == expected
+    with engine.connect() as c:
+        assert "escalated" in c.scalar(text("SELECT pg_get_viewdef('v_entity_risk')"))
