@@ -23,17 +23,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import (  # noqa: F401  (fixtures)
-    DAGS_DIR,
-    ROOT,
-    airflow_db,
-    fresh_dag,
-    rss,
-    window_items,
-    write_config,
-)
-from tests.feedserver import feed_server  # noqa: F401
+from tests.airflow_support import DAGS_DIR, ROOT, fresh_dag, rss, window_items, write_config
 
+import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import PG_BASE, migrated_schema
@@ -234,7 +226,8 @@ class CeleryStack(Stack):
         return {name: log.read_text(errors="replace")[-3000:] for name, _, log in self.procs}
 
 
-def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, pg_url, feed_server, tiny_model_dir, monkeypatch):  # noqa: F811
+@pytest.mark.redis
+def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, pg_url, feed_server, tiny_model_dir, monkeypatch):
     end = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
     feed_server.put("wire.xml", rss("wire", window_items("wire", end - timedelta(minutes=15), 6)))
     feed_server.put("social.xml", rss("social", window_items("social", end - timedelta(minutes=12), 5)))

@@ -12,7 +12,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import airflow_db, fresh_dag, rss, window_items, write_config  # noqa: F401  (fixtures)
+from tests.airflow_support import fresh_dag, rss, window_items, write_config
 
 import pytest
 from sqlalchemy import select
@@ -104,7 +104,7 @@ def test_racing_tries_of_start_run_make_one_row(env, engine):
     assert len(_runs(engine)) == 1
 
 
-def test_retried_start_run_task_leaves_one_pipeline_run(airflow_db, env, engine, feed_server, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_retried_start_run_task_leaves_one_pipeline_run(airflow_db, env, engine, feed_server, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("FINSENT_CONFIG", str(write_config(env / "monitor.yaml", {"wire": feed_server.put("wire.xml", rss("wire", window_items("wire", START, 3)))})))
     monkeypatch.setenv("FINSENT_MODEL", str(tiny_model_dir))
     dag = fresh_dag("finsent_monitor")
@@ -129,7 +129,8 @@ def _models(engine) -> list:
         return c.execute(select(s.ModelVersion.id, s.ModelVersion.path).order_by(s.ModelVersion.id)).all()
 
 
-def test_retried_train_task_reuses_its_candidate(airflow_db, env, engine, tiny_model_dir, monkeypatch):  # noqa: F811
+@pytest.mark.data
+def test_retried_train_task_reuses_its_candidate(airflow_db, env, engine, tiny_model_dir, monkeypatch):
     candidates = env / "candidates"
     monkeypatch.setenv("FINSENT_TRAIN_OUTPUT", str(candidates))
     conf = {**TRAIN_CONF, "base": str(tiny_model_dir)}
@@ -155,6 +156,8 @@ def test_retried_train_task_reuses_its_candidate(airflow_db, env, engine, tiny_m
     assert (folder / "finsent.json").is_file()
 
 
+@pytest.mark.data
+@pytest.mark.slow
 def test_a_killed_train_try_leaves_nothing_behind(env, engine, tiny_model_dir, monkeypatch):
     """A try killed mid-training leaves a folder without finsent.json: the retry starts that folder afresh."""
     candidates = env / "candidates"

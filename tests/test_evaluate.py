@@ -16,7 +16,8 @@ from pipeline.evaluate import EvaluationError, evaluate_model, expected_calibrat
 from pipeline.lexicon import lm_label, vader_label
 from pipeline.registry import bundled_baseline, list_models, promote, promote_if_better
 from pipeline.score import ModelLoadError
-from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_ece_known_values() -> None:

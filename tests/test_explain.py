@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
 from pipeline.explain import explain_text
 from pipeline.score import Scorer
-from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class KeywordScorer:

@@ -15,7 +15,7 @@ from pipeline import store
 from pipeline.config import SourceConfig, WatchlistEntity
 from pipeline.ingest import canonical_url, content_hash, extract_entities, fetch_source, strip_html
 from pipeline.store import schema as s
-from tests.feedserver import FEEDS_DIR, FeedServer, feed_server  # noqa: F401
+from tests.feedserver import FEEDS_DIR, FeedServer
 
 WATCHLIST = [
     WatchlistEntity(ticker="ACME", name="Acme Corp", aliases=["Acme", "Acme Corporation"]),

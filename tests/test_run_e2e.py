@@ -50,6 +50,7 @@ def counts(engine) -> dict[str, int]:
         }
 
 
+@pytest.mark.slow
 def test_run_twice_with_a_broken_source(tmp_path, demo_feeds, pg_url, engine, monkeypatch):
     demo_feeds.put("broken.xml", b"<rss><channel><item><title>unterminated", "application/xml")
     cfg = write_config(tmp_path, demo_feeds, [{"name": "broken", "url": demo_feeds.url("broken.xml")}])
@@ -105,6 +106,7 @@ def test_bad_config_and_missing_model_fail_clearly(tmp_path, demo_feeds, pg_url,
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path):
     db = tmp_path / "demo.db"
     res = runner.invoke(app, ["demo", "--db", str(db)])

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.score import ModelLoadError, Scorer
-from tests.test_train import data_dir, one_torch_thread, tiny_base, tiny_model  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,110 +21,9 @@ from pipeline.data import (
 )
 from pipeline.train import TrainConfig, TrainError, default_base, train_model
 
-TOPICS = ["Analyst Update", "Earnings", "Macro", "Stock Movement"]
-_COMPANIES = ["Acme", "Nordic Steel", "Baltic Foods", "Helsinki Tech", "Orion Paper", "Kone Lifts", "Vaasa Energy", "Oulu Mills"]
-_POS = ["operating profit rose sharply", "net sales increased strongly", "the company won a large order", "earnings beat expectations"]
-_NEG = ["operating loss widened badly", "net sales decreased sharply", "the company issued a profit warning", "shares plunged after losses"]
-_NEU = ["the company is headquartered in", "the annual meeting will be held in", "the report is available on the website of", "the chairman is based in"]
+from tests.train_support import TOPICS, _sentences, make_data_dir
 
-
-def _sentences(seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for c in _COMPANIES:
-        for i, (pos, neg, neu) in enumerate(zip(_POS, _NEG, _NEU)):
-            rows.append((f"{c} said {pos} in quarter {i + 1} .", "positive"))
-            rows.append((f"{c} said {neg} in quarter {i + 1} .", "negative"))
-            rows.append((f"{c} : {neu} Espoo , Finland , in {2000 + i} .", "neutral"))
-    rng.shuffle(rows)
-    return rows
-
-
-def make_data_dir(root: Path, shuffle_seed: int = 0) -> Path:
-    """A miniature of ../shared/data in the same formats (Latin-1 FPB, CSVs), with learnable templates."""
-    d = root / "data"
-    for sub in ("financial_phrasebank", "tfns", "tfn_topic"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    rows = _sentences(shuffle_seed)
-    rows.append(("Fiskars said the Hämeenlinna plant's profit rose .", "positive"))  # non-ASCII, Latin-1 encoded
-    (d / "financial_phrasebank/Sentences_50Agree.txt").write_bytes("".join(f"{t}@{y}\n" for t, y in rows).encode("latin-1"))
-    (d / "financial_phrasebank/Sentences_AllAgree.txt").write_text("".join(f"{t}@{y}\n" for t, y in sorted(rows)[::2]), encoding="utf-8")
-    tfns_map = {"negative": 0, "positive": 1, "neutral": 2}
-    tweets = [(f"$TICK{i} {t.replace(' .', '')} https://t.co/x{i}", tfns_map[y]) for i, (t, y) in enumerate(sorted(_sentences()))]
-    random.Random(shuffle_seed).shuffle(tweets)
-    (d / "tfns/sent_train.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in tweets), encoding="utf-8")
-    topic_words = ["analyst upgrade rating", "quarterly earnings report", "central bank inflation rates", "stock jumps premarket trading"]
-    rng = random.Random(shuffle_seed)
-    topic_rows = [(f"{c} {w} update {k}", t) for k in range(3) for c in _COMPANIES for t, w in enumerate(topic_words)]
-    rng.shuffle(topic_rows)
-    (d / "tfn_topic/topic_train.csv").write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in topic_rows), encoding="utf-8")
-    (d / "tfn_topic/classes.txt").write_text("\n".join(TOPICS) + "\n", encoding="utf-8")
-    return d
-
-
-def make_tiny_base(root: Path) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's tokenizer: trains in seconds on CPU."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = root / "tiny-base"
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(default_base()).save_pretrained(out)
-    return out
-
-
-_BUILT: dict[str, Path] = {}  # other test modules import these fixtures; build each once per session
-
-
-@contextmanager
-def single_thread():
-    """Tiny models on a shared 2-core box run several times faster on one thread than fighting for two."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _once(key: str, build) -> Path:
-    if key not in _BUILT:
-        _BUILT[key] = build()
-    return _BUILT[key]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    return _once("data", lambda: make_data_dir(tmp_path_factory.mktemp("finsent-data")))
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    return _once("base", lambda: make_tiny_base(tmp_path_factory.mktemp("finsent-base")))
-
-
-TINY = dict(epochs=30, batch_size=16, lr=1e-2, head_lr=1e-2, max_length=32, patience=100, fpb_repeat=1, warmup_frac=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, data_dir: Path, tiny_base: Path) -> Path:
-    def build() -> Path:
-        out = tmp_path_factory.mktemp("finsent-model") / "m"
-        with single_thread():
-            train_model(out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False)
-        return out
-
-    return _once("model", build)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_splits_fixed_across_runs_and_file_order(tmp_path: Path, data_dir: Path) -> None:
@@ -205,7 +102,6 @@ def test_real_minilm_trains_on_a_few_dozen_examples(tmp_path: Path, data_dir: Pa
 
 
 def test_examples_train_only_the_head_they_have_a_label_for(tiny_base: Path) -> None:
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.data import Example
