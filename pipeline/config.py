@@ -154,6 +154,35 @@ def env_int(name: str, default: int, what: str, env: Mapping[str, str] | None = 
     return value
 
 
+# Deployment settings that come only from the environment (they size the deployment, not the monitoring);
+# this is the one place each variable is read.
+MODEL_ENV = "FINSENT_MODEL"
+SHARDS_ENV = "FINSENT_SCORE_SHARDS"
+RETENTION_ENV = "FINSENT_RETENTION_DAYS"
+DEFAULT_RETENTION_DAYS = 90
+TRAIN_OUTPUT_ENV = "FINSENT_TRAIN_OUTPUT"
+
+
+def model_override(env: Mapping[str, str] | None = None) -> str | None:
+    """FINSENT_MODEL: a model folder or hub id that wins over the registry's production model."""
+    return (env if env is not None else os.environ).get(MODEL_ENV) or None
+
+
+def score_shards(env: Mapping[str, str] | None = None) -> int:
+    """FINSENT_SCORE_SHARDS: how many score tasks split the backlog (one per GPU), default 1."""
+    return env_int(SHARDS_ENV, 1, "score shards", env)
+
+
+def retention_days(env: Mapping[str, str] | None = None) -> int:
+    """FINSENT_RETENTION_DAYS: how long article bodies and fetch/delivery logs are kept, default 90."""
+    return env_int(RETENTION_ENV, DEFAULT_RETENTION_DAYS, "days", env)
+
+
+def train_output_dir(env: Mapping[str, str] | None = None) -> Path:
+    """FINSENT_TRAIN_OUTPUT: where the training DAG writes candidates, default ./models/candidates."""
+    return Path((env if env is not None else os.environ).get(TRAIN_OUTPUT_ENV) or Path.cwd() / "models" / "candidates")
+
+
 def _format_validation_error(path: str, err: ValidationError) -> str:
     lines = [f"invalid config {path}:"]
     for e in err.errors():

@@ -15,14 +15,15 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, delete, text, update
 
 from pipeline import store
-from pipeline.config import ConfigError, env_int
+from pipeline import config
+from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
+from pipeline.config import RETENTION_ENV as RETENTION_ENV
+from pipeline.config import ConfigError
 from pipeline.errors import FinsentError
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
-RETENTION_ENV = "FINSENT_RETENTION_DAYS"
-DEFAULT_RETENTION_DAYS = 90
 ROLLUPS = ("mv_sentiment_daily",)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
@@ -47,7 +48,7 @@ class MaintenanceReport:
 
 def retention_days(env: dict[str, str] | None = None) -> int:
     try:
-        return env_int(RETENTION_ENV, DEFAULT_RETENTION_DAYS, "days", env)
+        return config.retention_days(env)
     except ConfigError as e:
         raise MaintenanceError(str(e)) from None
 

