@@ -577,3 +577,92 @@ def render_markdown(r: EvalResult) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour: float = 0.1) -> dict[str, Any]:
+    """Time one `detect_spikes` window over `entities` watchlist scopes on the (empty, migrated) database at
+    `url`: a week and two days of synthetic scored documents, heavy-tailed per entity (lognormal rates,
+    mean `docs_per_entity_hour`), every scope kind on. Returns the seconds and what was measured."""
+    from pipeline import store
+    from pipeline.config import FinsentConfig
+    from pipeline.detect import detect_spikes
+    from pipeline.store import schema as s
+
+    d = DetectConfig()
+    p = DetectorParams.from_config(d)
+    step = timedelta(minutes=d.window_minutes)
+    T = p.history_windows
+    as_of = datetime(2026, 11, 20, 15, tzinfo=UTC)
+    start = as_of - T * step
+    rng = np.random.default_rng(seed)
+    rate = rng.lognormal(0.0, 1.2, entities)
+    rate *= docs_per_entity_hour * (d.window_minutes / 60) / rate.mean()
+    counts = rng.poisson(np.broadcast_to(rate[:, None], (entities, T)))
+    ent_idx, win = np.nonzero(counts)
+    reps = counts[ent_idx, win]
+    ent_idx, win = np.repeat(ent_idx, reps), np.repeat(win, reps)
+    offs = rng.uniform(0, step.total_seconds(), len(win))
+    neg = rng.random(len(win)) < 0.15
+    topics = ["Earnings", "Legal | Regulation", "Stock Commentary", "M&A | Investments"]
+    sources = [f"wire{i}" for i in range(8)]
+    engine = store.make_engine(url)
+    tickers = [f"E{i:05d}" for i in range(entities)]
+    with store.session_scope(engine) as session:
+        for name in sources:
+            session.add(s.Source(name=name, kind="rss", url=f"file:///{name}", created_at=start))
+        store.register_model(session, "bench-v1", name="bench", path="-", labels=["negative", "neutral", "positive"])
+    chunk = 20_000
+    for lo in range(0, len(win), chunk):
+        idx = range(lo, min(lo + chunk, len(win)))
+        with store.session_scope(engine) as session:
+            ids = session.execute(
+                s.Document.__table__.insert().returning(s.Document.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "source_name": sources[j % len(sources)],
+                        "external_id": f"b{j}",
+                        "content_hash": f"b{j}",
+                        "title": f"{tickers[ent_idx[j]]} item {j}",
+                        "summary": "",
+                        "published_at": start + int(win[j]) * step + timedelta(seconds=float(offs[j])),
+                        "fetched_at": start,
+                    }
+                    for j in idx
+                ],
+            ).scalars().all()
+            session.execute(
+                s.Score.__table__.insert(),
+                [
+                    {
+                        "document_id": doc_id, "model_version_id": "bench-v1",
+                        "label": "negative" if neg[j] else "neutral", "p_negative": 0.9 if neg[j] else 0.05,
+                        "p_neutral": 0.05 if neg[j] else 0.9, "p_positive": 0.05, "probs": {},
+                        "topic": topics[j % len(topics)], "topic_prob": 0.9, "scored_at": start,
+                    }
+                    for doc_id, j in zip(ids, idx, strict=True)
+                ],
+            )  # fmt: skip
+            session.execute(
+                s.DocumentEntity.__table__.insert(),
+                [{"document_id": doc_id, "entity": tickers[ent_idx[j]], "kind": "watchlist", "matched": tickers[ent_idx[j]]} for doc_id, j in zip(ids, idx, strict=True)],
+            )
+    cfg = FinsentConfig.model_validate(
+        {
+            "detect": d.model_dump(),
+            "sources": [{"name": n, "url": f"http://127.0.0.1/{n}"} for n in sources],
+            "watchlist": [{"ticker": tk, "name": tk} for tk in tickers],
+            "sinks": [],
+        }
+    )
+    t0 = time.perf_counter()
+    alerts = detect_spikes(engine, cfg, as_of, "bench-v1", explain=False)
+    seconds = time.perf_counter() - t0
+    engine.dispose()
+    return {
+        "entities": entities,
+        "documents": int(len(win)),
+        "documents_in_window": int((win == T - 1).sum()),
+        "history_windows": T,
+        "alerts": len(alerts),
+        "seconds": round(seconds, 3),
+    }

@@ -32,14 +32,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
-from sqlalchemy import Engine, select
+from sqlalchemy import BigInteger, Engine, cast, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import DetectConfig, FinsentConfig
@@ -154,70 +154,87 @@ class Event:
 
 
 def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
-    """The test for every window of a series at once (one row of baseline windows per target window)."""
+    """The test for every window of a series at once (one row of baseline windows per target window).
+
+    `series.n`/`series.k` may be 1-D (one scope) or 2-D (scopes x windows, sharing `series.slot`): the
+    database path tests thousands of scopes in one pass of array arithmetic instead of a loop per scope.
+    """
     n = np.asarray(series.n, dtype=np.float64)
     k = np.asarray(series.k, dtype=np.float64)
-    T, B = len(n), p.baseline_windows
-    p0 = np.full(T, 0.5)
-    rho = np.zeros(T)
-    expected = np.zeros(T)
-    expected_sd = np.ones(T)
-    Nb = np.zeros(T)
+    slot = np.asarray(series.slot, dtype=np.int64)
+    if n.ndim == 1:
+        st = _stats_2d(n[None, :], k[None, :], slot, p)
+        return SeriesStats(**{f.name: getattr(st, f.name)[0] for f in fields(SeriesStats)})
+    return _stats_2d(n, k, slot, p)
+
+
+def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams) -> SeriesStats:
+    """compute_stats on (scopes, windows) arrays; every target window depends only on itself, its
+    baseline and its `sustained_windows - 1` predecessors, so any slice long enough gives the same values."""
+    R, T = n.shape
+    B = p.baseline_windows
+    p0 = np.full((R, T), 0.5)
+    rho = np.zeros((R, T))
+    expected = np.zeros((R, T))
+    expected_sd = np.ones((R, T))
+    Nb = np.zeros((R, T))
     has_base = np.arange(T) >= B
     if T > B:
+        J = T - B
         # Row j holds the B windows before target window B + j.
-        Nw = np.lib.stride_tricks.sliding_window_view(n, B)[: T - B]
-        Kw = np.lib.stride_tricks.sliding_window_view(k, B)[: T - B]
+        Nw = np.lib.stride_tricks.sliding_window_view(n, B, axis=1)[:, :J]
+        Kw = np.lib.stride_tricks.sliding_window_view(k, B, axis=1)[:, :J]
         counted = Nw > 0
-        p_raw = (Kw.sum(1) + 0.5) / (Nw.sum(1) + 1.0)
-        pr = p_raw[:, None]
+        p_raw = (Kw.sum(-1) + 0.5) / (Nw.sum(-1) + 1.0)
+        pr = p_raw[..., None]
         with np.errstate(divide="ignore", invalid="ignore"):
             r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (np.where(counted, Nw, 1) * pr * (1 - pr)), 0.0)
-        m_all = np.maximum(counted.sum(1), 1)
-        phi_raw = np.maximum(r2.sum(1) / m_all, 1.0)
+        m_all = np.maximum(counted.sum(-1), 1)
+        phi_raw = np.maximum(r2.sum(-1) / m_all, 1.0)
         # Windows far out of line with their baseline (earlier spikes) are left out of p0 and of the
         # dispersion, so one past episode neither hides the next nor inflates the noise estimate.
-        kept = counted & (r2 <= OUTLIER_R2 * phi_raw[:, None])
+        kept = counted & (r2 <= OUTLIER_R2 * phi_raw[..., None])
         clean = ~counted | kept
-        Nk, Kk = (Nw * clean).sum(1), (Kw * clean).sum(1)
-        Bc = np.maximum(clean.sum(1), 1)
+        Nk, Kk = (Nw * clean).sum(-1), (Kw * clean).sum(-1)
+        Bc = np.maximum(clean.sum(-1), 1)
         p_all = (Kk + 0.5) / (Nk + 1.0)
-        M = np.maximum(kept.sum(1), 1)
+        M = np.maximum(kept.sum(-1), 1)
         # Mean squared Pearson residual of the kept windows, corrected for the truncation.
-        phi = (r2 * kept).sum(1) / M / TRUNCATED_R2_MEAN
+        r2k = r2 * kept
+        r2m = r2k.sum(-1) / M
+        phi = r2m / TRUNCATED_R2_MEAN
         # Only over-dispersion the baseline shows beyond sampling noise counts: at a few items per
         # window the estimate is noisy enough to swallow a real spike.
-        r2m = (r2 * kept).sum(1) / M
-        r2v = np.maximum((r2 * r2 * kept).sum(1) / M - r2m**2, 0.0)
+        r2v = np.maximum((r2k * r2).sum(-1) / M - r2m**2, 0.0)
         phi = np.maximum(phi - DISPERSION_SE * np.sqrt(r2v / M) / TRUNCATED_R2_MEAN, 1.0)
         # E[r^2] = 1 + (n - 1) * rho for a beta-binomial, so the mean of n over the same windows.
-        nbar = (Nw * kept).sum(1) / M
+        nbar = (Nw * kept).sum(-1) / M
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where((nbar > 1.5) & (M >= 10), (phi - 1) / (nbar - 1), 0.0)
         lam_all = Kk / Bc
-        var_k = np.maximum((Kw * Kw * clean).sum(1) / Bc - lam_all**2, 0.0)
+        var_k = np.maximum((Kw * Kw * clean).sum(-1) / Bc - lam_all**2, 0.0)
         S = p.slots_per_day
         if S > 1:
-            slot = np.asarray(series.slot, dtype=np.int64) % S
-            same = (np.lib.stride_tricks.sliding_window_view(slot, B)[: T - B] == slot[B:, None]) & clean
-            Ns, Ks, Ws = (Nw * same).sum(1), (Kw * same).sum(1), same.sum(1)
+            sl = slot % S
+            same = (np.lib.stride_tricks.sliding_window_view(sl, B)[:J] == sl[B:, None]) & clean
+            Ns, Ks, Ws = (Nw * same).sum(-1), (Kw * same).sum(-1), same.sum(-1)
             m0 = Nk / S
             base_p = (Ks + m0 * p_all) / (Ns + m0 + 1e-12)
             w0 = Bc / S
             lam = (Ks + w0 * lam_all) / (Ws + w0)
         else:
             base_p, lam = p_all, lam_all
-        p0[B:] = base_p
-        rho[B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
-        expected[B:] = lam
-        expected_sd[B:] = np.sqrt(np.maximum(var_k, lam))
-        Nb[B:] = Nk
+        p0[:, B:] = base_p
+        rho[:, B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
+        expected[:, B:] = lam
+        expected_sd[:, B:] = np.sqrt(np.maximum(var_k, lam))
+        Nb[:, B:] = Nk
     p0 = np.clip(p0, 1e-4, 1 - 1e-4)
 
     ok = has_base & (Nb >= p.min_baseline_docs)
     pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
     if T > B:
-        pc = _count_test(n, k, p0, np.asarray(series.slot, dtype=np.int64), B, p.window_minutes)
+        pc = _count_test(n, k, p0, slot, B, p.window_minutes)
         hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p)
         new = hotc & ~hot
         pv, hot = np.where(new, pc, pv), hot | hotc
@@ -228,11 +245,11 @@ def compute_stats(series: Series, p: DetectorParams) -> SeriesStats:
         nm, km, ex = n.copy(), k.copy(), n * p0
         exm, okm = ex.copy(), ok & warm
         for lag in range(1, m):
-            nm[lag:] += n[:-lag]
-            km[lag:] += k[:-lag]
-            exm[lag:] += ex[:-lag]
-            okm[:lag] = False
-            okm[lag:] &= ok[:-lag]
+            nm[:, lag:] += n[:, :-lag]
+            km[:, lag:] += k[:, :-lag]
+            exm[:, lag:] += ex[:, :-lag]
+            okm[:, :lag] = False
+            okm[:, lag:] &= ok[:, :-lag]
         p0m = np.where(nm > 0, exm / np.where(nm > 0, nm, 1), p0)
         pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, charge=SCAN_CHARGE)
         new = hotm & ~hot
@@ -258,30 +275,33 @@ def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, 
     the volume's Gamma-Poisson dispersion is estimated from the baseline around those slot means, and the
     slot mean's own sampling error is added to the variance. A spike of new negative items raises n as
     well as k, which hides part of it from the share test; at a few items per window this test sees it.
+    Arrays are (scopes, windows); the slots are shared.
     """
-    T = len(n)
-    out = np.ones(T)
+    R, T = n.shape
+    J = T - B
+    out = np.ones((R, T))
     S = (24 * 60) // window_minutes if (24 * 60) % window_minutes == 0 else 1
     slot = slot % S
-    Nw = np.lib.stride_tricks.sliding_window_view(n, B)[: T - B]
-    Sw = np.lib.stride_tricks.sliding_window_view(slot, B)[: T - B]
-    masks = [Sw == q for q in range(S)]
-    cnt = np.stack([m.sum(1) for m in masks], 1)
-    smean = np.stack([(Nw * m).sum(1) for m in masks], 1) / np.maximum(cnt, 1)
-    m_j = np.take_along_axis(smean, Sw, 1)
+    Nw = np.lib.stride_tricks.sliding_window_view(n, B, axis=1)[:, :J]
+    Sw = np.lib.stride_tricks.sliding_window_view(slot, B)[:J]
+    # Per-slot sums of each target's baseline: one (R, B) @ (B, S) matrix product per target window.
+    onehot = (slot[:, None] == np.arange(S)).astype(np.float64)  # (T, S)
+    cnt = np.stack([onehot[j : j + B].sum(0) for j in range(J)])  # (J, S)
+    smean = np.stack([n[:, j : j + B] @ onehot[j : j + B] for j in range(J)], axis=1) / np.maximum(cnt, 1)
+    m_j = np.take_along_axis(smean, np.broadcast_to(Sw, (R, J, B)), axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_r = np.where(m_j > 0, ((Nw - m_j) ** 2 - m_j) / np.maximum(m_j, 1e-9) ** 2, 0.0)
-    c = np.maximum(cnt.min(1), 2).astype(np.float64)
-    inv_r = np.maximum(inv_r.mean(1) * c / (c - 1), 1e-3)
-    nexp = np.maximum(smean[np.arange(T - B), slot[B:]], 0.1)
-    pb = p0[B:]
+    c = np.maximum(cnt.min(1), 2)
+    inv_r = np.maximum(inv_r.mean(-1) * c / (c - 1), 1e-3)
+    nexp = np.maximum(smean[:, np.arange(J), slot[B:]], 0.1)
+    pb = p0[:, B:]
     lam = np.maximum(pb * nexp, 0.05)
     var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
     phi = var / lam
     size, prob = lam / np.maximum(phi - 1, 1e-9), 1 / phi
-    kk = k[B:].astype(np.int64)
+    kk = k[:, B:].astype(np.int64)
     pc = sps.nbinom.sf(kk - 1, size, prob) - 0.5 * sps.nbinom.pmf(kk, size, prob)
-    out[B:] = np.clip(np.nan_to_num(pc, nan=1.0), 0.0, 1.0)
+    out[:, B:] = np.clip(np.nan_to_num(pc, nan=1.0), 0.0, 1.0)
     return out
 
 
@@ -291,9 +311,8 @@ def _tail_test(
     """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
     items per window are not tested far below the nominal level), its z-score, and whether each window
     passes every gate."""
-    T = len(n)
     ni, ki = n.astype(np.int64), k.astype(np.int64)
-    pv = np.ones(T)
+    pv = np.ones(n.shape)
     use = ok & (ni > 0) & (ki > 0)
     if use.any():
         nu, ku, pu, ru = ni[use], ki[use], p0[use], rho[use]
@@ -380,70 +399,114 @@ def _check_as_of(as_of: datetime, window_minutes: int) -> None:
         )
 
 
+@dataclass(slots=True)
+class ScopeMatrix:
+    """Per-window counts of many scopes as (scopes, windows) arrays; row i belongs to keys[i] (sorted)."""
+
+    keys: list[tuple[str, str]]
+    n: np.ndarray
+    k: np.ndarray
+    sum_p: np.ndarray
+    sum_tw: np.ndarray
+    slot: np.ndarray
+
+    def series(self, i: int) -> Series:
+        return Series(n=self.n[i], k=self.k[i], slot=self.slot, sum_p=self.sum_p[i], sum_tw=self.sum_tw[i])
+
+
 def load_series(
     session: Session, cfg: FinsentConfig, model_version: str, range_start: datetime, T: int, p: DetectorParams
 ) -> dict[tuple[str, str], Series]:
     """Per-scope window counts over [range_start, range_start + T windows) from stored scores."""
+    mat = load_matrix(session, cfg, model_version, range_start, T, p)
+    return {key: mat.series(i) for i, key in enumerate(mat.keys)}
+
+
+def _epoch_seconds(conn: Any, column: Any) -> Any:
+    """Whole UTC seconds of a timestamp column, computed by the database (parsing 10^5 datetimes in
+    Python costs more than the whole detection); windows start on whole minutes, so seconds suffice."""
+    if conn.dialect.name == "sqlite":
+        return cast(func.strftime("%s", column), BigInteger)
+    return cast(func.floor(func.extract("epoch", column)), BigInteger)
+
+
+def load_matrix(
+    session: Session, cfg: FinsentConfig, model_version: str, range_start: datetime, T: int, p: DetectorParams
+) -> ScopeMatrix:
+    """All scopes' window counts in one pass of grouped pandas arithmetic (no loop per scope)."""
     step = timedelta(minutes=p.window_minutes)
     end = range_start + T * step
     secs = step.total_seconds()
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
-    rows = session.execute(
-        select(D.id, D.published_at, D.content_hash, D.source_name, Sc.label, Sc.p_negative, Sc.topic)
+    # Core execution (no ORM row processing): this reads every item of the history, 10^5-10^6 rows.
+    conn = session.connection()
+    rows = conn.execute(
+        select(D.id, _epoch_seconds(conn, D.published_at), D.content_hash, D.source_name, Sc.label == "negative", Sc.p_negative, Sc.topic)
         .join(Sc, Sc.document_id == D.id)
         .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
     ).all()
-    ents = session.execute(
-        select(E.document_id, E.entity)
-        .join(D, D.id == E.document_id)
-        .where(E.kind == "watchlist", D.published_at >= range_start, D.published_at < end)
-    ).all()
-
     kinds = set(cfg.detect.scopes)
-    keys: list[tuple[str, str]] = []
+    ents = (
+        conn.execute(
+            select(E.document_id, E.entity)
+            .join(D, D.id == E.document_id)
+            .where(E.kind == "watchlist", D.published_at >= range_start, D.published_at < end)
+        ).all()
+        if "entity" in kinds and rows
+        else []
+    )
+
+    keys: set[tuple[str, str]] = set()
     if "market" in kinds:
-        keys.append(("market", MARKET))
+        keys.add(("market", MARKET))
     if "entity" in kinds:
-        keys += [("entity", w.key) for w in cfg.watchlist]
+        keys.update(("entity", w.key) for w in cfg.watchlist)
     if "source" in kinds:
-        keys += [("source", src.name) for src in cfg.sources]
+        keys.update(("source", src.name) for src in cfg.sources)
     slots = window_slots(range_start, T, p.window_minutes)
-    out = {key: Series(n=np.zeros(T), k=np.zeros(T), slot=slots, sum_p=np.zeros(T), sum_tw=np.zeros(T)) for key in keys}
-    if not rows:
-        return out
+    frames: list[pd.DataFrame] = []
+    if rows:
+        names = ["id", "epoch", "content_hash", "source_name", "negative", "p_negative", "topic"]
+        df = pd.DataFrame(dict(zip(names, zip(*rows, strict=True), strict=True)))  # column-wise: no per-row checks
+        df["content_hash"] = pd.factorize(df["content_hash"])[0]  # integer keys group several times faster
+        df["w"] = (df["epoch"].astype(np.int64) - int(range_start.timestamp())) // int(secs)
+        df = df[(df["w"] >= 0) & (df["w"] < T)]
+        df["neg"] = df["negative"].astype(np.float64)
+        df["p"] = df["p_negative"].astype(np.float64)
+        weights = {t: topic_weight(t) for t in df["topic"].dropna().unique()}
+        df["tw_neg"] = df["topic"].map(weights).fillna(topic_weight(None)).astype(np.float64) * df["neg"]
 
-    df = pd.DataFrame(rows, columns=["id", "published_at", "content_hash", "source_name", "label", "p_negative", "topic"])
-    published = pd.to_datetime(df["published_at"], utc=True)
-    df["w"] = ((published - pd.Timestamp(range_start)).dt.total_seconds() // secs).astype(np.int64)
-    df = df[(df["w"] >= 0) & (df["w"] < T)]
-    df["neg"] = (df["label"] == "negative").astype(np.float64)
-    df["p"] = df["p_negative"].astype(np.float64)
-    df["tw_neg"] = df["topic"].map(lambda t: topic_weight(t if isinstance(t, str) else None)).astype(np.float64) * df["neg"]
+        def add(kind: str, frame: pd.DataFrame, scope_col: str, dedup_col: str) -> None:
+            """Count one item per (scope, window, dedup key); a story is negative if any copy is."""
+            if frame.empty:
+                return
+            items = frame.groupby([scope_col, "w", dedup_col], sort=False)[["neg", "p", "tw_neg"]].max()
+            g = items.groupby(level=[0, 1]).agg(n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum"))
+            g = g.reset_index(names=["value", "w"])
+            frames.append(g.assign(kind=kind, value=g["value"].astype(str)))
 
-    def add(kind: str, frame: pd.DataFrame, scope_col: str, dedup_col: str) -> None:
-        """Count one item per (scope, window, dedup key); a story is negative if any copy is."""
-        if frame.empty:
-            return
-        items = frame.groupby([scope_col, "w", dedup_col], sort=False)[["neg", "p", "tw_neg"]].max()
-        per_window = items.groupby(level=[0, 1]).agg(n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum"))
-        for value, g in per_window.groupby(level=0):
-            ser = out.setdefault(
-                (kind, str(value)), Series(n=np.zeros(T), k=np.zeros(T), slot=slots, sum_p=np.zeros(T), sum_tw=np.zeros(T))
-            )
-            w = g.index.get_level_values(1).to_numpy()
-            ser.n[w], ser.k[w] = g["n"].to_numpy(), g["k"].to_numpy()
-            ser.sum_p[w], ser.sum_tw[w] = g["sp"].to_numpy(), g["stw"].to_numpy()
-
-    if "market" in kinds:
-        add("market", df.assign(scope=MARKET), "scope", "content_hash")
-    if "entity" in kinds and ents:
-        ent_df = pd.DataFrame(ents, columns=["id", "entity"]).drop_duplicates()
-        add("entity", df.merge(ent_df, on="id"), "entity", "content_hash")
-    if "source" in kinds:
-        add("source", df, "source_name", "id")
-    if "topic" in kinds:
-        add("topic", df[df["topic"].notna()], "topic", "content_hash")
-    return out
+        if "market" in kinds:
+            add("market", df.assign(scope=MARKET), "scope", "content_hash")
+        if "entity" in kinds and ents:
+            ids, names_ = zip(*ents, strict=True)
+            ent_df = pd.DataFrame({"id": ids, "entity": names_}).drop_duplicates()
+            add("entity", df.merge(ent_df, on="id"), "entity", "content_hash")
+        if "source" in kinds:
+            add("source", df, "source_name", "id")
+        if "topic" in kinds:
+            add("topic", df[df["topic"].notna()], "topic", "content_hash")
+    counts = pd.concat(frames, ignore_index=True) if frames else None
+    if counts is not None:
+        keys.update(zip(counts["kind"], counts["value"], strict=True))
+    ordered = sorted(keys)
+    R = len(ordered)
+    mat = ScopeMatrix(ordered, np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), slots)
+    if counts is not None:
+        row = pd.MultiIndex.from_tuples(ordered).get_indexer(pd.MultiIndex.from_arrays([counts["kind"], counts["value"]]))
+        w = counts["w"].to_numpy()
+        mat.n[row, w], mat.k[row, w] = counts["n"].to_numpy(), counts["k"].to_numpy()
+        mat.sum_p[row, w], mat.sum_tw[row, w] = counts["sp"].to_numpy(), counts["stw"].to_numpy()
+    return mat
 
 
 def window_slots(range_start: datetime, T: int, window_minutes: int) -> np.ndarray:
@@ -452,35 +515,92 @@ def window_slots(range_start: datetime, T: int, window_minutes: int) -> np.ndarr
     return (first + np.arange(T)) % max(1, 86400 // (window_minutes * 60))
 
 
-def _top_documents(
-    session: Session, scope_kind: str, scope_value: str, model_version: str, start: datetime, end: datetime
-) -> list[tuple[AlertItem, str]]:
+def _top_documents_many(
+    session: Session, scopes: Sequence[tuple[str, str]], model_version: str, start: datetime, end: datetime
+) -> dict[tuple[str, str], list[tuple[AlertItem, str]]]:
+    """The most negative documents of each alerting scope in [start, end), from one query for all scopes
+    (not one per scope): highest p_negative first, then newest, one copy per story."""
+    if not scopes:
+        return {}
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
     q = (
-        select(D.id, D.title, D.summary, D.link, D.source_name, D.content_hash, Sc.p_negative)
+        select(D.id, D.title, D.summary, D.link, D.source_name, D.content_hash, D.published_at, Sc.p_negative, Sc.topic, E.entity)
         .join(Sc, Sc.document_id == D.id)
+        .outerjoin(E, (E.document_id == D.id) & (E.kind == "watchlist"))
         .where(Sc.model_version_id == model_version, Sc.label == "negative", D.published_at >= start, D.published_at < end)
-        .order_by(Sc.p_negative.desc(), D.published_at.desc(), D.id)
-        .limit(TOP_DOCUMENTS * 10)
     )
-    if scope_kind == "entity":
-        q = q.join(E, E.document_id == D.id).where(E.entity == scope_value, E.kind == "watchlist")
-    elif scope_kind == "source":
-        q = q.where(D.source_name == scope_value)
-    elif scope_kind == "topic":
-        q = q.where(Sc.topic == scope_value)
-    seen: set[str] = set()
-    out: list[tuple[AlertItem, str]] = []
+    docs: dict[int, Any] = {}
+    by_scope: dict[tuple[str, str], set[int]] = {}
     for r in session.execute(q):
-        if r.content_hash in seen:
-            continue
-        seen.add(r.content_hash)
-        text = document_text(r.title, r.summary)
-        item = AlertItem(document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative))
-        out.append((item, text))
-        if len(out) >= TOP_DOCUMENTS:
-            break
+        docs.setdefault(r.id, r)
+        by_scope.setdefault(("market", MARKET), set()).add(r.id)
+        by_scope.setdefault(("source", r.source_name), set()).add(r.id)
+        if r.topic is not None:
+            by_scope.setdefault(("topic", r.topic), set()).add(r.id)
+        if r.entity is not None:
+            by_scope.setdefault(("entity", r.entity), set()).add(r.id)
+    out: dict[tuple[str, str], list[tuple[AlertItem, str]]] = {}
+    for key in scopes:
+        ranked = sorted((docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id))
+        seen: set[str] = set()
+        items: list[tuple[AlertItem, str]] = []
+        for r in ranked:
+            if r.content_hash in seen:
+                continue
+            seen.add(r.content_hash)
+            item = AlertItem(document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative))
+            items.append((item, document_text(r.title, r.summary)))
+            if len(items) >= TOP_DOCUMENTS:
+                break
+        out[key] = items
     return out
+
+
+def scan_matrix(mat: ScopeMatrix, t: int, p: DetectorParams, block: int = 2000) -> tuple[SeriesStats, dict[int, tuple[Event, SeriesStats]]]:
+    """Window t's statistics for every scope (for the risk rows) and the events at t, by row.
+
+    Scopes with no items in the whole history are skipped (they can neither alert nor resolve). The rest
+    are tested in blocks on the shortest slice that gives window t and window t - cooldown their exact
+    values; only scopes hot at t (a spike or an escalation) or warm `cooldown` windows ago (a resolution)
+    get the full history and the episode replay of `event_at`.
+    """
+    R = mat.n.shape[0]
+    C = p.quiet_to_close
+    now = SeriesStats(
+        p0=np.full(R, 0.5),
+        rho=np.zeros(R),
+        p_value=np.ones(R),
+        z=np.zeros(R),
+        expected=np.zeros(R),
+        expected_sd=np.zeros(R),
+        baseline_docs=np.zeros(R),
+        hot=np.zeros(R, dtype=bool),
+        warm=np.zeros(R, dtype=bool),
+        critical=np.zeros(R, dtype=bool),
+    )
+    active = np.flatnonzero(mat.n[:, : t + 1].any(1))
+    a = max(0, t - C - p.baseline_windows - (p.sustained_windows - 1))
+    candidates: list[np.ndarray] = []
+    for lo in range(0, len(active), block):
+        rows = active[lo : lo + block]
+        st = compute_stats(Series(n=mat.n[rows, a : t + 1], k=mat.k[rows, a : t + 1], slot=mat.slot[a : t + 1]), p)
+        for f in fields(SeriesStats):
+            getattr(now, f.name)[rows] = getattr(st, f.name)[:, t - a]
+        cand = st.hot[:, t - a]
+        if t - C - a >= 0:
+            cand = cand | st.warm[:, t - C - a]
+        candidates.append(rows[cand])
+    events: dict[int, tuple[Event, SeriesStats]] = {}
+    rows = np.concatenate(candidates) if candidates else np.zeros(0, dtype=np.int64)
+    for lo in range(0, len(rows), block):
+        part = rows[lo : lo + block]
+        full = compute_stats(Series(n=mat.n[part, : t + 1], k=mat.k[part, : t + 1], slot=mat.slot[: t + 1]), p)
+        for j, i in enumerate(part):
+            one = SeriesStats(**{f.name: getattr(full, f.name)[j] for f in fields(SeriesStats)})
+            ev = event_at(one, t, p)
+            if ev is not None:
+                events[int(i)] = (ev, one)
+    return now, events
 
 
 def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
@@ -620,20 +740,21 @@ def detect_spikes(
     w_start, w_end = as_of - step, as_of
 
     with session_scope(engine) as session:
-        all_series = load_series(session, cfg, model_version, range_start, T, p)
+        mat = load_matrix(session, cfg, model_version, range_start, T, p)
+    now_t, events = scan_matrix(mat, t, p)
 
     found: list[tuple[str, str, Event, SeriesStats, Series, RiskComponents]] = []
     risk_rows = []
-    for (kind, value), ser in sorted(all_series.items()):
-        st = compute_stats(ser, p)
+    for i, (kind, value) in enumerate(mat.keys):
+        n_t, k_t = int(mat.n[i, t]), int(mat.k[i, t])
         rc = risk_components(
-            n=int(ser.n[t]),
-            neg=int(ser.k[t]),
-            sum_p_negative=float(ser.sum_p[t]) if ser.sum_p is not None else 0.0,
-            sum_topic_weight_negative=float(ser.sum_tw[t]) if ser.sum_tw is not None else 0.0,
-            baseline_share=float(st.p0[t]),
-            expected_negatives=float(st.expected[t]),
-            negatives_sd=float(st.expected_sd[t]),
+            n=n_t,
+            neg=k_t,
+            sum_p_negative=float(mat.sum_p[i, t]),
+            sum_topic_weight_negative=float(mat.sum_tw[i, t]),
+            baseline_share=float(now_t.p0[i]),
+            expected_negatives=float(now_t.expected[i]),
+            negatives_sd=float(now_t.expected_sd[i]),
         )
         risk_rows.append(
             {
@@ -644,24 +765,24 @@ def detect_spikes(
                 "risk": rc.risk,
                 "components": {
                     **rc.as_dict(),
-                    "n": int(ser.n[t]),
-                    "negatives": int(ser.k[t]),
-                    "expected_negatives": round(float(st.expected[t]), 4),
-                    "baseline_share": round(float(st.p0[t]), 4),
-                    "p_value": float(st.p_value[t]),
+                    "n": n_t,
+                    "negatives": k_t,
+                    "expected_negatives": round(float(now_t.expected[i]), 4),
+                    "baseline_share": round(float(now_t.p0[i]), 4),
+                    "p_value": float(now_t.p_value[i]),
                     "model_version": model_version,
                 },
                 "computed_at": datetime.now(UTC),
             }
         )
-        ev = event_at(st, t, p)
-        if ev is not None:
-            found.append((kind, value, ev, st, ser, rc))
+        if i in events:
+            ev, st = events[i]
+            found.append((kind, value, ev, st, mat.series(i), rc))
 
     records: list[AlertRecord] = []
     with session_scope(engine) as session:
         if risk_rows:
-            stmt = _insert(session, s.RiskScore).values(risk_rows)
+            stmt = _insert(session, s.RiskScore)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["scope_kind", "scope_value", "window_start"],
                 set_={
@@ -671,12 +792,11 @@ def detect_spikes(
                     "computed_at": stmt.excluded.computed_at,
                 },
             )
-            session.execute(stmt)
-        tops = {
-            (kind, value): _top_documents(session, kind, value, model_version, w_start, w_end)
-            for kind, value, ev, *_ in found
-            if ev.kind != "resolved"
-        }
+            # executemany, never one multi-row VALUES: psycopg caps a statement at 65,535 parameters.
+            session.execute(stmt, risk_rows)
+        tops = _top_documents_many(
+            session, [(kind, value) for kind, value, ev, *_ in found if ev.kind != "resolved"], model_version, w_start, w_end
+        )
 
     if explain and any(tops.values()) and scorer is None:
         scorer = _load_scorer(cfg, model_version, engine)
@@ -732,7 +852,7 @@ def detect_spikes(
                 }
                 for r, ev_sev, onset in _with_episode_info(records, found, w_start, t, step)
             ]
-            session.execute(_insert(session, s.Alert).values(rows).on_conflict_do_nothing(index_elements=["id"]))
+            session.execute(_insert(session, s.Alert).on_conflict_do_nothing(index_elements=["id"]), rows)
     for r in records:
         log.info(
             "%s %s %s=%s window %s: %d/%d negative (baseline share %.1f%%), p=%.2g, risk %.0f",

@@ -342,3 +342,21 @@ def test_escalation_reaches_the_database_with_its_own_id(engine, seeded: Seeder)
     assert second[0].episode_id == first[0].episode_id and second[0].id != first[0].id and second[0].top_documents
     again = [a.id for a in detect_spikes(engine, c, AS_OF + H, MODEL, explain=False) if a.scope_kind == "entity"]
     assert again == [second[0].id]
+
+
+def test_ten_thousand_scopes_in_one_window(engine, seeded: Seeder) -> None:
+    """10,010 watchlist scopes: one risk row each and the spike found, with no statement near psycopg's
+    65,535-parameter cap (risk rows used to go in one 7-parameter-per-row INSERT ... VALUES)."""
+    base = cfg()
+    many = [{"ticker": "NWB", "name": "Northwind Bank"}, {"ticker": "ACME", "name": "Acme Motors"}]
+    many += [{"ticker": f"Q{i:05d}", "name": f"Quiet Co {i}"} for i in range(10_008)]
+    c = FinsentConfig.model_validate({**base.model_dump(), "watchlist": many})
+    seeded.spike(AS_OF - H)
+    alerts = by_scope(detect_spikes(engine, c, AS_OF, MODEL, explain=False))
+    assert alerts[("entity", "NWB")].kind == "spike" and alerts[("entity", "NWB")].top_documents
+    assert ("entity", "ACME") not in alerts and not any(v.startswith("Q") for _, v in alerts)
+    with session_scope(engine) as session:
+        stored = session.scalar(select(func.count()).select_from(s.RiskScore).where(s.RiskScore.scope_kind == "entity"))
+        quiet = session.scalar(select(s.RiskScore.components).where(s.RiskScore.scope_value == "Q00042"))
+    assert stored == 10_010
+    assert quiet["n"] == 0 and quiet["p_value"] == 1.0

@@ -215,5 +215,53 @@ def evaluate_cmd(
     typer.echo(f"wrote {md} and {js} ({result.seconds:g} s)")
 
 
+@alerts_app.command("bench-detect")
+def bench_detect_cmd(
+    database_url: Annotated[str, typer.Option("--database-url", envvar="FINSENT_BENCH_DATABASE_URL", help="An EMPTY scratch database (it is migrated and filled).")],
+    entities: Annotated[list[int] | None, typer.Option("--entities", min=1, max=1_000_000, help="Watchlist size; repeat for several (default 1000 and 10000).")] = None,
+    benchmark_json: Annotated[Path | None, typer.Option("--benchmark-json", help="Record detect.entities_10000_seconds in this file (other keys kept).")] = None,
+) -> None:
+    """Time one detection window over thousands of entities on a scratch database."""
+    import json
+
+    from pipeline import store
+    from pipeline.alert_eval import bench_detect
+
+    results = []
+    for size in entities or [1000, 10000]:
+        try:
+            store.upgrade(database_url)
+            with store.session_scope(store.make_engine(database_url)) as session:
+                if session.scalar(select(func.count()).select_from(store.schema.Document)):
+                    typer.echo(f"{store.safe_url(database_url)} is not empty: bench-detect needs a scratch database", err=True)
+                    raise typer.Exit(2)
+            r = bench_detect(database_url, size)
+        except store.StoreError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(1) from None
+        results.append(r)
+        typer.echo(f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one detection window {r['seconds']:.2f} s")
+        _truncate(database_url)
+    if benchmark_json is not None:
+        ten = [r for r in results if r["entities"] == 10000]
+        if ten:
+            data = json.loads(benchmark_json.read_text()) if benchmark_json.exists() else {}
+            data.setdefault("detect", {})["entities_10000_seconds"] = ten[0]["seconds"]
+            benchmark_json.write_text(json.dumps(data, indent=2) + "\n")
+            typer.echo(f"wrote detect.entities_10000_seconds to {benchmark_json}")
+
+
+def _truncate(url: str) -> None:
+    """Empty the scratch database between sizes (the bench needs an empty one)."""
+    from pipeline import store
+    from pipeline.store import schema as s
+
+    engine = store.make_engine(url)
+    with store.session_scope(engine) as session:
+        for table in (s.Alert, s.RiskScore, s.DocumentEntity, s.Score, s.Document, s.ModelVersion, s.Source):
+            session.execute(table.__table__.delete())
+    engine.dispose()
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(alerts_app, name="alerts")
