@@ -322,7 +322,9 @@ class _GuardedStream(httpcore.NetworkStream):
     def close(self) -> None:
         self.inner.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         inner = self.inner.start_tls(ssl_context, server_hostname, self.deadline.bound(timeout, "in the TLS handshake"))
         return _GuardedStream(inner, self.deadline)
 
@@ -423,7 +425,9 @@ def _decoded(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> by
     layers = [e.strip().lower() for e in resp.headers.get("content-encoding", "").split(",") if e.strip()]
     layers = [e for e in layers if e != "identity"]
     if len(layers) > MAX_ENCODING_LAYERS:
-        raise _FetchError(f"refused a response with {len(layers)} Content-Encoding layers ({', '.join(layers)})", resp.status_code)
+        raise _FetchError(
+            f"refused a response with {len(layers)} Content-Encoding layers ({', '.join(layers)})", resp.status_code
+        )
     unknown = [e for e in layers if e not in ("gzip", "x-gzip", "deflate")]
     if unknown:
         raise _FetchError(f"unsupported Content-Encoding {', '.join(unknown)}", resp.status_code)
@@ -446,7 +450,8 @@ def _decoded(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> by
             buf += piece
             if len(buf) > src.max_bytes:
                 raise _FetchError(
-                    f"decoded response exceeds max_bytes={src.max_bytes} (Content-Encoding: {', '.join(layers)}); aborted",
+                    f"decoded response exceeds max_bytes={src.max_bytes} "
+                    f"(Content-Encoding: {', '.join(layers)}); aborted",
                     resp.status_code,
                 )
             if deadline.expired:
@@ -469,7 +474,8 @@ def _http_once(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
             if declared.isdigit() and int(declared) > src.max_bytes:
                 raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
             content = _decoded(resp, src, deadline)
-            return _Body(content, resp.headers.get("content-type", ""), code, resp.headers.get("etag"), resp.headers.get("last-modified"))
+            ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
+            return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
     except httpx.TimeoutException as e:
         if deadline.expired:
             raise deadline.error("waiting for the server") from None
@@ -577,7 +583,8 @@ def _known_encoding(name: str | None) -> str | None:
 
 def _sniff_utf16_32(head: bytes) -> str | None:
     """UTF-16/32 without a BOM, as XML's autodetection finds it: the first `<` with NULs beside it."""
-    for enc, start in (("utf-32-le", b"<\0\0\0"), ("utf-32-be", b"\0\0\0<"), ("utf-16-le", b"<\0"), ("utf-16-be", b"\0<")):
+    starts = (("utf-32-le", b"<\0\0\0"), ("utf-32-be", b"\0\0\0<"), ("utf-16-le", b"<\0"), ("utf-16-be", b"\0<"))
+    for enc, start in starts:
         if head.startswith(start):
             return enc
     return None
@@ -598,9 +605,11 @@ def decode_bytes(data: bytes, content_type: str = "") -> str:
         return data.decode(wide, errors="replace")
     decl = _XML_DECL_ENCODING.match(data[:512])
     header = _CHARSET.search(content_type or "")
-    enc = _known_encoding(decl.group(1).decode("ascii") if decl else None) or _known_encoding(header.group(1) if header else None)
-    if enc:
-        return data.decode(enc, errors="replace")
+    declared = _known_encoding(decl.group(1).decode("ascii") if decl else None) or _known_encoding(
+        header.group(1) if header else None
+    )
+    if declared:
+        return data.decode(declared, errors="replace")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
