@@ -44,6 +44,7 @@ from pipeline.records import Document, EntityMention, FetchResult
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, credentials and api keys included; our own lines redact them.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 RETRY_BASE_DELAY_S = 0.2
 MAX_ID_CHARS = 500
