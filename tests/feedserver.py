@@ -80,6 +80,7 @@ class FeedServer:
     def __init__(self, root: Path | str = FEEDS_DIR) -> None:
         self.root = Path(root).resolve()
         self.requests: list[RecordedRequest] = []
+        self.drips: dict[str, str] = {}  # path -> "complete" | "cut" (client hung up mid-headers), per header_drip
         self._memory: dict[str, _Resource] = {}
         self._overrides: dict[str, Override] = {}
         self._lock = threading.Lock()
@@ -142,6 +143,14 @@ class FeedServer:
                 self._overrides.clear()
             else:
                 self._overrides.pop("/" + path.lstrip("/"), None)
+
+    def drip_outcome(self, path: str, wait_s: float = 10.0) -> str | None:
+        """How the last header drip on `path` ended, once the handler has finished (waits up to `wait_s`)."""
+        until = time.monotonic() + wait_s
+        key = "/" + path.lstrip("/")
+        while key not in self.drips and time.monotonic() < until:
+            time.sleep(0.02)
+        return self.drips.get(key)
 
     def hits(self, path: str) -> int:
         key = "/" + path.lstrip("/")
@@ -235,7 +244,12 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(0.02)
         try:
             if ov.header_drip:
-                self._drip_headers(status, ctype, {**extra, **ov.headers}, ov.header_drip)
+                try:
+                    self._drip_headers(status, ctype, {**extra, **ov.headers}, ov.header_drip)
+                except (BrokenPipeError, ConnectionResetError):
+                    srv.drips[path] = "cut"
+                    return
+                srv.drips[path] = "complete"
                 self.wfile.write(body)
                 return
             self.send_response(status)
