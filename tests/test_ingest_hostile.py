@@ -20,7 +20,7 @@ from pipeline.cycle import ingest_all
 from pipeline.ingest import fetch_source
 from pipeline.store import schema as s
 from tests.conftest import ROOT
-from tests.feedserver import FEEDS_DIR, FeedServer, feed_server  # noqa: F401
+from tests.feedserver import FEEDS_DIR, FeedServer
 from tests.test_ingest import WATCHLIST, rss, src
 
 MEMORY_BOUND = 16_000_000  # bytes of Python allocations one hostile fetch may peak at (measured: < 2 MB)
@@ -57,7 +57,8 @@ def test_doctype_entity_expansion_is_refused_under_a_memory_bound(feed_server):
     blob = "A" * 5_000
     uses = "&e;" * 2_000
     body = (
-        f'<?xml version="1.0"?>\n<!DOCTYPE rss [\n<!ENTITY e "{blob}">\n]>\n<rss version="2.0"><channel><title>t</title>'
+        f'<?xml version="1.0"?>\n<!DOCTYPE rss [\n<!ENTITY e "{blob}">\n]>\n'  # line starts: what feedparser expands
+        '<rss version="2.0"><channel><title>t</title>'
         f"<item><title>Bomb</title><guid>b-1</guid><description>{uses}</description></item></channel></rss>"
     )
     url = feed_server.put("entity.xml", body)
@@ -132,7 +133,7 @@ def test_sources_are_fetched_concurrently(feed_server, engine):
     feed_server.put("first.xml", rss(["<item><title>Acme first</title><guid>f-1</guid></item>"]))
     feed_server.put("second.xml", rss(["<item><title>Acme second</title><guid>s-1</guid></item>"]))
     feed_server.override("first.xml", wait_for="/second.xml")
-    cfg = FinsentConfig(sources=[src("first", feed_server.url("first.xml")), src("second", feed_server.url("second.xml"))])
+    cfg = FinsentConfig(sources=[src(n, feed_server.url(f"{n}.xml")) for n in ("first", "second")])
     outcomes = ingest_all(cfg, engine)
     assert [(o.source, o.status, o.new_documents) for o in outcomes] == [("first", "ok", 1), ("second", "ok", 1)]
 
@@ -153,7 +154,8 @@ def test_redirect_to_another_loopback_port_is_refused(feed_server):
         url = feed_server.override("feed.xml", status=302, headers={"Location": internal.url("admin.xml")})
         own = feed_server.base_url.removeprefix("http://")
         r = fetch_source(src("ssrf", url, allow_private_network=[own]), WATCHLIST)
-        assert r.status == "failed" and "refused to connect" in r.error and internal.base_url.removeprefix("http://") in r.error
+        assert r.status == "failed" and "refused to connect" in r.error
+        assert internal.base_url.removeprefix("http://") in r.error
         assert internal.hits("admin.xml") == 0
         opted_in = fetch_source(src("ssrf", url, allow_private_network=True), WATCHLIST)
         assert opted_in.status == "ok" and internal.hits("admin.xml") == 1  # the refusal above was the policy
@@ -169,7 +171,9 @@ def test_redirect_to_another_loopback_port_is_refused(feed_server):
 )
 def test_impossible_url_is_rejected_at_config_load_naming_the_source(tmp_path, url, expected):
     path = tmp_path / "finsent.yaml"
-    path.write_text(f"sources:\n  - name: good\n    url: https://example.com/a.xml\n  - name: badsource\n    url: {url}\n")
+    path.write_text(
+        f"sources:\n  - name: good\n    url: https://example.com/a.xml\n  - name: badsource\n    url: {url}\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path, env=False)
     assert "badsource" in str(err.value) and expected in str(err.value) and "'good'" not in str(err.value)
@@ -245,5 +249,6 @@ def test_published_dates_are_clamped(feed_server):
 
 def test_bidi_controls_are_dropped(feed_server):
     title = "Acme \u202eevil\u202c \u2066isolated\u2069 \u200eRLM\u200f &#x202E;ref"
-    r = fetch_source(src("bidi", feed_server.put("bidi.xml", rss([f"<item><title>{title}</title><guid>b-1</guid></item>"]))), WATCHLIST)
+    url = feed_server.put("bidi.xml", rss([f"<item><title>{title}</title><guid>b-1</guid></item>"]))
+    r = fetch_source(src("bidi", url), WATCHLIST)
     assert r.status == "ok" and r.documents[0].title == "Acme evil isolated RLM ref"
