@@ -138,10 +138,21 @@ class ModelConfig(_Strict):
     chunk_size: int = Field(default=2000, ge=1)
 
 
+class PrivacyConfig(_Strict):
+    """Personal data masked in titles and summaries before a document is stored (docs/reliability.md lists the
+    rules). Cashtags and company names are never touched; handles of watchlist companies are kept."""
+
+    mask_emails: bool = True  # -> [email]
+    mask_phones: bool = True  # -> [phone]
+    mask_handles: bool = True  # @someone -> @user, u/someone -> u/user
+    keep_handles: list[str] = []  # extra handles (without @) that are public accounts, kept as written
+
+
 class IngestConfig(_Strict):
     """How a cycle fetches: sources run concurrently, so a slow host costs only its own deadline."""
 
     max_workers: int = Field(default=8, ge=1, le=64)
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 class FinsentConfig(_Strict):

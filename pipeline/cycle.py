@@ -91,7 +91,9 @@ def _prepare_source(engine: Engine, src: SourceConfig) -> tuple[str | None, str 
 def _fetch(cfg: FinsentConfig, src: SourceConfig, etag: str | None, last_modified: str | None) -> FetchResult:
     from pipeline.ingest import fetch_source
 
-    return fetch_source(src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent)
+    return fetch_source(
+        src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent, privacy=cfg.ingest.privacy
+    )
 
 
 def _save_fetch(engine: Engine, result: FetchResult, run_id: int | None) -> IngestOutcome:

@@ -20,7 +20,7 @@ import re
 import socket
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from pipeline.config import SourceConfig, WatchlistEntity
+from pipeline.config import PrivacyConfig, SourceConfig, WatchlistEntity
 from pipeline.records import Document, EntityMention, FetchResult
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,55 @@ def extract_entities(text: str, watchlist: Sequence[WatchlistEntity]) -> tuple[E
     cashtag (the store keeps one row per document and entity).
     """
     return _entities(text, _watchlist_matcher(watchlist))
+
+
+# --------------------------------------------------------------------------- personal data
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}(?![\w-])"
+)
+# +CC then 2-5 groups, or North American (415) 555-0100 / 415-555-0100; 8-15 digits in all (checked below).
+_PHONE = re.compile(
+    r"(?<![\w+$])(?:\+\d{1,3}(?:[ .\-]?\(?\d{1,4}\)?){2,5}|(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4})(?![\w.,]\d|\w)"
+)
+_HANDLE = re.compile(r"(?<![\w@/$.])@([A-Za-z0-9_]{1,30})(?!\w)")
+_REDDIT_USER = re.compile(r"(?<![\w/])/?u/([A-Za-z0-9_\-]{3,20})(?![\w\-])")
+
+
+def _phone(m: re.Match[str]) -> str:
+    return "[phone]" if 8 <= sum(c.isdigit() for c in m.group(0)) <= 15 else m.group(0)
+
+
+def _handle_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class _Masker:
+    rules: PrivacyConfig
+    keep: frozenset[str]
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        r = self.rules
+        if r.mask_emails and "@" in text:
+            text = _EMAIL.sub("[email]", text)
+        if r.mask_phones:
+            text = _PHONE.sub(_phone, text)
+        if r.mask_handles:
+            text = _HANDLE.sub(lambda m: m.group(0) if _handle_key(m.group(1)) in self.keep else "@user", text)
+            text = _REDDIT_USER.sub(lambda m: m.group(0) if _handle_key(m.group(1)) in self.keep else "u/user", text)
+        return text
+
+
+def personal_data_masker(rules: PrivacyConfig, watchlist: Sequence[WatchlistEntity]) -> Callable[[str], str]:
+    """A function masking e-mails, phone numbers and handles of people in a text; handles that name a watchlist
+    company (ticker, name or alias, ignoring case and punctuation) or `rules.keep_handles` are kept."""
+    keep = {_handle_key(h) for h in rules.keep_handles}
+    for w in watchlist:
+        keep.update(_handle_key(x) for x in (w.ticker, w.name, *w.aliases))
+    return _Masker(rules, frozenset(keep - {""}))
 
 
 # --------------------------------------------------------------------------- fetching
@@ -652,10 +701,13 @@ _REDDIT_FOOTER = re.compile(r"\s*submitted by\s+/?u/[\w\-]+\s*(?:\[link\])?\s*(?
 class _Builder:
     """Turns raw entry fields into Documents for one source, sharing the watchlist matcher."""
 
-    def __init__(self, src: SourceConfig, watchlist: Sequence[WatchlistEntity], fetched_at: datetime) -> None:
+    def __init__(
+        self, src: SourceConfig, watchlist: Sequence[WatchlistEntity], fetched_at: datetime, privacy: PrivacyConfig
+    ) -> None:
         self.src = src
         self.matcher = _watchlist_matcher(watchlist)
         self.fetched_at = fetched_at
+        self.mask = personal_data_masker(privacy, watchlist)
 
     def build(
         self,
@@ -668,6 +720,7 @@ class _Builder:
         language: str | None,
         symbols: Iterable[str] = (),
     ) -> Document | None:
+        title, summary = self.mask(title), self.mask(summary)  # before anything is derived from the text
         if not title and not summary:
             return None
         chash = content_hash(title, summary)
@@ -939,11 +992,13 @@ def fetch_source(
     etag: str | None = None,
     last_modified: str | None = None,
     user_agent: str = "finsent/0.1",
+    privacy: PrivacyConfig | None = None,
 ) -> FetchResult:
     """Fetch and normalise one source; any problem with the feed becomes a failed FetchResult, never an exception.
 
     `etag`/`last_modified` are the validators stored from the last good fetch (conditional GET; a 304 gives
-    status "not_modified"); the result carries the new ones.
+    status "not_modified"); the result carries the new ones. `privacy`: what personal data is masked in the
+    documents (default: e-mails, phones and handles of people, as `PrivacyConfig()`).
     """
     fetched_at = datetime.now(UTC)
     where = f"source {src.name!r}"
@@ -972,7 +1027,7 @@ def fetch_source(
                 etag=body.etag or etag,
                 last_modified=body.last_modified or last_modified,
             )
-        builder = _Builder(src, watchlist, fetched_at)
+        builder = _Builder(src, watchlist, fetched_at, privacy or PrivacyConfig())
         parsed = (_parse_stocktwits if src.kind == "stocktwits" else _parse_feed)(src, body, builder)
     except _FetchError as e:
         return _failed(src, _scrub(f"{where}: {e.message}", secrets), e.http_status)
