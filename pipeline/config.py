@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import UsageError
@@ -34,21 +35,56 @@ class _Strict(BaseModel):
 
 
 class SourceConfig(_Strict):
+    """One feed. Network and size limits bound what a hostile or broken host can cost (docs/reliability.md)."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100)]
     kind: Literal["rss", "atom", "reddit", "stocktwits"] = "rss"
     url: str
     enabled: bool = True
+    # one wall-clock deadline per attempt: connect, headers, every redirect hop and the body together
     timeout_s: float = Field(default=15.0, gt=0, le=300)
-    max_bytes: int = Field(default=10_000_000, gt=0)
+    max_bytes: int = Field(default=10_000_000, gt=0)  # raw and decoded (after every Content-Encoding layer)
     retries: int = Field(default=2, ge=0, le=10)
     max_entries: int = Field(default=20_000, gt=0)
+    # Character caps per stored field, applied to the raw feed value before HTML stripping and again after.
+    max_title_chars: int = Field(default=1_000, ge=16, le=100_000)
+    max_summary_chars: int = Field(default=20_000, ge=16, le=1_000_000)
+    max_link_chars: int = Field(default=2_000, ge=16, le=100_000)
+    # published_at later than fetch time + this skew is clamped to the fetch time
+    max_future_skew_s: float = Field(default=300.0, ge=0, le=86_400)
+    # False: loopback, private, link-local and other non-global addresses are refused on every hop.
+    # True: allowed. A list of "host" or "host:port": allowed for those targets only.
+    allow_private_network: bool | list[str] = False
+    # Credentials come from the environment, never the URL: header name -> env var, query param -> env var.
+    headers_env: dict[str, str] = {}
+    query_env: dict[str, str] = {}
 
-    @field_validator("url")
-    @classmethod
-    def _url_scheme(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://", "file://")):
-            raise ValueError("must start with http://, https:// or file://")
-        return v
+    @model_validator(mode="after")
+    def _url_is_possible(self) -> SourceConfig:
+        problem = url_problem(self.url)
+        if problem:
+            raise ValueError(f"source {self.name!r}: url {problem}")
+        return self
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be fetched (scheme, host, port), or None; checked at config load so a cycle never meets it."""
+    if not url.startswith(("http://", "https://", "file://")):
+        return "must start with http://, https:// or file://"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"is not a valid URL ({e})"
+    if parts.scheme == "file":
+        return None if parts.path else "has no file path"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has port 0"
+    if any(c.isspace() for c in url):
+        return "contains whitespace"
+    return None
 
 
 class WatchlistEntity(_Strict):
@@ -104,11 +140,29 @@ class ModelConfig(_Strict):
     chunk_size: int = Field(default=2000, ge=1)
 
 
+class PrivacyConfig(_Strict):
+    """Personal data masked in titles and summaries before a document is stored (docs/reliability.md lists the
+    rules). Cashtags and company names are never touched; handles of watchlist companies are kept."""
+
+    mask_emails: bool = True  # -> [email]
+    mask_phones: bool = True  # -> [phone]
+    mask_handles: bool = True  # @someone -> @user, u/someone -> u/user
+    keep_handles: list[str] = []  # extra handles (without @) that are public accounts, kept as written
+
+
+class IngestConfig(_Strict):
+    """How a cycle fetches: sources run concurrently, so a slow host costs only its own deadline."""
+
+    max_workers: int = Field(default=8, ge=1, le=64)
+    privacy: PrivacyConfig = PrivacyConfig()
+
+
 class FinsentConfig(_Strict):
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     data_dir: str = str(DEFAULT_DATA_DIR)
     sources: list[SourceConfig] = []
     watchlist: list[WatchlistEntity] = []
+    ingest: IngestConfig = IngestConfig()
     model: ModelConfig = ModelConfig()
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -16,8 +17,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 
 from pipeline import store
-from pipeline.config import FinsentConfig
-from pipeline.records import AlertRecord, CycleSummary, RunStatus, ScoreRow
+from pipeline.config import FinsentConfig, SourceConfig
+from pipeline.records import AlertRecord, CycleSummary, FetchResult, RunStatus, ScoreRow
 from pipeline.store.runs import Heartbeat
 
 if TYPE_CHECKING:
@@ -77,13 +78,27 @@ def check_as_of(as_of: datetime, window_minutes: int) -> None:
 
 def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | None = None) -> IngestOutcome:
     """Fetch one source and commit its new documents; a broken feed is recorded, never raised."""
-    from pipeline.ingest import fetch_source
-
     src = cfg.source(name)
+    etag, last_modified = _prepare_source(engine, src)
+    return _save_fetch(engine, _fetch(cfg, src, etag, last_modified), run_id)
+
+
+def _prepare_source(engine: Engine, src: SourceConfig) -> tuple[str | None, str | None]:
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [src])
-        etag, last_modified = store.source_validators(session, name)
-    result = fetch_source(src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent)
+        return store.source_validators(session, src.name)
+
+
+def _fetch(cfg: FinsentConfig, src: SourceConfig, etag: str | None, last_modified: str | None) -> FetchResult:
+    from pipeline.ingest import fetch_source
+
+    return fetch_source(
+        src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent, privacy=cfg.ingest.privacy
+    )
+
+
+def _save_fetch(engine: Engine, result: FetchResult, run_id: int | None) -> IngestOutcome:
+    name = result.source
     with store.session_scope(engine) as session:
         saved = store.save_fetch(session, result, run_id=run_id)
     if result.status == "failed":
@@ -94,8 +109,25 @@ def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | N
 
 
 def ingest_all(cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None = None, run_id: int | None = None) -> list[IngestOutcome]:
+    """Fetch sources concurrently (cfg.ingest.max_workers), so a slow host costs only its own deadline; the
+    database work stays on this thread (SQLite has one writer). Outcomes come back in source order."""
     wanted = names if names is not None else [s.name for s in cfg.sources if s.enabled]
-    return [ingest_source(cfg, engine, n, run_id) for n in wanted]
+    sources = [cfg.source(n) for n in wanted]
+    validators = {src.name: _prepare_source(engine, src) for src in sources}
+    results: dict[str, IngestOutcome] = {}
+    workers = max(1, min(cfg.ingest.max_workers, len(sources)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        futures = {pool.submit(_fetch, cfg, src, *validators[src.name]): src for src in sources}
+        for future in as_completed(futures):
+            src = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # fetch_source turns feed problems into results; this is a last guard
+                log.debug("traceback", exc_info=True)
+                error = f"source {src.name!r}: fetch crashed: {type(e).__name__}"
+                result = FetchResult(source=src.name, status="failed", error=error)
+            results[src.name] = _save_fetch(engine, result, run_id)
+    return [results[src.name] for src in sources]
 
 
 def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:

@@ -12,13 +12,19 @@ import codecs
 import functools
 import hashlib
 import io
+import ipaddress
 import json
 import logging
+import os
 import re
+import socket
 import time
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from html.parser import HTMLParser
 from pathlib import Path
@@ -26,16 +32,19 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
+import charset_normalizer
 import feedparser
+import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from pipeline.config import SourceConfig, WatchlistEntity
+from pipeline.config import PrivacyConfig, SourceConfig, WatchlistEntity
 from pipeline.records import Document, EntityMention, FetchResult
 
 log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, credentials and api keys included; our own lines redact them.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 RETRY_BASE_DELAY_S = 0.2
 MAX_ID_CHARS = 500
@@ -81,8 +90,12 @@ class _TextExtractor(HTMLParser):
             self.parts.append(data)
 
 
-# Zero-width characters and C0 controls: invisible, and Postgres rejects NUL in text columns.
-_INVISIBLE = dict.fromkeys([*map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0xD800, 0xE000)])
+# Zero-width characters and C0 controls: invisible, and Postgres rejects NUL in text columns. Bidi embedding,
+# override and isolate controls (and LRM/RLM) are dropped too: they can make an alert read backwards.
+_INVISIBLE = dict.fromkeys([
+    *map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f"), *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+    *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0xD800, 0xE000),
+])
 
 
 def collapse_ws(text: str) -> str:
@@ -115,21 +128,32 @@ def canonical_url(url: str) -> str:
 
 
 _SECRET_PARAM = re.compile(r"key|token|secret|pass|auth|sig|session|cred", re.IGNORECASE)
+# A path segment that looks like a credential: a long run of letters and digits with digits in it, a long hex/UUID,
+# or a `name=value` pair whose name looks secret (feeds like /rss/<api-token>/news.xml).
+_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9]*[0-9])[A-Za-z0-9]{24,}|[0-9a-fA-F\-]{32,}")
+
+
+def _redact_segment(segment: str) -> str:
+    name, eq, _ = segment.partition("=")
+    if eq and _SECRET_PARAM.search(name):
+        return f"{name}=***"
+    return "***" if _TOKEN_SEGMENT.fullmatch(segment) else segment
 
 
 def display_url(url: str) -> str:
-    """The URL safe for logs and error messages: no user:password, secret-looking query values redacted."""
+    """The URL safe for logs, errors and `sources.url`: no user:password, secret-looking query values and
+    token-like path segments redacted (file:// paths too)."""
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable URL>"
-    if parts.scheme == "file":
-        return url
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    if port:
+        host = f"{host}:{port}"
+    path = "/".join(_redact_segment(seg) for seg in parts.path.split("/"))
     query = [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit((parts.scheme, host, parts.path, urlencode(query, safe="*"), ""))
+    return urlunsplit((parts.scheme, host, path, urlencode(query, safe="*"), ""))
 
 
 # --------------------------------------------------------------------------- entities
@@ -209,6 +233,55 @@ def extract_entities(text: str, watchlist: Sequence[WatchlistEntity]) -> tuple[E
     return _entities(text, _watchlist_matcher(watchlist))
 
 
+# --------------------------------------------------------------------------- personal data
+
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}(?![\w-])"
+)
+# +CC then 2-5 groups, or North American (415) 555-0100 / 415-555-0100; 8-15 digits in all (checked below).
+_PHONE = re.compile(
+    r"(?<![\w+$])(?:\+\d{1,3}(?:[ .\-]?\(?\d{1,4}\)?){2,5}|(?:\(\d{3}\) ?|\d{3}[ .\-])\d{3}[ .\-]\d{4})(?![\w.,]\d|\w)"
+)
+_HANDLE = re.compile(r"(?<![\w@/$.])@([A-Za-z0-9_]{1,30})(?!\w)")
+_REDDIT_USER = re.compile(r"(?<![\w/])/?u/([A-Za-z0-9_\-]{3,20})(?![\w\-])")
+
+
+def _phone(m: re.Match[str]) -> str:
+    return "[phone]" if 8 <= sum(c.isdigit() for c in m.group(0)) <= 15 else m.group(0)
+
+
+def _handle_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class _Masker:
+    rules: PrivacyConfig
+    keep: frozenset[str]
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        r = self.rules
+        if r.mask_emails and "@" in text:
+            text = _EMAIL.sub("[email]", text)
+        if r.mask_phones:
+            text = _PHONE.sub(_phone, text)
+        if r.mask_handles:
+            text = _HANDLE.sub(lambda m: m.group(0) if _handle_key(m.group(1)) in self.keep else "@user", text)
+            text = _REDDIT_USER.sub(lambda m: m.group(0) if _handle_key(m.group(1)) in self.keep else "u/user", text)
+        return text
+
+
+def personal_data_masker(rules: PrivacyConfig, watchlist: Sequence[WatchlistEntity]) -> Callable[[str], str]:
+    """A function masking e-mails, phone numbers and handles of people in a text; handles that name a watchlist
+    company (ticker, name or alias, ignoring case and punctuation) or `rules.keep_handles` are kept."""
+    keep = {_handle_key(h) for h in rules.keep_handles}
+    for w in watchlist:
+        keep.update(_handle_key(x) for x in (w.ticker, w.name, *w.aliases))
+    return _Masker(rules, frozenset(keep - {""}))
+
+
 # --------------------------------------------------------------------------- fetching
 
 
@@ -235,10 +308,213 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _http_once(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) -> _Body:
-    deadline = time.monotonic() + src.timeout_s
+class _Deadline:
+    """One wall-clock limit for a whole fetch attempt: DNS, connect, TLS, headers, every redirect hop and the body.
+
+    httpx timeouts are per socket operation, so a server sending one header byte a second, or a slow redirect
+    chain, never trips them; every socket call made through `_GuardedBackend` is bounded by what is left here.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def error(self, what: str) -> _FetchError:
+        return _FetchError(f"timed out after {self.seconds:g} s: deadline exceeded while {what}", retry=True)
+
+    def bound(self, timeout: float | None, what: str) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.error(what)
+        return left if timeout is None else min(timeout, left)
+
+
+_DNS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="finsent-dns")
+MAX_REDIRECTS = 10
+MAX_ENCODING_LAYERS = 2
+_INFLATE_PIECE = 64 * 1024
+
+
+def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why an address is not a public internet address (None if it is)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if ip.is_global else "non-global"
+
+
+def _private_allowed(src: SourceConfig, host: str, port: int) -> bool:
+    allow = src.allow_private_network
+    if isinstance(allow, bool):
+        return allow
+    return host in allow or f"{host}:{port}" in allow
+
+
+class _GuardedStream(httpcore.NetworkStream):
+    """A socket whose every read, write and handshake is bounded by the fetch deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self.inner = inner
+        self.deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self.deadline.bound(timeout, "reading the response"))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self.deadline.bound(timeout, "sending the request"))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        inner = self.inner.start_tls(ssl_context, server_hostname, self.deadline.bound(timeout, "in the TLS handshake"))
+        return _GuardedStream(inner, self.deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
+
+
+class _GuardedBackend(httpcore.NetworkBackend):
+    """Resolves each host itself, refuses non-public addresses unless the source opts in, and connects to the
+    address it checked (so DNS cannot answer differently between check and connect). Every hop goes through here."""
+
+    def __init__(self, src: SourceConfig, deadline: _Deadline) -> None:
+        self.src = src
+        self.deadline = deadline
+        self.plain = httpcore.SyncBackend()
+
+    def _resolve(self, host: str, port: int) -> list[str]:
+        future = _DNS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            infos = future.result(timeout=self.deadline.bound(None, f"resolving {host}"))
+        except FutureTimeout:
+            raise self.deadline.error(f"resolving {host}") from None
+        except OSError as e:
+            raise _FetchError(f"cannot resolve host {host}: {_describe(e)}", retry=True) from None
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        addresses = self._resolve(host, port)
+        if not _private_allowed(self.src, host, port):
+            for addr in addresses:
+                kind = _address_kind(ipaddress.ip_address(addr.split("%", 1)[0]))
+                if kind:
+                    raise _FetchError(
+                        f"refused to connect to {host}:{port}: it resolves to {addr}, a {kind} address "
+                        "(set allow_private_network for this source to allow it)"
+                    )
+        last: Exception | None = None
+        for addr in addresses:
+            try:
+                stream = self.plain.connect_tcp(addr, port, self.deadline.bound(timeout, f"connecting to {host}"),
+                                                local_address, socket_options)
+            except httpcore.ConnectError as e:
+                last = e
+                continue
+            return _GuardedStream(stream, self.deadline)
+        raise last or httpcore.ConnectError(f"no address for {host}")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def _check_hop(request: httpx.Request) -> None:
+    """httpx request hook: every request, redirects included, must be http(s) (addresses are checked at connect)."""
+    if request.url.scheme not in ("http", "https"):
+        raise _FetchError(f"refused a redirect to a {request.url.scheme}:// URL; only http(s) is fetched")
+
+
+def _client(src: SourceConfig, deadline: _Deadline) -> httpx.Client:
+    transport = httpx.HTTPTransport(retries=0)
+    # httpx has no public knob for the network backend; the pool is rebuilt with the same TLS context.
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=transport._pool._ssl_context, network_backend=_GuardedBackend(src, deadline)
+    )
+    return httpx.Client(
+        transport=transport, follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=src.timeout_s,
+        trust_env=False, event_hooks={"request": [_check_hop]},
+    )
+
+
+def _inflate(chunks: Iterator[bytes], encoding: str) -> Iterator[bytes]:
+    """One Content-Encoding layer, decoded lazily in pieces of at most 64 KiB, so stacked layers never
+    hold more than a piece each in memory (httpx decodes every network chunk through all layers at once)."""
+    wbits = 47  # zlib or gzip header, detected
+    d = zlib.decompressobj(wbits)
+    for chunk in chunks:
+        data = chunk
+        while data:
+            out = d.decompress(data, _INFLATE_PIECE)
+            if out:
+                yield out
+            if d.eof:  # concatenated gzip members
+                data = d.unused_data
+                d = zlib.decompressobj(wbits)
+            else:
+                data = d.unconsumed_tail
+    while not d.eof:
+        out = d.decompress(b"", _INFLATE_PIECE)
+        if not out:
+            break
+        yield out
+
+
+def _decoded(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> bytes:
+    """The body with every Content-Encoding layer undone, raw and decoded sizes both capped at max_bytes."""
+    layers = [e.strip().lower() for e in resp.headers.get("content-encoding", "").split(",") if e.strip()]
+    layers = [e for e in layers if e != "identity"]
+    if len(layers) > MAX_ENCODING_LAYERS:
+        raise _FetchError(
+            f"refused a response with {len(layers)} Content-Encoding layers ({', '.join(layers)})", resp.status_code
+        )
+    unknown = [e for e in layers if e not in ("gzip", "x-gzip", "deflate")]
+    if unknown:
+        raise _FetchError(f"unsupported Content-Encoding {', '.join(unknown)}", resp.status_code)
+    raw_total = 0
+
+    def raw() -> Iterator[bytes]:
+        nonlocal raw_total
+        for chunk in resp.iter_raw(_INFLATE_PIECE):
+            raw_total += len(chunk)
+            if raw_total > src.max_bytes:
+                raise _FetchError(f"response exceeds max_bytes={src.max_bytes}; download aborted", resp.status_code)
+            yield chunk
+
+    stream: Iterator[bytes] = raw()
+    for enc in reversed(layers):
+        stream = _inflate(stream, enc)
+    buf = bytearray()
     try:
-        with client.stream("GET", src.url, headers=headers, timeout=src.timeout_s, follow_redirects=True) as resp:
+        for piece in stream:
+            buf += piece
+            if len(buf) > src.max_bytes:
+                raise _FetchError(
+                    f"decoded response exceeds max_bytes={src.max_bytes} "
+                    f"(Content-Encoding: {', '.join(layers)}); aborted",
+                    resp.status_code,
+                )
+            if deadline.expired:
+                raise deadline.error("reading the response")
+    except zlib.error as e:
+        raise _FetchError(f"body is not valid {', '.join(layers)} data: {e}", resp.status_code) from None
+    return bytes(buf)
+
+
+def _http_once(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+    deadline = _Deadline(src.timeout_s)
+    try:
+        with _client(src, deadline) as client, client.stream("GET", url, headers=headers) as resp:
             code = resp.status_code
             if code == 304:
                 return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
@@ -247,28 +523,27 @@ def _http_once(src: SourceConfig, client: httpx.Client, headers: dict[str, str])
             declared = resp.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > src.max_bytes:
                 raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
-            buf = bytearray()
-            for chunk in resp.iter_bytes():
-                buf += chunk
-                if len(buf) > src.max_bytes:
-                    raise _FetchError(f"response exceeds max_bytes={src.max_bytes}; download aborted", code)
-                if time.monotonic() > deadline:
-                    raise _FetchError(f"timed out after {src.timeout_s:g} s reading the response", code, retry=True)
-            return _Body(bytes(buf), resp.headers.get("content-type", ""), code, resp.headers.get("etag"), resp.headers.get("last-modified"))
+            content = _decoded(resp, src, deadline)
+            ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
+            return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
     except httpx.TimeoutException as e:
+        if deadline.expired:
+            raise deadline.error("waiting for the server") from None
         raise _FetchError(f"timed out after {src.timeout_s:g} s ({type(e).__name__})", retry=True) from None
+    except httpx.TooManyRedirects:
+        raise _FetchError(f"more than {MAX_REDIRECTS} redirects") from None
     except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
         raise _FetchError(f"connection failed: {_describe(e)}", retry=True) from None
     except httpx.HTTPError as e:
         raise _FetchError(f"request failed: {_describe(e)}") from None
 
 
-def _http_get(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) -> _Body:
-    """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx)."""
+def _http_get(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+    """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target)."""
     attempts = src.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return _http_once(src, client, headers)
+            return _http_once(src, url, headers)
         except _FetchError as e:
             if not e.retry or attempt == attempts:
                 if attempt > 1:
@@ -278,6 +553,29 @@ def _http_get(src: SourceConfig, client: httpx.Client, headers: dict[str, str]) 
             log.info("source %s: %s; retry %d/%d in %.1f s", src.name, e.message, attempt, src.retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _env_secrets(src: SourceConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """Headers and query parameters whose values come from the environment (credentials never live in the URL)."""
+    missing = [v for v in (*src.headers_env.values(), *src.query_env.values()) if not os.environ.get(v)]
+    if missing:
+        raise _FetchError(f"credential env var {', '.join(sorted(set(missing)))} is not set")
+    return ({h: os.environ[v] for h, v in src.headers_env.items()}, {q: os.environ[v] for q, v in src.query_env.items()})
+
+
+def _with_query(url: str, params: dict[str, str]) -> str:
+    if not params:
+        return url
+    parts = urlsplit(url)
+    query = [*parse_qsl(parts.query, keep_blank_values=True), *params.items()]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def _scrub(message: str, secrets: Iterable[str]) -> str:
+    for value in secrets:
+        if value:
+            message = message.replace(value, "***")
+    return message
 
 
 def _file_path(url: str) -> Path:
@@ -321,6 +619,9 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codec
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+_DETECT_BYTES = 200_000  # charset-normalizer reads this much at most: detection cost stays bounded
+
+
 def _known_encoding(name: str | None) -> str | None:
     if not name:
         return None
@@ -330,19 +631,41 @@ def _known_encoding(name: str | None) -> str | None:
         return None
 
 
-def decode_bytes(data: bytes, content_type: str = "") -> str:
-    """Text of a feed body: BOM, else the XML declaration, else the HTTP charset, else UTF-8.
+def _sniff_utf16_32(head: bytes) -> str | None:
+    """UTF-16/32 without a BOM, as XML's autodetection finds it: the first `<` with NULs beside it."""
+    starts = (("utf-32-le", b"<\0\0\0"), ("utf-32-be", b"\0\0\0<"), ("utf-16-le", b"<\0"), ("utf-16-be", b"\0<"))
+    for enc, start in starts:
+        if head.startswith(start):
+            return enc
+    return None
 
-    Bytes invalid in that encoding become U+FFFD instead of failing the whole feed. The document's own
+
+def decode_bytes(data: bytes, content_type: str = "") -> str:
+    """Text of a feed body. The first that applies: a BOM; UTF-16/32 without BOM (XML autodetection); the XML
+    declaration; the HTTP charset; valid UTF-8; charset-normalizer's best guess for undeclared legacy encodings.
+
+    Bytes still invalid in that encoding become U+FFFD instead of failing the whole feed. The document's own
     declaration wins over the HTTP header because servers often send a default charset that is wrong.
     """
     for bom, enc in _BOMS:
         if data.startswith(bom):
             return data.decode(enc, errors="replace")
+    wide = _sniff_utf16_32(data[:64])
+    if wide:
+        return data.decode(wide, errors="replace")
     decl = _XML_DECL_ENCODING.match(data[:512])
     header = _CHARSET.search(content_type or "")
-    enc = _known_encoding(decl.group(1).decode("ascii") if decl else None) or _known_encoding(header.group(1) if header else None)
-    return data.decode(enc or "utf-8", errors="replace")
+    declared = _known_encoding(decl.group(1).decode("ascii") if decl else None) or _known_encoding(
+        header.group(1) if header else None
+    )
+    if declared:
+        return data.decode(declared, errors="replace")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    guess = charset_normalizer.from_bytes(data[:_DETECT_BYTES]).best()
+    return data.decode(_known_encoding(guess.encoding if guess else None) or "utf-8", errors="replace")
 
 
 def _looks_like_html(text: str, content_type: str) -> bool:
@@ -371,16 +694,20 @@ def _utc(struct: Any) -> datetime | None:
         return None
 
 
+EARLIEST_PUBLISHED = datetime(1990, 1, 1, tzinfo=UTC)
 _REDDIT_FOOTER = re.compile(r"\s*submitted by\s+/?u/[\w\-]+\s*(?:\[link\])?\s*(?:\[comments\])?\s*$", re.IGNORECASE)
 
 
 class _Builder:
     """Turns raw entry fields into Documents for one source, sharing the watchlist matcher."""
 
-    def __init__(self, src: SourceConfig, watchlist: Sequence[WatchlistEntity], fetched_at: datetime) -> None:
+    def __init__(
+        self, src: SourceConfig, watchlist: Sequence[WatchlistEntity], fetched_at: datetime, privacy: PrivacyConfig
+    ) -> None:
         self.src = src
         self.matcher = _watchlist_matcher(watchlist)
         self.fetched_at = fetched_at
+        self.mask = personal_data_masker(privacy, watchlist)
 
     def build(
         self,
@@ -393,10 +720,13 @@ class _Builder:
         language: str | None,
         symbols: Iterable[str] = (),
     ) -> Document | None:
+        title, summary = self.mask(title), self.mask(summary)  # before anything is derived from the text
         if not title and not summary:
             return None
         chash = content_hash(title, summary)
         link = (collapse_ws(link) if isinstance(link, str) else "") or None
+        if link and len(link) > self.src.max_link_chars:
+            link = None  # a cut URL would point somewhere else; the id falls back to the GUID or content hash
         external_id = collapse_ws(raw_id or "") or (canonical_url(link) if link else "") or chash
         if len(external_id) > MAX_ID_CHARS:  # a B-tree unique index rejects very long keys
             external_id = "sha256:" + hashlib.sha256(external_id.encode("utf-8")).hexdigest()
@@ -407,10 +737,28 @@ class _Builder:
             title=title,
             summary=summary,
             link=link,
-            published_at=published or self.fetched_at,
+            published_at=self._published(published),
             language=language,
             entities=_entities(f"{title}\n{summary}", self.matcher, symbols),
         )
+
+
+    def _published(self, published: datetime | None) -> datetime:
+        """Future dates are clamped to the fetch time and pre-1990 dates count as missing, so a feed cannot
+        plant items in a future window or deep in the baseline."""
+        if published is None or published < EARLIEST_PUBLISHED:
+            return self.fetched_at
+        if published > self.fetched_at + timedelta(seconds=self.src.max_future_skew_s):
+            return self.fetched_at
+        return published
+
+
+def _capped(raw: Any, limit: int) -> str:
+    """Visible text of a raw feed field, at most `limit` characters. The raw value is cut first (at 4x the
+    limit, room for markup) so HTML stripping never works on more than a bounded amount of text."""
+    if not isinstance(raw, str):
+        return ""
+    return strip_html(raw[: limit * 4])[:limit].rstrip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,10 +808,25 @@ def _fix_surrogate_refs(text: str) -> str:
     return "".join(out)
 
 
+_ENTITY_DECL = re.compile(r"<!\s*ENTITY", re.IGNORECASE)
+_DOCTYPE = re.compile(r"<!DOCTYPE\b[^\[>]*(?:\[[^\]]*\])?\s*>", re.IGNORECASE)
+
+
+def _without_doctype(text: str, http_status: int | None) -> str:
+    """Entity declarations are refused (feedparser's loose parser would expand them past every cap: a 68 KB
+    feed became a 300-million-character summary); any other DOCTYPE is stripped before parsing."""
+    if _ENTITY_DECL.search(text):
+        raise _FetchError(
+            "refused: the feed declares DOCTYPE entities (<!ENTITY>), which finsent never expands", http_status
+        )
+    return _DOCTYPE.sub("", text)
+
+
 def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
-    text = _fix_surrogate_refs(decode_bytes(body.content, body.content_type))
+    text = decode_bytes(body.content, body.content_type)
     if not text.strip():
         raise _FetchError("empty response (no content)", body.http_status)
+    text = _fix_surrogate_refs(_without_doctype(text, body.http_status))
     # Already decoded: hand feedparser UTF-8 with a matching header (it rewrites the XML declaration),
     # and a stream, never bytes, which it would first try to open as a local file name. No base URL:
     # feedparser would resolve GUIDs against it, and ids must not change when a feed moves host.
@@ -487,10 +850,10 @@ def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
     docs: list[Document] = []
     invalid = 0
     for e in entries[: src.max_entries]:
-        title = strip_html(e.get("title") or "")
+        title = _capped(e.get("title"), src.max_title_chars)
         content = e.get("content") or []
         summary_detail = e.get("summary_detail") or (content[0] if content else None)
-        summary = strip_html(e.get("summary") or (content[0].get("value") if content else ""))
+        summary = _capped(e.get("summary") or (content[0].get("value") if content else ""), src.max_summary_chars)
         if src.kind == "reddit":
             summary = _REDDIT_FOOTER.sub("", summary)
         if summary == title:
@@ -585,7 +948,7 @@ def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
             b,
             src,
             raw_id=str(msg.id),
-            title=strip_html(msg.body),
+            title=_capped(msg.body, src.max_title_chars),
             summary="",
             link=f"https://stocktwits.com/{user}/message/{msg.id}" if user else None,
             published=published,
@@ -628,31 +991,33 @@ def fetch_source(
     *,
     etag: str | None = None,
     last_modified: str | None = None,
-    client: httpx.Client | None = None,
     user_agent: str = "finsent/0.1",
+    privacy: PrivacyConfig | None = None,
 ) -> FetchResult:
     """Fetch and normalise one source; any problem with the feed becomes a failed FetchResult, never an exception.
 
     `etag`/`last_modified` are the validators stored from the last good fetch (conditional GET; a 304 gives
-    status "not_modified"); the result carries the new ones. Pass `client` to share connections.
+    status "not_modified"); the result carries the new ones. `privacy`: what personal data is masked in the
+    documents (default: e-mails, phones and handles of people, as `PrivacyConfig()`).
     """
     fetched_at = datetime.now(UTC)
-    where = f"source {src.name!r} ({display_url(src.url)})"
+    where = f"source {src.name!r}"
     body: _Body | None = None
+    secrets: list[str] = []
     try:
+        where = f"source {src.name!r} ({display_url(src.url)})"
         if src.url.startswith("file://"):
             body = _read_file(src, last_modified)
         else:
-            headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"])}
+            env_headers, env_query = _env_secrets(src)
+            secrets = [*env_headers.values(), *env_query.values()]
+            headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"]),
+                       "Accept-Encoding": "gzip, deflate", **env_headers}
             if etag:
                 headers["If-None-Match"] = etag
             if last_modified:
                 headers["If-Modified-Since"] = last_modified
-            if client is None:
-                with httpx.Client(follow_redirects=True, timeout=src.timeout_s) as own:
-                    body = _http_get(src, own, headers)
-            else:
-                body = _http_get(src, client, headers)
+            body = _http_get(src, _with_query(src.url, env_query), headers)
         if body.not_modified:
             log.info("%s: not modified since the last fetch", where)
             return FetchResult(
@@ -662,13 +1027,15 @@ def fetch_source(
                 etag=body.etag or etag,
                 last_modified=body.last_modified or last_modified,
             )
-        builder = _Builder(src, watchlist, fetched_at)
+        builder = _Builder(src, watchlist, fetched_at, privacy or PrivacyConfig())
         parsed = (_parse_stocktwits if src.kind == "stocktwits" else _parse_feed)(src, body, builder)
     except _FetchError as e:
-        return _failed(src, f"{where}: {e.message}", e.http_status)
-    except Exception as e:  # a parser bug on one odd feed must not stop the cycle
-        log.exception("%s: unexpected error", where)
-        return _failed(src, f"{where}: unexpected error while fetching or parsing: {_describe(e)}", body.http_status if body else None)
+        return _failed(src, _scrub(f"{where}: {e.message}", secrets), e.http_status)
+    except Exception as e:  # a parser bug on one odd feed, or a URL that got past validation, must not stop the cycle
+        log.error("%s: unexpected error (%s)", where, _scrub(_describe(e), secrets))
+        log.debug("traceback", exc_info=True)
+        msg = _scrub(f"{where}: unexpected error while fetching or parsing: {_describe(e)}", secrets)
+        return _failed(src, msg, body.http_status if body else None)
     log.info("%s: %d entries, %d documents", where, parsed.seen, len(parsed.documents))
     return FetchResult(
         source=src.name,

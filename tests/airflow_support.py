@@ -249,7 +249,10 @@ def write_config(
             }
         )
     cfg = {
-        "sources": [{"name": n, "kind": "rss", "url": u, "retries": 0, "timeout_s": 5} for n, u in feed_urls.items()],
+        "sources": [
+            {"name": n, "kind": "rss", "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True}  # loopback feeds
+            for n, u in feed_urls.items()
+        ],
         "watchlist": [{"ticker": "NWB", "name": "Northwind Bank", "aliases": ["Northwind"]}],
         "model": {"batch_size": 16, "chunk_size": chunk_size, "device": "cpu"},
         "detect": {"window_minutes": window_minutes, "baseline_days": baseline_days, "min_volume": 5, "min_negative": 3},

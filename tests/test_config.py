@@ -53,7 +53,7 @@ def test_bad_value_names_key_and_expectation(tmp_path):
 
 def test_bad_url_and_duplicate_sources(tmp_path):
     p = write(tmp_path, GOOD.replace("https://example.com/feed.xml", "ftp://x"))
-    with pytest.raises(ConfigError, match="sources.0.url"):
+    with pytest.raises(ConfigError, match=r"sources\.0: .*source 'wire': url must start with http"):
         load_config(p, env=False)
     dup = GOOD.replace("watchlist:", "  - name: wire\n    url: https://example.com/2.xml\nwatchlist:")
     with pytest.raises(ConfigError, match="duplicate source names: wire"):

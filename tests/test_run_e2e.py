@@ -37,6 +37,8 @@ def write_config(tmp_path: Path, fs: FeedServer, extra_sources: list[dict] | Non
         "model": {"path": str(DEFAULT_MODEL_DIR)},
         "sinks": [{"name": "console", "kind": "console"}],
     }
+    for source in cfg["sources"]:
+        source.setdefault("allow_private_network", True)  # the feeds are on 127.0.0.1
     p = tmp_path / "finsent.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p

@@ -126,10 +126,14 @@ def check_schema(engine: Engine) -> None:
 
 def ensure_sources(session: Session, sources: Iterable[Any]) -> None:
     """Register configured sources (name, kind, url); keeps their HTTP validators unless the URL changed,
-    since an old ETag/Last-Modified sent to a new URL could make it answer 304 forever."""
+    since an old ETag/Last-Modified sent to a new URL could make it answer 304 forever. The URL is stored
+    redacted (no user:password, no token-like query values or path segments): rows are read by dashboards."""
+    from pipeline.ingest import display_url
+
     table = s.Source.__table__
     for src in sources:
-        stmt = _insert(session, s.Source).values(name=src.name, kind=src.kind, url=src.url, created_at=datetime.now(UTC))
+        url = display_url(src.url)
+        stmt = _insert(session, s.Source).values(name=src.name, kind=src.kind, url=url, created_at=datetime.now(UTC))
         moved = table.c.url != stmt.excluded.url
         stmt = stmt.on_conflict_do_update(
             index_elements=["name"],
