@@ -90,8 +90,13 @@ class SinkConfig(_Strict):
     mail_from: str = "finsent@localhost"
     mail_to: list[str] = []
     timeout_s: float = Field(default=10.0, gt=0, le=120)
-    max_attempts: int = Field(default=10, ge=1)
+    # delivery: retried with capped exponential backoff until expire_hours after the alert was queued;
+    # max_attempts is an optional extra cap (None: only time expires a delivery)
+    max_attempts: int | None = Field(default=None, ge=1)
     expire_hours: float = Field(default=24.0, gt=0)
+    backoff_max_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
+    # a sink whose deliveries have failed without a success for this long is reported to the other sinks
+    failing_after_minutes: float = Field(default=60.0, gt=0)
 
 
 class ModelConfig(_Strict):

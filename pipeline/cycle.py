@@ -20,6 +20,7 @@ from pipeline.config import FinsentConfig
 from pipeline.records import AlertRecord, CycleSummary, ScoreRow
 
 if TYPE_CHECKING:
+    from pipeline.notify import DeliveryReport
     from pipeline.score import Scorer
 
 log = logging.getLogger(__name__)
@@ -157,10 +158,21 @@ def detect(
     return detect_spikes(engine, cfg, as_of, version, scorer=scorer)
 
 
-def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None):
-    from pipeline.notify import deliver_pending
+def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:
+    """Deliver due alerts; the report's `problems` (expired deliveries, a failing sink) make the run degraded."""
+    from pipeline.notify import deliver_pending, summary_line
 
-    return deliver_pending(engine, cfg, now=now)
+    report = deliver_pending(engine, cfg, now=now)
+    log.info("delivery: %s", summary_line(report))
+    for problem in report.problems:
+        log.error("delivery degraded: %s", problem)
+    return report
+
+
+def notify_summary(report: DeliveryReport) -> str:
+    from pipeline.notify import summary_line
+
+    return summary_line(report)
 
 
 def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine | None = None, scorer: Scorer | None = None) -> CycleSummary:
@@ -183,8 +195,9 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
         alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
         counts["alerts"] = len(alerts)
         report = notify(cfg, engine)
-        counts["delivered"] = getattr(report, "sent", 0)
-        status = "partial" if errors else "ok"
+        counts["delivered"] = report.sent
+        errors += [{"step": "notify", "error": p} for p in report.problems]
+        status = "degraded" if report.degraded else ("partial" if errors else "ok")
         return CycleSummary(
             run_id=run_id,
             fetched={o.source: o.new_documents for o in outcomes},
@@ -192,6 +205,8 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
             scored=scored.scored,
             alerts=alerts,
             delivered=counts["delivered"],
+            delivery=notify_summary(report),
+            problems=tuple(report.problems),
         )
     except Exception as e:
         errors.append({"step": "cycle", "error": f"{type(e).__name__}: {e}"[:2000]})

@@ -125,4 +125,6 @@ class CycleSummary:
     failed_sources: dict[str, str]  # source -> error
     scored: int
     alerts: list[AlertRecord]
-    delivered: int = 0
+    delivered: int = 0  # deliveries sent in this run, all sinks together
+    delivery: str = ""  # per-sink "sent / pending / failed" line (pipeline.notify.summary_line)
+    problems: tuple[str, ...] = ()  # why the run is degraded (expired deliveries, failing sinks)
