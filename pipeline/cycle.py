@@ -159,9 +159,13 @@ def detect(
 
 
 def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:
-    """Deliver due alerts; the report's `problems` (expired deliveries, a failing sink) make the run degraded."""
+    """Check source health (dead or quiet sources become alerts), then deliver due alerts; the report's
+    `problems` (expired deliveries, a failing sink) make the run degraded."""
+    from pipeline.health import check_sources
     from pipeline.notify import deliver_pending, summary_line
 
+    now = now or datetime.now(UTC)
+    check_sources(engine, cfg, now)
     report = deliver_pending(engine, cfg, now=now)
     log.info("delivery: %s", summary_line(report))
     for problem in report.problems:

@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 from pipeline import secrets
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.detect import alert_from_row
+from pipeline.health import HEALTH_SCOPE, is_health, render_health
 from pipeline.records import AlertRecord
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -516,8 +517,9 @@ def send_notice(cfg: SinkConfig, subject: str, body: str) -> None:
 
 
 def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
-    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks)."""
-    if alert.scope_kind not in sink.scopes:
+    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks).
+    Source-health alerts ignore the sentiment scopes: every sink taking their severity gets them."""
+    if alert.scope_kind not in sink.scopes and alert.scope_kind != HEALTH_SCOPE:
         return False
     if alert.kind == "resolved":
         episode_sev = (alert.details or {}).get("episode_severity", "warning")
@@ -536,7 +538,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
             .where(
                 ~has_row,
                 s.Alert.acknowledged_at.is_(None),
-                s.Alert.scope_kind.in_(sink.scopes),
+                or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind == HEALTH_SCOPE),
                 or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
             )
             .order_by(s.Alert.window_end, s.Alert.id)
@@ -675,13 +677,13 @@ def deliver_pending(
             continue
         if not _claim(engine, row.id, now):
             continue
-        with session_scope(engine) as session:
-            view = view_of(session.get_one(s.Alert, row.alert_id), cfg)
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
+        with session_scope(engine) as session:
+            send = _sender(sink, session.get_one(s.Alert, row.alert_id), cfg)
         delays = list(retry_delays)
         while True:
             try:
-                sink.send(view)
+                send()
             except Exception as e:
                 err = str(e) if isinstance(e, DeliveryError) else f"sink {row.sink}: {type(e).__name__}"
                 attempts = _record_attempt(engine, row.id, False, err, now)
@@ -716,6 +718,19 @@ def deliver_pending(
     for name, since in failing.items():
         _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
+
+
+def _sender(sink: Sink, alert: s.Alert, cfg: FinsentConfig) -> Callable[[], None]:
+    """How this alert goes out: a sentiment alert as the sink's alert message, source health as a notice."""
+    if is_health(alert):
+        subject, body = render_health(alert)
+        return lambda: sink.notice(subject, body)
+    view = view_of(alert, cfg)
+    return lambda: sink.send(view)
+
+
+def alert_title(alert: s.Alert, cfg: FinsentConfig) -> str:
+    return render_health(alert)[0] if is_health(alert) else view_of(alert, cfg).title
 
 
 def _count_pending(engine: Engine, cfg: FinsentConfig, report: DeliveryReport) -> None:
@@ -760,7 +775,7 @@ def _notice_expired(
     with session_scope(engine) as session:
         for e in expired[:50]:
             row = session.get(s.Alert, e.alert_id)
-            title = view_of(row, cfg).title if row is not None else e.alert_id
+            title = alert_title(row, cfg) if row is not None else e.alert_id
             lines.append(f"- {title} (alert {e.alert_id}) to {e.sink}: {e.attempts} attempts, last error: {e.last_error or 'n/a'}")
     if len(expired) > 50:
         lines.append(f"... and {len(expired) - 50} more")
