@@ -663,6 +663,7 @@ def deliver_pending(
         ).all()
 
     expired: list[ExpiredDelivery] = []
+    down: set[str] = set()  # sinks that failed a delivery in this run: the rest wait for the next run
     for row in due:
         sink_cfg = by_name.get(row.sink)
         if sink_cfg is None:
@@ -675,8 +676,8 @@ def deliver_pending(
                 expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, row.attempts, row.last_error))
                 log.error("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
             continue
-        if not _claim(engine, row.id, now):
-            continue
+        if row.sink in down or not _claim(engine, row.id, now):
+            continue  # a dead sink costs one delivery's tries per run, not one per pending alert
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
         with session_scope(engine) as session:
             send = _sender(sink, session.get_one(s.Alert, row.alert_id), cfg)
@@ -700,6 +701,7 @@ def deliver_pending(
                     _release(engine, row.id, DeliveryState.FAILED, min(now + backoff(attempts, cap), deadline))
                     report.failed += 1
                 report.errors.append(err)
+                down.add(row.sink)
                 break
             else:
                 _record_attempt(engine, row.id, True, None, now)

@@ -623,3 +623,16 @@ def test_backoff_is_exponential_and_capped() -> None:
 
     assert [backoff(n).total_seconds() / 60 for n in (1, 2, 3, 4, 5, 6, 7, 50, 10**6)] == [1, 2, 4, 8, 16, 30, 30, 30, 30]
     assert backoff(9, timedelta(hours=2)) == timedelta(minutes=120)
+
+
+def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook) -> None:
+    """Twenty alerts queued for a dead webhook: one run tries one of them (three attempts), not all twenty,
+    so a run stays bounded; all are delivered once the webhook is back."""
+    for i in range(20):
+        add_alert(engine, suffix=f"n{i}")
+    webhook.status = 500
+    r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert webhook.hits == 3 and r.failed == 1 and r.per_sink["slack-desk"].pending == 20
+    webhook.status = 200
+    r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
