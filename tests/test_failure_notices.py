@@ -106,3 +106,29 @@ def test_a_killed_finish_task_is_covered_by_the_dag_callback(env, engine):
     assert len(texts) == 1 and len(mails) == 1, texts
     assert "DAG run failed: finsent_monitor" in texts[0] and "finish" in texts[0]
     assert len(_notices(engine)) == 1
+
+
+def test_degraded_delivery_fails_the_notify_task_with_its_reason(env, engine):
+    """An alert delivery to Slack expires during the run (Slack answering 500 for over a day): email gets the
+    operator notice, the notify task fails at once (no retry) saying why, and the run's one failure notice."""
+    from tests.test_notify import add_alert
+
+    aid = add_alert(engine)
+    now = datetime.now(UTC)
+    with session_scope(engine) as session:
+        session.add(s.AlertDelivery(alert_id=aid, sink="ops-slack", status="failed", attempts=40, last_error="HTTP 500",
+                                    created_at=now - timedelta(hours=25), next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
+    env["webhook"].status = 500
+    dag = fresh_dag("finsent_monitor", retries=None)
+    dr = dag.test(logical_date=END)
+    assert dr.state == "failed"
+    ti = next(t for t in dr.get_task_instances() if t.task_id == "notify")
+    assert (ti.state, ti.try_number) == ("failed", 1), "a degraded notify must not be retried into a pass"
+    subjects = [str(m["Subject"]) for m in env["smtp"].messages]
+    assert subjects == ["[finsent] 1 alert(s) could not be delivered to ops-slack", "[finsent] task failed: finsent_monitor.notify"], subjects
+    body = env["smtp"].messages[1].get_content()
+    assert "alert delivery degraded: 1 alert deliveries expired undelivered (ops-slack)" in body
+    assert "ops-slack: 0 sent, 0 pending, 1 failed" in body
+    with session_scope(engine) as session:
+        run = session.scalars(select(s.PipelineRun)).one()
+        assert run.status == "failed" and {"step": "notify", "error": "task failed"} in run.errors
