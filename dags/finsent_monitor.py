@@ -17,6 +17,7 @@ from pipeline import orchestrate
     catchup=False,
     max_active_runs=1,
     default_args=orchestrate.default_args(retries=2, retry_delay=timedelta(minutes=1)),
+    on_failure_callback=orchestrate.on_dag_failure,  # a run whose finish was killed too still gets its notice
     tags=["finsent", "monitoring"],
     doc_md=__doc__,
 )
@@ -45,10 +46,11 @@ def finsent_monitor():
     def notify() -> dict:
         return orchestrate.notify()
 
-    # finish fails on purpose when a step failed; retrying would only repeat that verdict
+    # finish fails on purpose when a step failed, sending the run's failure notice (a killed task sends none);
+    # retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int) -> dict:
-        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None) -> dict:
+        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards, airflow_run_id=run_id)
 
     names = sources()
     pipeline_run_id = start_run()

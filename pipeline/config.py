@@ -128,8 +128,24 @@ class SinkConfig(_Strict):
     mail_from: str = "finsent@localhost"
     mail_to: list[str] = []
     timeout_s: float = Field(default=10.0, gt=0, le=120)
-    max_attempts: int = Field(default=10, ge=1)
+    # delivery: retried with capped exponential backoff until expire_hours after the alert was queued;
+    # max_attempts is an optional extra cap (None: only time expires a delivery)
+    max_attempts: int | None = Field(default=None, ge=1)
     expire_hours: float = Field(default=24.0, gt=0)
+    backoff_max_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
+    # a sink whose deliveries have failed without a success for this long is reported to the other sinks
+    failing_after_minutes: float = Field(default=60.0, gt=0)
+
+
+class HealthConfig(_Strict):
+    """Source health: when a source counts as dead or quiet (pipeline.health)."""
+
+    max_failures: int = Field(default=3, ge=1, le=1000)  # consecutive failed fetches that make a source dead
+    quiet_factor: float = Field(default=4.0, ge=1)  # quiet after this many times its median gap between new items
+    quiet_floor_hours: float = Field(default=6.0, gt=0)  # never quiet sooner than this
+    quiet_unlearned_hours: float = Field(default=48.0, gt=0)  # the threshold until its history is learned
+    history: int = Field(default=50, ge=3, le=10_000)  # recent fetches that brought something, to learn the gap
+    min_history: int = Field(default=5, ge=2)  # gaps needed before the learned threshold applies
 
 
 class ModelConfig(_Strict):
@@ -166,6 +182,7 @@ class FinsentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
+    health: HealthConfig = HealthConfig()
     user_agent: str = "finsent/0.1 (+https://github.com/finsent)"
 
     @field_validator("sources")

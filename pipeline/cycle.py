@@ -22,6 +22,7 @@ from pipeline.records import AlertRecord, CycleSummary, FetchResult, RunStatus, 
 from pipeline.store.runs import Heartbeat
 
 if TYPE_CHECKING:
+    from pipeline.notify import DeliveryReport
     from pipeline.score import Scorer
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,25 @@ def detect(
     return detect_spikes(engine, cfg, as_of, version, scorer=scorer)
 
 
-def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None):
-    from pipeline.notify import deliver_pending
+def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:
+    """Check source health (dead or quiet sources become alerts), then deliver due alerts; the report's
+    `problems` (expired deliveries, a failing sink) make the run degraded."""
+    from pipeline.health import check_sources
+    from pipeline.notify import deliver_pending, summary_line
 
-    return deliver_pending(engine, cfg, now=now)
+    now = now or datetime.now(UTC)
+    check_sources(engine, cfg, now)
+    report = deliver_pending(engine, cfg, now=now)
+    log.info("delivery: %s", summary_line(report))
+    for problem in report.problems:
+        log.error("delivery degraded: %s", problem)
+    return report
+
+
+def notify_summary(report: DeliveryReport) -> str:
+    from pipeline.notify import summary_line
+
+    return summary_line(report)
 
 
 def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine | None = None, scorer: Scorer | None = None) -> CycleSummary:
@@ -230,8 +246,9 @@ def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: S
         alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
         counts["alerts"] = len(alerts)
         report = notify(cfg, engine)
-        counts["delivered"] = getattr(report, "sent", 0)
-        status = RunStatus.PARTIAL if errors else RunStatus.OK
+        counts["delivered"] = report.sent
+        errors += [{"step": "notify", "error": p} for p in report.problems]
+        status = RunStatus.DEGRADED if report.degraded else (RunStatus.PARTIAL if errors else RunStatus.OK)
         return CycleSummary(
             run_id=run_id,
             fetched={o.source: o.new_documents for o in outcomes},
@@ -239,6 +256,8 @@ def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: S
             scored=scored.scored,
             alerts=alerts,
             delivered=counts["delivered"],
+            delivery=notify_summary(report),
+            problems=tuple(report.problems),
         )
     except Exception as e:
         errors.append({"step": "cycle", "error": f"{type(e).__name__}: {e}"[:2000]})

@@ -4,7 +4,10 @@ Every (alert, sink) pair gets one `alert_deliveries` row (unique: the idempotenc
 due row with one conditional UPDATE (pending/failed and due -> sending), so two concurrent or retried
 tasks never both send it; the claim is committed before sending. Each attempt is written to
 `delivery_attempts`. Failures are retried a few times in the same run with short backoff, then in later
-runs (next_attempt_at, exponential) until sent or expired (sink.max_attempts or sink.expire_hours).
+runs (next_attempt_at, exponential, capped at sink.backoff_max_minutes) until sent or `sink.expire_hours`
+after the alert was queued: time expires a delivery, not a count, and the state lives in the database, so
+restarts change nothing. An expired delivery, or a sink failing for `failing_after_minutes`, is told to
+operators once through the other sinks (`operator_notices`) and makes the run degraded.
 A claim left by a crashed run is taken over after `CLAIM_LEASE`, so an alert is never lost; in that
 one case it may be sent twice (email carries a stable Message-ID so clients fold the copy).
 Acknowledged alerts are never (re-)sent: their open deliveries become "cancelled".
@@ -16,6 +19,7 @@ never reach logs, stored errors or exceptions.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import re
@@ -23,21 +27,23 @@ import smtplib
 import ssl
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from enum import StrEnum
 from typing import Any, Protocol, TextIO
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import secrets
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.detect import alert_from_row
 from pipeline.errors import FinsentError
+from pipeline.health import HEALTH_SCOPE, is_health, render_health
 from pipeline.records import AlertRecord
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -47,8 +53,31 @@ log = logging.getLogger(__name__)
 CLAIM_LEASE = timedelta(minutes=10)
 IN_RUN_DELAYS = (1.0, 3.0)  # sleep before the 2nd and 3rd attempt within one run
 BACKOFF_BASE = timedelta(minutes=1)
-BACKOFF_MAX = timedelta(hours=1)
+BACKOFF_MAX = timedelta(minutes=30)
 MAX_TOP_ITEMS = 5
+STALE_ERROR = "alert window older than expire_hours when first routed"
+
+
+class DeliveryState(StrEnum):
+    """`alert_deliveries.status`."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"  # an attempt failed; retried at next_attempt_at
+    EXPIRED = "expired"  # given up: past expire_hours (or max_attempts), or stale when first routed
+    CANCELLED = "cancelled"  # acknowledged before it was sent
+
+
+OPEN_STATES = (DeliveryState.PENDING, DeliveryState.FAILED)
+
+
+class NoticeKind(StrEnum):
+    """`operator_notices.kind`: what an operator is told about the pipeline itself."""
+
+    DAG_FAILED = "dag_failed"
+    DELIVERY_EXPIRED = "delivery_expired"
+    SINK_FAILING = "sink_failing"
 
 
 class DeliveryError(FinsentError, RuntimeError):
@@ -56,12 +85,37 @@ class DeliveryError(FinsentError, RuntimeError):
 
 
 @dataclass(slots=True)
+class SinkCounts:
+    """One sink's share of a run: sent now, still waiting for a retry, given up (expired) now."""
+
+    sent: int = 0
+    pending: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredDelivery:
+    delivery_id: int
+    alert_id: str
+    sink: str
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(slots=True)
 class DeliveryReport:
     sent: int = 0
-    failed: int = 0
-    expired: int = 0
+    failed: int = 0  # failed in this run, retried in a later one
+    expired: int = 0  # given up in this run (alerts lost to that sink: an operator notice went out)
     skipped: int = 0  # acknowledged before they were sent
     errors: list[str] = field(default_factory=list)
+    per_sink: dict[str, SinkCounts] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # why the run is degraded; empty when it is not
+    notices: list[str] = field(default_factory=list)  # subjects of the operator notices sent
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.problems)
 
 
 # --- text hygiene --------------------------------------------------------------------------------
@@ -332,6 +386,8 @@ class Sink(Protocol):
 
     def send(self, view: AlertView) -> None: ...
 
+    def notice(self, subject: str, body: str) -> None: ...
+
 
 class ConsoleSink:
     """Prints a readable plain-text alert (the offline demo's sink; under Airflow it lands in the task log)."""
@@ -462,8 +518,9 @@ def send_notice(cfg: SinkConfig, subject: str, body: str) -> None:
 
 
 def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
-    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks)."""
-    if alert.scope_kind not in sink.scopes:
+    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks).
+    Source-health alerts ignore the sentiment scopes: every sink taking their severity gets them."""
+    if alert.scope_kind not in sink.scopes and alert.scope_kind != HEALTH_SCOPE:
         return False
     if alert.kind == "resolved":
         episode_sev = (alert.details or {}).get("episode_severity", "warning")
@@ -482,7 +539,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
             .where(
                 ~has_row,
                 s.Alert.acknowledged_at.is_(None),
-                s.Alert.scope_kind.in_(sink.scopes),
+                or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind == HEALTH_SCOPE),
                 or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
             )
             .order_by(s.Alert.window_end, s.Alert.id)
@@ -496,9 +553,9 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
                 {
                     "alert_id": a.id,
                     "sink": sink.name,
-                    "status": "expired" if stale else "pending",
+                    "status": DeliveryState.EXPIRED if stale else DeliveryState.PENDING,
                     "attempts": 0,
-                    "last_error": "alert window older than expire_hours when first routed" if stale else None,
+                    "last_error": STALE_ERROR if stale else None,
                     "created_at": now,
                 }
             )
@@ -509,8 +566,8 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
 def _due_filter(now: datetime) -> Any:
     D = s.AlertDelivery
     return or_(
-        and_(D.status.in_(("pending", "failed")), or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now)),
-        and_(D.status == "sending", D.last_attempt_at < now - CLAIM_LEASE),
+        and_(D.status.in_(OPEN_STATES), or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now)),
+        and_(D.status == DeliveryState.SENDING, D.last_attempt_at < now - CLAIM_LEASE),
     )
 
 
@@ -522,7 +579,7 @@ def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
         res = session.execute(
             update(D)
             .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
-            .values(status="sending", last_attempt_at=now)
+            .values(status=DeliveryState.SENDING, last_attempt_at=now)
             .execution_options(synchronize_session=False)
         )
         return res.rowcount == 1
@@ -535,19 +592,37 @@ def _record_attempt(engine: Engine, delivery_id: int, ok: bool, error: str | Non
         attempts = session.scalar(select(D.attempts).where(D.id == delivery_id)) or 0
         values: dict[str, Any] = {"attempts": attempts + 1, "last_attempt_at": at, "last_error": error}
         if ok:
-            values.update(status="sent", delivered_at=at, next_attempt_at=None)
+            values.update(status=DeliveryState.SENT, delivered_at=at, next_attempt_at=None)
         session.execute(update(D).where(D.id == delivery_id).values(**values))
         return attempts + 1
 
 
-def _release(engine: Engine, delivery_id: int, status: str, next_at: datetime | None) -> None:
+def _release(engine: Engine, delivery_id: int, status: DeliveryState, next_at: datetime | None) -> None:
     D = s.AlertDelivery
     with session_scope(engine) as session:
-        session.execute(update(D).where(D.id == delivery_id, D.status == "sending").values(status=status, next_attempt_at=next_at))
+        session.execute(
+            update(D).where(D.id == delivery_id, D.status == DeliveryState.SENDING).values(status=status, next_attempt_at=next_at)
+        )
 
 
-def backoff(attempts: int) -> timedelta:
-    return min(BACKOFF_BASE * (2 ** max(0, attempts - 1)), BACKOFF_MAX)
+def backoff(attempts: int, cap: timedelta = BACKOFF_MAX) -> timedelta:
+    """Wait before the next cycle's try: 1, 2, 4 ... minutes, capped, so a long outage costs a bounded number of tries."""
+    return min(BACKOFF_BASE * (2 ** min(max(0, attempts - 1), 30)), cap)
+
+
+def _deadline(row: Any, sink: SinkConfig) -> datetime:
+    created: datetime = row.created_at
+    return created + timedelta(hours=sink.expire_hours)
+
+
+def _expire(engine: Engine, row: Any, now: datetime) -> bool:
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        return bool(
+            session.execute(
+                update(D).where(D.id == row.id, _due_filter(now)).values(status=DeliveryState.EXPIRED, next_attempt_at=None)
+            ).rowcount
+        )
 
 
 def deliver_pending(
@@ -559,8 +634,11 @@ def deliver_pending(
     retry_delays: Sequence[float] = IN_RUN_DELAYS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DeliveryReport:
-    """Send every due delivery; returns what was sent, failed (to be retried later) and expired.
+    """Send every due delivery; returns per-sink counts and whatever makes the run degraded.
 
+    A failed delivery is retried in later runs (capped exponential backoff) until `expire_hours` after it
+    was queued; one that expires, and a sink failing for `failing_after_minutes`, are told to operators
+    through the other sinks (once each, see `operator_notices`) and mark the report degraded.
     `now` is the run's clock for scheduling (tests and backfills pass it); `sinks` replaces the sinks
     built from the config (by name).
     """
@@ -576,57 +654,235 @@ def deliver_pending(
         acked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_not(None))
         skipped = session.execute(
             update(D)
-            .where(D.status.in_(("pending", "failed")), D.alert_id.in_(acked))
-            .values(status="cancelled", last_error="acknowledged before delivery", next_attempt_at=None)
+            .where(D.status.in_(OPEN_STATES), D.alert_id.in_(acked))
+            .values(status=DeliveryState.CANCELLED, last_error="acknowledged before delivery", next_attempt_at=None)
             .execution_options(synchronize_session=False)
         )
         report.skipped = skipped.rowcount or 0
         due = session.execute(
-            select(D.id, D.sink, D.alert_id, D.attempts, D.created_at).where(_due_filter(now)).order_by(D.created_at, D.id)
+            select(D.id, D.sink, D.alert_id, D.attempts, D.created_at, D.last_error).where(_due_filter(now)).order_by(D.created_at, D.id)
         ).all()
 
+    expired: list[ExpiredDelivery] = []
+    down: set[str] = set()  # sinks that failed a delivery in this run: the rest wait for the next run
     for row in due:
         sink_cfg = by_name.get(row.sink)
         if sink_cfg is None:
             continue  # a sink removed from the config keeps its rows untouched
-        if row.attempts >= sink_cfg.max_attempts or now > row.created_at + timedelta(hours=sink_cfg.expire_hours):
-            with session_scope(engine) as session:
-                done = session.execute(
-                    update(D).where(D.id == row.id, _due_filter(now)).values(status="expired", next_attempt_at=None)
-                ).rowcount
-            if done:
-                report.expired += 1
-                log.warning("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
+        counts = report.per_sink.setdefault(row.sink, SinkCounts())
+        deadline = _deadline(row, sink_cfg)
+        capped = sink_cfg.max_attempts is not None and row.attempts >= sink_cfg.max_attempts
+        if now > deadline or capped:
+            if _expire(engine, row, now):
+                expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, row.attempts, row.last_error))
+                log.error("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
             continue
-        if not _claim(engine, row.id, now):
-            continue
-        with session_scope(engine) as session:
-            alert_row = session.get(s.Alert, row.alert_id)
-            view = view_of(alert_row, cfg)
+        if row.sink in down or not _claim(engine, row.id, now):
+            continue  # a dead sink costs one delivery's tries per run, not one per pending alert
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
-        attempts = row.attempts
+        with session_scope(engine) as session:
+            send = _sender(sink, session.get_one(s.Alert, row.alert_id), cfg)
         delays = list(retry_delays)
         while True:
             try:
-                sink.send(view)
+                send()
             except Exception as e:
                 err = str(e) if isinstance(e, DeliveryError) else f"sink {row.sink}: {type(e).__name__}"
                 attempts = _record_attempt(engine, row.id, False, err, now)
                 log.warning("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
-                if attempts < sink_cfg.max_attempts and delays:
+                over_cap = sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts
+                if not over_cap and delays:
                     sleep(delays.pop(0))
                     continue
-                if attempts >= sink_cfg.max_attempts:
-                    _release(engine, row.id, "expired", None)
-                    report.expired += 1
+                if over_cap:
+                    _release(engine, row.id, DeliveryState.EXPIRED, None)
+                    expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
                 else:
-                    _release(engine, row.id, "failed", now + backoff(attempts))
+                    cap = timedelta(minutes=sink_cfg.backoff_max_minutes)
+                    _release(engine, row.id, DeliveryState.FAILED, min(now + backoff(attempts, cap), deadline))
                     report.failed += 1
                 report.errors.append(err)
+                down.add(row.sink)
                 break
             else:
                 _record_attempt(engine, row.id, True, None, now)
                 report.sent += 1
+                counts.sent += 1
                 log.info("alert %s sent to %s", row.alert_id, row.sink)
                 break
+
+    report.expired = len(expired)
+    for e in expired:
+        report.per_sink.setdefault(e.sink, SinkCounts()).failed += 1
+    _count_pending(engine, cfg, report)
+    failing = _failing_sinks(engine, cfg, now)
+    if expired:
+        _notice_expired(engine, cfg, expired, failing, built, report)
+    for name, since in failing.items():
+        _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
+
+
+def _sender(sink: Sink, alert: s.Alert, cfg: FinsentConfig) -> Callable[[], None]:
+    """How this alert goes out: a sentiment alert as the sink's alert message, source health as a notice."""
+    if is_health(alert):
+        subject, body = render_health(alert)
+        return lambda: sink.notice(subject, body)
+    view = view_of(alert, cfg)
+    return lambda: sink.send(view)
+
+
+def alert_title(alert: s.Alert, cfg: FinsentConfig) -> str:
+    return render_health(alert)[0] if is_health(alert) else view_of(alert, cfg).title
+
+
+def _count_pending(engine: Engine, cfg: FinsentConfig, report: DeliveryReport) -> None:
+    D = s.AlertDelivery
+    names = [sc.name for sc in cfg.sinks]
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(D.sink, func.count()).where(D.sink.in_(names), D.status.in_((*OPEN_STATES, DeliveryState.SENDING))).group_by(D.sink)
+        ).all()
+    for name in names:
+        report.per_sink.setdefault(name, SinkCounts())
+    for name, n in rows:
+        report.per_sink[name].pending = int(n)
+
+
+def _failing_sinks(engine: Engine, cfg: FinsentConfig, now: datetime) -> dict[str, datetime]:
+    """Sinks with undelivered alerts whose every attempt since their last success has failed for at least
+    `failing_after_minutes`: sink name -> when the failures began (the outage's identity)."""
+    D, A = s.AlertDelivery, s.DeliveryAttempt
+    out: dict[str, datetime] = {}
+    with session_scope(engine) as session:
+        for sc in cfg.sinks:
+            open_rows = session.scalar(select(func.count()).where(D.sink == sc.name, D.status.in_((*OPEN_STATES, DeliveryState.SENDING))))
+            if not open_rows:
+                continue
+            last_ok = session.scalar(select(func.max(A.attempted_at)).join(D, D.id == A.delivery_id).where(D.sink == sc.name, A.ok))
+            q = select(func.min(A.attempted_at)).join(D, D.id == A.delivery_id).where(D.sink == sc.name, ~A.ok)
+            if last_ok is not None:
+                q = q.where(A.attempted_at > last_ok)
+            since = session.scalar(q)
+            if since is not None and now - since >= timedelta(minutes=sc.failing_after_minutes):
+                out[sc.name] = since
+    return out
+
+
+def _notice_expired(
+    engine: Engine, cfg: FinsentConfig, expired: list[ExpiredDelivery], failing: dict[str, datetime], built: dict[str, Sink], report: DeliveryReport
+) -> None:
+    sinks = sorted({e.sink for e in expired})
+    report.problems.append(f"{len(expired)} alert deliveries expired undelivered ({', '.join(sinks)})")
+    lines = [f"{len(expired)} alert deliveries gave up without delivering; these alerts did NOT reach their sink:"]
+    with session_scope(engine) as session:
+        for e in expired[:50]:
+            row = session.get(s.Alert, e.alert_id)
+            title = alert_title(row, cfg) if row is not None else e.alert_id
+            lines.append(f"- {title} (alert {e.alert_id}) to {e.sink}: {e.attempts} attempts, last error: {e.last_error or 'n/a'}")
+    if len(expired) > 50:
+        lines.append(f"... and {len(expired) - 50} more")
+    lines.append("See them with: finsent alerts list")
+    ids = ",".join(str(e.delivery_id) for e in expired)
+    key = f"{NoticeKind.DELIVERY_EXPIRED}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
+    subject = f"[finsent] {len(expired)} alert(s) could not be delivered to {', '.join(sinks)}"
+    _notice(engine, cfg, key, NoticeKind.DELIVERY_EXPIRED, subject, "\n".join(lines), {*sinks, *failing}, built, report)
+
+
+def _notice_failing_sink(
+    engine: Engine,
+    cfg: FinsentConfig,
+    name: str,
+    since: datetime,
+    now: datetime,
+    failing: dict[str, datetime],
+    built: dict[str, Sink],
+    report: DeliveryReport,
+) -> None:
+    minutes = int((now - since).total_seconds() // 60)
+    pending = report.per_sink.get(name, SinkCounts()).pending
+    report.problems.append(f"sink {name} has failed every delivery for {minutes} min ({pending} pending)")
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        last_error = session.scalar(select(D.last_error).where(D.sink == name, D.last_error.is_not(None)).order_by(D.last_attempt_at.desc()).limit(1))
+    body = "\n".join(
+        [
+            f"Sink {name} has failed every delivery since {since:%Y-%m-%d %H:%M} UTC ({minutes} min).",
+            f"{pending} alert(s) are waiting for it; they are retried until they expire.",
+            f"Last error: {last_error or 'n/a'}",
+        ]
+    )
+    key = f"{NoticeKind.SINK_FAILING}:{name}:{since.isoformat()}"
+    _notice(engine, cfg, key, NoticeKind.SINK_FAILING, f"[finsent] alert sink {name} is failing", body, set(failing), built, report)
+
+
+# --- operator notices ----------------------------------------------------------------------------
+
+
+def claim_notice(engine: Engine, key: str, kind: NoticeKind, subject: str, body: str, now: datetime | None = None) -> bool:
+    """Record a notice under its dedupe key; True if this caller is the first and so must send it."""
+    with session_scope(engine) as session:
+        res = session.execute(
+            _insert(session, s.OperatorNotice)
+            .values(key=key[:300], kind=kind, subject=subject, body=body[:20000], created_at=now or datetime.now(UTC), sent_to=[], errors=[])
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(s.OperatorNotice.id)
+        )
+        return res.scalar() is not None
+
+
+def record_notice(engine: Engine, key: str, sent_to: Sequence[str], errors: Sequence[str]) -> None:
+    with session_scope(engine) as session:
+        session.execute(update(s.OperatorNotice).where(s.OperatorNotice.key == key[:300]).values(sent_to=list(sent_to), errors=list(errors)))
+
+
+def broadcast_notice(
+    cfg: FinsentConfig, subject: str, body: str, exclude: Collection[str] = (), sinks: dict[str, Sink] | None = None
+) -> tuple[list[str], list[str]]:
+    """Send a notice to every configured sink not excluded; returns (sinks reached, errors). Never raises."""
+    reached: list[str] = []
+    errors: list[str] = []
+    for sc in cfg.sinks:
+        if sc.name in exclude:
+            continue
+        sink = (sinks or {}).get(sc.name) or build_sink(sc)
+        try:
+            sink.notice(subject, body)
+        except Exception as e:  # noqa: BLE001  (a notice must never mask what it reports)
+            err = str(e) if isinstance(e, DeliveryError) else f"sink {sc.name}: {type(e).__name__}"
+            errors.append(err)
+            log.error("operator notice %r not sent: %s", subject, err)
+        else:
+            reached.append(sc.name)
+    return reached, errors
+
+
+def pager_sinks(cfg: FinsentConfig, names: Collection[str]) -> list[str]:
+    """The sinks among `names` that reach a person (not the console, which only a log reader sees)."""
+    kinds = {sc.name: sc.kind for sc in cfg.sinks}
+    return [n for n in names if kinds.get(n) != "console"]
+
+
+def _notice(
+    engine: Engine,
+    cfg: FinsentConfig,
+    key: str,
+    kind: NoticeKind,
+    subject: str,
+    body: str,
+    exclude: Collection[str],
+    built: dict[str, Sink],
+    report: DeliveryReport,
+) -> None:
+    if not claim_notice(engine, key, kind, subject, body):
+        return  # already told (an earlier cycle, or a concurrent run)
+    reached, errors = broadcast_notice(cfg, subject, body, exclude, built)
+    record_notice(engine, key, reached, errors)
+    report.notices.append(subject)
+    if not pager_sinks(cfg, reached):
+        report.problems.append(f"operator notice {subject!r} reached no sink besides the console")
+
+
+def summary_line(report: DeliveryReport) -> str:
+    """Per-sink counts for the CLI and logs, e.g. 'slack: 0 sent, 2 pending, 1 failed; console: 2 sent, ...'."""
+    return "; ".join(f"{name}: {c.sent} sent, {c.pending} pending, {c.failed} failed" for name, c in report.per_sink.items()) or "no sinks"

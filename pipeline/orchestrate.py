@@ -39,7 +39,8 @@ CONFIG_ENV = "FINSENT_CONFIG"
 DB_CONN_ID = "finsent_db"
 SLACK_CONN_ID = secrets.SLACK_CONN_ID
 SMTP_CONN_ID = secrets.SMTP_CONN_ID
-RUN_KIND = "airflow:finsent_monitor"
+MONITOR_DAG_ID = "finsent_monitor"
+RUN_KIND = f"airflow:{MONITOR_DAG_ID}"
 
 
 class OrchestrationError(FinsentError, RuntimeError):
@@ -259,8 +260,15 @@ def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any
     return {"as_of": as_of.isoformat(), "alerts": [a.id for a in alerts]}
 
 
+class DeliveryDegraded(OrchestrationError):
+    """Alerts expired undelivered or a sink keeps failing: the notify task fails (without retrying, since
+    a retry would find nothing newly expired and pass) and the DAG run is marked failed."""
+
+
 def notify() -> dict[str, Any]:
+    """Deliver due alerts; fail the task, naming why, when delivery is degraded (the operator notice went out)."""
     from pipeline.cycle import notify as notify_step
+    from pipeline.notify import summary_line
 
     cfg = load()
     engine = _engine(cfg)
@@ -268,14 +276,14 @@ def notify() -> dict[str, Any]:
         report = notify_step(cfg, engine)
     finally:
         engine.dispose()
-    if report is None:
-        return {}
-    if isinstance(report, Mapping):
-        return dict(report)
-    try:
-        return asdict(report)
-    except TypeError:
-        return {"sent": int(getattr(report, "sent", 0))}
+    if report.degraded:
+        message = f"alert delivery degraded: {'; '.join(report.problems)} ({summary_line(report)})"
+        try:
+            from airflow.sdk.exceptions import AirflowFailException
+        except ImportError:
+            raise DeliveryDegraded(message) from None
+        raise AirflowFailException(message)
+    return asdict(report)
 
 
 def finish_run(
@@ -286,10 +294,16 @@ def finish_run(
     detected: Mapping[str, Any] | None,
     notified: Mapping[str, Any] | None,
     score_shards: int | None = None,
+    airflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed."""
+    """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed.
+
+    `finish` runs whatever happened upstream (trigger rule all_done), so it is also where a DAG run whose
+    task died without its failure callback (SIGKILL, OOM) gets its one failure notice (`airflow_run_id`)."""
     if run_id is None:
-        raise OrchestrationError("start_run failed, so there is no pipeline run to record")
+        message = "start_run failed, so there is no pipeline run to record"
+        notify_run_failed(MONITOR_DAG_ID, airflow_run_id, "task failed: start_run", message)
+        raise OrchestrationError(message)
     scored = merge_scored(scored, score_shards)
     outcomes = [o for o in (ingested or []) if o]
     errors: list[dict[str, str]] = [
@@ -313,7 +327,9 @@ def finish_run(
     finally:
         engine.dispose()
     if failed_steps:
-        raise OrchestrationError(f"pipeline run {run_id} failed in: {', '.join(e.get('source') or e['step'] for e in failed_steps)}")
+        message = f"pipeline run {run_id} failed in: {', '.join(e.get('source') or e['step'] for e in failed_steps)}"
+        notify_run_failed(MONITOR_DAG_ID, airflow_run_id, f"failed steps: {', '.join(e['step'] for e in failed_steps)}", message)
+        raise OrchestrationError(message)
     return {"run_id": run_id, "status": status, **counts}
 
 
@@ -538,12 +554,88 @@ def default_args(retries: int, retry_delay: timedelta) -> dict[str, Any]:
     return {"owner": "finsent", "retries": retries, "retry_delay": retry_delay, "on_failure_callback": on_failure}
 
 
-def on_failure(context: Mapping[str, Any]) -> None:
-    """Airflow on_failure_callback: tell the configured Slack/email sinks which task failed and why."""
-    subject, body = failure_message(context)
+def run_notice_key(dag_id: str, airflow_run_id: str) -> str:
+    """The dedupe key of a DAG run's failure notice: one notice per run, whoever notices first."""
+    return f"dag_failed:{dag_id}:{airflow_run_id}"
+
+
+def _claim_run_notice(cfg: FinsentConfig, key: str, subject: str, body: str) -> bool | None:
+    """True: this caller sends the notice; False: it was sent already; None: the database cannot say."""
+    from pipeline.notify import NoticeKind, claim_notice
+
+    try:
+        engine = _engine(cfg)
+    except Exception as e:  # noqa: BLE001  (a bad URL must not stop the notice)
+        log.error("failure notice %s: database unusable: %s", key, redact(f"{type(e).__name__}: {e}", _secrets(cfg)))
+        return None
+    try:
+        return claim_notice(engine, key, NoticeKind.DAG_FAILED, subject, body)
+    except Exception as e:  # noqa: BLE001
+        log.error("failure notice %s not recorded: %s", key, redact(f"{type(e).__name__}: {e}", _secrets(cfg)))
+        return None
+    finally:
+        engine.dispose()
+
+
+def _record_run_notice(cfg: FinsentConfig, key: str, reached: list[str]) -> None:
+    from pipeline.notify import record_notice
+
+    try:
+        engine = _engine(cfg)
+        try:
+            record_notice(engine, key, reached, [s.name for s in cfg.sinks if s.name not in reached])
+        finally:
+            engine.dispose()
+    except Exception as e:  # noqa: BLE001  (the notice went out; only its record is missing)
+        log.warning("failure notice %s sent to %s but not recorded: %s", key, reached, type(e).__name__)
+
+
+def _notice_run_failure(subject: str, body: str, dag_id: str, airflow_run_id: str | None, *, unrecorded: bool) -> None:
+    """Send a DAG run's failure notice unless another party (a task callback, `finish`, the DAG callback)
+    already did. `unrecorded`: whether to send when the database cannot say (the party that saw the
+    failure first does; later ones assume it did, so a database outage still gives one notice)."""
     try:
         cfg = load()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         log.error("failure notice not sent, config unusable (%s): %s", type(e).__name__, redact(body, _secrets(None)))
         return
-    send_notice(cfg, subject, body)
+    if not airflow_run_id:
+        send_notice(cfg, subject, body)
+        return
+    key = run_notice_key(dag_id, airflow_run_id)
+    claimed = _claim_run_notice(cfg, key, redact(subject, _secrets(cfg)), redact(body, _secrets(cfg)))
+    if claimed is False or (claimed is None and not unrecorded):
+        log.info("failure notice for %s already sent (or left to the party that saw the failure)", key)
+        return
+    reached = send_notice(cfg, subject, body)
+    if claimed:
+        _record_run_notice(cfg, key, reached)
+
+
+def notify_run_failed(dag_id: str, airflow_run_id: str | None, what: str, detail: str) -> None:
+    """`finish`'s notice for a failed DAG run (a killed task ran no callback of its own)."""
+    subject = f"[finsent] DAG run failed: {dag_id} ({what})"
+    body = "\n".join([f"DAG: {dag_id}", f"Run: {airflow_run_id or '?'}", f"Error: {detail[:1500]}"])
+    _notice_run_failure(subject, body, dag_id, airflow_run_id, unrecorded=False)
+
+
+def on_failure(context: Mapping[str, Any]) -> None:
+    """Airflow on_failure_callback: tell the configured Slack/email sinks which task failed and why
+    (once per DAG run: later failures of the same run are in its `finish` record and the Airflow UI)."""
+    subject, body = failure_message(context)
+    ti = context.get("ti") or context.get("task_instance")
+    dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
+    _notice_run_failure(subject, body, str(dag_id), getattr(ti, "run_id", None) or context.get("run_id"), unrecorded=True)
+
+
+def on_dag_failure(context: Mapping[str, Any]) -> None:
+    """DAG-level on_failure_callback, the last resort: a DAG run that failed with no notice yet (its `finish`
+    task killed too) gets one here; deduplicated with the task callbacks and `finish`."""
+    dag_id = str(getattr(context.get("dag"), "dag_id", MONITOR_DAG_ID))
+    run_id = context.get("run_id") or getattr(context.get("dag_run"), "run_id", None)
+    reason = str(context.get("reason") or "failed")
+    ti = context.get("ti") or context.get("task_instance")
+    last = getattr(ti, "task_id", None)
+    subject = f"[finsent] DAG run failed: {dag_id}" + (f" (last task: {last})" if last else "")
+    body = "\n".join([f"DAG: {dag_id}", f"Run: {run_id or '?'}", f"Reason: {reason[:500]}", f"Last task: {last or '?'}"])
+    _notice_run_failure(subject, body, dag_id, run_id, unrecorded=False)

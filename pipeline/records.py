@@ -13,6 +13,7 @@ class RunStatus(StrEnum):
     RUNNING = "running"
     OK = "ok"
     PARTIAL = "partial"
+    DEGRADED = "degraded"  # the work was done but an alert or notice could not be delivered
     FAILED = "failed"
     ABANDONED = "abandoned"
 
@@ -136,4 +137,6 @@ class CycleSummary:
     failed_sources: dict[str, str]  # source -> error
     scored: int
     alerts: list[AlertRecord]
-    delivered: int = 0
+    delivered: int = 0  # deliveries sent in this run, all sinks together
+    delivery: str = ""  # per-sink "sent / pending / failed" line (pipeline.notify.summary_line)
+    problems: tuple[str, ...] = ()  # why the run is degraded (expired deliveries, failing sinks)

@@ -493,3 +493,146 @@ def test_escalation_is_paged_like_a_spike_and_says_so(engine, webhook: Webhook, 
     assert "Top negative items" in text and "<@U999>" not in text
     assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console"}]), now=NOW).sent == 1
     assert "Episode:    open since 2026-11-20 14:00 UTC" in capsys.readouterr().out
+
+
+# --- no silent loss (issue #9.6) -----------------------------------------------------------------
+
+
+class FailingMailbox:
+    """An SMTP server that answers every message with a temporary failure (451) until `accept` is set."""
+
+    def __init__(self) -> None:
+        self.accept = False
+        self.refused = 0
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if not self.accept:
+            self.refused += 1
+            return "451 4.3.0 mail system temporarily unavailable"
+        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
+        return "250 OK"
+
+
+@pytest.fixture
+def failing_smtp() -> Iterator[tuple[FailingMailbox, int]]:
+    from aiosmtpd.controller import Controller
+
+    box = FailingMailbox()
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctl = Controller(box, hostname="127.0.0.1", port=port)
+    ctl.start()
+    yield box, port
+    ctl.stop()
+
+
+def mail_sink(port: int, **extra) -> dict:
+    return {"name": "mail-ops", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_starttls": False,
+            "mail_from": "finsent@example.com", "mail_to": ["ops@example.com"], **extra}  # fmt: skip
+
+
+def slack_sink(**extra) -> dict:
+    return {"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL", "timeout_s": 5, **extra}
+
+
+def notices(engine) -> list[s.OperatorNotice]:
+    with session_scope(engine) as session:
+        return list(session.scalars(select(s.OperatorNotice).order_by(s.OperatorNotice.id)))
+
+
+def test_six_hour_slack_outage_ends_in_exactly_one_delivery(engine, webhook: Webhook, failing_smtp) -> None:
+    """Slack answers 500 for six hours of 15-minute cycles (each a fresh run, as after a restart), then
+    recovers: the alert arrives exactly once, and email hears once that Slack is failing."""
+    box, port = failing_smtp
+    box.accept = True  # email works: it is the "other sink" the operator hears from
+    add_alert(engine)
+    cfg = make_cfg(sinks=[slack_sink(), mail_sink(port)])
+    webhook.status = 500
+    degraded = []
+    for k in range(6 * 4):
+        r = deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST)
+        assert r.sent == (1 if k == 0 else 0) and r.expired == 0  # only email's copy of the alert, in the first cycle
+        degraded.append(r.degraded)
+    assert webhook.posts == [] and 10 <= webhook.hits <= 60, webhook.hits  # retried, with backoff (not every cycle)
+    d = {x.sink: x for x in deliveries(engine)}
+    assert d["slack-desk"].status == "failed" and d["mail-ops"].status == "sent"
+    assert degraded[:4] == [False] * 4 and all(degraded[4:]), degraded  # failing_after_minutes=60
+    assert [(n.kind, n.sent_to, n.errors) for n in notices(engine)] == [("sink_failing", ["mail-ops"], [])]
+    assert len(box.messages) == 2  # the alert, then one notice (not one per cycle)
+    notice = box.messages[1]
+    assert notice["Subject"] == "[finsent] alert sink slack-desk is failing"
+    assert "HTTP 500" in notice.get_content() and "s3cretT0ken" not in notice.get_content()
+
+    webhook.status = 200
+    done = []
+    for k in range(24, 24 + 4):
+        r = deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST)
+        done.append((r.sent, r.degraded))
+    sent_at = [i for i, (n, _) in enumerate(done) if n]
+    assert len(webhook.posts) == 1 and len(sent_at) == 1 and sum(n for n, _ in done) == 1, done
+    assert not any(deg for _, deg in done[sent_at[0]:]), done  # degraded until it is delivered, not after
+    assert {x.sink: x.status for x in deliveries(engine)} == {"slack-desk": "sent", "mail-ops": "sent"}
+    assert r.per_sink["slack-desk"].pending == 0 and len(box.messages) == 2
+
+
+def test_an_email_outage_past_expire_hours_sends_one_operator_notice(engine, webhook: Webhook, failing_smtp) -> None:
+    """SMTP refuses every message for longer than expire_hours: the delivery expires, Slack (the other
+    sink) gets one notice naming the lost alert, the report is degraded and counts it as failed."""
+    box, port = failing_smtp
+    add_alert(engine)
+    cfg = make_cfg(sinks=[mail_sink(port, expire_hours=3, failing_after_minutes=600), slack_sink(severities=["info"])])
+    reports = [deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST) for k in range(4 * 4)]
+    assert box.messages == [] and box.refused >= 6
+    expired_at = [k for k, r in enumerate(reports) if r.expired]
+    assert len(expired_at) == 1 and expired_at[0] > 4 * 3 - 1  # not before expire_hours
+    k = expired_at[0]
+    assert reports[k].degraded and not any(r.degraded for r in reports[:k])
+    assert reports[k].per_sink["mail-ops"].failed == 1 and reports[k].per_sink["mail-ops"].pending == 0
+    assert "expired undelivered" in reports[k].problems[0]
+    assert len(webhook.posts) == 1, "exactly one notice, and the alert itself was never routed to this info-only sink"
+    text = json.dumps(webhook.posts[0])
+    assert "could not be delivered to mail-ops" in text and "Northwind Bank (NWB)" in text and "451" in text
+    assert [(n.kind, n.sent_to) for n in notices(engine)] == [("delivery_expired", ["slack-desk"])]
+    assert deliveries(engine)[0].status == "expired"
+
+
+def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]) -> None:
+    add_alert(engine)
+    webhook.status = 500
+    cfg = make_cfg(sinks=[slack_sink(expire_hours=1), {"name": "console", "kind": "console"}])
+    deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
+    assert r.expired == 1 and r.degraded
+    assert any("reached no sink besides the console" in p for p in r.problems), r.problems
+    assert "could not be delivered to slack-desk" in capsys.readouterr().out
+
+
+def test_summary_counts_sent_pending_failed_per_sink(engine, webhook: Webhook) -> None:
+    from pipeline.notify import summary_line
+
+    add_alert(engine)
+    webhook.status = 500
+    r = deliver_pending(engine, make_cfg(sinks=[slack_sink(), {"name": "console", "kind": "console"}]), now=NOW, retry_delays=FAST)
+    assert summary_line(r) == "slack-desk: 0 sent, 1 pending, 0 failed; console: 1 sent, 0 pending, 0 failed"
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    from pipeline.notify import backoff
+
+    assert [backoff(n).total_seconds() / 60 for n in (1, 2, 3, 4, 5, 6, 7, 50, 10**6)] == [1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert backoff(9, timedelta(hours=2)) == timedelta(minutes=120)
+
+
+def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook) -> None:
+    """Twenty alerts queued for a dead webhook: one run tries one of them (three attempts), not all twenty,
+    so a run stays bounded; all are delivered once the webhook is back."""
+    for i in range(20):
+        add_alert(engine, suffix=f"n{i}")
+    webhook.status = 500
+    r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert webhook.hits == 3 and r.failed == 1 and r.per_sink["slack-desk"].pending == 20
+    webhook.status = 200
+    r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
+    assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0

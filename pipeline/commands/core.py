@@ -195,10 +195,17 @@ def register(app: typer.Typer) -> None:
         summary = cycle.run_cycle(cfg, as_of=when)
         console.print(
             f"run {summary.run_id}: {sum(summary.fetched.values())} new documents from {len(summary.fetched)} sources, "
-            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind != 'resolved'])} alerts, {summary.delivered} delivered"
+            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind != 'resolved'])} alerts; "
+            f"delivery: {escape(summary.delivery)}",
+            highlight=False,
+            soft_wrap=True,
         )
         for src, error in summary.failed_sources.items():
             err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
+        for problem in summary.problems:  # an alert that did not reach anyone is worth a non-zero exit
+            err_console.print(f"[red]degraded:[/] {escape(problem)}", highlight=False)
+        if summary.problems:
+            raise typer.Exit(4)
         if summary.failed_sources:
             raise typer.Exit(3)
 

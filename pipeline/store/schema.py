@@ -227,6 +227,23 @@ class DeliveryAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class OperatorNotice(Base):
+    """A notice to operators about the pipeline itself (failed DAG run, expired delivery, failing sink).
+
+    The unique key is the dedupe: whoever inserts it first sends it, so one event gives one notice."""
+
+    __tablename__ = "operator_notices"
+    __table_args__ = (UniqueConstraint("key", name="uq_operator_notices_key"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(300))
+    kind: Mapped[str] = mapped_column(String(32))  # a NoticeKind
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_to: Mapped[list[Any]] = mapped_column(default=list)  # sink names reached
+    errors: Mapped[list[Any]] = mapped_column(default=list)  # sinks that could not be reached, and why
+
+
 class RiskScore(Base):
     """Risk in [0, 100] per scope and window, queryable from dashboards."""
 
