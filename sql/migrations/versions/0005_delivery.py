@@ -4,7 +4,7 @@ A notice tells an operator about the pipeline itself (a failed DAG run, an expir
 sink that keeps failing), as opposed to an alert about sentiment. Plain DDL, valid on SQLite too.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-01 11:00:00
 """
 from typing import Sequence, Union
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0005"
-down_revision: Union[str, None] = "0003"
+down_revision: Union[str, None] = "0004"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
