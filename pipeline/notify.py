@@ -746,7 +746,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
                 groups.setdefault((a.incident_id or a.id, a.window_end), []).append(a)
         rows = []
         leads = [(min(g, key=head_key), g) for g in groups.values()]
-        for lead, members in sorted(leads, key=lambda x: severity_key(x[0])):
+        for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
             stale = sink.kind != "console" and lead.window_end < now - timedelta(hours=sink.expire_hours)
             for a in sorted(members, key=head_key):
                 status = ("expired" if stale else "pending") if a is lead else GROUPED
