@@ -20,7 +20,7 @@ MAX_WORDS = 96
 MIN_WEIGHT = 0.05  # a drop in log P(label) below this explains nothing a reader should see
 PHRASE_GAIN = 1.25  # an adjacent pair replaces its words when removing both drops this much more than either,
 # or when both words are evidence and the pair explains at least as much as the stronger one
-STOPWORDS = frozenset(
+STOPWORDS = frozenset(  # noqa: SIM905  (a word list reads best as text)
     """
     a about above after again against all am an and any are as at be because been before being below between
     both but by can could did do does doing down during each few for from further had has have having he her

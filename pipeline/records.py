@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
+
+
+class ScopeKind(StrEnum):
+    """The scopes alerts, risk scores and the dashboard views speak of."""
+
+    MARKET = "market"
+    ENTITY = "entity"
+    SOURCE = "source"
+    TOPIC = "topic"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
 
 
 def document_text(title: str, summary: str | None) -> str:

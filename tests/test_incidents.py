@@ -46,7 +46,7 @@ def _sinks(port: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(demo_pg, webhook: Webhook, smtp_server) -> None:
+def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(demo_pg, webhook: Webhook, smtp_server) -> None:  # noqa: F811
     box, port = smtp_server
     cfg = demo_config(demo_pg).model_copy(update={"sinks": []})
     cfg = type(cfg).model_validate({**cfg.model_dump(mode="json"), "database_url": demo_pg, "sinks": _sinks(port)})
@@ -107,7 +107,7 @@ class FakeSlackApi:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 api.calls.append((dict(self.headers), json.loads(body)))
                 out = json.dumps({"ok": True, "channel": "C0DESK", "ts": f"1700000000.00{len(api.calls)}"}).encode()
@@ -140,7 +140,7 @@ def _add(engine, aid: str, kind: str, scope: tuple[str, str], end: datetime, sev
         )  # fmt: skip
 
 
-def test_escalation_and_resolution_thread_in_email_and_slack(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_escalation_and_resolution_thread_in_email_and_slack(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     box, port = smtp_server
     api = FakeSlackApi()
     monkeypatch.setenv("TEST_SLACK_BOT", "xoxb-test-token")
@@ -180,7 +180,7 @@ def test_escalation_and_resolution_thread_in_email_and_slack(engine, smtp_server
     api.server.shutdown()
 
 
-def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: Webhook) -> None:
+def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: Webhook) -> None:  # noqa: F811
     from pipeline.config import FinsentConfig
 
     cfg = FinsentConfig.model_validate(
