@@ -20,7 +20,7 @@ MAX_WORDS = 96
 MIN_WEIGHT = 0.05  # a drop in log P(label) below this explains nothing a reader should see
 PHRASE_GAIN = 1.25  # an adjacent pair replaces its words when removing both drops this much more than either,
 # or when both words are evidence and the pair explains at least as much as the stronger one
-STOPWORDS = frozenset(  # noqa: SIM905  (a word list reads best as text)
+STOPWORDS = frozenset(
     """
     a about above after again against all am an and any are as at be because been before being below between
     both but by can could did do does doing down during each few for from further had has have having he her
@@ -28,7 +28,7 @@ STOPWORDS = frozenset(  # noqa: SIM905  (a word list reads best as text)
     or other our out over own same she should so some such than that the their them then there these they this
     those through to too under until up very was we were what when where which while who whom why will with
     would you your yours inc corp co ltd plc says said say new its s
-    """.split()
+    """.split()  # noqa: SIM905  (a word list reads best as text)
 )
 
 
