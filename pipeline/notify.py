@@ -202,8 +202,9 @@ class AlertView:
     @property
     def usual_line(self) -> str:
         a = self.alert
-        usual = f"about {_num(self.usual_count)}" if self.usual_count is not None else "n/a"
-        return f"At this hour it usually sees {usual}, with {100 * a.baseline_share:.0f}% negative."
+        if self.usual_count is None:
+            return f"Usually {100 * a.baseline_share:.0f}% negative."
+        return f"At this hour it usually sees about {_num(self.usual_count)} {self.unit}, with {100 * a.baseline_share:.0f}% negative."
 
     @property
     def stats_line(self) -> str:
@@ -448,13 +449,14 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
             buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
     if m.ack_button and m.kind != MessageKind.RESOLVED:
         buttons.append({"type": "button", "action_id": ACK_ACTION_ID, "style": "primary", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": a.id})
+    elif safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": "Acknowledge"}, "url": safe_link(m.ack_url)})
     if buttons:
         blocks.append({"type": "actions", "elements": buttons})
     context = f"{m.lead.stats_line} | " if m.kind != MessageKind.RESOLVED else ""
     context += f"incident {m.short_id} | alert {a.id}"
-    hint = _ack_hint(m)
-    if hint and not m.ack_button:
-        context += f" | acknowledge: {hint}"
+    if m.kind != MessageKind.RESOLVED and not m.ack_button:
+        context += f" | acknowledge: finsent alerts ack {a.id[:12]}"
     blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(context, 600)}]})
     fallback = f"{heading} \u2014 {m.lead.share_line}" if not m.resolved_line else f"{heading} \u2014 {m.resolved_line}"
     if m.update_line and not threaded:
