@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from pipeline.commands import alerts, core, models
+from pipeline.commands import alerts, core, documents, models
 from pipeline.errors import FinsentError
 
 
@@ -48,6 +48,7 @@ def _root(
 core.register(app)
 models.register(app)
 alerts.register(app)
+documents.register(app)
 
 
 def main() -> None:

@@ -119,6 +119,10 @@ class SinkConfig(_Strict):
     scopes: list[Literal["market", "entity", "source", "topic"]] = ["market", "entity", "source", "topic"]
     # slack: the webhook URL comes from this env var or Airflow connection, never from the file
     webhook_url_env: str = "FINSENT_SLACK_WEBHOOK_URL"
+    # slack bot mode (threads incident updates): used when `channel` is set and the token env var is non-empty
+    bot_token_env: str = "FINSENT_SLACK_BOT_TOKEN"
+    channel: str | None = None
+    api_base_url: Annotated[str, Field(pattern=r"^https?://")] = "https://slack.com/api/"
     # email
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=587, gt=0, lt=65536)
@@ -146,6 +150,17 @@ class HealthConfig(_Strict):
     quiet_unlearned_hours: float = Field(default=48.0, gt=0)  # the threshold until its history is learned
     history: int = Field(default=50, ge=3, le=10_000)  # recent fetches that brought something, to learn the gap
     min_history: int = Field(default=5, ge=2)  # gaps needed before the learned threshold applies
+
+
+class LinksConfig(_Strict):
+    """Where alert messages point: the web view of an alert, a dashboard, and signed ack links."""
+
+    base_url: Annotated[str, Field(pattern=r"^https?://")] | None = None  # `finsent serve`: {base_url}/alerts/{id}
+    # e.g. "https://grafana.example.com/d/finsent?var-scope_kind={scope_kind}&var-scope_value={scope_value}&from={from_ms}&to={to_ms}"
+    dashboard_url_template: str | None = None
+    ack_secret_env: str = "FINSENT_ACK_SECRET"  # signs ack links and verifies nothing else; links only when set
+    ack_ttl_hours: float = Field(default=7 * 24, gt=0)
+    slack_signing_secret_env: str = "FINSENT_SLACK_SIGNING_SECRET"  # Slack buttons only when set
 
 
 class ModelConfig(_Strict):
@@ -183,6 +198,7 @@ class FinsentConfig(_Strict):
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
     health: HealthConfig = HealthConfig()
+    links: LinksConfig = LinksConfig()
     user_agent: str = "finsent/0.1 (+https://github.com/finsent)"
 
     @field_validator("sources")

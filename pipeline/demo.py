@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import cycle, store
 from pipeline.config import DEFAULT_MODEL_DIR, FinsentConfig, SinkConfig, SourceConfig, WatchlistEntity
+from pipeline.errors import FinsentError
 from pipeline.records import AlertRecord
 from pipeline.store import schema as s
 
@@ -58,9 +60,55 @@ class DemoReport:
     seconds: dict[str, float]
 
 
+class DemoError(FinsentError):
+    """The demo cannot run as asked (e.g. its database file holds real data); the message says why."""
+
+
+def check_demo_db(db_path: Path) -> None:
+    """Refuse to recreate a database that holds anything but the demo's own sample feeds."""
+    if not db_path.exists() or db_path.stat().st_size == 0:
+        return
+    from sqlalchemy import create_engine, inspect
+
+    eng = create_engine(f"sqlite:///{db_path}")
+    try:
+        with eng.connect() as c:
+            if "sources" not in inspect(c).get_table_names():
+                raise DemoError(f"{db_path} is not a finsent database; pass --db with another file for the demo")
+            urls = [r[0] for r in c.execute(select(s.Source.url))]
+    except DemoError:
+        raise
+    except (SQLAlchemyError, OSError) as e:
+        raise DemoError(f"{db_path} cannot be read as a finsent database ({type(e).__name__}); pass --db with another file") from None
+    finally:
+        eng.dispose()
+    ours = DEMO_DATA.as_uri()
+    if any(not u.startswith(ours) for u in urls):
+        raise DemoError(f"{db_path} holds real feeds, not the demo's; the demo recreates its database, so pass --db demo.db")
+
+
+def next_steps(report: DemoReport, database_url: str | None) -> list[str]:
+    """Commands to try after the demo, written to work as printed (with --database-url unless the demo
+    used the database every command uses by default)."""
+    db = f" --database-url {database_url}" if database_url else ""
+    env = f"DATABASE_URL={database_url} " if database_url else ""
+    hours = int((datetime.now(UTC) - report.as_of).total_seconds() // 3600) + 2
+    steps = [f"finsent incidents list{db}", f"finsent alerts list --since-hours {max(hours, 1)}{db}"]
+    lead = next((a for a in report.alerts if a.kind != "resolved" and a.scope_kind == "entity"), None)
+    lead = lead or next((a for a in report.alerts if a.kind != "resolved"), None)
+    if lead is not None:
+        steps.append(f"finsent alerts show {lead.id[:12]}{db}")
+        steps.append(f"finsent documents list --entity {lead.scope_value} --negative --limit 5{db}" if lead.scope_kind == "entity" else f"finsent documents list --negative --limit 5{db}")
+        if lead.top_documents:
+            steps.append(f"{env}finsent explain {lead.top_documents[0].document_id}")
+        steps.append(f"finsent alerts ack {lead.id[:12]} --by demo{db}")
+    return steps
+
+
 def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -> DemoReport:
     """Run the monitoring cycle over the sample feeds, detecting as of the end of the sample week."""
     t0 = time.perf_counter()
+    check_demo_db(db_path)
     if fresh:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{db_path}{suffix}").unlink(missing_ok=True)

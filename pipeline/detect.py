@@ -627,7 +627,9 @@ def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[int, tuple[str, ...]] | None = None) -> tuple[AlertItem, ...]:
+def _with_evidence(
+    items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[int, tuple[str, ...]] | None = None, exclude: Sequence[str] = ()
+) -> tuple[AlertItem, ...]:
     """Attach explanation tokens (each document explained once per run, however many alerts cite it);
     no scorer or no explain module just means no evidence."""
     if scorer is None or not items:
@@ -643,7 +645,7 @@ def _with_evidence(items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[
         ev = cache.get(item.document_id)
         if ev is None:
             try:
-                ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS), EVIDENCE_TOKENS)
+                ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS, exclude=exclude), EVIDENCE_TOKENS)
             except Exception as e:
                 log.warning("explain_text failed for document %s: %s", item.document_id, type(e).__name__)
                 ev = ()
@@ -801,10 +803,12 @@ def detect_spikes(
     if explain and any(tops.values()) and scorer is None:
         scorer = _load_scorer(cfg, model_version, engine)
     evidence_cache: dict[int, tuple[str, ...]] = {}
+    # Every watched name is left out of evidence (cached per document, whichever scope cites it first).
+    names = [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache) if ev.kind != "resolved" else ()
+        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache, names) if ev.kind != "resolved" else ()
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),

@@ -9,36 +9,88 @@ forward pass of n+1 texts, cheap enough for alert messages.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 _TOKEN = re.compile(r"\S+")
 _STRIP = ".,;:!?\"'()[]{}«»“”‘’"
+_NUMBER = re.compile(r"^[$€£%+\-]?[\d.,:/]+(%|[kmbKMB]n?|bn|mn)?$")
+_WORDISH = re.compile(r"[A-Za-z]")
 MAX_WORDS = 96
+MIN_WEIGHT = 0.05  # a drop in log P(label) below this explains nothing a reader should see
+PHRASE_GAIN = 1.25  # an adjacent pair replaces its words when removing both drops this much more than either,
+# or when both words are evidence and the pair explains at least as much as the stronger one
+STOPWORDS = frozenset(
+    """
+    a about above after again against all am an and any are as at be because been before being below between
+    both but by can could did do does doing down during each few for from further had has have having he her
+    here hers him his how i if in into is it its itself just me more most my no nor not now of off on once only
+    or other our out over own same she should so some such than that the their them then there these they this
+    those through to too under until up very was we were what when where which while who whom why will with
+    would you your yours inc corp co ltd plc says said say new its s
+    """.split()  # noqa: SIM905  (a word list reads best as text)
+)
 
 
-def explain_text(scorer: Any, text: str, top_k: int = 5) -> list[tuple[str, float]]:
-    """Up to top_k (word, contribution) pairs, largest first; contribution = drop in log P(label) without the word.
+def evidence_terms(names: Iterable[str]) -> frozenset[str]:
+    """Lower-cased words of entity names, tickers and aliases (with and without a $), to leave out of evidence."""
+    out: set[str] = set()
+    for name in names:
+        for w in _TOKEN.findall(name or ""):
+            key = w.strip(_STRIP).lower().lstrip("$")
+            if key:
+                out |= {key, f"${key}", f"{key}'s"}
+    return frozenset(out)
 
-    Only words that support the label (contribution > 0) are returned, so an empty list means no single
-    word mattered.
+
+def is_evidence_word(word: str, exclude: frozenset[str] = frozenset()) -> bool:
+    """A word a reader learns from: not a stopword, punctuation, a bare number or the scope's own name."""
+    key = word.strip(_STRIP).lower()
+    if not key or not _WORDISH.search(key) or _NUMBER.match(key):
+        return False
+    return key not in STOPWORDS and key not in exclude and key.removesuffix("'s") not in exclude
+
+
+def explain_text(
+    scorer: Any, text: str, top_k: int = 5, *, exclude: Iterable[str] = (), min_weight: float = MIN_WEIGHT
+) -> list[tuple[str, float]]:
+    """Up to top_k (word or phrase, contribution) pairs, largest first; contribution = drop in log P(label)
+    without it.
+
+    Only words that support the label by at least `min_weight` and that a reader learns from are returned
+    (no stopwords, punctuation, bare numbers, or the `exclude` names: pass the entity's name, ticker and
+    aliases); an adjacent pair becomes a phrase ("profit warning") when it explains more than its words apart. An empty list means no single word mattered.
     """
     import numpy as np
 
     words = _TOKEN.findall(text or "")[:MAX_WORDS]
     if not words:
         return []
-    variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    skip = evidence_terms(exclude)
+    n = len(words)
+    variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1 :]) for i in range(n)]
+    variants += [" ".join(words[:i] + words[i + 2 :]) for i in range(n - 1)]
     logits, _ = scorer.logits(variants)
     z = logits / float(getattr(scorer, "temperature", 1.0) or 1.0)
     z = z - z.max(1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(1, keepdims=True))
     label = int(logp[0].argmax())
     drops = logp[0, label] - logp[1:, label]
+    single, pair = drops[:n], drops[n:]
+    ok = [is_evidence_word(w, skip) for w in words]
     best: dict[str, float] = {}
-    for w, d in zip(words, drops):
+    used: set[int] = set()
+    for i in range(n - 1):
+        both = min(single[i], single[i + 1]) >= min_weight and pair[i] >= max(single[i], single[i + 1])
+        if ok[i] and ok[i + 1] and pair[i] >= min_weight and (both or pair[i] > PHRASE_GAIN * max(single[i], single[i + 1], 0.0)):
+            key = f"{words[i].strip(_STRIP)} {words[i + 1].strip(_STRIP)}"
+            if pair[i] > best.get(key, 0.0):
+                best[key] = float(pair[i])
+                used |= {i, i + 1}
+    for i, (w, d) in enumerate(zip(words, single, strict=True)):
         key = w.strip(_STRIP)
-        if key and d > 0 and d > best.get(key, 0.0):
+        if i in used or not ok[i] or d < min_weight:
+            continue
+        if d > best.get(key, 0.0):
             best[key] = float(d)
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
-
-

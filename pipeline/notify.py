@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import html
 import logging
+import os
 import re
 import smtplib
 import ssl
@@ -40,10 +41,20 @@ from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import secrets
+from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.detect import alert_from_row
 from pipeline.errors import FinsentError
 from pipeline.health import HEALTH_SCOPE, is_health, render_health
+from pipeline.incidents import (
+    MessageKind,
+    assign_incidents,
+    head_key,
+    message_kind,
+    record_message_ref,
+    severity_key,
+    usual_count,
+)
 from pipeline.records import AlertRecord
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -67,6 +78,7 @@ class DeliveryState(StrEnum):
     FAILED = "failed"  # an attempt failed; retried at next_attempt_at
     EXPIRED = "expired"  # given up: past expire_hours (or max_attempts), or stale when first routed
     CANCELLED = "cancelled"  # acknowledged before it was sent
+    GROUPED = "grouped"  # told inside its incident's message (the lead alert's row carries the delivery)
 
 
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.FAILED)
@@ -185,10 +197,15 @@ def scrub(message: str, secrets_: Sequence[str | None]) -> str:
 
 # --- rendering -----------------------------------------------------------------------------------
 
+# Alerts and the dashboard (v_sentiment_hourly) count the same unit: market, entity and topic scopes count
+# stories (one per distinct text however many sources carry it; negative when any copy is), a source
+# scope counts the items it published.
+SEVERITY_COLOURS = {"critical": "#b42318", "warning": "#b54708", "info": "#027a48"}
+
 
 @dataclass(frozen=True, slots=True)
 class AlertView:
-    """An alert plus what a reader needs around it (display names, episode, model)."""
+    """An alert plus what a reader needs around it (display names, episode, model, usual volume)."""
 
     alert: AlertRecord
     scope_label: str
@@ -196,15 +213,17 @@ class AlertView:
     episode_onset: str | None
     model_version: str | None
     acknowledged: bool = False
+    scope_name: str = ""  # "Northwind Bank": what the counts are about
+    usual_count: float | None = None  # stories this scope usually has in this hour of the day
 
     @property
     def title(self) -> str:
         a = self.alert
         if a.kind == "resolved":
-            return f"[RESOLVED] Negative sentiment back to normal: {self.scope_label}"
+            return f"[RESOLVED] {self.scope_label}: back to normal"
         if a.kind == "escalated":
-            return f"[{a.severity.upper()}] Negative sentiment spike escalating: {self.scope_label}"
-        return f"[{a.severity.upper()}] Negative sentiment spike: {self.scope_label}"
+            return f"[{a.severity.upper()}] {self.scope_label}: negative news surge escalating"
+        return f"[{a.severity.upper()}] {self.scope_label}: negative news surge"
 
     @property
     def window(self) -> str:
@@ -212,18 +231,42 @@ class AlertView:
         return f"{a.window_start:%Y-%m-%d %H:%M}\u2013{a.window_end:%H:%M} UTC"
 
     @property
-    def share_line(self) -> str:
+    def unit(self) -> str:
+        return "items" if self.alert.scope_kind == "source" else "stories"
+
+    @property
+    def about(self) -> str:
         a = self.alert
-        return (
-            f"{a.neg_count} of {a.total_count} items negative ({100 * a.neg_share:.0f}%) "
-            f"vs baseline {100 * a.baseline_share:.0f}% (about {_num(a.baseline_neg_rate)} negatives expected per window)"
-        )
+        name = self.scope_name or self.scope_label
+        return {"market": "across all sources", "source": f"from {name}", "topic": f"on {name}"}.get(a.scope_kind, f"about {name}")
+
+    @property
+    def period(self) -> str:
+        a = self.alert
+        minutes = round((a.window_end - a.window_start).total_seconds() / 60)
+        span = "hour" if minutes == 60 else f"{minutes} minutes"
+        return f"in the {span} to {a.window_end:%H:%M} UTC"
+
+    @property
+    def share_line(self) -> str:
+        """What happened, in the dashboard's unit: '11 stories about X in the hour to 15:00 UTC, 10 negative (91%).'"""
+        a = self.alert
+        if not a.total_count:
+            return f"No {self.unit} {self.about} {self.period}."
+        return f"{a.total_count} {self.unit} {self.about} {self.period}, {a.neg_count} negative ({100 * a.neg_share:.0f}%)."
+
+    @property
+    def usual_line(self) -> str:
+        a = self.alert
+        if self.usual_count is None:
+            return f"Usually {100 * a.baseline_share:.0f}% negative."
+        return f"At this hour it usually sees about {_num(self.usual_count)} {self.unit}, with {100 * a.baseline_share:.0f}% negative."
 
     @property
     def stats_line(self) -> str:
         a = self.alert
         p = f"p={a.p_value:.1e}" if a.p_value is not None else "p=n/a"
-        return f"z={a.statistic:.1f}, {p}"
+        return f"z={a.statistic:.1f}, {p} (chance of this many negatives in a normal hour, vs the last 7 days)"
 
     @property
     def onset(self) -> str:
@@ -237,12 +280,117 @@ class AlertView:
         r = self.alert.risk_score
         return "n/a" if r is None else f"{r:.0f}/100"
 
+    @property
+    def risk_line(self) -> str:
+        return f"Risk {self.risk}: how negative, how unusual and how serious the topics are (0 calm, 50+ worth a look)."
+
+    @property
+    def short(self) -> str:
+        """One line for the 'also moved' list of an incident message."""
+        a = self.alert
+        if a.kind == "resolved":
+            return f"{self.scope_label}: back to normal"
+        return f"{a.severity.upper()} {self.scope_label}: {a.total_count} {self.unit}, {a.neg_count} negative ({100 * a.neg_share:.0f}%; usually {100 * a.baseline_share:.0f}%), risk {self.risk}"
+
 
 def _num(x: float) -> str:
-    return f"{x:.1f}" if abs(x) >= 1 else f"{x:.2f}"
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}".removesuffix(".0")
 
 
-def view_of(row: s.Alert, cfg: FinsentConfig | None = None) -> AlertView:
+@dataclass(frozen=True, slots=True)
+class IncidentMessage:
+    """One message of an incident to one sink: its lead alert, the other scopes it moved, how to act."""
+
+    lead: AlertView
+    others: tuple[AlertView, ...] = ()
+    incident_id: str | None = None
+    incident_title: str | None = None
+    kind: MessageKind = MessageKind.OPENED
+    severity: str = "warning"
+    thread_ref: str | None = None  # the first message of the incident on this sink: reply to it
+    opened_at: datetime | None = None
+    closed_at: datetime | None = None
+    peak_share: float | None = None
+    peak_risk: float | None = None
+    alert_url: str | None = None
+    dashboard_url: str | None = None
+    ack_url: str | None = None
+    ack_button: bool = False  # a Slack button, when a signing secret lets finsent verify the click
+
+    @property
+    def name(self) -> str:
+        return self.incident_title or f"{self.lead.scope_label}: negative news surge"
+
+    @property
+    def heading(self) -> str:
+        if self.kind == MessageKind.RESOLVED:
+            return f"[RESOLVED] {self.name}"
+        if self.kind == MessageKind.ESCALATED:
+            return f"[{self.severity.upper()}] Escalating: {self.name}"
+        if self.kind == MessageKind.UPDATE:
+            return f"Update: {self.name}"
+        return f"[{self.severity.upper()}] {self.name}"
+
+    @property
+    def subject(self) -> str:
+        """The same for every message of an incident, so mail clients keep one conversation."""
+        return clean_text(f"finsent: {self.name}", 200)
+
+    @property
+    def short_id(self) -> str:
+        return (self.incident_id or self.lead.alert.id)[:12]
+
+    @property
+    def continues(self) -> bool:
+        """A later message of an incident opened in an earlier run."""
+        return self.kind != MessageKind.OPENED and self.opened_at is not None and self.opened_at < self.lead.alert.window_end
+
+    @property
+    def resolved_line(self) -> str | None:
+        if self.kind != MessageKind.RESOLVED:
+            return None
+        parts = ["Back to normal"]
+        end = self.lead.alert.window_end
+        try:
+            start = datetime.fromisoformat(self.lead.episode_onset) if self.lead.episode_onset else None
+        except ValueError:
+            start = None
+        if start is not None:
+            hours = (end - start).total_seconds() / 3600
+            parts.append(f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, counting the quiet hours that confirm it)")
+        peak = []
+        if self.peak_share is not None:
+            peak.append(f"{100 * self.peak_share:.0f}% negative")
+        if self.peak_risk is not None:
+            peak.append(f"risk {self.peak_risk:.0f}/100")
+        return " ".join(parts) + "." + (f" Peak: {', '.join(peak)}." if peak else "")
+
+    @property
+    def escalated_line(self) -> str | None:
+        if self.kind != MessageKind.ESCALATED:
+            return None
+        return f"Open since {self.lead.onset}; the evidence is now much stronger than at its last alert."
+
+    @property
+    def update_line(self) -> str | None:
+        if not self.continues:
+            return None
+        opened = f" (opened {self.opened_at:%Y-%m-%d %H:%M} UTC)" if self.opened_at else ""
+        return f"Update to incident {self.short_id}{opened}."
+
+    @property
+    def others_label(self) -> str:
+        return "Also back to normal" if self.kind == MessageKind.RESOLVED else "Also moved"
+
+
+def as_message(v: AlertView | IncidentMessage) -> IncidentMessage:
+    if isinstance(v, IncidentMessage):
+        return v
+    kind = {"resolved": MessageKind.RESOLVED, "escalated": MessageKind.ESCALATED}.get(v.alert.kind, MessageKind.OPENED)
+    return IncidentMessage(lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == "resolved" else v.alert.severity)
+
+
+def view_of(row: s.Alert, cfg: FinsentConfig | None = None, usual_count: float | None = None) -> AlertView:
     a = alert_from_row(row)
     d = row.details or {}
     return AlertView(
@@ -252,7 +400,19 @@ def view_of(row: s.Alert, cfg: FinsentConfig | None = None) -> AlertView:
         episode_onset=d.get("episode_onset"),
         model_version=d.get("model_version"),
         acknowledged=row.acknowledged_at is not None,
+        scope_name=scope_name(a.scope_kind, a.scope_value, cfg),
+        usual_count=usual_count,
     )
+
+
+def scope_name(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
+    """What a reader calls the scope in a sentence ('Northwind Bank', 'newswire', 'the market')."""
+    if kind == "market":
+        return "the market"
+    if kind == "entity":
+        names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
+        return clean_text(names.get(value, value), 100)
+    return clean_text(value, 100)
 
 
 def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
@@ -264,22 +424,30 @@ def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
     return f"{kind} {clean_text(value, 100)}"
 
 
-def render_text(v: AlertView) -> str:
+def _ack_hint(m: IncidentMessage) -> str | None:
+    if m.kind == MessageKind.RESOLVED:
+        return None
+    aid = m.lead.alert.id
+    return f"{m.ack_url}  (or: finsent alerts ack {aid[:12]})" if m.ack_url else f"finsent alerts ack {aid[:12]}"
+
+
+def render_text(v: AlertView | IncidentMessage) -> str:
     """Plain text for the console/log sink and the email's text part."""
-    a = v.alert
+    m = as_message(v)
+    a = m.lead.alert
     rule = "=" * 78
-    lines = [rule, v.title, rule, f"Window:     {v.window}"]
-    if a.kind == "resolved":
-        lines.append(f"Episode:    began {v.onset} ({v.episode_severity}); now {a.neg_count} of {a.total_count} negative")
-    elif a.kind == "escalated":
-        lines.append(f"Episode:    open since {v.onset}; the evidence is now much stronger than at its last alert")
-    lines += [
-        f"Negatives:  {v.share_line}",
-        f"Statistic:  {v.stats_line}",
-        f"Risk score: {v.risk}",
-    ]
+    lines = [rule, m.heading, rule]
+    lines += [x for x in (m.update_line, m.escalated_line) if x]
+    if m.resolved_line:
+        lines.append(m.resolved_line)
+        lines.append(f"Now: {m.lead.share_line}")
+    else:
+        lines += [m.lead.share_line, m.lead.usual_line, m.lead.risk_line]
+    if m.others:
+        lines.append(f"{m.others_label}:")
+        lines += [f"  - {o.short}" for o in m.others]
     if a.top_documents:
-        lines.append("Top negative items:")
+        lines.append("Top negative stories:")
         for i, d in enumerate(a.top_documents[:MAX_TOP_ITEMS], 1):
             lines.append(f"  {i}. [{clean_text(d.source, 60)}] {clean_text(d.title)}  (p_neg {d.p_negative:.2f})")
             link = safe_link(d.link)
@@ -287,41 +455,41 @@ def render_text(v: AlertView) -> str:
                 lines.append(f"     {link}")
             if d.evidence:
                 lines.append(f"     evidence: {', '.join(clean_text(t, 40) for t in d.evidence)}")
-    lines.append(f"Alert id:   {a.id}   (acknowledge: finsent alerts ack {a.id})")
+    if m.kind != MessageKind.RESOLVED:
+        lines.append(f"Details:    {m.lead.stats_line}")
+    lines.append(f"Window:     {m.lead.window}   incident {m.short_id}   alert {a.id}")
+    for label, url in (("View:", m.alert_url), ("Dashboard:", m.dashboard_url)):
+        link = safe_link(url)
+        if link:
+            lines.append(f"{label:<11} {link}")
+    hint = _ack_hint(m)
+    if hint:
+        lines.append(f"Acknowledge: {hint}")
     lines.append(rule)
     return "\n".join(lines)
 
 
-def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
-    """Fallback text and Block Kit blocks; every feed-derived string goes through slack_escape."""
-    a = v.alert
-    title = clean_text(v.title, 150)
-    blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": title, "emoji": False}},
-        {
-            "type": "section",
-            "fields": [
-                {"type": "mrkdwn", "text": f"*Window*\n{slack_escape(v.window)}"},
-                {"type": "mrkdwn", "text": f"*Risk score*\n{slack_escape(v.risk)}"},
-                {"type": "mrkdwn", "text": f"*Negative share*\n{100 * a.neg_share:.0f}% now vs {100 * a.baseline_share:.0f}% baseline"},
-                {"type": "mrkdwn", "text": f"*Volume*\n{a.neg_count} negative of {a.total_count} items ({_num(a.baseline_neg_rate)} expected)"},
-            ],
-        },
-    ]
-    if a.kind == "resolved":
-        blocks.append(
-            {
-                "type": "section",
-                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode began {v.onset} ({v.episode_severity}) and has ended.")},
-            }
-        )
-    elif a.kind == "escalated":
-        blocks.append(
-            {
-                "type": "section",
-                "text": {"type": "mrkdwn", "text": slack_escape(f"Episode open since {v.onset}; the evidence is now much stronger than at its last alert.")},
-            }
-        )
+def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> tuple[str, list[dict[str, Any]]]:
+    """Fallback text and Block Kit blocks; every feed-derived string goes through slack_escape.
+
+    `threaded`: the message is a reply in the incident's thread (bot mode), so it needs no "update to" line."""
+    m = as_message(v)
+    a = m.lead.alert
+    heading = clean_text(m.heading, 150)
+    blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": heading, "emoji": False}}]
+    if m.update_line and not threaded:
+        link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {link}" if link else "")}]})
+    if m.resolved_line:
+        body = f"{slack_escape(m.resolved_line)}\nNow: {slack_escape(m.lead.share_line)}"
+    else:
+        body = f"*{slack_escape(m.lead.share_line)}*\n{slack_escape(m.lead.usual_line)}\n{slack_escape(m.lead.risk_line)}"
+        if m.escalated_line:
+            body = f"{slack_escape(m.escalated_line)}\n{body}"
+    blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": body}})
+    if m.others:
+        others = "\n".join(f"\u2022 {slack_escape(o.short)}" for o in m.others)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*{m.others_label}*\n{others}"[:2900]}})
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:
         line = f"\u2022 {_slack_link(d.link, slack_escape(d.title))} \u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
@@ -329,43 +497,90 @@ def render_slack(v: AlertView) -> tuple[str, list[dict[str, Any]]]:
             line += f"\n    evidence: {slack_escape(', '.join(d.evidence), 200)}"
         items.append(line)
     if items:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Top negative items*\n" + "\n".join(items)[:2900]}})
-    blocks.append(
-        {
-            "type": "context",
-            "elements": [{"type": "mrkdwn", "text": slack_escape(f"{v.stats_line} | alert {a.id} | ack: finsent alerts ack {a.id}")}],
-        }
-    )
-    return slack_escape(f"{title} \u2014 {v.share_line}, risk {v.risk}", 400), blocks
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Top negative stories*\n" + "\n".join(items)[:2900]}})
+    buttons: list[dict[str, Any]] = []
+    for label, url in (("Open alert", m.alert_url), ("Dashboard", m.dashboard_url)):
+        link = safe_link(url)
+        if link:
+            buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
+    if m.ack_button and m.kind != MessageKind.RESOLVED:
+        buttons.append({"type": "button", "action_id": ACK_ACTION_ID, "style": "primary", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": a.id})
+    elif safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": "Acknowledge"}, "url": safe_link(m.ack_url)})
+    if buttons:
+        blocks.append({"type": "actions", "elements": buttons})
+    context = f"{m.lead.stats_line} | " if m.kind != MessageKind.RESOLVED else ""
+    context += f"incident {m.short_id} | alert {a.id}"
+    if m.kind != MessageKind.RESOLVED and not m.ack_button:
+        context += f" | acknowledge: finsent alerts ack {a.id[:12]}"
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(context, 600)}]})
+    fallback = f"{heading} \u2014 {m.lead.share_line}" if not m.resolved_line else f"{heading} \u2014 {m.resolved_line}"
+    if m.update_line and not threaded:
+        fallback = f"{m.update_line} {fallback}"
+    return slack_escape(fallback, 400), blocks
 
 
-def render_html(v: AlertView) -> str:
-    a = v.alert
+ACK_ACTION_ID = "finsent_ack"
+
+
+def render_html(v: AlertView | IncidentMessage) -> str:
+    """A styled, accessible email: severity colour bar, real table headers, dark mode, fits a phone."""
+    m = as_message(v)
+    a = m.lead.alert
     e = html.escape
-    rows = [
-        ("Window", v.window),
-        ("Negatives", v.share_line),
-        ("Statistic", v.stats_line),
-        ("Risk score", v.risk),
-    ]
-    if a.kind == "resolved":
-        rows.insert(1, ("Episode", f"began {v.onset} ({v.episode_severity}), now ended"))
-    elif a.kind == "escalated":
-        rows.insert(1, ("Episode", f"open since {v.onset}; escalating"))
-    table = "".join(f"<tr><th align='left'>{e(k)}</th><td>{e(clean_text(val, 400))}</td></tr>" for k, val in rows)
+    sev = "info" if m.kind == MessageKind.RESOLVED else m.severity
+    colour = SEVERITY_COLOURS.get(sev, SEVERITY_COLOURS["warning"])
+    paras = []
+    paras += [f"<p class='muted'>{e(x)}</p>" for x in (m.update_line, m.escalated_line) if x]
+    if m.resolved_line:
+        paras.append(f"<p class='lead'>{e(m.resolved_line)}</p><p>Now: {e(m.lead.share_line)}</p>")
+    else:
+        paras.append(f"<p class='lead'>{e(m.lead.share_line)}</p><p>{e(m.lead.usual_line)}</p><p>{e(m.lead.risk_line)}</p>")
+    others = ""
+    if m.others:
+        lis = "".join(f"<li>{e(o.short)}</li>" for o in m.others)
+        others = f"<h2>{e(m.others_label)}</h2><ul>{lis}</ul>"
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:
         title = e(clean_text(d.title))
         link = safe_link(d.link)
         head = f"<a href=\"{e(link, quote=True)}\">{title}</a>" if link else title
-        ev = f"<br><small>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</small>" if d.evidence else ""
+        ev = f"<br><span class='muted'>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</span>" if d.evidence else ""
         items.append(f"<li>{head} &mdash; {e(clean_text(d.source, 60))}, p_neg {d.p_negative:.2f}{ev}</li>")
-    top = f"<h3>Top negative items</h3><ol>{''.join(items)}</ol>" if items else ""
+    top = f"<h2>Top negative stories</h2><ol>{''.join(items)}</ol>" if items else ""
+    buttons = []
+    for label, url in (("Open alert", m.alert_url), ("Dashboard", m.dashboard_url), ("Acknowledge", m.ack_url if m.kind != MessageKind.RESOLVED else None)):
+        link = safe_link(url)
+        if link:
+            buttons.append(f"<a class='btn' href=\"{e(link, quote=True)}\">{e(label)}</a>")
+    actions = f"<p class='actions'>{' '.join(buttons)}</p>" if buttons else ""
+    details = [f"Window {m.lead.window}", f"incident {m.short_id}", f"alert {a.id}"]
+    if m.kind != MessageKind.RESOLVED:
+        details.insert(0, m.lead.stats_line)
+        if not m.ack_url:
+            details.append(f"acknowledge: finsent alerts ack {a.id[:12]}")
+    style = (
+        "body{margin:0;padding:0;background:#f4f5f7;color:#1d2433;font:16px/1.5 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif}"
+        ".card{max-width:600px;width:100%;margin:0 auto;background:#fff;border-top:6px solid " + colour + ";box-sizing:border-box;padding:16px 20px}"
+        "h1{font-size:20px;margin:0 0 8px}h2{font-size:16px;margin:16px 0 4px}"
+        ".badge{display:inline-block;padding:2px 8px;border-radius:4px;color:#fff;background:" + colour + ";font-size:13px;font-weight:600}"
+        ".lead{font-size:17px;font-weight:600}.muted{color:#5b6474;font-size:14px}"
+        "a{color:#1a56db}.btn{display:inline-block;margin:4px 8px 4px 0;padding:8px 14px;border-radius:6px;background:#1a56db;color:#fff!important;text-decoration:none}"
+        "ol,ul{padding-left:20px}li{margin:4px 0;word-wrap:break-word}"
+        "@media (prefers-color-scheme: dark){body{background:#111418;color:#e6e9ef}.card{background:#1b1f26}.muted{color:#a3acb9}a{color:#8ab4f8}}"
+        "@media (max-width:480px){.card{padding:12px}h1{font-size:18px}}"
+    )
+    badge = "RESOLVED" if m.kind == MessageKind.RESOLVED else m.severity.upper()
     return (
-        "<!doctype html><html><body>"
-        f"<h2>{e(clean_text(v.title, 200))}</h2><table>{table}</table>{top}"
-        f"<p><small>alert {e(a.id)} &middot; acknowledge: <code>finsent alerts ack {e(a.id)}</code></small></p>"
-        "</body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        "<meta name='color-scheme' content='light dark'><meta name='supported-color-schemes' content='light dark'>"
+        f"<title>{e(clean_text(m.heading, 200))}</title><style>{style}</style></head>"
+        f"<body><div class='card' role='article' aria-label='{e(clean_text(m.heading, 200), quote=True)}'>"
+        f"<span class='badge'>{e(badge)}</span><h1>{e(clean_text(m.name, 200))}</h1>"
+        f"{''.join(paras)}{others}{top}{actions}"
+        f"<p class='muted'>{' &middot; '.join(e(x) for x in details)}</p>"
+        "</div></body></html>"
     )
 
 
@@ -384,7 +599,9 @@ def render_notice_slack(subject: str, body: str) -> tuple[str, list[dict[str, An
 class Sink(Protocol):
     name: str
 
-    def send(self, view: AlertView) -> None: ...
+    def send(self, view: IncidentMessage) -> str | None:
+        """Deliver one message; returns a reference later messages of the incident thread under (or None)."""
+        ...
 
     def notice(self, subject: str, body: str) -> None: ...
 
@@ -396,8 +613,9 @@ class ConsoleSink:
         self.name = cfg.name
         self.stream = stream
 
-    def send(self, view: AlertView) -> None:
+    def send(self, view: IncidentMessage | AlertView) -> str | None:
         print(render_text(view), file=self.stream or sys.stdout, flush=True)
+        return None
 
     def notice(self, subject: str, body: str) -> None:
         print(f"{clean_text(subject, 200)}\n{clean_block(body, 10000)}", file=self.stream or sys.stdout, flush=True)
@@ -414,14 +632,45 @@ class _RedactFilter(logging.Filter):
 
 
 class SlackSink:
-    """Slack incoming webhook (slack_sdk WebhookClient) with Block Kit; URL from env or `finsent_slack`."""
+    """Slack with Block Kit: an incoming webhook (slack_sdk WebhookClient; URL from env or `finsent_slack`),
+    or, when `channel` is set and a bot token is in env `bot_token_env`, the Web API (chat.postMessage),
+    which threads an incident's updates under its first message (thread_ts)."""
 
     def __init__(self, cfg: SinkConfig) -> None:
         self.name = cfg.name
         self.cfg = cfg
 
-    def send(self, view: AlertView) -> None:
-        self._post(*render_slack(view))
+    def send(self, view: IncidentMessage | AlertView) -> str | None:
+        m = as_message(view)
+        token = os.environ.get(self.cfg.bot_token_env, "").strip()
+        if self.cfg.channel and token:
+            return self._post_api(m, token)
+        self._post(*render_slack(m))
+        return "webhook"
+
+    def _post_api(self, m: IncidentMessage, token: str) -> str:
+        from slack_sdk import WebClient
+
+        c = self.cfg
+        thread = m.thread_ref.split(" ", 1) if m.thread_ref and " " in m.thread_ref else None
+        text, blocks = render_slack(m, threaded=thread is not None)
+        try:
+            client = WebClient(token=token, base_url=c.api_base_url.rstrip("/") + "/", timeout=max(1, round(c.timeout_s)), retry_handlers=[])
+            resp = client.chat_postMessage(
+                channel=thread[0] if thread else str(c.channel),
+                text=text,
+                blocks=blocks,
+                thread_ts=thread[1] if thread else None,
+                reply_broadcast=bool(thread) and m.kind in (MessageKind.ESCALATED, MessageKind.RESOLVED),
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+        except Exception as e:
+            raise DeliveryError(f"sink {self.name}: Slack chat.postMessage failed: {scrub(f'{type(e).__name__}: {e}', [token])}") from None
+        channel, ts = resp.get("channel") or c.channel, resp.get("ts")
+        if not ts:
+            raise DeliveryError(f"sink {self.name}: Slack chat.postMessage answered without a message ts")
+        return f"{channel} {ts}"
 
     def notice(self, subject: str, body: str) -> None:
         self._post(*render_notice_slack(subject, body))
@@ -454,15 +703,20 @@ class EmailSink:
         self.name = cfg.name
         self.cfg = cfg
 
-    def message(self, view: AlertView) -> EmailMessage:
+    def message(self, view: IncidentMessage | AlertView) -> EmailMessage:
+        """One email; an incident's later messages keep its subject and reply to its first (threading)."""
+        m = as_message(view)
         msg = EmailMessage()
-        msg["Subject"] = clean_text(f"finsent: {view.title}", 200)
+        msg["Subject"] = m.subject
         msg["From"] = self.cfg.mail_from
         msg["To"] = ", ".join(self.cfg.mail_to)
         msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = f"<{view.alert.id}.{self.name}@finsent.alerts>"
-        msg.set_content(render_text(view))
-        msg.add_alternative(render_html(view), subtype="html")
+        msg["Message-ID"] = f"<{m.lead.alert.id}.{self.name}@finsent.alerts>"
+        if m.thread_ref and m.thread_ref.startswith("<") and m.thread_ref != msg["Message-ID"]:
+            msg["In-Reply-To"] = m.thread_ref
+            msg["References"] = m.thread_ref
+        msg.set_content(render_text(m))
+        msg.add_alternative(render_html(m), subtype="html")
         return msg
 
     def notice(self, subject: str, body: str) -> None:
@@ -476,8 +730,10 @@ class EmailSink:
         msg.set_content(clean_block(body, 10000))
         self._deliver(msg)
 
-    def send(self, view: AlertView) -> None:
-        self._deliver(self.message(view))
+    def send(self, view: IncidentMessage | AlertView) -> str | None:
+        msg = self.message(view)
+        self._deliver(msg)
+        return str(msg["Message-ID"])
 
     def _deliver(self, msg: EmailMessage) -> None:
         c = self.cfg
@@ -544,23 +800,95 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
             )
             .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
-        rows = []
+        # One message per incident and run: its lead alert carries it, the others are "grouped" into it.
+        groups: dict[tuple[str, datetime], list[s.Alert]] = {}
         for a in alerts:
-            if not routes_to(sink, a):
-                continue
-            stale = sink.kind != "console" and a.window_end < now - timedelta(hours=sink.expire_hours)
-            rows.append(
-                {
-                    "alert_id": a.id,
-                    "sink": sink.name,
-                    "status": DeliveryState.EXPIRED if stale else DeliveryState.PENDING,
-                    "attempts": 0,
-                    "last_error": STALE_ERROR if stale else None,
-                    "created_at": now,
-                }
-            )
+            if routes_to(sink, a):
+                groups.setdefault((a.incident_id or a.id, a.window_end), []).append(a)
+        rows = []
+        leads = [(min(g, key=head_key), g) for g in groups.values()]
+        for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
+            stale = sink.kind != "console" and lead.window_end < now - timedelta(hours=sink.expire_hours)
+            for a in sorted(members, key=head_key):
+                status = (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
+                rows.append(
+                    {
+                        "alert_id": a.id,
+                        "sink": sink.name,
+                        "status": status,
+                        "attempts": 0,
+                        "last_error": STALE_ERROR if stale and a is lead else None,
+                        "created_at": now,
+                    }
+                )
         if rows:
             session.execute(_insert(session, s.AlertDelivery).values(rows).on_conflict_do_nothing(index_elements=["alert_id", "sink"]))
+
+
+GROUPED = DeliveryState.GROUPED
+
+
+def build_message(session: Session, row: s.Alert, sink: SinkConfig, cfg: FinsentConfig) -> IncidentMessage:
+    """The message a sink gets for the lead alert `row`: the other alerts of its incident and run that
+    route to this sink, where it threads, and the links to act on it."""
+    inc = session.get(s.Incident, row.incident_id) if row.incident_id else None
+    members = []
+    if inc is not None:
+        members = [
+            a
+            for a in session.scalars(select(s.Alert).where(s.Alert.incident_id == inc.id, s.Alert.window_end == row.window_end))
+            if a.id != row.id and routes_to(sink, a)
+        ]
+    kind = message_kind(inc, [row, *members], row.window_end)
+    peak_share = peak_risk = None
+    if kind == MessageKind.RESOLVED and inc is not None:
+        peaks = session.execute(
+            select(func.max(s.Alert.neg_share), func.max(s.Alert.risk_score)).where(
+                s.Alert.incident_id == inc.id, s.Alert.kind != "resolved",
+                s.Alert.scope_kind == row.scope_kind, s.Alert.scope_value == row.scope_value,
+            )
+        ).one()  # fmt: skip
+        peak_share, peak_risk = peaks
+    links = cfg.links
+    base = links.base_url.rstrip("/") if links.base_url else None
+    secret = os.environ.get(links.ack_secret_env, "")
+    ack_url = None
+    if base and secret and kind != MessageKind.RESOLVED:
+        token = ack_token_for(row.id, secret, row.created_at, timedelta(hours=links.ack_ttl_hours))
+        ack_url = f"{base}/ack/{token}"
+    return IncidentMessage(
+        lead=view_of(row, cfg, usual_count(session, row, cfg)),
+        others=tuple(view_of(a, cfg) for a in sorted(members, key=severity_key)),
+        incident_id=inc.id if inc else None,
+        incident_title=inc.title if inc else None,
+        kind=kind,
+        severity=(inc.severity if inc else row.severity) if row.severity != "info" or inc else str((row.details or {}).get("episode_severity", "warning")),
+        thread_ref=(inc.message_refs or {}).get(sink.name) if inc else None,
+        opened_at=inc.opened_at if inc else None,
+        closed_at=inc.closed_at if inc else None,
+        peak_share=peak_share,
+        peak_risk=peak_risk,
+        alert_url=f"{base}/alerts/{(inc.head_alert_id if inc else row.id)}" if base else None,
+        dashboard_url=dashboard_url(links.dashboard_url_template, row),
+        ack_url=ack_url,
+        ack_button=bool(os.environ.get(links.slack_signing_secret_env)),
+    )
+
+
+def dashboard_url(template: str | None, row: s.Alert) -> str | None:
+    """The configured dashboard link for an alert's scope and the day around its window (None if unset or broken)."""
+    if not template:
+        return None
+    start, end = row.window_end - timedelta(days=1), row.window_end + timedelta(hours=6)
+    try:
+        return template.format(
+            scope_kind=quote(row.scope_kind, safe=""), scope_value=quote(row.scope_value, safe=""),
+            from_ms=int(start.timestamp() * 1000), to_ms=int(end.timestamp() * 1000),
+            alert_id=row.id, incident_id=row.incident_id or "",
+        )  # fmt: skip
+    except (KeyError, IndexError, ValueError) as e:
+        log.warning("links.dashboard_url_template cannot be filled (%s): no dashboard link", type(e).__name__)
+        return None
 
 
 def _due_filter(now: datetime) -> Any:
@@ -649,6 +977,7 @@ def deliver_pending(
     by_name = {sc.name: sc for sc in cfg.sinks}
     built = dict(sinks or {})
     D = s.AlertDelivery
+    assign_incidents(engine, cfg)
     with session_scope(engine) as session:
         _enqueue(session, cfg, now)
         acked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_not(None))
@@ -681,11 +1010,11 @@ def deliver_pending(
             continue  # a dead sink costs one delivery's tries per run, not one per pending alert
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
         with session_scope(engine) as session:
-            send = _sender(sink, session.get_one(s.Alert, row.alert_id), cfg)
+            send, view = _sender(sink, session.get_one(s.Alert, row.alert_id), sink_cfg, cfg, session)
         delays = list(retry_delays)
         while True:
             try:
-                send()
+                ref = send()
             except Exception as e:
                 err = str(e) if isinstance(e, DeliveryError) else f"sink {row.sink}: {type(e).__name__}"
                 attempts = _record_attempt(engine, row.id, False, err, now)
@@ -706,6 +1035,8 @@ def deliver_pending(
                 break
             else:
                 _record_attempt(engine, row.id, True, None, now)
+                if ref and view is not None and view.incident_id:
+                    record_message_ref(engine, view.incident_id, row.sink, ref)
                 report.sent += 1
                 counts.sent += 1
                 log.info("alert %s sent to %s", row.alert_id, row.sink)
@@ -723,13 +1054,20 @@ def deliver_pending(
     return report
 
 
-def _sender(sink: Sink, alert: s.Alert, cfg: FinsentConfig) -> Callable[[], None]:
-    """How this alert goes out: a sentiment alert as the sink's alert message, source health as a notice."""
+def _sender(
+    sink: Sink, alert: s.Alert, sink_cfg: SinkConfig, cfg: FinsentConfig, session: Session
+) -> tuple[Callable[[], str | None], IncidentMessage | None]:
+    """How this alert goes out: a sentiment alert as its incident's message (returning the reference that later
+    messages thread under), source health as a plain notice."""
     if is_health(alert):
         subject, body = render_health(alert)
-        return lambda: sink.notice(subject, body)
-    view = view_of(alert, cfg)
-    return lambda: sink.send(view)
+
+        def notice() -> None:
+            sink.notice(subject, body)
+
+        return notice, None
+    view = build_message(session, alert, sink_cfg, cfg)
+    return (lambda: sink.send(view)), view
 
 
 def alert_title(alert: s.Alert, cfg: FinsentConfig) -> str:

@@ -16,6 +16,19 @@ class RunStatus(StrEnum):
     DEGRADED = "degraded"  # the work was done but an alert or notice could not be delivered
     FAILED = "failed"
     ABANDONED = "abandoned"
+class ScopeKind(StrEnum):
+    """The scopes alerts, risk scores and the dashboard views speak of."""
+
+    MARKET = "market"
+    ENTITY = "entity"
+    SOURCE = "source"
+    TOPIC = "topic"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
 
 
 def document_text(title: str, summary: str | None) -> str:

@@ -34,6 +34,31 @@ def test_occlusion_ranks_the_decisive_word_first() -> None:
     assert ev[0][1] > ev[1][1] > 0
 
 
+class NameScorer:
+    """Negative logit driven by stopwords, numbers, punctuation and the entity's name as much as by 'cuts':
+    only 'cuts' (and the phrase 'dividend cut' when removing both words matters more) may be evidence."""
+
+    temperature = 1.0
+
+    def logits(self, texts):
+        rows = []
+        for t in texts:
+            w = t.lower().split()
+            score = sum(2.0 for x in w if x in ("northwind", "nwb", "the", "55", "--", "and", "after"))
+            score += 1.5 * ("cuts" in w) + 0.01 * ("weekly" in w)
+            score += 2.5 if ("dividend" in w and "outlook" in w) else 0.0
+            rows.append([score, 15.0, 0.0])
+        return np.array(rows, dtype=np.float32), None
+
+
+def test_evidence_skips_stopwords_numbers_punctuation_weak_words_and_the_entity_name() -> None:
+    ev = explain_text(NameScorer(), "Northwind (NWB) cuts weekly dividend outlook after the 55 -- and", top_k=5, exclude=["Northwind Bank", "NWB", "Northwind"])
+    words = [w for w, _ in ev]
+    assert words[0] == "dividend outlook" and "cuts" in words  # a phrase when the pair explains more
+    for bad in ("Northwind", "NWB", "the", "55", "--", "and", "after", "weekly"):
+        assert bad not in words
+
+
 def test_no_supporting_word_and_empty_text() -> None:
     assert explain_text(KeywordScorer(), "The meeting is in Espoo") == []
     assert explain_text(KeywordScorer(), "   ") == []
@@ -45,7 +70,7 @@ def test_bundled_model_evidence_names_the_sentiment_word() -> None:
     s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
     neg = explain_text(s, "Shares of Acme plunged after the company issued a profit warning for 2026.", top_k=2)
     pos = explain_text(s, "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn a year earlier.", top_k=2)
-    assert len(neg) == 2 and all(isinstance(w, str) and wt > 0 for w, wt in neg)
+    assert 1 <= len(neg) <= 2 and all(isinstance(w, str) and wt >= 0.05 for w, wt in neg)  # weak words are dropped
     assert neg[0][0] == "plunged" and pos[0][0] == "rose"
 
 

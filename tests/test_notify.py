@@ -241,7 +241,7 @@ def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, w
     raw = json.dumps(post, ensure_ascii=False)
     assert post["blocks"][0]["type"] == "header"
     assert "CRITICAL" in post["blocks"][0]["text"]["text"] and "Northwind Bank (NWB)" in post["blocks"][0]["text"]["text"]
-    assert "80% now vs 15% baseline" in raw and "12 negative of 15 items" in raw and "82/100" in raw
+    assert "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)" in raw and "82/100" in raw
     for bad in ("<!channel>", "<@U123ABC>", "<@U999>", "<script>", "@here", "*bold*", "`code`", "javascript:"):
         assert bad not in raw, bad
     assert "&lt;!channel&gt;" in raw and "&lt;script&gt;" in raw and "Profits &amp; losses" in raw
@@ -351,7 +351,7 @@ def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -
     r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
     assert r.sent == 1  # the source-scope spike is routed elsewhere
     text = json.dumps(webhook.posts[0])
-    assert "RESOLVED" in text and "back to normal" in text and "has ended" in text
+    assert "RESOLVED" in text and "Back to normal after 1 h" in text and "Acknowledge" not in text and "alerts ack" not in text
     # A critical-only sink gets the critical spike but not the end of a warning-level episode.
     crit = make_cfg(severities=["critical"])
     crit = crit.model_copy(update={"sinks": [crit.sinks[0].model_copy(update={"name": "crit"})]})
@@ -379,11 +379,11 @@ def test_email_starttls_auth_text_and_html(engine, smtp_server, caplog: pytest.L
     assert box.logins == [("alerts", "smtp-pa55word")]
     assert len(box.messages) == 1
     msg = box.messages[0]
-    assert msg["Subject"].startswith("finsent: [CRITICAL] Negative sentiment spike: Northwind Bank (NWB)")
+    assert msg["Subject"] == "finsent: Northwind Bank (NWB): negative news surge"
     assert msg["Message-ID"] == f"<{aid}.mail-desk@finsent.alerts>"
     plain = msg.get_body(("plain",)).get_content()
     html_part = msg.get_body(("html",)).get_content()
-    assert "12 of 15 items negative (80%) vs baseline 15%" in plain and "Risk score: 82/100" in plain
+    assert "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)." in plain and "Risk 82/100" in plain
     assert "<script>" not in html_part and "&lt;script&gt;" in html_part and "Profits &amp; losses" in html_part
     assert 'href="https://news.example.com/a?x=1&amp;y=%3C2%3E"' in html_part
     assert "javascript:" not in html_part
@@ -424,9 +424,10 @@ def test_console_sink_prints_a_readable_alert(engine, capsys: pytest.CaptureFixt
     cfg = make_cfg(sinks=[{"name": "console", "kind": "console"}])
     assert deliver_pending(engine, cfg, now=NOW + timedelta(days=30)).sent == 1  # the console prints past alerts (demo)
     out = capsys.readouterr().out
-    assert "[CRITICAL] Negative sentiment spike: Northwind Bank (NWB)" in out
+    assert "[CRITICAL] Northwind Bank (NWB): negative news surge" in out
     assert "Window:     2026-11-20 14:00\u201315:00 UTC" in out
-    assert "12 of 15 items negative (80%) vs baseline 15%" in out
+    assert "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)." in out
+    assert "At this hour it usually sees" in out and "with 15% negative." in out
     assert "1. [newswire]" in out and "https://news.example.com/a?x=1&y=%3C2%3E" in out and "evidence: plunge" in out
     assert "javascript:" not in out
 
@@ -481,16 +482,17 @@ def test_console_resolution_notice(engine, capsys: pytest.CaptureFixture[str]) -
     add_alert(engine, kind="resolved")
     assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console", "severities": ["warning"]}]), now=NOW).sent == 1
     out = capsys.readouterr().out
-    assert "[RESOLVED] Negative sentiment back to normal: Northwind Bank (NWB)" in out
-    assert "Episode:    began 2026-11-20 14:00 UTC (warning)" in out and "Top negative items" not in out
+    assert "[RESOLVED] Northwind Bank (NWB): negative news surge" in out
+    assert "Back to normal after 1 h (2026-11-20 14:00\u201315:00 UTC" in out and "Top negative stories" not in out
+    assert "Acknowledge" not in out and "p=1.0e-09" not in out
 
 
 def test_escalation_is_paged_like_a_spike_and_says_so(engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]) -> None:
     add_alert(engine, kind="escalated", severity="critical")
     assert deliver_pending(engine, make_cfg(severities=["critical"]), now=NOW, retry_delays=FAST).sent == 1
     text = json.dumps(webhook.posts[0])
-    assert "[CRITICAL] Negative sentiment spike escalating" in text and "much stronger than at its last alert" in text
-    assert "Top negative items" in text and "<@U999>" not in text
+    assert "[CRITICAL] Escalating: Northwind Bank (NWB)" in text and "much stronger than at its last alert" in text
+    assert "Top negative stories" in text and "<@U999>" not in text
     assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console"}]), now=NOW).sent == 1
     assert "Episode:    open since 2026-11-20 14:00 UTC" in capsys.readouterr().out
 
@@ -636,3 +638,4 @@ def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook)
     webhook.status = 200
     r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
     assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
+    assert "Open since 2026-11-20 14:00 UTC" in capsys.readouterr().out

@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
+from pipeline.records import ScopeKind, Severity
+
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults).")
 ]
@@ -48,25 +50,30 @@ def _find(session, alert_id: str):
 def list_alerts(
     config: ConfigOpt = None,
     database_url: DbOpt = None,
-    since_hours: Annotated[float, typer.Option("--since-hours", help="Only alerts whose window ended this recently.")] = 24 * 7,
-    scope: Annotated[str | None, typer.Option(help="Only this scope kind: market, entity, source or topic.")] = None,
+    since_hours: Annotated[float, typer.Option("--since-hours", min=0, help="Only alerts whose window ended this recently.")] = 24 * 7,
+    scope: Annotated[ScopeKind | None, typer.Option(help="Only this scope kind.", case_sensitive=False)] = None,
+    severity: Annotated[Severity | None, typer.Option(help="Only this severity.", case_sensitive=False)] = None,
     unacked: Annotated[bool, typer.Option("--unacked", help="Only alerts not yet acknowledged.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
-    """Recent alerts, newest first, with their delivery state."""
+    """Recent alerts, newest first, with their incident and delivery state."""
     from pipeline.notify import clean_text, scope_label
-    from pipeline.store import session_scope
     from pipeline.store import schema as s
+    from pipeline.store import session_scope
 
     cfg, engine = _open(config, database_url)
     since = datetime.now(UTC) - timedelta(hours=since_hours)
+    filters = []
+    if scope:
+        filters.append(s.Alert.scope_kind == scope.value)
+    if severity:
+        filters.append(s.Alert.severity == severity.value)
+    if unacked:
+        filters.append(s.Alert.acknowledged_at.is_(None))
     with session_scope(engine) as session:
-        q = select(s.Alert).where(s.Alert.window_end >= since).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(limit)
-        if scope:
-            q = q.where(s.Alert.scope_kind == scope)
-        if unacked:
-            q = q.where(s.Alert.acknowledged_at.is_(None))
+        q = select(s.Alert).where(s.Alert.window_end >= since, *filters).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(limit)
         rows = session.scalars(q).all()
+        hidden = "" if rows else _what_was_hidden(session, since, since_hours, filters)
         states = {
             (a, st): c
             for a, st, c in session.execute(
@@ -77,9 +84,9 @@ def list_alerts(
         }
     engine.dispose()
     if not rows:
-        typer.echo("no alerts")
+        typer.echo(hidden)
         return
-    header = ("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "delivery", "ack")
+    header = ("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "incident", "delivery", "ack")
     table = [header]
     for r in rows:
         deliv = ", ".join(f"{st} {c}" for (a, st), c in sorted(states.items()) if a == r.id) or "-"
@@ -93,6 +100,7 @@ def list_alerts(
                 f"{r.neg_count}/{r.total_count}",
                 f"{100 * r.neg_share:.0f}% vs {100 * r.baseline_share:.0f}%",
                 "-" if r.risk_score is None else f"{r.risk_score:.0f}",
+                (r.incident_id or "-")[:12],
                 deliv,
                 "yes" if r.acknowledged_at else "",
             )
@@ -102,6 +110,24 @@ def list_alerts(
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _what_was_hidden(session, since: datetime, since_hours: float, filters: list) -> str:
+    """Why `alerts list` shows nothing, and the command that would show something."""
+    from pipeline.store import schema as s
+
+    total = session.scalar(select(func.count()).select_from(s.Alert)) or 0
+    if not total:
+        return "no alerts in this database"
+    in_window = session.scalar(select(func.count()).select_from(s.Alert).where(s.Alert.window_end >= since)) or 0
+    if in_window:
+        return f"no alerts match the filters; {in_window} alert(s) ended in the last {since_hours:g} h (drop --scope/--severity/--unacked to see them)"
+    newest = session.scalar(select(func.max(s.Alert.window_end)))
+    hours = int((datetime.now(UTC) - newest).total_seconds() // 3600) + 2
+    return (
+        f"no alerts in the last {since_hours:g} h; {total} older alert(s), the newest ended {newest:%Y-%m-%d %H:%M} UTC "
+        f"(see them with: finsent alerts list --since-hours {hours})"
+    )
+
+
 @alerts_app.command("show")
 def show_alert(
     alert_id: Annotated[str, typer.Argument(help="Alert id (or a unique prefix of 6+ characters).")],
@@ -109,14 +135,19 @@ def show_alert(
     database_url: DbOpt = None,
 ) -> None:
     """One alert in full: the message the sinks get, plus every delivery attempt."""
-    from pipeline.notify import render_text, view_of
-    from pipeline.store import session_scope
+    from pipeline.config import SinkConfig
+    from pipeline.incidents import assign_incidents
+    from pipeline.notify import build_message, render_text
     from pipeline.store import schema as s
+    from pipeline.store import session_scope
 
     cfg, engine = _open(config, database_url)
+    assign_incidents(engine, cfg)
     with session_scope(engine) as session:
         row = _find(session, alert_id)
-        view = view_of(row, cfg)
+        # the message as the console sink would tell it: the incident it belongs to, links, what to do
+        console = SinkConfig(name="console", kind="console", severities=["info", "warning", "critical"])
+        view = build_message(session, row, console, cfg)
         deliveries = session.execute(
             select(s.AlertDelivery).where(s.AlertDelivery.alert_id == row.id).order_by(s.AlertDelivery.sink)
         ).scalars().all()
@@ -145,20 +176,25 @@ def ack_alert(
     database_url: DbOpt = None,
 ) -> None:
     """Acknowledge alerts: their pending deliveries are cancelled and they are never re-sent."""
-    from pipeline.store import session_scope
+    from pipeline.acks import AckError, acknowledge
 
     who = (by or os.environ.get("USER") or "unknown")[:100]
     _cfg, engine = _open(config, database_url)
-    with session_scope(engine) as session:
-        for aid in alert_ids:
-            row = _find(session, aid)
-            if row.acknowledged_at:
-                typer.echo(f"{row.id} was already acknowledged by {row.acknowledged_by or 'unknown'}")
-                continue
-            row.acknowledged_at = datetime.now(UTC)
-            row.acknowledged_by = who
-            typer.echo(f"acknowledged {row.id} ({row.kind} {row.scope_kind} {row.scope_value}) as {who}")
+    failed = False
+    for aid in alert_ids:
+        try:
+            res = acknowledge(engine, aid, who)
+        except AckError as e:
+            typer.echo(f"cannot acknowledge {aid!r}: {e}", err=True)
+            failed = True
+            continue
+        if res.already:
+            typer.echo(f"{res.alert_id} was already acknowledged by {res.acknowledged_by} at {res.acknowledged_at:%Y-%m-%d %H:%M} UTC")
+        else:
+            typer.echo(f"acknowledged {res.alert_id} as {res.acknowledged_by}")
     engine.dispose()
+    if failed:
+        raise typer.Exit(1)
 
 
 @alerts_app.command("evaluate")
@@ -261,7 +297,84 @@ def _truncate(url: str) -> None:
         for table in (s.Alert, s.RiskScore, s.DocumentEntity, s.Score, s.Document, s.ModelVersion, s.Source):
             session.execute(table.__table__.delete())
     engine.dispose()
+incidents_app = typer.Typer(help="Incidents: alerts of one run that share evidence, told as one story.", no_args_is_help=True)
+
+
+@incidents_app.command("list")
+def list_incidents(
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+    since_hours: Annotated[float | None, typer.Option("--since-hours", min=0, help="Only incidents opened this recently (default: all).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """Incidents, newest first: head scope, severity, state and the scopes they moved."""
+    from pipeline.incidents import assign_incidents
+    from pipeline.notify import clean_text, scope_label
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    cfg, engine = _open(config, database_url)
+    assign_incidents(engine, cfg)  # alerts detected but not yet notified get theirs too
+    with session_scope(engine) as session:
+        q = select(s.Incident).order_by(s.Incident.opened_at.desc(), s.Incident.id).limit(limit)
+        if since_hours is not None:
+            q = q.where(s.Incident.opened_at >= datetime.now(UTC) - timedelta(hours=since_hours))
+        rows = session.scalars(q).all()
+        n_alerts = dict(session.execute(select(s.Alert.incident_id, func.count()).where(s.Alert.incident_id.in_([r.id for r in rows])).group_by(s.Alert.incident_id)).all())
+    engine.dispose()
+    if not rows:
+        typer.echo("no incidents" + (f" opened in the last {since_hours:g} h (drop --since-hours to see all)" if since_hours is not None else ""))
+        return
+    table = [("id", "opened (UTC)", "closed (UTC)", "state", "severity", "incident", "alerts", "scopes")]
+    for r in rows:
+        scopes = ", ".join(scope_label(x["scope_kind"], x["scope_value"], cfg) for x in r.scopes)
+        table.append(
+            (
+                r.id[:12], f"{r.opened_at:%Y-%m-%d %H:%M}", f"{r.closed_at:%Y-%m-%d %H:%M}" if r.closed_at else "-", r.state,
+                r.severity, clean_text(r.title, 60), str(n_alerts.get(r.id, 0)), clean_text(scopes, 80),
+            )
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@incidents_app.command("show")
+def show_incident(
+    incident_id: Annotated[str, typer.Argument(help="Incident id (or a unique prefix of 6+ characters).")],
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """One incident: its scopes, every alert in it (oldest first) and where its messages went."""
+    from pipeline.notify import clean_text, scope_label
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    cfg, engine = _open(config, database_url)
+    with session_scope(engine) as session:
+        found = session.scalars(select(s.Incident).where(s.Incident.id.startswith(incident_id.strip().lower(), autoescape=True)).limit(2)).all()
+        if len(found) != 1 or len(incident_id.strip()) < 6:
+            engine.dispose()
+            why = "ambiguous; give more characters" if len(found) > 1 else "not found (at least 6 characters; see finsent incidents list)"
+            typer.echo(f"incident {incident_id!r}: {why}", err=True)
+            raise typer.Exit(1)
+        inc = found[0]
+        alerts = session.scalars(select(s.Alert).where(s.Alert.incident_id == inc.id).order_by(s.Alert.window_end, s.Alert.id)).all()
+    engine.dispose()
+    typer.echo(f"{clean_text(inc.title, 200)}   [{inc.severity}, {inc.state}]")
+    typer.echo(f"Incident {inc.id}: opened {inc.opened_at:%Y-%m-%d %H:%M} UTC" + (f", closed {inc.closed_at:%Y-%m-%d %H:%M} UTC" if inc.closed_at else ""))
+    typer.echo("Scopes: " + ", ".join(f"{scope_label(x['scope_kind'], x['scope_value'], cfg)} ({'open' if x.get('open') else 'back to normal'})" for x in inc.scopes))
+    typer.echo("Alerts:")
+    for a in alerts:
+        ack = f", acknowledged by {a.acknowledged_by}" if a.acknowledged_at else ""
+        typer.echo(
+            f"  {a.id[:12]}  {a.window_end:%Y-%m-%d %H:%M}  {a.kind:<9} {a.severity:<8} {clean_text(scope_label(a.scope_kind, a.scope_value, cfg), 40)}"
+            f"  {a.neg_count}/{a.total_count} negative{ack}"
+        )
+    if inc.message_refs:
+        typer.echo("Threads: " + ", ".join(sorted(inc.message_refs)))
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(alerts_app, name="alerts")
+    app.add_typer(incidents_app, name="incidents")

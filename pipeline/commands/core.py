@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import FinsentConfig, load_config
+from pipeline.config import ConfigError, FinsentConfig, load_config
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -168,14 +168,28 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        db: Annotated[Path, typer.Option(help="SQLite file for the demo (recreated each run).")] = Path("finsent-demo.db"),
+        db: Annotated[
+            Path | None, typer.Option(help="SQLite file for the demo, recreated each run (default: the database every command uses, finsent.db).")
+        ] = None,
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
         keep: Annotated[bool, typer.Option(help="Keep the existing demo database instead of starting fresh.")] = False,
     ) -> None:
         """Run the whole loop offline on the bundled sample feeds: ingest, score, detect, alert."""
-        from pipeline.demo import run_demo
+        from pipeline.config import DEFAULT_DATABASE_URL
+        from pipeline.demo import next_steps, run_demo
 
-        print_demo(run_demo(db, model_path=model, fresh=not keep))
+        default_db = Path(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
+        path = db or default_db
+        report = run_demo(path, model_path=model, fresh=not keep)  # a FinsentError is the CLI handler's one line
+        print_demo(report)
+        try:
+            everyone = load_config(None).database_url.get_secret_value()  # what other commands will open
+        except ConfigError:
+            everyone = ""
+        same = everyone == f"sqlite:///{path}" or (everyone == DEFAULT_DATABASE_URL and path.resolve() == default_db.resolve())
+        console.print("\n[bold]Next steps[/] (each works as printed, from this folder):")
+        for cmd in next_steps(report, None if same else f"sqlite:///{path.resolve()}"):
+            console.print(f"  {escape(cmd)}", highlight=False, soft_wrap=True)
 
     @app.command()
     def run(

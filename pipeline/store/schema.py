@@ -197,6 +197,30 @@ class Alert(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     acknowledged_at: Mapped[datetime | None]
     acknowledged_by: Mapped[str | None] = mapped_column(String(100))
+    incident_id: Mapped[str | None] = mapped_column(String(64), index=True)  # set by pipeline.incidents
+
+
+class Incident(Base):
+    """Alerts of one detection run that share evidence, continued by their escalations and resolutions.
+
+    The id hashes the head alert's id, so reruns and backfills recompute the same incidents.
+    `message_refs` keeps, per sink, the first message's reference (email Message-ID, Slack channel/ts)
+    that later messages thread under.
+    """
+
+    __tablename__ = "incidents"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    head_alert_id: Mapped[str] = mapped_column(String(64))
+    head_scope_kind: Mapped[str] = mapped_column(String(16))
+    head_scope_value: Mapped[str] = mapped_column(String(200))
+    title: Mapped[str] = mapped_column(Text)  # fixed at opening: every message of the incident keeps it
+    severity: Mapped[str] = mapped_column(String(16))  # the highest its alerts reached
+    state: Mapped[str] = mapped_column(String(16))  # IncidentState
+    scopes: Mapped[list[Any]] = mapped_column(default=list)  # [{scope_kind, scope_value, episode_id, open}]
+    opened_at: Mapped[datetime]  # window end of the opening run
+    closed_at: Mapped[datetime | None]
+    message_refs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AlertDelivery(Base):

@@ -1,7 +1,9 @@
--- Hourly sentiment per scope, in the same scope vocabulary as alerts (market / source / entity / topic),
--- for the current model: the production one, else the newest registered. Always fresh (a plain view);
--- Grafana filters on bucket_start, which uses ix_documents_published_at.
--- An entity row counts each document once per entity it mentions, so entity rows do not sum to market.
+-- Hourly sentiment per scope, in the same scope vocabulary and the same unit as alerts: market, entity
+-- and topic rows count stories (one per distinct content however many sources carry it; negative when any
+-- copy is, as the detector counts), a source row counts the items it published. For the current model:
+-- the production one, else the newest registered. Always fresh (a plain view); Grafana filters on
+-- bucket_start, which uses ix_documents_published_at. Entity rows do not sum to market (a story can name
+-- several entities). Migration 0006 applies this definition (inline copy).
 CREATE OR REPLACE VIEW v_current_model AS
 SELECT id AS model_version
 FROM model_versions
@@ -12,6 +14,7 @@ CREATE OR REPLACE VIEW v_sentiment_hourly AS
 WITH scored AS (
     SELECT d.id AS document_id,
            d.source_name,
+           d.content_hash,
            date_trunc('hour', d.published_at, 'UTC') AS bucket_start,
            s.model_version_id,
            s.label,
@@ -22,14 +25,23 @@ WITH scored AS (
     JOIN v_current_model m ON m.model_version = s.model_version_id
 ),
 dims AS (
-    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, label, p_negative FROM scored
+    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, content_hash AS unit, label, p_negative FROM scored
     UNION ALL
-    SELECT bucket_start, model_version_id, 'source', source_name, label, p_negative FROM scored
+    SELECT bucket_start, model_version_id, 'source', source_name, document_id::text, label, p_negative FROM scored
     UNION ALL
-    SELECT bucket_start, model_version_id, 'topic', topic, label, p_negative FROM scored
+    SELECT bucket_start, model_version_id, 'topic', topic, content_hash, label, p_negative FROM scored
     UNION ALL
-    SELECT sc.bucket_start, sc.model_version_id, 'entity', e.entity, sc.label, sc.p_negative
+    SELECT sc.bucket_start, sc.model_version_id, 'entity', e.entity, sc.content_hash, sc.label, sc.p_negative
     FROM scored sc JOIN document_entities e ON e.document_id = sc.document_id
+),
+units AS (
+    SELECT bucket_start, model_version_id, scope_kind, scope_value, unit,
+           CASE WHEN bool_or(label = 'negative') THEN 'negative'
+                WHEN bool_and(label = 'positive') THEN 'positive'
+                ELSE 'neutral' END AS label,
+           max(p_negative) AS p_negative
+    FROM dims
+    GROUP BY bucket_start, model_version_id, scope_kind, scope_value, unit
 )
 SELECT bucket_start,
        bucket_start + interval '1 hour' AS bucket_end,
@@ -42,5 +54,5 @@ SELECT bucket_start,
        count(*) FILTER (WHERE label = 'positive') AS pos_count,
        (count(*) FILTER (WHERE label = 'negative'))::float8 / count(*) AS neg_share,
        avg(p_negative) AS mean_p_negative
-FROM dims
+FROM units
 GROUP BY bucket_start, scope_kind, scope_value, model_version_id;
