@@ -73,7 +73,7 @@ def dead_source() -> Iterator[Revivable]:
 def make_cfg(sources: dict[str, str], **health) -> FinsentConfig:
     return FinsentConfig.model_validate(
         {
-            "sources": [{"name": n, "url": u, "retries": 0, "timeout_s": 5} for n, u in sources.items()],
+            "sources": [{"name": n, "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True} for n, u in sources.items()],
             "sinks": [{"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL", "timeout_s": 5}],
             "health": health,
             "database_url": "sqlite://",
