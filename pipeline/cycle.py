@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from pipeline import store
 from pipeline.config import FinsentConfig
-from pipeline.records import AlertRecord, CycleSummary, ScoreRow
+from pipeline.records import AlertRecord, CycleSummary, ScoreRow, ScoringStatus
 
 if TYPE_CHECKING:
     from pipeline.score import Scorer
@@ -39,6 +39,7 @@ class ScoreOutcome:
     model_version: str
     scored: int
     seconds: float
+    not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus (failed, skipped_*) -> documents
 
 
 @dataclass(slots=True)
@@ -109,7 +110,14 @@ def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | No
     from pipeline.score import Scorer
 
     target = path or (resolve_model(cfg, engine) if engine is not None else cfg.model.path)
-    return Scorer.load(target, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
+    return Scorer.load(
+        target,
+        device=cfg.model.device,
+        max_length=cfg.model.max_length,
+        batch_size=cfg.model.batch_size,
+        languages=cfg.model.languages,
+        max_chars=cfg.model.max_chars,
+    )
 
 
 def register_scorer(engine: Engine, scorer: Scorer) -> None:
@@ -128,18 +136,28 @@ def register_scorer(engine: Engine, scorer: Scorer) -> None:
 def score_pending(
     cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None, shard: int = 0, shards: int = 1
 ) -> ScoreOutcome:
-    """Score every stored document the model has not scored yet (this shard's share), committing chunk by chunk."""
+    """Score every stored document the model has not scored or given up on (this shard's share), committing
+    chunk by chunk. Empty, foreign-language and failing documents are recorded with the reason, never scored."""
     t = StepTimer()
     scorer = scorer or load_scorer(cfg, engine)
     register_scorer(engine, scorer)
     total = 0
-    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards):
-        preds = scorer.score([d.text for d in chunk])
-        rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
+    not_scored: dict[str, int] = {}
+    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards, scorer.char_limit):
+        outcomes = scorer.assess([d.text for d in chunk])
+        rows = [ScoreRow(d.id, scorer.version, o.prediction) for d, o in zip(chunk, outcomes, strict=True) if o.prediction]
         with store.session_scope(engine) as session:
             total += store.save_scores(session, rows)
+            store.save_outcomes(session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)])
+        for d, o in zip(chunk, outcomes, strict=True):
+            if o.status != ScoringStatus.SCORED:
+                not_scored[o.status] = not_scored.get(o.status, 0) + 1
+                if o.status == ScoringStatus.FAILED:
+                    log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
         log.info("scored %d documents (%d so far) with %s", len(rows), total, scorer.version)
-    return ScoreOutcome(scorer.version, total, t.elapsed)
+    if not_scored:
+        log.warning("not scored with %s: %s", scorer.version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
+    return ScoreOutcome(scorer.version, total, t.elapsed, not_scored)
 
 
 def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:
@@ -180,6 +198,7 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
         scorer = scorer or load_scorer(cfg, engine)  # one load: it scores and explains the alerts
         scored = score_pending(cfg, engine, scorer)
         counts["scored"] = scored.scored
+        counts.update({f"not_scored_{k}": v for k, v in scored.not_scored.items()})
         alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
         counts["alerts"] = len(alerts)
         report = notify(cfg, engine)
@@ -192,6 +211,7 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
             scored=scored.scored,
             alerts=alerts,
             delivered=counts["delivered"],
+            not_scored=scored.not_scored,
         )
     except Exception as e:
         errors.append({"step": "cycle", "error": f"{type(e).__name__}: {e}"[:2000]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 
 def document_text(title: str, summary: str | None) -> str:
@@ -66,6 +67,32 @@ class Prediction:
     topic_prob: float | None = None
 
 
+class ScoringStatus(StrEnum):
+    """What scoring did with one text; only `scored` texts have a sentiment and count in alerts."""
+
+    SCORED = "scored"
+    FAILED = "failed"  # the model raised on this text; later cycles skip it
+    SKIPPED_EMPTY = "skipped_empty"  # empty or whitespace-only: nothing to score
+    SKIPPED_LANGUAGE = "skipped_language"  # a language the model was not trained for
+
+
+NO_LABEL = "none"  # the label written for a text that got no sentiment (never "neutral")
+
+
+@dataclass(frozen=True, slots=True)
+class TextOutcome:
+    """One text through the scoring input policy: a prediction only when status is `scored`."""
+
+    status: ScoringStatus
+    prediction: Prediction | None = None
+    language: str | None = None  # ISO 639-1, None when too short to tell
+    reason: str | None = None  # why it was not scored
+
+    @property
+    def label(self) -> str:
+        return self.prediction.label if self.prediction else NO_LABEL
+
+
 @dataclass(frozen=True, slots=True)
 class PendingDocument:
     """A stored document that has no score yet from the current model."""
@@ -126,3 +153,4 @@ class CycleSummary:
     scored: int
     alerts: list[AlertRecord]
     delivered: int = 0
+    not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus -> documents given no sentiment
