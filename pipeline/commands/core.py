@@ -194,6 +194,8 @@ def print_demo(report) -> None:
         )
     if report.failed_sources:
         console.print(f"[red]failed sources:[/] {report.failed_sources}")
+    if report.not_scored:
+        console.print("not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(report.not_scored.items())))
     secs = report.seconds
     console.print(
         f"\nScored {report.scored} items. Wall time {secs['total']:.1f} s "
