@@ -169,6 +169,9 @@ class ModelConfig(_Strict):
     max_length: int = Field(default=128, ge=8, le=512)
     device: str | None = None  # None: cuda if available, else cpu
     chunk_size: int = Field(default=2000, ge=1)
+    # languages the model scores (ISO 639-1, "*" = any); None: what the model folder declares, else ["en"]
+    languages: list[str] | None = None
+    max_chars: int | None = Field(default=None, ge=16)  # characters kept before tokenising; None: max_length * 12
 
 
 class PrivacyConfig(_Strict):

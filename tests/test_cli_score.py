@@ -92,3 +92,43 @@ def test_score_uses_the_production_model_like_run(tmp_path, tiny_model_dir, monk
     res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "o.csv")])
     assert res.exit_code == 0, res.output
     assert "with tiny-1" in res.output
+
+
+def test_score_keeps_every_input_column_and_gives_tricky_rows_no_sentiment(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "tricky.csv"
+    rows = [("a1", ""), ("a2", "   "), ("a3", "苹果公司股价暴跌"), ("a4", "Die Aktie bricht nach Gewinnwarnung ein"), ("a5", TEXTS[1])]
+    with src.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "text", "desk"])
+        w.writerows([[i, t, "fx"] for i, t in rows])
+    out = tmp_path / "out.parquet"
+    res = runner.invoke(app, ["score", str(src), "-o", str(out), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    assert "scored 1 of 5" in res.output and "2 skipped_empty" in res.output and "2 skipped_language" in res.output
+    got = pq.read_table(out).to_pylist()  # real Parquet: pyarrow reads it back
+    assert [r["id"] for r in got] == ["a1", "a2", "a3", "a4", "a5"] and {r["desk"] for r in got} == {"fx"}
+    assert [r["status"] for r in got] == ["skipped_empty"] * 2 + ["skipped_language"] * 2 + ["scored"]
+    assert [r["label"] for r in got[:4]] == ["none"] * 4 and got[4]["label"] in ("negative", "neutral", "positive")
+    assert all(r["p_neutral"] is None and r["reason"] for r in got[:4]) and [r["language"] for r in got[2:]] == ["zh", "de", "en"]
+    jsonl = tmp_path / "out.jsonl"
+    src_jsonl = tmp_path / "in.jsonl"
+    src_jsonl.write_text(json.dumps({"id": 7, "text": TEXTS[0], "meta": {"k": 1}}) + "\n")
+    res = runner.invoke(app, ["score", str(src_jsonl), "-o", str(jsonl), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    line = json.loads(jsonl.read_text())
+    assert line["id"] == 7 and line["meta"] == {"k": 1} and line["status"] == "scored"
+
+
+def test_score_refuses_unknown_output_extensions_and_clashing_columns(tmp_path, tiny_model_dir):
+    src = tmp_path / "in.txt"
+    src.write_text(TEXTS[0] + "\n")
+    for name in ("out.xlsx", "out"):
+        res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / name), "--model", str(tiny_model_dir)])
+        assert res.exit_code == 2 and f"output {tmp_path / name}: unknown extension" in res.output
+        assert ".parquet" in res.output and "Traceback" not in res.output and not (tmp_path / name).exists()
+    gold = tmp_path / "gold.csv"
+    gold.write_text("text,label\nShares fell,negative\n")
+    res = runner.invoke(app, ["score", str(gold), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)])
+    assert res.exit_code == 2 and "label" in res.output and "rename" in res.output

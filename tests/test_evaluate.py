@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.data import EVAL_SPLITS, build_splits
 from pipeline.evaluate import EvaluationError, evaluate_model, expected_calibration_error, record_in_model, split_result, write_report
-from pipeline.lexicon import lm_label, vader_label
+from pipeline.lexicon import finvader_label, lm_label, lm_words, vader_label
 from pipeline.registry import bundled_baseline, list_models, promote, promote_if_better
 from pipeline.score import ModelLoadError
 
@@ -35,17 +35,23 @@ def test_split_result_metrics_and_temperature() -> None:
 
 
 def test_lexicon_baselines() -> None:
-    assert lm_label("Operating profit rose and sales increased") == "positive"
-    assert lm_label("The company reported a loss and a decline in sales") == "negative"
+    positive, negative = lm_words()  # the real LM master dictionary, not a hand-written list
+    assert (len(positive), len(negative)) == (354, 2355)
+    assert {"impairment", "restated", "litigation", "writedowns"} <= negative and "liability" not in negative
+    assert {"tax", "cost", "crude"}.isdisjoint(negative)  # words generic lexicons call negative, LM does not
+    assert lm_label("Operating profit improved and sales achieved a record") == "positive"
+    assert lm_label("The company reported a loss and recorded an impairment") == "negative"
     assert lm_label("The results did not improve") == "negative"  # negated positive
     assert lm_label("The company is based in Espoo") == "neutral"
     assert vader_label("This is a great, wonderful result") == "positive"
+    # FinVADER's financial lexicons know words plain VADER does not
+    assert vader_label("Sales declined") == "neutral" and finvader_label("Sales declined") == "negative"
 
 
 def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
     rep = evaluate_model(tiny_model, data_dir, command="finsent evaluate X")
     splits = build_splits(data_dir, seed=rep.split_seed)
-    assert set(rep.results) == {"model", "vader", "lm_dictionary", "tfidf_logreg"}
+    assert set(rep.results) == {"model", "vader", "finvader", "lm_dictionary", "tfidf_logreg"}
     for split in EVAL_SPLITS:
         assert rep.results["model"][split].n == len(splits.eval[split]) == rep.split_sizes[split]
         assert rep.results["tfidf_logreg"][split].n == len(splits.eval[split])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,3 +77,165 @@ def test_bundled_default_model_loads_and_is_sane() -> None:
         "The company's head office is located in Helsinki.",
     ])
     assert (neg.label, pos.label, neu.label) == ("negative", "positive", "neutral")
+
+
+# --- input policy: empty, foreign-language, huge and poison inputs --------------------------------------------
+
+FOREIGN = ["苹果公司股价暴跌", "Die Aktie bricht nach Gewinnwarnung ein", "Les actions de Renault chutent après l'avertissement"]
+
+
+def test_empty_and_foreign_texts_get_no_sentiment_unless_the_model_is_multilingual(tiny_model_dir: Path) -> None:
+    from pipeline.records import NO_LABEL, ScoringStatus
+
+    s = Scorer.load(str(tiny_model_dir), device="cpu")
+    english = "Northwind Bank chief executive resigns amid lending scandal"
+    out = s.assess(["", "   \n\t", *FOREIGN, english])
+    assert [o.status for o in out] == [ScoringStatus.SKIPPED_EMPTY] * 2 + [ScoringStatus.SKIPPED_LANGUAGE] * 3 + [ScoringStatus.SCORED]
+    assert all(o.prediction is None and o.label == NO_LABEL and o.reason for o in out[:5])
+    assert [o.language for o in out[2:]] == ["zh", "de", "fr", "en"]
+    assert "language zh" in out[2].reason and out[5].label in s.labels
+
+    multi = Scorer.load(str(tiny_model_dir), device="cpu", languages=["*"])
+    out = multi.assess(["", *FOREIGN])
+    assert out[0].status == ScoringStatus.SKIPPED_EMPTY
+    assert all(o.status == ScoringStatus.SCORED and o.label in s.labels for o in out[1:])
+
+
+def test_english_financial_headlines_are_detected_as_english() -> None:
+    """A sample of real FPB sentences and TFNS tweets (tickers, links, names): >= 99% must read as English."""
+    from pipeline.data import build_splits, default_data_dir
+    from pipeline.language import detect_languages
+
+    if not (default_data_dir() / "tfns" / "sent_train.csv").exists():
+        pytest.skip(f"labelled data not found in {default_data_dir()}")
+    splits = build_splits(default_data_dir())
+    texts = [e.text for e in splits.eval["fpb_test"]] + [e.text for e in splits.eval["tfns_dev"]]
+    langs = detect_languages(texts)
+    english = sum(lang in ("en", None) for lang in langs)
+    assert len(texts) > 1500 and english / len(texts) >= 0.99, [t for t, lang in zip(texts, langs) if lang not in ("en", None)][:20]
+
+
+def test_long_text_is_cut_by_characters_before_tokenising(tiny_model_dir: Path) -> None:
+    s = Scorer.load(str(tiny_model_dir), device="cpu", max_length=32)
+    lead = "Acme said operating profit rose sharply in quarter 1 ."
+    long_text = lead + " The board met." * 200_000
+    seen: list[int] = []
+    real = s.tokenizer
+
+    class Spy:  # records what the real tokenizer is given
+        def __call__(self, texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return real(texts, **kw)
+
+    s.tokenizer = Spy()
+    a, b = s.score([long_text])[0], s.score([lead + " The board met." * (s.char_limit // 15)])[0]
+    assert max(seen) <= s.char_limit == 32 * 12
+    assert a.probs == b.probs  # title + lead: the same first characters give the same score
+
+
+def _pending_docs(engine, n: int, source: str = "wire") -> None:
+    from pipeline import store
+    from tests.test_store import docs
+
+    with store.session_scope(engine) as session:
+        store.ensure_sources(session, [SimpleNamespace(name=source, kind="rss", url=f"https://example.com/{source}.xml")])
+        store.save_documents(session, docs(source, n))
+
+
+class PoisonScorer(Scorer):
+    """The real model, except that it raises on one document, like a tokenizer or kernel bug would."""
+
+    def _raw(self, texts):
+        if any("Headline 3 " in t for t in texts):
+            raise ValueError("cannot tokenize this text")
+        return super()._raw(texts)
+
+
+def test_a_poison_document_is_recorded_failed_and_never_blocks_the_queue(engine, pg_url, tiny_model_dir) -> None:
+    from sqlalchemy import select
+
+    from pipeline import cycle, store
+    from pipeline.records import ScoringStatus
+    from pipeline.store import schema as sch
+    from tests.test_store import cfg_for
+
+    cfg = cfg_for(pg_url, tiny_model_dir)
+    _pending_docs(engine, 10)
+    scorer = PoisonScorer.load(str(tiny_model_dir), device="cpu", batch_size=4)
+    out = cycle.score_pending(cfg, engine, scorer)
+    assert out.scored == 9 and out.not_scored == {ScoringStatus.FAILED: 1}
+    with store.session_scope(engine) as session:
+        failed = session.execute(select(sch.ScoringOutcome, sch.Document.title).join(sch.Document)).one()
+        counts = store.scoring_status_counts(session, scorer.version)
+    assert failed[1] == "Headline 3 about Northwind Bank" and failed[0].status == ScoringStatus.FAILED
+    assert failed[0].reason == "ValueError: cannot tokenize this text"
+    assert counts[ScoringStatus.SCORED] == 9 and counts[ScoringStatus.FAILED] == 1
+    _pending_docs(engine, 15)  # a later cycle: new documents are scored, the poison one is not retried
+    again = cycle.score_pending(cfg, engine, scorer)
+    assert again.scored == 5 and again.not_scored == {}
+
+
+def test_empty_and_foreign_documents_never_reach_scores(engine, pg_url, tiny_model_dir) -> None:
+    from sqlalchemy import select, update
+
+    from pipeline import cycle, store
+    from pipeline.store import schema as sch
+    from tests.test_store import cfg_for
+
+    cfg = cfg_for(pg_url, tiny_model_dir)
+    _pending_docs(engine, 4)
+    with store.session_scope(engine) as session:
+        session.execute(update(sch.Document).where(sch.Document.external_id == "wire-0").values(title=" ", summary=""))
+        session.execute(update(sch.Document).where(sch.Document.external_id == "wire-1").values(title=FOREIGN[1]))
+    out = cycle.score_pending(cfg, engine)
+    assert out.scored == 2 and out.not_scored == {"skipped_empty": 1, "skipped_language": 1}
+    with store.session_scope(engine) as session:
+        scored = set(session.scalars(select(sch.Document.external_id).join(sch.Score)))
+        langs = dict(session.execute(select(sch.Document.external_id, sch.Document.language)).tuples().all())
+    assert scored == {"wire-2", "wire-3"}  # the detector and dashboard views read only `scores`
+    assert langs == {"wire-0": None, "wire-1": "de", "wire-2": "en", "wire-3": "en"}
+
+
+_SCORE_IN_SUBPROCESS = """
+import json, resource, sys
+from pipeline import cycle, store
+from tests.test_store import cfg_for
+url, model = sys.argv[1], sys.argv[2]
+engine = store.make_engine(url)
+out = cycle.score_pending(cfg_for(url, model), engine)
+print(json.dumps({"scored": out.scored, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _score_in_subprocess(url: str, model: Path) -> dict:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _SCORE_IN_SUBPROCESS, url, str(model)], check=False, capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_a_100_mb_document_costs_no_more_than_a_normal_one(pg_url, engine, tiny_model_dir) -> None:
+    """200 normal documents and one of 100 MB: all 201 scored, and peak memory as with 201 normal ones."""
+    from sqlalchemy import text
+
+    from pipeline.store import make_engine
+    from tests.conftest import migrated_schema
+
+    _pending_docs(engine, 201)
+    with engine.begin() as conn:  # built in the database, so the test process never holds it
+        conn.execute(
+            text("UPDATE documents SET summary = repeat('The company said quarterly profit fell sharply. ', 2200000) "
+                 "WHERE external_id = 'wire-100'")
+        )
+        assert conn.execute(text("SELECT length(summary) FROM documents WHERE external_id = 'wire-100'")).scalar() > 100_000_000
+    huge = _score_in_subprocess(pg_url, tiny_model_dir)
+    with migrated_schema() as normal_url:
+        normal_engine = make_engine(normal_url)
+        _pending_docs(normal_engine, 201)
+        normal_engine.dispose()
+        normal = _score_in_subprocess(normal_url, tiny_model_dir)
+    assert huge["scored"] == normal["scored"] == 201
+    assert huge["rss_mb"] < normal["rss_mb"] + 64, (huge, normal)

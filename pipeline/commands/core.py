@@ -69,8 +69,11 @@ def production_or_configured_model(cfg: FinsentConfig) -> str:
         engine.dispose()
 
 
-def read_texts(path: Path) -> list[str]:
-    """Texts from a .txt (one per line), .csv or .jsonl file with a `text` column."""
+OUTPUT_FORMATS = (".csv", ".jsonl", ".ndjson", ".parquet")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows from a .txt (one text per line), .csv or .jsonl file with a `text` column; every column is kept."""
     if not path.exists():
         raise fail(f"input file not found: {path}")
     suffix = path.suffix.lower()
@@ -80,9 +83,9 @@ def read_texts(path: Path) -> list[str]:
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "text" not in reader.fieldnames:
                     raise fail(f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})")
-                return [row["text"] or "" for row in reader]
+                return [{**row, "text": row["text"] or ""} for row in reader]
         if suffix in (".jsonl", ".ndjson"):
-            texts = []
+            rows = []
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
@@ -92,32 +95,67 @@ def read_texts(path: Path) -> list[str]:
                     raise fail(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict) or "text" not in obj:
                     raise fail(f"{path}:{n}: each JSON line needs a 'text' field")
-                texts.append(str(obj["text"]))
-            return texts
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                rows.append({**obj, "text": "" if obj["text"] is None else str(obj["text"])})
+            return rows
+        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
         raise fail(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def write_predictions(path: Path, texts: list[str], preds: list, labels: list[str], topics: bool) -> None:
-    rows = []
-    for text, p in zip(texts, preds, strict=True):
-        row = {"text": text, "label": p.label, **{f"p_{lab}": round(p.probs[lab], 6) for lab in labels}}
+def read_texts(path: Path) -> list[str]:
+    """Texts from a .txt (one per line), .csv or .jsonl file with a `text` column."""
+    return [row["text"] for row in read_rows(path)]
+
+
+def prediction_columns(labels: list[str], topics: bool) -> list[str]:
+    return ["label", "status", "reason", "language", *(f"p_{lab}" for lab in labels)] + (["topic", "topic_prob"] if topics else [])
+
+
+def check_output_format(path: Path) -> None:
+    """Refuse an output format finsent cannot write, before any work is done."""
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise fail(f"output {path}: unknown extension {path.suffix or '(none)'!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+
+
+def check_output_columns(input_columns: list[str], labels: list[str], topics: bool) -> None:
+    """Refuse input columns the predictions would overwrite."""
+    clash = [c for c in input_columns if c in prediction_columns(labels, topics)]
+    if clash:
+        raise fail(f"input column(s) {', '.join(clash)} would be overwritten by the predictions: rename them")
+
+
+def write_predictions(path: Path, rows: list[dict], outcomes: list, labels: list[str], topics: bool) -> None:
+    """Every input column, then label (`none` when not scored), status, reason, language and probabilities."""
+    out = []
+    for row, o in zip(rows, outcomes, strict=True):
+        p = o.prediction
+        rec = {**row, "label": o.label, "status": str(o.status), "reason": o.reason, "language": o.language}
+        rec.update({f"p_{lab}": round(p.probs[lab], 6) if p else None for lab in labels})
         if topics:
-            row["topic"] = p.topic
-            row["topic_prob"] = round(p.topic_prob, 6) if p.topic_prob is not None else None
-        rows.append(row)
+            rec["topic"] = p.topic if p else None
+            rec["topic_prob"] = round(p.topic_prob, 6) if p and p.topic_prob is not None else None
+        out.append(rec)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
         with path.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for rec in out:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pa.Table.from_pylist(out)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise fail(f"output {path}: the input columns cannot be stored as Parquet ({str(e).splitlines()[0][:200]})") from None
+        pq.write_table(table, path)
     else:
-        fields = ["text", "label", *(f"p_{lab}" for lab in labels)] + (["topic", "topic_prob"] if topics else [])
+        fields = list(dict.fromkeys(k for rec in out for k in rec))
         with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in rec.items()} for rec in out)
 
 
 def print_demo(report) -> None:
@@ -154,6 +192,8 @@ def print_demo(report) -> None:
         )
     if report.failed_sources:
         console.print(f"[red]failed sources:[/] {report.failed_sources}")
+    if report.not_scored:
+        console.print("not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(report.not_scored.items())))
     secs = report.seconds
     console.print(
         f"\nScored {report.scored} items. Wall time {secs['total']:.1f} s "
@@ -214,6 +254,8 @@ def register(app: typer.Typer) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        if summary.not_scored:
+            console.print("not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(summary.not_scored.items())))
         for src, error in summary.failed_sources.items():
             err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
         for problem in summary.problems:  # an alert that did not reach anyone is worth a non-zero exit
@@ -260,17 +302,34 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def score(
         file: Annotated[Path, typer.Argument(help="Texts: .txt (one per line), .csv or .jsonl with a 'text' column.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions (.csv or .jsonl).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions (.csv, .jsonl or .parquet).")],
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
         config: ConfigOpt = None,
     ) -> None:
-        """Score a file of texts: label and every class probability (and topic when the model has one)."""
+        """Score a file of texts, keeping every input column: label (`none` with a reason for empty or
+        foreign-language texts), status, language, every class probability (and topic when the model has one)."""
+        from pipeline.records import ScoringStatus
         from pipeline.score import Scorer
 
         cfg = config_or_exit(config)
-        texts = read_texts(file)
+        check_output_format(output)
+        rows = read_rows(file)
         target = model or production_or_configured_model(cfg)
-        scorer = Scorer.load(target, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)
-        preds = scorer.score(texts)
-        write_predictions(output, texts, preds, scorer.labels, topics=bool(scorer.topics))
-        err_console.print(f"scored {len(texts)} texts with {scorer.version} -> {output}", highlight=False)
+        scorer = Scorer.load(
+            target,
+            device=cfg.model.device,
+            max_length=cfg.model.max_length,
+            batch_size=cfg.model.batch_size,
+            languages=cfg.model.languages,
+            max_chars=cfg.model.max_chars,
+        )
+        check_output_columns(list(dict.fromkeys(k for row in rows for k in row)), scorer.labels, bool(scorer.topics))
+        outcomes = scorer.assess([row["text"] for row in rows])
+        write_predictions(output, rows, outcomes, scorer.labels, topics=bool(scorer.topics))
+        skipped = {st: sum(o.status == st for o in outcomes) for st in ScoringStatus if st != ScoringStatus.SCORED}
+        note = ", ".join(f"{n} {st}" for st, n in skipped.items() if n)
+        err_console.print(
+            f"scored {len(rows) - sum(skipped.values())} of {len(rows)} texts with {scorer.version} -> {output}"
+            + (f" (not scored: {note})" if note else ""),
+            highlight=False,
+        )

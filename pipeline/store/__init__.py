@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import PROJECT_DIR
 from pipeline.records import Document as DocumentRecord
-from pipeline.records import FetchResult, PendingDocument, ScoreRow, document_text
+from pipeline.records import (
+    FetchResult,
+    PendingDocument,
+    ScoreRow,
+    ScoringStatus,
+    TextOutcome,
+    document_text,
+)
 from pipeline.store import schema as s
 from pipeline.store.errors import NOT_MIGRATED, StoreError, as_store_error, engine_url, install, safe_url
 from pipeline.store.runs import (  # re-exported: callers use store.start_run etc.
@@ -241,10 +248,16 @@ def production_model(session: Session) -> s.ModelVersion | None:
 
 
 def iter_unscored(
-    engine: Engine, model_version: str, chunk_size: int = 2000, shard: int = 0, shards: int = 1
+    engine: Engine,
+    model_version: str,
+    chunk_size: int = 2000,
+    shard: int = 0,
+    shards: int = 1,
+    max_chars: int | None = None,
 ) -> Iterator[list[PendingDocument]]:
-    """Stream documents without a score from this model in id order, a chunk at a time (bounded memory).
+    """Stream documents this model has neither scored nor given up on, in id order, a chunk at a time.
 
+    Title and summary are cut to `max_chars` in SQL, so a huge document never reaches Python whole.
     With shards > 1 only ids congruent to `shard` are read, so several GPU workers split one backlog.
     """
     if not 0 <= shard < shards:
@@ -255,9 +268,20 @@ def iter_unscored(
             scored = select(s.Score.document_id).where(
                 s.Score.model_version_id == model_version, s.Score.document_id == s.Document.id
             )
+            given_up = select(s.ScoringOutcome.document_id).where(
+                s.ScoringOutcome.model_version_id == model_version, s.ScoringOutcome.document_id == s.Document.id
+            )
+            title, summary = s.Document.title, s.Document.summary
+            if max_chars is not None:
+                title, summary = func.substr(title, 1, max_chars), func.substr(summary, 1, max_chars)
             rows = session.execute(
-                select(s.Document.id, s.Document.title, s.Document.summary)
-                .where(s.Document.id > last_id, ~scored.exists(), *([s.Document.id % shards == shard] if shards > 1 else []))
+                select(s.Document.id, title.label("title"), summary.label("summary"))
+                .where(
+                    s.Document.id > last_id,
+                    ~scored.exists(),
+                    ~given_up.exists(),
+                    *([s.Document.id % shards == shard] if shards > 1 else []),
+                )
                 .order_by(s.Document.id)
                 .limit(chunk_size)
             ).all()
@@ -293,6 +317,58 @@ def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
         .returning(s.Score.document_id)
     )
     return len(session.execute(stmt).all())
+
+
+def save_outcomes(session: Session, model_version: str, outcomes: Sequence[tuple[int, TextOutcome]]) -> int:
+    """Record documents this model did not score (status and reason); re-recording one changes nothing.
+    Also stores each document's detected language where the feed declared none."""
+    now = datetime.now(UTC)
+    values = [
+        {
+            "document_id": doc_id,
+            "model_version_id": model_version,
+            "status": str(o.status),
+            "reason": o.reason,
+            "language": o.language,
+            "attempted_at": now,
+        }
+        for doc_id, o in outcomes
+        if o.status != ScoringStatus.SCORED
+    ]
+    saved = 0
+    if values:
+        stmt = (
+            _insert(session, s.ScoringOutcome)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
+            .returning(s.ScoringOutcome.document_id)
+        )
+        saved = len(session.execute(stmt).all())
+    by_language: dict[str, list[int]] = {}
+    for doc_id, o in outcomes:
+        if o.language:
+            by_language.setdefault(o.language, []).append(doc_id)
+    for lang, ids in by_language.items():
+        session.execute(
+            update(s.Document).where(s.Document.id.in_(ids), s.Document.language.is_(None)).values(language=lang)
+        )
+    return saved
+
+
+def scoring_status_counts(session: Session, model_version: str) -> dict[ScoringStatus, int]:
+    """Documents per scoring status for one model (scored from `scores`, the rest from `scoring_outcomes`)."""
+    counts = dict.fromkeys(ScoringStatus, 0)
+    counts[ScoringStatus.SCORED] = session.scalar(
+        select(func.count()).select_from(s.Score).where(s.Score.model_version_id == model_version)
+    ) or 0
+    rows = session.execute(
+        select(s.ScoringOutcome.status, func.count())
+        .where(s.ScoringOutcome.model_version_id == model_version)
+        .group_by(s.ScoringOutcome.status)
+    ).all()
+    for status, n in rows:
+        counts[ScoringStatus(status)] = n
+    return counts
 
 
 def count_rows(session: Session, model: Any) -> int:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -26,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pipeline.records import RunStatus
+from pipeline.records import RunStatus, ScoringStatus
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY, Postgres wants BIGINT for big tables.
@@ -159,6 +160,27 @@ class Score(Base):
     topic: Mapped[str | None] = mapped_column(String(64))
     topic_prob: Mapped[float | None] = mapped_column(Float)
     scored_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+NOT_SCORED = tuple(st.value for st in ScoringStatus if st != ScoringStatus.SCORED)
+
+
+class ScoringOutcome(Base):
+    """A document a model version did not score, and why (failed, empty, language); a document is
+    `scored` when it has a Score row instead. Scoring skips documents listed here for that model,
+    so a poison document never blocks the queue; alerts and dashboards read only `scores`."""
+
+    __tablename__ = "scoring_outcomes"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({', '.join(repr(v) for v in NOT_SCORED)})", name="status"),
+        Index("ix_scoring_outcomes_model_status", "model_version_id", "status"),
+    )
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(24))  # a ScoringStatus other than scored
+    reason: Mapped[str | None] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(String(16))
+    attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Feedback(Base):
