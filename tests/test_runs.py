@@ -80,7 +80,7 @@ def gated_feed() -> Iterator[GatedFeed]:
 
 def _config(path: Path, url: str, model: Path) -> Path:
     cfg = {
-        "sources": [{"name": "wire", "kind": "rss", "url": url, "retries": 0, "timeout_s": 300}],
+        "sources": [{"name": "wire", "kind": "rss", "url": url, "retries": 0, "timeout_s": 300, "allow_private_network": True}],
         "model": {"path": str(model), "device": "cpu", "chunk_size": 4, "batch_size": 4},
         "sinks": [{"name": "console", "kind": "console"}],
     }
