@@ -113,6 +113,38 @@ def _as_utc(value: Any) -> datetime:
     return datetime.fromtimestamp(value.timestamp(), UTC)
 
 
+# --- which window a DAG run processes ---------------------------------------------------------------
+
+MONITOR_STEP = timedelta(minutes=15)  # finsent_monitor's schedule (*/15): one data interval
+MANUAL_RUN_TYPES = frozenset({"manual", "asset_triggered", "asset_materialization"})
+
+
+def _floor(value: datetime, step: timedelta) -> datetime:
+    seconds = int(step.total_seconds())
+    return datetime.fromtimestamp(int(value.timestamp()) // seconds * seconds, UTC)
+
+
+def run_window(dag_run: Any, step: timedelta = MONITOR_STEP) -> tuple[datetime, datetime]:
+    """The (start, end) a DAG run processes, meaning what the operator meant.
+
+    Scheduled and backfill runs keep their data interval. Airflow 3 gives a manual run the interval
+    before its *trigger* time (and none at all without a logical date), so a manual run processes the
+    latest complete interval at its logical date when it has one (`airflow dags trigger -l`), else at
+    its trigger time; bounds given explicitly (REST `data_interval_start/end`) are kept.
+    """
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", None) or getattr(dag_run, "run_type", "") or "")
+    start, end = getattr(dag_run, "data_interval_start", None), getattr(dag_run, "data_interval_end", None)
+    logical, run_after = getattr(dag_run, "logical_date", None), getattr(dag_run, "run_after", None)
+    if start is not None and end is not None and run_type not in MANUAL_RUN_TYPES:
+        return _as_utc(start), _as_utc(end)
+    inferred_from_trigger = end is None or (run_after is not None and _as_utc(end) == _floor(_as_utc(run_after), step))
+    if start is not None and end is not None and not inferred_from_trigger:
+        return _as_utc(start), _as_utc(end)  # explicit bounds from the REST API
+    anchor = logical if logical is not None else run_after
+    window_end = _floor(_as_utc(anchor) if anchor is not None else datetime.now(UTC), step)
+    return window_end - step, window_end
+
+
 # --- finsent_monitor ---------------------------------------------------------------------------
 
 
@@ -217,6 +249,16 @@ def shard_device(configured: str | None, shard: int) -> str | None:
     return f"cuda:{shard % n}" if n > 1 else configured
 
 
+def xcom_items(values: Iterable[Any] | None) -> list[Any]:
+    """A mapped task's results as a list. One slice request: iterating Airflow's lazy XCom sequence
+    reads past the end and logs an error-level "XCom not found" for every read."""
+    if values is None:
+        return []
+    if hasattr(values, "__getitem__") and not isinstance(values, Mapping | str):
+        return list(values[:])  # type: ignore[index]
+    return list(values)
+
+
 def merge_scored(
     scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None, expected: int | None = None
 ) -> dict[str, Any] | None:
@@ -224,7 +266,7 @@ def merge_scored(
     only the results that exist, so a failed shard shows up as fewer than `expected` parts."""
     if scored is None or isinstance(scored, Mapping):
         return dict(scored) if scored is not None else None
-    parts = list(scored)
+    parts = xcom_items(scored)
     if not parts or any(p is None for p in parts) or (expected is not None and len(parts) < expected):
         return None
     versions = {p["model_version"] for p in parts}
@@ -314,6 +356,29 @@ def finish_run(
 
 
 # --- finsent_train -------------------------------------------------------------------------------
+
+TRAIN_GRACE = timedelta(hours=2)
+
+
+def train_due(dag_run: Any, now: datetime | None = None, grace: timedelta = TRAIN_GRACE) -> bool:
+    """Whether a finsent_train run should train: a scheduled run only within `grace` of its scheduled time.
+
+    Unpausing a DAG (or a scheduler back after an outage) makes Airflow run the latest missed interval
+    at once even with catchup=False: for a weekly training that is last Sunday's run, hours or days
+    late. Such a run is skipped, not failed; manual and backfill runs always train.
+    """
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", None) or getattr(dag_run, "run_type", "") or "")
+    if run_type != "scheduled":
+        return True
+    due = getattr(dag_run, "run_after", None) or getattr(dag_run, "data_interval_end", None)
+    if due is None:
+        return True
+    late = (now or datetime.now(UTC)) - _as_utc(due)
+    if late > grace:
+        log.info("skipping training: run scheduled for %s started %s late (a catch-up, not its schedule)", _as_utc(due).isoformat(), late)
+        return False
+    return True
+
 
 
 def _jsonable(value: Any) -> Any:
