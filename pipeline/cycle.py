@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -126,20 +126,45 @@ def register_scorer(engine: Engine, scorer: Scorer) -> None:
 
 
 def score_pending(
-    cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None, shard: int = 0, shards: int = 1
+    cfg: FinsentConfig,
+    engine: Engine,
+    scorer: Scorer | None = None,
+    shard: int = 0,
+    shards: int = 1,
+    load: Callable[[], Scorer] | None = None,
 ) -> ScoreOutcome:
-    """Score every stored document the model has not scored yet (this shard's share), committing chunk by chunk."""
+    """Score every stored document the model has not scored yet (this shard's share), committing chunk by chunk.
+
+    The model is loaded (`load`, else load_scorer) only when there is a document to score, so an idle
+    run costs a query, not a model load. Documents scored negative get their evidence words stored
+    with the score: the model is in memory here, and alerts later read them without loading it.
+    """
     t = StepTimer()
-    scorer = scorer or load_scorer(cfg, engine)
-    register_scorer(engine, scorer)
+    version = scorer.version if scorer is not None else current_model_version(cfg, engine)
+    if scorer is not None:
+        register_scorer(engine, scorer)
     total = 0
-    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards):
+    for chunk in store.iter_unscored(engine, version, cfg.model.chunk_size, shard, shards):
+        if scorer is None:
+            scorer = load() if load is not None else load_scorer(cfg, engine)
+            register_scorer(engine, scorer)
         preds = scorer.score([d.text for d in chunk])
         rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
+        evidence = explain_negatives(scorer, [(d.id, d.text) for d, p in zip(chunk, preds, strict=True) if p.label == "negative"])
         with store.session_scope(engine) as session:
             total += store.save_scores(session, rows)
-        log.info("scored %d documents (%d so far) with %s", len(rows), total, scorer.version)
-    return ScoreOutcome(scorer.version, total, t.elapsed)
+            store.save_explanations(session, scorer.version, evidence)
+        log.info("scored %d documents (%d so far, %d explained) with %s", len(rows), total, len(evidence), scorer.version)
+    if scorer is None:
+        log.info("nothing to score for %s: model not loaded", version)
+    return ScoreOutcome(version, total, t.elapsed)
+
+
+def explain_negatives(scorer: Scorer, docs: Sequence[tuple[int, str]]) -> dict[int, tuple[str, ...]]:
+    """Evidence words for documents scored negative (the only ones alerts cite), by document id."""
+    from pipeline.detect import evidence_tokens
+
+    return {doc_id: evidence_tokens(scorer, text) for doc_id, text in docs}
 
 
 def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:

@@ -233,9 +233,24 @@ def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
     engine = _engine(cfg)
     try:
-        return asdict(score_pending(cfg, engine, shard=shard, shards=shards))
+        return asdict(score_pending(cfg, engine, shard=shard, shards=shards, load=lambda: cached_scorer(cfg, engine)))
     finally:
         engine.dispose()
+
+
+_SCORERS: dict[tuple[Any, ...], Any] = {}
+
+
+def cached_scorer(cfg: FinsentConfig, engine: Engine) -> Any:
+    """The scoring model, loaded at most once per worker process (and only when score_pending finds
+    work); one entry, so a promoted model replaces the old one instead of piling up in memory."""
+    from pipeline.cycle import load_scorer, resolve_model
+
+    key = (resolve_model(cfg, engine), cfg.model.device, cfg.model.max_length, cfg.model.batch_size)
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = load_scorer(cfg, path=key[0])
+    return _SCORERS[key]
 
 
 def shard_device(configured: str | None, shard: int) -> str | None:
