@@ -63,8 +63,10 @@ def finsent_monitor():
 
     # finish fails on purpose when a step failed; retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int) -> dict:
-        return orchestrate.finish_run(pipeline_run_id, names, orchestrate.xcom_items(ingested), scored, detected, notified, shards)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, ti=None) -> dict:
+        return orchestrate.finish_run(
+            pipeline_run_id, names, orchestrate.xcom_items(ingested), scored, detected, notified, shards, skipped=orchestrate.skipped_steps(ti)
+        )
 
     names = sources()
     pipeline_run_id = start_run()

@@ -106,7 +106,10 @@ def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
 
 
 def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | None = None) -> Scorer:
+    from pipeline.logsetup import quiet_model_libraries
     from pipeline.score import Scorer
+
+    quiet_model_libraries()
 
     target = path or (resolve_model(cfg, engine) if engine is not None else cfg.model.path)
     return Scorer.load(target, device=cfg.model.device, max_length=cfg.model.max_length, batch_size=cfg.model.batch_size)

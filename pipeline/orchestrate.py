@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -303,10 +303,13 @@ def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any
     as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)
     engine = _engine(cfg)
     try:
+        with engine.connect() as c:  # the runs inside one window re-find its alerts: count only this run's
+            known = set(c.scalars(select(s.Alert.id).where(s.Alert.window_end == as_of)))
         alerts = detect_step(cfg, engine, as_of, model_version=model_version)
     finally:
         engine.dispose()
-    return {"as_of": as_of.isoformat(), "alerts": [a.id for a in alerts]}
+    ids = [a.id for a in alerts]
+    return {"as_of": as_of.isoformat(), "alerts": ids, "new_alerts": [i for i in ids if i not in known]}
 
 
 def notify() -> dict[str, Any]:
@@ -328,6 +331,23 @@ def notify() -> dict[str, Any]:
         return {"sent": int(getattr(report, "sent", 0))}
 
 
+NOT_RUN_STATES = frozenset({"skipped", "upstream_failed"})
+
+
+def skipped_steps(ti: Any) -> set[str]:
+    """Task ids that never ran in this task's DAG run (skipped, or upstream failed: their own code did not
+    fail), mapped ones by their task id when every instance did not run; empty when unknown."""
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+    except Exception as e:  # outside a task (or an older Airflow) skipped and failed cannot be told apart
+        log.info("task states unavailable (%s): every missing result counts as a failure", type(e).__name__)
+        return set()
+    by_task: dict[str, set[str]] = {}
+    for task, state in states.items():
+        by_task.setdefault(re.sub(r"_\d+$", "", task), set()).add(str(getattr(state, "value", state)))
+    return {task for task, seen in by_task.items() if seen and seen <= NOT_RUN_STATES}
+
+
 def finish_run(
     run_id: int | None,
     sources: Sequence[str],
@@ -336,8 +356,11 @@ def finish_run(
     detected: Mapping[str, Any] | None,
     notified: Mapping[str, Any] | None,
     score_shards: int | None = None,
+    skipped: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed."""
+    """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed.
+
+    A step in `skipped` (it never ran: skipped, or an upstream failed) is recorded, not blamed."""
     if run_id is None:
         raise OrchestrationError("start_run failed, so there is no pipeline run to record")
     scored = merge_scored(scored, score_shards)
@@ -347,11 +370,15 @@ def finish_run(
     ]
     missing = sorted(set(sources) - {o["source"] for o in outcomes})
     errors += [{"step": "ingest", "source": n, "error": "task failed"} for n in missing]
-    errors += [{"step": step, "error": "task failed"} for step, out in (("score", scored), ("detect", detected), ("notify", notified)) if out is None]
+    errors += [
+        {"step": step, "error": "skipped" if step in skipped else "task failed"}
+        for step, out in (("score", scored), ("detect", detected), ("notify", notified))
+        if out is None
+    ]
     counts = {
         "new_documents": sum(int(o["new_documents"]) for o in outcomes),
         "scored": int(scored["scored"]) if scored else 0,
-        "alerts": len(detected["alerts"]) if detected else 0,
+        "alerts": len(detected.get("new_alerts", detected["alerts"])) if detected else 0,
         "delivered": int((notified or {}).get("sent", 0) or 0),
     }
     failed_steps = [e for e in errors if e["error"] == "task failed"]
@@ -448,9 +475,11 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     Under Airflow the folder is named by the DAG run id, so a retried task finds the candidate an earlier
     try finished (and registers it, idempotently) instead of training and registering a second one.
     """
+    from pipeline.logsetup import quiet_model_libraries
     from pipeline.registry import register_trained
     from pipeline.train import TrainConfig, train_model
 
+    quiet_model_libraries()
     cfg = load()
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(k for k in options if k not in known)
@@ -488,7 +517,9 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
 def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
     """Score the candidate on the fixed splits; the metrics land in the registry (not for a `limit` smoke run)."""
     from pipeline.evaluate import evaluate_model
+    from pipeline.logsetup import quiet_model_libraries
 
+    quiet_model_libraries()
     cfg = load()
     engine = _engine(cfg)
     try:

@@ -341,6 +341,8 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     assert _snapshot(engine) == after_retry
     assert {a.id for a in _snapshot(engine)["alerts"]} == alert_ids
     assert (len(hook.bodies), len(smtp.messages)) == (slack_msgs, mails), "a rerun delivered an alert twice"
+    first_run, rerun = _runs(engine)[-2:]
+    assert first_run.counts["alerts"] >= 1 and rerun.counts["alerts"] == 0, "counts.alerts repeats the window's old alerts"
 
 
 def test_failed_task_notifies_sinks_without_leaking_secrets(tmp_path, monitor_env, monkeypatch):

@@ -12,6 +12,9 @@ from sqlalchemy import func, select
 
 from pipeline import cycle, store
 from pipeline.store import schema as s
+from tests.airflow_support import airflow_db, smtp_server, webhook  # noqa: F401  (fixtures)
+from tests.feedserver import feed_server  # noqa: F401
+from tests.test_dags import monitor_env  # noqa: F401
 from tests.test_store import cfg_for, docs
 
 
@@ -62,3 +65,90 @@ def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(e
     assert cycle.score_pending(cfg, engine, load=load).scored == 0 and len(loads) == 1
     with engine.connect() as c:
         assert c.scalar(select(func.count()).select_from(s.Explanation)) == len(negatives)
+
+
+def test_finish_blames_only_steps_that_failed(engine, monitor_env):
+    """A source whose task failed fails the run and is named; score/detect/notify that never ran because
+    of it are recorded as skipped, not as failures."""
+    from datetime import UTC, datetime, timedelta
+
+    import pytest
+
+    from pipeline import orchestrate
+
+    end = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+    ok_ingest = {"source": "social", "status": "ok", "new_documents": 0}
+    run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
+    with pytest.raises(orchestrate.OrchestrationError) as e:
+        orchestrate.finish_run(run, ["wire", "social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"})
+    assert str(e.value) == f"pipeline run {run} failed in: wire"
+    with engine.connect() as c:
+        status, errors = c.execute(select(s.PipelineRun.status, s.PipelineRun.errors).where(s.PipelineRun.id == run)).one()
+    assert status == "failed" and {(x["step"], x["error"]) for x in errors} == {
+        ("ingest", "task failed"), ("score", "skipped"), ("detect", "skipped"), ("notify", "skipped")
+    }
+
+    run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
+    out = orchestrate.finish_run(run, ["social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"})
+    assert out["status"] == "partial"
+
+
+QUIET_LOAD = """
+import logging, sys, tempfile
+logging.basicConfig(level="INFO", stream=sys.stdout, format="LOG %(levelname)s %(name)s: %(message)s")
+from pipeline import cycle
+from tests.test_store import cfg_for
+cfg = cfg_for("sqlite://", sys.argv[1])
+scorer = cycle.load_scorer(cfg, path=sys.argv[1])  # what score runs
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
+base = tempfile.mkdtemp()
+BertModel(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(base)
+AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)  # what training does: a new head
+print("DONE", scorer.version)
+"""
+
+
+def test_model_loads_write_no_progress_bars_and_log_the_load_report_as_a_warning(tiny_model_dir):
+    """Not on a terminal (an Airflow task): nothing on stderr (which Airflow logs at error level), and the
+    `classifier.weight | MISSING` report of a fresh head goes through logging at warning level."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.airflow_support import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    proc = subprocess.run([sys.executable, "-c", QUIET_LOAD, str(tiny_model_dir)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DONE tiny-0" in proc.stdout
+    assert proc.stderr == "", proc.stderr[-2000:]
+    report = [line for line in proc.stdout.splitlines() if "LOAD REPORT" in line]
+    assert report and all(line.startswith("LOG WARNING transformers") for line in report), proc.stdout[-2000:]
+    assert "MISSING" in proc.stdout
+
+
+CLI_LOGGING = """
+import logging, os, sys
+logging.basicConfig(level=os.environ["FINSENT_LOG_LEVEL"], stream=sys.stderr, format="CLI %(levelname)s %(name)s: %(message)s")
+from pipeline import secrets
+assert secrets.slack_webhook_url("FINSENT_TEST_UNSET_WEBHOOK") is None  # looks up the finsent_slack connection
+logging.getLogger("pipeline.cli").warning("after lookup")
+logging.getLogger("pipeline.cli").info("hidden by FINSENT_LOG_LEVEL")
+"""
+
+
+def test_airflow_connection_lookup_keeps_the_cli_logging(tmp_path):
+    """`finsent run` looks up Airflow connections; importing Airflow must not switch the CLI's logging to
+    structlog on stdout nor drop FINSENT_LOG_LEVEL."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.airflow_support import ROOT
+
+    env = {**os.environ, "FINSENT_LOG_LEVEL": "WARNING", "AIRFLOW_HOME": str(tmp_path)}
+    env.pop("FINSENT_TEST_UNSET_WEBHOOK", None)
+    proc = subprocess.run([sys.executable, "-c", CLI_LOGGING], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CLI WARNING pipeline.cli: after lookup" in proc.stderr
+    assert "after lookup" not in proc.stdout and "hidden by" not in proc.stdout + proc.stderr
