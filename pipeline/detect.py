@@ -513,7 +513,7 @@ def evidence_tokens(scorer: Any, text: str) -> tuple[str, ...]:
         from pipeline.explain import explain_text
 
         return _tokens(explain_text(scorer, text, EVIDENCE_TOKENS), EVIDENCE_TOKENS)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  # evidence is optional: a failure must not cost the score or the alert
         log.warning("no evidence tokens: explain_text failed (%s)", type(e).__name__)
         return ()
 

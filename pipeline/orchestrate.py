@@ -339,7 +339,7 @@ def skipped_steps(ti: Any) -> set[str]:
     fail), mapped ones by their task id when every instance did not run; empty when unknown."""
     try:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
-    except Exception as e:  # outside a task (or an older Airflow) skipped and failed cannot be told apart
+    except Exception as e:  # noqa: BLE001  # outside a task (or an older Airflow) skipped and failed cannot be told apart
         log.info("task states unavailable (%s): every missing result counts as a failure", type(e).__name__)
         return set()
     by_task: dict[str, set[str]] = {}

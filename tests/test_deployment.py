@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-import tests.airflow_support  # noqa: F401  (isolated AIRFLOW_HOME before anything imports airflow)
+import tests.airflow_support  # isolated AIRFLOW_HOME before anything imports airflow
 from tests.feedserver import feed_server  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,13 +99,34 @@ def stack_env(code_root: Path, home: Path, meta_url: str, api_port: int, finsent
 
 
 def _airflow(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Path, wait_s: float = RUN_WAIT_S) -> dict:
-    """Bring the stack up, let the scheduler run finsent_monitor once, tear it down; the run's facts."""
+def _wait_for_run(meta, procs: list, home: Path, index: int, deadline: float, unpause: bool) -> tuple[str | None, object]:
+    """Poll the metadata DB until the index-th finsent_monitor run finishes (or the deadline passes)."""
+    unpaused = not unpause
+    row = None
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"airflow {p.args[1]} exited {p.returncode}: {(home / f'{p.args[1]}.log').read_text()[-3000:]}"
+        with meta.begin() as c:
+            if not unpaused:  # `airflow dags unpause finsent_monitor`, without another CLI start
+                unpaused = bool(c.execute(text("UPDATE dag SET is_paused = false WHERE dag_id = 'finsent_monitor'")).rowcount)
+            row = c.execute(
+                text("SELECT run_id, run_type, state, start_date, end_date FROM dag_run WHERE dag_id = 'finsent_monitor' ORDER BY id OFFSET :i LIMIT 1"),
+                {"i": index},
+            ).first()
+        if row is not None and row.state in ("success", "failed"):
+            return row.state, row
+        time.sleep(1)
+    return None, row
+
+
+def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Path, wait_s: float = RUN_WAIT_S, idle_run: bool = False) -> dict:
+    """Bring the stack up, let the scheduler run finsent_monitor once (and, with idle_run, a manual run
+    with nothing new after it), tear it down; the runs' facts."""
     api_port = _free_port()
     home = Path(tempfile.mkdtemp(prefix="finsent-stack-"))
     procs: list[subprocess.Popen] = []
@@ -121,22 +142,13 @@ def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Pat
                 log = (home / f"{cmd[0]}.log").open("w")
                 procs.append(subprocess.Popen([str(VENV_BIN / "airflow"), *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             meta = create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-            deadline = time.monotonic() + wait_s
-            state, row = None, None
-            unpaused = False
-            while time.monotonic() < deadline:
-                for p in procs:
-                    assert p.poll() is None, f"airflow {p.args[1]} exited {p.returncode}: {(home / f'{p.args[1]}.log').read_text()[-3000:]}"
-                with meta.begin() as c:
-                    if not unpaused:  # `airflow dags unpause finsent_monitor`, without another CLI start
-                        unpaused = bool(c.execute(text("UPDATE dag SET is_paused = false WHERE dag_id = 'finsent_monitor'")).rowcount)
-                    row = c.execute(
-                        text("SELECT run_id, run_type, state, start_date, end_date FROM dag_run WHERE dag_id = 'finsent_monitor' ORDER BY id LIMIT 1")
-                    ).first()
-                if row is not None and row.state in ("success", "failed"):
-                    state = row.state
-                    break
-                time.sleep(1)
+            state, row = _wait_for_run(meta, procs, home, 0, time.monotonic() + wait_s, unpause=True)
+            idle: dict = {}
+            if idle_run and state == "success":
+                at = datetime.fromtimestamp(time.time() // 900 * 900, UTC).isoformat()
+                _airflow(env, "dags", "trigger", "finsent_monitor", "-l", at)
+                idle_state, idle_row = _wait_for_run(meta, procs, home, 1, time.monotonic() + wait_s, unpause=False)
+                idle = {"state": idle_state, "wall_s": (idle_row.end_date - idle_row.start_date).total_seconds() if idle_state else None}
             logs = {p.args[1]: (home / f"{p.args[1]}.log").read_text() for p in procs}
             with meta.connect() as c:
                 tasks = c.execute(
@@ -158,6 +170,7 @@ def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Pat
         "state": state,
         "run_type": row.run_type if row is not None else None,
         "wall_s": wall,
+        "idle_run": idle if idle_run else None,
         "tasks": [(t.task_id, t.map_index, t.state, (t.end_date - t.start_date).total_seconds() if t.end_date and t.start_date else None) for t in tasks],
         "logs": logs,
         "home": str(home),
@@ -204,7 +217,7 @@ if __name__ == "__main__":  # timing on any checkout: python tests/test_deployme
         with admin.connect() as c:
             c.execute(text(f'CREATE SCHEMA "{schema}"'))
         try:
-            out = run_monitor_once(checkout, _schema_url(schema), config, model)
+            out = run_monitor_once(checkout, _schema_url(schema), config, model, idle_run=True)
         finally:
             with admin.connect() as c:
                 c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
