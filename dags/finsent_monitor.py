@@ -1,6 +1,14 @@
 """finsent_monitor: every 15 minutes, ingest each source (one mapped task per source), score on the
 GPU queue (one mapped task per shard, FINSENT_SCORE_SHARDS, sized to the gpu pool), detect for the
-run's data interval, notify. Logic lives in pipeline.orchestrate."""
+run's window, notify. Logic lives in pipeline.orchestrate.
+
+Which window a run processes (pipeline.orchestrate.run_window): a scheduled or backfill run its data
+interval; a manual run the latest complete 15-minute window at its logical date
+(`airflow dags trigger finsent_monitor -l 2026-11-30T10:00Z` processes 09:45-10:00), or at the trigger
+time without one. To reprocess a range, backfill it one run at a time:
+`airflow backfill create --dag-id finsent_monitor --from-date A --to-date B --max-active-runs 1`
+(score, detect and notify also run one at a time across runs, whatever a backfill's --max-active-runs).
+"""
 
 from __future__ import annotations
 
@@ -27,30 +35,41 @@ def finsent_monitor():
         return orchestrate.source_names()
 
     @task
-    def start_run(data_interval_start=None, data_interval_end=None, run_id=None) -> int:
-        return orchestrate.start_run(data_interval_start, data_interval_end, airflow_run_id=run_id)
+    def start_run(dag_run=None, run_id=None) -> int:
+        start, end = orchestrate.run_window(dag_run)
+        return orchestrate.start_run(start, end, airflow_run_id=run_id)
 
     @task(max_active_tis_per_dagrun=8)
     def ingest(source: str, pipeline_run_id: int) -> dict:
         return orchestrate.ingest(source, pipeline_run_id)
 
-    @task(queue="gpu", pool="gpu", trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS, execution_timeout=timedelta(minutes=30))
+    # max_active_tis_per_dag: a backfill ignores the DAG's max_active_runs, so concurrent runs queue here
+    @task(
+        queue="gpu",
+        pool="gpu",
+        trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
+        execution_timeout=timedelta(minutes=30),
+        max_active_tis_per_dag=len(orchestrate.score_shards()),
+    )
     def score(shard: int, shards: int) -> dict:
         return orchestrate.score(shard, shards)
 
-    @task
-    def detect(scored, data_interval_end=None) -> dict:
-        return orchestrate.detect(data_interval_end, orchestrate.merge_scored(scored)["model_version"])
+    @task(max_active_tis_per_dag=1)
+    def detect(scored, dag_run=None) -> dict:
+        return orchestrate.detect(orchestrate.run_window(dag_run)[1], orchestrate.merge_scored(scored)["model_version"])
 
-    @task
+    @task(max_active_tis_per_dag=1)
     def notify() -> dict:
         return orchestrate.notify()
 
     # finish fails on purpose when a step failed, sending the run's failure notice (a killed task sends none);
     # retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None) -> dict:
-        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards, airflow_run_id=run_id)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None, ti=None) -> dict:
+        return orchestrate.finish_run(
+            pipeline_run_id, names, orchestrate.xcom_items(ingested), scored, detected, notified, shards,
+            airflow_run_id=run_id, skipped=orchestrate.skipped_steps(ti),
+        )
 
     names = sources()
     pipeline_run_id = start_run()

@@ -1,5 +1,8 @@
 """finsent_train: weekly (and on demand, with params) fine-tune a candidate, evaluate it, and promote it
-only if it beats the production model. Logic lives in pipeline.orchestrate / pipeline.train."""
+only if it beats the production model. Logic lives in pipeline.orchestrate / pipeline.train.
+
+Paused at creation, and a scheduled run that starts more than two hours late (unpausing runs the last
+missed Sunday at once) skips training: it trains on its schedule or when triggered, never as a catch-up."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pipeline import orchestrate
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
+    is_paused_upon_creation=True,
     default_args=orchestrate.default_args(retries=1, retry_delay=timedelta(minutes=10)),
     tags=["finsent", "training"],
     params={
@@ -27,6 +31,10 @@ from pipeline import orchestrate
     doc_md=__doc__,
 )
 def finsent_train():
+    @task.short_circuit
+    def on_schedule(dag_run=None) -> bool:
+        return orchestrate.train_due(dag_run)
+
     @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=6))
     def train(params=None, run_id=None) -> dict:
         return orchestrate.train(airflow_run_id=run_id, **{k: v for k, v in (params or {}).items() if v is not None})
@@ -40,6 +48,7 @@ def finsent_train():
         return orchestrate.promote(trained, evaluated)
 
     trained = train()
+    on_schedule() >> trained
     promote(trained, evaluate(trained))
 
 

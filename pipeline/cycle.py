@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -141,7 +141,10 @@ def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
 
 
 def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | None = None) -> Scorer:
+    from pipeline.logsetup import quiet_model_libraries
     from pipeline.score import Scorer
+
+    quiet_model_libraries()
 
     target = path or (resolve_model(cfg, engine) if engine is not None else cfg.model.path)
     return Scorer.load(
@@ -168,21 +171,39 @@ def register_scorer(engine: Engine, scorer: Scorer) -> None:
 
 
 def score_pending(
-    cfg: FinsentConfig, engine: Engine, scorer: Scorer | None = None, shard: int = 0, shards: int = 1
+    cfg: FinsentConfig,
+    engine: Engine,
+    scorer: Scorer | None = None,
+    shard: int = 0,
+    shards: int = 1,
+    load: Callable[[], Scorer] | None = None,
 ) -> ScoreOutcome:
     """Score every stored document the model has not scored or given up on (this shard's share), committing
-    chunk by chunk. Empty, foreign-language and failing documents are recorded with the reason, never scored."""
+    chunk by chunk. Empty, foreign-language and failing documents are recorded with the reason, never scored.
+
+    The model is loaded (`load`, else load_scorer) only when there is a document to score, so an idle
+    run costs a query, not a model load. Documents scored negative get their evidence words stored
+    with the score: the model is in memory here, and alerts later read them without loading it.
+    """
     t = StepTimer()
-    scorer = scorer or load_scorer(cfg, engine)
-    register_scorer(engine, scorer)
+    version = scorer.version if scorer is not None else current_model_version(cfg, engine)
+    if scorer is not None:
+        register_scorer(engine, scorer)
     total = 0
     not_scored: dict[str, int] = {}
-    for chunk in store.iter_unscored(engine, scorer.version, cfg.model.chunk_size, shard, shards, scorer.char_limit):
+    names = watched_names(cfg)
+    for chunk in store.iter_unscored(engine, version, cfg.model.chunk_size, shard, shards, char_limit(cfg)):
+        if scorer is None:
+            scorer = load() if load is not None else load_scorer(cfg, engine)
+            register_scorer(engine, scorer)
         outcomes = scorer.assess([d.text for d in chunk])
         rows = [ScoreRow(d.id, scorer.version, o.prediction) for d, o in zip(chunk, outcomes, strict=True) if o.prediction]
+        negatives = [(d.id, d.text) for d, o in zip(chunk, outcomes, strict=True) if o.prediction and o.prediction.label == "negative"]
+        evidence = explain_negatives(scorer, negatives, names)
         with store.session_scope(engine) as session:
             written = store.save_scores(session, rows)
             store.save_outcomes(session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)])
+            store.save_explanations(session, scorer.version, evidence)
         total += written
         for d, o in zip(chunk, outcomes, strict=True):
             if o.status != ScoringStatus.SCORED:
@@ -190,10 +211,33 @@ def score_pending(
                 if o.status == ScoringStatus.FAILED:
                     log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
         # rows written, not attempted: a document another writer scored first is not counted twice
-        log.info("scored %d documents (%d written, %d so far) with %s", len(rows), written, total, scorer.version)
+        log.info(
+            "scored %d documents (%d written, %d so far, %d explained) with %s", len(rows), written, total, len(evidence), scorer.version
+        )
+    if scorer is None:
+        log.info("nothing to score for %s: model not loaded", version)
     if not_scored:
-        log.warning("not scored with %s: %s", scorer.version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
-    return ScoreOutcome(scorer.version, total, t.elapsed, not_scored)
+        log.warning("not scored with %s: %s", version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
+    return ScoreOutcome(version, total, t.elapsed, not_scored)
+
+
+def char_limit(cfg: FinsentConfig) -> int:
+    """Characters of a document that ever leave the database for scoring (the Scorer cuts to the same)."""
+    from pipeline.score import CHARS_PER_TOKEN
+
+    return cfg.model.max_chars or cfg.model.max_length * CHARS_PER_TOKEN
+
+
+def watched_names(cfg: FinsentConfig) -> list[str]:
+    """Every watched name, ticker and alias: evidence never cites the company it is about."""
+    return [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
+
+
+def explain_negatives(scorer: Scorer, docs: Sequence[tuple[int, str]], exclude: Sequence[str] = ()) -> dict[int, tuple[str, ...]]:
+    """Evidence words for documents scored negative (the only ones alerts cite), by document id."""
+    from pipeline.detect import evidence_tokens
+
+    return {doc_id: evidence_tokens(scorer, text, exclude) for doc_id, text in docs}
 
 
 def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from pipeline.config import DetectConfig, FinsentConfig
 from pipeline.records import AlertItem, AlertRecord, document_text
 from pipeline.risk import RiskComponents, risk_components, topic_weight
-from pipeline.store import _insert, session_scope
+from pipeline.store import _insert, load_explanations, session_scope
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -627,50 +627,30 @@ def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _with_evidence(
-    items: list[tuple[AlertItem, str]], scorer: Any, cache: dict[int, tuple[str, ...]] | None = None, exclude: Sequence[str] = ()
-) -> tuple[AlertItem, ...]:
-    """Attach explanation tokens (each document explained once per run, however many alerts cite it);
-    no scorer or no explain module just means no evidence."""
-    if scorer is None or not items:
-        return tuple(i for i, _ in items)
+def evidence_tokens(scorer: Any, text: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """The words that pushed `text` to its label (explain.explain_text), leaving out `exclude` (the watched
+    names), as stored and shown; () on any failure."""
     try:
         from pipeline.explain import explain_text
-    except Exception as e:
-        log.info("no evidence tokens: pipeline.explain unavailable (%s)", type(e).__name__)
-        return tuple(i for i, _ in items)
-    cache = {} if cache is None else cache
+
+        return _tokens(explain_text(scorer, text, EVIDENCE_TOKENS, exclude=exclude), EVIDENCE_TOKENS)
+    except Exception as e:  # noqa: BLE001  # evidence is optional: a failure must not cost the score or the alert
+        log.warning("no evidence tokens: explain_text failed (%s)", type(e).__name__)
+        return ()
+
+
+def _with_evidence(
+    items: list[tuple[AlertItem, str]], stored: dict[int, tuple[str, ...]], scorer: Any = None, exclude: Sequence[str] = ()
+) -> tuple[AlertItem, ...]:
+    """Attach the evidence stored when the documents were scored. Detection never loads the model: a
+    scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any."""
     out = []
     for item, text in items:
-        ev = cache.get(item.document_id)
-        if ev is None:
-            try:
-                ev = _tokens(explain_text(scorer, text, EVIDENCE_TOKENS, exclude=exclude), EVIDENCE_TOKENS)
-            except Exception as e:
-                log.warning("explain_text failed for document %s: %s", item.document_id, type(e).__name__)
-                ev = ()
-            cache[item.document_id] = ev
-        out.append(AlertItem(item.document_id, item.title, item.link, item.source, item.p_negative, ev))
+        ev = stored.get(item.document_id)
+        if ev is None and scorer is not None:
+            ev = stored[item.document_id] = evidence_tokens(scorer, text, exclude)
+        out.append(AlertItem(item.document_id, item.title, item.link, item.source, item.p_negative, ev or ()))
     return tuple(out)
-
-
-def _load_scorer(cfg: FinsentConfig, model_version: str, engine: Engine) -> Any:
-    """The model that produced the scores (its registry path, else the configured one if the versions
-    match), so evidence explains the label that was stored; None on any failure."""
-    path = cfg.model.path
-    try:
-        from pipeline.score import Scorer, model_version_id
-
-        with session_scope(engine) as session:
-            registered = session.scalar(select(s.ModelVersion.path).where(s.ModelVersion.id == model_version))
-        if registered and model_version_id(registered) == model_version:
-            path = registered
-        elif model_version_id(path) != model_version:
-            return None
-        return Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
-    except Exception as e:
-        log.info("no evidence tokens: cannot load model %s (%s)", path, type(e).__name__)
-        return None
 
 
 def item_to_dict(i: AlertItem) -> dict[str, Any]:
@@ -730,8 +710,8 @@ def detect_spikes(
     """Alerts (spikes and resolutions) for the window ending at `as_of`; stores them and the risk scores.
 
     Idempotent: a retry or backfill of the same window stores nothing new and returns the same alerts.
-    `scorer` (optional) supplies evidence tokens; without one the configured model is loaded only when
-    an alert fires, and any failure there just leaves the evidence empty.
+    Evidence tokens are read from the `explanations` stored at scoring time; the model is never loaded
+    here. `scorer` (optional, already loaded by the caller) explains documents stored without evidence.
     """
     p = DetectorParams.from_config(cfg.detect)
     _check_as_of(as_of, p.window_minutes)
@@ -800,15 +780,16 @@ def detect_spikes(
             session, [(kind, value) for kind, value, ev, *_ in found if ev.kind != "resolved"], model_version, w_start, w_end
         )
 
-    if explain and any(tops.values()) and scorer is None:
-        scorer = _load_scorer(cfg, model_version, engine)
-    evidence_cache: dict[int, tuple[str, ...]] = {}
-    # Every watched name is left out of evidence (cached per document, whichever scope cites it first).
+    evidence: dict[int, tuple[str, ...]] = {}
+    if explain and any(tops.values()):
+        with session_scope(engine) as session:
+            evidence = load_explanations(session, model_version, (i.document_id for docs in tops.values() for i, _ in docs))
+    # Every watched name is left out of evidence (whichever scope cites the document).
     names = [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), scorer if explain else None, evidence_cache, names) if ev.kind != "resolved" else ()
+        docs = _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None, names) if ev.kind != "resolved" else ()
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),

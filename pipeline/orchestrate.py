@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +119,38 @@ def _as_utc(value: Any) -> datetime:
     return datetime.fromtimestamp(value.timestamp(), UTC)
 
 
+# --- which window a DAG run processes ---------------------------------------------------------------
+
+MONITOR_STEP = timedelta(minutes=15)  # finsent_monitor's schedule (*/15): one data interval
+MANUAL_RUN_TYPES = frozenset({"manual", "asset_triggered", "asset_materialization"})
+
+
+def _floor(value: datetime, step: timedelta) -> datetime:
+    seconds = int(step.total_seconds())
+    return datetime.fromtimestamp(int(value.timestamp()) // seconds * seconds, UTC)
+
+
+def run_window(dag_run: Any, step: timedelta = MONITOR_STEP) -> tuple[datetime, datetime]:
+    """The (start, end) a DAG run processes, meaning what the operator meant.
+
+    Scheduled and backfill runs keep their data interval. Airflow 3 gives a manual run the interval
+    before its *trigger* time (and none at all without a logical date), so a manual run processes the
+    latest complete interval at its logical date when it has one (`airflow dags trigger -l`), else at
+    its trigger time; bounds given explicitly (REST `data_interval_start/end`) are kept.
+    """
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", None) or getattr(dag_run, "run_type", "") or "")
+    start, end = getattr(dag_run, "data_interval_start", None), getattr(dag_run, "data_interval_end", None)
+    logical, run_after = getattr(dag_run, "logical_date", None), getattr(dag_run, "run_after", None)
+    if start is not None and end is not None and run_type not in MANUAL_RUN_TYPES:
+        return _as_utc(start), _as_utc(end)
+    inferred_from_trigger = end is None or (run_after is not None and _as_utc(end) == _floor(_as_utc(run_after), step))
+    if start is not None and end is not None and not inferred_from_trigger:
+        return _as_utc(start), _as_utc(end)  # explicit bounds from the REST API
+    anchor = logical if logical is not None else run_after
+    window_end = _floor(_as_utc(anchor) if anchor is not None else datetime.now(UTC), step)
+    return window_end - step, window_end
+
+
 # --- finsent_monitor ---------------------------------------------------------------------------
 
 
@@ -209,9 +241,24 @@ def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
     engine = _engine(cfg)
     try:
-        return asdict(score_pending(cfg, engine, shard=shard, shards=shards))
+        return asdict(score_pending(cfg, engine, shard=shard, shards=shards, load=lambda: cached_scorer(cfg, engine)))
     finally:
         engine.dispose()
+
+
+_SCORERS: dict[tuple[Any, ...], Any] = {}
+
+
+def cached_scorer(cfg: FinsentConfig, engine: Engine) -> Any:
+    """The scoring model, loaded at most once per worker process (and only when score_pending finds
+    work); one entry, so a promoted model replaces the old one instead of piling up in memory."""
+    from pipeline.cycle import load_scorer, resolve_model
+
+    key = (resolve_model(cfg, engine), cfg.model.device, cfg.model.max_length, cfg.model.batch_size)
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = load_scorer(cfg, path=key[0])
+    return _SCORERS[key]
 
 
 def shard_device(configured: str | None, shard: int) -> str | None:
@@ -225,6 +272,16 @@ def shard_device(configured: str | None, shard: int) -> str | None:
     return f"cuda:{shard % n}" if n > 1 else configured
 
 
+def xcom_items(values: Iterable[Any] | None) -> list[Any]:
+    """A mapped task's results as a list. One slice request: iterating Airflow's lazy XCom sequence
+    reads past the end and logs an error-level "XCom not found" for every read."""
+    if values is None:
+        return []
+    if hasattr(values, "__getitem__") and not isinstance(values, Mapping | str):
+        return list(values[:])  # type: ignore[index]
+    return list(values)
+
+
 def merge_scored(
     scored: Mapping[str, Any] | Iterable[Mapping[str, Any] | None] | None, expected: int | None = None
 ) -> dict[str, Any] | None:
@@ -232,7 +289,7 @@ def merge_scored(
     only the results that exist, so a failed shard shows up as fewer than `expected` parts."""
     if scored is None or isinstance(scored, Mapping):
         return dict(scored) if scored is not None else None
-    parts = list(scored)
+    parts = xcom_items(scored)
     if not parts or any(p is None for p in parts) or (expected is not None and len(parts) < expected):
         return None
     versions = {p["model_version"] for p in parts}
@@ -254,10 +311,13 @@ def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any
     as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)
     engine = _engine(cfg)
     try:
+        with engine.connect() as c:  # the runs inside one window re-find its alerts: count only this run's
+            known = set(c.scalars(select(s.Alert.id).where(s.Alert.window_end == as_of)))
         alerts = detect_step(cfg, engine, as_of, model_version=model_version)
     finally:
         engine.dispose()
-    return {"as_of": as_of.isoformat(), "alerts": [a.id for a in alerts]}
+    ids = [a.id for a in alerts]
+    return {"as_of": as_of.isoformat(), "alerts": ids, "new_alerts": [i for i in ids if i not in known]}
 
 
 class DeliveryDegraded(OrchestrationError):
@@ -286,6 +346,23 @@ def notify() -> dict[str, Any]:
     return asdict(report)
 
 
+NOT_RUN_STATES = frozenset({"skipped", "upstream_failed"})
+
+
+def skipped_steps(ti: Any) -> set[str]:
+    """Task ids that never ran in this task's DAG run (skipped, or upstream failed: their own code did not
+    fail), mapped ones by their task id when every instance did not run; empty when unknown."""
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+    except Exception as e:  # noqa: BLE001  # outside a task (or an older Airflow) skipped and failed cannot be told apart
+        log.info("task states unavailable (%s): every missing result counts as a failure", type(e).__name__)
+        return set()
+    by_task: dict[str, set[str]] = {}
+    for task, state in states.items():
+        by_task.setdefault(re.sub(r"_\d+$", "", task), set()).add(str(getattr(state, "value", state)))
+    return {task for task, seen in by_task.items() if seen and seen <= NOT_RUN_STATES}
+
+
 def finish_run(
     run_id: int | None,
     sources: Sequence[str],
@@ -295,11 +372,13 @@ def finish_run(
     notified: Mapping[str, Any] | None,
     score_shards: int | None = None,
     airflow_run_id: str | None = None,
+    skipped: Collection[str] = (),
 ) -> dict[str, Any]:
     """Record the run's counts and errors; raise if a step failed so the DAG run is marked failed.
 
     `finish` runs whatever happened upstream (trigger rule all_done), so it is also where a DAG run whose
-    task died without its failure callback (SIGKILL, OOM) gets its one failure notice (`airflow_run_id`)."""
+    task died without its failure callback (SIGKILL, OOM) gets its one failure notice (`airflow_run_id`).
+    A step in `skipped` (it never ran: skipped, or an upstream failed) is recorded, not blamed."""
     if run_id is None:
         message = "start_run failed, so there is no pipeline run to record"
         notify_run_failed(MONITOR_DAG_ID, airflow_run_id, "task failed: start_run", message)
@@ -311,11 +390,15 @@ def finish_run(
     ]
     missing = sorted(set(sources) - {o["source"] for o in outcomes})
     errors += [{"step": "ingest", "source": n, "error": "task failed"} for n in missing]
-    errors += [{"step": step, "error": "task failed"} for step, out in (("score", scored), ("detect", detected), ("notify", notified)) if out is None]
+    errors += [
+        {"step": step, "error": "skipped" if step in skipped else "task failed"}
+        for step, out in (("score", scored), ("detect", detected), ("notify", notified))
+        if out is None
+    ]
     counts = {
         "new_documents": sum(int(o["new_documents"]) for o in outcomes),
         "scored": int(scored["scored"]) if scored else 0,
-        "alerts": len(detected["alerts"]) if detected else 0,
+        "alerts": len(detected.get("new_alerts", detected["alerts"])) if detected else 0,
         "delivered": int((notified or {}).get("sent", 0) or 0),
     }
     failed_steps = [e for e in errors if e["error"] == "task failed"]
@@ -334,6 +417,29 @@ def finish_run(
 
 
 # --- finsent_train -------------------------------------------------------------------------------
+
+TRAIN_GRACE = timedelta(hours=2)
+
+
+def train_due(dag_run: Any, now: datetime | None = None, grace: timedelta = TRAIN_GRACE) -> bool:
+    """Whether a finsent_train run should train: a scheduled run only within `grace` of its scheduled time.
+
+    Unpausing a DAG (or a scheduler back after an outage) makes Airflow run the latest missed interval
+    at once even with catchup=False: for a weekly training that is last Sunday's run, hours or days
+    late. Such a run is skipped, not failed; manual and backfill runs always train.
+    """
+    run_type = str(getattr(getattr(dag_run, "run_type", None), "value", None) or getattr(dag_run, "run_type", "") or "")
+    if run_type != "scheduled":
+        return True
+    due = getattr(dag_run, "run_after", None) or getattr(dag_run, "data_interval_end", None)
+    if due is None:
+        return True
+    late = (now or datetime.now(UTC)) - _as_utc(due)
+    if late > grace:
+        log.info("skipping training: run scheduled for %s started %s late (a catch-up, not its schedule)", _as_utc(due).isoformat(), late)
+        return False
+    return True
+
 
 
 def _jsonable(value: Any) -> Any:
@@ -388,9 +494,11 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     Under Airflow the folder is named by the DAG run id, so a retried task finds the candidate an earlier
     try finished (and registers it, idempotently) instead of training and registering a second one.
     """
+    from pipeline.logsetup import quiet_model_libraries
     from pipeline.registry import register_trained
     from pipeline.train import TrainConfig, train_model
 
+    quiet_model_libraries()
     cfg = load()
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(k for k in options if k not in known)
@@ -428,7 +536,9 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
 def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
     """Score the candidate on the fixed splits; the metrics land in the registry (not for a `limit` smoke run)."""
     from pipeline.evaluate import evaluate_model
+    from pipeline.logsetup import quiet_model_libraries
 
+    quiet_model_libraries()
     cfg = load()
     engine = _engine(cfg)
     try:

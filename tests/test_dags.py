@@ -68,6 +68,11 @@ def test_dagbag_structure(dagbag):
     assert ttasks["evaluate"].upstream_task_ids == {"train"}
     assert ttasks["promote"].upstream_task_ids == {"train", "evaluate"}
     assert ttasks["train"].queue == "gpu"
+    assert ttasks["train"].upstream_task_ids == {"on_schedule"}  # the catch-up guard gates training
+    assert train.is_paused_upon_creation is True
+    # a backfill ignores max_active_runs: the model-heavy steps still run one at a time across runs
+    assert (tasks["detect"].max_active_tis_per_dag, tasks["notify"].max_active_tis_per_dag) == (1, 1)
+    assert tasks["score"].partial_kwargs.get("max_active_tis_per_dag") == len(orchestrate.score_shards())
     assert train.timetable.expression == "0 3 * * 0"
     assert dagbag.dags["finsent_maintenance"].timetable.expression == "0 0 * * *"
 
@@ -317,6 +322,8 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     assert _snapshot(engine) == after_retry
     assert {a.id for a in _snapshot(engine)["alerts"]} == alert_ids
     assert (len(hook.bodies), len(smtp.messages)) == (slack_msgs, mails), "a rerun delivered an alert twice"
+    first_run, rerun = _runs(engine)[-2:]
+    assert first_run.counts["alerts"] >= 1 and rerun.counts["alerts"] == 0, "counts.alerts repeats the window's old alerts"
 
 
 def test_failed_task_notifies_sinks_without_leaking_secrets(tmp_path, monitor_env, monkeypatch):
@@ -472,3 +479,58 @@ def test_finsent_db_connection_becomes_a_sqlalchemy_url():
     url = make_url(orchestrate.connection_url(conn))
     assert (url.drivername, url.host, url.port, url.username, url.password, url.database) == ("postgresql+psycopg", "db.internal", 5433, "finsent", "p@ss/w:rd", "finsent")
     assert dict(url.query) == {"options": "-csearch_path=prod", "sslmode": "require"}
+
+
+def test_run_window_is_what_the_operator_meant():
+    """Scheduled/backfill runs keep their interval; a manual run uses its logical date (Airflow 3 infers the
+    interval from the trigger time), else its trigger time; explicit REST bounds are kept."""
+    from types import SimpleNamespace as NS
+
+    from pipeline import orchestrate
+
+    def at(h: int, m: int) -> datetime:
+        return datetime(2026, 11, 30, h, m, tzinfo=UTC)
+
+    scheduled = NS(run_type="scheduled", data_interval_start=at(10, 0), data_interval_end=at(10, 15), logical_date=at(10, 0), run_after=at(10, 15))
+    assert orchestrate.run_window(scheduled) == (at(10, 0), at(10, 15))
+    backfill = NS(run_type="backfill", data_interval_start=at(8, 0), data_interval_end=at(8, 15), logical_date=at(8, 0), run_after=at(12, 3))
+    assert orchestrate.run_window(backfill) == (at(8, 0), at(8, 15))
+    # `airflow dags trigger -l 2026-11-30T10:07Z` at 12:03: Airflow hands the 11:45-12:00 interval
+    with_date = NS(run_type="manual", data_interval_start=at(11, 45), data_interval_end=at(12, 0), logical_date=at(10, 7), run_after=at(12, 3))
+    assert orchestrate.run_window(with_date) == (at(9, 45), at(10, 0))
+    no_date = NS(run_type="manual", data_interval_start=None, data_interval_end=None, logical_date=None, run_after=at(12, 3))
+    assert orchestrate.run_window(no_date) == (at(11, 45), at(12, 0))
+    rest = NS(run_type="manual", data_interval_start=at(6, 0), data_interval_end=at(6, 15), logical_date=at(6, 0), run_after=at(12, 3))
+    assert orchestrate.run_window(rest) == (at(6, 0), at(6, 15))
+
+
+def test_manual_trigger_without_logical_date_processes_the_latest_window_and_pages_nobody(engine, monitor_env, capsys):
+    """`airflow dags trigger finsent_monitor` with no logical date: the run succeeds for the latest complete
+    window at its trigger time, with no failure notice to any sink."""
+    for name in ("wire", "social"):
+        monitor_env["feeds"].put(f"{name}.xml", rss(name, window_items(name, datetime(2026, 3, 2, 9, 50, tzinfo=UTC), 2)))
+    dag = fresh_dag("finsent_monitor")
+    dr = dag.test(logical_date=None, run_after=datetime(2026, 3, 2, 10, 7, tzinfo=UTC))
+    assert dr.state == "success"
+    runs = _runs(engine)
+    assert [(r.status, r.interval_start, r.interval_end) for r in runs] == [
+        ("ok", datetime(2026, 3, 2, 9, 45, tzinfo=UTC), datetime(2026, 3, 2, 10, 0, tzinfo=UTC))
+    ]
+    with engine.connect() as c:
+        assert set(c.execute(select(s.RiskScore.window_end).distinct()).scalars()) <= {datetime(2026, 3, 2, 10, 0, tzinfo=UTC)}
+    assert monitor_env["webhook"].bodies == [] and monitor_env["smtp"].messages == []
+    assert "XCom not found" not in capsys.readouterr().out  # mapped results are read in one slice, not past the end
+
+
+def test_train_skips_a_catch_up_run_but_not_its_schedule_or_a_trigger():
+    """Unpausing finsent_train makes Airflow run last Sunday's interval at once: that run trains nothing."""
+    from types import SimpleNamespace as NS
+
+    from pipeline import orchestrate
+
+    sunday = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+    scheduled = NS(run_type="scheduled", run_after=sunday, data_interval_end=sunday)
+    assert orchestrate.train_due(scheduled, now=sunday + timedelta(minutes=1))
+    assert not orchestrate.train_due(scheduled, now=sunday + timedelta(days=2))
+    assert orchestrate.train_due(NS(run_type="manual", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2))
+    assert orchestrate.train_due(NS(run_type="backfill", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2))

@@ -257,32 +257,35 @@ def test_evidence_token_shapes() -> None:
     assert _tokens(None, 5) == ()
 
 
-def test_evidence_tokens_from_the_model_that_scored(engine, seeded: Seeder, tiny_model_dir) -> None:
-    """With no scorer passed, the model that made the scores (registry path, else config) explains them."""
-    from pipeline.score import model_version_id
+def test_evidence_is_read_from_explanations_stored_at_scoring_and_the_model_is_never_loaded(
+    engine, seeded: Seeder, tiny_model_dir, monkeypatch
+) -> None:
+    """Detect cites the evidence stored when the documents were scored, for the version that scored them,
+    and never loads a model (it runs on the CPU queue), even with a loadable model configured."""
+    from pipeline.score import Scorer
+    from pipeline.store import save_explanations
 
-    version = model_version_id(str(tiny_model_dir))
-    with session_scope(engine) as session:
-        register_model(session, version, name="tiny", path=str(tiny_model_dir), labels=["negative", "neutral", "positive"])
-        session.execute(s.Score.__table__.update().values(model_version_id=version))
+    loads: list[str] = []
+    real_load = Scorer.load.__func__
+
+    def spy(cls, path_or_id, *a, **kw):
+        loads.append(str(path_or_id))
+        return real_load(cls, path_or_id, *a, **kw)
+
+    monkeypatch.setattr(Scorer, "load", classmethod(spy))
     seeded.spike(AS_OF - H)
-    with session_scope(engine) as session:
-        session.execute(s.Score.__table__.update().where(s.Score.model_version_id == MODEL).values(model_version_id=version))
     c = cfg().model_copy(update={"model": cfg().model.model_copy(update={"path": str(tiny_model_dir)})})
-    nwb = by_scope(detect_spikes(engine, c, AS_OF, version))[("entity", "NWB")]
-    with_ev = [d for d in nwb.top_documents if d.evidence]
-    assert with_ev, nwb.top_documents
-    for d in with_ev:
-        assert all(tok.lower() in d.title.lower() for tok in d.evidence)
-    # Config pointing elsewhere (e.g. a promoted model in production): the registry's path for the
-    # version that made the scores is used, so evidence still explains the stored labels.
-    promoted = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
-    assert [d.evidence for d in promoted.top_documents] == [d.evidence for d in nwb.top_documents]
-    # A model that did not make these scores is not used to explain them.
+    first = by_scope(detect_spikes(engine, c, AS_OF, MODEL))[("entity", "NWB")]
+    assert first.top_documents and all(d.evidence == () for d in first.top_documents)  # nothing stored yet
+    cited = [d.document_id for d in first.top_documents]
     with session_scope(engine) as session:
-        session.execute(s.ModelVersion.__table__.update().values(path="/nowhere/else"))
-    other = by_scope(detect_spikes(engine, cfg(), AS_OF, version))[("entity", "NWB")]
-    assert all(d.evidence == () for d in other.top_documents)
+        register_model(session, "other-model", name="other", path="/x", labels=["negative", "neutral", "positive"])
+        save_explanations(session, MODEL, {cited[0]: ("fines", "probe"), cited[1]: ()})
+        save_explanations(session, "other-model", {cited[2]: ("wrong",)})
+    again = by_scope(detect_spikes(engine, c, AS_OF, MODEL))[("entity", "NWB")]
+    got = {d.document_id: d.evidence for d in again.top_documents}
+    assert got[cited[0]] == ("fines", "probe") and got[cited[1]] == () and got[cited[2]] == ()
+    assert loads == [], f"detect loaded a model: {loads}"
 
 
 def _calm(p: DetectorParams, mean_volume: float, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

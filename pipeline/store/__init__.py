@@ -373,3 +373,23 @@ def scoring_status_counts(session: Session, model_version: str) -> dict[ScoringS
 
 def count_rows(session: Session, model: Any) -> int:
     return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+def save_explanations(session: Session, model_version: str, evidence: dict[int, Sequence[str]]) -> int:
+    """Store evidence words per document for `model_version`; a document already explained keeps its row."""
+    if not evidence:
+        return 0
+    now = datetime.now(UTC)
+    values = [{"document_id": d, "model_version_id": model_version, "tokens": list(t), "created_at": now} for d, t in evidence.items()]
+    stmt = _insert(session, s.Explanation).values(values).on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
+    return len(session.execute(stmt.returning(s.Explanation.document_id)).all())
+
+
+def load_explanations(session: Session, model_version: str, document_ids: Iterable[int]) -> dict[int, tuple[str, ...]]:
+    """Stored evidence words by document id (documents never explained are absent)."""
+    ids = sorted(set(document_ids))
+    if not ids:
+        return {}
+    E = s.Explanation
+    rows = session.execute(select(E.document_id, E.tokens).where(E.model_version_id == model_version, E.document_id.in_(ids)))
+    return {int(d): tuple(str(t) for t in (tokens or ())) for d, tokens in rows}

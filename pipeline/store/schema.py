@@ -181,6 +181,15 @@ class ScoringOutcome(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(16))
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+class Explanation(Base):
+    """Evidence words for a document's stored label, computed where it was scored (the model is loaded
+    there anyway) so detection and alerts read them without loading the model."""
+
+    __tablename__ = "explanations"
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    tokens: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Feedback(Base):

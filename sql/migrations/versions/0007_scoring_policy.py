@@ -4,8 +4,8 @@ A document that makes the model raise is recorded once and skipped by later cycl
 never blocks the queue); empty and foreign-language documents get no sentiment. Scores stay in
 `scores`, so the detector and dashboard views, which read only `scores`, count scored documents only.
 
-Revision ID: 0009
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 11:00:00
 """
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
