@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
+from pipeline.commands.core import fail
+
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults).")
 ]
@@ -38,10 +40,8 @@ def _find(session, alert_id: str):
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
-            typer.echo(f"alert id prefix {alert_id!r} is ambiguous; give more characters", err=True)
-            raise typer.Exit(2)
-    typer.echo(f"no alert with id {alert_id!r}", err=True)
-    raise typer.Exit(1)
+            raise fail(f"alert id prefix {alert_id!r} is ambiguous; give more characters")
+    raise fail(f"no alert with id {alert_id!r}", code=1)
 
 
 @alerts_app.command("list")
@@ -182,8 +182,7 @@ def evaluate_cmd(
     try:
         detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})
     except ValueError as e:
-        typer.echo(f"invalid detector override: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(f"invalid detector override: {e}") from None
     parts = ["finsent alerts evaluate"]
     if config:
         parts.append(f"-c {config}")
