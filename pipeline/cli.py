@@ -12,7 +12,6 @@ import sys
 import traceback
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -23,7 +22,7 @@ from pipeline.errors import FinsentError
 class _Handled(TyperGroup):
     """The root group: turns a FinsentError raised by any subcommand into its one-line message and exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # typer's (vendored) click Context
         try:
             return super().invoke(ctx)
         except FinsentError as e:

@@ -293,7 +293,9 @@ def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine 
             return _leased_cycle(cfg, as_of, engine, scorer, run_id)
 
 
-def _leased_cycle(cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: Scorer | None, run_id: int) -> CycleSummary:
+def _leased_cycle(
+    cfg: FinsentConfig, as_of: datetime, engine: Engine, scorer: Scorer | None, run_id: int
+) -> CycleSummary:
     """The steps of one cycle under its run's lease; the outcome is recorded whatever happens."""
     errors: list[dict[str, str]] = []
     counts: dict[str, int] = {}

@@ -85,10 +85,10 @@ class TrainConfig:
     dropout: float = 0.1
     patience: int = 5
     max_steps: int | None = None
-    eval_every: int | None = 400  # steps between validations; None: once per epoch
+    eval_every: int | None = 400  # steps between validations; None or 0: once per epoch
     limit: int | None = None
     amp: bool = True
-    ema: float = 0.998  # >0: validate and save an exponential moving average of the weights (steadier than the last step)
+    ema: float = 0.998  # >0: validate and save an exponential moving average of the weights (steadier)
     time_limit_s: float | None = None  # stop training (keeping the best checkpoint so far) after this long
     soft_labels: bool = False  # FPB targets from annotator agreement (see pipeline.data.fpb_agreement)
 

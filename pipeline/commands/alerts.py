@@ -11,6 +11,7 @@ import typer
 from sqlalchemy import func, select
 
 from pipeline.records import ScopeKind, Severity
+from pipeline.commands.core import fail
 
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults).")
@@ -40,10 +41,8 @@ def _find(session, alert_id: str):
         if len(rows) == 1:
             return rows[0]
         if len(rows) > 1:
-            typer.echo(f"alert id prefix {alert_id!r} is ambiguous; give more characters", err=True)
-            raise typer.Exit(2)
-    typer.echo(f"no alert with id {alert_id!r}", err=True)
-    raise typer.Exit(1)
+            raise fail(f"alert id prefix {alert_id!r} is ambiguous; give more characters")
+    raise fail(f"no alert with id {alert_id!r}", code=1)
 
 
 @alerts_app.command("list")
@@ -218,8 +217,7 @@ def evaluate_cmd(
     try:
         detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})
     except ValueError as e:
-        typer.echo(f"invalid detector override: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(f"invalid detector override: {e}") from None
     parts = ["finsent alerts evaluate"]
     if config:
         parts.append(f"-c {config}")

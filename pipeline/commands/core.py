@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.config import ConfigError, FinsentConfig, load_config
+from pipeline.errors import FinsentError, UsageError
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -27,9 +28,11 @@ ConfigOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    return typer.Exit(code)
+def fail(message: str, code: int = 2) -> FinsentError:
+    """An expected failure for the CLI's one handler (pipeline.cli): `raise fail(...)`; exit 2 (usage) by default."""
+    err = UsageError(message) if code == 2 else FinsentError(message)
+    err.exit_code = code
+    return err
 
 
 def config_or_exit(path: Path | None) -> FinsentConfig:

@@ -65,7 +65,7 @@ def train(
     fpb_repeat: int = RECIPE.fpb_repeat,
     ema: float = RECIPE.ema,
     patience: int = RECIPE.patience,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (0: once per epoch).")] = RECIPE.eval_every,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (0: per epoch).")] = RECIPE.eval_every,
     seed: int = RECIPE.seed,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (quick runs).")] = None,
     limit: Annotated[int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")] = None,
@@ -92,7 +92,7 @@ def train(
             rows = load_feedback_rows(url)
             engine = _engine(cfg)
         except StoreError as e:  # e.g. a fresh SQLite file that was never migrated
-            console.print(f"[yellow]warning:[/] no feedback or registry ({escape(str(e))}); training on the data files only")
+            console.print(f"[yellow]warning:[/] no feedback or registry ({escape(str(e))}); training on the data files")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = out or Path("runs") / f"{name}-{stamp}"
     hp = TrainConfig(

@@ -116,15 +116,17 @@ def abandon_expired(engine: Engine, now: datetime | None = None) -> list[int]:
     abandoned: list[int] = []
     with session_scope(engine) as session:
         rows = session.execute(
-            select(P.id, P.kind, P.owner, P.heartbeat_at, P.errors).where(P.status == RunStatus.RUNNING, P.lease_expires_at < t)
+            select(P.id, P.kind, P.owner, P.heartbeat_at, P.errors)
+            .where(P.status == RunStatus.RUNNING, P.lease_expires_at < t)
         ).all()
         for row in rows:
             last = f"{row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC" if row.heartbeat_at else "never"
             why = f"lease expired: no heartbeat since {last} from {row.owner or 'an unknown process'}; presumed dead"
+            errors = [*(row.errors or []), {"step": "lease", "error": why}]
             done = session.execute(
                 update(P)
                 .where(P.id == row.id, P.status == RunStatus.RUNNING)  # a run that finished meanwhile keeps its outcome
-                .values(status=RunStatus.ABANDONED, finished_at=t, errors=[*(row.errors or []), {"step": "lease", "error": why}])
+                .values(status=RunStatus.ABANDONED, finished_at=t, errors=errors)
             )
             if getattr(done, "rowcount", 0):
                 abandoned.append(row.id)
@@ -144,7 +146,7 @@ class Heartbeat:
         while not self._stop.wait(self.lease.total_seconds() / 3):
             try:
                 if not heartbeat(self.engine, self.run_id, self.lease):
-                    log.error("pipeline run %s is no longer running in the database (abandoned?); still working", self.run_id)
+                    log.error("pipeline run %s is no longer `running` in the database (abandoned?)", self.run_id)
             except StoreError as e:  # a busy SQLite file or a blip: the next beat retries well inside the lease
                 log.warning("heartbeat of run %s failed: %s", self.run_id, e)
 
@@ -188,7 +190,8 @@ def run_lock(engine: Engine, name: str = LOCK_NAME) -> Iterator[None]:
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_id}).scalar_one()
             conn.commit()
             if not got:
-                raise RunLockedError(f"another finsent run holds the lock on database {engine_url(engine)}{_holder(engine)}; nothing done")
+                where = f"database {engine_url(engine)}{_holder(engine)}"
+                raise RunLockedError(f"another finsent run holds the lock on {where}; nothing done")
             try:
                 yield
             finally:

@@ -166,6 +166,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     apply_sql(
         op.get_bind(),
-        [f"DROP MATERIALIZED VIEW IF EXISTS {name}" for name in MATERIALIZED] + [f"DROP VIEW IF EXISTS {name}" for name in VIEWS],
+        [f"DROP MATERIALIZED VIEW IF EXISTS {name}" for name in MATERIALIZED]
+        + [f"DROP VIEW IF EXISTS {name}" for name in VIEWS],
         only="postgresql",
     )

@@ -8,8 +8,8 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01 10:45:00
 """
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Sequence, Union
 
 import sqlalchemy as sa
 from alembic import op
@@ -17,9 +17,9 @@ from alembic import op
 import pipeline.store.schema
 
 revision: str = "0004"
-down_revision: Union[str, None] = "0003"
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 # Rows left `running` by older code get this long from their start before the next run abandons them.
 LEGACY_LEASE = timedelta(hours=6)
@@ -43,7 +43,8 @@ def upgrade() -> None:
         sa.column("counts", pipeline.store.schema.JSONType),
     )
     bind = op.get_bind()
-    for run_id, status, started_at, counts in bind.execute(sa.select(runs.c.id, runs.c.status, runs.c.started_at, runs.c.counts)).all():
+    rows = bind.execute(sa.select(runs.c.id, runs.c.status, runs.c.started_at, runs.c.counts)).all()
+    for run_id, status, started_at, counts in rows:
         values = {}
         if isinstance(counts, dict) and "airflow_run_id" in counts:
             values["airflow_run_id"] = str(counts["airflow_run_id"])[:250]
@@ -66,7 +67,8 @@ def downgrade() -> None:
     for run_id, airflow_run_id, counts in bind.execute(
         sa.select(runs.c.id, runs.c.airflow_run_id, runs.c.counts).where(runs.c.airflow_run_id.is_not(None))
     ).all():
-        bind.execute(sa.update(runs).where(runs.c.id == run_id).values(counts={**(counts or {}), "airflow_run_id": airflow_run_id}))
+        restored = {**(counts or {}), "airflow_run_id": airflow_run_id}
+        bind.execute(sa.update(runs).where(runs.c.id == run_id).values(counts=restored))
     bind.execute(sa.update(runs).where(runs.c.status == "abandoned").values(status="failed"))
     with op.batch_alter_table("pipeline_runs") as batch:
         batch.drop_index("ix_pipeline_runs_status")
