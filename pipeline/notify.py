@@ -1043,8 +1043,8 @@ def deliver_pending(
                 break
 
     report.expired = len(expired)
-    for e in expired:
-        report.per_sink.setdefault(e.sink, SinkCounts()).failed += 1
+    for x in expired:
+        report.per_sink.setdefault(x.sink, SinkCounts()).failed += 1
     _count_pending(engine, cfg, report)
     failing = _failing_sinks(engine, cfg, now)
     if expired:
