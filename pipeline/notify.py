@@ -422,8 +422,8 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
     heading = clean_text(m.heading, 150)
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": heading, "emoji": False}}]
     if m.update_line and not threaded:
-        link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {link}" if link else "")}]})
+        view_link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {view_link}" if view_link else "")}]})
     if m.resolved_line:
         body = f"{slack_escape(m.resolved_line)}\nNow: {slack_escape(m.lead.share_line)}"
     else:
@@ -929,6 +929,8 @@ def deliver_pending(
             continue
         with session_scope(engine) as session:
             alert_row = session.get(s.Alert, row.alert_id)
+            if alert_row is None:
+                continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
             view = build_message(session, alert_row, sink_cfg, cfg)
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
         attempts = row.attempts
