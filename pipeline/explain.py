@@ -17,7 +17,7 @@ _STRIP = ".,;:!?\"'()[]{}«»“”‘’"
 _NUMBER = re.compile(r"^[$€£%+\-]?[\d.,:/]+(%|[kmbKMB]n?|bn|mn)?$")
 _WORDISH = re.compile(r"[A-Za-z]")
 MAX_WORDS = 96
-MIN_WEIGHT = 0.05  # a drop in log P(label) below this explains nothing a reader should see
+MIN_WEIGHT = 0.02  # a drop in log P(label) below this explains nothing a reader should see
 PHRASE_GAIN = 1.25  # an adjacent pair replaces its words when removing both drops this much more than either,
 # or when both words are evidence and the pair explains at least as much as the stronger one
 STOPWORDS = frozenset(
@@ -52,12 +52,12 @@ def is_evidence_word(word: str, exclude: frozenset[str] = frozenset()) -> bool:
 
 
 def explain_text(
-    scorer: Any, text: str, top_k: int = 5, *, exclude: Iterable[str] = (), min_weight: float = MIN_WEIGHT
+    scorer: Any, text: str, top_k: int = 5, *, exclude: Iterable[str] = (), min_weight: float | None = None
 ) -> list[tuple[str, float]]:
     """Up to top_k (word or phrase, contribution) pairs, largest first; contribution = drop in log P(label)
     without it.
 
-    Only words that support the label by at least `min_weight` and that a reader learns from are returned
+    Only words that support the label by at least `min_weight` (default MIN_WEIGHT) and that a reader learns from are returned
     (no stopwords, punctuation, bare numbers, or the `exclude` names: pass the entity's name, ticker and
     aliases); an adjacent pair becomes a phrase ("profit warning") when it explains more than its words apart. An empty list means no single word mattered.
     """
@@ -67,29 +67,37 @@ def explain_text(
     if not words:
         return []
     skip = evidence_terms(exclude)
+    min_weight = MIN_WEIGHT if min_weight is None else min_weight
     n = len(words)
-    variants = [" ".join(words)] + [" ".join(words[:i] + words[i + 1 :]) for i in range(n)]
-    variants += [" ".join(words[:i] + words[i + 2 :]) for i in range(n - 1)]
-    logits, _ = scorer.logits(variants)
-    z = logits / float(getattr(scorer, "temperature", 1.0) or 1.0)
-    z = z - z.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    label = int(logp[0].argmax())
-    drops = logp[0, label] - logp[1:, label]
-    single, pair = drops[:n], drops[n:]
     ok = [is_evidence_word(w, skip) for w in words]
+
+    def log_probs(variants: list[str]) -> Any:
+        logits, _ = scorer.logits(variants)
+        z = logits / float(getattr(scorer, "temperature", 1.0) or 1.0)
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    logp = log_probs([" ".join(words)] + [" ".join(words[:i] + words[i + 1 :]) for i in range(n)])
+    label = int(logp[0].argmax())
+    single = logp[0, label] - logp[1:, label]
+    # Adjacent pairs only where both words could be evidence: a second, smaller batch.
+    pairs = [i for i in range(n - 1) if ok[i] and ok[i + 1] and max(single[i], single[i + 1]) > 0]
+    pair: dict[int, float] = {}
+    if pairs:
+        lp = log_probs([" ".join(words[:i] + words[i + 2 :]) for i in pairs])
+        pair = {i: float(logp[0, label] - lp[j, label]) for j, i in enumerate(pairs)}
     best: dict[str, float] = {}
     used: set[int] = set()
-    for i in range(n - 1):
-        both = min(single[i], single[i + 1]) >= min_weight and pair[i] >= max(single[i], single[i + 1])
-        if ok[i] and ok[i + 1] and pair[i] >= min_weight and (both or pair[i] > PHRASE_GAIN * max(single[i], single[i + 1], 0.0)):
+    for i, d in pair.items():
+        both = min(single[i], single[i + 1]) >= min_weight and d >= max(single[i], single[i + 1])
+        if d >= min_weight and d > 0 and (both or d > PHRASE_GAIN * max(single[i], single[i + 1], 0.0)):
             key = f"{words[i].strip(_STRIP)} {words[i + 1].strip(_STRIP)}"
-            if pair[i] > best.get(key, 0.0):
-                best[key] = float(pair[i])
+            if d > best.get(key, 0.0):
+                best[key] = d
                 used |= {i, i + 1}
     for i, (w, d) in enumerate(zip(words, single, strict=True)):
         key = w.strip(_STRIP)
-        if i in used or not ok[i] or d < min_weight:
+        if i in used or not ok[i] or d <= 0 or d < min_weight:
             continue
         if d > best.get(key, 0.0):
             best[key] = float(d)

@@ -478,8 +478,8 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
     heading = clean_text(m.heading, 150)
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": heading, "emoji": False}}]
     if m.update_line and not threaded:
-        link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {link}" if link else "")}]})
+        view_link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {view_link}" if view_link else "")}]})
     if m.resolved_line:
         body = f"{slack_escape(m.resolved_line)}\nNow: {slack_escape(m.lead.share_line)}"
     else:
@@ -1010,7 +1010,10 @@ def deliver_pending(
             continue  # a dead sink costs one delivery's tries per run, not one per pending alert
         sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
         with session_scope(engine) as session:
-            send, view = _sender(sink, session.get_one(s.Alert, row.alert_id), sink_cfg, cfg, session)
+            alert_row = session.get(s.Alert, row.alert_id)
+            if alert_row is None:
+                continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
+            send, view = _sender(sink, alert_row, sink_cfg, cfg, session)
         delays = list(retry_delays)
         while True:
             try:

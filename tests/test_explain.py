@@ -70,11 +70,14 @@ def test_bundled_model_evidence_names_the_sentiment_word() -> None:
     s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
     neg = explain_text(s, "Shares of Acme plunged after the company issued a profit warning for 2026.", top_k=2)
     pos = explain_text(s, "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn a year earlier.", top_k=2)
-    assert 1 <= len(neg) <= 2 and all(isinstance(w, str) and wt >= 0.05 for w, wt in neg)  # weak words are dropped
-    assert neg[0][0] == "plunged" and pos[0][0] == "rose"
+    assert 1 <= len(neg) <= 2 and all(isinstance(w, str) and wt >= 0.02 for w, wt in neg)  # weak words are dropped
+    assert neg[0][0] == "plunged" and "rose" in pos[0][0].split()  # "profit rose": a phrase when it explains more
 
 
 def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monkeypatch) -> None:
+    import pipeline.explain
+
+    monkeypatch.setattr(pipeline.explain, "MIN_WEIGHT", 0.0)  # even with no weight threshold ...
     from pipeline.cli import app
 
     monkeypatch.setenv("DATABASE_URL", pg_url)
@@ -89,7 +92,9 @@ def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monke
     run = CliRunner().invoke
     r = run(app, ["explain", str(doc), "--model", str(tiny_model)])
     assert r.exit_code == 0, r.output
-    assert "negative" in r.output and "+0." in r.output
+    assert "negative" in r.output, r.output[-600:]
+    # This saturated tiny model's only positive contributions are the bare "2" and ".": filler, not evidence.
+    assert not [ln for ln in r.output.splitlines() if ln.strip().startswith(("2 ", ". "))], r.output[-600:]
     r = run(app, ["label", str(doc), "Negative", "--author", "ana"])
     assert r.exit_code == 0, r.output
     r = run(app, ["label", str(doc), "bullish"])
