@@ -55,11 +55,15 @@ ESCALATE_FACTOR = 0.01  # an open episode alerts again when its evidence is 100x
 SUSTAINED_WINDOWS = 4
 SCAN_CHARGE = 2.0  # multi-window p-values are multiplied by this (a Bonferroni-style charge for scanning)
 DISPERSION_SE = 2.0  # over-dispersion is only counted beyond this many standard errors of its estimate
-COUNT_GATE_P = 0.02  # the negative-volume test needs the share test at least this small
+COUNT_GATE_P = 0.2  # the negative-volume test needs the share test at least this small (it is volume-conditional)
 MIN_BASELINE_DOCS = 20
+TRIM_DAYS = 2  # days of largest negative excess left out of the starting share of the outlier cut
+RECENT_WINDOWS = 24  # the recent share that p0 follows when it drifts up
+RECENT_PRIOR_DOCS = 20.0  # weight of the long baseline's share in that recent share
 LOOKBACK_WINDOWS = 48
 RHO_MAX = 0.2
 OUTLIER_R2 = 9.0
+CHI2_1_MEDIAN = 0.4549  # median of a chi-square with one degree of freedom
 TRUNCATED_R2_MEAN = 0.9733  # E[Z^2 | Z^2 <= 9] for a standard normal Z
 TOP_DOCUMENTS = 5
 EVIDENCE_TOKENS = 5
@@ -186,14 +190,22 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
         Kw = np.lib.stride_tricks.sliding_window_view(k, B, axis=1)[:, :J]
         counted = Nw > 0
         p_raw = (Kw.sum(-1) + 0.5) / (Nw.sum(-1) + 1.0)
-        pr = p_raw[..., None]
+        pr = _trimmed_share(Nw, Kw, p_raw, p.window_minutes)[..., None]
+        Nsafe = np.where(counted, Nw, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (np.where(counted, Nw, 1) * pr * (1 - pr)), 0.0)
-        m_all = np.maximum(counted.sum(-1), 1)
-        phi_raw = np.maximum(r2.sum(-1) / m_all, 1.0)
-        # Windows far out of line with their baseline (earlier spikes) are left out of p0 and of the
-        # dispersion, so one past episode neither hides the next nor inflates the noise estimate.
-        kept = counted & (r2 <= OUTLIER_R2 * phi_raw[..., None])
+            r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (Nsafe * pr * (1 - pr)), 0.0)
+            # Windows far out of line with their baseline (earlier spikes) are left out of p0 and of the
+            # dispersion, so one past episode neither hides the next nor inflates the noise estimate. The
+            # first cut uses the median residual (earlier spikes inflate a mean, and at a few items a window
+            # they are most of the negatives), the second the share and dispersion of what survived it.
+            med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
+        kept = counted & (r2 <= OUTLIER_R2 * np.maximum(np.nan_to_num(med, nan=1.0), 1.0)[..., None])
+        p1 = ((Kw * kept).sum(-1) + 0.5) / ((Nw * kept).sum(-1) + 1.0)
+        pr = p1[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (Nsafe * pr * (1 - pr)), 0.0)
+        phi1 = np.maximum((r2 * kept).sum(-1) / np.maximum(kept.sum(-1), 1) / TRUNCATED_R2_MEAN, 1.0)
+        kept = counted & (r2 <= OUTLIER_R2 * phi1[..., None])
         clean = ~counted | kept
         Nk, Kk = (Nw * clean).sum(-1), (Kw * clean).sum(-1)
         Bc = np.maximum(clean.sum(-1), 1)
@@ -224,6 +236,11 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             lam = (Ks + w0 * lam_all) / (Ws + w0)
         else:
             base_p, lam = p_all, lam_all
+        # A share that drifted up over the last day is the new normal, not a spike: p0 follows the recent
+        # clean windows (shrunk toward the long baseline) whenever they run above it.
+        Rw = min(RECENT_WINDOWS, B)
+        Nr, Kr = (Nw[..., -Rw:] * clean[..., -Rw:]).sum(-1), (Kw[..., -Rw:] * clean[..., -Rw:]).sum(-1)
+        base_p = np.maximum(base_p, (Kr + RECENT_PRIOR_DOCS * base_p) / (Nr + RECENT_PRIOR_DOCS))
         p0[:, B:] = base_p
         rho[:, B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
         expected[:, B:] = lam
@@ -268,6 +285,23 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
     )
 
 
+def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_minutes: int) -> np.ndarray:
+    """A starting share for the outlier cut that earlier spikes cannot drag up: the baseline's share
+    without its TRIM_DAYS days of largest negative excess. At a few items an hour two spikes a week are
+    half the baseline's negatives and look like ordinary windows at the share they inflated."""
+    D = (24 * 60) // window_minutes
+    B = Nw.shape[-1]
+    nb = B // D if D else 0
+    if nb < 5:
+        return p_raw
+    shape = (*Nw.shape[:-1], nb, D)
+    Nd, Kd = Nw[..., B - nb * D :].reshape(shape).sum(-1), Kw[..., B - nb * D :].reshape(shape).sum(-1)
+    excess = Kd - p_raw[..., None] * Nd
+    keep = np.ones(Nd.shape, dtype=bool)
+    np.put_along_axis(keep, np.argsort(excess, axis=-1)[..., -TRIM_DAYS:], False, axis=-1)
+    return ((Kd * keep).sum(-1) + 0.5) / ((Nd * keep).sum(-1) + 1.0)
+
+
 def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int) -> np.ndarray:
     """Negative volume against its time-of-day expectation: mid-p upper tail of a negative binomial.
 
@@ -293,8 +327,13 @@ def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, 
         inv_r = np.where(m_j > 0, ((Nw - m_j) ** 2 - m_j) / np.maximum(m_j, 1e-9) ** 2, 0.0)
     c = np.maximum(cnt.min(1), 2)
     inv_r = np.maximum(inv_r.mean(-1) * c / (c - 1), 1e-3)
-    nexp = np.maximum(smean[:, np.arange(J), slot[B:]], 0.1)
     pb = p0[:, B:]
+    # Volume-conditional: the volume the window's non-negative items imply (a 2-SD lower bound), when
+    # above the usual volume: a news day brings more of every kind of item; a negative surge leaves the
+    # others as they were.
+    others = n[:, B:] - k[:, B:]
+    implied = np.maximum(others - 2 * np.sqrt(others), 0.0) / (1 - pb)
+    nexp = np.maximum(np.maximum(smean[:, np.arange(J), slot[B:]], 0.1), implied)
     lam = np.maximum(pb * nexp, 0.05)
     var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
     phi = var / lam
