@@ -63,9 +63,13 @@ def finsent_monitor():
 
     # finish fails on purpose when a step failed; retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, ti=None) -> dict:
+    def finish(
+        pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, ti=None
+    ) -> dict:
+        items = orchestrate.xcom_items(ingested)
+        skipped = orchestrate.skipped_steps(ti)
         return orchestrate.finish_run(
-            pipeline_run_id, names, orchestrate.xcom_items(ingested), scored, detected, notified, shards, skipped=orchestrate.skipped_steps(ti)
+            pipeline_run_id, names, items, scored, detected, notified, shards, skipped=skipped
         )
 
     names = sources()

@@ -153,11 +153,14 @@ def score_pending(
             register_scorer(engine, scorer)
         preds = scorer.score([d.text for d in chunk])
         rows = [ScoreRow(d.id, scorer.version, p) for d, p in zip(chunk, preds, strict=True)]
-        evidence = explain_negatives(scorer, [(d.id, d.text) for d, p in zip(chunk, preds, strict=True) if p.label == "negative"])
+        negatives = [(d.id, d.text) for d, p in zip(chunk, preds, strict=True) if p.label == "negative"]
+        evidence = explain_negatives(scorer, negatives)
         with store.session_scope(engine) as session:
             total += store.save_scores(session, rows)
             store.save_explanations(session, scorer.version, evidence)
-        log.info("scored %d documents (%d so far, %d explained) with %s", len(rows), total, len(evidence), scorer.version)
+        log.info(
+            "scored %d documents (%d so far, %d explained) with %s", len(rows), total, len(evidence), scorer.version
+        )
     if scorer is None:
         log.info("nothing to score for %s: model not loaded", version)
     return ScoreOutcome(version, total, t.elapsed)

@@ -662,11 +662,16 @@ def detect_spikes(
     evidence: dict[int, tuple[str, ...]] = {}
     if explain and any(tops.values()):
         with session_scope(engine) as session:
-            evidence = load_explanations(session, model_version, (i.document_id for docs in tops.values() for i, _ in docs))
+            cited = (i.document_id for docs in tops.values() for i, _ in docs)
+            evidence = load_explanations(session, model_version, cited)
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None) if ev.kind != "resolved" else ()
+        docs = (
+            _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None)
+            if ev.kind != "resolved"
+            else ()
+        )
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),
