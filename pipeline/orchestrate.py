@@ -354,7 +354,7 @@ def skipped_steps(ti: Any) -> set[str]:
     fail), mapped ones by their task id when every instance did not run; empty when unknown."""
     try:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
-    except Exception as e:  # noqa: BLE001  # outside a task (or an older Airflow) skipped and failed cannot be told apart
+    except Exception as e:  # noqa: BLE001  # outside a task (or an older Airflow): no way to tell skipped from failed
         log.info("task states unavailable (%s): every missing result counts as a failure", type(e).__name__)
         return set()
     by_task: dict[str, set[str]] = {}
@@ -436,7 +436,7 @@ def train_due(dag_run: Any, now: datetime | None = None, grace: timedelta = TRAI
         return True
     late = (now or datetime.now(UTC)) - _as_utc(due)
     if late > grace:
-        log.info("skipping training: run scheduled for %s started %s late (a catch-up, not its schedule)", _as_utc(due).isoformat(), late)
+        log.info("skipping training: run scheduled for %s started %s late (a catch-up)", _as_utc(due).isoformat(), late)
         return False
     return True
 

@@ -26,7 +26,8 @@ def _logging_kept() -> Iterator[None]:
     Airflow task Airflow is imported already and nothing changes."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    disabled = {name: lg.disabled for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    loggers = logging.root.manager.loggerDict.items()
+    disabled = {name: lg.disabled for name, lg in loggers if isinstance(lg, logging.Logger)}
     try:
         yield
     finally:

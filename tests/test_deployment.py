@@ -66,7 +66,9 @@ def airflow_database() -> Iterator[str]:
         admin.dispose()
 
 
-def stack_env(code_root: Path, home: Path, meta_url: str, api_port: int, finsent_url: str, config: Path, model: Path) -> dict[str, str]:
+def stack_env(
+    code_root: Path, home: Path, meta_url: str, api_port: int, finsent_url: str, config: Path, model: Path
+) -> dict[str, str]:
     """Every setting docs/deployment.md lists for Airflow 3 without compose (LocalExecutor variant)."""
     host_and_db = meta_url.split("://", 1)[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FINSENT_"))}
@@ -99,23 +101,34 @@ def stack_env(code_root: Path, home: Path, meta_url: str, api_port: int, finsent
 
 
 def _airflow(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    proc = subprocess.run([str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [str(VENV_BIN / "airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, f"airflow {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-def _wait_for_run(meta, procs: list, home: Path, index: int, deadline: float, unpause: bool) -> tuple[str | None, object]:
+def _wait_for_run(
+    meta, procs: list, home: Path, index: int, deadline: float, unpause: bool
+) -> tuple[str | None, object]:
     """Poll the metadata DB until the index-th finsent_monitor run finishes (or the deadline passes)."""
     unpaused = not unpause
     row = None
     while time.monotonic() < deadline:
         for p in procs:
-            assert p.poll() is None, f"airflow {p.args[1]} exited {p.returncode}: {(home / f'{p.args[1]}.log').read_text()[-3000:]}"
+            assert p.poll() is None, (
+                f"airflow {p.args[1]} exited {p.returncode}: {(home / f'{p.args[1]}.log').read_text()[-3000:]}"
+            )
         with meta.begin() as c:
             if not unpaused:  # `airflow dags unpause finsent_monitor`, without another CLI start
-                unpaused = bool(c.execute(text("UPDATE dag SET is_paused = false WHERE dag_id = 'finsent_monitor'")).rowcount)
+                unpaused = bool(
+                    c.execute(text("UPDATE dag SET is_paused = false WHERE dag_id = 'finsent_monitor'")).rowcount
+                )
             row = c.execute(
-                text("SELECT run_id, run_type, state, start_date, end_date FROM dag_run WHERE dag_id = 'finsent_monitor' ORDER BY id OFFSET :i LIMIT 1"),
+                text(
+                    "SELECT run_id, run_type, state, start_date, end_date FROM dag_run"
+                    " WHERE dag_id = 'finsent_monitor' ORDER BY id OFFSET :i LIMIT 1"
+                ),
                 {"i": index},
             ).first()
         if row is not None and row.state in ("success", "failed"):
@@ -124,7 +137,28 @@ def _wait_for_run(meta, procs: list, home: Path, index: int, deadline: float, un
     return None, row
 
 
-def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Path, wait_s: float = RUN_WAIT_S, idle_run: bool = False) -> dict:
+def _wait_for_api(port: int, procs: list, home: Path, deadline: float) -> None:
+    """The execution API answers before any task starts: on a loaded machine a task whose first call to a
+    still-starting api-server times out fails its first try (and waits for the retry)."""
+    import httpx
+
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, (
+                f"airflow {p.args[1]} exited {p.returncode}: {(home / f'{p.args[1]}.log').read_text()[-3000:]}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/execution/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"api-server on port {port} did not answer: {(home / 'api-server.log').read_text()[-3000:]}")
+
+
+def run_monitor_once(
+    code_root: Path, finsent_url: str, config: Path, model: Path, wait_s: float = RUN_WAIT_S, idle_run: bool = False
+) -> dict:
     """Bring the stack up, let the scheduler run finsent_monitor once (and, with idle_run, a manual run
     with nothing new after it), tear it down; the runs' facts."""
     api_port = _free_port()
@@ -134,25 +168,48 @@ def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Pat
         env = stack_env(code_root, home, meta_url, api_port, finsent_url, config, model)
         _airflow(env, "db", "migrate")
         _airflow(env, "pools", "set", "gpu", env["FINSENT_GPU_SLOTS"], "GPU slots for scoring and training")
-        subprocess.run([str(VENV_BIN / "python"), "-m", "pipeline.cli", "db", "upgrade"], env={**env, "FINSENT_CONFIG": str(config)}, cwd=code_root, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(VENV_BIN / "python"), "-m", "pipeline.cli", "db", "upgrade"],
+            env={**env, "FINSENT_CONFIG": str(config)},
+            cwd=code_root,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         if not _port_free(api_port):
             pytest.skip(f"port {api_port} for the api-server was taken meanwhile")
         try:
             for cmd in (["api-server", "--port", str(api_port)], ["dag-processor"], ["scheduler", "--skip-serve-logs"]):
                 log = (home / f"{cmd[0]}.log").open("w")
-                procs.append(subprocess.Popen([str(VENV_BIN / "airflow"), *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                procs.append(
+                    subprocess.Popen(
+                        [str(VENV_BIN / "airflow"), *cmd],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+            deadline = time.monotonic() + wait_s
+            _wait_for_api(api_port, procs, home, deadline)
             meta = create_engine(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-            state, row = _wait_for_run(meta, procs, home, 0, time.monotonic() + wait_s, unpause=True)
+            state, row = _wait_for_run(meta, procs, home, 0, deadline, unpause=True)
             idle: dict = {}
             if idle_run and state == "success":
                 at = datetime.fromtimestamp(time.time() // 900 * 900, UTC).isoformat()
                 _airflow(env, "dags", "trigger", "finsent_monitor", "-l", at)
                 idle_state, idle_row = _wait_for_run(meta, procs, home, 1, time.monotonic() + wait_s, unpause=False)
-                idle = {"state": idle_state, "wall_s": (idle_row.end_date - idle_row.start_date).total_seconds() if idle_state else None}
+                idle = {
+                    "state": idle_state,
+                    "wall_s": (idle_row.end_date - idle_row.start_date).total_seconds() if idle_state else None,
+                }
             logs = {p.args[1]: (home / f"{p.args[1]}.log").read_text() for p in procs}
             with meta.connect() as c:
                 tasks = c.execute(
-                    text("SELECT task_id, map_index, state, start_date, end_date FROM task_instance WHERE dag_id = 'finsent_monitor' ORDER BY start_date")
+                    text(
+                        "SELECT task_id, map_index, state, start_date, end_date FROM task_instance"
+                        " WHERE dag_id = 'finsent_monitor' ORDER BY start_date"
+                    )
                 ).all()
             meta.dispose()
         finally:
@@ -165,13 +222,23 @@ def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Pat
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, 9)
                     p.wait(timeout=10)
-    wall = (row.end_date - row.start_date).total_seconds() if row is not None and row.end_date and row.start_date else None
+    wall = (
+        (row.end_date - row.start_date).total_seconds() if row is not None and row.end_date and row.start_date else None
+    )
     return {
         "state": state,
         "run_type": row.run_type if row is not None else None,
         "wall_s": wall,
         "idle_run": idle if idle_run else None,
-        "tasks": [(t.task_id, t.map_index, t.state, (t.end_date - t.start_date).total_seconds() if t.end_date and t.start_date else None) for t in tasks],
+        "tasks": [
+            (
+                t.task_id,
+                t.map_index,
+                t.state,
+                (t.end_date - t.start_date).total_seconds() if t.end_date and t.start_date else None,
+            )
+            for t in tasks
+        ],
         "logs": logs,
         "home": str(home),
     }
@@ -179,15 +246,30 @@ def run_monitor_once(code_root: Path, finsent_url: str, config: Path, model: Pat
 
 @pytest.mark.slow
 @pytest.mark.airflow
-def test_recipe_without_compose_runs_a_monitor_cycle_under_the_real_scheduler(tmp_path, pg_url, feed_server, tiny_model_dir):  # noqa: F811
+def test_recipe_without_compose_runs_a_monitor_cycle_under_the_real_scheduler(
+    tmp_path,
+    pg_url,
+    feed_server,  # noqa: F811
+    tiny_model_dir,
+):
     from tests.airflow_support import rss, window_items, write_config
 
     now = datetime.now(UTC)
-    urls = {n: feed_server.put(f"{n}.xml", rss(n, window_items(n, now - timedelta(minutes=40), 3))) for n in ("wire", "social")}
+    urls = {
+        n: feed_server.put(f"{n}.xml", rss(n, window_items(n, now - timedelta(minutes=40), 3)))
+        for n in ("wire", "social")
+    }
     config = write_config(tmp_path / "finsent.yaml", urls)
     out = run_monitor_once(ROOT, pg_url, config, tiny_model_dir)
     assert out["state"] == "success", f"monitor run ended {out['state']} (tasks {out['tasks']}); logs in {out['home']}"
-    assert {t[0] for t in out["tasks"] if t[2] == "success"} >= {"start_run", "ingest", "score", "detect", "notify", "finish"}
+    assert {t[0] for t in out["tasks"] if t[2] == "success"} >= {
+        "start_run",
+        "ingest",
+        "score",
+        "detect",
+        "notify",
+        "finish",
+    }
     engine = create_engine(pg_url)
     with engine.connect() as c:
         runs = c.execute(text("SELECT status, counts FROM pipeline_runs")).all()
@@ -210,7 +292,10 @@ if __name__ == "__main__":  # timing on any checkout: python tests/test_deployme
     server = FeedServer().start()
     try:
         now = datetime.now(UTC)
-        urls = {n: server.put(f"{n}.xml", rss(n, window_items(n, now - timedelta(minutes=40), 3))) for n in ("wire", "social")}
+        urls = {
+            n: server.put(f"{n}.xml", rss(n, window_items(n, now - timedelta(minutes=40), 3)))
+            for n in ("wire", "social")
+        }
         config = write_config(work / "finsent.yaml", urls)
         schema = f"t_{uuid.uuid4().hex[:12]}"  # empty: the checkout's own `finsent db upgrade` migrates it
         admin = create_engine(BASE, isolation_level="AUTOCOMMIT")

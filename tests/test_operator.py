@@ -27,14 +27,18 @@ def negative_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     config["id2label"] = {"0": "positive", "1": "neutral", "2": "negative"}
     config["label2id"] = {"positive": 0, "neutral": 1, "negative": 2}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "finsent.json").write_text(json.dumps({**json.loads((folder / "finsent.json").read_text()), "version": "tiny-neg"}))
+    (folder / "finsent.json").write_text(
+        json.dumps({**json.loads((folder / "finsent.json").read_text()), "version": "tiny-neg"})
+    )
     return folder
 
 
 def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(engine, negative_model_dir, pg_url):
     """Nothing pending: no model load. Work pending: one load for all chunks, and every document scored
     negative gets its evidence words stored with the score (detect reads them, never the model)."""
-    cfg = cfg_for(pg_url, negative_model_dir).model_copy(update={"model": cfg_for(pg_url, negative_model_dir).model.model_copy(update={"chunk_size": 7})})
+    cfg = cfg_for(pg_url, negative_model_dir).model_copy(
+        update={"model": cfg_for(pg_url, negative_model_dir).model.model_copy(update={"chunk_size": 7})}
+    )
     loads: list[object] = []
 
     def load():
@@ -52,7 +56,13 @@ def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(e
     assert busy.scored == 40 and len(loads) == 1  # six chunks, one load
     with engine.connect() as c:
         negatives = set(c.scalars(select(s.Score.document_id).where(s.Score.label == "negative")))
-        explained = dict(c.execute(select(s.Explanation.document_id, s.Explanation.tokens).where(s.Explanation.model_version_id == "tiny-neg")).all())
+        explained = dict(
+            c.execute(
+                select(s.Explanation.document_id, s.Explanation.tokens).where(
+                    s.Explanation.model_version_id == "tiny-neg"
+                )
+            ).all()
+        )
     assert negatives, "the tiny model labelled nothing negative: pick other documents"
     assert set(explained) == negatives
     texts = {d.external_id: f"{d.title} {d.summary}" for d in docs("wire", 40)}
@@ -80,16 +90,25 @@ def test_finish_blames_only_steps_that_failed(engine, monitor_env):  # noqa: F81
     ok_ingest = {"source": "social", "status": "ok", "new_documents": 0}
     run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
     with pytest.raises(orchestrate.OrchestrationError) as e:
-        orchestrate.finish_run(run, ["wire", "social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"})
+        orchestrate.finish_run(
+            run, ["wire", "social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"}
+        )
     assert str(e.value) == f"pipeline run {run} failed in: wire"
     with engine.connect() as c:
-        status, errors = c.execute(select(s.PipelineRun.status, s.PipelineRun.errors).where(s.PipelineRun.id == run)).one()
+        status, errors = c.execute(
+            select(s.PipelineRun.status, s.PipelineRun.errors).where(s.PipelineRun.id == run)
+        ).one()
     assert status == "failed" and {(x["step"], x["error"]) for x in errors} == {
-        ("ingest", "task failed"), ("score", "skipped"), ("detect", "skipped"), ("notify", "skipped")
+        ("ingest", "task failed"),
+        ("score", "skipped"),
+        ("detect", "skipped"),
+        ("notify", "skipped"),
     }
 
     run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
-    out = orchestrate.finish_run(run, ["social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"})
+    out = orchestrate.finish_run(
+        run, ["social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"}
+    )
     assert out["status"] == "partial"
 
 
@@ -102,7 +121,8 @@ cfg = cfg_for("sqlite://", sys.argv[1])
 scorer = cycle.load_scorer(cfg, path=sys.argv[1])  # what score runs
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 base = tempfile.mkdtemp()
-BertModel(BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(base)
+tiny = BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+BertModel(tiny).save_pretrained(base)
 AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)  # what training does: a new head
 print("DONE", scorer.version)
 """
@@ -118,7 +138,15 @@ def test_model_loads_write_no_progress_bars_and_log_the_load_report_as_a_warning
     from tests.airflow_support import ROOT
 
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
-    proc = subprocess.run([sys.executable, "-c", QUIET_LOAD, str(tiny_model_dir)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", QUIET_LOAD, str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DONE tiny-0" in proc.stdout
     assert proc.stderr == "", proc.stderr[-2000:]
@@ -129,7 +157,8 @@ def test_model_loads_write_no_progress_bars_and_log_the_load_report_as_a_warning
 
 CLI_LOGGING = """
 import logging, os, sys
-logging.basicConfig(level=os.environ["FINSENT_LOG_LEVEL"], stream=sys.stderr, format="CLI %(levelname)s %(name)s: %(message)s")
+fmt = "CLI %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(level=os.environ["FINSENT_LOG_LEVEL"], stream=sys.stderr, format=fmt)
 from pipeline import secrets
 assert secrets.slack_webhook_url("FINSENT_TEST_UNSET_WEBHOOK") is None  # looks up the finsent_slack connection
 logging.getLogger("pipeline.cli").warning("after lookup")
@@ -148,7 +177,9 @@ def test_airflow_connection_lookup_keeps_the_cli_logging(tmp_path):
 
     env = {**os.environ, "FINSENT_LOG_LEVEL": "WARNING", "AIRFLOW_HOME": str(tmp_path)}
     env.pop("FINSENT_TEST_UNSET_WEBHOOK", None)
-    proc = subprocess.run([sys.executable, "-c", CLI_LOGGING], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_LOGGING], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CLI WARNING pipeline.cli: after lookup" in proc.stderr
     assert "after lookup" not in proc.stdout and "hidden by" not in proc.stdout + proc.stderr
@@ -167,7 +198,11 @@ def test_install_metadata_states_python_versions_and_keeps_training_deps_in_an_e
 
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     spec = SpecifierSet(meta["requires-python"])
-    stated = sorted(c.rsplit(" :: ", 1)[1] for c in meta["classifiers"] if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    stated = sorted(
+        c.rsplit(" :: ", 1)[1]
+        for c in meta["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    )
     assert stated and all(v in spec for v in (f"{v}.0" for v in stated))
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in stated
     assert f"3.{int(stated[-1].split('.')[1]) + 1}.0" not in spec, "a newer Python is allowed but not stated"
@@ -178,7 +213,7 @@ def test_install_metadata_states_python_versions_and_keeps_training_deps_in_an_e
     assert any("train" in d for d in meta["optional-dependencies"]["dev"] if d.startswith("finsent["))
     readme = (ROOT / "README.md").read_text()
     assert all(f"Python {v}" in readme for v in stated)
-    assert "download.pytorch.org/whl/cpu" in readme and 'finsent[train]' in readme
+    assert "download.pytorch.org/whl/cpu" in readme and "finsent[train]" in readme
     assert '".[airflow,train]"' in (ROOT / "docker" / "Dockerfile").read_text()  # the GPU worker trains
 
 
@@ -203,9 +238,21 @@ def test_dockerfile_passes_hadolint(tmp_path):
     from tests.airflow_support import ROOT, VENV_BIN
 
     hadolint = shutil.which("hadolint") or str(VENV_BIN / "hadolint")
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(ROOT / "docker" / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     broken = tmp_path / "Dockerfile"
     broken.write_text("FROM python:latest\nRUN cd /tmp && pip install finsent\nUSER airflow\n")
-    proc = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(broken)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode != 0 and "DL3007" in proc.stdout  # the linter really checks: `latest` is flagged

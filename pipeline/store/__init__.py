@@ -380,8 +380,12 @@ def save_explanations(session: Session, model_version: str, evidence: dict[int, 
     if not evidence:
         return 0
     now = datetime.now(UTC)
-    values = [{"document_id": d, "model_version_id": model_version, "tokens": list(t), "created_at": now} for d, t in evidence.items()]
-    stmt = _insert(session, s.Explanation).values(values).on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
+    values = [
+        {"document_id": d, "model_version_id": model_version, "tokens": list(t), "created_at": now}
+        for d, t in evidence.items()
+    ]
+    stmt = _insert(session, s.Explanation).values(values)
+    stmt = stmt.on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
     return len(session.execute(stmt.returning(s.Explanation.document_id)).all())
 
 
@@ -391,5 +395,7 @@ def load_explanations(session: Session, model_version: str, document_ids: Iterab
     if not ids:
         return {}
     E = s.Explanation
-    rows = session.execute(select(E.document_id, E.tokens).where(E.model_version_id == model_version, E.document_id.in_(ids)))
+    rows = session.execute(
+        select(E.document_id, E.tokens).where(E.model_version_id == model_version, E.document_id.in_(ids))
+    )
     return {int(d): tuple(str(t) for t in (tokens or ())) for d, tokens in rows}

@@ -4,6 +4,7 @@ Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-01 10:50:00
 """
+
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -23,8 +24,12 @@ def upgrade() -> None:
         sa.Column("model_version_id", sa.String(length=100), nullable=False),
         sa.Column("tokens", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["document_id"], ["documents.id"], name="fk_explanations_document_id_documents", ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["model_version_id"], ["model_versions.id"], name="fk_explanations_model_version_id_model_versions"),
+        sa.ForeignKeyConstraint(
+            ["document_id"], ["documents.id"], name="fk_explanations_document_id_documents", ondelete="CASCADE"
+        ),
+        sa.ForeignKeyConstraint(
+            ["model_version_id"], ["model_versions.id"], name="fk_explanations_model_version_id_model_versions"
+        ),
         sa.PrimaryKeyConstraint("document_id", "model_version_id", name="pk_explanations"),
     )
 
