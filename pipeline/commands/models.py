@@ -131,7 +131,8 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model-evaluation.md/.json.")] = Path("docs"),
-    baselines: Annotated[bool, typer.Option(help="Also score VADER, the dictionary and TF-IDF+LR.")] = True,
+    baselines: Annotated[bool, typer.Option(help="Also score VADER, FinVADER, the LM dictionary and TF-IDF+LR.")] = True,
+    long_texts: Annotated[bool, typer.Option(help="Also measure the long-text policy (title + lead vs chunks; ~2,000 extra passes).")] = True,
     limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")] = None,
     promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
     record_in_model: Annotated[
@@ -151,7 +152,9 @@ def evaluate(
     engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
     try:
-        rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
+        rep = evaluate_model(
+            model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command, long_texts=long_texts
+        )
     except ModelLoadError as e:
         raise fail(str(e)) from None
     md, js = write_report(rep, out)
