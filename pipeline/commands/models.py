@@ -69,6 +69,19 @@ def train(
     time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = None,
     soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = False,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, then distil it into the student.")
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); a rerun resumes there.")
+    ] = None,
+    teacher_epochs: int = 3,
+    teacher_lr: float = 3e-5,
+    teacher_batch_size: int = 16,
+    distil_temperature: Annotated[float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")] = 2.0,
+    distil_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the teacher term (the rest: hard labels).")] = 0.7,
+    transfer_docs: Annotated[int, typer.Option(min=0, help="Also distil on up to this many unlabelled ingested documents (database).")] = 0,
+    stop_after: Annotated[str | None, typer.Option(help="With --teacher: stop after the phase teacher or transfer.")] = None,
     name: str = "finsent-minilm",
     held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
     no_db: NoDb = False,
@@ -98,7 +111,15 @@ def train(
         time_limit_s=time_limit_s, soft_labels=soft_labels,
     )
     try:
-        res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
+        if teacher:
+            res = _train_with_teacher(
+                cfg, out, hp, teacher, work_dir, rows, device, teacher_epochs, teacher_lr, teacher_batch_size,
+                distil_temperature, distil_alpha, transfer_docs if engine is not None else 0, stop_after, data_dir,
+            )  # fmt: skip
+            if res is None:
+                return
+        else:
+            res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
     except (TrainError, ValueError) as e:
         raise fail(str(e)) from None
     table = Table(title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})"))
@@ -124,6 +145,58 @@ def train(
             table.add_row(SPLIT_TITLES[split], _pct(r.accuracy), _pct(r.macro_f1), str(r.n))
         console.print(table)
     _say(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
+
+
+def _train_with_teacher(
+    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int, teacher_lr: float,
+    teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int, stop_after: str | None, data_dir: Path | None,
+):  # fmt: skip
+    """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
+    from dataclasses import replace
+
+    from pipeline.config import PROJECT_DIR
+    from pipeline.train import PHASES, DistilConfig, train_with_teacher
+
+    if stop_after is not None and stop_after not in PHASES[:-1]:
+        raise fail(f"--stop-after {stop_after!r}: expected teacher or transfer")
+    work = (work_dir or Path.home() / ".cache" / "finsent" / "distil" / hp.name).expanduser().resolve()
+    if work.is_relative_to(PROJECT_DIR.resolve()):
+        raise fail(f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it")
+    teacher_cfg = replace(hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
+                          batch_size=teacher_batch_size, ema=0.0)  # fmt: skip
+    extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
+    _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
+    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp, DistilConfig(temperature=temperature, alpha=alpha),
+                                extra_texts=extra, feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
+                                stop_after=stop_after)  # fmt: skip
+    if result.reused:
+        _say(f"resumed: reused the finished phase(s) {', '.join(result.reused)} from {work}")
+    _say(f"teacher {result.teacher_version} in {result.teacher_dir}; transfer set {result.transfer_size} texts")
+    if result.student is None:
+        _say(f"stopped after {stop_after}; rerun the same command without --stop-after to continue")
+    return result.student
+
+
+def _ingested_texts(cfg, limit: int) -> list[str]:
+    """The newest English (or undetected) ingested documents, as unlabelled transfer texts."""
+    from sqlalchemy import select
+
+    from pipeline.records import document_text
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    engine = _engine(cfg)
+    try:
+        with session_scope(engine) as session:
+            rows = session.execute(
+                select(s.Document.title, s.Document.summary)
+                .where((s.Document.language.is_(None)) | (s.Document.language.like("en%")))
+                .order_by(s.Document.id.desc())
+                .limit(limit)
+            ).all()
+    finally:
+        engine.dispose()
+    return [document_text(r.title, r.summary) for r in rows]
 
 
 def evaluate(
