@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +55,7 @@ class SplitResult:
     labels: list[str]
     ece: float | None = None
     ece_calibrated: float | None = None
+    mistakes: list[dict[str, Any]] = field(default_factory=list)  # the most confident errors, with a kind tag
 
 
 @dataclass
@@ -71,6 +74,7 @@ class EvalReport:
     topic_temperature: float = 1.0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    long_text: dict[str, Any] = field(default_factory=dict)  # scoring policy on long texts, see long_text_effect
 
     @property
     def model_key(self) -> str:
@@ -109,7 +113,12 @@ def _softmax(z, t: float = 1.0):
 
 
 def split_result(y_true: list[int], y_pred: list[int], labels: list[str], probs=None, temperature: float | None = None, logits=None) -> SplitResult:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     idx = list(range(len(labels)))
     p, r, f, sup = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
@@ -139,22 +148,135 @@ def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[s
     from pipeline.score import Scorer
 
     scorer = Scorer.load(path, batch_size=batch_size)
+    return score_with(scorer, splits), scorer.version, scorer.temperature, scorer.topic_temperature
+
+
+def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None = None) -> dict[str, SplitResult]:
+    """Results of a loaded Scorer on every eval split, each with its most confident mistakes."""
     out: dict[str, SplitResult] = {}
     for split in EVAL_SPLITS:
         exs = splits.eval[split]
         if not exs:
             continue
-        sent, topic = scorer.logits([ex.text for ex in exs])
+        texts = [ex.text for ex in exs]
+        sent, topic = scorer.logits(texts)
         y = _truth(splits, split)
         if split.startswith("topic"):
             if topic is None or list(scorer.topics or []) != list(splits.topics):
                 continue
             out[split] = split_result(y, topic.argmax(1).tolist(), splits.topics, temperature=scorer.topic_temperature, logits=topic)
+            out[split].mistakes = confident_mistakes(texts, y, _softmax(topic, scorer.topic_temperature), splits.topics)
         else:
             order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
             sent = sent[:, order]
             out[split] = split_result(y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent)
-    return out, scorer.version, scorer.temperature, scorer.topic_temperature
+            out[split].mistakes = confident_mistakes(
+                texts, y, _softmax(sent, scorer.temperature), list(SENTIMENT_LABELS), agreement if split.startswith("fpb") else None
+            )
+    return out
+
+
+_NEGATION = re.compile(r"\b(not|no|never|without|n't|cannot|neither|nor)\b|n't\b", re.IGNORECASE)
+_COMPARE = re.compile(r"\b(compared|versus|vs|year-on-year|yoy|corresponding period|from)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_TWEETISH = re.compile(r"https?://|[$#@]\w")
+
+
+def error_kind(text: str, true: str, pred: str, labels: Sequence[str], agreement: float | None = None) -> str:
+    """A short tag saying what kind of mistake this is, so the next person knows where the model fails."""
+    if "neutral" not in labels:
+        kind = f"topic: {true} read as {pred}"
+    elif true == "neutral":
+        kind = f"neutral fact read as {pred}"
+    elif pred == "neutral":
+        kind = f"missed {true} signal"
+    else:
+        kind = f"polarity flip ({true} read as {pred})"
+    hints = []
+    if _NEGATION.search(text):
+        hints.append("negation")
+    if len(_NUMBER.findall(text)) >= 2 and _COMPARE.search(text):
+        hints.append("figures compared")
+    if _TWEETISH.search(text):
+        hints.append("tickers/links")
+    if agreement is not None and agreement < 1.0:
+        hints.append(f"annotators split (label target {agreement:.2f})")
+    return kind + (f"; {', '.join(hints)}" if hints else "")
+
+
+def confident_mistakes(
+    texts: Sequence[str], y: Sequence[int], probs: Any, labels: Sequence[str], agreement: dict[str, float] | None = None, n: int = 20
+) -> list[dict[str, Any]]:
+    """The n wrong predictions the model was surest of: text, truth, prediction, confidence and kind."""
+    from pipeline.data import FPB_50_TARGET, normalise
+
+    pred = probs.argmax(1)
+    wrong = [i for i in range(len(texts)) if pred[i] != y[i]]
+    wrong.sort(key=lambda i: -float(probs[i, pred[i]]))
+    out = []
+    for i in wrong[:n]:
+        agree = agreement.get(normalise(texts[i]), FPB_50_TARGET) if agreement is not None else None
+        t, p = labels[y[i]], labels[int(pred[i])]
+        out.append({"text": texts[i], "true": t, "predicted": p, "confidence": round(float(probs[i, pred[i]]), 3),
+                    "kind": error_kind(texts[i], t, p, labels, agree)})  # fmt: skip
+    return out
+
+
+def long_text_effect(scorer: Any, splits: Splits, n: int = 40, words: int = 5000, chunk_words: int = 80) -> dict[str, Any]:
+    """What the long-text policy (title + lead) does, against scoring the headline alone and against the
+    mean of chunk scores over the whole text. Long texts are built from FPB AllAgree test sentences as
+    headlines, each followed by `words` words of neutral FPB training sentences (a typical long article:
+    the judgement is up front, the body is mostly neutral detail). Accuracy is against the headline's label."""
+    import random
+
+    import numpy as np
+
+    heads = splits.eval["fpb_allagree_test"]
+    if not heads:
+        return {}
+    heads = heads[:: max(1, len(heads) // n)][:n]
+    filler = [ex.text for ex in splits.train if ex.source == "fpb" and ex.sentiment == SENTIMENT_LABELS.index("neutral")]
+    if not filler:
+        return {}
+    rng = random.Random(0)
+    bodies = []
+    for _ in heads:
+        body: list[str] = []
+        count = 0
+        while count < words:
+            sentence = rng.choice(filler)
+            body.append(sentence)
+            count += len(sentence.split())
+        bodies.append(" ".join(body))
+    y = np.array([ex.sentiment for ex in heads])
+    order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+
+    def probs(texts: list[str]) -> Any:
+        return _softmax(scorer.logits(texts)[0][:, order], scorer.temperature)
+
+    head_only = probs([ex.text for ex in heads]).argmax(1)
+    title_lead = probs([f"{ex.text} {body}" for ex, body in zip(heads, bodies, strict=True)]).argmax(1)
+    chunk_mean = []
+    for ex, body in zip(heads, bodies, strict=True):
+        w = f"{ex.text} {body}".split()
+        chunks = [" ".join(w[i : i + chunk_words]) for i in range(0, len(w), chunk_words)]
+        chunk_mean.append(int(probs(chunks).mean(0).argmax()))
+    neutral = SENTIMENT_LABELS.index("neutral")
+    return {
+        "n": len(heads),
+        "words": words,
+        "chunk_words": chunk_words,
+        "accuracy": {
+            "headline alone": float((head_only == y).mean()),
+            "title + lead (finsent's policy)": float((title_lead == y).mean()),
+            "mean of chunk scores": float((np.array(chunk_mean) == y).mean()),
+        },
+        "neutral_share": {
+            "truth": float((y == neutral).mean()),
+            "title + lead (finsent's policy)": float((title_lead == neutral).mean()),
+            "mean of chunk scores": float((np.array(chunk_mean) == neutral).mean()),
+        },
+    }
 
 
 def score_baselines(splits: Splits) -> dict[str, dict[str, SplitResult]]:
@@ -231,14 +353,21 @@ def evaluate_model(
     baselines: bool = True,
     limit: int | None = None,
     command: str | None = None,
+    long_texts: bool = True,
 ) -> EvalReport:
     """Score the model and the baselines on the fixed splits; record metrics in the registry when `engine` is given."""
     t0 = time.monotonic()
     path = str(path)
     if split_seed is None:
         split_seed = _model_split_seed(path)
+    from pipeline.data import default_data_dir, fpb_agreement
+    from pipeline.score import Scorer
+
     splits = build_splits(data_dir, seed=split_seed, limit=limit)
-    model_res, version, temp, topic_temp = score_model(path, splits)
+    scorer = Scorer.load(path)
+    model_res = score_with(scorer, splits, fpb_agreement(Path(data_dir) if data_dir is not None else default_data_dir()))
+    version, temp, topic_temp = scorer.version, scorer.temperature, scorer.topic_temperature
+    long_text = long_text_effect(scorer, splits) if long_texts else {}
     results: dict[str, dict[str, SplitResult]] = {"model": model_res}
     notes = []
     if baselines:
@@ -281,6 +410,7 @@ def evaluate_model(
         topic_temperature=topic_temp,
         seconds=round(time.monotonic() - t0, 1),
         notes=notes,
+        long_text=long_text,
     )
 
 
@@ -389,6 +519,32 @@ def render_markdown(rep: EvalReport) -> str:
                 lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
         else:
             lines += ["", "The 20×20 confusion matrix is in `model-evaluation.json`."]
+        lines.append("")
+    if rep.long_text:
+        lt = rep.long_text
+        lines += [
+            "## Long texts",
+            "",
+            "finsent scores a long text as title + lead: the text is cut to `max_length` × 12 characters before tokenising",
+            f"and the tokenizer keeps the first `max_length` tokens. Measured on {lt['n']} texts built from FPB AllAgree test",
+            f"sentences as headlines, each followed by {lt['words']:,} words of neutral FPB training sentences; accuracy",
+            f"against the headline's label (chunks: {lt['chunk_words']} words, calibrated probabilities averaged):",
+            "",
+            "| scoring | accuracy | predicted neutral |",
+            "|---|---|---|",
+        ]
+        for name, acc in lt["accuracy"].items():
+            share = lt["neutral_share"].get(name)
+            lines.append(f"| {name} | {acc:.3f} | {'–' if share is None else f'{share:.0%}'} |")
+        lines += ["", f"(truth: {lt['neutral_share']['truth']:.0%} neutral)", ""]
+    lines += ["## Most confident mistakes", "", "The 20 wrong predictions each split's model was surest of (calibrated confidence), with the kind of error.", ""]
+    for k, r in rep.results["model"].items():
+        if not r.mistakes:
+            continue
+        lines += [f"### {SPLIT_TITLES[k]}", "", "| conf. | true | predicted | kind | text |", "|---|---|---|---|---|"]
+        for m in r.mistakes:
+            text = " ".join(m["text"].split()).replace("|", "\\|")
+            lines.append(f"| {m['confidence']:.2f} | {m['true']} | {m['predicted']} | {m['kind']} | {text[:220]} |")
         lines.append("")
     if rep.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]

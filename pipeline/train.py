@@ -175,6 +175,57 @@ def joint_loss(s_logits, t_logits, ys, yt, topic_weight: float, agreement=None):
     return loss
 
 
+@dataclass(frozen=True)
+class DistilConfig:
+    """Knowledge distillation settings (Hinton et al. 2015); recorded in the student's finsent.json."""
+
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T² to keep its gradient size
+    alpha: float = 0.7  # weight of the teacher term; 1 - alpha goes to the hard labels
+    topic: bool = True  # also distil the topic head
+
+
+class TeacherTargets:
+    """The teacher's raw logits for each transfer text, looked up by normalised text."""
+
+    def __init__(self, texts: Sequence[str], sentiment, topic) -> None:
+        import numpy as np
+
+        self.index = {normalise(t): i for i, t in enumerate(texts)}
+        self.sentiment = np.asarray(sentiment, dtype=np.float32)
+        self.topic = np.asarray(topic, dtype=np.float32) if topic is not None else None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batch(self, batch: Sequence[Example], device: str):
+        """(sentiment logits, topic logits or None, known mask) for a batch; unknown rows are zeros."""
+        import numpy as np
+        import torch
+
+        rows = [self.index.get(normalise(ex.text), -1) for ex in batch]
+        known = np.array([r >= 0 for r in rows])
+        take = np.array([max(r, 0) for r in rows])
+        sent = torch.from_numpy(self.sentiment[take]).to(device)
+        topic = torch.from_numpy(self.topic[take]).to(device) if self.topic is not None else None
+        return sent, topic, torch.from_numpy(known).to(device)
+
+
+def distil_loss(s_logits, t_logits, teacher_s, teacher_t, known, temperature: float, topic_weight: float):
+    """T² · KL(teacher_T ‖ student_T) over the rows the teacher labelled, for the sentiment head and,
+    with topic_weight > 0, the topic head."""
+    import torch.nn.functional as F
+
+    def kl(student, target):
+        log_p = F.log_softmax(student.float()[known] / temperature, dim=-1)
+        q = F.softmax(target.float()[known] / temperature, dim=-1)
+        return F.kl_div(log_p, q, reduction="batchmean") * temperature**2
+
+    loss = kl(s_logits, teacher_s)
+    if topic_weight > 0 and teacher_t is not None and teacher_t.shape[-1] == t_logits.shape[-1]:
+        loss = loss + topic_weight * kl(t_logits, teacher_t)
+    return loss
+
+
 def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None) -> list[list[Example]]:
     idx = list(range(len(examples)))
     if rng is not None:
@@ -285,8 +336,13 @@ def train_model(
     device: str | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    teacher: TeacherTargets | None = None,
+    distil: DistilConfig | None = None,
 ) -> TrainResult:
-    """Fine-tune, early-stop on the validation splits, calibrate, and save an fp16 model folder."""
+    """Fine-tune, early-stop on the validation splits, calibrate, and save an fp16 model folder.
+
+    With `teacher`, every example the teacher labelled also learns the teacher's temperature-softened
+    distributions (see `distil_loss`), weighted `distil.alpha` against the hard labels."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
@@ -363,6 +419,12 @@ def train_model(
                 s_logits, t_logits = model(**enc)
             agree = torch.tensor([ex.agreement for ex in batch], device=dev) if cfg.soft_labels else None
             loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight, agree)
+            if teacher is not None:
+                d = distil or DistilConfig()
+                soft_s, soft_t, known = teacher.batch(batch, dev)
+                if known.any():
+                    soft = distil_loss(s_logits, t_logits, soft_s, soft_t, known, d.temperature, cfg.topic_weight if d.topic else 0.0)
+                    loss = (1 - d.alpha) * loss + d.alpha * soft
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -530,6 +592,136 @@ def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: s
     (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("soup %s of %d/%d runs: val %.4f", version, len(soup), len(paths), best)
     return TrainResult(out, version, best_metrics, temperature, topic_temperature, trail, seconds, _device_name(dev), 0)
+
+
+PHASES = ("teacher", "transfer", "student")
+
+
+@dataclass
+class DistilResult:
+    teacher_dir: Path
+    teacher_version: str
+    transfer_size: int
+    student: TrainResult | None  # None when stopped before the student phase
+    reused: list[str] = field(default_factory=list)  # phases found complete in the work folder and not redone
+
+
+def _fingerprint(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def transfer_texts(splits: Splits, extra: Sequence[str] = ()) -> list[str]:
+    """The distillation transfer set: every training text (FPB, TFNS, and the TFN topic tweets, which have no
+    sentiment label) plus extra unlabelled texts, deduplicated; evaluation and validation texts never enter."""
+    banned = eval_texts(splits)
+    seen: set[str] = set()
+    out = []
+    for text in [ex.text for ex in splits.train] + list(extra):
+        key = normalise(text)
+        if text and key not in banned and key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out
+
+
+def train_with_teacher(
+    output_dir: str | Path,
+    work_dir: str | Path,
+    data_dir: str | Path | None = None,
+    teacher_config: TrainConfig | None = None,
+    student_config: TrainConfig | None = None,
+    distil: DistilConfig | None = None,
+    *,
+    extra_texts: Sequence[str] = (),
+    feedback_rows: Sequence[FeedbackRow] = (),
+    device: str | None = None,
+    progress: bool = True,
+    stop_after: str | None = None,
+) -> DistilResult:
+    """Fine-tune a teacher, label the transfer set with it, distil it into the student.
+
+    Each phase writes its result to `work_dir` (teacher/ folder, transfer.npz + transfer.json) and its
+    completion marker last, so a run that is stopped or killed resumes at the first unfinished phase.
+    `stop_after` ends the run after a phase (e.g. train the teacher on a GPU, distil elsewhere)."""
+    import numpy as np
+
+    if stop_after is not None and stop_after not in PHASES:
+        raise TrainError(f"stop_after {stop_after!r}: expected one of {', '.join(PHASES)}")
+    teacher_cfg = teacher_config or TrainConfig(name="finsent-teacher")
+    if not teacher_cfg.base:
+        raise TrainError("the teacher needs a base model (--teacher PATH_OR_HUB_ID), e.g. all-mpnet-base-v2")
+    distil = distil or DistilConfig()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    reused: list[str] = []
+
+    teacher_dir = work / "teacher"
+    if (teacher_dir / "finsent.json").is_file():
+        log.info("teacher: reusing the finished teacher in %s", teacher_dir)
+        reused.append("teacher")
+    else:
+        train_model(teacher_dir, data_dir, teacher_cfg, feedback_rows=feedback_rows, device=device, progress=progress)
+    teacher_meta = json.loads((teacher_dir / "finsent.json").read_text())
+    teacher_version = teacher_meta["version"]
+    if stop_after == "teacher":
+        return DistilResult(teacher_dir, teacher_version, 0, None, reused)
+
+    splits = build_splits(data_dir, seed=(student_config or TrainConfig()).split_seed, limit=(student_config or TrainConfig()).limit)
+    texts = transfer_texts(splits, extra_texts)
+    marker, logits_file = work / "transfer.json", work / "transfer.npz"
+    want = {"teacher": teacher_version, "texts": len(texts), "fingerprint": _fingerprint(texts)}
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if {k: done.get(k) for k in want} == want and logits_file.is_file():
+        log.info("transfer: reusing %d teacher-labelled texts in %s", len(texts), logits_file)
+        reused.append("transfer")
+        data = np.load(logits_file)
+        sent, topic = data["sentiment"], (data["topic"] if "topic" in data.files else None)
+    else:
+        from pipeline.score import Scorer
+
+        log.info("transfer: labelling %d texts with the teacher %s", len(texts), teacher_version)
+        scorer = Scorer.load(str(teacher_dir), device=device, max_length=teacher_cfg.max_length, batch_size=64)
+        sent, topic = scorer.logits(texts)
+        order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+        sent = sent[:, order]
+        tmp = work / "transfer.tmp.npz"
+        np.savez(tmp, sentiment=sent, **({"topic": topic} if topic is not None else {}))
+        tmp.replace(logits_file)
+        marker.write_text(json.dumps({**want, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+    if stop_after == "transfer":
+        return DistilResult(teacher_dir, teacher_version, len(texts), None, reused)
+
+    out = Path(output_dir)
+    if (out / "finsent.json").is_file():
+        meta = json.loads((out / "finsent.json").read_text())
+        if meta.get("distillation", {}).get("teacher") == teacher_version and meta["distillation"].get("transfer_fingerprint") == want["fingerprint"]:
+            log.info("student: reusing the finished student in %s", out)
+            t = meta.get("training", {})
+            student = TrainResult(out, meta["version"], meta.get("metrics", {}).get("val", {}), meta["temperature"],
+                                  meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0), t.get("device", ""))  # fmt: skip
+            return DistilResult(teacher_dir, teacher_version, len(texts), student, [*reused, "student"])
+    student_cfg = student_config or TrainConfig()
+    targets = TeacherTargets(texts, sent, topic)
+    unlabelled = [Example(t, source="transfer") for t in extra_texts]
+    res = train_model(out, data_dir, student_cfg, feedback_rows=feedback_rows, extra_examples=unlabelled, device=device,
+                      progress=progress, teacher=targets, distil=distil)  # fmt: skip
+    meta_path = out / "finsent.json"
+    meta = json.loads(meta_path.read_text())
+    meta["distillation"] = {
+        "teacher": teacher_version,
+        "teacher_base": teacher_meta.get("base"),
+        "teacher_hyperparameters": teacher_meta.get("hyperparameters"),
+        "teacher_val": teacher_meta.get("metrics", {}).get("val"),
+        **asdict(distil),
+        "transfer_texts": len(texts),
+        "transfer_fingerprint": want["fingerprint"],
+        "work_dir": str(work),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return DistilResult(teacher_dir, teacher_version, len(texts), res, reused)
 
 
 def _command_line() -> str:

@@ -66,6 +66,33 @@ def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path
     assert "finsent evaluate X" in body and "| tfidf_logreg |" in body and "## Targets" in body
     data = json.loads(js.read_text())
     assert data["command"] == "finsent evaluate X" and data["results"]["model"]["fpb_test"]["confusion"]
+    # error analysis: the most confident mistakes, surest first, each really wrong, with its kind
+    for split, r in rep.results["model"].items():
+        wrong = sum(row[j] for i, row in enumerate(r.confusion) for j in range(len(row)) if i != j)
+        assert len(r.mistakes) == min(20, wrong)
+        assert [m["confidence"] for m in r.mistakes] == sorted((m["confidence"] for m in r.mistakes), reverse=True)
+        assert all(m["true"] != m["predicted"] and m["kind"] and m["text"] for m in r.mistakes)
+    assert "## Most confident mistakes" in body and data["results"]["model"]["fpb_test"]["mistakes"] == [
+        {**m} for m in rep.results["model"]["fpb_test"].mistakes
+    ]
+    assert "## Long texts" in body and set(rep.long_text["accuracy"]) == {
+        "headline alone", "title + lead (finsent's policy)", "mean of chunk scores"
+    }
+
+
+def test_error_kinds_say_what_went_wrong() -> None:
+    from pipeline.evaluate import error_kind
+
+    labels = ["negative", "neutral", "positive"]
+    assert error_kind("Sales rose", "neutral", "positive", labels) == "neutral fact read as positive"
+    assert error_kind("Sales did not fall", "positive", "neutral", labels) == "missed positive signal; negation"
+    assert error_kind("Loss narrowed to EUR 0.4 mn from EUR 1.9 mn", "positive", "negative", labels, 0.7) == (
+        "polarity flip (positive read as negative); figures compared, annotators split (label target 0.70)"
+    )
+    assert error_kind("$AAPL https://t.co/x", "negative", "neutral", labels) == "missed negative signal; tickers/links"
+    assert error_kind("Fed holds", "Fed | Central Banks", "Macro", ["Fed | Central Banks", "Macro"]) == (
+        "topic: Fed | Central Banks read as Macro"
+    )
 
 
 def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_url: str, engine, tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:

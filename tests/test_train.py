@@ -265,3 +265,70 @@ def test_continuing_from_a_finsent_model_keeps_its_topic_head(tiny_model: Path, 
     before = other.topic_head.weight.clone()
     _load_topic_head(other, tiny_model)
     assert torch.equal(other.topic_head.weight, before) and "does not fit" in caplog.text
+
+
+def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
+    import torch
+
+    from pipeline.train import distil_loss
+
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    known = torch.tensor([True, True])
+    assert distil_loss(teacher.clone(), None, teacher, None, known, 2.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
+    other = torch.tensor([[-1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    assert distil_loss(other, None, teacher, None, known, 2.0, 0.0).item() > 0.1
+    only_second = torch.tensor([False, True])  # rows the teacher never saw add nothing
+    assert distil_loss(other, None, teacher, None, only_second, 2.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+    from pipeline.score import Scorer
+    from pipeline.train import DistilConfig, train_with_teacher, transfer_texts
+
+    small = {**TINY, "epochs": 2}
+    teacher_cfg = TrainConfig(base=str(tiny_base), name="teacher", max_steps=12, eval_every=6, **small)
+    student_cfg = TrainConfig(base=str(tiny_base), name="student", max_steps=12, eval_every=6, **small)
+    work, out = tmp_path / "work", tmp_path / "student"
+    extra = ["Unlabelled ingested headline about Acme", "Another unlabelled text about Fiskars"]
+
+    def run(stop_after=None):
+        return train_with_teacher(out, work, data_dir, teacher_cfg, student_cfg, DistilConfig(temperature=2.0, alpha=0.5),
+                                  extra_texts=extra, progress=False, stop_after=stop_after)  # fmt: skip
+
+    first = run(stop_after="teacher")
+    assert first.student is None and not out.exists() and first.reused == []
+    teacher_meta = work / "teacher" / "finsent.json"
+    stamp = teacher_meta.stat().st_mtime_ns
+
+    second = run()
+    assert second.reused == ["teacher"] and second.teacher_version == first.teacher_version
+    assert teacher_meta.stat().st_mtime_ns == stamp  # the teacher was not trained again
+    splits = build_splits(data_dir)
+    texts = transfer_texts(splits, extra)
+    assert second.transfer_size == len(texts) > len({ex.text for ex in splits.train if ex.sentiment is not None})
+    assert not {normalise(t) for t in texts} & eval_texts(splits)  # evaluation and validation splits never enter
+    meta = json.loads((out / "finsent.json").read_text())
+    assert meta["distillation"]["teacher"] == first.teacher_version and meta["distillation"]["transfer_texts"] == len(texts)
+    assert Scorer.load(str(out), device="cpu").score(["Acme profit rose"])[0].label in ("negative", "neutral", "positive")
+
+    third = run()
+    assert third.reused == ["teacher", "transfer", "student"] and third.student.version == second.student.version
+
+
+def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config import PROJECT_DIR
+
+    args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base), "--teacher", str(tiny_base),
+            "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2", "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
+    r = CliRunner().invoke(app, [*args, "--work-dir", str(PROJECT_DIR / "runs" / "distil")])
+    assert r.exit_code == 2 and "inside the repository" in r.output and not (PROJECT_DIR / "runs" / "distil").exists()
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, [*args, "--work-dir", str(work), "--stop-after", "teacher"])
+    assert r.exit_code == 0, r.output
+    assert "stopped after teacher" in r.output and (work / "teacher" / "finsent.json").exists() and not (tmp_path / "student").exists()
+    r = CliRunner().invoke(app, [*args, "--work-dir", str(work)])
+    assert r.exit_code == 0, r.output
+    assert "reused the finished phase(s) teacher" in r.output and (tmp_path / "student" / "finsent.json").exists()

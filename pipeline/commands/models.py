@@ -72,6 +72,19 @@ def train(
     time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = RECIPE.time_limit_s,
     soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = RECIPE.soft_labels,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, then distil it into the student.")
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); a rerun resumes there.")
+    ] = None,
+    teacher_epochs: int = 3,
+    teacher_lr: float = 3e-5,
+    teacher_batch_size: int = 16,
+    distil_temperature: Annotated[float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")] = 2.0,
+    distil_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the teacher term (the rest: hard labels).")] = 0.7,
+    transfer_docs: Annotated[int, typer.Option(min=0, help="Also distil on up to this many unlabelled ingested documents (database).")] = 0,
+    stop_after: Annotated[str | None, typer.Option(help="With --teacher: stop after the phase teacher or transfer.")] = None,
     name: str = RECIPE.name,
     held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
     no_db: NoDb = False,
@@ -101,8 +114,16 @@ def train(
         time_limit_s=time_limit_s, soft_labels=soft_labels,
     )
     try:
-        res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
-    except ValueError as e:  # a hyper-parameter train_model refuses is a usage error
+        if teacher:
+            res = _train_with_teacher(
+                cfg, out, hp, teacher, work_dir, rows, device, teacher_epochs, teacher_lr, teacher_batch_size,
+                distil_temperature, distil_alpha, transfer_docs if engine is not None else 0, stop_after, data_dir,
+            )  # fmt: skip
+            if res is None:
+                return
+        else:
+            res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
+    except ValueError as e:  # a hyper-parameter train_model refuses is a usage error (TrainError is the CLI handler's)
         raise fail(str(e)) from None
     table = Table(title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})"))
     for col in ("validation split", "accuracy", "macro-F1", "n"):
@@ -129,12 +150,65 @@ def train(
     _say(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
 
 
+def _train_with_teacher(
+    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int, teacher_lr: float,
+    teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int, stop_after: str | None, data_dir: Path | None,
+):  # fmt: skip
+    """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
+    from dataclasses import replace
+
+    from pipeline.config import PROJECT_DIR
+    from pipeline.train import PHASES, DistilConfig, train_with_teacher
+
+    if stop_after is not None and stop_after not in PHASES[:-1]:
+        raise fail(f"--stop-after {stop_after!r}: expected teacher or transfer")
+    work = (work_dir or Path.home() / ".cache" / "finsent" / "distil" / hp.name).expanduser().resolve()
+    if work.is_relative_to(PROJECT_DIR.resolve()):
+        raise fail(f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it")
+    teacher_cfg = replace(hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
+                          batch_size=teacher_batch_size, ema=0.0)  # fmt: skip
+    extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
+    _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
+    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp, DistilConfig(temperature=temperature, alpha=alpha),
+                                extra_texts=extra, feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
+                                stop_after=stop_after)  # fmt: skip
+    if result.reused:
+        _say(f"resumed: reused the finished phase(s) {', '.join(result.reused)} from {work}")
+    _say(f"teacher {result.teacher_version} in {result.teacher_dir}; transfer set {result.transfer_size} texts")
+    if result.student is None:
+        _say(f"stopped after {stop_after}; rerun the same command without --stop-after to continue")
+    return result.student
+
+
+def _ingested_texts(cfg, limit: int) -> list[str]:
+    """The newest English (or undetected) ingested documents, as unlabelled transfer texts."""
+    from sqlalchemy import select
+
+    from pipeline.records import document_text
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    engine = _engine(cfg)
+    try:
+        with session_scope(engine) as session:
+            rows = session.execute(
+                select(s.Document.title, s.Document.summary)
+                .where((s.Document.language.is_(None)) | (s.Document.language.like("en%")))
+                .order_by(s.Document.id.desc())
+                .limit(limit)
+            ).all()
+    finally:
+        engine.dispose()
+    return [document_text(r.title, r.summary) for r in rows]
+
+
 def evaluate(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model-evaluation.md/.json.")] = Path("docs"),
-    baselines: Annotated[bool, typer.Option(help="Also score VADER, the dictionary and TF-IDF+LR.")] = True,
+    baselines: Annotated[bool, typer.Option(help="Also score VADER, FinVADER, the LM dictionary and TF-IDF+LR.")] = True,
+    long_texts: Annotated[bool, typer.Option(help="Also measure the long-text policy (title + lead vs chunks; ~2,000 extra passes).")] = True,
     limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")] = None,
     promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
     record_in_model: Annotated[
@@ -152,7 +226,9 @@ def evaluate(
         raise fail("--record-in-model needs the full splits (drop --limit)")
     engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
-    rep = evaluate_model(model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command)
+    rep = evaluate_model(
+        model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command, long_texts=long_texts
+    )
     md, js = write_report(rep, out)
     table = Table(title=escape(f"{rep.version}: accuracy / macro-F1"))
     table.add_column("system")
