@@ -238,3 +238,23 @@ def _migrate(url: str, revision: str, down: bool = False) -> None:
     cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
     cfg.attributes["database_url"] = url
     (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def test_sqlite_run_lock_is_a_file_next_to_the_database(tmp_path):
+    """While one process holds the lock, `finsent run` in another exits 4 naming the lock file; then it runs."""
+    db = tmp_path / "finsent.db"
+    url = f"sqlite:///{db}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), "FINSENT_CONFIG": "", "FINSENT_LOG_LEVEL": "WARNING"}
+    try:
+        with store.run_lock(engine):
+            held = subprocess.run([sys.executable, "-m", "pipeline.cli", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert held.returncode == 4, held.stderr
+        assert held.stderr.strip() == f"error: another finsent run holds the lock {db}.lock; nothing done"
+        with store.run_lock(engine), pytest.raises(store.RunLockedError):  # a second holder in this process too
+            with store.run_lock(store.make_engine(url)):
+                pass
+        assert _runs(engine) == [], "a refused run leaves no row"
+    finally:
+        engine.dispose()
