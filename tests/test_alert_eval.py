@@ -83,7 +83,7 @@ def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkey
     assert runner.invoke(app, ["alerts", "show", "nope-not-an-id"]).exit_code == 1
 
     acked = runner.invoke(app, ["alerts", "ack", aid, "--by", "risk-desk"])
-    assert acked.exit_code == 0 and "acknowledged" in acked.output
+    assert acked.exit_code == 0 and "acknowledged" in acked.output, acked.output
     with session_scope(engine) as session:
         row = session.get(s.Alert, aid)
         assert row.acknowledged_by == "risk-desk" and row.acknowledged_at is not None
