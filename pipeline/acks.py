@@ -37,10 +37,13 @@ class AckResult:
 
 def find_alert_id(engine: Engine, id_or_prefix: str) -> str:
     """The full id of the one alert whose id starts with `id_or_prefix` (ids are 32 hex characters)."""
-    prefix = id_or_prefix.strip().lower()
+    given = id_or_prefix.strip()
+    prefix = given.lower()
     if not prefix:
         raise AckError("empty alert id")
     with session_scope(engine) as session:
+        if session.get(Alert, given) is not None:  # an exact id as stored, whatever its case
+            return given
         ids = session.scalars(select(Alert.id).where(Alert.id.startswith(prefix, autoescape=True)).limit(2)).all()
     if not ids:
         raise AckError(f"no alert with id {id_or_prefix!r}")

@@ -649,7 +649,10 @@ class SlackSink:
         return "webhook"
 
     def _post_api(self, m: IncidentMessage, token: str) -> str:
+        from http.client import HTTPException
+
         from slack_sdk import WebClient
+        from slack_sdk.errors import SlackClientError
 
         c = self.cfg
         thread = m.thread_ref.split(" ", 1) if m.thread_ref and " " in m.thread_ref else None
@@ -665,7 +668,7 @@ class SlackSink:
                 unfurl_links=False,
                 unfurl_media=False,
             )
-        except Exception as e:
+        except (SlackClientError, OSError, HTTPException, ValueError) as e:
             raise DeliveryError(f"sink {self.name}: Slack chat.postMessage failed: {scrub(f'{type(e).__name__}: {e}', [token])}") from None
         channel, ts = resp.get("channel") or c.channel, resp.get("ts")
         if not ts:

@@ -79,7 +79,7 @@ def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkey
 
     shown = runner.invoke(app, ["alerts", "show", aid[:8]])
     assert shown.exit_code == 0, shown.output
-    assert "[CRITICAL] entity NWB: negative news" in shown.output and "Deliveries: none yet" in shown.output
+    assert "[CRITICAL] entity NWB: negative news surge" in shown.output and "Deliveries: none yet" in shown.output
     assert runner.invoke(app, ["alerts", "show", "nope-not-an-id"]).exit_code == 1
 
     acked = runner.invoke(app, ["alerts", "ack", aid, "--by", "risk-desk"])

@@ -104,13 +104,15 @@ class FakeSlackApi:
 
     def __init__(self) -> None:
         self.calls: list[tuple[dict, dict]] = []
+        self.error: str | None = None
         api = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 api.calls.append((dict(self.headers), json.loads(body)))
-                out = json.dumps({"ok": True, "channel": "C0DESK", "ts": f"1700000000.00{len(api.calls)}"}).encode()
+                answer = {"ok": False, "error": api.error} if api.error else {"ok": True, "channel": "C0DESK", "ts": f"1700000000.00{len(api.calls)}"}
+                out = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
@@ -196,3 +198,22 @@ def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: 
     second = json.dumps(webhook.posts[1], ensure_ascii=False)
     assert f"Update to incident {inc.id[:12]}" in second and "https://finsent.example.com/alerts/spike-nwb" in second
     assert "Update to incident" not in json.dumps(webhook.posts[0], ensure_ascii=False)
+
+
+def test_slack_web_api_error_is_a_failed_delivery_without_the_token(engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.config import FinsentConfig
+
+    api = FakeSlackApi()
+    api.error = "channel_not_found"
+    monkeypatch.setenv("TEST_SLACK_BOT", "xoxb-secret-token")
+    cfg = FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "database_url": "sqlite://",
+         "sinks": [{"name": "slack-bot", "kind": "slack", "channel": "C0DESK", "bot_token_env": "TEST_SLACK_BOT",
+                    "api_base_url": api.url, "max_attempts": 2}]}
+    )  # fmt: skip
+    _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
+    report = deliver_pending(engine, cfg, now=SPIKE_END, retry_delays=FAST)
+    api.server.shutdown()
+    assert report.sent == 0 and report.expired == 1 and len(api.calls) == 2
+    assert "chat.postMessage failed" in report.errors[0] and "channel_not_found" in report.errors[0]
+    assert "xoxb-secret-token" not in " ".join(report.errors)

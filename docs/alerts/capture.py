@@ -34,7 +34,7 @@ def main() -> None:
     posts: list[dict] = []
 
     class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.end_headers()
@@ -48,7 +48,7 @@ def main() -> None:
     mails: list[bytes] = []
 
     class Box:
-        async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        async def handle_DATA(self, server, session, envelope):
             mails.append(envelope.original_content or envelope.content)
             return "250 OK"
 
