@@ -49,8 +49,10 @@ def finsent_monitor():
     # finish fails on purpose when a step failed, sending the run's failure notice (a killed task sends none);
     # retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None) -> dict:
-        return orchestrate.finish_run(pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards, airflow_run_id=run_id)
+    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None):
+        return orchestrate.finish_run(
+            pipeline_run_id, names, list(ingested or []), scored, detected, notified, shards, airflow_run_id=run_id
+        )
 
     names = sources()
     pipeline_run_id = start_run()
