@@ -71,16 +71,23 @@ def _id(*parts: str) -> str:
 def _dead(session: Session, name: str, hc: HealthConfig) -> Outage | None:
     F = s.SourceFetch
     recent = session.execute(
-        select(F.status, F.fetched_at, F.error).where(F.source_name == name).order_by(F.fetched_at.desc(), F.id.desc()).limit(hc.max_failures)
+        select(F.status, F.fetched_at, F.error)
+        .where(F.source_name == name)
+        .order_by(F.fetched_at.desc(), F.id.desc())
+        .limit(hc.max_failures)
     ).all()
     if len(recent) < hc.max_failures or any(r.status != "failed" for r in recent):
         return None
-    last_ok = session.scalar(select(F.fetched_at).where(F.source_name == name, F.status != "failed").order_by(F.fetched_at.desc()).limit(1))
+    last_ok = session.scalar(
+        select(F.fetched_at).where(F.source_name == name, F.status != "failed").order_by(F.fetched_at.desc()).limit(1)
+    )
     first = select(F.fetched_at, F.id).where(F.source_name == name, F.status == "failed")
     if last_ok is not None:
         first = first.where(F.fetched_at > last_ok)
     since = session.execute(first.order_by(F.fetched_at, F.id).limit(1)).one().fetched_at
-    streak = session.scalar(select(func.count()).select_from(F).where(F.source_name == name, F.status == "failed", F.fetched_at >= since))
+    streak = session.scalar(
+        select(func.count()).select_from(F).where(F.source_name == name, F.status == "failed", F.fetched_at >= since)
+    )
     return Outage(name, Condition.DEAD, since, failures=int(streak or 0), last_error=recent[0].error)
 
 
@@ -95,13 +102,24 @@ def quiet_threshold(productive: list[datetime], hc: HealthConfig) -> timedelta:
 
 def _quiet(session: Session, name: str, hc: HealthConfig, now: datetime) -> Outage | None:
     F = s.SourceFetch
-    latest = session.execute(select(F.status, F.fetched_at).where(F.source_name == name).order_by(F.fetched_at.desc(), F.id.desc()).limit(1)).first()
+    latest = session.execute(
+        select(F.status, F.fetched_at).where(F.source_name == name).order_by(F.fetched_at.desc(), F.id.desc()).limit(1)
+    ).first()
     if latest is None or latest.status == "failed":
         return None  # never fetched, or failing: the dead rule speaks for it
     productive = list(
-        session.scalars(select(F.fetched_at).where(F.source_name == name, F.entries_new > 0).order_by(F.fetched_at.desc()).limit(hc.history))
+        session.scalars(
+            select(F.fetched_at)
+            .where(F.source_name == name, F.entries_new > 0)
+            .order_by(F.fetched_at.desc())
+            .limit(hc.history)
+        )
     )
-    since = productive[0] if productive else session.scalar(select(F.fetched_at).where(F.source_name == name).order_by(F.fetched_at).limit(1))
+    since = (
+        productive[0]
+        if productive
+        else session.scalar(select(F.fetched_at).where(F.source_name == name).order_by(F.fetched_at).limit(1))
+    )
     if since is None:
         return None
     threshold = quiet_threshold(productive, hc)
@@ -153,12 +171,19 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
                 if o is not None:
                     current[o.alert_id] = o
         resolved_eps = select(A.episode_id).where(A.scope_kind == HEALTH_SCOPE, A.kind == "resolved")
-        open_rows = session.scalars(select(A).where(A.scope_kind == HEALTH_SCOPE, A.kind == HEALTH_KIND, A.id.not_in(resolved_eps))).all()
+        open_rows = session.scalars(
+            select(A).where(A.scope_kind == HEALTH_SCOPE, A.kind == HEALTH_KIND, A.id.not_in(resolved_eps))
+        ).all()
         open_ids = {a.id for a in open_rows}
         for aid, o in current.items():
             if aid in open_ids:
                 continue
-            stored = session.execute(_insert(session, A).values(_alert_row(o, now)).on_conflict_do_nothing(index_elements=["id"]).returning(A.id))
+            stored = session.execute(
+                _insert(session, A)
+                .values(_alert_row(o, now))
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(A.id)
+            )
             if stored.scalar() is not None:
                 report.opened.append(aid)
                 log.error("source %s is %s since %s", o.source, o.condition, o.since.isoformat())
@@ -166,7 +191,10 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
             if a.id in current:
                 continue
             row = {
-                **{k: getattr(a, k) for k in ("scope_kind", "scope_value", "window_start", "neg_count", "total_count", "neg_share")},
+                **{
+                    k: getattr(a, k)
+                    for k in ("scope_kind", "scope_value", "window_start", "neg_count", "total_count", "neg_share")
+                },
                 "id": _id("resolved", a.id),
                 "episode_id": a.id,
                 "kind": "resolved",
@@ -180,7 +208,12 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
             }
             session.execute(_insert(session, A).values(row).on_conflict_do_nothing(index_elements=["id"]))
             report.resolved.append(row["id"])
-            log.info("source %s recovered (%s since %s)", a.scope_value, (a.details or {}).get("condition"), a.window_start.isoformat())
+            log.info(
+                "source %s recovered (%s since %s)",
+                a.scope_value,
+                (a.details or {}).get("condition"),
+                a.window_start.isoformat(),
+            )
     return report
 
 

@@ -792,7 +792,11 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
     expiry are recorded as expired rather than sent to Slack or email (a backfill must not page anyone
     about last month); the console sink prints them (the offline demo replays a past week)."""
     for sink in cfg.sinks:
-        has_row = select(s.AlertDelivery.id).where(s.AlertDelivery.alert_id == s.Alert.id, s.AlertDelivery.sink == sink.name).exists()
+        has_row = (
+            select(s.AlertDelivery.id)
+            .where(s.AlertDelivery.alert_id == s.Alert.id, s.AlertDelivery.sink == sink.name)
+            .exists()
+        )
         alerts = session.scalars(
             select(s.Alert)
             .where(
@@ -825,7 +829,11 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
                     }
                 )
         if rows:
-            session.execute(_insert(session, s.AlertDelivery).values(rows).on_conflict_do_nothing(index_elements=["alert_id", "sink"]))
+            session.execute(
+                _insert(session, s.AlertDelivery)
+                .values(rows)
+                .on_conflict_do_nothing(index_elements=["alert_id", "sink"])
+            )
 
 
 GROUPED = DeliveryState.GROUPED
@@ -932,12 +940,15 @@ def _release(engine: Engine, delivery_id: int, status: DeliveryState, next_at: d
     D = s.AlertDelivery
     with session_scope(engine) as session:
         session.execute(
-            update(D).where(D.id == delivery_id, D.status == DeliveryState.SENDING).values(status=status, next_attempt_at=next_at)
+            update(D)
+            .where(D.id == delivery_id, D.status == DeliveryState.SENDING)
+            .values(status=status, next_attempt_at=next_at)
         )
 
 
 def backoff(attempts: int, cap: timedelta = BACKOFF_MAX) -> timedelta:
-    """Wait before the next cycle's try: 1, 2, 4 ... minutes, capped, so a long outage costs a bounded number of tries."""
+    """Wait before the next cycle's try: 1, 2, 4 ... minutes, capped, so a long outage costs a bounded
+    number of tries."""
     return min(BACKOFF_BASE * (2 ** min(max(0, attempts - 1), 30)), cap)
 
 
@@ -951,7 +962,9 @@ def _expire(engine: Engine, row: Any, now: datetime) -> bool:
     with session_scope(engine) as session:
         return bool(
             session.execute(
-                update(D).where(D.id == row.id, _due_filter(now)).values(status=DeliveryState.EXPIRED, next_attempt_at=None)
+                update(D)
+                .where(D.id == row.id, _due_filter(now))
+                .values(status=DeliveryState.EXPIRED, next_attempt_at=None)
             ).rowcount
         )
 
@@ -992,7 +1005,9 @@ def deliver_pending(
         )
         report.skipped = skipped.rowcount or 0
         due = session.execute(
-            select(D.id, D.sink, D.alert_id, D.attempts, D.created_at, D.last_error).where(_due_filter(now)).order_by(D.created_at, D.id)
+            select(D.id, D.sink, D.alert_id, D.attempts, D.created_at, D.last_error)
+            .where(_due_filter(now))
+            .order_by(D.created_at, D.id)
         ).all()
 
     expired: list[ExpiredDelivery] = []
@@ -1085,7 +1100,9 @@ def _count_pending(engine: Engine, cfg: FinsentConfig, report: DeliveryReport) -
     names = [sc.name for sc in cfg.sinks]
     with session_scope(engine) as session:
         rows = session.execute(
-            select(D.sink, func.count()).where(D.sink.in_(names), D.status.in_((*OPEN_STATES, DeliveryState.SENDING))).group_by(D.sink)
+            select(D.sink, func.count())
+            .where(D.sink.in_(names), D.status.in_((*OPEN_STATES, DeliveryState.SENDING)))
+            .group_by(D.sink)
         ).all()
     for name in names:
         report.per_sink.setdefault(name, SinkCounts())
@@ -1100,10 +1117,14 @@ def _failing_sinks(engine: Engine, cfg: FinsentConfig, now: datetime) -> dict[st
     out: dict[str, datetime] = {}
     with session_scope(engine) as session:
         for sc in cfg.sinks:
-            open_rows = session.scalar(select(func.count()).where(D.sink == sc.name, D.status.in_((*OPEN_STATES, DeliveryState.SENDING))))
+            open_rows = session.scalar(
+                select(func.count()).where(D.sink == sc.name, D.status.in_((*OPEN_STATES, DeliveryState.SENDING)))
+            )
             if not open_rows:
                 continue
-            last_ok = session.scalar(select(func.max(A.attempted_at)).join(D, D.id == A.delivery_id).where(D.sink == sc.name, A.ok))
+            last_ok = session.scalar(
+                select(func.max(A.attempted_at)).join(D, D.id == A.delivery_id).where(D.sink == sc.name, A.ok)
+            )
             q = select(func.min(A.attempted_at)).join(D, D.id == A.delivery_id).where(D.sink == sc.name, ~A.ok)
             if last_ok is not None:
                 q = q.where(A.attempted_at > last_ok)
@@ -1114,7 +1135,12 @@ def _failing_sinks(engine: Engine, cfg: FinsentConfig, now: datetime) -> dict[st
 
 
 def _notice_expired(
-    engine: Engine, cfg: FinsentConfig, expired: list[ExpiredDelivery], failing: dict[str, datetime], built: dict[str, Sink], report: DeliveryReport
+    engine: Engine,
+    cfg: FinsentConfig,
+    expired: list[ExpiredDelivery],
+    failing: dict[str, datetime],
+    built: dict[str, Sink],
+    report: DeliveryReport,
 ) -> None:
     sinks = sorted({e.sink for e in expired})
     report.problems.append(f"{len(expired)} alert deliveries expired undelivered ({', '.join(sinks)})")
@@ -1123,7 +1149,10 @@ def _notice_expired(
         for e in expired[:50]:
             row = session.get(s.Alert, e.alert_id)
             title = alert_title(row, cfg) if row is not None else e.alert_id
-            lines.append(f"- {title} (alert {e.alert_id}) to {e.sink}: {e.attempts} attempts, last error: {e.last_error or 'n/a'}")
+            lines.append(
+                f"- {title} (alert {e.alert_id}) to {e.sink}: {e.attempts} attempts, "
+                f"last error: {e.last_error or 'n/a'}"
+            )
     if len(expired) > 50:
         lines.append(f"... and {len(expired) - 50} more")
     lines.append("See them with: finsent alerts list")
@@ -1148,7 +1177,12 @@ def _notice_failing_sink(
     report.problems.append(f"sink {name} has failed every delivery for {minutes} min ({pending} pending)")
     D = s.AlertDelivery
     with session_scope(engine) as session:
-        last_error = session.scalar(select(D.last_error).where(D.sink == name, D.last_error.is_not(None)).order_by(D.last_attempt_at.desc()).limit(1))
+        last_error = session.scalar(
+            select(D.last_error)
+            .where(D.sink == name, D.last_error.is_not(None))
+            .order_by(D.last_attempt_at.desc())
+            .limit(1)
+        )
     body = "\n".join(
         [
             f"Sink {name} has failed every delivery since {since:%Y-%m-%d %H:%M} UTC ({minutes} min).",
@@ -1157,18 +1191,38 @@ def _notice_failing_sink(
         ]
     )
     key = f"{NoticeKind.SINK_FAILING}:{name}:{since.isoformat()}"
-    _notice(engine, cfg, key, NoticeKind.SINK_FAILING, f"[finsent] alert sink {name} is failing", body, set(failing), built, report)
+    _notice(
+        engine,
+        cfg,
+        key,
+        NoticeKind.SINK_FAILING,
+        f"[finsent] alert sink {name} is failing",
+        body,
+        set(failing),
+        built,
+        report,
+    )
 
 
 # --- operator notices ----------------------------------------------------------------------------
 
 
-def claim_notice(engine: Engine, key: str, kind: NoticeKind, subject: str, body: str, now: datetime | None = None) -> bool:
+def claim_notice(
+    engine: Engine, key: str, kind: NoticeKind, subject: str, body: str, now: datetime | None = None
+) -> bool:
     """Record a notice under its dedupe key; True if this caller is the first and so must send it."""
     with session_scope(engine) as session:
         res = session.execute(
             _insert(session, s.OperatorNotice)
-            .values(key=key[:300], kind=kind, subject=subject, body=body[:20000], created_at=now or datetime.now(UTC), sent_to=[], errors=[])
+            .values(
+                key=key[:300],
+                kind=kind,
+                subject=subject,
+                body=body[:20000],
+                created_at=now or datetime.now(UTC),
+                sent_to=[],
+                errors=[],
+            )
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(s.OperatorNotice.id)
         )
@@ -1177,7 +1231,11 @@ def claim_notice(engine: Engine, key: str, kind: NoticeKind, subject: str, body:
 
 def record_notice(engine: Engine, key: str, sent_to: Sequence[str], errors: Sequence[str]) -> None:
     with session_scope(engine) as session:
-        session.execute(update(s.OperatorNotice).where(s.OperatorNotice.key == key[:300]).values(sent_to=list(sent_to), errors=list(errors)))
+        session.execute(
+            update(s.OperatorNotice)
+            .where(s.OperatorNotice.key == key[:300])
+            .values(sent_to=list(sent_to), errors=list(errors))
+        )
 
 
 def broadcast_notice(
@@ -1229,4 +1287,9 @@ def _notice(
 
 def summary_line(report: DeliveryReport) -> str:
     """Per-sink counts for the CLI and logs, e.g. 'slack: 0 sent, 2 pending, 1 failed; console: 2 sent, ...'."""
-    return "; ".join(f"{name}: {c.sent} sent, {c.pending} pending, {c.failed} failed" for name, c in report.per_sink.items()) or "no sinks"
+    return (
+        "; ".join(
+            f"{name}: {c.sent} sent, {c.pending} pending, {c.failed} failed" for name, c in report.per_sink.items()
+        )
+        or "no sinks"
+    )

@@ -411,7 +411,8 @@ def finish_run(
         engine.dispose()
     if failed_steps:
         message = f"pipeline run {run_id} failed in: {', '.join(e.get('source') or e['step'] for e in failed_steps)}"
-        notify_run_failed(MONITOR_DAG_ID, airflow_run_id, f"failed steps: {', '.join(e['step'] for e in failed_steps)}", message)
+        steps = ", ".join(e["step"] for e in failed_steps)
+        notify_run_failed(MONITOR_DAG_ID, airflow_run_id, f"failed steps: {steps}", message)
         raise OrchestrationError(message)
     return {"run_id": run_id, "status": status, **counts}
 
@@ -735,7 +736,9 @@ def on_failure(context: Mapping[str, Any]) -> None:
     subject, body = failure_message(context)
     ti = context.get("ti") or context.get("task_instance")
     dag_id = getattr(ti, "dag_id", None) or getattr(context.get("dag"), "dag_id", "?")
-    _notice_run_failure(subject, body, str(dag_id), getattr(ti, "run_id", None) or context.get("run_id"), unrecorded=True)
+    _notice_run_failure(
+        subject, body, str(dag_id), getattr(ti, "run_id", None) or context.get("run_id"), unrecorded=True
+    )
 
 
 def on_dag_failure(context: Mapping[str, Any]) -> None:
@@ -747,5 +750,7 @@ def on_dag_failure(context: Mapping[str, Any]) -> None:
     ti = context.get("ti") or context.get("task_instance")
     last = getattr(ti, "task_id", None)
     subject = f"[finsent] DAG run failed: {dag_id}" + (f" (last task: {last})" if last else "")
-    body = "\n".join([f"DAG: {dag_id}", f"Run: {run_id or '?'}", f"Reason: {reason[:500]}", f"Last task: {last or '?'}"])
+    body = "\n".join(
+        [f"DAG: {dag_id}", f"Run: {run_id or '?'}", f"Reason: {reason[:500]}", f"Last task: {last or '?'}"]
+    )
     _notice_run_failure(subject, body, dag_id, run_id, unrecorded=False)

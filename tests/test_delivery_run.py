@@ -19,7 +19,9 @@ from tests.test_notify import add_alert, failing_smtp, mail_sink, slack_sink, we
 runner = CliRunner()
 
 
-def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(tmp_path, pg_url, engine, webhook, failing_smtp, tiny_model_dir, monkeypatch):  # noqa: F811
+def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
+    tmp_path, pg_url, engine, webhook, failing_smtp, tiny_model_dir, monkeypatch  # noqa: F811  (fixtures)
+):
     box, port = failing_smtp
     aid = add_alert(engine)
     now = datetime.now(UTC)
@@ -30,7 +32,11 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(tmp_path, 
     cfg = {
         "sources": [],
         "model": {"path": str(tiny_model_dir), "device": "cpu"},
-        "sinks": [mail_sink(port), slack_sink(severities=["info"]), {"name": "console", "kind": "console", "severities": ["info"]}],
+        "sinks": [
+            mail_sink(port),
+            slack_sink(severities=["info"]),
+            {"name": "console", "kind": "console", "severities": ["info"]},
+        ],
     }
     path = tmp_path / "finsent.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -28,7 +28,10 @@ WEBHOOK_ENV = "FINSENT_TEST_WEBHOOK_URL"
 @pytest.fixture
 def env(airflow_db, tmp_path, pg_url, feed_server, tiny_model_dir, webhook, smtp_server, monkeypatch):  # noqa: F811
     url = feed_server.put("wire.xml", rss("wire", window_items("wire", END - timedelta(minutes=14), 3)))
-    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "finsent.yaml", {"wire": url}, webhook_env=WEBHOOK_ENV, smtp=smtp_server)))
+    monkeypatch.setenv(
+        "FINSENT_CONFIG",
+        str(write_config(tmp_path / "finsent.yaml", {"wire": url}, webhook_env=WEBHOOK_ENV, smtp=smtp_server)),
+    )
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("FINSENT_MODEL", str(tiny_model_dir))
     monkeypatch.setenv(WEBHOOK_ENV, webhook.url)
@@ -79,7 +82,9 @@ def test_a_score_task_killed_on_its_last_try_sends_one_notice(env, engine):
     assert "DAG run failed: finsent_monitor" in texts[0] and "score" in texts[0] and dr.run_id in texts[0]
     assert "test-secret-token" not in texts[0]
     notice = _notices(engine)
-    assert [(n.kind, n.key) for n in notice] == [("dag_failed", orchestrate.run_notice_key("finsent_monitor", dr.run_id))]
+    assert [(n.kind, n.key) for n in notice] == [
+        ("dag_failed", orchestrate.run_notice_key("finsent_monitor", dr.run_id))
+    ]
     assert sorted(notice[0].sent_to) == ["console", "ops-mail", "ops-slack"]
 
 
@@ -125,7 +130,10 @@ def test_degraded_delivery_fails_the_notify_task_with_its_reason(env, engine):
     ti = next(t for t in dr.get_task_instances() if t.task_id == "notify")
     assert (ti.state, ti.try_number) == ("failed", 1), "a degraded notify must not be retried into a pass"
     subjects = [str(m["Subject"]) for m in env["smtp"].messages]
-    assert subjects == ["[finsent] 1 alert(s) could not be delivered to ops-slack", "[finsent] task failed: finsent_monitor.notify"], subjects
+    assert subjects == [
+        "[finsent] 1 alert(s) could not be delivered to ops-slack",
+        "[finsent] task failed: finsent_monitor.notify",
+    ], subjects
     body = env["smtp"].messages[1].get_content()
     assert "alert delivery degraded: 1 alert deliveries expired undelivered (ops-slack)" in body
     assert "ops-slack: 0 sent, 0 pending, 1 failed" in body

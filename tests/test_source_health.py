@@ -44,7 +44,7 @@ class Revivable:
         body = self.body
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/rss+xml")
                 self.send_header("Content-Length", str(len(body)))
@@ -83,11 +83,15 @@ def make_cfg(sources: dict[str, str], **health) -> FinsentConfig:
 
 def health_alerts(engine) -> list[tuple[str, str, str]]:
     with session_scope(engine) as session:
-        rows = session.scalars(select(s.Alert).where(s.Alert.scope_kind == "health").order_by(s.Alert.created_at, s.Alert.kind.desc()))
+        rows = session.scalars(
+            select(s.Alert).where(s.Alert.scope_kind == "health").order_by(s.Alert.created_at, s.Alert.kind.desc())
+        )
         return [(a.kind, a.scope_value, (a.details or {}).get("condition")) for a in rows]
 
 
-def test_a_dead_source_raises_one_alert_then_a_resolution(engine, webhook: Webhook, feed_server, dead_source: Revivable) -> None:  # noqa: F811
+def test_a_dead_source_raises_one_alert_then_a_resolution(
+    engine, webhook: Webhook, feed_server, dead_source: Revivable  # noqa: F811  (fixtures)
+) -> None:
     good = feed_server.put("good.xml", rss("good", window_items("good", NOW - timedelta(hours=1), 3)))
     cfg = make_cfg({"good": good, "dead": dead_source.url}, max_failures=3)
     posts_after = []
@@ -119,14 +123,21 @@ def _history(engine, name: str, new_at: list[datetime], empty_at: list[datetime]
         for t in new_at:
             session.add(s.SourceFetch(source_name=name, fetched_at=t, status="ok", entries_seen=5, entries_new=2))
         for t in empty_at:
-            session.add(s.SourceFetch(source_name=name, fetched_at=t, status="not_modified", entries_seen=5, entries_new=0))
+            session.add(
+                s.SourceFetch(source_name=name, fetched_at=t, status="not_modified", entries_seen=5, entries_new=0)
+            )
 
 
 def test_a_quiet_source_past_its_usual_gap_raises_one_alert(engine, webhook: Webhook) -> None:  # noqa: F811
     """Hourly news for a day, then fetches that bring nothing: quiet once 4 x 1 h (its learned gap) has
     passed, not before; one alert over several cycles; resolved when something new arrives."""
     last_new = NOW - timedelta(hours=6)
-    _history(engine, "wire", [last_new - timedelta(hours=h) for h in range(24)], [last_new + timedelta(minutes=15 * i) for i in range(1, 40)])
+    _history(
+        engine,
+        "wire",
+        [last_new - timedelta(hours=h) for h in range(24)],
+        [last_new + timedelta(minutes=15 * i) for i in range(1, 40)],
+    )
     cfg = make_cfg({"wire": "http://127.0.0.1:9/q.xml"}, quiet_floor_hours=2)
     cycle.notify(cfg, engine, now=last_new + timedelta(hours=3, minutes=55))
     assert webhook.posts == [] and health_alerts(engine) == []
