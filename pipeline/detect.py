@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -198,7 +199,9 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             # dispersion, so one past episode neither hides the next nor inflates the noise estimate. The
             # first cut uses the median residual (earlier spikes inflate a mean, and at a few items a window
             # they are most of the negatives), the second the share and dispersion of what survived it.
-            med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a baseline without items has no median
+                med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
         kept = counted & (r2 <= OUTLIER_R2 * np.maximum(np.nan_to_num(med, nan=1.0), 1.0)[..., None])
         p1 = ((Kw * kept).sum(-1) + 0.5) / ((Nw * kept).sum(-1) + 1.0)
         pr = p1[..., None]

@@ -264,7 +264,7 @@ def bench_detect_cmd(
             typer.echo(str(e), err=True)
             raise typer.Exit(1) from None
         results.append(r)
-        typer.echo(f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one detection window {r['seconds']:.2f} s")
+        typer.echo(f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one detection window {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU in this process)")
         _truncate(database_url)
     if benchmark_json is not None:
         ten = [r for r in results if r["entities"] == 10000]
