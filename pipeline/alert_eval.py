@@ -36,8 +36,8 @@ from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR
 WEEK_HOURS = 7 * 24
 DEFAULT_SEEDS = (101, 202, 303, 404)  # not the seeds the detector was tuned on
 TUNING_SEEDS = (7, 11)  # the detector's settings were chosen on these; the report leaves them out
-FAMILIES = ("baseline", "realistic", "adversarial")
 Family = Literal["baseline", "realistic", "adversarial"]
+FAMILIES: tuple[Family, ...] = ("baseline", "realistic", "adversarial")
 VOLUME_BANDS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
 METHOD = "beta-binomial share test (mid-p) + negative-volume test + 2-4 window scans; escalation at 100x"
 
@@ -154,7 +154,9 @@ def family_profiles(rng: np.random.Generator, family: Family, count: int) -> lis
     return out
 
 
-def make_family_stream(rng: np.random.Generator, family: Family, profile: ScopeProfile, windows: int, window_minutes: int) -> Stream:
+def make_family_stream(
+    rng: np.random.Generator, family: Family, profile: ScopeProfile, windows: int, window_minutes: int
+) -> Stream:
     """A quiet stream of one family (no surges yet).
 
     realistic: news days (2-4 per six weeks, volume x3-6 for 4-10 hours at the usual negative share) and,
@@ -185,11 +187,19 @@ def make_family_stream(rng: np.random.Generator, family: Family, profile: ScopeP
     c = profile.share_concentration
     k = rng.binomial(n, rng.beta(share * c, (1 - share) * c))
     slot = (np.arange(windows) % max(1, (24 * 60) // window_minutes)).astype(np.int64)
-    return Stream(profile=profile, n=n.astype(np.float64), k=k.astype(np.float64), slot=slot, expected_k=mu * mult * share)
+    return Stream(
+        profile=profile, n=n.astype(np.float64), k=k.astype(np.float64), slot=slot, expected_k=mu * mult * share
+    )
 
 
 def inject_surges(
-    rng: np.random.Generator, stream: Stream, scope: int, start: int, gap: int, sizes: tuple[float, float], ramp: float = 0.0
+    rng: np.random.Generator,
+    stream: Stream,
+    scope: int,
+    start: int,
+    gap: int,
+    sizes: tuple[float, float],
+    ramp: float = 0.0,
 ) -> None:
     """Surges of 1-6 windows adding negatives in proportion to sqrt(expected negatives) of each window (size
     x that square root), at least `gap` windows apart; with probability `ramp` a surge builds up linearly."""
@@ -200,9 +210,9 @@ def inject_surges(
         length = int(rng.integers(1, 7))
         size = float(rng.uniform(*sizes))
         ramped = rng.random() < ramp
+        shape = [(i + 1) / length if ramped else (1.0 if i == 0 else float(rng.uniform(0.7, 1.1))) for i in range(length)]
         extra = tuple(
-            int(round(size * math.sqrt(max(float(stream.expected_k[t + i]), 0.3)) * ((i + 1) / length if ramped else (1.0 if i == 0 else rng.uniform(0.7, 1.1)))))
-            for i in range(length)
+            round(size * math.sqrt(max(float(stream.expected_k[t + i]), 0.3)) * shape[i]) for i in range(length)
         )
         for i, e in enumerate(extra):
             stream.n[t + i] += e
@@ -214,9 +224,8 @@ def inject_surges(
 def _measured(stream: Stream, sp: Spike, B: int) -> Spike:
     """The spike with its size in baseline SD and its peak window's counts filled in."""
     peak = sp.onset + int(np.argmax(stream.k[sp.onset : sp.onset + sp.length]))
-    return Spike(
-        sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, _baseline_sd_size(stream, sp, B), int(stream.n[peak]), int(stream.k[peak])
-    )
+    size = _baseline_sd_size(stream, sp, B)
+    return Spike(sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, size, int(stream.n[peak]), int(stream.k[peak]))
 
 
 def _baseline_sd_size(stream: Stream, sp: Spike, B: int) -> float:
@@ -553,7 +562,7 @@ class EvalReport:
     weeks: float
     window_minutes: int
     detector: dict[str, Any]
-    families: dict[str, EvalResult]
+    families: dict[Family, EvalResult]
     targets_met_on_every_family: bool
     seconds: float
 
@@ -572,7 +581,9 @@ def evaluate_families(
     t0 = time.perf_counter()
     d = detect_cfg or DetectConfig()
     out = {
-        fam: evaluate(d, family=fam, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check and i == 0, command=command)
+        fam: evaluate(
+            d, family=fam, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check and i == 0, command=command
+        )
         for i, fam in enumerate(families)
     }
     first = next(iter(out.values()))
@@ -763,6 +774,8 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     mean `docs_per_entity_hour`), every scope kind on. Returns the seconds and what was measured."""
     from pipeline import store
     from pipeline.config import FinsentConfig
+    from sqlalchemy import insert
+
     from pipeline.detect import detect_spikes
     from pipeline.store import schema as s
 
@@ -794,7 +807,7 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
         idx = range(lo, min(lo + chunk, len(win)))
         with store.session_scope(engine) as session:
             ids = session.execute(
-                s.Document.__table__.insert().returning(s.Document.id, sort_by_parameter_order=True),
+                insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True),
                 [
                     {
                         "source_name": sources[j % len(sources)],
@@ -809,7 +822,7 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
                 ],
             ).scalars().all()
             session.execute(
-                s.Score.__table__.insert(),
+                insert(s.Score),
                 [
                     {
                         "document_id": doc_id, "model_version_id": "bench-v1",
@@ -821,8 +834,11 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
                 ],
             )  # fmt: skip
             session.execute(
-                s.DocumentEntity.__table__.insert(),
-                [{"document_id": doc_id, "entity": tickers[ent_idx[j]], "kind": "watchlist", "matched": tickers[ent_idx[j]]} for doc_id, j in zip(ids, idx, strict=True)],
+                insert(s.DocumentEntity),
+                [
+                    {"document_id": doc_id, "entity": tickers[ent_idx[j]], "kind": "watchlist", "matched": tickers[ent_idx[j]]}
+                    for doc_id, j in zip(ids, idx, strict=True)
+                ],
             )
     cfg = FinsentConfig.model_validate(
         {
@@ -838,10 +854,10 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     engine.dispose()
     return {
         "entities": entities,
-        "documents": int(len(win)),
+        "documents": len(win),
         "documents_in_window": int((win == T - 1).sum()),
         "history_windows": T,
         "alerts": len(alerts),
         "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu, 3),  # this process only (not the database server): the figure a loaded box distorts least
+        "cpu_seconds": round(cpu, 3),  # this process only (not the database server): least distorted by a loaded box
     }

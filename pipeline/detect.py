@@ -488,7 +488,15 @@ def load_matrix(
     # Core execution (no ORM row processing): this reads every item of the history, 10^5-10^6 rows.
     conn = session.connection()
     rows = conn.execute(
-        select(D.id, _epoch_seconds(conn, D.published_at), D.content_hash, D.source_name, Sc.label == "negative", Sc.p_negative, Sc.topic)
+        select(
+            D.id,
+            _epoch_seconds(conn, D.published_at),
+            D.content_hash,
+            D.source_name,
+            Sc.label == "negative",
+            Sc.p_negative,
+            Sc.topic,
+        )
         .join(Sc, Sc.document_id == D.id)
         .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
     ).all()

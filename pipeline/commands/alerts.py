@@ -277,13 +277,15 @@ def bench_detect_cmd(
 
 def _truncate(url: str) -> None:
     """Empty the scratch database between sizes (the bench needs an empty one)."""
+    from sqlalchemy import delete
+
     from pipeline import store
     from pipeline.store import schema as s
 
     engine = store.make_engine(url)
     with store.session_scope(engine) as session:
         for table in (s.Alert, s.RiskScore, s.DocumentEntity, s.Score, s.Document, s.ModelVersion, s.Source):
-            session.execute(table.__table__.delete())
+            session.execute(delete(table))
     engine.dispose()
 
 
