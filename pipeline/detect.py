@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -58,7 +59,7 @@ DISPERSION_SE = 2.0  # over-dispersion is only counted beyond this many standard
 COUNT_GATE_P = 0.2  # the negative-volume test needs the share test at least this small (it is volume-conditional)
 MIN_BASELINE_DOCS = 20
 TRIM_DAYS = 2  # days of largest negative excess left out of the starting share of the outlier cut
-RECENT_WINDOWS = 24  # the recent share that p0 follows when it drifts up
+RECENT_WINDOWS = (24, 72)  # spans of the recent shares that p0 follows when they drift up
 RECENT_PRIOR_DOCS = 20.0  # weight of the long baseline's share in that recent share
 LOOKBACK_WINDOWS = 48
 RHO_MAX = 0.2
@@ -198,7 +199,9 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             # dispersion, so one past episode neither hides the next nor inflates the noise estimate. The
             # first cut uses the median residual (earlier spikes inflate a mean, and at a few items a window
             # they are most of the negatives), the second the share and dispersion of what survived it.
-            med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a baseline without items has no median
+                med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
         kept = counted & (r2 <= OUTLIER_R2 * np.maximum(np.nan_to_num(med, nan=1.0), 1.0)[..., None])
         p1 = ((Kw * kept).sum(-1) + 0.5) / ((Nw * kept).sum(-1) + 1.0)
         pr = p1[..., None]
@@ -236,11 +239,15 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             lam = (Ks + w0 * lam_all) / (Ws + w0)
         else:
             base_p, lam = p_all, lam_all
-        # A share that drifted up over the last day is the new normal, not a spike: p0 follows the recent
-        # clean windows (shrunk toward the long baseline) whenever they run above it.
-        Rw = min(RECENT_WINDOWS, B)
-        Nr, Kr = (Nw[..., -Rw:] * clean[..., -Rw:]).sum(-1), (Kw[..., -Rw:] * clean[..., -Rw:]).sum(-1)
-        base_p = np.maximum(base_p, (Kr + RECENT_PRIOR_DOCS * base_p) / (Nr + RECENT_PRIOR_DOCS))
+        # A share that drifted up is the new normal, not a spike: p0 follows the share of the last day and
+        # of the last three days (each shrunk toward the long baseline) whenever they run above it. Those
+        # count all windows, not only clean ones (a drift makes the newest windows outliers against the long
+        # baseline), short of the last few that a multi-window spike may still be part of.
+        hi = B - p.sustained_windows
+        for span in RECENT_WINDOWS:
+            lo = max(0, hi - span)
+            Nr, Kr = Nw[..., lo:hi].sum(-1), Kw[..., lo:hi].sum(-1)
+            base_p = np.maximum(base_p, (Kr + RECENT_PRIOR_DOCS * base_p) / (Nr + RECENT_PRIOR_DOCS))
         p0[:, B:] = base_p
         rho[:, B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
         expected[:, B:] = lam
@@ -328,11 +335,12 @@ def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, 
     c = np.maximum(cnt.min(1), 2)
     inv_r = np.maximum(inv_r.mean(-1) * c / (c - 1), 1e-3)
     pb = p0[:, B:]
-    # Volume-conditional: the volume the window's non-negative items imply (a 2-SD lower bound), when
-    # above the usual volume: a news day brings more of every kind of item; a negative surge leaves the
-    # others as they were.
+    # Volume-conditional: the volume the window's non-negative items imply, when above the usual volume
+    # (a news day brings more of every kind of item; a negative surge leaves the others as they were). It
+    # is taken a little low (up to 2 SD, at most 4 items) so that a few extra items in a quiet hour still
+    # count against the usual volume.
     others = n[:, B:] - k[:, B:]
-    implied = np.maximum(others - 2 * np.sqrt(others), 0.0) / (1 - pb)
+    implied = np.maximum(others - np.minimum(2 * np.sqrt(others), 4.0), 0.0) / (1 - pb)
     nexp = np.maximum(np.maximum(smean[:, np.arange(J), slot[B:]], 0.1), implied)
     lam = np.maximum(pb * nexp, 0.05)
     var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
@@ -480,7 +488,15 @@ def load_matrix(
     # Core execution (no ORM row processing): this reads every item of the history, 10^5-10^6 rows.
     conn = session.connection()
     rows = conn.execute(
-        select(D.id, _epoch_seconds(conn, D.published_at), D.content_hash, D.source_name, Sc.label == "negative", Sc.p_negative, Sc.topic)
+        select(
+            D.id,
+            _epoch_seconds(conn, D.published_at),
+            D.content_hash,
+            D.source_name,
+            Sc.label == "negative",
+            Sc.p_negative,
+            Sc.topic,
+        )
         .join(Sc, Sc.document_id == D.id)
         .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
     ).all()

@@ -54,17 +54,24 @@ def test_database_path_gives_the_same_alerts_as_the_replay() -> None:
 
 def test_evaluate_command_writes_the_report(tmp_path: Path) -> None:
     res = runner.invoke(
-        app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--seed", "3", "--seed", "4", "--scopes", "4", "--weeks", "1", "--no-db-check", "--warning-p", "0.003"]
+        app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--seed", "3", "--seed", "4", "--scopes", "4", "--weeks", "1", "--no-db-check", "--warning-p", "0.006"]
     )
     assert res.exit_code == 0, res.output
-    assert "recall (spikes >= 3 baseline SD" in res.output and "false alerts per scope per week" in res.output
+    assert "recall (counted surges" in res.output and "false alerts per scope per week" in res.output
+    assert [line for line in res.output.splitlines() if line.startswith("[")] == ["[baseline]", "[realistic]", "[adversarial]"]
     data = json.loads((tmp_path / "alert-evaluation.json").read_text())
-    assert data["detector"]["warning_p"] == 0.003 and data["scopes"] == 4 and data["seeds"] == [3, 4]
-    assert {"recall_3sd", "precision", "false_alerts_per_scope_week", "median_delay_windows_3sd"} <= set(data)
+    assert data["detector"]["warning_p"] == 0.006 and data["scopes"] == 4 and data["seeds"] == [3, 4]
+    assert data["tuning_seeds"] == [7, 11] and not set(data["tuning_seeds"]) & set(data["seeds"])
+    assert set(data["families"]) == {"baseline", "realistic", "adversarial"}
+    for fam in data["families"].values():
+        assert {"recall_3sd", "precision", "false_alerts_per_scope_week", "median_delay_windows_3sd", "recall_3sd_by_volume"} <= set(fam)
     md = (tmp_path / "alert-evaluation.md").read_text()
-    assert "finsent alerts evaluate" in md and "--warning-p 0.003" in md and "--seed 3 --seed 4" in md and "| 4 |" in md
+    assert "finsent alerts evaluate" in md and "--warning-p 0.006" in md and "--seed 3 --seed 4" in md and "| 4 |" in md
+    assert md.count("Where it still fails:") == 3 and "## Family `adversarial`" in md
     bad = runner.invoke(app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--warning-p", "2"])
     assert bad.exit_code == 2 and "warning_p" in bad.output
+    fam = runner.invoke(app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--family", "calm"])
+    assert fam.exit_code == 2 and "unknown stream family 'calm'" in fam.output
 
 
 def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkeypatch) -> None:
