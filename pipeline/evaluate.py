@@ -457,6 +457,11 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: topic names such as "Legal | Regulation" keep their pipe."""
+    return str(text).replace("|", "\\|")
+
+
 def render_markdown(rep: EvalReport) -> str:
     systems = list(rep.results)
     lines = [
@@ -542,8 +547,8 @@ def render_markdown(rep: EvalReport) -> str:
             continue
         lines += [f"### {SPLIT_TITLES[k]}", "", "| conf. | true | predicted | kind | text |", "|---|---|---|---|---|"]
         for m in r.mistakes:
-            shown = " ".join(str(m["text"]).split()).replace("|", "\\|")
-            lines.append(f"| {m['confidence']:.2f} | {m['true']} | {m['predicted']} | {m['kind']} | {shown[:220]} |")
+            cells = [_cell(m["true"]), _cell(m["predicted"]), _cell(m["kind"]), _cell(" ".join(str(m["text"]).split())[:220])]
+            lines.append(f"| {m['confidence']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     if rep.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
