@@ -239,15 +239,15 @@ def long_text_effect(scorer: Any, splits: Splits, n: int = 40, words: int = 5000
     if not filler:
         return {}
     rng = random.Random(0)
-    bodies = []
+    bodies: list[str] = []
     for _ in heads:
-        body: list[str] = []
+        parts: list[str] = []
         count = 0
         while count < words:
             sentence = rng.choice(filler)
-            body.append(sentence)
+            parts.append(sentence)
             count += len(sentence.split())
-        bodies.append(" ".join(body))
+        bodies.append(" ".join(parts))
     y = np.array([ex.sentiment for ex in heads])
     order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
 
@@ -258,8 +258,8 @@ def long_text_effect(scorer: Any, splits: Splits, n: int = 40, words: int = 5000
     title_lead = probs([f"{ex.text} {body}" for ex, body in zip(heads, bodies, strict=True)]).argmax(1)
     chunk_mean = []
     for ex, body in zip(heads, bodies, strict=True):
-        w = f"{ex.text} {body}".split()
-        chunks = [" ".join(w[i : i + chunk_words]) for i in range(0, len(w), chunk_words)]
+        words_ = f"{ex.text} {body}".split()
+        chunks = [" ".join(words_[i : i + chunk_words]) for i in range(0, len(words_), chunk_words)]
         chunk_mean.append(int(probs(chunks).mean(0).argmax()))
     neutral = SENTIMENT_LABELS.index("neutral")
     return {
@@ -458,6 +458,11 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def _cell(text: str) -> str:
+    """A markdown table cell: topic names such as "Legal | Regulation" keep their pipe."""
+    return str(text).replace("|", "\\|")
+
+
 def render_markdown(rep: EvalReport) -> str:
     systems = list(rep.results)
     lines = [
@@ -543,8 +548,8 @@ def render_markdown(rep: EvalReport) -> str:
             continue
         lines += [f"### {SPLIT_TITLES[k]}", "", "| conf. | true | predicted | kind | text |", "|---|---|---|---|---|"]
         for m in r.mistakes:
-            text = " ".join(m["text"].split()).replace("|", "\\|")
-            lines.append(f"| {m['confidence']:.2f} | {m['true']} | {m['predicted']} | {m['kind']} | {text[:220]} |")
+            cells = [_cell(m["true"]), _cell(m["predicted"]), _cell(m["kind"]), _cell(" ".join(str(m["text"]).split())[:220])]
+            lines.append(f"| {m['confidence']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     if rep.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]

@@ -271,7 +271,8 @@ def iter_unscored(
             given_up = select(s.ScoringOutcome.document_id).where(
                 s.ScoringOutcome.model_version_id == model_version, s.ScoringOutcome.document_id == s.Document.id
             )
-            title, summary = s.Document.title, s.Document.summary
+            title: Any = s.Document.title
+            summary: Any = s.Document.summary
             if max_chars is not None:
                 title, summary = func.substr(title, 1, max_chars), func.substr(summary, 1, max_chars)
             rows = session.execute(
