@@ -8,12 +8,13 @@ import sys
 
 import typer
 
-from pipeline.commands import alerts, core, models
+from pipeline.commands import alerts, core, models, web
 
 app = typer.Typer(help="finsent: financial sentiment monitoring.", no_args_is_help=True, pretty_exceptions_enable=False)
 core.register(app)
 models.register(app)
 alerts.register(app)
+web.register(app)
 
 
 def main() -> None:

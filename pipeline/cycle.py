@@ -81,6 +81,7 @@ def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | N
     src = cfg.source(name)
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [src])
+        store.save_companies(session, cfg.watchlist)
         etag, last_modified = store.source_validators(session, name)
     result = fetch_source(src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent)
     with store.session_scope(engine) as session:

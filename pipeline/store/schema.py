@@ -238,6 +238,15 @@ class RiskScore(Base):
     computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Company(Base):
+    """A watchlist company's display name, upserted from the config so views need no YAML."""
+
+    __tablename__ = "companies"
+    ticker: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class PipelineRun(Base):
     __tablename__ = "pipeline_runs"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
