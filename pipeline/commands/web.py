@@ -72,5 +72,101 @@ def serve(
         engine.dispose()
 
 
+export_app = typer.Typer(help="Export hourly series or scored documents to CSV or Parquet.", no_args_is_help=True)
+ScopeOpt = Annotated[
+    str, typer.Option(help="market, or KIND:VALUE with KIND entity, source or topic (e.g. entity:NWB).")
+]
+OutOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file: .csv or .parquet.")]
+StartOpt = Annotated[str, typer.Option(help="Start (inclusive), ISO 8601 UTC, e.g. 2026-11-13 or 2026-11-13T00:00Z.")]
+EndOpt = Annotated[str, typer.Option(help="End (exclusive), ISO 8601 UTC.")]
+DbOpt = Annotated[str | None, typer.Option("--database-url", help="Default: DATABASE_URL / the config's database_url.")]
+CfgOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config.")]
+
+
+def _scope(scope: str) -> tuple[str, str]:
+    from pipeline.export import SCOPE_KINDS
+
+    kind, _, value = scope.partition(":")
+    if kind not in SCOPE_KINDS or (kind != "market" and not value):
+        raise fail(f"--scope {scope!r}: expected market or KIND:VALUE with KIND one of entity, source, topic")
+    return kind, value or "*"
+
+
+def _time(value: str, name: str):
+    from pipeline.commands.core import parse_time
+
+    try:
+        return parse_time(value)
+    except typer.Exit:
+        raise fail(f"--{name} {value!r}: expected an ISO 8601 date or time such as 2026-11-20T15:00Z") from None
+
+
+def _run_export(database_url: str | None, config: Path | None, output: Path, job) -> None:
+    from pipeline import store
+    from pipeline.export import ExportError, output_format
+
+    try:
+        output_format(output)
+    except ExportError as e:
+        raise fail(str(e)) from None
+    url = resolve_database_url(database_url, config)
+    try:
+        engine = store.make_engine(url)
+        store.check_schema(engine)
+        n = job(engine)
+    except ExportError as e:
+        raise fail(str(e)) from None
+    except store.StoreError as e:
+        raise fail(str(e), code=1) from None
+    err_console.print(f"wrote {n} rows to {output}", highlight=False)
+
+
+@export_app.command("series")
+def export_series(
+    output: OutOpt,
+    start: StartOpt,
+    end: EndOpt,
+    scope: ScopeOpt = "market",
+    database_url: DbOpt = None,
+    config: CfgOpt = None,
+) -> None:
+    """A scope's hourly series (counts, negatives, sum and mean p_negative), one row per hour, zeros included."""
+    from pipeline.export import SERIES_COLUMNS, hourly_series, write_frames
+    from pipeline.store import session_scope
+
+    kind, value = _scope(scope)
+    t0, t1 = _time(start, "start"), _time(end, "end")
+
+    def job(engine) -> int:
+        with session_scope(engine) as session:
+            df = hourly_series(session, kind, value, t0, t1)
+        return write_frames([df], output, SERIES_COLUMNS)
+
+    _run_export(database_url, config, output, job)
+
+
+@export_app.command("documents")
+def export_documents(
+    output: OutOpt,
+    start: StartOpt,
+    end: EndOpt,
+    scope: ScopeOpt = "market",
+    database_url: DbOpt = None,
+    config: CfgOpt = None,
+) -> None:
+    """Documents published in [start, end) with the current model's scores and topic, oldest first."""
+    from pipeline.export import DOCUMENT_COLUMNS, iter_documents, write_frames
+
+    kind, value = _scope(scope)
+    t0, t1 = _time(start, "start"), _time(end, "end")
+    _run_export(
+        database_url,
+        config,
+        output,
+        lambda engine: write_frames(iter_documents(engine, t0, t1, kind, value), output, DOCUMENT_COLUMNS),
+    )
+
+
 def register(app: typer.Typer) -> None:
     app.command()(serve)
+    app.add_typer(export_app, name="export")

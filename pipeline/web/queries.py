@@ -164,13 +164,13 @@ def floor_hour(t: datetime) -> datetime:
     return t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _hour_bucket(session: Session, col: Any) -> ColumnElement[Any]:
+def hour_bucket(session: Session, col: Any) -> ColumnElement[Any]:
     if session.get_bind().dialect.name == "postgresql":
         return func.date_trunc("hour", col, "UTC")
     return func.strftime("%Y-%m-%d %H:00:00", col)
 
 
-def _as_hour(value: Any) -> datetime:
+def as_hour(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
@@ -197,7 +197,7 @@ def anchor_time(session: Session, now: datetime) -> datetime:
     return floor_hour(end) + HOUR
 
 
-def _filled(points: dict[datetime, tuple[int, int]], start: datetime, end: datetime) -> list[HourPoint]:
+def zero_filled(points: dict[datetime, tuple[int, int]], start: datetime, end: datetime) -> list[HourPoint]:
     """Every hour of [start, end): an hour without documents is a zero-volume point, never bridged."""
     out = []
     t = start
@@ -215,7 +215,7 @@ def hourly_by_entity(
     model = current_model(session)
     raw: dict[str, dict[datetime, tuple[int, int]]] = {t: {} for t in tickers}
     if model is not None and tickers:
-        bucket = _hour_bucket(session, s.Document.published_at).label("bucket")
+        bucket = hour_bucket(session, s.Document.published_at).label("bucket")
         rows = session.execute(
             select(
                 s.DocumentEntity.entity,
@@ -233,8 +233,8 @@ def hourly_by_entity(
             .group_by(s.DocumentEntity.entity, bucket)
         ).all()
         for entity, b, total, neg in rows:
-            raw[entity][_as_hour(b)] = (int(total), int(neg or 0))
-    return {t: _filled(raw[t], start, end) for t in tickers}
+            raw[entity][as_hour(b)] = (int(total), int(neg or 0))
+    return {t: zero_filled(raw[t], start, end) for t in tickers}
 
 
 # --- pages -----------------------------------------------------------------------------------------
