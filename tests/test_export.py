@@ -67,8 +67,20 @@ def finsent(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_series_csv_is_zero_filled_and_counts_the_scope(stored, tmp_path) -> None:
     out = tmp_path / "nwb.csv"
-    r = finsent("export", "series", "--scope", "entity:NWB", "--start", "2026-11-20T10:00Z", "--end", "2026-11-20T13:00Z",
-                "-o", str(out), "--database-url", stored)  # fmt: skip
+    r = finsent(
+        "export",
+        "series",
+        "--scope",
+        "entity:NWB",
+        "--start",
+        "2026-11-20T10:00Z",
+        "--end",
+        "2026-11-20T13:00Z",
+        "-o",
+        str(out),
+        "--database-url",
+        stored,
+    )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out)
     assert list(df.total_count) == [3, 0, 1]  # the empty hour is a row of zeros, not a gap
