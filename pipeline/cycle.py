@@ -152,9 +152,11 @@ def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:
 def detect(
     cfg: FinsentConfig, engine: Engine, as_of: datetime, model_version: str | None = None, scorer: Scorer | None = None
 ) -> list[AlertRecord]:
+    from pipeline import rollups
     from pipeline.detect import detect_spikes
 
     version = model_version or (scorer.version if scorer else current_model_version(cfg, engine))
+    rollups.refresh(engine, version)  # dashboards and the web app read the rollups, never a stale refresh
     return detect_spikes(engine, cfg, as_of, version, scorer=scorer)
 
 

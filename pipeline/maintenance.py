@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_ENV = "FINSENT_RETENTION_DAYS"
 DEFAULT_RETENTION_DAYS = 90
-ROLLUPS = ("mv_sentiment_daily",)
+ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0007 (rollup tables instead); refreshed if present
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
 TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
@@ -63,10 +63,20 @@ def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
 
 
 def refresh_rollups(engine: Engine) -> list[str]:
-    """Refresh the materialized rollups without blocking dashboard readers (Postgres only)."""
-    if engine.dialect.name != "postgresql":
-        return []
+    """Bring every model's hourly/daily rollups up to date (pipeline.rollups; normally done at each detect,
+    so this is the safety net for scores written outside a cycle), and refresh any materialized view left."""
+    from sqlalchemy import select
+
+    from pipeline import rollups
+
     done = []
+    with store.session_scope(engine) as session:
+        models = list(session.scalars(select(s.ModelVersion.id).order_by(s.ModelVersion.id)))
+    for model in models:
+        report = rollups.refresh(engine, model)
+        done.append(f"sentiment_hourly/daily {model}: {report.hours} hours")
+    if engine.dialect.name != "postgresql":
+        return done
     with engine.begin() as conn:
         present = set(conn.execute(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()")).scalars())
         for name in ROLLUPS:

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from pipeline import rollups
 from pipeline.store import schema as s
 
 HOUR = timedelta(hours=1)
@@ -165,15 +166,11 @@ def floor_hour(t: datetime) -> datetime:
 
 
 def hour_bucket(session: Session, col: Any) -> ColumnElement[Any]:
-    if session.get_bind().dialect.name == "postgresql":
-        return func.date_trunc("hour", col, "UTC")
-    return func.strftime("%Y-%m-%d %H:00:00", col)
+    return rollups.bucket(session, col)
 
 
 def as_hour(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
+    return rollups.as_utc(value)
 
 
 def current_model(session: Session) -> str | None:
@@ -211,29 +208,23 @@ def zero_filled(points: dict[datetime, tuple[int, int]], start: datetime, end: d
 def hourly_by_entity(
     session: Session, tickers: Sequence[str], start: datetime, end: datetime
 ) -> dict[str, list[HourPoint]]:
-    """Hourly volume and negatives per entity for the current model, zero-filled."""
+    """Hourly volume and negatives per entity for the current model, zero-filled, from the hourly rollup
+    (pipeline.rollups), so the cost follows the range shown, not the history stored."""
     model = current_model(session)
     raw: dict[str, dict[datetime, tuple[int, int]]] = {t: {} for t in tickers}
     if model is not None and tickers:
-        bucket = hour_bucket(session, s.Document.published_at).label("bucket")
+        h = s.SentimentHourly
         rows = session.execute(
-            select(
-                s.DocumentEntity.entity,
-                bucket,
-                func.count(),
-                func.sum(case((s.Score.label == "negative", 1), else_=0)),
+            select(h.scope_value, h.bucket_start, h.total_count, h.neg_count).where(
+                h.model_version == model,
+                h.scope_kind == "entity",
+                h.scope_value.in_(list(tickers)),
+                h.bucket_start >= start,
+                h.bucket_start < end,
             )
-            .join(s.Document, s.Document.id == s.DocumentEntity.document_id)
-            .join(s.Score, and_(s.Score.document_id == s.Document.id, s.Score.model_version_id == model))
-            .where(
-                s.DocumentEntity.entity.in_(list(tickers)),
-                s.Document.published_at >= start,
-                s.Document.published_at < end,
-            )
-            .group_by(s.DocumentEntity.entity, bucket)
         ).all()
         for entity, b, total, neg in rows:
-            raw[entity][as_hour(b)] = (int(total), int(neg or 0))
+            raw[entity][as_hour(b)] = (int(total), int(neg))
     return {t: zero_filled(raw[t], start, end) for t in tickers}
 
 

@@ -1,3 +1,5 @@
+-- Applied by migration 0002 only. Migration 0007 replaces v_sentiment_hourly with views over the rollup tables
+-- (sentiment_hourly / sentiment_daily, written by pipeline.rollups); its SQL is inline there.
 -- Hourly sentiment per scope, in the same scope vocabulary as alerts (market / source / entity / topic),
 -- for the current model: the production one, else the newest registered. Always fresh (a plain view);
 -- Grafana filters on bucket_start, which uses ix_documents_published_at.

@@ -1,8 +1,13 @@
-"""companies: watchlist display names stored in the database
+"""hourly rollups, company names, dashboard views on the rollups
 
-Dashboards, the web app and alert views show "Northwind Bank (NWB)" rather than a bare ticker, and
-they must do so without reading the YAML config. The monitoring cycle upserts the watchlist here.
-Plain DDL, so it also runs on the embedded SQLite demo.
+- `sentiment_hourly`: per (hour, scope, model) counts, negatives, sum of p_negative, written incrementally
+  by pipeline.rollups when a window is scored/detected (idempotent: a rerun rewrites the same rows).
+  Topics are a scope kind, so per-topic counts are rows too. Plain DDL: the SQLite demo has it.
+- `sentiment_daily`: the same per day, recomputed from the hourly rows of the days an update touched.
+- `rollup_state`: per model, the scored_at watermark up to which rollups are complete.
+- `companies`: watchlist display names (ticker -> name), upserted by the cycle from the config.
+- Postgres only: v_sentiment_hourly and v_sentiment_daily now read the rollups (mv_sentiment_daily, which
+  needed a daily refresh, is dropped), with company names; the SQL is inline so this migration is frozen.
 
 Revision ID: 0007
 Revises: 0003
@@ -19,6 +24,143 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+V_CURRENT_MODEL = """
+CREATE OR REPLACE VIEW v_current_model AS
+SELECT id AS model_version
+FROM model_versions
+ORDER BY is_production DESC, promoted_at DESC NULLS LAST, created_at DESC, id
+LIMIT 1
+"""
+
+# Reads the rollup table: Grafana's time filter on bucket_start uses the primary key, so a 7-day panel
+# reads 7 days of rows whatever the history. entity_name: the watchlist name, else the ticker.
+V_SENTIMENT_HOURLY = """
+CREATE VIEW v_sentiment_hourly AS
+SELECT h.bucket_start,
+       h.bucket_start + interval '1 hour' AS bucket_end,
+       h.scope_kind::text AS scope_kind,
+       h.scope_value::text AS scope_value,
+       h.model_version::text AS model_version,
+       h.total_count::bigint AS total_count,
+       h.neg_count::bigint AS neg_count,
+       h.neu_count::bigint AS neu_count,
+       h.pos_count::bigint AS pos_count,
+       h.neg_count::float8 / NULLIF(h.total_count, 0) AS neg_share,
+       h.sum_p_negative / NULLIF(h.total_count, 0) AS mean_p_negative,
+       h.sum_p_negative,
+       CASE WHEN h.scope_kind = 'entity' THEN coalesce(c.name, h.scope_value) ELSE h.scope_value END AS scope_label
+FROM sentiment_hourly h
+JOIN v_current_model m ON m.model_version = h.model_version
+LEFT JOIN companies c ON h.scope_kind = 'entity' AND c.ticker = h.scope_value
+"""
+
+V_SENTIMENT_DAILY = """
+CREATE VIEW v_sentiment_daily AS
+SELECT d.day_start,
+       d.scope_kind::text AS scope_kind,
+       d.scope_value::text AS scope_value,
+       d.model_version::text AS model_version,
+       d.total_count::bigint AS total_count,
+       d.neg_count::bigint AS neg_count,
+       d.neu_count::bigint AS neu_count,
+       d.pos_count::bigint AS pos_count,
+       d.neg_count::float8 / NULLIF(d.total_count, 0) AS neg_share,
+       d.sum_p_negative / NULLIF(d.total_count, 0) AS mean_p_negative,
+       CASE WHEN d.scope_kind = 'entity' THEN coalesce(c.name, d.scope_value) ELSE d.scope_value END AS scope_label
+FROM sentiment_daily d
+JOIN v_current_model m ON m.model_version = d.model_version
+LEFT JOIN companies c ON d.scope_kind = 'entity' AND c.ticker = d.scope_value
+"""
+
+# Entity names for the Grafana variable (label) without scanning any history.
+V_ENTITIES = """
+CREATE VIEW v_entities AS
+SELECT c.ticker AS entity, c.name FROM companies c
+"""
+
+# As 0003's, plus the company name.
+V_ENTITY_RISK = """
+CREATE OR REPLACE VIEW v_entity_risk AS
+SELECT DISTINCT ON (r.scope_value)
+       r.scope_value AS entity,
+       r.window_start,
+       r.window_end,
+       r.risk,
+       r.components,
+       r.computed_at,
+       (SELECT max(a.window_end)
+          FROM alerts a
+         WHERE a.scope_kind = 'entity' AND a.scope_value = r.scope_value
+           AND a.kind IN ('spike', 'escalated')) AS last_spike_at,
+       (SELECT c.name FROM companies c WHERE c.ticker = r.scope_value) AS name
+FROM risk_scores r
+WHERE r.scope_kind = 'entity'
+ORDER BY r.scope_value, r.window_end DESC
+"""
+
+# 0002's and 0003's definitions, for downgrade.
+OLD_ENTITY_RISK = """
+CREATE VIEW v_entity_risk AS
+SELECT DISTINCT ON (r.scope_value)
+       r.scope_value AS entity, r.window_start, r.window_end, r.risk, r.components, r.computed_at,
+       (SELECT max(a.window_end) FROM alerts a
+         WHERE a.scope_kind = 'entity' AND a.scope_value = r.scope_value
+           AND a.kind IN ('spike', 'escalated')) AS last_spike_at
+FROM risk_scores r
+WHERE r.scope_kind = 'entity'
+ORDER BY r.scope_value, r.window_end DESC
+"""
+OLD_HOURLY = """
+CREATE VIEW v_sentiment_hourly AS
+WITH scored AS (
+    SELECT d.id AS document_id, d.source_name, date_trunc('hour', d.published_at, 'UTC') AS bucket_start,
+           s.model_version_id, s.label, s.p_negative, COALESCE(s.topic, '(none)') AS topic
+    FROM documents d
+    JOIN scores s ON s.document_id = d.id
+    JOIN v_current_model m ON m.model_version = s.model_version_id
+),
+dims AS (
+    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, label, p_negative FROM scored
+    UNION ALL
+    SELECT bucket_start, model_version_id, 'source', source_name, label, p_negative FROM scored
+    UNION ALL
+    SELECT bucket_start, model_version_id, 'topic', topic, label, p_negative FROM scored
+    UNION ALL
+    SELECT sc.bucket_start, sc.model_version_id, 'entity', e.entity, sc.label, sc.p_negative
+    FROM scored sc JOIN document_entities e ON e.document_id = sc.document_id
+)
+SELECT bucket_start, bucket_start + interval '1 hour' AS bucket_end, scope_kind, scope_value,
+       model_version_id AS model_version, count(*) AS total_count,
+       count(*) FILTER (WHERE label = 'negative') AS neg_count,
+       count(*) FILTER (WHERE label = 'neutral') AS neu_count,
+       count(*) FILTER (WHERE label = 'positive') AS pos_count,
+       (count(*) FILTER (WHERE label = 'negative'))::float8 / count(*) AS neg_share,
+       avg(p_negative) AS mean_p_negative
+FROM dims
+GROUP BY bucket_start, scope_kind, scope_value, model_version_id
+"""
+OLD_DAILY = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS mv_sentiment_daily AS
+SELECT date_trunc('day', bucket_start, 'UTC') AS day_start, scope_kind, scope_value, model_version,
+       sum(total_count)::bigint AS total_count, sum(neg_count)::bigint AS neg_count,
+       sum(neu_count)::bigint AS neu_count, sum(pos_count)::bigint AS pos_count,
+       sum(neg_count)::float8 / sum(total_count) AS neg_share,
+       sum(mean_p_negative * total_count) / sum(total_count) AS mean_p_negative
+FROM v_sentiment_hourly
+GROUP BY 1, 2, 3, 4
+WITH DATA
+"""
+
+
+def _counts() -> list[sa.Column]:
+    return [
+        sa.Column("total_count", sa.Integer(), nullable=False),
+        sa.Column("neg_count", sa.Integer(), nullable=False),
+        sa.Column("neu_count", sa.Integer(), nullable=False),
+        sa.Column("pos_count", sa.Integer(), nullable=False),
+        sa.Column("sum_p_negative", sa.Float(), nullable=False),
+    ]
+
 
 def upgrade() -> None:
     op.create_table(
@@ -28,7 +170,58 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("ticker", name="pk_companies"),
     )
+    op.create_table(
+        "sentiment_hourly",
+        sa.Column("bucket_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("scope_kind", sa.String(16), nullable=False),
+        sa.Column("scope_value", sa.String(200), nullable=False),
+        sa.Column("model_version", sa.String(100), nullable=False),
+        *_counts(),
+        sa.PrimaryKeyConstraint(
+            "bucket_start", "scope_kind", "scope_value", "model_version", name="pk_sentiment_hourly"
+        ),
+    )
+    op.create_index("ix_sentiment_hourly_scope", "sentiment_hourly", ["scope_kind", "scope_value", "bucket_start"])
+    op.create_table(
+        "sentiment_daily",
+        sa.Column("day_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("scope_kind", sa.String(16), nullable=False),
+        sa.Column("scope_value", sa.String(200), nullable=False),
+        sa.Column("model_version", sa.String(100), nullable=False),
+        *_counts(),
+        sa.PrimaryKeyConstraint("day_start", "scope_kind", "scope_value", "model_version", name="pk_sentiment_daily"),
+    )
+    op.create_table(
+        "rollup_state",
+        sa.Column("model_version", sa.String(100), nullable=False),
+        sa.Column("scored_through", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("model_version", name="pk_rollup_state"),
+    )
+    op.create_index("ix_scores_scored_at", "scores", ["scored_at"])
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    bind.exec_driver_sql("DROP MATERIALIZED VIEW IF EXISTS mv_sentiment_daily")
+    bind.exec_driver_sql("DROP VIEW IF EXISTS v_sentiment_hourly")
+    for sql in (V_CURRENT_MODEL, V_SENTIMENT_HOURLY, V_SENTIMENT_DAILY, V_ENTITIES, V_ENTITY_RISK):
+        bind.exec_driver_sql(sql)
 
 
 def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        for view in ("v_entities", "v_sentiment_daily", "v_sentiment_hourly", "v_entity_risk"):
+            bind.exec_driver_sql(f"DROP VIEW IF EXISTS {view}")
+        bind.exec_driver_sql(OLD_HOURLY)
+        bind.exec_driver_sql(OLD_DAILY)
+        bind.exec_driver_sql(
+            "CREATE UNIQUE INDEX IF NOT EXISTS ux_mv_sentiment_daily "
+            "ON mv_sentiment_daily (day_start, scope_kind, scope_value, model_version)"
+        )
+        bind.exec_driver_sql(OLD_ENTITY_RISK)
+    op.drop_index("ix_scores_scored_at", table_name="scores")
+    op.drop_table("rollup_state")
+    op.drop_table("sentiment_daily")
+    op.drop_index("ix_sentiment_hourly_scope", table_name="sentiment_hourly")
+    op.drop_table("sentiment_hourly")
     op.drop_table("companies")
