@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 RETENTION_ENV = "FINSENT_RETENTION_DAYS"
 DEFAULT_RETENTION_DAYS = 90
-ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0007 (rollup tables instead); refreshed if present
+ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0007 (rollup tables instead)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
 TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
@@ -78,7 +78,8 @@ def refresh_rollups(engine: Engine) -> list[str]:
     if engine.dialect.name != "postgresql":
         return done
     with engine.begin() as conn:
-        present = set(conn.execute(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()")).scalars())
+        sql = "SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()"
+        present = set(conn.execute(text(sql)).scalars())
         for name in ROLLUPS:
             if name in present:
                 conn.execute(text(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {name}"))

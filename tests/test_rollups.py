@@ -25,8 +25,9 @@ def _store(engine, items: list[tuple[str, int, str | None, str, float, str]], mo
     """items: (external id, minutes after T0, entity, label, p_negative, topic)."""
     docs = [
         Document(
-            source="wire", external_id=x, content_hash=hashlib.sha256(x.encode()).hexdigest(), title=f"t {x}", summary="",
-            link=None, published_at=T0 + timedelta(minutes=m), entities=(EntityMention(e, "watchlist", e),) if e else (),
+            source="wire", external_id=x, content_hash=hashlib.sha256(x.encode()).hexdigest(), title=f"t {x}",
+            summary="", link=None, published_at=T0 + timedelta(minutes=m),
+            entities=(EntityMention(e, "watchlist", e),) if e else (),
         )
         for x, m, e, *_ in items
     ]  # fmt: skip
@@ -72,15 +73,23 @@ def _from_base(engine) -> list[tuple]:
         SELECT b, 'market' AS k, '*' AS v, label, p_negative FROM sc
         UNION ALL SELECT b, 'source', source_name, label, p_negative FROM sc
         UNION ALL SELECT b, 'topic', topic, label, p_negative FROM sc
-        UNION ALL SELECT b, 'entity', e.entity, label, p_negative FROM sc JOIN document_entities e ON e.document_id = sc.id
+        UNION ALL SELECT b, 'entity', e.entity, label, p_negative
+                  FROM sc JOIN document_entities e ON e.document_id = sc.id
     ) x GROUP BY b, k, v"""
     with engine.connect() as c:
         return sorted((*r[:-1], round(r[-1], 6)) for r in c.execute(text(sql)))
 
 
 def test_refresh_is_incremental_idempotent_and_equals_the_base_aggregate(engine) -> None:
-    _store(engine, [("a", 5, "NWB", "negative", 0.9, "Macro"), ("b", 20, "NWB", "neutral", 0.2, "Macro"),
-                    ("c", 70, "ACME", "negative", 0.8, "Earnings"), ("d", 75, None, "positive", 0.0, None)])  # fmt: skip
+    _store(
+        engine,
+        [
+            ("a", 5, "NWB", "negative", 0.9, "Macro"),
+            ("b", 20, "NWB", "neutral", 0.2, "Macro"),
+            ("c", 70, "ACME", "negative", 0.8, "Earnings"),
+            ("d", 75, None, "positive", 0.0, None),
+        ],
+    )
     assert rollups.refresh(engine, "m1").hours == 2
     first = _rollup(engine)
     assert first == _from_base(engine)

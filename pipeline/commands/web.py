@@ -167,6 +167,40 @@ def export_documents(
     )
 
 
+def bench_dashboard(
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="PostgreSQL; the data goes into schema finsent_bench.")
+    ] = None,
+    documents: Annotated[int, typer.Option(min=1000, max=5_000_000)] = 300_000,
+    days: Annotated[int, typer.Option(min=7, max=400)] = 90,
+    companies: Annotated[int, typer.Option(min=5, max=100)] = 50,
+    repeat: Annotated[int, typer.Option(min=1, max=50, help="Timed runs per query (median reported).")] = 5,
+    report: Annotated[Path, typer.Option(help="Markdown report path.")] = Path("docs/dashboard-bench.md"),
+    keep: Annotated[bool, typer.Option(help="Keep the finsent_bench schema afterwards.")] = False,
+    config: CfgOpt = None,
+) -> None:
+    """Build a quarter of history on Postgres and time every Grafana panel query and web page."""
+    import sys
+
+    from pipeline import store
+    from pipeline.dashboard_bench import run_bench, write_report
+
+    url = resolve_database_url(database_url, config)
+    command = "finsent bench-dashboard " + " ".join(a for a in sys.argv[2:] if "://" not in a)
+    try:
+        result = run_bench(url, documents, days, companies, repeat, keep, command.strip())
+    except ValueError as e:
+        raise fail(str(e)) from None
+    except store.StoreError as e:
+        raise fail(str(e), code=1) from None
+    write_report(result, report)
+    for t in result.timings:
+        err_console.print(f"{t.kind:8} {t.ms_7d:7.1f} ms  {t.what}", highlight=False)
+    slow = [t for t in result.timings if not t.ok]
+    err_console.print(f"report: {report}; {len(slow)} over target", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(serve)
     app.add_typer(export_app, name="export")
+    app.command("bench-dashboard")(bench_dashboard)

@@ -85,6 +85,7 @@ class SourceFetch(Base):
     """One fetch attempt of one source: the per-source log that makes a broken feed visible."""
 
     __tablename__ = "source_fetches"
+    __table_args__ = (Index("ix_source_fetches_source_time", "source_name", "fetched_at"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(ForeignKey("sources.name", ondelete="CASCADE"), index=True)
@@ -229,6 +230,7 @@ class RiskScore(Base):
     """Risk in [0, 100] per scope and window, queryable from dashboards."""
 
     __tablename__ = "risk_scores"
+    __table_args__ = (Index("ix_risk_scores_latest", "scope_kind", "scope_value", "window_end"),)
     scope_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     scope_value: Mapped[str] = mapped_column(String(200), primary_key=True)
     window_start: Mapped[datetime] = mapped_column(primary_key=True)

@@ -238,12 +238,13 @@ def create_app(engine: Engine, access: Access | None = None, clock: Callable[[],
             end=_parse_time(qp.get("end"), "end"),
         )
         with session_scope(engine) as session:
-            rows = queries.search_documents(session, f)
+            rows, since = queries.search_documents(session, f, now())
             opts = queries.choices(session)
         return render(
             request,
             "documents.html",
             rows=rows,
+            since=since,
             f=f,
             opts=opts,
             labels=SENTIMENT_LABELS,

@@ -41,7 +41,7 @@ def sparkline(points: Sequence[HourPoint], width: int = 220, height: int = 40, b
         line.append(f"{i * step + step / 2:.1f},{height - 1 - (height - 2) * share:.1f}")
     total_all = sum(t for t, _ in buckets)
     neg_all = sum(n_ for _, n_ in buckets)
-    label = escape(f"{total_all} items, {neg_all} negative over {len(points)} hours")
+    label = escape(f"{total_all} items, {neg_all} negative")
     return Markup(
         f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{label}">'

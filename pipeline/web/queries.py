@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Integer, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline import rollups
@@ -16,10 +16,13 @@ from pipeline.store import schema as s
 
 HOUR = timedelta(hours=1)
 SPARK_DAYS = 7
+SPARK_STEP = timedelta(hours=6)
 MAX_RANGE = timedelta(days=92)  # the company chart's widest range: bounded work for any URL
 STALE_AFTER = timedelta(hours=6)  # a source not fetched for this long is shown as stale
 MAX_HOUR_DOCS = 200
 MAX_SEARCH_ROWS = 100
+SEARCH_DAYS = 7  # document search's default range
+CURRENT_RISK = timedelta(days=2)  # a risk score older than this before the newest data is not "current"
 MAX_ALERT_ROWS = 200
 OPEN_KINDS = ("spike", "escalated")
 
@@ -228,6 +231,38 @@ def hourly_by_entity(
     return {t: zero_filled(raw[t], start, end) for t in tickers}
 
 
+def spark_by_entity(
+    session: Session, tickers: Sequence[str], start: datetime, end: datetime, step: timedelta = SPARK_STEP
+) -> dict[str, list[HourPoint]]:
+    """Like hourly_by_entity, but summed into `step` buckets in the database: the overview's 50 sparklines
+    fetch 50 x 28 rows instead of 50 x 168."""
+    model = current_model(session)
+    secs = int(step.total_seconds())
+    n = int((end - start) / step)
+    raw: dict[str, dict[int, tuple[int, int]]] = {t: {} for t in tickers}
+    if model is not None and tickers:
+        h = s.SentimentHourly
+        if session.get_bind().dialect.name == "postgresql":
+            epoch: Any = func.extract("epoch", h.bucket_start)
+        else:
+            epoch = func.cast(func.strftime("%s", h.bucket_start), Integer)
+        k = func.floor((epoch - start.timestamp()) / secs).label("k")
+        rows = session.execute(
+            select(h.scope_value, k, func.sum(h.total_count), func.sum(h.neg_count))
+            .where(
+                h.model_version == model,
+                h.scope_kind == "entity",
+                h.scope_value.in_(list(tickers)),
+                h.bucket_start >= start,
+                h.bucket_start < end,
+            )
+            .group_by(h.scope_value, k)
+        ).all()
+        for entity, i, total, neg in rows:
+            raw[entity][int(i)] = (int(total), int(neg))
+    return {t: [HourPoint(start + i * step, *raw[t].get(i, (0, 0))) for i in range(n)] for t in tickers}
+
+
 # --- pages -----------------------------------------------------------------------------------------
 
 
@@ -295,29 +330,30 @@ def model_row(session: Session) -> ModelRow | None:
     return ModelRow(m.id, m.name, m.is_production, m.promoted_at) if m else None
 
 
-def latest_risk(session: Session) -> dict[str, tuple[float, datetime]]:
-    """The newest risk score per entity."""
-    newest = (
-        select(s.RiskScore.scope_value, func.max(s.RiskScore.window_end).label("w"))
-        .where(s.RiskScore.scope_kind == "entity")
-        .group_by(s.RiskScore.scope_value)
-        .subquery()
-    )
+def latest_risk(session: Session, tickers: Sequence[str], anchor: datetime) -> dict[str, tuple[float, datetime]]:
+    """The newest risk score per entity within CURRENT_RISK before `anchor` (older is not current risk).
+
+    One statement over an index range per entity (ix_risk_scores_latest), whatever the history."""
+    if not tickers:
+        return {}
+    r = s.RiskScore
+    recent = [r.scope_kind == "entity", r.scope_value.in_(list(tickers)), r.window_end > anchor - CURRENT_RISK]
+    newest = select(r.scope_value, func.max(r.window_end).label("w")).where(*recent).group_by(r.scope_value).subquery()
     rows = session.execute(
-        select(s.RiskScore.scope_value, s.RiskScore.risk, s.RiskScore.window_end)
-        .join(newest, and_(s.RiskScore.scope_value == newest.c.scope_value, s.RiskScore.window_end == newest.c.w))
-        .where(s.RiskScore.scope_kind == "entity")
+        select(r.scope_value, r.risk, r.window_end)
+        .join(newest, and_(r.scope_value == newest.c.scope_value, r.window_end == newest.c.w))
+        .where(*recent)
     ).all()
-    return {v: (float(r), w) for v, r, w in rows}
+    return {v: (float(risk), w) for v, risk, w in rows}
 
 
 def overview(session: Session, now: datetime) -> Overview:
     anchor = anchor_time(session, now)
     items = open_items(session)
     names = company_names(session)
-    risks = latest_risk(session)
-    tickers = sorted(set(names) | set(risks))
-    spark = hourly_by_entity(session, tickers, anchor - timedelta(days=SPARK_DAYS), anchor)
+    tickers = sorted(names)
+    risks = latest_risk(session, tickers, anchor)
+    spark = spark_by_entity(session, tickers, anchor - timedelta(days=SPARK_DAYS), anchor)
     open_count: dict[str, int] = {}
     for i in items:
         if i.scope_kind == "entity":
@@ -435,7 +471,7 @@ def company_page(
             .limit(MAX_HOUR_DOCS)
         ).all()
         headlines = _doc_rows(session, rows, _evidence(alerts))
-    risk = latest_risk(session).get(ticker)
+    risk = latest_risk(session, [ticker], end).get(ticker)
     return CompanyPage(
         ticker, names.get(ticker, ticker), start, end, series, alerts, hour, headlines, risk[0] if risk else None
     )
@@ -458,7 +494,10 @@ def alert_list(session: Session, f: AlertFilters) -> list[s.Alert]:
     return list(session.scalars(q).all())
 
 
-def search_documents(session: Session, f: SearchFilters) -> list[DocRow]:
+def search_documents(session: Session, f: SearchFilters, now: datetime) -> tuple[list[DocRow], datetime]:
+    """Newest first; without a start time the last SEARCH_DAYS days, so a text search reads a bounded
+    range (an index range on published_at) whatever the history. Returns the rows and the start used."""
+    start = f.start or anchor_time(session, now) - timedelta(days=SEARCH_DAYS)
     q = (
         _doc_select(current_model(session))
         .order_by(s.Document.published_at.desc(), s.Document.id.desc())
@@ -482,11 +521,10 @@ def search_documents(session: Session, f: SearchFilters) -> list[DocRow]:
         q = q.where(s.Document.source_name == f.source)
     if f.label:
         q = q.where(s.Score.label == f.label)
-    if f.start:
-        q = q.where(s.Document.published_at >= f.start)
+    q = q.where(s.Document.published_at >= start)
     if f.end:
         q = q.where(s.Document.published_at < f.end)
-    return _doc_rows(session, session.execute(q).all(), {})
+    return _doc_rows(session, session.execute(q).all(), {}), start
 
 
 def like_escape(text: str) -> str:
