@@ -260,6 +260,14 @@ def test_post_without_csrf_token_is_refused(demo: Demo) -> None:
         assert cross.status_code == 403
 
 
+def test_ack_url_needs_the_exact_alert_id(demo: Demo) -> None:
+    with httpx.Client(base_url=demo.base) as c:
+        c.get("/alerts")
+        r = c.post(f"/alerts/{demo.nwb_alert[:8]}/ack", data={"csrf": c.cookies["finsent_csrf"], "by": "x"})
+    assert r.status_code == 404
+    assert _ack_state(demo.url, demo.nwb_alert) == (None, None)
+
+
 def test_bad_query_values_give_clear_errors(demo: Demo) -> None:
     r = httpx.get(f"{demo.base}/company/NWB?start=yesterday")
     assert r.status_code == 400 and "start=&#39;yesterday&#39;" in r.text

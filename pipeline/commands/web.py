@@ -186,7 +186,7 @@ def bench_dashboard(
     from pipeline.dashboard_bench import run_bench, write_report
 
     url = resolve_database_url(database_url, config)
-    command = "finsent bench-dashboard " + " ".join(a for a in sys.argv[2:] if "://" not in a)
+    command = "finsent bench-dashboard " + " ".join("$DATABASE_URL" if "://" in a else a for a in sys.argv[2:])
     try:
         result = run_bench(url, documents, days, companies, repeat, keep, command.strip())
     except ValueError as e:

@@ -188,6 +188,8 @@ def create_app(engine: Engine, access: Access | None = None, clock: Callable[[],
         form = await request.form()
         need_csrf(request, form)
         alert_id = request.path_params["alert_id"]
+        with session_scope(engine) as session:
+            _alert(session, alert_id)  # the exact id: acknowledge() also accepts prefixes, a URL must not
         try:
             acks.acknowledge(engine, alert_id, by=who(request, form, "web"))
         except acks.AckError as e:

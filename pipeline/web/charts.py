@@ -11,6 +11,7 @@ from markupsafe import Markup, escape
 from pipeline.web.queries import HourPoint
 
 NEG = "#c0392b"
+TIPS_UP_TO = 24 * 14
 VOL = "#9fb3c8"
 
 
@@ -68,6 +69,7 @@ def hourly_chart(
     top = max((p.total for p in points), default=0) or 1
     step = w / n
     index = {p.start: i for i, p in enumerate(points)}
+    tips = len(points) <= TIPS_UP_TO  # hover texts on long ranges would double the page for little use
     parts = [
         f'<svg class="chart" id="hourly-chart" width="100%" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="hourly volume and negative share">',
@@ -90,7 +92,8 @@ def hourly_chart(
         parts.append(
             f'<a href="{escape(link + _iso(p.start))}"><rect class="{cls}" x="{x:.1f}" y="{pad_t + h - bh:.1f}" '
             f'width="{max(step - 0.6, 0.6):.1f}" height="{max(bh, 0):.1f}" fill="{VOL}">'
-            f"<title>{p.start:%Y-%m-%d %H:00} UTC: {p.total} items, {p.neg} negative</title></rect></a>"
+            + (f"<title>{p.start:%Y-%m-%d %H:00} UTC: {p.total} items, {p.neg} negative</title>" if tips else "")
+            + "</rect></a>"
         )
     # negative share: a line broken at empty hours (no bridging), one dot per hour with data
     segments: list[list[str]] = [[]]
@@ -109,7 +112,8 @@ def hourly_chart(
         parts.append(
             f'<circle class="pt" data-hour="{_iso(p.start)}" data-total="{p.total}" data-neg="{p.neg}" '
             f'cx="{pad_l + i * step + step / 2:.1f}" cy="{pad_t + h - h * p.share:.1f}" r="2.2" fill="{NEG}">'
-            f"<title>{p.start:%Y-%m-%d %H:00} UTC: {100 * p.share:.0f}% negative ({p.neg}/{p.total})</title></circle>"
+            + (f"<title>{p.start:%Y-%m-%d %H:00} UTC: {100 * p.share:.0f}% negative ({p.neg}/{p.total})</title>" * tips)
+            + "</circle>"
         )
     for when, severity, label, href in markers:
         i_or_none = index.get(when)
