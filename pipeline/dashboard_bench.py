@@ -240,7 +240,7 @@ def time_pages(engine: Engine, repeat: int) -> list[Timing]:
         ("documents ?company=C07&label=negative", "/documents?company=C07&label=negative"),
     ]
     with engine.connect() as c:
-        newest = c.execute(text("SELECT max(published_at) FROM documents")).scalar()
+        newest: datetime = c.execute(text("SELECT max(published_at) FROM documents")).scalar_one()
     start90 = (newest - timedelta(days=90)).strftime("%Y-%m-%dT%H:00Z")
     out = []
     with TestClient(create_app(engine)) as client:

@@ -397,13 +397,13 @@ def _doc_rows(session: Session, rows: Sequence[Any], evidence: dict[int, tuple[s
             select(s.DocumentEntity.document_id, s.DocumentEntity.entity).where(s.DocumentEntity.document_id.in_(ids))
         ):
             ents.setdefault(doc_id, []).append(ent)
-        for doc_id, lab in session.execute(
+        for fb_doc, lab in session.execute(
             select(s.Feedback.document_id, s.Feedback.label)
             .where(s.Feedback.document_id.in_(ids))
             .order_by(s.Feedback.id)
         ):
-            if doc_id is not None and lab:
-                fb[doc_id] = lab  # the newest correction wins
+            if fb_doc is not None and lab:
+                fb[fb_doc] = lab  # the newest correction wins
     return [
         DocRow(
             id=d.id,
