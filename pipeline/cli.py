@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from pipeline.commands import alerts, core, documents, models
+from pipeline.commands import alerts, core, documents, models, web
 from pipeline.errors import FinsentError
 
 
@@ -48,6 +48,7 @@ core.register(app)
 models.register(app)
 alerts.register(app)
 documents.register(app)
+web.register(app)
 
 
 def main() -> None:

@@ -88,6 +88,7 @@ def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | N
 def _prepare_source(engine: Engine, src: SourceConfig) -> tuple[str | None, str | None]:
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [src])
+        store.save_companies(session, cfg.watchlist)
         return store.source_validators(session, src.name)
 
 
@@ -249,9 +250,11 @@ def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:
 def detect(
     cfg: FinsentConfig, engine: Engine, as_of: datetime, model_version: str | None = None, scorer: Scorer | None = None
 ) -> list[AlertRecord]:
+    from pipeline import rollups
     from pipeline.detect import detect_spikes
 
     version = model_version or (scorer.version if scorer else current_model_version(cfg, engine))
+    rollups.refresh(engine, version)  # dashboards and the web app read the rollups, never a stale refresh
     return detect_spikes(engine, cfg, as_of, version, scorer=scorer)
 
 

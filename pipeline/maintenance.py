@@ -24,7 +24,7 @@ from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
-ROLLUPS = ("mv_sentiment_daily",)
+ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0009 (rollup tables instead)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
 TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
@@ -65,12 +65,23 @@ def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
 
 
 def refresh_rollups(engine: Engine) -> list[str]:
-    """Refresh the materialized rollups without blocking dashboard readers (Postgres only)."""
-    if engine.dialect.name != "postgresql":
-        return []
+    """Bring every model's hourly/daily rollups up to date (pipeline.rollups; normally done at each detect,
+    so this is the safety net for scores written outside a cycle), and refresh any materialized view left."""
+    from sqlalchemy import select
+
+    from pipeline import rollups
+
     done = []
+    with store.session_scope(engine) as session:
+        models = list(session.scalars(select(s.ModelVersion.id).order_by(s.ModelVersion.id)))
+    for model in models:
+        report = rollups.refresh(engine, model)
+        done.append(f"sentiment_hourly/daily {model}: {report.hours} hours")
+    if engine.dialect.name != "postgresql":
+        return done
     with engine.begin() as conn:
-        present = set(conn.execute(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()")).scalars())
+        sql = "SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()"
+        present = set(conn.execute(text(sql)).scalars())
         for name in ROLLUPS:
             if name in present:
                 conn.execute(text(f"REFRESH MATERIALIZED VIEW CONCURRENTLY {name}"))

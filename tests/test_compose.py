@@ -201,4 +201,5 @@ def test_grafana_queries_run_against_the_migrated_views(engine):
             assert used and used <= views, f"{title}: queries {used - views}, not a view created by sql/views"
             expanded = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 BETWEEN now() - interval '7 days' AND now()", sql)
             expanded = expanded.replace("($entity)", "('NWB')")
+            expanded = expanded.replace("$__timeFrom()", "(now() - interval '7 days')").replace("$__timeTo()", "now()")
             c.execute(text(expanded)).all()

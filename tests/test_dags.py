@@ -390,7 +390,7 @@ def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp
         old_ids = [r[0] for r in c.execute(text("SELECT id FROM documents ORDER BY id LIMIT 5"))]
         c.execute(text("UPDATE documents SET fetched_at = :t WHERE id = ANY(:ids)"), {"t": run_end - timedelta(days=31), "ids": old_ids})
         total = c.scalar(text("SELECT count(*) FROM documents"))
-        assert c.scalar(text("SELECT count(*) FROM mv_sentiment_daily")) == 0  # created empty by the migration
+        assert c.scalar(text("SELECT count(*) FROM v_sentiment_daily")) == 0  # scores written outside a cycle: no rollup yet
 
     dag = fresh_dag("finsent_maintenance")
     assert dag.test(logical_date=run_end).state == "success"
@@ -399,7 +399,7 @@ def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp
         assert cleared == old_ids
         assert c.scalar(text("SELECT count(*) FROM documents")) == total  # headlines and scores stay
         assert c.scalar(text("SELECT count(*) FROM scores")) == total
-        daily = c.execute(text("SELECT scope_kind, scope_value, total_count FROM mv_sentiment_daily WHERE scope_kind = 'entity'")).all()
+        daily = c.execute(text("SELECT scope_kind, scope_value, total_count FROM v_sentiment_daily WHERE scope_kind = 'entity'")).all()
     assert sum(r.total_count for r in daily) == total and {r.scope_value for r in daily} == {"NWB"}
     # idempotent: a rerun of the same day clears nothing more
     assert dag.test(logical_date=run_end).state == "success"
@@ -410,6 +410,9 @@ def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp
 def test_dashboard_views_agree_with_stored_scores(engine):
     end = datetime(2026, 3, 4, 12, 0, tzinfo=UTC)
     n = _seed_spike(engine, end)
+    from pipeline.maintenance import refresh_rollups
+
+    refresh_rollups(engine)  # the views read the rollups, which detection (or maintenance) writes
     with engine.connect() as c:
         rows = c.execute(
             text("SELECT bucket_start, total_count, neg_count, neg_share FROM v_sentiment_hourly WHERE scope_kind = 'entity' AND scope_value = 'NWB' ORDER BY bucket_start")

@@ -203,6 +203,11 @@ def print_demo(report) -> None:
         f"(ingest {secs['ingest']:.1f} s, model load {secs['load_model']:.1f} s, score {secs['score']:.1f} s, "
         f"detect {secs['detect']:.1f} s, notify {secs['notify']:.1f} s). Database: {report.database_url}"
     )
+    console.print(
+        f"\nSee it in your browser: [bold]finsent serve --database-url {escape(report.database_url)}[/] "
+        "then open http://127.0.0.1:8000/",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -326,23 +326,6 @@ def models_rollback(config: ConfigOpt = None) -> None:
     _say(f"production is now {rollback(_engine(config_or_exit(config)))}")
 
 
-def add_feedback(engine, document_id: int, label: str | None, topic: str | None = None, author: str | None = None, text: str | None = None) -> int:
-    """Insert one analyst correction; returns the feedback id. Label must be negative/neutral/positive."""
-    from pipeline.data import SENTIMENT_LABELS
-    from pipeline.store import session_scope
-    from pipeline.store import schema as s
-
-    if label is not None and label.lower() not in SENTIMENT_LABELS:
-        raise ValueError(f"label {label!r}: expected one of {', '.join(SENTIMENT_LABELS)}")
-    with session_scope(engine) as session:
-        if session.get(s.Document, document_id) is None:
-            raise LookupError(f"no document with id {document_id}")
-        fb = s.Feedback(document_id=document_id, text=text, label=label.lower() if label else None, topic=topic, author=author, created_at=datetime.now(UTC))
-        session.add(fb)
-        session.flush()
-        return fb.id
-
-
 def label(
     doc_id: Annotated[int, typer.Argument(help="Document id (documents.id).")],
     sentiment: Annotated[str, typer.Argument(metavar="LABEL", help="negative, neutral or positive.")],
@@ -361,6 +344,8 @@ def label(
             names = None
         if names is not None and topic.casefold() not in {n.casefold() for n in names}:
             raise fail(f"topic {topic!r} is not one of: {', '.join(names)}")
+    from pipeline.feedback import add_feedback
+
     try:
         fid = add_feedback(_engine(cfg), doc_id, sentiment, topic, author)
     except (ValueError, LookupError) as e:

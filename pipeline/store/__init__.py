@@ -154,6 +154,14 @@ def ensure_sources(session: Session, sources: Iterable[Any]) -> None:
         session.execute(stmt)
 
 
+def save_companies(session: Session, watchlist: Iterable[Any]) -> None:
+    """Upsert the watchlist's display names (ticker -> name) so dashboards and the web app need no YAML."""
+    now = datetime.now(UTC)
+    for w in watchlist:
+        stmt = _insert(session, s.Company).values(ticker=w.key, name=w.name, updated_at=now)
+        session.execute(stmt.on_conflict_do_update(index_elements=["ticker"], set_={"name": stmt.excluded.name, "updated_at": now}))
+
+
 def source_validators(session: Session, name: str) -> tuple[str | None, str | None]:
     row = session.execute(select(s.Source.etag, s.Source.last_modified).where(s.Source.name == name)).first()
     return (row[0], row[1]) if row else (None, None)

@@ -88,6 +88,7 @@ class SourceFetch(Base):
     """One fetch attempt of one source: the per-source log that makes a broken feed visible."""
 
     __tablename__ = "source_fetches"
+    __table_args__ = (Index("ix_source_fetches_source_time", "source_name", "fetched_at"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("pipeline_runs.id", ondelete="SET NULL"))
     source_name: Mapped[str] = mapped_column(ForeignKey("sources.name", ondelete="CASCADE"), index=True)
@@ -149,7 +150,7 @@ class ModelVersion(Base):
 
 class Score(Base):
     __tablename__ = "scores"
-    __table_args__ = (Index("ix_scores_model_version", "model_version_id"),)
+    __table_args__ = (Index("ix_scores_model_version", "model_version_id"), Index("ix_scores_scored_at", "scored_at"))
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
     model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
     label: Mapped[str] = mapped_column(String(16))
@@ -303,6 +304,7 @@ class RiskScore(Base):
     """Risk in [0, 100] per scope and window, queryable from dashboards."""
 
     __tablename__ = "risk_scores"
+    __table_args__ = (Index("ix_risk_scores_latest", "scope_kind", "scope_value", "window_end"),)
     scope_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     scope_value: Mapped[str] = mapped_column(String(200), primary_key=True)
     window_start: Mapped[datetime] = mapped_column(primary_key=True)
@@ -310,6 +312,51 @@ class RiskScore(Base):
     risk: Mapped[float] = mapped_column(Float)
     components: Mapped[dict[str, Any]] = mapped_column(default=dict)
     computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Company(Base):
+    """A watchlist company's display name, upserted from the config so views need no YAML."""
+
+    __tablename__ = "companies"
+    ticker: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class _RollupCounts:
+    """Counts of one rollup row; mean p_negative is sum_p_negative / total_count."""
+
+    scope_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    scope_value: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    total_count: Mapped[int]
+    neg_count: Mapped[int]
+    neu_count: Mapped[int]
+    pos_count: Mapped[int]
+    sum_p_negative: Mapped[float] = mapped_column(Float)
+
+
+class SentimentHourly(_RollupCounts, Base):
+    """Hourly per-scope rollup, rewritten by pipeline.rollups for the hours new scores fall in."""
+
+    __tablename__ = "sentiment_hourly"
+    __table_args__ = (Index("ix_sentiment_hourly_scope", "scope_kind", "scope_value", "bucket_start"),)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+
+
+class SentimentDaily(_RollupCounts, Base):
+    """Daily rollup, recomputed from the hourly rows of the days an update touched."""
+
+    __tablename__ = "sentiment_daily"
+    day_start: Mapped[datetime] = mapped_column(primary_key=True)
+
+
+class RollupState(Base):
+    """Per model: rollups are complete for every score with scored_at up to scored_through."""
+
+    __tablename__ = "rollup_state"
+    model_version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    scored_through: Mapped[datetime]
 
 
 class PipelineRun(Base):

@@ -1,3 +1,5 @@
+-- Applied by migration 0002 only. Migration 0009 replaces mv_sentiment_daily with views over the rollup tables
+-- (sentiment_hourly / sentiment_daily, written by pipeline.rollups); its SQL is inline there.
 -- Daily rollup for long-range panels: materialized because months of hourly rows are slow to
 -- aggregate on every dashboard load. finsent_maintenance refreshes it (CONCURRENTLY, hence the
 -- unique index) once a day.

@@ -1,0 +1,130 @@
+"""Server-rendered SVG charts: no JavaScript, no CDN, every label escaped. Each data point carries its
+values as data-* attributes, so a test (or a curious analyst) can read exactly what is drawn."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from markupsafe import Markup, escape
+
+from pipeline.web.queries import HourPoint
+
+NEG = "#c0392b"
+TIPS_UP_TO = 24 * 14
+VOL = "#9fb3c8"
+
+
+def _iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:00Z")
+
+
+def sparkline(points: Sequence[HourPoint], width: int = 220, height: int = 40, bucket_hours: int = 6) -> Markup:
+    """Volume bars and negative-share line, in `bucket_hours` buckets so 168 hours fit in a table cell."""
+    buckets: list[tuple[int, int]] = []
+    for i in range(0, len(points), bucket_hours):
+        chunk = points[i : i + bucket_hours]
+        buckets.append((sum(p.total for p in chunk), sum(p.neg for p in chunk)))
+    if not buckets:
+        return Markup(f'<svg class="spark" width="{width}" height="{height}" role="img" aria-label="no data"></svg>')
+    n = len(buckets)
+    top = max(t for t, _ in buckets) or 1
+    step = width / n
+    bars = []
+    line = []
+    for i, (total, neg) in enumerate(buckets):
+        h = (height - 2) * total / top
+        bars.append(
+            f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
+            f'height="{h:.1f}" fill="{VOL}"/>'
+        )
+        share = neg / total if total else 0.0
+        line.append(f"{i * step + step / 2:.1f},{height - 1 - (height - 2) * share:.1f}")
+    total_all = sum(t for t, _ in buckets)
+    neg_all = sum(n_ for _, n_ in buckets)
+    label = escape(f"{total_all} items, {neg_all} negative")
+    return Markup(
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{label}">'
+        + "".join(bars)
+        + f'<polyline fill="none" stroke="{NEG}" stroke-width="1.5" points="{" ".join(line)}"/></svg>'
+    )
+
+
+def hourly_chart(
+    points: Sequence[HourPoint],
+    markers: Sequence[tuple[datetime, str, str, str]],
+    selected: datetime | None,
+    link: str,
+    width: int = 960,
+    height: int = 260,
+) -> Markup:
+    """Hourly volume (bars, left axis) and negative share (dots and line, right axis 0-100%).
+
+    `markers` are (hour, severity, label, href) for alerts; `link` is a URL prefix that a bar's hour is
+    appended to (`...&hour=2026-11-20T14:00Z`), so clicking an hour lists its headlines."""
+    pad_l, pad_r, pad_t, pad_b = 44, 44, 18, 28
+    w, h = width - pad_l - pad_r, height - pad_t - pad_b
+    n = max(len(points), 1)
+    top = max((p.total for p in points), default=0) or 1
+    step = w / n
+    index = {p.start: i for i, p in enumerate(points)}
+    tips = len(points) <= TIPS_UP_TO  # hover texts on long ranges would double the page for little use
+    parts = [
+        f'<svg class="chart" id="hourly-chart" width="100%" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="hourly volume and negative share">',
+        f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#888"/>',
+        f'<text x="{pad_l - 6}" y="{pad_t + 4}" text-anchor="end" class="ax">{top}</text>',
+        f'<text x="{pad_l - 6}" y="{pad_t + h}" text-anchor="end" class="ax">0</text>',
+        f'<text x="{pad_l + w + 6}" y="{pad_t + 4}" class="ax">100%</text>',
+        f'<text x="{pad_l + w + 6}" y="{pad_t + h}" class="ax">0%</text>',
+    ]
+    # day ticks
+    for i, p in enumerate(points):
+        if p.start.hour == 0:
+            x = pad_l + i * step
+            parts.append(f'<line x1="{x:.1f}" y1="{pad_t}" x2="{x:.1f}" y2="{pad_t + h}" stroke="#eee"/>')
+            parts.append(f'<text x="{x + 2:.1f}" y="{height - 8}" class="ax">{p.start:%b %d}</text>')
+    for i, p in enumerate(points):
+        x = pad_l + i * step
+        bh = h * p.total / top
+        cls = "bar sel" if selected is not None and p.start == selected else "bar"
+        parts.append(
+            f'<a href="{escape(link + _iso(p.start))}"><rect class="{cls}" x="{x:.1f}" y="{pad_t + h - bh:.1f}" '
+            f'width="{max(step - 0.6, 0.6):.1f}" height="{max(bh, 0):.1f}" fill="{VOL}">'
+            + (f"<title>{p.start:%Y-%m-%d %H:00} UTC: {p.total} items, {p.neg} negative</title>" if tips else "")
+            + "</rect></a>"
+        )
+    # negative share: a line broken at empty hours (no bridging), one dot per hour with data
+    segments: list[list[str]] = [[]]
+    for i, p in enumerate(points):
+        if p.share is None:
+            if segments[-1]:
+                segments.append([])
+            continue
+        segments[-1].append(f"{pad_l + i * step + step / 2:.1f},{pad_t + h - h * p.share:.1f}")
+    for seg in segments:
+        if len(seg) > 1:
+            parts.append(f'<polyline fill="none" stroke="{NEG}" stroke-width="1.2" points="{" ".join(seg)}"/>')
+    for i, p in enumerate(points):
+        if p.share is None:
+            continue
+        parts.append(
+            f'<circle class="pt" data-hour="{_iso(p.start)}" data-total="{p.total}" data-neg="{p.neg}" '
+            f'cx="{pad_l + i * step + step / 2:.1f}" cy="{pad_t + h - h * p.share:.1f}" r="2.2" fill="{NEG}">'
+            + (f"<title>{p.start:%Y-%m-%d %H:00} UTC: {100 * p.share:.0f}% negative ({p.neg}/{p.total})</title>" * tips)
+            + "</circle>"
+        )
+    for when, severity, label, href in markers:
+        i_or_none = index.get(when)
+        if i_or_none is None:
+            continue
+        x = pad_l + i_or_none * step + step / 2
+        colour = NEG if severity == "critical" else "#e67e22"
+        parts.append(
+            f'<a href="{escape(href)}"><path class="marker" data-hour="{_iso(when)}" '
+            f'd="M{x - 6:.1f},{pad_t - 14} L{x + 6:.1f},{pad_t - 14} L{x:.1f},{pad_t - 4} Z" fill="{colour}">'
+            f"<title>{escape(label)}</title></path></a>"
+        )
+    parts.append("</svg>")
+    return Markup("".join(parts))
