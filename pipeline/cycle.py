@@ -81,11 +81,12 @@ def check_as_of(as_of: datetime, window_minutes: int) -> None:
 def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | None = None) -> IngestOutcome:
     """Fetch one source and commit its new documents; a broken feed is recorded, never raised."""
     src = cfg.source(name)
-    etag, last_modified = _prepare_source(engine, src)
+    etag, last_modified = _prepare_source(cfg, engine, src)
     return _save_fetch(engine, _fetch(cfg, src, etag, last_modified), run_id)
 
 
-def _prepare_source(engine: Engine, src: SourceConfig) -> tuple[str | None, str | None]:
+def _prepare_source(cfg: FinsentConfig, engine: Engine, src: SourceConfig) -> tuple[str | None, str | None]:
+    """Register the source (and the watchlist's company names) and read its conditional-GET validators."""
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [src])
         store.save_companies(session, cfg.watchlist)
@@ -116,7 +117,7 @@ def ingest_all(cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None =
     database work stays on this thread (SQLite has one writer). Outcomes come back in source order."""
     wanted = names if names is not None else [s.name for s in cfg.sources if s.enabled]
     sources = [cfg.source(n) for n in wanted]
-    validators = {src.name: _prepare_source(engine, src) for src in sources}
+    validators = {src.name: _prepare_source(cfg, engine, src) for src in sources}
     results: dict[str, IngestOutcome] = {}
     workers = max(1, min(cfg.ingest.max_workers, len(sources)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:

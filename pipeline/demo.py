@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import cycle, store
 from pipeline.config import DEFAULT_MODEL_DIR, FinsentConfig, SinkConfig, SourceConfig, WatchlistEntity
-from pipeline.errors import FinsentError
+from pipeline.errors import UsageError
 from pipeline.records import AlertRecord
 from pipeline.store import schema as s
 
@@ -61,7 +61,7 @@ class DemoReport:
     not_scored: dict[str, int] = field(default_factory=dict)  # ScoringStatus -> items given no sentiment
 
 
-class DemoError(FinsentError):
+class DemoError(UsageError):
     """The demo cannot run as asked (e.g. its database file holds real data); the message says why."""
 
 

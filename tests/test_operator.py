@@ -33,9 +33,12 @@ def negative_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(engine, negative_model_dir, pg_url):
+def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(engine, negative_model_dir, pg_url, monkeypatch):
     """Nothing pending: no model load. Work pending: one load for all chunks, and every document scored
     negative gets its evidence words stored with the score (detect reads them, never the model)."""
+    import pipeline.explain
+
+    monkeypatch.setattr(pipeline.explain, "MIN_WEIGHT", 0.0)  # a tiny random model's contributions are ~1e-5
     cfg = cfg_for(pg_url, negative_model_dir).model_copy(
         update={"model": cfg_for(pg_url, negative_model_dir).model.model_copy(update={"chunk_size": 7})}
     )

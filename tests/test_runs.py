@@ -114,7 +114,7 @@ def test_two_concurrent_runs_score_each_document_once(tmp_path, pg_url, engine, 
             _, err = second.communicate(timeout=120)
         finally:
             second.kill()
-        assert second.returncode == 4, err
+        assert second.returncode == 5, err
         assert "another finsent run holds the lock on database" in err and "nothing done" in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     finally:
@@ -250,7 +250,7 @@ def test_sqlite_run_lock_is_a_file_next_to_the_database(tmp_path):
     try:
         with store.run_lock(engine):
             held = subprocess.run([sys.executable, "-m", "pipeline.cli", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert held.returncode == 4, held.stderr
+        assert held.returncode == 5, held.stderr
         assert held.stderr.strip() == f"error: another finsent run holds the lock {db}.lock; nothing done"
         with store.run_lock(engine), pytest.raises(store.RunLockedError):  # a second holder in this process too
             with store.run_lock(store.make_engine(url)):

@@ -21,7 +21,7 @@ from pipeline.data import (
 )
 from pipeline.train import TrainConfig, TrainError, default_base, train_model
 
-from tests.train_support import TOPICS, _sentences, make_data_dir
+from tests.train_support import TINY, TOPICS, _sentences, make_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -36,9 +36,10 @@ LOCK_NAME = "finsent.run_cycle"
 
 
 class RunLockedError(FinsentError):
-    """Another run holds the cycle lock on this database; nothing was done (exit 4, so cron mail says so)."""
+    """Another run holds the cycle lock on this database; nothing was done (exit 5, so cron mail says so;
+    3 is a failed source, 4 degraded delivery)."""
 
-    exit_code = 4
+    exit_code = 5
 
 
 def owner() -> str:
