@@ -1,5 +1,6 @@
 """`finsent run` end to end against the real Postgres, with the sample feeds served from 127.0.0.1."""
 
+import re
 from pathlib import Path
 
 import pytest
