@@ -76,13 +76,16 @@ def seed(engine, cfg: FinsentConfig, hours: int, shifted: dict[int, object] | No
             for src in ("newswire", "steady"):
                 gen = shifted.get(h) if src == "newswire" else None
                 n = PER_WINDOW * 3 if gen is spam else PER_WINDOW
+                made = []
                 for i in range(n):
                     title, lang, label, top = (gen or news)(rng)  # type: ignore[operator]
                     at = START + timedelta(hours=h, minutes=rng.randint(0, 59))
                     doc = s.Document(source_name=src, external_id=f"{src}-{h}-{i}", content_hash=f"{src}-{h}-{i}",
                                      title=title, summary="", published_at=at, fetched_at=at, language=lang)
-                    session.add(doc)
-                    session.flush()
+                    made.append((doc, label, top, at))
+                session.add_all([m[0] for m in made])
+                session.flush()  # one round trip per source and hour: ids for the scores
+                for doc, label, top, at in made:
                     if label is None:
                         continue
                     rest = (1 - top) / 2
