@@ -109,7 +109,9 @@ def model_alerts(engine) -> list[tuple[str, str, str | None]]:
 
 
 @pytest.mark.parametrize(("shift", "feature"), [("tweets", None), ("language", "language"), ("spam", "label")])
-def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(engine, webhook: Webhook, shift: str, feature: str | None) -> None:  # noqa: F811
+def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
+    engine, pg_url: str, tmp_path, monkeypatch, webhook: Webhook, shift: str, feature: str | None  # noqa: F811
+) -> None:
     cfg = make_cfg()
     hours = 4 * 24
     seed(engine, cfg, hours, shifted=dict.fromkeys(range(72, 80), SHIFTS[shift]))
@@ -128,6 +130,18 @@ def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(engine
         steady = session.scalars(select(W.drifted).where(W.source_name == "steady", W.drifted.is_not(None))).all()
     assert drifted and all(START + timedelta(hours=72) <= t < START + timedelta(hours=80) for t in drifted)
     assert steady and not any(steady)  # the other source was judged all along and never drifted
+    if shift == "spam":  # `finsent alerts show` tells it as the notice the sinks got, not as a news surge
+        from typer.testing import CliRunner
+
+        from pipeline.cli import app
+
+        (tmp_path / "c.yaml").write_text(json.dumps({"database_url": pg_url}))
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        with session_scope(engine) as session:
+            aid = session.scalars(select(s.Alert.id).where(s.Alert.kind == "model_health")).one()
+        r = CliRunner().invoke(app, ["alerts", "show", aid, "-c", str(tmp_path / "c.yaml")], terminal_width=200)
+        assert r.exit_code == 0 and "model output drifted on source newswire: label PSI" in r.output, r.output
+        assert "news surge" not in r.output
 
 
 def test_a_normal_week_raises_no_model_health_alert(engine, webhook: Webhook) -> None:  # noqa: F811
