@@ -1,7 +1,7 @@
 """The labelling queue (active learning): which stored documents are most worth an analyst's minute.
 
 Candidates are documents scored by the model in use, published in the last `days`, that no analyst has
-labelled yet (no `feedback` row). The margin of a score is its top probability minus the runner-up: a small
+labelled yet (no `feedback` row); at most the newest `MAX_CANDIDATES` of them. The margin of a score is its top probability minus the runner-up: a small
 margin means the model nearly chose another label. The queue is, in this order (the documented rule):
 
 1. **alert_flip**: documents cited as evidence by an open alert (a spike or escalation whose episode has no
@@ -27,12 +27,14 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import chain, zip_longest
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.health import OPS_SCOPES
 from pipeline.store import schema as s
 from pipeline.store import session_scope
+
+MAX_CANDIDATES = 50_000  # the newest candidates considered: bounds memory whatever the backlog
 
 
 class Reason(StrEnum):
@@ -98,14 +100,15 @@ def label_queue(
     labelled = select(F.document_id).where(F.document_id == D.id).exists()
     with session_scope(engine) as session:
         rows = session.execute(
-            select(D.id, D.source_name, D.title, Sc.label, Sc.p_negative, Sc.p_neutral, Sc.p_positive)
+            select(D.id, D.source_name, func.substr(D.title, 1, 200).label("title"), Sc.label, Sc.p_negative, Sc.p_neutral, Sc.p_positive)
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(D.published_at >= now - timedelta(days=days), D.published_at <= now, ~labelled)
-            .order_by(D.id)
+            .order_by(D.id.desc())
+            .limit(MAX_CANDIDATES)
         ).all()
         cited = _cited_by_open_alerts(session)
     items = [
-        QueueItem(r.id, r.source_name, Reason.LEAST_CONFIDENT, r.label, margin((r.p_negative, r.p_neutral, r.p_positive)), r.title[:200])
+        QueueItem(r.id, r.source_name, Reason.LEAST_CONFIDENT, r.label, margin((r.p_negative, r.p_neutral, r.p_positive)), r.title)
         for r in rows
     ]
     flips = sorted(
