@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -166,3 +167,12 @@ def test_psi_and_the_significance_check_both_gate_a_drift() -> None:
     assert many.p_value < 1e-100 and many.psi < 0.02 and not many.drifted  # real but trivial on 100,000 items
     real = compare("label", {"a": 40, "b": 20, "c": 40}, {k: v * 5 for k, v in base.items()}, mh)
     assert real.drifted and real.psi > 0.25 and real.p_value < mh.alpha
+
+
+def test_the_sustained_rule_is_validated_at_load() -> None:
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, ValueError), match="sustained_k"):
+        make_cfg(sustained_k=5, sustained_m=4)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "examples" / "finsent.yaml")
+    assert cfg.model_health.sustained_k == 3 and cfg.model_health.psi_threshold == 0.25
