@@ -164,13 +164,13 @@ def psi(window: dict[str, int], baseline: dict[str, int]) -> float:
 
 def homogeneity_p(window: dict[str, int], baseline: dict[str, int]) -> float:
     """p-value of a chi-square test that window and baseline counts come from one distribution."""
-    from scipy.stats import chi2_contingency
+    from scipy import stats
 
     keys = [k for k in sorted(set(window) | set(baseline)) if window.get(k, 0) + baseline.get(k, 0) > 0]
     if len(keys) < 2 or not sum(window.values()) or not sum(baseline.values()):
         return 1.0
     table = [[window.get(k, 0) for k in keys], [baseline.get(k, 0) for k in keys]]
-    return float(chi2_contingency(table, correction=False).pvalue)
+    return float(stats.chi2_contingency(table, correction=False).pvalue)
 
 
 def compare(feature: str, window: dict[str, int], baseline: dict[str, int], mh: ModelHealthConfig) -> Comparison:
