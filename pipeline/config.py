@@ -152,6 +152,26 @@ class HealthConfig(_Strict):
     min_history: int = Field(default=5, ge=2)  # gaps needed before the learned threshold applies
 
 
+class ModelHealthConfig(_Strict):
+    """Runtime model monitoring: when a source's scored windows count as drifted (pipeline.model_health)."""
+
+    enabled: bool = True
+    psi_threshold: float = Field(default=0.25, gt=0)  # PSI of a feature at least this (0.25: the usual "major shift")
+    alpha: float = Field(default=1e-3, gt=0, lt=1)  # ... and a chi-square test of homogeneity below this p-value
+    min_items: int = Field(default=20, ge=5)  # scored items a window needs before it is judged
+    baseline_days: float = Field(default=7.0, gt=0, le=90)  # trailing baseline: this source's earlier undrifted windows
+    baseline_min_items: int = Field(default=100, ge=10)  # scored items the baseline needs before any verdict
+    sustained_k: int = Field(default=3, ge=1)  # alert when k of the last m judged windows drifted
+    sustained_m: int = Field(default=4, ge=1)  # ... and resolve when none of the last m did
+    low_confidence: float = Field(default=0.6, gt=0, lt=1)  # top probability below this is "low confidence"
+
+    @model_validator(mode="after")
+    def _k_le_m(self) -> ModelHealthConfig:
+        if self.sustained_k > self.sustained_m:
+            raise ValueError(f"sustained_k ({self.sustained_k}) must not exceed sustained_m ({self.sustained_m})")
+        return self
+
+
 class LinksConfig(_Strict):
     """Where alert messages point: the web view of an alert, a dashboard, and signed ack links."""
 
@@ -201,6 +221,7 @@ class FinsentConfig(_Strict):
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
     health: HealthConfig = HealthConfig()
+    model_health: ModelHealthConfig = ModelHealthConfig()
     links: LinksConfig = LinksConfig()
     user_agent: str = "finsent/0.1 (+https://github.com/finsent)"
 

@@ -253,10 +253,13 @@ def detect(
 ) -> list[AlertRecord]:
     from pipeline import rollups
     from pipeline.detect import detect_spikes
+    from pipeline.model_health import check_models
 
     version = model_version or (scorer.version if scorer else current_model_version(cfg, engine))
     rollups.refresh(engine, version)  # dashboards and the web app read the rollups, never a stale refresh
-    return detect_spikes(engine, cfg, as_of, version, scorer=scorer)
+    alerts = detect_spikes(engine, cfg, as_of, version, scorer=scorer)
+    check_models(engine, cfg, as_of, version)  # model drift per source: alerts rows, delivered by notify
+    return alerts
 
 
 def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:

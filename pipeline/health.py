@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 HEALTH_SCOPE = "health"  # alerts.scope_kind of source-health alerts (no sentiment scope uses it)
 HEALTH_KIND = "source_health"  # alerts.kind of an opened outage; its end is kind "resolved"
+MODEL_SCOPE = "model"  # alerts.scope_kind of model-drift alerts (pipeline.model_health)
+OPS_SCOPES = (HEALTH_SCOPE, MODEL_SCOPE)  # operational alerts: every sink taking their severity gets them
 
 
 class Condition(StrEnum):
@@ -218,11 +220,16 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
 
 
 def is_health(alert: s.Alert) -> bool:
-    return alert.scope_kind == HEALTH_SCOPE
+    """An operational alert (source or model health), sent as a plain notice."""
+    return alert.scope_kind in OPS_SCOPES
 
 
 def render_health(alert: s.Alert) -> tuple[str, str]:
     """Subject and plain body of a source-health alert or its resolution (sent as a sink notice)."""
+    if alert.scope_kind == MODEL_SCOPE:
+        from pipeline.model_health import render_model_health
+
+        return render_model_health(alert)
     d = alert.details or {}
     name, condition = alert.scope_value, d.get("condition", "dead")
     since = f"{alert.window_start:%Y-%m-%d %H:%M} UTC"

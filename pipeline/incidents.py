@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from pipeline.health import HEALTH_SCOPE
+from pipeline.health import OPS_SCOPES
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
@@ -143,7 +143,7 @@ def assign_incidents(engine: Engine, cfg: Any = None) -> list[str]:
     with session_scope(engine) as session:
         pending = session.scalars(
             select(s.Alert)
-            .where(s.Alert.incident_id.is_(None), s.Alert.scope_kind != HEALTH_SCOPE)  # source health is not news
+            .where(s.Alert.incident_id.is_(None), s.Alert.scope_kind.not_in(OPS_SCOPES))  # source/model health is not news
             .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
         by_run: dict[datetime, list[s.Alert]] = {}

@@ -45,7 +45,7 @@ from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.detect import alert_from_row
 from pipeline.errors import FinsentError
-from pipeline.health import HEALTH_SCOPE, is_health, render_health
+from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import (
     MessageKind,
     assign_incidents,
@@ -779,7 +779,7 @@ def send_notice(cfg: SinkConfig, subject: str, body: str) -> None:
 def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
     """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks).
     Source-health alerts ignore the sentiment scopes: every sink taking their severity gets them."""
-    if alert.scope_kind not in sink.scopes and alert.scope_kind != HEALTH_SCOPE:
+    if alert.scope_kind not in sink.scopes and alert.scope_kind not in OPS_SCOPES:
         return False
     if alert.kind == "resolved":
         episode_sev = (alert.details or {}).get("episode_severity", "warning")
@@ -802,7 +802,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
             .where(
                 ~has_row,
                 s.Alert.acknowledged_at.is_(None),
-                or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind == HEALTH_SCOPE),
+                or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind.in_(OPS_SCOPES)),
                 or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
             )
             .order_by(s.Alert.window_end, s.Alert.id)

@@ -135,6 +135,7 @@ def show_alert(
 ) -> None:
     """One alert in full: the message the sinks get, plus every delivery attempt."""
     from pipeline.config import SinkConfig
+    from pipeline.health import is_health, render_health
     from pipeline.incidents import assign_incidents
     from pipeline.notify import build_message, render_text
     from pipeline.store import schema as s
@@ -146,7 +147,8 @@ def show_alert(
         row = _find(session, alert_id)
         # the message as the console sink would tell it: the incident it belongs to, links, what to do
         console = SinkConfig(name="console", kind="console", severities=["info", "warning", "critical"])
-        view = build_message(session, row, console, cfg)
+        # source and model health are plain notices, not news surges
+        view = render_health(row) if is_health(row) else build_message(session, row, console, cfg)
         deliveries = session.execute(
             select(s.AlertDelivery).where(s.AlertDelivery.alert_id == row.id).order_by(s.AlertDelivery.sink)
         ).scalars().all()
@@ -156,7 +158,7 @@ def show_alert(
         }
         ack = (row.acknowledged_at, row.acknowledged_by)
     engine.dispose()
-    typer.echo(render_text(view))
+    typer.echo("\n".join(view) if isinstance(view, tuple) else render_text(view))
     if ack[0]:
         typer.echo(f"Acknowledged {ack[0]:%Y-%m-%d %H:%M} UTC by {ack[1] or 'unknown'}")
     if not deliveries:

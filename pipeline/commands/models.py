@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.commands.core import ConfigOpt, config_or_exit, fail
+from pipeline.config import FinsentConfig
 from pipeline.train import TrainConfig
 
 RECIPE = TrainConfig()  # the one training recipe (the bundled model's): the train options default to it
@@ -327,14 +328,24 @@ def models_rollback(config: ConfigOpt = None) -> None:
 
 
 def label(
-    doc_id: Annotated[int, typer.Argument(help="Document id (documents.id).")],
-    sentiment: Annotated[str, typer.Argument(metavar="LABEL", help="negative, neutral or positive.")],
+    doc_id: Annotated[str, typer.Argument(metavar="DOC_ID|queue", help="Document id (documents.id), or `queue` to list what is worth labelling.")],
+    sentiment: Annotated[str | None, typer.Argument(metavar="LABEL", help="negative, neutral or positive.")] = None,
     topic: Annotated[str | None, typer.Option(help="Topic name from tfn_topic/classes.txt.")] = None,
     author: Annotated[str | None, typer.Option(envvar="USER")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="queue: items to list.")] = 20,
+    days: Annotated[float, typer.Option(min=0.01, help="queue: documents published in the last N days.")] = 7.0,
+    seed: Annotated[int, typer.Option(help="queue: seed of the random share.")] = 0,
     config: ConfigOpt = None,
 ) -> None:
-    """Record an analyst's correction; the next `finsent train` uses it (never evaluation)."""
+    """Record an analyst's correction; the next `finsent train` uses it (never evaluation). `finsent label queue`
+    lists the documents most worth labelling (pipeline.labelqueue: alert flips, least confident, random)."""
     cfg = config_or_exit(config)
+    if doc_id == "queue":
+        return _label_queue(cfg, limit, days, seed)
+    if not doc_id.isdigit():
+        raise fail(f"document id {doc_id!r} is not a number (or `queue`)")
+    if sentiment is None:
+        raise fail(f"document {doc_id}: give a LABEL (negative, neutral or positive)")
     if topic is not None:
         from pipeline.data import DataError, read_topics
 
@@ -347,10 +358,27 @@ def label(
     from pipeline.feedback import add_feedback
 
     try:
-        fid = add_feedback(_engine(cfg), doc_id, sentiment, topic, author)
+        fid = add_feedback(_engine(cfg), int(doc_id), sentiment, topic, author)
     except (ValueError, LookupError) as e:
         raise fail(str(e)) from None
     _say(f"feedback {fid}: document {doc_id} -> {sentiment.lower()}" + (f", topic {topic}" if topic else ""))
+
+
+def _label_queue(cfg: FinsentConfig, limit: int, days: float, seed: int) -> None:
+    from pipeline.cycle import current_model_version
+    from pipeline.labelqueue import label_queue
+
+    engine = _engine(cfg)
+    items = label_queue(engine, current_model_version(cfg, engine), limit, days=days, seed=seed)
+    if not items:
+        _say(f"nothing to label: no unlabelled document scored in the last {days:g} days")
+        return
+    table = Table(title=f"worth labelling ({len(items)}): finsent label DOC_ID LABEL")
+    for col in ("doc", "reason", "source", "label", "margin", "title"):
+        table.add_column(col)
+    for i in items:
+        table.add_row(str(i.document_id), str(i.reason), escape(i.source), i.label, f"{i.margin:.2f}", escape(i.title[:80]))
+    console.print(table)
 
 
 def explain(

@@ -193,6 +193,32 @@ class Explanation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ModelHealthWindow(Base):
+    """What the model produced for one source in one detection window, and how far that is from the
+    source's trailing baseline (pipeline.model_health); `drifted` is NULL when the window was not judged."""
+
+    __tablename__ = "model_health_windows"
+    source_name: Mapped[str] = mapped_column(ForeignKey("sources.name", ondelete="CASCADE"), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    window_end: Mapped[datetime] = mapped_column()
+    documents: Mapped[int] = mapped_column(default=0)
+    scored: Mapped[int] = mapped_column(default=0)
+    histograms: Mapped[dict[str, Any]] = mapped_column(default=dict)  # feature -> {bin: count}
+    label_shares: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    mean_top_prob: Mapped[float | None] = mapped_column(Float)
+    low_conf_share: Mapped[float | None] = mapped_column(Float)
+    mean_text_chars: Mapped[float | None] = mapped_column(Float)
+    truncated_share: Mapped[float | None] = mapped_column(Float)
+    baseline_items: Mapped[int] = mapped_column(default=0)
+    feature: Mapped[str | None] = mapped_column(String(16))  # the feature furthest from the baseline
+    psi: Mapped[float | None] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    psi_eval: Mapped[float | None] = mapped_column(Float)  # label mix vs the model's evaluation run (informational)
+    drifted: Mapped[bool | None] = mapped_column(Boolean)
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Feedback(Base):
     """Analyst corrections; training uses them, evaluation splits never do."""
 

@@ -1,0 +1,130 @@
+"""The labelling queue (issue #15.2): ordered by the documented rule (open-alert flips, then least confident
+round-robin across sources, then a random share), and labelling from it reaches training's feedback."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from pipeline import store
+from pipeline.data import feedback_examples, load_feedback_rows
+from pipeline.labelqueue import Reason, label_queue
+from pipeline.store import schema as s
+from pipeline.store import session_scope
+
+VERSION = "queue-model-1"
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+
+def _doc(session, source: str, n: int, margin: float, label: str = "negative", age_h: float = 1.0) -> int:
+    """A scored document whose top probability beats the runner-up by `margin`."""
+    top = (1 + margin) / 2 - (1 - margin) / 8  # the third class stays below the runner-up
+    second = top - margin
+    probs = dict.fromkeys(("negative", "neutral", "positive"), 1 - top - second)
+    probs[label] = top
+    probs[next(k for k in probs if k != label)] = second
+    at = NOW - timedelta(hours=age_h)
+    doc = s.Document(source_name=source, external_id=f"{source}-{n}", content_hash=f"{source}-{n}", title=f"{source} headline {n}",
+                     summary="", published_at=at, fetched_at=at, language="en")
+    session.add(doc)
+    session.flush()
+    session.add(s.Score(document_id=doc.id, model_version_id=VERSION, label=label, p_negative=probs["negative"],
+                        p_neutral=probs["neutral"], p_positive=probs["positive"], probs=probs, scored_at=at))
+    return doc.id
+
+
+def _alert(session, aid: str, kind: str, docs: list[int], episode: str) -> None:
+    session.add(s.Alert(id=aid, episode_id=episode, kind=kind, scope_kind="entity", scope_value="NWB", window_start=NOW - timedelta(hours=1),
+                        window_end=NOW, severity="warning", neg_count=3, total_count=5, neg_share=0.6, baseline_share=0.1,
+                        baseline_neg_rate=0.1, statistic=5.0, details={"top_documents": [{"document_id": d} for d in docs]}, created_at=NOW))
+
+
+def seed(engine) -> dict[str, int]:
+    from pipeline.config import SourceConfig
+
+    ids: dict[str, int] = {}
+    with session_scope(engine) as session:
+        store.ensure_sources(session, [SourceConfig(name=n, url=f"https://x.example.com/{n}.xml") for n in ("alpha", "beta")])
+        store.register_model(session, VERSION, name=VERSION, path="x", labels=["negative", "neutral", "positive"])
+        for i, m in enumerate((0.02, 0.05, 0.10, 0.30, 0.50, 0.60, 0.70, 0.80)):
+            ids[f"a{i}"] = _doc(session, "alpha", i, m)
+        for i, m in enumerate((0.15, 0.40, 0.90)):
+            ids[f"b{i}"] = _doc(session, "beta", i, m)
+        ids["flip"] = _doc(session, "beta", 10, 0.12)  # cited by an open alert, close call
+        ids["sure"] = _doc(session, "beta", 11, 0.95)  # cited by an open alert, but the model is sure
+        ids["closed"] = _doc(session, "alpha", 12, 0.01)  # cited only by an episode that has resolved
+        ids["done"] = _doc(session, "alpha", 13, 0.0)  # already labelled
+        ids["old"] = _doc(session, "alpha", 14, 0.0, age_h=24 * 30)  # outside the window
+        _alert(session, "open1", "spike", [ids["flip"], ids["sure"]], "open1")
+        _alert(session, "gone1", "spike", [ids["closed"]], "gone1")
+        _alert(session, "gone1-r", "resolved", [], "gone1")
+        session.add(s.Feedback(document_id=ids["done"], label="neutral", created_at=NOW))
+    return ids
+
+
+def test_queue_orders_flips_then_least_confident_round_robin_then_random(engine) -> None:
+    ids = seed(engine)
+    by_id = {v: k for k, v in ids.items()}
+    q = label_queue(engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
+    got = [(by_id[i.document_id], i.reason) for i in q]
+    assert got[:8] == [
+        ("flip", Reason.ALERT_FLIP),
+        ("closed", Reason.LEAST_CONFIDENT),  # alpha's least confident (its episode resolved: no flip)
+        ("b0", Reason.LEAST_CONFIDENT),  # then beta's, in turn
+        ("a0", Reason.LEAST_CONFIDENT),
+        ("b1", Reason.LEAST_CONFIDENT),
+        ("a1", Reason.LEAST_CONFIDENT),
+        ("b2", Reason.LEAST_CONFIDENT),
+        ("a2", Reason.LEAST_CONFIDENT),
+    ], got
+    assert [r for _, r in got[8:]] == [Reason.RANDOM, Reason.RANDOM]
+    listed = {k for k, _ in got}
+    assert not listed & {"done", "old"}  # labelled already, or outside the window
+    assert len(listed) == 10 and {k for k, _ in got[8:]} <= {"a3", "a4", "a5", "a6", "a7", "sure"}
+    assert q[0].alert_id == "open1"
+    again = label_queue(engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
+    assert again == q
+
+
+def test_labelling_from_the_queue_reaches_training(engine, pg_url: str, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    ids = seed(engine)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "finsent.json").write_text(json.dumps({"version": VERSION}))
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"database_url": pg_url, "model": {"path": str(model)}}))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("FINSENT_MODEL", raising=False)
+    run = CliRunner().invoke
+    r = run(app, ["label", "queue", "-c", str(cfg), "--limit", "3", "--days", "36500"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    first = r.output.split("\n")
+    row = next(ln for ln in first if "alert_flip" in ln)
+    assert str(ids["flip"]) in row.replace("│", " ").split(), r.output
+    r = run(app, ["label", str(ids["flip"]), "neutral", "-c", str(cfg), "--author", "ana"])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["label", "queue", "-c", str(cfg), "--limit", "3", "--days", "36500"], terminal_width=200)
+    assert r.exit_code == 0 and "alert_flip" not in r.output, r.output  # labelled: off the queue
+    rows = load_feedback_rows(pg_url)
+    examples, skipped = feedback_examples(rows, topics=[], banned=set())
+    assert ("beta headline 10", 1, "feedback") in [(e.text, e.sentiment, e.source) for e in examples], (examples, skipped)
+    with session_scope(engine) as session:
+        assert session.scalars(select(s.Feedback.author).where(s.Feedback.document_id == ids["flip"])).all() == ["ana"]
+
+
+def test_label_still_needs_a_label_and_a_numeric_id(engine, pg_url: str, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.cli import app
+
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"database_url": pg_url}))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    r = CliRunner().invoke(app, ["label", "12", "-c", str(cfg)])
+    assert r.exit_code == 2 and "give a LABEL" in r.output, r.output
+    r = CliRunner().invoke(app, ["label", "twelve", "neutral", "-c", str(cfg)])
+    assert r.exit_code == 2 and "'twelve' is not a number" in r.output, r.output
