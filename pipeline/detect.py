@@ -60,6 +60,7 @@ COUNT_GATE_P = 0.2  # the negative-volume test needs the share test at least thi
 MIN_BASELINE_DOCS = 20
 TRIM_DAYS = 2  # days of largest negative excess left out of the starting share of the outlier cut
 RECENT_WINDOWS = (24, 72)  # spans of the recent shares that p0 follows when they drift up
+SLOT_PRIOR_DOCS = 20.0  # least weight of the overall share in an hour-of-day share
 RECENT_PRIOR_DOCS = 20.0  # weight of the long baseline's share in that recent share
 LOOKBACK_WINDOWS = 48
 RHO_MAX = 0.2
@@ -233,7 +234,9 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             sl = slot % S
             same = (np.lib.stride_tricks.sliding_window_view(sl, B)[:J] == sl[B:, None]) & clean
             Ns, Ks, Ws = (Nw * same).sum(-1), (Kw * same).sum(-1), same.sum(-1)
-            m0 = Nk / S
+            # Shrunk toward the overall share with the weight of an average slot's items, and at least
+            # SLOT_PRIOR_DOCS: a quiet scope's hour holds a handful of items, too few to set a share alone.
+            m0 = np.maximum(Nk / S, SLOT_PRIOR_DOCS)
             base_p = (Ks + m0 * p_all) / (Ns + m0 + 1e-12)
             w0 = Bc / S
             lam = (Ks + w0 * lam_all) / (Ws + w0)

@@ -40,7 +40,10 @@ def test_views_down_to_0001_and_up_again(pg_url, engine):
                 c.scalars(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()"))
             )
 
-    expected = {"v_current_model", "v_sentiment_hourly", "mv_sentiment_daily", "v_entity_risk", "v_recent_alerts", "v_source_health", "v_model_health"}
+    expected = {
+        "v_current_model", "v_sentiment_hourly", "v_sentiment_daily", "v_entities", "v_entity_risk", "v_recent_alerts",
+        "v_source_health", "v_model_health",
+    }  # fmt: skip
     assert views() == expected
     command.downgrade(cfg, "0002")
     with engine.connect() as c:
