@@ -442,7 +442,7 @@ def _client(src: SourceConfig, deadline: _Deadline) -> httpx.Client:
         ssl_context=transport._pool._ssl_context, network_backend=_GuardedBackend(src, deadline)
     )
     return httpx.Client(
-        transport=transport, follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=src.timeout_s,
+        transport=transport, follow_redirects=False, timeout=src.timeout_s,
         trust_env=False, event_hooks={"request": [_check_hop]},
     )
 
@@ -511,39 +511,80 @@ def _decoded(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> by
     return bytes(buf)
 
 
-def _http_once(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _without_values(url: httpx.URL, values: Iterable[str]) -> httpx.URL:
+    """`url` minus any query parameter carrying one of `values` (a redirect echoing a credential elsewhere)."""
+    drop = set(values)
+    if not drop or not url.query:
+        return url
+    query = [(k, v) for k, v in parse_qsl(url.query.decode("ascii", "replace"), keep_blank_values=True) if v not in drop]
+    return url.copy_with(query=urlencode(query).encode("ascii") or None)
+
+
+def _response_body(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> _Body:
+    code = resp.status_code
+    if code == 304:
+        return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
+    if not 200 <= code < 300:
+        raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > src.max_bytes:
+        raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
+    content = _decoded(resp, src, deadline)
+    ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
+    return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
+
+
+def _http_once(
+    src: SourceConfig, url: str, headers: dict[str, str],
+    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+) -> _Body:
+    """One GET, redirects followed by hand: the credentials from `headers_env`/`query_env` go only to the source's
+    own scheme, host and port; once a hop leaves it they are dropped for the rest of the chain (httpx would only
+    strip Authorization)."""
     deadline = _Deadline(src.timeout_s)
+    env_headers, env_query = env_headers or {}, env_query or {}
     try:
-        with _client(src, deadline) as client, client.stream("GET", url, headers=headers) as resp:
-            code = resp.status_code
-            if code == 304:
-                return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
-            if not 200 <= code < 300:
-                raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
-            declared = resp.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > src.max_bytes:
-                raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
-            content = _decoded(resp, src, deadline)
-            ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
-            return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
+        target = httpx.URL(_with_query(url, env_query))
+        home, credentials = _origin(target), True
+        with _client(src, deadline) as client:
+            for _hop in range(MAX_REDIRECTS + 1):
+                sent = {**headers, **env_headers} if credentials else headers
+                with client.stream("GET", target, headers=sent) as resp:
+                    if not resp.has_redirect_location:
+                        return _response_body(resp, src, deadline)
+                    target = resp.url.join(resp.headers["location"])
+                credentials = credentials and _origin(target) == home
+                if not credentials:
+                    target = _without_values(target, env_query.values())
+            raise _FetchError(f"more than {MAX_REDIRECTS} redirects")
     except httpx.TimeoutException as e:
         if deadline.expired:
             raise deadline.error("waiting for the server") from None
         raise _FetchError(f"timed out after {src.timeout_s:g} s ({type(e).__name__})", retry=True) from None
-    except httpx.TooManyRedirects:
-        raise _FetchError(f"more than {MAX_REDIRECTS} redirects") from None
+    except httpx.InvalidURL as e:
+        raise _FetchError(f"refused a redirect to an invalid URL: {_describe(e)}") from None
     except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
         raise _FetchError(f"connection failed: {_describe(e)}", retry=True) from None
     except httpx.HTTPError as e:
         raise _FetchError(f"request failed: {_describe(e)}") from None
 
 
-def _http_get(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+def _http_get(
+    src: SourceConfig, url: str, headers: dict[str, str],
+    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+) -> _Body:
     """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target)."""
     attempts = src.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return _http_once(src, url, headers)
+            return _http_once(src, url, headers, env_headers, env_query)
         except _FetchError as e:
             if not e.retry or attempt == attempts:
                 if attempt > 1:
@@ -1012,12 +1053,12 @@ def fetch_source(
             env_headers, env_query = _env_secrets(src)
             secrets = [*env_headers.values(), *env_query.values()]
             headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"]),
-                       "Accept-Encoding": "gzip, deflate", **env_headers}
+                       "Accept-Encoding": "gzip, deflate"}
             if etag:
                 headers["If-None-Match"] = etag
             if last_modified:
                 headers["If-Modified-Since"] = last_modified
-            body = _http_get(src, _with_query(src.url, env_query), headers)
+            body = _http_get(src, src.url, headers, env_headers, env_query)
         if body.not_modified:
             log.info("%s: not modified since the last fetch", where)
             return FetchResult(

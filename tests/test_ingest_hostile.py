@@ -214,6 +214,25 @@ def test_credentials_never_reach_sources_url_or_logs(feed_server, engine, caplog
             assert secret not in text
 
 
+def test_credentials_are_not_forwarded_to_another_origin_on_redirect(feed_server, monkeypatch):
+    """A 302 to another host:port gets the feed fetched, but neither the env header nor the env query value."""
+    monkeypatch.setenv("FEED_AUTH", "Bearer env-secret-1")
+    monkeypatch.setenv("FEED_KEY", "env-secret-2")
+    keyed = {"headers_env": {"X-Api-Key": "FEED_AUTH"}, "query_env": {"api_key": "FEED_KEY"}}
+    with FeedServer() as other:
+        other.put("feed.xml", rss(["<item><title>Acme elsewhere</title><guid>o-1</guid></item>"]))
+        elsewhere = other.url("feed.xml").replace("127.0.0.1", "localhost") + "?api_key=env-secret-2&q=1"
+        url = feed_server.override("moved.xml", status=302, headers={"Location": elsewhere})
+        r = fetch_source(src("keyed", url, **keyed), WATCHLIST)
+        assert r.status == "ok" and other.hits("feed.xml") == 1
+        assert feed_server.requests[-1].headers.get("X-Api-Key") == "Bearer env-secret-1"  # the source's own host
+        hop = other.requests[-1]
+        assert "X-Api-Key" not in hop.headers and "env-secret" not in hop.query and "q=1" in hop.query
+    feed_server.override("same.xml", status=302, headers={"Location": "/news_rss.xml"})
+    same = fetch_source(src("keyed", feed_server.url("same.xml"), **keyed), WATCHLIST)
+    assert same.status == "ok" and feed_server.requests[-1].headers.get("X-Api-Key") == "Bearer env-secret-1"
+
+
 def test_missing_credential_env_var_is_a_clear_failure(feed_server, monkeypatch):
     monkeypatch.delenv("FEED_NOPE", raising=False)
     r = fetch_source(src("keyed", feed_server.url("news_rss.xml"), headers_env={"X-Key": "FEED_NOPE"}), WATCHLIST)
