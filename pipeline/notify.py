@@ -505,8 +505,9 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
             buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
     if m.ack_button and m.kind != MessageKind.RESOLVED:
         buttons.append({"type": "button", "action_id": ACK_ACTION_ID, "style": "primary", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": a.id})
-    elif safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:
-        buttons.append({"type": "button", "text": {"type": "plain_text", "text": "Acknowledge"}, "url": safe_link(m.ack_url)})
+    if safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:  # also with the button: works if Slack can't reach us
+        label = "Acknowledge (web)" if m.ack_button else "Acknowledge"
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": safe_link(m.ack_url)})
     if buttons:
         blocks.append({"type": "actions", "elements": buttons})
     context = f"{m.lead.stats_line} | " if m.kind != MessageKind.RESOLVED else ""
