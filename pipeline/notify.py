@@ -1027,12 +1027,22 @@ def deliver_pending(
             continue
         if row.sink in down or not _claim(engine, row.id, now):
             continue  # a dead sink costs one delivery's tries per run, not one per pending alert
-        sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
-        with session_scope(engine) as session:
-            alert_row = session.get(s.Alert, row.alert_id)
-            if alert_row is None:
-                continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
-            send, view = _sender(sink, alert_row, sink_cfg, cfg, session)
+
+        try:  # a claimed row must never stay `sending`: a message that cannot be built is a failed attempt
+            sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
+            with session_scope(engine) as session:
+                alert_row = session.get(s.Alert, row.alert_id)
+                if alert_row is None:
+                    continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
+                send, view = _sender(sink, alert_row, sink_cfg, cfg, session)
+        except Exception as e:
+            err = f"sink {row.sink}: cannot build the message for alert {row.alert_id}: {type(e).__name__}"
+            attempts = _record_attempt(engine, row.id, False, err, now)
+            log.error("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
+            log.debug("traceback", exc_info=True)
+            next_at = min(now + _backoff(attempts, sink_cfg), deadline)
+            _give_up(engine, row, sink_cfg, attempts, err, next_at, expired, report)
+            continue  # this alert's problem, not the sink's: the next delivery still goes out
         delays = list(retry_delays)
         while True:
             try:
@@ -1045,14 +1055,8 @@ def deliver_pending(
                 if not over_cap and delays:
                     sleep(delays.pop(0))
                     continue
-                if over_cap:
-                    _release(engine, row.id, DeliveryState.EXPIRED, None)
-                    expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
-                else:
-                    cap = timedelta(minutes=sink_cfg.backoff_max_minutes)
-                    _release(engine, row.id, DeliveryState.FAILED, min(now + backoff(attempts, cap), deadline))
-                    report.failed += 1
-                report.errors.append(err)
+                next_at = min(now + _backoff(attempts, sink_cfg), deadline)
+                _give_up(engine, row, sink_cfg, attempts, err, next_at, expired, report)
                 down.add(row.sink)
                 break
             else:
@@ -1074,6 +1078,25 @@ def deliver_pending(
     for name, since in failing.items():
         _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
+
+
+def _backoff(attempts: int, sink_cfg: SinkConfig) -> timedelta:
+    return backoff(attempts, timedelta(minutes=sink_cfg.backoff_max_minutes))
+
+
+def _give_up(
+    engine: Engine, row: Any, sink_cfg: SinkConfig, attempts: int, err: str, next_at: datetime,
+    expired: list[ExpiredDelivery], report: DeliveryReport,
+) -> None:
+    """Release a claimed delivery after this run's last failed attempt: expired past max_attempts, else
+    failed and retried at `next_at`."""
+    if sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts:
+        _release(engine, row.id, DeliveryState.EXPIRED, None)
+        expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
+    else:
+        _release(engine, row.id, DeliveryState.FAILED, next_at)
+        report.failed += 1
+    report.errors.append(err)
 
 
 def _sender(

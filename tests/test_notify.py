@@ -640,3 +640,20 @@ def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook)
     webhook.status = 200
     r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
     assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
+
+
+def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine, webhook: Webhook) -> None:
+    """A renderer error after the claim is a recorded failed attempt (retried later), not a row stuck in
+    `sending`; the next alert in the queue still goes out."""
+    broken = add_alert(engine, suffix="x", hours_earlier=2)
+    good = add_alert(engine, scope=("market", "*"))
+    with session_scope(engine) as session:
+        session.get(s.Alert, broken).details = {"top_documents": [{"document_id": 3, "p_negative": "very"}]}
+    r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert r.sent == 1 and r.failed == 1 and len(webhook.posts) == 1
+    rows = {d.alert_id: d for d in deliveries(engine)}
+    assert rows[good].status == "sent"
+    bad = rows[broken]
+    assert bad.status == "failed" and bad.attempts == 1 and bad.next_attempt_at is not None
+    assert bad.last_error.startswith(f"sink slack-desk: cannot build the message for alert {broken}")
+    assert "s3cretT0ken" not in bad.last_error and any(broken in e for e in r.errors)
