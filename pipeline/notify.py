@@ -912,17 +912,31 @@ def _due_filter(now: datetime) -> Any:
 
 
 def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
-    """Atomically take a due delivery (committed before sending) so no other run sends it too."""
+    """Atomically take a due delivery (committed before sending) so no other run sends it too.
+
+    `now` (the run's start) decides what is due; the claim itself is stamped with the wall clock, so a run
+    that has been going longer than CLAIM_LEASE does not hand a concurrent notifier a claim that looks stale."""
     D = s.AlertDelivery
     unacked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_(None))
     with session_scope(engine) as session:
         res = session.execute(
             update(D)
             .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
-            .values(status=DeliveryState.SENDING, last_attempt_at=now)
+            .values(status=DeliveryState.SENDING, last_attempt_at=datetime.now(UTC))
             .execution_options(synchronize_session=False)
         )
         return res.rowcount == 1
+
+
+def _renew_claim(engine: Engine, delivery_id: int) -> None:
+    """Re-stamp a claim this run still holds (between in-run retries: recording the attempt set the run's time)."""
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        session.execute(
+            update(D)
+            .where(D.id == delivery_id, D.status == DeliveryState.SENDING)
+            .values(last_attempt_at=datetime.now(UTC))
+        )
 
 
 def _record_attempt(engine: Engine, delivery_id: int, ok: bool, error: str | None, at: datetime) -> int:
@@ -1053,6 +1067,7 @@ def deliver_pending(
                 log.warning("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
                 over_cap = sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts
                 if not over_cap and delays:
+                    _renew_claim(engine, row.id)
                     sleep(delays.pop(0))
                     continue
                 next_at = min(now + _backoff(attempts, sink_cfg), deadline)
