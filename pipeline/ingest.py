@@ -130,7 +130,7 @@ def canonical_url(url: str) -> str:
 _SECRET_PARAM = re.compile(r"key|token|secret|pass|auth|sig|session|cred", re.IGNORECASE)
 # A path segment that looks like a credential: a long run of letters and digits with digits in it, a long hex/UUID,
 # or a `name=value` pair whose name looks secret (feeds like /rss/<api-token>/news.xml).
-_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9]*[0-9])[A-Za-z0-9]{24,}|[0-9a-fA-F\-]{32,}")
+_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9_]*[0-9])[A-Za-z0-9_]{24,}|[0-9a-fA-F\-]{32,}")  # sk_live_...
 
 
 def _redact_segment(segment: str) -> str:
@@ -627,13 +627,19 @@ def _file_path(url: str) -> Path:
     return Path(path)
 
 
+def _shown_path(path: Path) -> str:
+    """A local path for messages, token-like segments redacted as in display_url."""
+    return "/".join(_redact_segment(seg) for seg in str(path).split("/"))
+
+
 def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
     """A local feed (the offline demo); its mtime stands in for Last-Modified."""
     path = _file_path(src.url)
+    shown = _shown_path(path)
     try:
         st = path.stat()
         if not path.is_file():
-            raise _FetchError(f"{path} is not a regular file")
+            raise _FetchError(f"{shown} is not a regular file")
         if st.st_size > src.max_bytes:
             raise _FetchError(f"file of {st.st_size} bytes exceeds max_bytes={src.max_bytes}")
         mtime = formatdate(st.st_mtime, usegmt=True)
@@ -642,9 +648,9 @@ def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
         with path.open("rb") as fh:
             data = fh.read(src.max_bytes + 1)
     except FileNotFoundError:
-        raise _FetchError(f"file not found: {path}") from None
-    except OSError as e:
-        raise _FetchError(f"cannot read {path}: {_describe(e)}") from None
+        raise _FetchError(f"file not found: {shown}") from None
+    except OSError as e:  # strerror only: str(e) repeats the raw path
+        raise _FetchError(f"cannot read {shown}: {type(e).__name__}: {e.strerror or 'error'}") from None
     if len(data) > src.max_bytes:
         raise _FetchError(f"file exceeds max_bytes={src.max_bytes}")
     suffix = path.suffix.lower()

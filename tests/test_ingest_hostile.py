@@ -17,7 +17,7 @@ from sqlalchemy import select
 from pipeline import store
 from pipeline.config import ConfigError, FinsentConfig, SourceConfig, load_config
 from pipeline.cycle import ingest_all
-from pipeline.ingest import fetch_source
+from pipeline.ingest import display_url, fetch_source
 from pipeline.store import schema as s
 from tests.conftest import ROOT
 from tests.feedserver import FEEDS_DIR, FeedServer
@@ -28,7 +28,7 @@ MEMORY_BOUND = 16_000_000  # bytes of Python allocations one hostile fetch may p
 _MEASURE = """
 import json, sys, tracemalloc
 from pipeline.config import SourceConfig
-from pipeline.ingest import fetch_source
+from pipeline.ingest import display_url, fetch_source
 src = SourceConfig.model_validate(json.loads(sys.argv[1]))
 tracemalloc.start()
 r = fetch_source(src, [])
@@ -231,6 +231,24 @@ def test_credentials_are_not_forwarded_to_another_origin_on_redirect(feed_server
     feed_server.override("same.xml", status=302, headers={"Location": "/news_rss.xml"})
     same = fetch_source(src("keyed", feed_server.url("same.xml"), **keyed), WATCHLIST)
     assert same.status == "ok" and feed_server.requests[-1].headers.get("X-Api-Key") == "Bearer env-secret-1"
+
+
+def test_token_in_a_file_path_stays_out_of_errors(tmp_path):
+    token = "sk_live_abcdEFGH1234ijkl5678"
+    missing = fetch_source(src("local", (tmp_path / token / "feed.xml").as_uri()), WATCHLIST)
+    (tmp_path / "dir" / token).mkdir(parents=True)
+    folder = fetch_source(src("local", (tmp_path / "dir" / token).as_uri()), WATCHLIST)
+    assert "file not found" in missing.error and "is not a regular file" in folder.error
+    for r in (missing, folder):
+        assert r.status == "failed" and token not in r.error and "/***" in r.error
+
+
+def test_token_with_underscores_in_a_url_path_is_redacted(feed_server):
+    token = "sk_live_abcdEFGH1234ijkl5678"
+    r = fetch_source(src("keyed", feed_server.url(f"rss/{token}/news")), WATCHLIST)
+    assert r.status == "failed" and "HTTP 404" in r.error and token not in r.error and "/rss/***/news" in r.error
+    assert display_url(f"https://feeds.example.com/rss/{token}/news") == "https://feeds.example.com/rss/***/news"
+    assert display_url("https://feeds.example.com/rss/market_news/latest") == "https://feeds.example.com/rss/market_news/latest"
 
 
 def test_missing_credential_env_var_is_a_clear_failure(feed_server, monkeypatch):
