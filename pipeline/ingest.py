@@ -523,7 +523,8 @@ def _without_values(url: httpx.URL, values: Iterable[str]) -> httpx.URL:
     drop = set(values)
     if not drop or not url.query:
         return url
-    query = [(k, v) for k, v in parse_qsl(url.query.decode("ascii", "replace"), keep_blank_values=True) if v not in drop]
+    pairs = parse_qsl(url.query.decode("ascii", "replace"), keep_blank_values=True)
+    query = [(k, v) for k, v in pairs if v not in drop]
     return url.copy_with(query=urlencode(query).encode("ascii") or None)
 
 

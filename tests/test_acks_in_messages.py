@@ -98,7 +98,9 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(engine, webhook: W
     assert again.status == 200 and "Already acknowledged by slack:alice" in again.body["text"]
 
 
-def test_slack_message_keeps_the_signed_link_next_to_the_button(engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_slack_message_keeps_the_signed_link_next_to_the_button(
+    engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
     """If Slack cannot reach the server (firewall, wrong request URL) the signed web link still acknowledges."""
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
     monkeypatch.setenv("TEST_ACK_SECRET", SECRET)

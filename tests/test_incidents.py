@@ -225,13 +225,17 @@ def test_alert_found_in_a_later_pass_joins_the_open_incident_of_its_window(engin
     from pipeline.config import FinsentConfig
 
     box, port = smtp_server
-    cfg = FinsentConfig.model_validate({"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": _sinks(port)[1:], "database_url": "sqlite://"})
+    cfg = FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": _sinks(port)[1:],
+         "database_url": "sqlite://"}
+    )
     _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
     assert deliver_pending(engine, cfg, now=SPIKE_END, retry_delays=FAST).sent == 1
     _add(engine, "spike-mkt", "spike", ("market", "*"), SPIKE_END, "warning", "ep-mkt")
     _add(engine, "spike-other", "spike", ("entity", "ACME"), SPIKE_END, "warning", "ep-acme")
     with session_scope(engine) as session:  # no shared evidence: this one is a story of its own
-        session.get(s.Alert, "spike-other").details = {"top_documents": [{"document_id": 99, "title": "Acme", "link": None}]}
+        other = session.get(s.Alert, "spike-other")
+        other.details = {"top_documents": [{"document_id": 99, "title": "Acme", "link": None}]}
     deliver_pending(engine, cfg, now=SPIKE_END + timedelta(minutes=10), retry_delays=FAST)
     with session_scope(engine) as session:
         incidents = {a.id: a.incident_id for a in session.scalars(select(s.Alert))}
