@@ -149,6 +149,8 @@ def display_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets, so the port stays readable
+        host = f"[{host}]"
     if port:
         host = f"{host}:{port}"
     path = "/".join(_redact_segment(seg) for seg in parts.path.split("/"))
@@ -343,6 +345,9 @@ def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     """Why an address is not a public internet address (None if it is)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:  # 2002::/16 routes to the IPv4 inside
+        inner = _address_kind(ip.sixtofour)
+        return f"{inner} (6to4 of {ip.sixtofour})" if inner else None
     for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")

@@ -162,6 +162,19 @@ def test_redirect_to_another_loopback_port_is_refused(feed_server):
 
 
 @pytest.mark.parametrize(
+    ("host", "kind"), [("2002:7f00:1::1", "loopback (6to4 of 127.0.0.1)"), ("2002:a9fe:a9fe::", "link-local")]
+)
+def test_6to4_address_embedding_an_internal_ipv4_is_refused(host, kind):
+    """2002::/16 carries an IPv4 address inside; one wrapping 127.0.0.1 or 169.254.169.254 is not public."""
+    r = fetch_source(src("sixtofour", f"http://[{host}]:8080/feed.xml", allow_private_network=False), WATCHLIST)
+    assert r.status == "failed" and "refused to connect" in r.error and kind in r.error
+    assert f"(http://[{host}]:8080/feed.xml)" in r.error
+    public = fetch_source(src("sixtofour", "http://[2002:808:808::1]:9/feed.xml", allow_private_network=False,
+                              timeout_s=0.5), WATCHLIST)
+    assert "refused to connect" not in (public.error or "")  # 8.8.8.8 inside: public, tried (and unreachable here)
+
+
+@pytest.mark.parametrize(
     ("url", "expected"),
     [
         ("http://127.0.0.1:99999/feed.xml", "Port out of range"),
