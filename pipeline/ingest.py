@@ -566,6 +566,9 @@ def _http_once(
                     if not resp.has_redirect_location:
                         return _response_body(resp, src, deadline)
                     target = resp.url.join(resp.headers["location"])
+                if target.scheme not in ("http", "https") or not target.host:  # httpx would read file:/x as a path
+                    scheme = target.scheme or "schemeless"
+                    raise _FetchError(f"refused a redirect to a {scheme}:// URL; only http(s) is fetched")
                 credentials = credentials and _origin(target) == home
                 if not credentials:
                     target = _without_values(target, env_query.values())

@@ -265,6 +265,12 @@ def test_token_with_underscores_in_a_url_path_is_redacted(feed_server):
     assert display_url(plain) == plain
 
 
+def test_redirect_to_a_local_file_is_refused_naming_its_scheme(feed_server):
+    url = feed_server.override("moved.xml", status=302, headers={"Location": "file:///etc/passwd"})
+    r = fetch_source(src("moved", url), WATCHLIST)
+    assert r.status == "failed" and "refused a redirect to a file:// URL" in r.error
+
+
 def test_missing_credential_env_var_is_a_clear_failure(feed_server, monkeypatch):
     monkeypatch.delenv("FEED_NOPE", raising=False)
     r = fetch_source(src("keyed", feed_server.url("news_rss.xml"), headers_env={"X-Key": "FEED_NOPE"}), WATCHLIST)
