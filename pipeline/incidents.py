@@ -106,10 +106,17 @@ def _shares(a: frozenset[str], b: set[str]) -> float:
     return len(a & b) / min(len(a), len(b))
 
 
-def group_run(session: Session, alerts: Sequence[s.Alert], continued: dict[str, str]) -> list[_Group]:
+def group_run(
+    session: Session, alerts: Sequence[s.Alert], continued: dict[str, str], existing: Sequence[s.Alert] = ()
+) -> list[_Group]:
     """Groups for one run's alerts: continuations first (their episode's incident), then each new alert,
-    most specific first, joins the group it shares most evidence with, or heads a new incident."""
+    most specific first, joins the group it shares most evidence with, or heads a new incident.
+    `existing`: alerts of the same window already in an open incident (a later detection pass found more),
+    so a late alert joins that incident rather than opening a second one. Only groups with new alerts return."""
     groups: dict[str, _Group] = {}
+    for old in existing:
+        if old.incident_id and old.kind != "resolved":
+            groups.setdefault(old.incident_id, _Group(old.incident_id)).evidence |= _evidence(session, old)
     evidence = {a.id: _evidence(session, a) for a in alerts}
     rest = []
     for a in sorted(alerts, key=head_key):
@@ -127,7 +134,7 @@ def group_run(session: Session, alerts: Sequence[s.Alert], continued: dict[str, 
             best = groups.setdefault(incident_id_for(a.id), _Group(incident_id_for(a.id)))
         best.members.append(a)
         best.evidence |= evidence[a.id]
-    return list(groups.values())
+    return [g for g in groups.values() if g.members]
 
 
 def incident_title(a: s.Alert, cfg: Any = None) -> str:
@@ -161,7 +168,13 @@ def assign_incidents(engine: Engine, cfg: Any = None) -> list[str]:
                     )
                     if inc:
                         continued[a.id] = inc
-            for g in group_run(session, alerts, continued):
+            existing = session.scalars(
+                select(s.Alert)
+                .join(s.Incident, s.Incident.id == s.Alert.incident_id)
+                .where(s.Alert.window_end == window_end, s.Incident.state == IncidentState.OPEN)
+                .order_by(s.Alert.id)
+            ).all()
+            for g in group_run(session, alerts, continued, existing):
                 _store_group(session, g, window_end, cfg)
                 touched.append(g.incident_id)
             session.flush()

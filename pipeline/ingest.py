@@ -130,7 +130,7 @@ def canonical_url(url: str) -> str:
 _SECRET_PARAM = re.compile(r"key|token|secret|pass|auth|sig|session|cred", re.IGNORECASE)
 # A path segment that looks like a credential: a long run of letters and digits with digits in it, a long hex/UUID,
 # or a `name=value` pair whose name looks secret (feeds like /rss/<api-token>/news.xml).
-_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9]*[0-9])[A-Za-z0-9]{24,}|[0-9a-fA-F\-]{32,}")
+_TOKEN_SEGMENT = re.compile(r"(?=[A-Za-z0-9_]*[0-9])[A-Za-z0-9_]{24,}|[0-9a-fA-F\-]{32,}")  # sk_live_...
 
 
 def _redact_segment(segment: str) -> str:
@@ -149,6 +149,8 @@ def display_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets, so the port stays readable
+        host = f"[{host}]"
     if port:
         host = f"{host}:{port}"
     path = "/".join(_redact_segment(seg) for seg in parts.path.split("/"))
@@ -343,6 +345,9 @@ def _address_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | No
     """Why an address is not a public internet address (None if it is)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:  # 2002::/16 routes to the IPv4 inside
+        inner = _address_kind(ip.sixtofour)
+        return f"{inner} (6to4 of {ip.sixtofour})" if inner else None
     for kind in ("loopback", "link_local", "private", "multicast", "unspecified", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
@@ -442,7 +447,7 @@ def _client(src: SourceConfig, deadline: _Deadline) -> httpx.Client:
         ssl_context=transport._pool._ssl_context, network_backend=_GuardedBackend(src, deadline)
     )
     return httpx.Client(
-        transport=transport, follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=src.timeout_s,
+        transport=transport, follow_redirects=False, timeout=src.timeout_s,
         trust_env=False, event_hooks={"request": [_check_hop]},
     )
 
@@ -511,39 +516,84 @@ def _decoded(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> by
     return bytes(buf)
 
 
-def _http_once(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or _DEFAULT_PORTS.get(url.scheme)
+
+
+def _without_values(url: httpx.URL, values: Iterable[str]) -> httpx.URL:
+    """`url` minus any query parameter carrying one of `values` (a redirect echoing a credential elsewhere)."""
+    drop = set(values)
+    if not drop or not url.query:
+        return url
+    pairs = parse_qsl(url.query.decode("ascii", "replace"), keep_blank_values=True)
+    query = [(k, v) for k, v in pairs if v not in drop]
+    return url.copy_with(query=urlencode(query).encode("ascii") or None)
+
+
+def _response_body(resp: httpx.Response, src: SourceConfig, deadline: _Deadline) -> _Body:
+    code = resp.status_code
+    if code == 304:
+        return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
+    if not 200 <= code < 300:
+        raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > src.max_bytes:
+        raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
+    content = _decoded(resp, src, deadline)
+    ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
+    return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
+
+
+def _http_once(
+    src: SourceConfig, url: str, headers: dict[str, str],
+    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+) -> _Body:
+    """One GET, redirects followed by hand: the credentials from `headers_env`/`query_env` go only to the source's
+    own scheme, host and port; once a hop leaves it they are dropped for the rest of the chain (httpx would only
+    strip Authorization)."""
     deadline = _Deadline(src.timeout_s)
+    env_headers, env_query = env_headers or {}, env_query or {}
     try:
-        with _client(src, deadline) as client, client.stream("GET", url, headers=headers) as resp:
-            code = resp.status_code
-            if code == 304:
-                return _Body(b"", "", code, resp.headers.get("etag"), resp.headers.get("last-modified"), not_modified=True)
-            if not 200 <= code < 300:
-                raise _FetchError(f"HTTP {code} {resp.reason_phrase}".strip(), code, retry=code >= 500)
-            declared = resp.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > src.max_bytes:
-                raise _FetchError(f"response of {int(declared)} bytes exceeds max_bytes={src.max_bytes}; not downloaded", code)
-            content = _decoded(resp, src, deadline)
-            ctype, etag = resp.headers.get("content-type", ""), resp.headers.get("etag")
-            return _Body(content, ctype, code, etag, resp.headers.get("last-modified"))
+        target = httpx.URL(_with_query(url, env_query))
+        home, credentials = _origin(target), True
+        with _client(src, deadline) as client:
+            for _hop in range(MAX_REDIRECTS + 1):
+                sent = {**headers, **env_headers} if credentials else headers
+                with client.stream("GET", target, headers=sent) as resp:
+                    if not resp.has_redirect_location:
+                        return _response_body(resp, src, deadline)
+                    target = resp.url.join(resp.headers["location"])
+                if target.scheme not in ("http", "https") or not target.host:  # httpx would read file:/x as a path
+                    scheme = target.scheme or "schemeless"
+                    raise _FetchError(f"refused a redirect to a {scheme}:// URL; only http(s) is fetched")
+                credentials = credentials and _origin(target) == home
+                if not credentials:
+                    target = _without_values(target, env_query.values())
+            raise _FetchError(f"more than {MAX_REDIRECTS} redirects")
     except httpx.TimeoutException as e:
         if deadline.expired:
             raise deadline.error("waiting for the server") from None
         raise _FetchError(f"timed out after {src.timeout_s:g} s ({type(e).__name__})", retry=True) from None
-    except httpx.TooManyRedirects:
-        raise _FetchError(f"more than {MAX_REDIRECTS} redirects") from None
+    except httpx.InvalidURL as e:
+        raise _FetchError(f"refused a redirect to an invalid URL: {_describe(e)}") from None
     except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
         raise _FetchError(f"connection failed: {_describe(e)}", retry=True) from None
     except httpx.HTTPError as e:
         raise _FetchError(f"request failed: {_describe(e)}") from None
 
 
-def _http_get(src: SourceConfig, url: str, headers: dict[str, str]) -> _Body:
+def _http_get(
+    src: SourceConfig, url: str, headers: dict[str, str],
+    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+) -> _Body:
     """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target)."""
     attempts = src.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return _http_once(src, url, headers)
+            return _http_once(src, url, headers, env_headers, env_query)
         except _FetchError as e:
             if not e.retry or attempt == attempts:
                 if attempt > 1:
@@ -586,13 +636,19 @@ def _file_path(url: str) -> Path:
     return Path(path)
 
 
+def _shown_path(path: Path) -> str:
+    """A local path for messages, token-like segments redacted as in display_url."""
+    return "/".join(_redact_segment(seg) for seg in str(path).split("/"))
+
+
 def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
     """A local feed (the offline demo); its mtime stands in for Last-Modified."""
     path = _file_path(src.url)
+    shown = _shown_path(path)
     try:
         st = path.stat()
         if not path.is_file():
-            raise _FetchError(f"{path} is not a regular file")
+            raise _FetchError(f"{shown} is not a regular file")
         if st.st_size > src.max_bytes:
             raise _FetchError(f"file of {st.st_size} bytes exceeds max_bytes={src.max_bytes}")
         mtime = formatdate(st.st_mtime, usegmt=True)
@@ -601,9 +657,9 @@ def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
         with path.open("rb") as fh:
             data = fh.read(src.max_bytes + 1)
     except FileNotFoundError:
-        raise _FetchError(f"file not found: {path}") from None
-    except OSError as e:
-        raise _FetchError(f"cannot read {path}: {_describe(e)}") from None
+        raise _FetchError(f"file not found: {shown}") from None
+    except OSError as e:  # strerror only: str(e) repeats the raw path
+        raise _FetchError(f"cannot read {shown}: {type(e).__name__}: {e.strerror or 'error'}") from None
     if len(data) > src.max_bytes:
         raise _FetchError(f"file exceeds max_bytes={src.max_bytes}")
     suffix = path.suffix.lower()
@@ -1012,12 +1068,12 @@ def fetch_source(
             env_headers, env_query = _env_secrets(src)
             secrets = [*env_headers.values(), *env_query.values()]
             headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"]),
-                       "Accept-Encoding": "gzip, deflate", **env_headers}
+                       "Accept-Encoding": "gzip, deflate"}
             if etag:
                 headers["If-None-Match"] = etag
             if last_modified:
                 headers["If-Modified-Since"] = last_modified
-            body = _http_get(src, _with_query(src.url, env_query), headers)
+            body = _http_get(src, src.url, headers, env_headers, env_query)
         if body.not_modified:
             log.info("%s: not modified since the last fetch", where)
             return FetchResult(

@@ -505,8 +505,9 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
             buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
     if m.ack_button and m.kind != MessageKind.RESOLVED:
         buttons.append({"type": "button", "action_id": ACK_ACTION_ID, "style": "primary", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": a.id})
-    elif safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:
-        buttons.append({"type": "button", "text": {"type": "plain_text", "text": "Acknowledge"}, "url": safe_link(m.ack_url)})
+    if safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:  # also with the button: works if Slack can't reach us
+        label = "Acknowledge (web)" if m.ack_button else "Acknowledge"
+        buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": safe_link(m.ack_url)})
     if buttons:
         blocks.append({"type": "actions", "elements": buttons})
     context = f"{m.lead.stats_line} | " if m.kind != MessageKind.RESOLVED else ""
@@ -911,17 +912,31 @@ def _due_filter(now: datetime) -> Any:
 
 
 def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
-    """Atomically take a due delivery (committed before sending) so no other run sends it too."""
+    """Atomically take a due delivery (committed before sending) so no other run sends it too.
+
+    `now` (the run's start) decides what is due; the claim itself is stamped with the wall clock, so a run
+    that has been going longer than CLAIM_LEASE does not hand a concurrent notifier a claim that looks stale."""
     D = s.AlertDelivery
     unacked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_(None))
     with session_scope(engine) as session:
         res = session.execute(
             update(D)
             .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
-            .values(status=DeliveryState.SENDING, last_attempt_at=now)
+            .values(status=DeliveryState.SENDING, last_attempt_at=datetime.now(UTC))
             .execution_options(synchronize_session=False)
         )
         return res.rowcount == 1
+
+
+def _renew_claim(engine: Engine, delivery_id: int) -> None:
+    """Re-stamp a claim this run still holds (between in-run retries: recording the attempt set the run's time)."""
+    D = s.AlertDelivery
+    with session_scope(engine) as session:
+        session.execute(
+            update(D)
+            .where(D.id == delivery_id, D.status == DeliveryState.SENDING)
+            .values(last_attempt_at=datetime.now(UTC))
+        )
 
 
 def _record_attempt(engine: Engine, delivery_id: int, ok: bool, error: str | None, at: datetime) -> int:
@@ -1026,12 +1041,22 @@ def deliver_pending(
             continue
         if row.sink in down or not _claim(engine, row.id, now):
             continue  # a dead sink costs one delivery's tries per run, not one per pending alert
-        sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
-        with session_scope(engine) as session:
-            alert_row = session.get(s.Alert, row.alert_id)
-            if alert_row is None:
-                continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
-            send, view = _sender(sink, alert_row, sink_cfg, cfg, session)
+
+        try:  # a claimed row must never stay `sending`: a message that cannot be built is a failed attempt
+            sink = built.get(row.sink) or built.setdefault(row.sink, build_sink(sink_cfg))
+            with session_scope(engine) as session:
+                alert_row = session.get(s.Alert, row.alert_id)
+                if alert_row is None:
+                    continue  # deleted since: its delivery rows went with it (ON DELETE CASCADE)
+                send, view = _sender(sink, alert_row, sink_cfg, cfg, session)
+        except Exception as e:
+            err = f"sink {row.sink}: cannot build the message for alert {row.alert_id}: {type(e).__name__}"
+            attempts = _record_attempt(engine, row.id, False, err, now)
+            log.error("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
+            log.debug("traceback", exc_info=True)
+            next_at = min(now + _backoff(attempts, sink_cfg), deadline)
+            _give_up(engine, row, sink_cfg, attempts, err, next_at, expired, report)
+            continue  # this alert's problem, not the sink's: the next delivery still goes out
         delays = list(retry_delays)
         while True:
             try:
@@ -1042,16 +1067,11 @@ def deliver_pending(
                 log.warning("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
                 over_cap = sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts
                 if not over_cap and delays:
+                    _renew_claim(engine, row.id)
                     sleep(delays.pop(0))
                     continue
-                if over_cap:
-                    _release(engine, row.id, DeliveryState.EXPIRED, None)
-                    expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
-                else:
-                    cap = timedelta(minutes=sink_cfg.backoff_max_minutes)
-                    _release(engine, row.id, DeliveryState.FAILED, min(now + backoff(attempts, cap), deadline))
-                    report.failed += 1
-                report.errors.append(err)
+                next_at = min(now + _backoff(attempts, sink_cfg), deadline)
+                _give_up(engine, row, sink_cfg, attempts, err, next_at, expired, report)
                 down.add(row.sink)
                 break
             else:
@@ -1073,6 +1093,25 @@ def deliver_pending(
     for name, since in failing.items():
         _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
+
+
+def _backoff(attempts: int, sink_cfg: SinkConfig) -> timedelta:
+    return backoff(attempts, timedelta(minutes=sink_cfg.backoff_max_minutes))
+
+
+def _give_up(
+    engine: Engine, row: Any, sink_cfg: SinkConfig, attempts: int, err: str, next_at: datetime,
+    expired: list[ExpiredDelivery], report: DeliveryReport,
+) -> None:
+    """Release a claimed delivery after this run's last failed attempt: expired past max_attempts, else
+    failed and retried at `next_at`."""
+    if sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts:
+        _release(engine, row.id, DeliveryState.EXPIRED, None)
+        expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
+    else:
+        _release(engine, row.id, DeliveryState.FAILED, next_at)
+        report.failed += 1
+    report.errors.append(err)
 
 
 def _sender(

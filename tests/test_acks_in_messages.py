@@ -96,3 +96,23 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(engine, webhook: W
         assert session.get(s.Alert, aid).acknowledged_by == "slack:alice"
     again = handle_slack_action(body, _signed(body, "slack-signing-secret", ts), engine, "slack-signing-secret", now)
     assert again.status == 200 and "Already acknowledged by slack:alice" in again.body["text"]
+
+
+def test_slack_message_keeps_the_signed_link_next_to_the_button(
+    engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """If Slack cannot reach the server (firewall, wrong request URL) the signed web link still acknowledges."""
+    monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
+    monkeypatch.setenv("TEST_ACK_SECRET", SECRET)
+    cfg = FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "database_url": "sqlite://",
+         "links": {"base_url": "https://finsent.example.com/", "ack_secret_env": "TEST_ACK_SECRET",
+                   "slack_signing_secret_env": "TEST_SIGNING"},
+         "sinks": [{"name": "slack", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL"}]}
+    )  # fmt: skip
+    aid = add_hex_alert(engine)
+    assert deliver_pending(engine, cfg, now=NOW, retry_delays=FAST).sent == 1
+    buttons = [e for b in webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
+    assert [e["value"] for e in buttons if e.get("action_id") == ACK_ACTION_ID] == [aid]
+    links = [e["url"] for e in buttons if e.get("url", "").startswith("https://finsent.example.com/ack/")]
+    assert len(links) == 1 and verify_ack_token(links[0].rsplit("/", 1)[1], SECRET, now=NOW) == aid

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from pipeline import cycle
 from pipeline.demo import demo_config
@@ -217,3 +217,30 @@ def test_slack_web_api_error_is_a_failed_delivery_without_the_token(engine, monk
     assert report.sent == 0 and report.expired == 1 and len(api.calls) == 2
     assert "chat.postMessage failed" in report.errors[0] and "channel_not_found" in report.errors[0]
     assert "xoxb-secret-token" not in " ".join(report.errors)
+
+
+def test_alert_found_in_a_later_pass_joins_the_open_incident_of_its_window(engine, smtp_server) -> None:  # noqa: F811
+    """A second detection pass over the same window adds the market alert that shares the entity's evidence:
+    it joins the incident already open for that window, and its mail replies in that incident's thread."""
+    from pipeline.config import FinsentConfig
+
+    box, port = smtp_server
+    cfg = FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": _sinks(port)[1:],
+         "database_url": "sqlite://"}
+    )
+    _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
+    assert deliver_pending(engine, cfg, now=SPIKE_END, retry_delays=FAST).sent == 1
+    _add(engine, "spike-mkt", "spike", ("market", "*"), SPIKE_END, "warning", "ep-mkt")
+    _add(engine, "spike-other", "spike", ("entity", "ACME"), SPIKE_END, "warning", "ep-acme")
+    with session_scope(engine) as session:  # no shared evidence: this one is a story of its own
+        other = session.get(s.Alert, "spike-other")
+        other.details = {"top_documents": [{"document_id": 99, "title": "Acme", "link": None}]}
+    deliver_pending(engine, cfg, now=SPIKE_END + timedelta(minutes=10), retry_delays=FAST)
+    with session_scope(engine) as session:
+        incidents = {a.id: a.incident_id for a in session.scalars(select(s.Alert))}
+        assert session.scalar(select(func.count()).select_from(s.Incident)) == 2
+    assert incidents["spike-mkt"] == incidents["spike-nwb"] != incidents["spike-other"]
+    first = box.messages[0]["Message-ID"]
+    late = [m for m in box.messages[1:] if "Northwind" in m["Subject"]]
+    assert late and all(m["In-Reply-To"] == first for m in late)

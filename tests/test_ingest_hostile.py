@@ -17,7 +17,7 @@ from sqlalchemy import select
 from pipeline import store
 from pipeline.config import ConfigError, FinsentConfig, SourceConfig, load_config
 from pipeline.cycle import ingest_all
-from pipeline.ingest import fetch_source
+from pipeline.ingest import display_url, fetch_source
 from pipeline.store import schema as s
 from tests.conftest import ROOT
 from tests.feedserver import FEEDS_DIR, FeedServer
@@ -28,7 +28,7 @@ MEMORY_BOUND = 16_000_000  # bytes of Python allocations one hostile fetch may p
 _MEASURE = """
 import json, sys, tracemalloc
 from pipeline.config import SourceConfig
-from pipeline.ingest import fetch_source
+from pipeline.ingest import display_url, fetch_source
 src = SourceConfig.model_validate(json.loads(sys.argv[1]))
 tracemalloc.start()
 r = fetch_source(src, [])
@@ -162,6 +162,19 @@ def test_redirect_to_another_loopback_port_is_refused(feed_server):
 
 
 @pytest.mark.parametrize(
+    ("host", "kind"), [("2002:7f00:1::1", "loopback (6to4 of 127.0.0.1)"), ("2002:a9fe:a9fe::", "link-local")]
+)
+def test_6to4_address_embedding_an_internal_ipv4_is_refused(host, kind):
+    """2002::/16 carries an IPv4 address inside; one wrapping 127.0.0.1 or 169.254.169.254 is not public."""
+    r = fetch_source(src("sixtofour", f"http://[{host}]:8080/feed.xml", allow_private_network=False), WATCHLIST)
+    assert r.status == "failed" and "refused to connect" in r.error and kind in r.error
+    assert f"(http://[{host}]:8080/feed.xml)" in r.error
+    public = fetch_source(src("sixtofour", "http://[2002:808:808::1]:9/feed.xml", allow_private_network=False,
+                              timeout_s=0.5), WATCHLIST)
+    assert "refused to connect" not in (public.error or "")  # 8.8.8.8 inside: public, tried (and unreachable here)
+
+
+@pytest.mark.parametrize(
     ("url", "expected"),
     [
         ("http://127.0.0.1:99999/feed.xml", "Port out of range"),
@@ -212,6 +225,50 @@ def test_credentials_never_reach_sources_url_or_logs(feed_server, engine, caplog
     for text in (stored, caplog.text, failed.error or ""):
         for secret in ("hunter2", "bob", "url-secret", "env-secret", token):
             assert secret not in text
+
+
+def test_credentials_are_not_forwarded_to_another_origin_on_redirect(feed_server, monkeypatch):
+    """A 302 to another host:port gets the feed fetched, but neither the env header nor the env query value."""
+    monkeypatch.setenv("FEED_AUTH", "Bearer env-secret-1")
+    monkeypatch.setenv("FEED_KEY", "env-secret-2")
+    keyed = {"headers_env": {"X-Api-Key": "FEED_AUTH"}, "query_env": {"api_key": "FEED_KEY"}}
+    with FeedServer() as other:
+        other.put("feed.xml", rss(["<item><title>Acme elsewhere</title><guid>o-1</guid></item>"]))
+        elsewhere = other.url("feed.xml").replace("127.0.0.1", "localhost") + "?api_key=env-secret-2&q=1"
+        url = feed_server.override("moved.xml", status=302, headers={"Location": elsewhere})
+        r = fetch_source(src("keyed", url, **keyed), WATCHLIST)
+        assert r.status == "ok" and other.hits("feed.xml") == 1
+        assert feed_server.requests[-1].headers.get("X-Api-Key") == "Bearer env-secret-1"  # the source's own host
+        hop = other.requests[-1]
+        assert "X-Api-Key" not in hop.headers and "env-secret" not in hop.query and "q=1" in hop.query
+    feed_server.override("same.xml", status=302, headers={"Location": "/news_rss.xml"})
+    same = fetch_source(src("keyed", feed_server.url("same.xml"), **keyed), WATCHLIST)
+    assert same.status == "ok" and feed_server.requests[-1].headers.get("X-Api-Key") == "Bearer env-secret-1"
+
+
+def test_token_in_a_file_path_stays_out_of_errors(tmp_path):
+    token = "sk_live_abcdEFGH1234ijkl5678"
+    missing = fetch_source(src("local", (tmp_path / token / "feed.xml").as_uri()), WATCHLIST)
+    (tmp_path / "dir" / token).mkdir(parents=True)
+    folder = fetch_source(src("local", (tmp_path / "dir" / token).as_uri()), WATCHLIST)
+    assert "file not found" in missing.error and "is not a regular file" in folder.error
+    for r in (missing, folder):
+        assert r.status == "failed" and token not in r.error and "/***" in r.error
+
+
+def test_token_with_underscores_in_a_url_path_is_redacted(feed_server):
+    token = "sk_live_abcdEFGH1234ijkl5678"
+    r = fetch_source(src("keyed", feed_server.url(f"rss/{token}/news")), WATCHLIST)
+    assert r.status == "failed" and "HTTP 404" in r.error and token not in r.error and "/rss/***/news" in r.error
+    assert display_url(f"https://feeds.example.com/rss/{token}/news") == "https://feeds.example.com/rss/***/news"
+    plain = "https://feeds.example.com/rss/market_news/latest"
+    assert display_url(plain) == plain
+
+
+def test_redirect_to_a_local_file_is_refused_naming_its_scheme(feed_server):
+    url = feed_server.override("moved.xml", status=302, headers={"Location": "file:///etc/passwd"})
+    r = fetch_source(src("moved", url), WATCHLIST)
+    assert r.status == "failed" and "refused a redirect to a file:// URL" in r.error
 
 
 def test_missing_credential_env_var_is_a_clear_failure(feed_server, monkeypatch):

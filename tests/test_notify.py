@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.config import FinsentConfig
-from pipeline.notify import DeliveryError, EmailSink, deliver_pending, safe_link, slack_escape
+from pipeline.notify import DeliveryError, DeliveryReport, EmailSink, deliver_pending, safe_link, slack_escape
 from pipeline.store import session_scope
 from pipeline.store import schema as s
 
@@ -45,6 +45,7 @@ class Webhook:
         self.hits = 0
         self.status = 200
         self.delay = 0.0
+        self.hold: threading.Event | None = None  # when set: each post waits (max 30 s) until the event is set
         self.lock = threading.Lock()
         hook = self
 
@@ -53,6 +54,8 @@ class Webhook:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with hook.lock:
                     hook.hits += 1
+                if hook.hold is not None:
+                    hook.hold.wait(30)
                 time.sleep(hook.delay)
                 if hook.status != 200:
                     self.send_response(hook.status)
@@ -640,3 +643,47 @@ def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook)
     webhook.status = 200
     r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
     assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
+
+
+def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine, webhook: Webhook) -> None:
+    """A renderer error after the claim is a recorded failed attempt (retried later), not a row stuck in
+    `sending`; the next alert in the queue still goes out."""
+    broken = add_alert(engine, suffix="x", hours_earlier=2)
+    good = add_alert(engine, scope=("market", "*"))
+    with session_scope(engine) as session:
+        session.get(s.Alert, broken).details = {"top_documents": [{"document_id": 3, "p_negative": "very"}]}
+    r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
+    assert r.sent == 1 and r.failed == 1 and len(webhook.posts) == 1
+    rows = {d.alert_id: d for d in deliveries(engine)}
+    assert rows[good].status == "sent"
+    bad = rows[broken]
+    assert bad.status == "failed" and bad.attempts == 1 and bad.next_attempt_at is not None
+    assert bad.last_error.startswith(f"sink slack-desk: cannot build the message for alert {broken}")
+    assert "s3cretT0ken" not in bad.last_error and any(broken in e for e in r.errors)
+
+
+def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(engine, webhook: Webhook) -> None:
+    """Run A started 15 min ago (longer than CLAIM_LEASE) and is sending; run B starting now must see A's claim
+    as live (stamped when it was taken, not with A's start time) and not send the alert a second time."""
+    start = datetime.now(UTC) - timedelta(minutes=15)
+    aid = add_alert(engine)
+    with session_scope(engine) as session:
+        row = session.get(s.Alert, aid)
+        row.window_start, row.window_end = start - timedelta(hours=1), start
+    cfg = make_cfg(timeout_s=60)
+    webhook.hold = threading.Event()
+    runs: dict[str, DeliveryReport] = {}
+    a = threading.Thread(target=lambda: runs.update(a=deliver_pending(engine, cfg, now=start, retry_delays=FAST)))
+    a.start()
+    try:
+        for _ in range(600):  # until A's post reaches the receiver (A holds the claim from here on)
+            if webhook.hits:
+                break
+            time.sleep(0.05)
+        assert webhook.hits == 1
+        runs["b"] = deliver_pending(engine, cfg, now=datetime.now(UTC), retry_delays=FAST)
+    finally:
+        webhook.hold.set()
+        a.join(60)
+    assert runs["b"].sent == 0 and runs["a"].sent == 1 and webhook.hits == 1
+    assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from pipeline import cycle, orchestrate, store
@@ -186,6 +186,32 @@ def test_heartbeat_renews_the_lease_while_the_run_lives(engine):
     assert _runs(engine)[0].lease_expires_at > first
     store.finish_run(engine, run_id, RunStatus.OK, {}, [])
     assert not store.heartbeat(engine, run_id), "a finished run's lease is not renewed"
+
+
+@pytest.mark.pg
+def test_heartbeat_survives_an_unexpected_database_error(engine, caplog):
+    """A beat that fails with something other than a connection problem (here a trigger refusing the UPDATE:
+    a ProgrammingError, not a StoreError) is logged, and the next beats still renew the lease."""
+    run_id = store.start_run(engine, "cycle", lease=timedelta(seconds=3))
+    with engine.begin() as conn:
+        conn.execute(text("CREATE FUNCTION refuse_beat() RETURNS trigger LANGUAGE plpgsql AS "
+                          "$$ BEGIN RAISE EXCEPTION 'beat refused'; END $$"))
+        conn.execute(text("CREATE TRIGGER refuse_beat BEFORE UPDATE ON pipeline_runs "
+                          "FOR EACH ROW EXECUTE FUNCTION refuse_beat()"))
+    first = _runs(engine)[0].lease_expires_at
+    with store.runs.Heartbeat(engine, run_id, lease=timedelta(seconds=3)):
+        for _ in range(100):
+            if f"heartbeat of run {run_id} failed" in caplog.text:
+                break
+            threading.Event().wait(0.2)
+        assert "ProgrammingError" in caplog.text
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_beat ON pipeline_runs"))
+        for _ in range(100):
+            if _runs(engine)[0].lease_expires_at > first:
+                break
+            threading.Event().wait(0.2)
+    assert _runs(engine)[0].lease_expires_at > first, "the heartbeat thread died on the first unexpected error"
 
 
 @pytest.mark.pg

@@ -7,6 +7,8 @@ hostile headline is stored the way ingest stores documents, and `finsent serve` 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import os
 import socket
 import subprocess
@@ -18,12 +20,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
 from sqlalchemy import select
 
 from pipeline import acks, store
+from pipeline.notify import ACK_ACTION_ID
 from pipeline.records import Document, EntityMention
 from pipeline.store import schema as s
 
@@ -59,11 +63,11 @@ def finsent(*args: str, env: dict[str, str] | None = None, timeout: float = 60) 
 
 
 @contextmanager
-def serving(url: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def serving(url: str, env: dict[str, str] | None = None, *args: str) -> Iterator[str]:
     """`finsent serve` as a real process on a free loopback port; yields its base URL."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--database-url", url],
+        [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--database-url", url, *args],
         env=env or _env(),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -292,6 +296,40 @@ def test_access_token_is_required_when_set(demo: Demo) -> None:
             r = c.post("/login", data={"token": "s3cret-token", "csrf": c.cookies["finsent_csrf"]})
             assert r.status_code == 303
             assert c.get("/alerts").status_code == 200
+
+
+def test_slack_button_and_ack_links_use_the_configured_secrets(demo: Demo, tmp_path: Path) -> None:
+    """`serve` reads the secrets from the env vars the config names (as the notifier does); the Slack button's
+    POST /slack/actions needs no sign-in (Slack's signature stands in) while other pages still do."""
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text("links:\n  ack_secret_env: DESK_ACK_SECRET\n  slack_signing_secret_env: DESK_SLACK_SIGNING\n")
+    env = _env(FINSENT_WEB_TOKEN="s3cret-token", DESK_ACK_SECRET="desk-ack", DESK_SLACK_SIGNING="desk-slack")
+    env.pop("FINSENT_ACK_SECRET")
+    engine = store.make_engine(demo.url)
+    with store.session_scope(engine) as session:  # an alert no other test acknowledges
+        aid = session.scalars(
+            select(s.Alert.id).where(s.Alert.id.not_in([demo.nwb_alert, demo.other_alert, demo.market_alert]))
+        ).first()
+    engine.dispose()
+    assert aid is not None
+    payload = {"user": {"username": "carol"}, "actions": [{"action_id": ACK_ACTION_ID, "value": aid}]}
+    body = urlencode({"payload": json.dumps(payload)}).encode()
+    ts = str(int(time.time()))
+
+    def signed(secret: str) -> dict[str, str]:
+        sig = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
+        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={sig}",
+                "Content-Type": "application/x-www-form-urlencoded"}
+
+    with serving(demo.url, env, "--config", str(cfg)) as base:
+        assert httpx.get(base + "/alerts").status_code == 401  # still behind the token
+        link = f"{base}/ack/{acks.ack_token_for(aid, 'desk-ack', datetime.now(UTC))}"
+        assert "Acknowledge this alert?" in httpx.get(link).text
+        forged = httpx.post(base + "/slack/actions", content=body, headers=signed("another-secret"))
+        assert forged.status_code == 401 and _ack_state(demo.url, aid) == (None, None)
+        r = httpx.post(base + "/slack/actions", content=body, headers=signed("desk-slack"))
+        assert r.status_code == 200 and r.json()["text"].startswith("Acknowledged alert"), r.text
+    assert _ack_state(demo.url, aid)[1] == "slack:carol"
 
 
 @pytest.mark.skipif(

@@ -39,22 +39,24 @@ def serve(
         str | None, typer.Option("--database-url", help="e.g. sqlite:///finsent-demo.db (default: DATABASE_URL).")
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config (for database_url).")
+        Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config (database_url, links).")
     ] = None,
 ) -> None:
     """Serve the web app: overview, company pages, alerts (acknowledge), document search (label)."""
     import uvicorn
 
     from pipeline import store
+    from pipeline.commands.core import config_or_exit
     from pipeline.web.app import create_app
     from pipeline.web.security import Access, AccessError, check_bind
 
-    access = Access.from_env()
+    cfg = config_or_exit(config)
+    access = Access.from_env(links=cfg.links)  # the env vars the notifier signs with: one setting, the config's
     try:
         check_bind(host, access)
     except AccessError as e:
         raise fail(str(e)) from None
-    url = resolve_database_url(database_url, config)
+    url = database_url or cfg.database_url.get_secret_value()
     try:
         engine = store.make_engine(url)
         store.check_schema(engine)

@@ -150,6 +150,9 @@ class Heartbeat:
                     log.error("pipeline run %s is no longer `running` in the database (abandoned?)", self.run_id)
             except StoreError as e:  # a busy SQLite file or a blip: the next beat retries well inside the lease
                 log.warning("heartbeat of run %s failed: %s", self.run_id, e)
+            except Exception as e:  # anything else too: a dead thread would get the live run marked abandoned
+                log.error("heartbeat of run %s failed: %s (retrying)", self.run_id, type(e).__name__)
+                log.debug("traceback", exc_info=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -14,12 +14,13 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -28,13 +29,15 @@ from pipeline import acks
 from pipeline.data import SENTIMENT_LABELS
 from pipeline.feedback import add_feedback
 from pipeline.notify import view_of
-from pipeline.store import session_scope
+from pipeline.slack_actions import MAX_BODY as SLACK_MAX_BODY
+from pipeline.slack_actions import handle_slack_action
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from pipeline.web import charts, queries
 from pipeline.web.security import (
-    ACK_SECRET_ENV,
     CSRF_COOKIE,
     CSRF_FIELD,
+    SLACK_ACTIONS_PATH,
     TOKEN_COOKIE,
     Access,
     allowed,
@@ -199,7 +202,7 @@ def create_app(engine: Engine, access: Access | None = None, clock: Callable[[],
     def _token_alert(token: str) -> str:
         if not access.ack_secret:
             raise HTTPException(
-                503, f"acknowledgement links are not configured on this server ({ACK_SECRET_ENV} is not set)"
+                503, f"acknowledgement links are not configured on this server ({access.ack_secret_env} is not set)"
             )
         try:
             return acks.verify_ack_token(token, access.ack_secret, now())
@@ -228,6 +231,19 @@ def create_app(engine: Engine, access: Access | None = None, clock: Callable[[],
         except acks.AckError as e:
             raise HTTPException(404, str(e)) from None
         return render(request, "ack_done.html", result=result)
+
+    async def slack_action(request: Request) -> Response:
+        """Slack's "Acknowledge" button: the raw body (at most one byte over the cap is read) is what Slack
+        signed, so it is verified as received; no sign-in or CSRF here (see pipeline.web.security)."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > SLACK_MAX_BODY:
+                break
+        result = await run_in_threadpool(
+            handle_slack_action, bytes(body), request.headers, engine, access.slack_signing_secret or "", now()
+        )
+        return JSONResponse(result.body, status_code=result.status)
 
     def documents(request: Request) -> Response:
         qp = request.query_params
@@ -324,6 +340,7 @@ def create_app(engine: Engine, access: Access | None = None, clock: Callable[[],
         Route("/alerts/{alert_id}/ack", alert_ack, methods=["POST"]),
         Route("/ack/{token}", ack_link),
         Route("/ack/{token}", ack_link_post, methods=["POST"]),
+        Route(SLACK_ACTIONS_PATH, slack_action, methods=["POST"]),
         Route("/documents", documents),
         Route("/documents/{doc_id:int}/label", label_doc, methods=["POST"]),
         Route("/login", login),

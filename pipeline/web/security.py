@@ -11,6 +11,10 @@
   form field (double submit), and an Origin header, when the browser sends one, that names this host.
 - /ack/<token> links carry their own HMAC-signed token (pipeline.acks), so they work without signing in;
   GET only shows a confirmation page, so a mail scanner that follows links acknowledges nothing.
+- /slack/actions (the Slack "Acknowledge" button) is open too: Slack's request signature, checked by
+  pipeline.slack_actions, replaces sign-in and CSRF there.
+- Both secrets are read from the env vars the config names (`links.ack_secret_env`,
+  `links.slack_signing_secret_env`), the same ones the notifier signs with.
 """
 
 from __future__ import annotations
@@ -19,18 +23,22 @@ import hmac
 import ipaddress
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
 
+from pipeline.config import LinksConfig
+
 TOKEN_ENV = "FINSENT_WEB_TOKEN"
 AUTH_HEADER_ENV = "FINSENT_WEB_AUTH_HEADER"
-ACK_SECRET_ENV = "FINSENT_ACK_SECRET"
+ACK_SECRET_ENV = LinksConfig().ack_secret_env  # the default name
 TOKEN_COOKIE = "finsent_token"
 CSRF_COOKIE = "finsent_csrf"
 CSRF_FIELD = "csrf"
-OPEN_PATHS = ("/static/", "/login", "/ack/")
+SLACK_ACTIONS_PATH = "/slack/actions"
+OPEN_PATHS = ("/static/", "/login", "/ack/", SLACK_ACTIONS_PATH)
 
 
 class AccessError(ValueError):
@@ -42,11 +50,21 @@ class Access:
     token: str | None = None
     auth_header: str | None = None
     ack_secret: str | None = None
+    slack_signing_secret: str | None = None
+    ack_secret_env: str = ACK_SECRET_ENV  # named in errors, so an operator knows which variable to set
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Access:
+    def from_env(cls, env: Mapping[str, str] | None = None, links: LinksConfig | None = None) -> Access:
+        """Access settings from the environment; secret variable names from the config's `links` (one source)."""
         e = os.environ if env is None else env
-        return cls(e.get(TOKEN_ENV) or None, e.get(AUTH_HEADER_ENV) or None, e.get(ACK_SECRET_ENV) or None)
+        links = links or LinksConfig()
+        return cls(
+            e.get(TOKEN_ENV) or None,
+            e.get(AUTH_HEADER_ENV) or None,
+            e.get(links.ack_secret_env) or None,
+            e.get(links.slack_signing_secret_env) or None,
+            links.ack_secret_env,
+        )
 
     @property
     def protected(self) -> bool:
