@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.store import schema as s
 from pipeline.web.queries import HOUR, as_hour, current_model, floor_hour, hour_bucket, zero_filled
+from pipeline.errors import UsageError
 
 ScopeKind = Literal["market", "entity", "source", "topic"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("market", "entity", "source", "topic")
@@ -47,7 +48,7 @@ def arrow_schema(columns: list[str]) -> Any:
     return pa.schema([(c, types.get(ARROW_TYPES.get(c, ""), pa.string())) for c in columns])
 
 
-class ExportError(ValueError):
+class ExportError(UsageError, ValueError):
     """An export that cannot be done as asked (bad extension, range, scope); the message says which."""
 
 

@@ -57,12 +57,12 @@ def test_views_down_to_0001_and_up_again(pg_url, engine):
 
 
 @pytest.mark.pg
-def test_0010_scrubs_tokens_older_redaction_stored(pg_url, engine):
-    """Rows written before 0010 by the older display_url (path tokens with `_`) and file:// errors (raw path)."""
+def test_0011_scrubs_tokens_older_redaction_stored(pg_url, engine):
+    """Rows written before 0011 by the older display_url (path tokens with `_`) and file:// errors (raw path)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
     cfg.attributes["database_url"] = pg_url
-    command.downgrade(cfg, "0009")
+    command.downgrade(cfg, "0010")
     token, hexed = "sk_live_abcdEFGH1234ijkl5678", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
     with engine.begin() as c:
         c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES (:n, 'rss', :u, now())"),

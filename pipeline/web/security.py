@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 
 from pipeline.config import LinksConfig
+from pipeline.errors import UsageError
 
 TOKEN_ENV = "FINSENT_WEB_TOKEN"
 AUTH_HEADER_ENV = "FINSENT_WEB_AUTH_HEADER"
@@ -41,7 +42,7 @@ SLACK_ACTIONS_PATH = "/slack/actions"
 OPEN_PATHS = ("/static/", "/login", "/ack/", SLACK_ACTIONS_PATH)
 
 
-class AccessError(ValueError):
+class AccessError(UsageError, ValueError):
     """The server would be reachable by others without any access control."""
 
 

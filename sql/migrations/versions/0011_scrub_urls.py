@@ -6,8 +6,8 @@ of file:// sources carried the raw local path. This data migration redacts such 
 when pipeline.ingest changes). Rows are read in pages by id, so memory stays bounded on any table size.
 Downgrade does nothing: redacted secrets are not restored. Plain SQL through SQLAlchemy: SQLite too.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-01 12:10:00
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010"
-down_revision: str | None = "0009"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
