@@ -111,7 +111,13 @@ def make_stream(rng: np.random.Generator, profile: ScopeProfile, windows: int, w
 
 
 def inject_spikes(
-    rng: np.random.Generator, stream: Stream, scope: int, start: int, window_minutes: int, gap: int, sizes: tuple[float, float]
+    rng: np.random.Generator,
+    stream: Stream,
+    scope: int,
+    start: int,
+    window_minutes: int,
+    gap: int,
+    sizes: tuple[float, float],
 ) -> None:
     """Add spikes of random size (in local SD), length 1-6 windows, at least `gap` windows apart."""
     T = len(stream.n)
@@ -210,7 +216,9 @@ def inject_surges(
         length = int(rng.integers(1, 7))
         size = float(rng.uniform(*sizes))
         ramped = rng.random() < ramp
-        shape = [(i + 1) / length if ramped else (1.0 if i == 0 else float(rng.uniform(0.7, 1.1))) for i in range(length)]
+        shape = [
+            (i + 1) / length if ramped else (1.0 if i == 0 else float(rng.uniform(0.7, 1.1))) for i in range(length)
+        ]
         extra = tuple(
             round(size * math.sqrt(max(float(stream.expected_k[t + i]), 0.3)) * shape[i]) for i in range(length)
         )
@@ -225,7 +233,9 @@ def _measured(stream: Stream, sp: Spike, B: int) -> Spike:
     """The spike with its size in baseline SD and its peak window's counts filled in."""
     peak = sp.onset + int(np.argmax(stream.k[sp.onset : sp.onset + sp.length]))
     size = _baseline_sd_size(stream, sp, B)
-    return Spike(sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, size, int(stream.n[peak]), int(stream.k[peak]))
+    return Spike(
+        sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, size, int(stream.n[peak]), int(stream.k[peak])
+    )
 
 
 def _baseline_sd_size(stream: Stream, sp: Spike, B: int) -> float:
@@ -429,7 +439,13 @@ def evaluate(
         scopes=scopes,
         weeks=round(weeks_eval, 3),
         window_minutes=d.window_minutes,
-        detector={**d.model_dump(), "exit_p": p.exit_p, "min_baseline_docs": p.min_baseline_docs, "sustained_windows": p.sustained_windows, "method": METHOD},
+        detector={
+            **d.model_dump(),
+            "exit_p": p.exit_p,
+            "min_baseline_docs": p.min_baseline_docs,
+            "sustained_windows": p.sustained_windows,
+            "method": METHOD,
+        },
         quiet_false_alerts=sum(quiet_counts),
         false_alerts_per_scope_week=round(fa, 4),
         max_false_alerts_per_scope_week=round(max(fa_rate), 4) if fa_rate else float("nan"),
@@ -440,7 +456,9 @@ def evaluate(
         precision=round(precision, 4),
         median_delay_windows_3sd=med,
         mean_delay_windows_3sd=round(sum(delays) / len(delays), 3) if delays else None,
-        recall_by_baseline_sd=_bucket([(sp.baseline_sd, hit) for sp, hit, _, _ in rows], [-math.inf, 1, 2, 3, 4, 6, math.inf]),
+        recall_by_baseline_sd=_bucket(
+            [(sp.baseline_sd, hit) for sp, hit, _, _ in rows], [-math.inf, 1, 2, 3, 4, 6, math.inf]
+        ),
         recall_by_local_sd=_bucket([(sp.local_sd, hit) for sp, hit, _, _ in rows], [1, 2, 3, 4, 5, 6, 8.01]),
         recall_3sd_by_volume=by_volume,
         recall_by_length=_bucket([(sp.length, hit) for sp, hit, _, _ in big], [1, 2, 3, 4, 5, 6, 7]),
@@ -481,7 +499,9 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
         engine = store.make_engine(url)
         with store.session_scope(engine) as session:
             session.add(s.Source(name="synthetic", kind="rss", url="file:///synthetic", created_at=origin))
-            store.register_model(session, "synthetic-v1", name="synthetic", path="-", labels=["negative", "neutral", "positive"])
+            store.register_model(
+                session, "synthetic-v1", name="synthetic", path="-", labels=["negative", "neutral", "positive"]
+            )
             docs, scores = [], []
             for w in range(n0, end_idx):
                 start = origin + w * step
@@ -500,7 +520,12 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
                     )
             ids = []
             for i in range(0, len(docs), 2000):
-                ids += [r[0] for r in session.execute(store._insert(session, s.Document).values(docs[i : i + 2000]).returning(s.Document.id))]
+                ids += [
+                    r[0]
+                    for r in session.execute(
+                        store._insert(session, s.Document).values(docs[i : i + 2000]).returning(s.Document.id)
+                    )
+                ]
             pos = 0
             for w in range(n0, end_idx):
                 n, k = int(stream.n[w]), int(stream.k[w])
@@ -528,7 +553,12 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
         engine.dispose()
     st = compute_stats(Series(n=stream.n, k=stream.k, slot=stream.slot), p)
     mem_events = [(w, ev.kind) for w in range(first_idx, end_idx) if (ev := event_at(st, w, p)) is not None]
-    return {"windows": end_idx - first_idx, "db_events": len(db_events), "memory_events": len(mem_events), "identical": db_events == mem_events}
+    return {
+        "windows": end_idx - first_idx,
+        "db_events": len(db_events),
+        "memory_events": len(mem_events),
+        "identical": db_events == mem_events,
+    }
 
 
 FAMILY_TEXT = {
@@ -649,7 +679,10 @@ def _family_section(r: EvalResult) -> list[str]:
         "",
         "| seed | counted surges | recall | false alerts / scope-week |",
         "|---|---|---|---|",
-        *[f"| {x['seed']} | {x['spikes_3sd']} | {_fmt(x['recall_3sd'])} | {_fmt(x['false_alerts_per_scope_week'])} |" for x in r.per_seed],
+        *[
+            f"| {x['seed']} | {x['spikes_3sd']} | {_fmt(x['recall_3sd'])} | {_fmt(x['false_alerts_per_scope_week'])} |"
+            for x in r.per_seed
+        ],
         "",
         "By the scope's mean volume (items per window): recall of counted surges, false alerts per scope-week on",
         "quiet data, and quiet windows per week that already sit >= 3 baseline SD above the baseline mean by chance:",
@@ -814,21 +847,25 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     for lo in range(0, len(win), chunk):
         idx = range(lo, min(lo + chunk, len(win)))
         with store.session_scope(engine) as session:
-            ids = session.execute(
-                insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "source_name": sources[j % len(sources)],
-                        "external_id": f"b{j}",
-                        "content_hash": f"b{j}",
-                        "title": f"{tickers[ent_idx[j]]} item {j}",
-                        "summary": "",
-                        "published_at": start + int(win[j]) * step + timedelta(seconds=float(offs[j])),
-                        "fetched_at": start,
-                    }
-                    for j in idx
-                ],
-            ).scalars().all()
+            ids = (
+                session.execute(
+                    insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "source_name": sources[j % len(sources)],
+                            "external_id": f"b{j}",
+                            "content_hash": f"b{j}",
+                            "title": f"{tickers[ent_idx[j]]} item {j}",
+                            "summary": "",
+                            "published_at": start + int(win[j]) * step + timedelta(seconds=float(offs[j])),
+                            "fetched_at": start,
+                        }
+                        for j in idx
+                    ],
+                )
+                .scalars()
+                .all()
+            )
             session.execute(
                 insert(s.Score),
                 [
@@ -844,7 +881,12 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
             session.execute(
                 insert(s.DocumentEntity),
                 [
-                    {"document_id": doc_id, "entity": tickers[ent_idx[j]], "kind": "watchlist", "matched": tickers[ent_idx[j]]}
+                    {
+                        "document_id": doc_id,
+                        "entity": tickers[ent_idx[j]],
+                        "kind": "watchlist",
+                        "matched": tickers[ent_idx[j]],
+                    }
                     for doc_id, j in zip(ids, idx, strict=True)
                 ],
             )

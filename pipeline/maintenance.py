@@ -27,7 +27,15 @@ log = logging.getLogger(__name__)
 ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0009 (rollup tables instead)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
-TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
+TABLES = (
+    "documents",
+    "scores",
+    "document_entities",
+    "source_fetches",
+    "alerts",
+    "alert_deliveries",
+    "delivery_attempts",
+)
 
 
 class MaintenanceError(FinsentError, ValueError):
@@ -131,5 +139,12 @@ def run_maintenance(engine: Engine, now: datetime | None = None, days: int | Non
     analyzed, hints = analyze_and_hint(engine, touched=bool(cleared or fetches or attempts))
     for h in hints:
         log.warning("maintenance hint: %s", h)
-    log.info("retention %d days (cutoff %s): %d bodies cleared, %d fetch logs and %d attempts deleted", days, cutoff, cleared, fetches, attempts)
+    log.info(
+        "retention %d days (cutoff %s): %d bodies cleared, %d fetch logs and %d attempts deleted",
+        days,
+        cutoff,
+        cleared,
+        fetches,
+        attempts,
+    )
     return MaintenanceReport(days, cutoff, cleared, fetches, attempts, refreshed, analyzed, hints)

@@ -20,7 +20,13 @@ runner = CliRunner()
 
 
 def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
-    tmp_path, pg_url, engine, webhook, failing_smtp, tiny_model_dir, monkeypatch  # noqa: F811  (fixtures)
+    tmp_path,
+    pg_url,
+    engine,
+    webhook,
+    failing_smtp,
+    tiny_model_dir,
+    monkeypatch,  # noqa: F811  (fixtures)
 ):
     box, port = failing_smtp
     aid = add_alert(engine)

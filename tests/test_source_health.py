@@ -73,7 +73,10 @@ def dead_source() -> Iterator[Revivable]:
 def make_cfg(sources: dict[str, str], **health) -> FinsentConfig:
     return FinsentConfig.model_validate(
         {
-            "sources": [{"name": n, "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True} for n, u in sources.items()],
+            "sources": [
+                {"name": n, "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True}
+                for n, u in sources.items()
+            ],
             "sinks": [{"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL", "timeout_s": 5}],
             "health": health,
             "database_url": "sqlite://",
@@ -90,7 +93,10 @@ def health_alerts(engine) -> list[tuple[str, str, str]]:
 
 
 def test_a_dead_source_raises_one_alert_then_a_resolution(
-    engine, webhook: Webhook, feed_server, dead_source: Revivable  # noqa: F811  (fixtures)
+    engine,
+    webhook: Webhook,
+    feed_server,
+    dead_source: Revivable,  # noqa: F811  (fixtures)
 ) -> None:
     good = feed_server.put("good.xml", rss("good", window_items("good", NOW - timedelta(hours=1), 3)))
     cfg = make_cfg({"good": good, "dead": dead_source.url}, max_failures=3)

@@ -69,7 +69,12 @@ def test_failed_fetch_keeps_documents_and_validators(engine, tiny_model_dir, pg_
         store.ensure_sources(session, cfg.sources)
         store.save_fetch(session, FetchResult(source="wire", documents=docs("wire", 5), etag='"v1"'))
     with store.session_scope(engine) as session:
-        store.save_fetch(session, FetchResult(source="wire", status="failed", http_status=500, error="HTTP 500 from https://example.com/wire.xml"))
+        store.save_fetch(
+            session,
+            FetchResult(
+                source="wire", status="failed", http_status=500, error="HTTP 500 from https://example.com/wire.xml"
+            ),
+        )
     assert count(engine, s.Document) == 5
     with store.session_scope(engine) as session:
         src = session.get(s.Source, "wire")
@@ -146,11 +151,14 @@ def test_shards_split_the_backlog_without_overlap(engine, tiny_model_dir, pg_url
         store.save_documents(session, docs("wire", 11))
     scorer = cycle.load_scorer(cfg, path=str(tiny_model_dir))
     seen = [
-        {d.id for chunk in store.iter_unscored(engine, scorer.version, 4, shard, 3) for d in chunk} for shard in range(3)
+        {d.id for chunk in store.iter_unscored(engine, scorer.version, 4, shard, 3) for d in chunk}
+        for shard in range(3)
     ]
     assert sum(len(x) for x in seen) == 11 and len(set().union(*seen)) == 11
     assert all(seen)
-    assert [cycle.score_pending(cfg, engine, scorer, shard=i, shards=3).scored for i in range(3)] == [len(x) for x in seen]
+    assert [cycle.score_pending(cfg, engine, scorer, shard=i, shards=3).scored for i in range(3)] == [
+        len(x) for x in seen
+    ]
     assert count(engine, s.Score) == 11
     with pytest.raises(ValueError, match="shard 3 is outside 0..2"):
         next(store.iter_unscored(engine, scorer.version, 4, 3, 3))
@@ -160,7 +168,12 @@ def test_a_moved_source_forgets_its_validators(engine, tiny_model_dir, pg_url):
     cfg = cfg_for(pg_url, tiny_model_dir)
     with store.session_scope(engine) as session:
         store.ensure_sources(session, cfg.sources)
-        store.save_fetch(session, FetchResult(source="wire", documents=docs("wire", 1), etag='"v1"', last_modified="Fri, 20 Nov 2026 10:00:00 GMT"))
+        store.save_fetch(
+            session,
+            FetchResult(
+                source="wire", documents=docs("wire", 1), etag='"v1"', last_modified="Fri, 20 Nov 2026 10:00:00 GMT"
+            ),
+        )
         store.ensure_sources(session, cfg.sources)
         assert store.source_validators(session, "wire") == ('"v1"', "Fri, 20 Nov 2026 10:00:00 GMT")
     moved = cfg_for(pg_url, tiny_model_dir).model_copy(
