@@ -813,10 +813,10 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     """Time one `detect_spikes` window over `entities` watchlist scopes on the (empty, migrated) database at
     `url`: a week and two days of synthetic scored documents, heavy-tailed per entity (lognormal rates,
     mean `docs_per_entity_hour`), every scope kind on. Returns the seconds and what was measured."""
-    from pipeline import store
-    from pipeline.config import FinsentConfig
     from sqlalchemy import insert
 
+    from pipeline import store
+    from pipeline.config import FinsentConfig
     from pipeline.detect import detect_spikes
     from pipeline.store import schema as s
 

@@ -14,8 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, text, update
 
-from pipeline import store
-from pipeline import config
+from pipeline import config, store
 from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
 from pipeline.config import RETENTION_ENV as RETENTION_ENV
 from pipeline.config import ConfigError

@@ -14,8 +14,8 @@ from pipeline.alert_eval import ScopeProfile, Spike, db_replay_check, evaluate, 
 from pipeline.cli import app
 from pipeline.config import DetectConfig
 from pipeline.notify import deliver_pending
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.test_notify import NOW, add_alert, make_cfg
 
 runner = CliRunner()

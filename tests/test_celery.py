@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import DAGS_DIR, ROOT, fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.airflow_support import DAGS_DIR, ROOT, fresh_dag, rss, window_items, write_config
 from tests.conftest import PG_BASE, migrated_schema
 from tests.test_dags import _snapshot
 

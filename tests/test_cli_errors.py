@@ -99,12 +99,11 @@ def test_disk_full(tmp_path):
         dbapi_conn.execute("PRAGMA max_page_count = 40")
 
     docs = [Document("wire", f"id-{i}", f"h{i}", "x" * 2000, "y" * 2000, None, pipeline_time()) for i in range(200)]
-    with pytest.raises(store.StoreError) as err:
-        with store.session_scope(engine) as session:
-            session.execute(
-                s.Source.__table__.insert().values(name="wire", kind="rss", url="http://x", created_at=pipeline_time())
-            )
-            store.save_documents(session, docs)
+    with pytest.raises(store.StoreError) as err, store.session_scope(engine) as session:
+        session.execute(
+            s.Source.__table__.insert().values(name="wire", kind="rss", url="http://x", created_at=pipeline_time())
+        )
+        store.save_documents(session, docs)
     engine.dispose()
     assert str(err.value) == f"database {url}: disk full"
 

@@ -8,12 +8,12 @@ import json
 import re
 from pathlib import Path
 
-import tests.airflow_support  # noqa: F401  (isolated AIRFLOW_HOME before anything imports airflow)
-
 import pytest
 import yaml
 from jsonschema import Draft7Validator
 from sqlalchemy import text
+
+import tests.airflow_support  # noqa: F401  (isolated AIRFLOW_HOME before anything imports airflow)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -12,14 +12,13 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import orchestrate
 from pipeline.store import schema as s
+from tests.airflow_support import fresh_dag, rss, window_items, write_config
 
 END = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 START = END - timedelta(minutes=15)

@@ -14,8 +14,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import AIRFLOW_ENV, DAGS_DIR, ROOT, Item, fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import func, select, text
 
@@ -23,6 +21,7 @@ from pipeline import store
 from pipeline.config import SourceConfig
 from pipeline.records import Document, EntityMention, Prediction, ScoreRow
 from pipeline.store import schema as s
+from tests.airflow_support import AIRFLOW_ENV, DAGS_DIR, ROOT, Item, fresh_dag, rss, window_items, write_config
 
 DAG_IDS = {"finsent_monitor", "finsent_train", "finsent_maintenance"}
 WEBHOOK_ENV = "FINSENT_TEST_WEBHOOK_URL"

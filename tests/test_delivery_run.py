@@ -12,8 +12,8 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.test_notify import add_alert, failing_smtp, mail_sink, slack_sink, webhook  # noqa: F401  (fixtures)
 
 runner = CliRunner()

@@ -11,15 +11,14 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from tests.airflow_support import airflow_db, fresh_dag, rss, smtp_server, webhook, window_items, write_config  # noqa: F401
-from tests.feedserver import feed_server  # noqa: F401
-
 import pytest
 from sqlalchemy import select
 
 from pipeline import orchestrate
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
+from tests.airflow_support import airflow_db, fresh_dag, rss, smtp_server, webhook, window_items, write_config  # noqa: F401
+from tests.feedserver import feed_server  # noqa: F401
 
 END = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 WEBHOOK_ENV = "FINSENT_TEST_WEBHOOK_URL"

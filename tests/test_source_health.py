@@ -17,8 +17,8 @@ from sqlalchemy import select
 from pipeline import cycle, store
 from pipeline.config import FinsentConfig, HealthConfig
 from pipeline.health import quiet_threshold
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.airflow_support import rss, window_items
 from tests.feedserver import feed_server  # noqa: F401
 from tests.test_notify import Webhook, webhook  # noqa: F401

@@ -20,7 +20,6 @@ from pipeline.data import (
     normalise,
 )
 from pipeline.train import TrainConfig, TrainError, default_base, train_model
-
 from tests.train_support import TINY, TOPICS, _sentences, make_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

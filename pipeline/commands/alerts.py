@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
-from pipeline.records import ScopeKind, Severity
 from pipeline.commands.core import fail
+from pipeline.records import ScopeKind, Severity
 
 ConfigOpt = Annotated[
     str | None,
