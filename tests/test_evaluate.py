@@ -114,7 +114,8 @@ def test_evaluate_records_metrics_compares_production_and_ignores_feedback(
     with engine.begin() as c:  # feedback must change no eval split
         c.execute(
             text(
-                "INSERT INTO feedback (text, label, created_at) VALUES ('Totally new sentence about margins', 'negative', now())"
+                "INSERT INTO feedback (text, label, created_at) VALUES ('Totally new sentence about margins', "
+                "'negative', now())"
             )
         )
     before = build_splits(data_dir).fingerprints

@@ -90,8 +90,10 @@ def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monke
         c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
         doc = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
-                "VALUES ('wire', 'e1', 'h', 'Acme said operating loss widened badly in quarter 2 .', '', now(), now()) RETURNING id"
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
+                "VALUES ('wire', 'e1', 'h', 'Acme said operating loss widened badly in quarter 2 .', '', now(), "
+                "now()) RETURNING id"
             )
         ).scalar_one()
     run = CliRunner().invoke
@@ -123,7 +125,8 @@ def test_explain_prints_feed_text_verbatim(pg_url: str, engine, tiny_model: Path
         )
         doc = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
                 "VALUES ('reddit', 'r1', 'h', :t, '', now(), now()) RETURNING id"
             ),
             {"t": title},

@@ -121,7 +121,8 @@ def test_degraded_delivery_fails_the_notify_task_with_its_reason(env, engine):
     now = datetime.now(UTC)
     with session_scope(engine) as session:
         session.add(s.AlertDelivery(alert_id=aid, sink="ops-slack", status="failed", attempts=40, last_error="HTTP 500",
-                                    created_at=now - timedelta(hours=25), next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
+                                    created_at=now - timedelta(hours=25),
+                                    next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
     env["webhook"].status = 500
     dag = fresh_dag("finsent_monitor", retries=None)
     dr = dag.test(logical_date=END)

@@ -203,14 +203,16 @@ def test_entity_risk_view_counts_escalations_as_spikes(engine) -> None:
     h = timedelta(hours=1)
 
     def alert(kind: str, start: datetime) -> dict:
-        return {"id": f"{kind}-{start:%H}", "episode_id": "ep", "kind": kind, "scope_kind": "entity", "scope_value": "NWB",
-                "window_start": start, "window_end": start + h, "severity": "info" if kind == "resolved" else "critical",
+        return {"id": f"{kind}-{start:%H}", "episode_id": "ep", "kind": kind, "scope_kind": "entity",
+                "scope_value": "NWB", "window_start": start, "window_end": start + h,
+                "severity": "info" if kind == "resolved" else "critical",
                 "neg_count": 9, "total_count": 10, "neg_share": 0.9, "baseline_share": 0.2, "baseline_neg_rate": 2.0,
                 "statistic": 5.0, "p_value": 1e-7, "risk_score": 80.0, "details": {}, "created_at": start}  # fmt: skip
 
     with engine.begin() as c:
-        c.execute(insert(s.RiskScore), [{"scope_kind": "entity", "scope_value": "NWB", "window_start": ws + 3 * h, "window_end": ws + 4 * h,
-                                         "risk": 42.0, "components": {}, "computed_at": ws}])  # fmt: skip
+        c.execute(insert(s.RiskScore), [{"scope_kind": "entity", "scope_value": "NWB", "window_start": ws + 3 * h,
+                                         "window_end": ws + 4 * h, "risk": 42.0, "components": {},
+                                         "computed_at": ws}])  # fmt: skip
         c.execute(insert(s.Alert), [alert("spike", ws), alert("escalated", ws + h), alert("resolved", ws + 3 * h)])
         row = c.execute(text("SELECT entity, risk, last_spike_at FROM v_entity_risk")).one()
     assert (row.entity, row.risk, row.last_spike_at) == ("NWB", 42.0, ws + 2 * h)  # the escalation, not the resolution

@@ -172,7 +172,8 @@ def test_feedback_rows_from_postgres_reach_training_not_evaluation(
         c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
         doc_id = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
                 "VALUES ('wire', 'g1', 'h', 'Orion Paper cuts 300 jobs', 'Mill closes.', now(), now()) RETURNING id"
             )
         ).scalar_one()
@@ -182,7 +183,8 @@ def test_feedback_rows_from_postgres_reach_training_not_evaluation(
         )
         c.execute(
             text(
-                "INSERT INTO feedback (text, label, topic, created_at) VALUES ('Kone Lifts stock jumps', 'positive', 'Stock Movement', now())"
+                "INSERT INTO feedback (text, label, topic, created_at) VALUES ('Kone Lifts stock jumps', 'positive', "
+                "'Stock Movement', now())"
             )
         )
         c.execute(
@@ -350,8 +352,9 @@ def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(
     extra = ["Unlabelled ingested headline about Acme", "Another unlabelled text about Fiskars"]
 
     def run(stop_after=None):
-        return train_with_teacher(out, work, data_dir, teacher_cfg, student_cfg, DistilConfig(temperature=2.0, alpha=0.5),
-                                  extra_texts=extra, progress=False, stop_after=stop_after)  # fmt: skip
+        return train_with_teacher(out, work, data_dir, teacher_cfg, student_cfg,
+                                  DistilConfig(temperature=2.0, alpha=0.5), extra_texts=extra, progress=False,
+                                  stop_after=stop_after)  # fmt: skip
 
     first = run(stop_after="teacher")
     assert first.student is None and not out.exists() and first.reused == []
@@ -387,8 +390,9 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
     from pipeline.cli import app
     from pipeline.config import PROJECT_DIR
 
-    args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base), "--teacher", str(tiny_base),
-            "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2", "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
+    args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base),
+            "--teacher", str(tiny_base), "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2",
+            "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
     r = CliRunner().invoke(app, [*args, "--work-dir", str(PROJECT_DIR / "runs" / "distil")])
     assert r.exit_code == 2 and "inside the repository" in r.output and not (PROJECT_DIR / "runs" / "distil").exists()
     work = tmp_path / "work"

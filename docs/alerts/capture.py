@@ -100,8 +100,8 @@ def main() -> None:
         ),
     ):
         subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}", *extra,
-             f"--screenshot={OUT / name}", html.as_uri()],
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}",
+             *extra, f"--screenshot={OUT / name}", html.as_uri()],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
     print(f"wrote {OUT}/slack.json, email.eml, email.txt, email.html, email.png, email-phone-dark.png")

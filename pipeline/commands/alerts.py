@@ -140,11 +140,15 @@ def _what_was_hidden(session, since: datetime, since_hours: float, filters: list
         return "no alerts in this database"
     in_window = session.scalar(select(func.count()).select_from(s.Alert).where(s.Alert.window_end >= since)) or 0
     if in_window:
-        return f"no alerts match the filters; {in_window} alert(s) ended in the last {since_hours:g} h (drop --scope/--severity/--unacked to see them)"
+        return (
+            f"no alerts match the filters; {in_window} alert(s) ended in the last {since_hours:g} h "
+            "(drop --scope/--severity/--unacked to see them)"
+        )
     newest = session.scalar(select(func.max(s.Alert.window_end)))
     hours = int((datetime.now(UTC) - newest).total_seconds() // 3600) + 2
     return (
-        f"no alerts in the last {since_hours:g} h; {total} older alert(s), the newest ended {newest:%Y-%m-%d %H:%M} UTC "
+        f"no alerts in the last {since_hours:g} h; {total} older alert(s), the newest ended {newest:%Y-%m-%d %H:%M} "
+        "UTC "
         f"(see them with: finsent alerts list --since-hours {hours})"
     )
 
@@ -225,7 +229,8 @@ def ack_alert(
             continue
         if res.already:
             typer.echo(
-                f"{res.alert_id} was already acknowledged by {res.acknowledged_by} at {res.acknowledged_at:%Y-%m-%d %H:%M} UTC"
+                f"{res.alert_id} was already acknowledged by {res.acknowledged_by} at "
+                f"{res.acknowledged_at:%Y-%m-%d %H:%M} UTC"
             )
         else:
             typer.echo(f"acknowledged {res.alert_id} as {res.acknowledged_by}")
@@ -311,15 +316,18 @@ def evaluate_cmd(
         typer.echo(f"[{name}]")
         typer.echo(f"  recall (counted surges, n={result.spikes_3sd}): {result.recall_3sd:.3f}   target >= 0.95")
         typer.echo(
-            f"  false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope {result.max_false_alerts_per_scope_week:.3f})   target <= 1"
+            f"  false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope "
+            f"{result.max_false_alerts_per_scope_week:.3f})   target <= 1"
         )
         typer.echo(f"  median detection delay (windows): {result.median_delay_windows_3sd}   target <= 1")
         for x in result.per_seed:
             typer.echo(
-                f"    seed {x['seed']}: recall {x['recall_3sd']:.3f} over {x['spikes_3sd']} surges, {x['false_alerts_per_scope_week']:.3f} false alerts per scope-week"
+                f"    seed {x['seed']}: recall {x['recall_3sd']:.3f} over {x['spikes_3sd']} surges, "
+                f"{x['false_alerts_per_scope_week']:.3f} false alerts per scope-week"
             )
         typer.echo(
-            f"  precision: {result.precision:.3f}   recall over all {result.spikes_total} surges: {result.recall_all:.3f}"
+            f"  precision: {result.precision:.3f}   recall over all {result.spikes_total} surges: "
+            f"{result.recall_all:.3f}"
         )
         if result.db_path_agreement:
             typer.echo(f"  database path identical to in-memory replay: {result.db_path_agreement['identical']}")
@@ -370,7 +378,8 @@ def bench_detect_cmd(
             raise typer.Exit(1) from None
         results.append(r)
         typer.echo(
-            f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one detection window {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU in this process)"
+            f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one "
+            f"detection window {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU in this process)"
         )
         _truncate(database_url)
     if benchmark_json is not None:
@@ -446,8 +455,8 @@ def list_incidents(
         scopes = ", ".join(scope_label(x["scope_kind"], x["scope_value"], cfg) for x in r.scopes)
         table.append(
             (
-                r.id[:12], f"{r.opened_at:%Y-%m-%d %H:%M}", f"{r.closed_at:%Y-%m-%d %H:%M}" if r.closed_at else "-", r.state,
-                r.severity, clean_text(r.title, 60), str(n_alerts.get(r.id, 0)), clean_text(scopes, 80),
+                r.id[:12], f"{r.opened_at:%Y-%m-%d %H:%M}", f"{r.closed_at:%Y-%m-%d %H:%M}" if r.closed_at else "-",
+                r.state, r.severity, clean_text(r.title, 60), str(n_alerts.get(r.id, 0)), clean_text(scopes, 80),
             )
         )  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -501,7 +510,8 @@ def show_incident(
     for a in alerts:
         ack = f", acknowledged by {a.acknowledged_by}" if a.acknowledged_at else ""
         typer.echo(
-            f"  {a.id[:12]}  {a.window_end:%Y-%m-%d %H:%M}  {a.kind:<9} {a.severity:<8} {clean_text(scope_label(a.scope_kind, a.scope_value, cfg), 40)}"
+            f"  {a.id[:12]}  {a.window_end:%Y-%m-%d %H:%M}  {a.kind:<9} {a.severity:<8} "
+            f"{clean_text(scope_label(a.scope_kind, a.scope_value, cfg), 40)}"
             f"  {a.neg_count}/{a.total_count} negative{ack}"
         )
     if inc.message_refs:

@@ -78,7 +78,8 @@ def list_documents(
     for r in rows:
         label = f"{r.label} {r.p_negative:.2f}" if r.label else "unscored"
         typer.echo(
-            f"{r.id:>8}  {r.published_at:%Y-%m-%d %H:%M}  {clean_text(r.source_name, 20):<20} {label:<13} {clean_text(r.title, 90)}"
+            f"{r.id:>8}  {r.published_at:%Y-%m-%d %H:%M}  {clean_text(r.source_name, 20):<20} {label:<13} "
+            f"{clean_text(r.title, 90)}"
         )
 
 
@@ -116,7 +117,8 @@ def show_document(
     for sc in scores:
         topic = f", topic {sc.topic}" if sc.topic else ""
         typer.echo(
-            f"Score:    {sc.model_version_id}: {sc.label} (p_neg {sc.p_negative:.2f}, p_neu {sc.p_neutral:.2f}, p_pos {sc.p_positive:.2f}{topic})"
+            f"Score:    {sc.model_version_id}: {sc.label} (p_neg {sc.p_negative:.2f}, p_neu {sc.p_neutral:.2f}, p_pos "
+            f"{sc.p_positive:.2f}{topic})"
         )
     typer.echo(f"Explain:  finsent explain {doc.id}")
 

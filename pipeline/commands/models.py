@@ -92,13 +92,15 @@ def train(
     teacher: Annotated[
         str | None,
         typer.Option(
-            help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, then distil it into the student."
+            help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, "
+            "then distil it into the student."
         ),
     ] = None,
     work_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); a rerun resumes there."
+            help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); "
+            "a rerun resumes there."
         ),
     ] = None,
     teacher_epochs: int = 3,
@@ -207,8 +209,9 @@ def train(
 
 
 def _train_with_teacher(
-    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int, teacher_lr: float,
-    teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int, stop_after: str | None, data_dir: Path | None,
+    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int,
+    teacher_lr: float, teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int,
+    stop_after: str | None, data_dir: Path | None,
 ):  # fmt: skip
     """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
     from dataclasses import replace
@@ -227,8 +230,9 @@ def _train_with_teacher(
                           batch_size=teacher_batch_size, ema=0.0)  # fmt: skip
     extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
     _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
-    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp, DistilConfig(temperature=temperature, alpha=alpha),
-                                extra_texts=extra, feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
+    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp,
+                                DistilConfig(temperature=temperature, alpha=alpha), extra_texts=extra,
+                                feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
                                 stop_after=stop_after)  # fmt: skip
     if result.reused:
         _say(f"resumed: reused the finished phase(s) {', '.join(result.reused)} from {work}")
@@ -278,7 +282,8 @@ def evaluate(
     record_in_model: Annotated[
         bool,
         typer.Option(
-            help="Also write the metrics into MODEL/finsent.json: the gate's baseline when MODEL is the bundled default."
+            help="Also write the metrics into MODEL/finsent.json: "
+            "the gate's baseline when MODEL is the bundled default."
         ),
     ] = False,
     no_db: NoDb = False,
