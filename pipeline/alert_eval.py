@@ -248,7 +248,7 @@ def _baseline_sd_size(stream: Stream, sp: Spike, B: int) -> float:
 def profiles(rng: np.random.Generator, count: int) -> list[ScopeProfile]:
     """Scopes from a quiet entity (a few items an hour) to the whole market (hundreds)."""
     out = []
-    for i in range(count):
+    for _ in range(count):
         vol = float(np.exp(rng.uniform(math.log(4), math.log(300))))
         out.append(
             ScopeProfile(

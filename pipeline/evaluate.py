@@ -96,7 +96,7 @@ def expected_calibration_error(probs, labels, bins: int = 15) -> float:
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
@@ -595,7 +595,7 @@ def render_markdown(rep: EvalReport) -> str:
                 "| | " + " | ".join(r.labels) + " |",
                 "|---" * (len(r.labels) + 1) + "|",
             ]
-            for lab, row in zip(r.labels, r.confusion):
+            for lab, row in zip(r.labels, r.confusion, strict=True):
                 lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
         else:
             lines += ["", "The 20×20 confusion matrix is in `model-evaluation.json`."]

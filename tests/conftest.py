@@ -89,7 +89,7 @@ def make_tiny_model(folder: Path, seed: int = 0, topics: list[str] | None = None
         max_position_embeddings=512,
         num_labels=3,
         id2label=dict(enumerate(labels)),
-        label2id={l: i for i, l in enumerate(labels)},
+        label2id={lab: i for i, lab in enumerate(labels)},
     )
     model = BertForSequenceClassification(config)
     folder.mkdir(parents=True, exist_ok=True)

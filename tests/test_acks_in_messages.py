@@ -34,8 +34,10 @@ def add_hex_alert(engine) -> str:
 
 
 def test_the_emailed_ack_link_works_once_and_refuses_tampered_or_expired_tokens(
-    engine, smtp_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: F811
+    engine,
+    smtp_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     box, port = smtp_server
     monkeypatch.setenv("TEST_ACK_SECRET", SECRET)
     cfg = FinsentConfig.model_validate(
@@ -75,8 +77,10 @@ def _signed(body: bytes, secret: str, ts: int) -> dict[str, str]:
 
 
 def test_slack_button_acknowledges_only_when_signed_and_fresh(
-    engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: F811
+    engine,
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
     cfg = FinsentConfig.model_validate(
         {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "database_url": "sqlite://",

@@ -23,10 +23,10 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
     tmp_path,
     pg_url,
     engine,
-    webhook,
-    failing_smtp,
+    webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    failing_smtp,  # noqa: F811  (pytest fixture imported from its defining module)
     tiny_model_dir,
-    monkeypatch,  # noqa: F811  (fixtures)
+    monkeypatch,
 ):
     box, port = failing_smtp
     aid = add_alert(engine)

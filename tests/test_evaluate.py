@@ -76,7 +76,7 @@ def test_evaluate_scores_model_and_baselines_on_the_same_splits(
     data = json.loads(js.read_text())
     assert data["command"] == "finsent evaluate X" and data["results"]["model"]["fpb_test"]["confusion"]
     # error analysis: the most confident mistakes, surest first, each really wrong, with its kind
-    for split, r in rep.results["model"].items():
+    for r in rep.results["model"].values():
         wrong = sum(row[j] for i, row in enumerate(r.confusion) for j in range(len(row)) if i != j)
         assert len(r.mistakes) == min(20, wrong)
         assert [m["confidence"] for m in r.mistakes] == sorted((m["confidence"] for m in r.mistakes), reverse=True)

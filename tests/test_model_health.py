@@ -156,9 +156,9 @@ def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
     pg_url: str,
     tmp_path,
     monkeypatch,
-    webhook: Webhook,
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
     shift: str,
-    feature: str | None,  # noqa: F811
+    feature: str | None,
 ) -> None:
     cfg = make_cfg()
     hours = 4 * 24

@@ -94,9 +94,9 @@ def health_alerts(engine) -> list[tuple[str, str, str]]:
 
 def test_a_dead_source_raises_one_alert_then_a_resolution(
     engine,
-    webhook: Webhook,
-    feed_server,
-    dead_source: Revivable,  # noqa: F811  (fixtures)
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    feed_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    dead_source: Revivable,
 ) -> None:
     good = feed_server.put("good.xml", rss("good", window_items("good", NOW - timedelta(hours=1), 3)))
     cfg = make_cfg({"good": good, "dead": dead_source.url}, max_failures=3)

@@ -58,24 +58,27 @@ def test_training_runs_end_to_end_and_changes_predictions(tiny_model: Path, tiny
     assert meta["topics"] == TOPICS and meta["split_seed"] and meta["data_fingerprints"]["split:fpb_test"]
     assert meta["temperature"] > 0 and meta["topic_temperature"] > 0
     with safe_open(str(tiny_model / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        # safetensors' safe_open is not a dict: it has keys() but is not iterable
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
     scorer = Scorer.load(str(tiny_model))
     assert scorer.version == meta["version"] and scorer.topics == TOPICS
 
     splits = build_splits(data_dir, seed=meta["split_seed"])
     tests = splits.eval["fpb_test"]
     preds = scorer.score([e.text for e in tests])
-    acc = sum(p.label == ("negative", "neutral", "positive")[e.sentiment] for p, e in zip(preds, tests)) / len(tests)
+    acc = sum(
+        p.label == ("negative", "neutral", "positive")[e.sentiment] for p, e in zip(preds, tests, strict=True)
+    ) / len(tests)
     torch.manual_seed(TrainConfig().seed)
     untrained = AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=3).eval()
     enc = scorer.tokenizer([e.text for e in tests], padding=True, return_tensors="pt")
     with torch.no_grad():
         before = untrained(**enc).logits.argmax(1).tolist()
-    acc_before = sum(y == e.sentiment for y, e in zip(before, tests)) / len(tests)
+    acc_before = sum(y == e.sentiment for y, e in zip(before, tests, strict=True)) / len(tests)
     assert acc >= 0.8 > acc_before + 0.2
     topics = splits.eval["topic_dev"]
     tpreds = scorer.score([e.text for e in topics])
-    assert sum(p.topic == TOPICS[e.topic] for p, e in zip(tpreds, topics)) / len(topics) >= 0.8
+    assert sum(p.topic == TOPICS[e.topic] for p, e in zip(tpreds, topics, strict=True)) / len(topics) >= 0.8
 
 
 def test_real_minilm_trains_on_a_few_dozen_examples(tmp_path: Path, data_dir: Path) -> None:

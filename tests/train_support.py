@@ -44,7 +44,7 @@ def _sentences(seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     rows = []
     for c in _COMPANIES:
-        for i, (pos, neg, neu) in enumerate(zip(_POS, _NEG, _NEU)):
+        for i, (pos, neg, neu) in enumerate(zip(_POS, _NEG, _NEU, strict=True)):
             rows.append((f"{c} said {pos} in quarter {i + 1} .", "positive"))
             rows.append((f"{c} said {neg} in quarter {i + 1} .", "negative"))
             rows.append((f"{c} : {neu} Espoo , Finland , in {2000 + i} .", "neutral"))
