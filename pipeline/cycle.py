@@ -256,7 +256,7 @@ def watched_names(cfg: FinsentConfig) -> list[str]:
 
 def explain_negatives(
     scorer: Scorer, docs: Sequence[tuple[int, str]], exclude: Sequence[str] = ()
-) -> dict[int, tuple[str, ...]]:
+) -> dict[int, Sequence[str]]:
     """Evidence words for documents scored negative (the only ones alerts cite), by document id."""
     from pipeline.detect import evidence_tokens
 

@@ -282,7 +282,8 @@ def feedback_examples(
 ) -> tuple[list[Example], dict[str, int]]:
     """Feedback as training examples; rows naming unknown labels or matching an eval text are skipped and counted."""
     topic_index = {t.casefold(): i for i, t in enumerate(topics)}
-    out, skipped = [], defaultdict(int)
+    out: list[Example] = []
+    skipped: defaultdict[str, int] = defaultdict(int)
     for r in rows:
         if not r.text or not r.text.strip():
             skipped["no_text"] += 1

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, Splits, build_splits
 from pipeline.errors import FinsentError
@@ -145,7 +145,8 @@ def split_result(
 
 def _truth(splits: Splits, split: str) -> list[int]:
     exs = splits.eval[split]
-    return [ex.topic for ex in exs] if split.startswith("topic") else [ex.sentiment for ex in exs]
+    truth = [ex.topic for ex in exs] if split.startswith("topic") else [ex.sentiment for ex in exs]
+    return cast(list[int], truth)  # an evaluation split only holds examples labelled for its head
 
 
 def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[str, SplitResult], str, float, float]:
@@ -419,7 +420,7 @@ def evaluate_model(
 
         with session_scope(engine) as session:
             prod = production_model(session)
-            prod_id, prod_path = (prod.id, prod.path) if prod else (None, None)
+            prod_id, prod_path = (prod.id, prod.path) if prod else (None, "")
         if prod_id and prod_id != version:
             try:
                 results[f"production ({prod_id})"] = score_model(prod_path, splits)[0]
@@ -511,7 +512,7 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def _cell(text: str) -> str:
+def _cell(text: object) -> str:
     """A markdown table cell: topic names such as "Legal | Regulation" keep their pipe."""
     return str(text).replace("|", "\\|")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import Engine, delete, text, update
+from sqlalchemy import CursorResult, Engine, delete, text, update
 
 from pipeline import config, store
 from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
@@ -63,11 +64,19 @@ def retention_days(env: dict[str, str] | None = None) -> int:
 def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
     """Clear article bodies fetched before `cutoff` and delete older fetch/attempt logs; idempotent."""
     with store.session_scope(engine) as session:
-        cleared = session.execute(
-            update(s.Document).where(s.Document.fetched_at < cutoff, s.Document.summary != "").values(summary="")
+        # DML returns a CursorResult (it has rowcount); Session.execute is typed as returning a plain Result
+        cleared = cast(
+            CursorResult[Any],
+            session.execute(
+                update(s.Document).where(s.Document.fetched_at < cutoff, s.Document.summary != "").values(summary="")
+            ),
         ).rowcount
-        fetches = session.execute(delete(s.SourceFetch).where(s.SourceFetch.fetched_at < cutoff)).rowcount
-        attempts = session.execute(delete(s.DeliveryAttempt).where(s.DeliveryAttempt.attempted_at < cutoff)).rowcount
+        fetches = cast(
+            CursorResult[Any], session.execute(delete(s.SourceFetch).where(s.SourceFetch.fetched_at < cutoff))
+        ).rowcount
+        attempts = cast(
+            CursorResult[Any], session.execute(delete(s.DeliveryAttempt).where(s.DeliveryAttempt.attempted_at < cutoff))
+        ).rowcount
     return cleared or 0, fetches or 0, attempts or 0
 
 

@@ -288,7 +288,7 @@ def xcom_items(values: Iterable[Any] | None) -> list[Any]:
     if values is None:
         return []
     if hasattr(values, "__getitem__") and not isinstance(values, Mapping | str):
-        return list(values[:])  # type: ignore[index]
+        return list(values[:])
     return list(values)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +77,11 @@ def register_trained(engine: Engine, path: str | Path, name: str | None = None) 
 
 
 def record_evaluation(
-    engine: Engine, version: str, path: str, eval_metrics: dict[str, dict[str, float]], fingerprints: dict[str, str]
+    engine: Engine,
+    version: str,
+    path: str,
+    eval_metrics: Mapping[str, Mapping[str, float | None]],  # ECE is None where a split has no logits
+    fingerprints: dict[str, str],
 ) -> None:
     """Store a model's fixed-split metrics (registering a non-finsent checkpoint on the way if needed)."""
     with session_scope(engine) as session:
@@ -85,6 +90,7 @@ def record_evaluation(
             register_model(session, version, name=version, path=path, metrics={})
             session.flush()
             row = session.get(s.ModelVersion, version)
+            assert row is not None  # registered just above
         metrics = dict(row.metrics or {})
         metrics.update(
             eval=eval_metrics,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from pipeline.data import (
     DEFAULT_SEED,
@@ -100,7 +101,7 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]
     temperature: float
     topic_temperature: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # eval points; a soup's trail names its members
     seconds: float = 0.0
     device: str = "cpu"
     feedback_used: int = 0
@@ -119,7 +120,7 @@ def set_seed(seed: int) -> None:
 class JointModel:
     """Wraps an HF sequence classifier; the topic head reads the last hidden [CLS] vector (as Scorer does)."""
 
-    def __new__(cls, seq_model, n_topics: int, dropout: float):
+    def __new__(cls, seq_model, n_topics: int, dropout: float) -> Any:  # a torch nn.Module, not a JointModel
         import torch
         from torch import nn
 
@@ -293,9 +294,12 @@ def _split_metrics(
     model, tokenizer, name: str, examples: Sequence[Example], cfg: TrainConfig, device: str, n_topics: int
 ):
     sent, top = predict_logits(model, tokenizer, examples, cfg.max_length, device)
+    # an evaluation split only holds examples labelled for its head
     if name.startswith("topic"):
-        return classification_metrics([ex.topic for ex in examples], top.argmax(1).tolist(), n_topics), sent, top
-    return classification_metrics([ex.sentiment for ex in examples], sent.argmax(1).tolist(), 3), sent, top
+        topics = cast(list[int], [ex.topic for ex in examples])
+        return classification_metrics(topics, top.argmax(1).tolist(), n_topics), sent, top
+    sentiments = cast(list[int], [ex.sentiment for ex in examples])
+    return classification_metrics(sentiments, sent.argmax(1).tolist(), 3), sent, top
 
 
 def fit_temperature(logits, labels) -> float:
@@ -392,7 +396,7 @@ def train_model(
 
     head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
     no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
         {"params": [], "lr": cfg.head_lr, "weight_decay": 0.0},
@@ -818,7 +822,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--no-progress", action="store_true")
-    casts = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    casts: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": lambda v: v.lower() in ("1", "true", "yes"),
+    }
     for f in TrainConfig.__dataclass_fields__.values():
         cast = casts[str(f.type).split("|")[0].strip()]
         p.add_argument(f"--{f.name.replace('_', '-')}", type=cast, default=f.default)

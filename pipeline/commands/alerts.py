@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from sqlalchemy import func, select
@@ -265,7 +265,7 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """Replay synthetic streams of every family through the detector; report recall, precision, false alerts, delay."""
-    from pipeline.alert_eval import DEFAULT_SEEDS, FAMILIES, evaluate_families, write_report
+    from pipeline.alert_eval import DEFAULT_SEEDS, FAMILIES, Family, evaluate_families, write_report
     from pipeline.config import load_config
 
     cfg = load_config(config)
@@ -282,10 +282,11 @@ def evaluate_cmd(
         detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})
     except ValueError as e:
         raise fail(f"invalid detector override: {e}") from None
-    families = tuple(family) if family else FAMILIES
-    unknown = [f for f in families if f not in FAMILIES]
+    names = tuple(family) if family else FAMILIES
+    unknown = [f for f in names if f not in FAMILIES]
     if unknown:
         raise fail(f"unknown stream family {unknown[0]!r}: use {', '.join(FAMILIES)}")
+    families = cast(tuple[Family, ...], names)  # every name was checked against FAMILIES above
     parts = ["finsent alerts evaluate"]
     if config:
         parts.append(f"-c {config}")
@@ -310,7 +311,7 @@ def evaluate_cmd(
     command = " ".join(parts)
     report = evaluate_families(
         detect_cfg, families=families, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check, command=command
-    )  # type: ignore[arg-type]
+    )
     md, js = write_report(report, out_dir)
     for name, result in report.families.items():
         typer.echo(f"[{name}]")
