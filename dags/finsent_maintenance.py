@@ -9,6 +9,7 @@ from airflow.sdk import dag, task
 
 from pipeline import orchestrate
 
+
 @dag(
     dag_id="finsent_maintenance",
     schedule="@daily",

@@ -18,6 +18,7 @@ from airflow.sdk import CronDataIntervalTimetable, TriggerRule, dag, task
 
 from pipeline import orchestrate
 
+
 @dag(
     dag_id="finsent_monitor",
     schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
@@ -65,10 +66,19 @@ def finsent_monitor():
     # finish fails on purpose when a step failed, sending the run's failure notice (a killed task sends none);
     # retrying would only repeat that verdict
     @task(trigger_rule=TriggerRule.ALL_DONE, on_failure_callback=None, retries=0)
-    def finish(pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None, ti=None) -> dict:
+    def finish(
+        pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None, ti=None
+    ) -> dict:
         return orchestrate.finish_run(
-            pipeline_run_id, names, orchestrate.xcom_items(ingested), scored, detected, notified, shards,
-            airflow_run_id=run_id, skipped=orchestrate.skipped_steps(ti),
+            pipeline_run_id,
+            names,
+            orchestrate.xcom_items(ingested),
+            scored,
+            detected,
+            notified,
+            shards,
+            airflow_run_id=run_id,
+            skipped=orchestrate.skipped_steps(ti),
         )
 
     names = sources()

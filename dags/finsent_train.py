@@ -12,6 +12,7 @@ from airflow.sdk import Param, dag, task
 
 from pipeline import orchestrate
 
+
 @dag(
     dag_id="finsent_train",
     schedule="0 3 * * 0",
@@ -26,7 +27,9 @@ from pipeline import orchestrate
         "epochs": Param(None, type=["null", "integer"], minimum=1),
         "max_steps": Param(None, type=["null", "integer"], minimum=1),
         "time_limit_s": Param(None, type=["null", "number"], minimum=1),
-        "base": Param(None, type=["null", "string"], description="model folder or hub id to fine-tune (default: MiniLM)"),
+        "base": Param(
+            None, type=["null", "string"], description="model folder or hub id to fine-tune (default: MiniLM)"
+        ),
     },
     doc_md=__doc__,
 )

@@ -111,7 +111,13 @@ def make_stream(rng: np.random.Generator, profile: ScopeProfile, windows: int, w
 
 
 def inject_spikes(
-    rng: np.random.Generator, stream: Stream, scope: int, start: int, window_minutes: int, gap: int, sizes: tuple[float, float]
+    rng: np.random.Generator,
+    stream: Stream,
+    scope: int,
+    start: int,
+    window_minutes: int,
+    gap: int,
+    sizes: tuple[float, float],
 ) -> None:
     """Add spikes of random size (in local SD), length 1-6 windows, at least `gap` windows apart."""
     T = len(stream.n)
@@ -210,7 +216,9 @@ def inject_surges(
         length = int(rng.integers(1, 7))
         size = float(rng.uniform(*sizes))
         ramped = rng.random() < ramp
-        shape = [(i + 1) / length if ramped else (1.0 if i == 0 else float(rng.uniform(0.7, 1.1))) for i in range(length)]
+        shape = [
+            (i + 1) / length if ramped else (1.0 if i == 0 else float(rng.uniform(0.7, 1.1))) for i in range(length)
+        ]
         extra = tuple(
             round(size * math.sqrt(max(float(stream.expected_k[t + i]), 0.3)) * shape[i]) for i in range(length)
         )
@@ -225,7 +233,9 @@ def _measured(stream: Stream, sp: Spike, B: int) -> Spike:
     """The spike with its size in baseline SD and its peak window's counts filled in."""
     peak = sp.onset + int(np.argmax(stream.k[sp.onset : sp.onset + sp.length]))
     size = _baseline_sd_size(stream, sp, B)
-    return Spike(sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, size, int(stream.n[peak]), int(stream.k[peak]))
+    return Spike(
+        sp.scope, sp.onset, sp.length, sp.extra_per_window, sp.local_sd, size, int(stream.n[peak]), int(stream.k[peak])
+    )
 
 
 def _baseline_sd_size(stream: Stream, sp: Spike, B: int) -> float:
@@ -238,7 +248,7 @@ def _baseline_sd_size(stream: Stream, sp: Spike, B: int) -> float:
 def profiles(rng: np.random.Generator, count: int) -> list[ScopeProfile]:
     """Scopes from a quiet entity (a few items an hour) to the whole market (hundreds)."""
     out = []
-    for i in range(count):
+    for _ in range(count):
         vol = float(np.exp(rng.uniform(math.log(4), math.log(300))))
         out.append(
             ScopeProfile(
@@ -429,7 +439,13 @@ def evaluate(
         scopes=scopes,
         weeks=round(weeks_eval, 3),
         window_minutes=d.window_minutes,
-        detector={**d.model_dump(), "exit_p": p.exit_p, "min_baseline_docs": p.min_baseline_docs, "sustained_windows": p.sustained_windows, "method": METHOD},
+        detector={
+            **d.model_dump(),
+            "exit_p": p.exit_p,
+            "min_baseline_docs": p.min_baseline_docs,
+            "sustained_windows": p.sustained_windows,
+            "method": METHOD,
+        },
         quiet_false_alerts=sum(quiet_counts),
         false_alerts_per_scope_week=round(fa, 4),
         max_false_alerts_per_scope_week=round(max(fa_rate), 4) if fa_rate else float("nan"),
@@ -440,7 +456,9 @@ def evaluate(
         precision=round(precision, 4),
         median_delay_windows_3sd=med,
         mean_delay_windows_3sd=round(sum(delays) / len(delays), 3) if delays else None,
-        recall_by_baseline_sd=_bucket([(sp.baseline_sd, hit) for sp, hit, _, _ in rows], [-math.inf, 1, 2, 3, 4, 6, math.inf]),
+        recall_by_baseline_sd=_bucket(
+            [(sp.baseline_sd, hit) for sp, hit, _, _ in rows], [-math.inf, 1, 2, 3, 4, 6, math.inf]
+        ),
         recall_by_local_sd=_bucket([(sp.local_sd, hit) for sp, hit, _, _ in rows], [1, 2, 3, 4, 5, 6, 8.01]),
         recall_3sd_by_volume=by_volume,
         recall_by_length=_bucket([(sp.length, hit) for sp, hit, _, _ in big], [1, 2, 3, 4, 5, 6, 7]),
@@ -481,7 +499,9 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
         engine = store.make_engine(url)
         with store.session_scope(engine) as session:
             session.add(s.Source(name="synthetic", kind="rss", url="file:///synthetic", created_at=origin))
-            store.register_model(session, "synthetic-v1", name="synthetic", path="-", labels=["negative", "neutral", "positive"])
+            store.register_model(
+                session, "synthetic-v1", name="synthetic", path="-", labels=["negative", "neutral", "positive"]
+            )
             docs, scores = [], []
             for w in range(n0, end_idx):
                 start = origin + w * step
@@ -500,7 +520,12 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
                     )
             ids = []
             for i in range(0, len(docs), 2000):
-                ids += [r[0] for r in session.execute(store._insert(session, s.Document).values(docs[i : i + 2000]).returning(s.Document.id))]
+                ids += [
+                    r[0]
+                    for r in session.execute(
+                        store._insert(session, s.Document).values(docs[i : i + 2000]).returning(s.Document.id)
+                    )
+                ]
             pos = 0
             for w in range(n0, end_idx):
                 n, k = int(stream.n[w]), int(stream.k[w])
@@ -528,7 +553,12 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
         engine.dispose()
     st = compute_stats(Series(n=stream.n, k=stream.k, slot=stream.slot), p)
     mem_events = [(w, ev.kind) for w in range(first_idx, end_idx) if (ev := event_at(st, w, p)) is not None]
-    return {"windows": end_idx - first_idx, "db_events": len(db_events), "memory_events": len(mem_events), "identical": db_events == mem_events}
+    return {
+        "windows": end_idx - first_idx,
+        "db_events": len(db_events),
+        "memory_events": len(mem_events),
+        "identical": db_events == mem_events,
+    }
 
 
 FAMILY_TEXT = {
@@ -640,16 +670,23 @@ def _family_section(r: EvalResult) -> list[str]:
         "",
         "| metric | value | target |",
         "|---|---|---|",
-        f"| recall, counted surges ({r.spikes_3sd}) | {_fmt(r.recall_3sd)} | >= 0.95 ({_ok(r.targets['recall_3sd>=0.95'])}) |",
-        f"| false alerts per scope per week (quiet data) | {_fmt(r.false_alerts_per_scope_week)} (worst scope {_fmt(r.max_false_alerts_per_scope_week)}) | <= 1 ({_ok(r.targets['false_alerts_per_scope_week<=1'])}) |",
-        f"| median detection delay, windows (counted surges) | {_fmt(r.median_delay_windows_3sd)} (mean {_fmt(r.mean_delay_windows_3sd)}) | <= 1 ({_ok(r.targets['median_delay<=1'])}) |",
+        f"| recall, counted surges ({r.spikes_3sd}) | {_fmt(r.recall_3sd)} | >= 0.95 "
+        f"({_ok(r.targets['recall_3sd>=0.95'])}) |",
+        f"| false alerts per scope per week (quiet data) | {_fmt(r.false_alerts_per_scope_week)} (worst scope "
+        f"{_fmt(r.max_false_alerts_per_scope_week)}) | <= 1 ({_ok(r.targets['false_alerts_per_scope_week<=1'])}) |",
+        f"| median detection delay, windows (counted surges) | {_fmt(r.median_delay_windows_3sd)} (mean "
+        f"{_fmt(r.mean_delay_windows_3sd)}) | <= 1 ({_ok(r.targets['median_delay<=1'])}) |",
         f"| precision (spiked streams, all alerts) | {_fmt(r.precision)} | |",
         f"| recall, all injected surges ({r.spikes_total}) | {_fmt(r.recall_all)} | |",
-        f"| median lag of the resolved notice after a surge ends, windows | {_fmt(r.median_resolution_lag_windows)} | |",
+        f"| median lag of the resolved notice after a surge ends, windows | {_fmt(r.median_resolution_lag_windows)} | "
+        "|",
         "",
         "| seed | counted surges | recall | false alerts / scope-week |",
         "|---|---|---|---|",
-        *[f"| {x['seed']} | {x['spikes_3sd']} | {_fmt(x['recall_3sd'])} | {_fmt(x['false_alerts_per_scope_week'])} |" for x in r.per_seed],
+        *[
+            f"| {x['seed']} | {x['spikes_3sd']} | {_fmt(x['recall_3sd'])} | {_fmt(x['false_alerts_per_scope_week'])} |"
+            for x in r.per_seed
+        ],
         "",
         "By the scope's mean volume (items per window): recall of counted surges, false alerts per scope-week on",
         "quiet data, and quiet windows per week that already sit >= 3 baseline SD above the baseline mean by chance:",
@@ -657,7 +694,8 @@ def _family_section(r: EvalResult) -> list[str]:
         "| volume | surges | recall | false alerts / week | quiet windows >= 3 SD / week |",
         "|---|---|---|---|---|",
         *[
-            f"| {k} | {v['spikes']:g} | {_fmt(v['recall'])} | {_fmt(v['false_alerts_per_week'])} | {_fmt(v['quiet_3sd_windows_per_week'])} |"
+            f"| {k} | {v['spikes']:g} | {_fmt(v['recall'])} | {_fmt(v['false_alerts_per_week'])} | "
+            f"{_fmt(v['quiet_3sd_windows_per_week'])} |"
             for k, v in r.recall_3sd_by_volume.items()
         ],
         "",
@@ -681,19 +719,25 @@ def render_markdown(rep: EvalReport) -> str:
     lines = [
         "# Alert detector evaluation",
         "",
-        f"Produced by `{rep.command}` (seeds {', '.join(map(str, rep.seeds))}, {rep.seconds:g} s). Regenerate it with the same command.",
+        f"Produced by `{rep.command}` (seeds {', '.join(map(str, rep.seeds))}, {rep.seconds:g} s). Regenerate it with "
+        "the same command.",
         "",
-        f"Synthetic replay of {len(fams)} stream families, pooled over {len(rep.seeds)} seeds: {rep.scopes} scopes per seed and family, "
-        f"{rep.weeks:g} weeks each after a {rep.detector['baseline_days']:g}-day warm-up, {rep.window_minutes}-minute windows. "
+        f"Synthetic replay of {len(fams)} stream families, pooled over {len(rep.seeds)} seeds: {rep.scopes} scopes "
+        "per seed and family, "
+        f"{rep.weeks:g} weeks each after a {rep.detector['baseline_days']:g}-day warm-up, {rep.window_minutes}-minute "
+        "windows. "
         "Quiet streams measure false alerts; spiked streams (a surge about every 3-4.5 days per scope) measure recall, "
         "precision and delay. Every window goes through the detector's own `compute_stats` + `event_at`, the code "
         "`detect_spikes` runs on the database. A surge is counted for recall when it is >= 3 SD above the mean of the "
-        "trailing baseline windows (in SD of their negative counts) and its peak window has >= 5 items and >= 3 negatives.",
+        "trailing baseline windows (in SD of their negative counts) and its peak window has >= 5 items and >= 3 "
+        "negatives.",
         "",
-        f"The detector's settings were chosen on seeds {', '.join(map(str, rep.tuning_seeds))} (all three families, 30 scopes, "
+        f"The detector's settings were chosen on seeds {', '.join(map(str, rep.tuning_seeds))} (all three families, "
+        "30 scopes, "
         "6 weeks), which this report leaves out; nothing is tuned per stream or per family.",
         "",
-        "| family | counted surges | recall (>= 0.95) | false alerts / scope-week (<= 1) | median delay (<= 1) | all targets |",
+        "| family | counted surges | recall (>= 0.95) | false alerts / scope-week (<= 1) | median delay (<= 1) | all "
+        "targets |",
         "|---|---|---|---|---|---|",
         *[
             f"| {name} | {r.spikes_3sd} | {_fmt(r.recall_3sd)} | {_fmt(r.false_alerts_per_scope_week)} | "
@@ -710,7 +754,8 @@ def render_markdown(rep: EvalReport) -> str:
     if agreement:
         a = agreement
         lines += [
-            f"Database path check: {a['windows']} windows of one spiked `baseline` stream stored in SQLite and run through "
+            f"Database path check: {a['windows']} windows of one spiked `baseline` stream stored in SQLite and run "
+            "through "
             f"`detect_spikes`: {a['db_events']} events vs {a['memory_events']} in memory, identical: {a['identical']}.",
             "",
         ]
@@ -722,10 +767,13 @@ def render_markdown(rep: EvalReport) -> str:
         "",
         "Stored per scope and window in `risk_scores` (components alongside) and shown in every alert:",
         "",
-        f"    risk = 100 * ({WEIGHTS['intensity']} * intensity + {WEIGHTS['anomaly']} * anomaly + {WEIGHTS['topic_severity']} * topic_severity)",
+        f"    risk = 100 * ({WEIGHTS['intensity']} * intensity + {WEIGHTS['anomaly']} * anomaly + "
+        f"{WEIGHTS['topic_severity']} * topic_severity)",
         "",
-        f"- intensity: mean p_negative of the window's items, shrunk toward the baseline share with the weight of {INTENSITY_PRIOR_DOCS:g} items;",
-        f"- anomaly: (negatives - expected) / SD of the baseline's negative counts, divided by {ANOMALY_FULL_SD:g} and clipped to [0, 1];",
+        "- intensity: mean p_negative of the window's items, shrunk toward the baseline share with the weight of "
+        f"{INTENSITY_PRIOR_DOCS:g} items;",
+        f"- anomaly: (negatives - expected) / SD of the baseline's negative counts, divided by {ANOMALY_FULL_SD:g} "
+        "and clipped to [0, 1];",
         "- topic_severity: mean topic weight of the negative items (legal/regulation 1.0, earnings 0.85, M&A 0.7, ...,",
         f"  stock commentary 0.25, no topic {DEFAULT_TOPIC_WEIGHT:g}; see `pipeline/risk.py`).",
         "",
@@ -740,7 +788,8 @@ def render_markdown(rep: EvalReport) -> str:
 
 
 SCALE_TEXT = (
-    "Detection at scale: `finsent alerts bench-detect --database-url <scratch db> --benchmark-json docs/benchmark.json` "
+    "Detection at scale: `finsent alerts bench-detect --database-url <scratch db> --benchmark-json "
+    "docs/benchmark.json` "
     "times one `detect_spikes` window over 1,000 and 10,000 watchlist entities on a database and records "
     "`detect.entities_10000_seconds` in `docs/benchmark.json`."
 )
@@ -780,10 +829,10 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     """Time one `detect_spikes` window over `entities` watchlist scopes on the (empty, migrated) database at
     `url`: a week and two days of synthetic scored documents, heavy-tailed per entity (lognormal rates,
     mean `docs_per_entity_hour`), every scope kind on. Returns the seconds and what was measured."""
-    from pipeline import store
-    from pipeline.config import FinsentConfig
     from sqlalchemy import insert
 
+    from pipeline import store
+    from pipeline.config import FinsentConfig
     from pipeline.detect import detect_spikes
     from pipeline.store import schema as s
 
@@ -814,21 +863,25 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
     for lo in range(0, len(win), chunk):
         idx = range(lo, min(lo + chunk, len(win)))
         with store.session_scope(engine) as session:
-            ids = session.execute(
-                insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "source_name": sources[j % len(sources)],
-                        "external_id": f"b{j}",
-                        "content_hash": f"b{j}",
-                        "title": f"{tickers[ent_idx[j]]} item {j}",
-                        "summary": "",
-                        "published_at": start + int(win[j]) * step + timedelta(seconds=float(offs[j])),
-                        "fetched_at": start,
-                    }
-                    for j in idx
-                ],
-            ).scalars().all()
+            ids = (
+                session.execute(
+                    insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True),
+                    [
+                        {
+                            "source_name": sources[j % len(sources)],
+                            "external_id": f"b{j}",
+                            "content_hash": f"b{j}",
+                            "title": f"{tickers[ent_idx[j]]} item {j}",
+                            "summary": "",
+                            "published_at": start + int(win[j]) * step + timedelta(seconds=float(offs[j])),
+                            "fetched_at": start,
+                        }
+                        for j in idx
+                    ],
+                )
+                .scalars()
+                .all()
+            )
             session.execute(
                 insert(s.Score),
                 [
@@ -844,7 +897,12 @@ def bench_detect(url: str, entities: int, *, seed: int = 1, docs_per_entity_hour
             session.execute(
                 insert(s.DocumentEntity),
                 [
-                    {"document_id": doc_id, "entity": tickers[ent_idx[j]], "kind": "watchlist", "matched": tickers[ent_idx[j]]}
+                    {
+                        "document_id": doc_id,
+                        "entity": tickers[ent_idx[j]],
+                        "kind": "watchlist",
+                        "matched": tickers[ent_idx[j]],
+                    }
                     for doc_id, j in zip(ids, idx, strict=True)
                 ],
             )

@@ -97,7 +97,12 @@ def _fetch(cfg: FinsentConfig, src: SourceConfig, etag: str | None, last_modifie
     from pipeline.ingest import fetch_source
 
     return fetch_source(
-        src, cfg.watchlist, etag=etag, last_modified=last_modified, user_agent=cfg.user_agent, privacy=cfg.ingest.privacy
+        src,
+        cfg.watchlist,
+        etag=etag,
+        last_modified=last_modified,
+        user_agent=cfg.user_agent,
+        privacy=cfg.ingest.privacy,
     )
 
 
@@ -112,7 +117,9 @@ def _save_fetch(engine: Engine, result: FetchResult, run_id: int | None) -> Inge
     return IngestOutcome(name, result.status, saved.new_documents, result.entries_seen, result.error)
 
 
-def ingest_all(cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None = None, run_id: int | None = None) -> list[IngestOutcome]:
+def ingest_all(
+    cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None = None, run_id: int | None = None
+) -> list[IngestOutcome]:
     """Fetch sources concurrently (cfg.ingest.max_workers), so a slow host costs only its own deadline; the
     database work stays on this thread (SQLite has one writer). Outcomes come back in source order."""
     wanted = names if names is not None else [s.name for s in cfg.sources if s.enabled]
@@ -135,7 +142,8 @@ def ingest_all(cfg: FinsentConfig, engine: Engine, names: Sequence[str] | None =
 
 
 def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
-    """Which model `run` uses: an explicit config/env path, else the registry's production model, else the bundled one."""
+    """Which model `run` uses: an explicit config/env path, else the registry's production model, else the bundled
+    one."""
     from pipeline.registry import resolve_model_path
 
     with store.session_scope(engine) as session:
@@ -199,8 +207,14 @@ def score_pending(
             scorer = load() if load is not None else load_scorer(cfg, engine)
             register_scorer(engine, scorer)
         outcomes = scorer.assess([d.text for d in chunk])
-        rows = [ScoreRow(d.id, scorer.version, o.prediction) for d, o in zip(chunk, outcomes, strict=True) if o.prediction]
-        negatives = [(d.id, d.text) for d, o in zip(chunk, outcomes, strict=True) if o.prediction and o.prediction.label == "negative"]
+        rows = [
+            ScoreRow(d.id, scorer.version, o.prediction) for d, o in zip(chunk, outcomes, strict=True) if o.prediction
+        ]
+        negatives = [
+            (d.id, d.text)
+            for d, o in zip(chunk, outcomes, strict=True)
+            if o.prediction and o.prediction.label == "negative"
+        ]
         evidence = explain_negatives(scorer, negatives, names)
         with store.session_scope(engine) as session:
             written = store.save_scores(session, rows)
@@ -214,7 +228,12 @@ def score_pending(
                     log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
         # rows written, not attempted: a document another writer scored first is not counted twice
         log.info(
-            "scored %d documents (%d written, %d so far, %d explained) with %s", len(rows), written, total, len(evidence), scorer.version
+            "scored %d documents (%d written, %d so far, %d explained) with %s",
+            len(rows),
+            written,
+            total,
+            len(evidence),
+            scorer.version,
         )
     if scorer is None:
         log.info("nothing to score for %s: model not loaded", version)
@@ -235,7 +254,9 @@ def watched_names(cfg: FinsentConfig) -> list[str]:
     return [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
 
 
-def explain_negatives(scorer: Scorer, docs: Sequence[tuple[int, str]], exclude: Sequence[str] = ()) -> dict[int, tuple[str, ...]]:
+def explain_negatives(
+    scorer: Scorer, docs: Sequence[tuple[int, str]], exclude: Sequence[str] = ()
+) -> dict[int, Sequence[str]]:
     """Evidence words for documents scored negative (the only ones alerts cite), by document id."""
     from pipeline.detect import evidence_tokens
 
@@ -283,7 +304,9 @@ def notify_summary(report: DeliveryReport) -> str:
     return summary_line(report)
 
 
-def run_cycle(cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine | None = None, scorer: Scorer | None = None) -> CycleSummary:
+def run_cycle(
+    cfg: FinsentConfig, as_of: datetime | None = None, engine: Engine | None = None, scorer: Scorer | None = None
+) -> CycleSummary:
     """ingest -> score -> detect -> notify, recorded in pipeline_runs with per-step counts and errors.
 
     One cycle at a time per database: a second one raises RunLockedError before doing anything. The run
@@ -309,7 +332,9 @@ def _leased_cycle(
     status = RunStatus.FAILED
     try:
         outcomes = ingest_all(cfg, engine, run_id=run_id)
-        errors += [{"step": "ingest", "source": o.source, "error": o.error or ""} for o in outcomes if o.status == "failed"]
+        errors += [
+            {"step": "ingest", "source": o.source, "error": o.error or ""} for o in outcomes if o.status == "failed"
+        ]
         counts["new_documents"] = sum(o.new_documents for o in outcomes)
         scorer = scorer or load_scorer(cfg, engine)  # one load: it scores and explains the alerts
         scored = score_pending(cfg, engine, scorer)

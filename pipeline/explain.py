@@ -57,9 +57,10 @@ def explain_text(
     """Up to top_k (word or phrase, contribution) pairs, largest first; contribution = drop in log P(label)
     without it.
 
-    Only words that support the label by at least `min_weight` (default MIN_WEIGHT) and that a reader learns from are returned
-    (no stopwords, punctuation, bare numbers, or the `exclude` names: pass the entity's name, ticker and
-    aliases); an adjacent pair becomes a phrase ("profit warning") when it explains more than its words apart. An empty list means no single word mattered.
+    Only words that support the label by at least `min_weight` (default MIN_WEIGHT) and that a reader learns from
+    are returned (no stopwords, punctuation, bare numbers, or the `exclude` names: pass the entity's name, ticker and
+    aliases); an adjacent pair becomes a phrase ("profit warning") when it explains more than its words apart. An
+    empty list means no single word mattered.
     """
     import numpy as np
 

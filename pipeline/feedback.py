@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from sqlalchemy.engine import Engine
 
 from pipeline.data import SENTIMENT_LABELS
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 
 MAX_AUTHOR_LENGTH = 100
 

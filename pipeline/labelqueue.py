@@ -1,8 +1,9 @@
 """The labelling queue (active learning): which stored documents are most worth an analyst's minute.
 
 Candidates are documents scored by the model in use, published in the last `days`, that no analyst has
-labelled yet (no `feedback` row); at most the newest `MAX_CANDIDATES` of them. The margin of a score is its top probability minus the runner-up: a small
-margin means the model nearly chose another label. The queue is, in this order (the documented rule):
+labelled yet (no `feedback` row); at most the newest `MAX_CANDIDATES` of them. The margin of a score is its top
+probability minus the runner-up: a small margin means the model nearly chose another label. The queue is, in this
+order (the documented rule):
 
 1. **alert_flip**: documents cited as evidence by an open alert (a spike or escalation whose episode has no
    resolution) whose margin is below `flip_margin`: relabelling one could flip what an alert claims.
@@ -72,7 +73,9 @@ def _cited_by_open_alerts(session: Session) -> dict[int, str]:
     A = s.Alert
     resolved = select(A.episode_id).where(A.kind == "resolved", A.episode_id.is_not(None))
     alerts = session.scalars(
-        select(A).where(A.kind != "resolved", A.scope_kind.not_in(OPS_SCOPES), A.episode_id.not_in(resolved)).order_by(A.window_end.desc())
+        select(A)
+        .where(A.kind != "resolved", A.scope_kind.not_in(OPS_SCOPES), A.episode_id.not_in(resolved))
+        .order_by(A.window_end.desc())
     ).all()
     cited: dict[int, str] = {}
     for a in alerts:
@@ -100,7 +103,15 @@ def label_queue(
     labelled = select(F.document_id).where(F.document_id == D.id).exists()
     with session_scope(engine) as session:
         rows = session.execute(
-            select(D.id, D.source_name, func.substr(D.title, 1, 200).label("title"), Sc.label, Sc.p_negative, Sc.p_neutral, Sc.p_positive)
+            select(
+                D.id,
+                D.source_name,
+                func.substr(D.title, 1, 200).label("title"),
+                Sc.label,
+                Sc.p_negative,
+                Sc.p_neutral,
+                Sc.p_positive,
+            )
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(D.published_at >= now - timedelta(days=days), D.published_at <= now, ~labelled)
             .order_by(D.id.desc())
@@ -108,7 +119,14 @@ def label_queue(
         ).all()
         cited = _cited_by_open_alerts(session)
     items = [
-        QueueItem(r.id, r.source_name, Reason.LEAST_CONFIDENT, r.label, margin((r.p_negative, r.p_neutral, r.p_positive)), r.title)
+        QueueItem(
+            r.id,
+            r.source_name,
+            Reason.LEAST_CONFIDENT,
+            r.label,
+            margin((r.p_negative, r.p_neutral, r.p_positive)),
+            r.title,
+        )
         for r in rows
     ]
     flips = sorted(
@@ -122,11 +140,16 @@ def label_queue(
     n_random = min(len(items), max(1, round(limit * random_share))) if limit > 1 else 0
     head = flips[: limit - n_random]
     taken = {i.document_id for i in head}
-    uncertain = _round_robin(sorted((i for i in items if i.document_id not in taken), key=lambda i: (i.margin, i.document_id)))
+    uncertain = _round_robin(
+        sorted((i for i in items if i.document_id not in taken), key=lambda i: (i.margin, i.document_id))
+    )
     head += uncertain[: limit - n_random - len(head)]
     taken |= {i.document_id for i in head}
     rest = [i for i in items if i.document_id not in taken]
     rng = random.Random(seed)
     sample = _round_robin(rng.sample(rest, len(rest)))
-    tail = [QueueItem(i.document_id, i.source, Reason.RANDOM, i.label, i.margin, i.title) for i in sample[: limit - len(head)]]
+    tail = [
+        QueueItem(i.document_id, i.source, Reason.RANDOM, i.label, i.margin, i.title)
+        for i in sample[: limit - len(head)]
+    ]
     return head + tail

@@ -102,7 +102,9 @@ def _load_lexicon_module(file: str, fn: str) -> dict[str, float]:
 def _finvader() -> Any:
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    senti = {k: v * FINVADER_SENTIBIGNOMICS_SCALE for k, v in _load_lexicon_module("SentiBignomics.py", "lexicon1").items()}
+    senti = {
+        k: v * FINVADER_SENTIBIGNOMICS_SCALE for k, v in _load_lexicon_module("SentiBignomics.py", "lexicon1").items()
+    }
     analyzer = SentimentIntensityAnalyzer()
     analyzer.lexicon.update({**senti, **_load_lexicon_module("Henry.py", "lexicon2")})
     return analyzer
@@ -112,7 +114,11 @@ def finvader_label(text: str, threshold: float = 0.05) -> str:
     return _compound_label(_finvader().polarity_scores(text)["compound"], threshold)
 
 
-BASELINES: dict[str, Callable[[str], str]] = {"vader": vader_label, "finvader": finvader_label, "lm_dictionary": lm_label}
+BASELINES: dict[str, Callable[[str], str]] = {
+    "vader": vader_label,
+    "finvader": finvader_label,
+    "lm_dictionary": lm_label,
+}
 
 
 def label_all(fn: Callable[[str], str], texts: Sequence[str]) -> list[str]:

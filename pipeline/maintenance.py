@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import Engine, delete, text, update
+from sqlalchemy import CursorResult, Engine, delete, text, update
 
-from pipeline import store
-from pipeline import config
+from pipeline import config, store
 from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
 from pipeline.config import RETENTION_ENV as RETENTION_ENV
 from pipeline.config import ConfigError
@@ -27,7 +27,15 @@ log = logging.getLogger(__name__)
 ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0009 (rollup tables instead)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
-TABLES = ("documents", "scores", "document_entities", "source_fetches", "alerts", "alert_deliveries", "delivery_attempts")
+TABLES = (
+    "documents",
+    "scores",
+    "document_entities",
+    "source_fetches",
+    "alerts",
+    "alert_deliveries",
+    "delivery_attempts",
+)
 
 
 class MaintenanceError(FinsentError, ValueError):
@@ -56,11 +64,19 @@ def retention_days(env: dict[str, str] | None = None) -> int:
 def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
     """Clear article bodies fetched before `cutoff` and delete older fetch/attempt logs; idempotent."""
     with store.session_scope(engine) as session:
-        cleared = session.execute(
-            update(s.Document).where(s.Document.fetched_at < cutoff, s.Document.summary != "").values(summary="")
+        # DML returns a CursorResult (it has rowcount); Session.execute is typed as returning a plain Result
+        cleared = cast(
+            CursorResult[Any],
+            session.execute(
+                update(s.Document).where(s.Document.fetched_at < cutoff, s.Document.summary != "").values(summary="")
+            ),
         ).rowcount
-        fetches = session.execute(delete(s.SourceFetch).where(s.SourceFetch.fetched_at < cutoff)).rowcount
-        attempts = session.execute(delete(s.DeliveryAttempt).where(s.DeliveryAttempt.attempted_at < cutoff)).rowcount
+        fetches = cast(
+            CursorResult[Any], session.execute(delete(s.SourceFetch).where(s.SourceFetch.fetched_at < cutoff))
+        ).rowcount
+        attempts = cast(
+            CursorResult[Any], session.execute(delete(s.DeliveryAttempt).where(s.DeliveryAttempt.attempted_at < cutoff))
+        ).rowcount
     return cleared or 0, fetches or 0, attempts or 0
 
 
@@ -131,5 +147,12 @@ def run_maintenance(engine: Engine, now: datetime | None = None, days: int | Non
     analyzed, hints = analyze_and_hint(engine, touched=bool(cleared or fetches or attempts))
     for h in hints:
         log.warning("maintenance hint: %s", h)
-    log.info("retention %d days (cutoff %s): %d bodies cleared, %d fetch logs and %d attempts deleted", days, cutoff, cleared, fetches, attempts)
+    log.info(
+        "retention %d days (cutoff %s): %d bodies cleared, %d fetch logs and %d attempts deleted",
+        days,
+        cutoff,
+        cleared,
+        fetches,
+        attempts,
+    )
     return MaintenanceReport(days, cutoff, cleared, fetches, attempts, refreshed, analyzed, hints)

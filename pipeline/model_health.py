@@ -120,7 +120,9 @@ class ModelHealthReport:
     resolved: list[str] = field(default_factory=list)
 
 
-def window_stats(session: Session, source: str, version: str, start: datetime, end: datetime, mh: ModelHealthConfig, max_length: int) -> WindowStats:
+def window_stats(
+    session: Session, source: str, version: str, start: datetime, end: datetime, mh: ModelHealthConfig, max_length: int
+) -> WindowStats:
     """Distributions of one source's documents published in [start, end) and this model's scores of them."""
     D, Sc = s.Document, s.Score
     chars = func.length(D.title) + case(
@@ -178,7 +180,9 @@ def compare(feature: str, window: dict[str, int], baseline: dict[str, int], mh: 
     return Comparison(feature, round(value, 4), p, value >= mh.psi_threshold and p < mh.alpha)
 
 
-def _baseline(session: Session, source: str, version: str, start: datetime, mh: ModelHealthConfig) -> tuple[dict[str, dict[str, int]], int, int]:
+def _baseline(
+    session: Session, source: str, version: str, start: datetime, mh: ModelHealthConfig
+) -> tuple[dict[str, dict[str, int]], int, int]:
     """Pooled histograms of the source's earlier windows that did not drift; (histograms, scored, documents)."""
     W = s.ModelHealthWindow
     rows = session.execute(
@@ -215,7 +219,9 @@ def evaluation_label_counts(version: str, path: Path = EVALUATION_FILE) -> dict[
     return counts or None
 
 
-def judge(st: WindowStats, base: dict[str, dict[str, int]], base_scored: int, base_docs: int, mh: ModelHealthConfig) -> list[Comparison]:
+def judge(
+    st: WindowStats, base: dict[str, dict[str, int]], base_scored: int, base_docs: int, mh: ModelHealthConfig
+) -> list[Comparison]:
     """Comparisons of the features that have enough items in the window and the baseline."""
     out = []
     for f in FEATURES:
@@ -256,16 +262,31 @@ def record_window(
     W = s.ModelHealthWindow
     stmt = _insert(session, W).values(row)
     keys = ["source_name", "model_version_id", "window_start"]
-    session.execute(stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in row.items() if k not in keys}))
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in row.items() if k not in keys})
+    )
     if drifted:
         assert worst is not None
         log.warning(
-            "model drift on source %s in window %s: %s PSI %.2f (p=%.2g)", source, start.isoformat(), worst.feature, worst.psi, worst.p_value
+            "model drift on source %s in window %s: %s PSI %.2f (p=%.2g)",
+            source,
+            start.isoformat(),
+            worst.feature,
+            worst.psi,
+            worst.p_value,
         )
     return session.get(W, (source, version, start))
 
 
-def _alert_row(source: str, version: str, episode_start: datetime, w: s.ModelHealthWindow, drifted: int, mh: ModelHealthConfig, now: datetime) -> dict[str, Any]:
+def _alert_row(
+    source: str,
+    version: str,
+    episode_start: datetime,
+    w: s.ModelHealthWindow,
+    drifted: int,
+    mh: ModelHealthConfig,
+    now: datetime,
+) -> dict[str, Any]:
     aid = _id(MODEL_KIND, source, version, episode_start.isoformat())
     return {
         "id": aid,
@@ -302,33 +323,62 @@ def _alert_row(source: str, version: str, episode_start: datetime, w: s.ModelHea
     }
 
 
-def _episodes(session: Session, cfg: FinsentConfig, source: str, version: str, upto: datetime, now: datetime, report: ModelHealthReport) -> None:
+def _episodes(
+    session: Session,
+    cfg: FinsentConfig,
+    source: str,
+    version: str,
+    upto: datetime,
+    now: datetime,
+    report: ModelHealthReport,
+) -> None:
     """Open a drift episode when k of the last m judged windows drifted; resolve it when none did."""
     mh, W, A = cfg.model_health, s.ModelHealthWindow, s.Alert
     recent = list(
         session.scalars(
             select(W)
-            .where(W.source_name == source, W.model_version_id == version, W.window_start <= upto, W.drifted.is_not(None))
+            .where(
+                W.source_name == source, W.model_version_id == version, W.window_start <= upto, W.drifted.is_not(None)
+            )
             .order_by(W.window_start.desc())
             .limit(mh.sustained_m)
         )
     )
     resolved_eps = select(A.episode_id).where(A.scope_kind == MODEL_SCOPE, A.kind == "resolved")
     open_alert = session.scalars(
-        select(A).where(A.scope_kind == MODEL_SCOPE, A.kind == MODEL_KIND, A.scope_value == source, A.id.not_in(resolved_eps))
+        select(A).where(
+            A.scope_kind == MODEL_SCOPE, A.kind == MODEL_KIND, A.scope_value == source, A.id.not_in(resolved_eps)
+        )
     ).first()
     drifted = [w for w in recent if w.drifted]
     if open_alert is None and len(drifted) >= mh.sustained_k:
         row = _alert_row(source, version, drifted[-1].window_start, drifted[0], len(drifted), mh, now)
-        stored = session.execute(_insert(session, A).values(row).on_conflict_do_nothing(index_elements=["id"]).returning(A.id))
+        stored = session.execute(
+            _insert(session, A).values(row).on_conflict_do_nothing(index_elements=["id"]).returning(A.id)
+        )
         if stored.scalar() is not None:
             report.opened.append(row["id"])
-            log.error("model drift on source %s: %s PSI %s (p=%s) in %d of the last %d windows",
-                      source, row["details"]["feature"], row["statistic"], row["p_value"], len(drifted), len(recent))
-    elif open_alert is not None and len(recent) >= mh.sustained_m and not drifted and recent[-1].window_start > open_alert.window_start:
+            log.error(
+                "model drift on source %s: %s PSI %s (p=%s) in %d of the last %d windows",
+                source,
+                row["details"]["feature"],
+                row["statistic"],
+                row["p_value"],
+                len(drifted),
+                len(recent),
+            )
+    elif (
+        open_alert is not None
+        and len(recent) >= mh.sustained_m
+        and not drifted
+        and recent[-1].window_start > open_alert.window_start
+    ):
         rid = _id("resolved", open_alert.id)
         row = {
-            **{k: getattr(open_alert, k) for k in ("scope_kind", "scope_value", "window_start", "neg_count", "total_count", "neg_share")},
+            **{
+                k: getattr(open_alert, k)
+                for k in ("scope_kind", "scope_value", "window_start", "neg_count", "total_count", "neg_share")
+            },
             "id": rid,
             "episode_id": open_alert.id,
             "kind": "resolved",
@@ -346,7 +396,9 @@ def _episodes(session: Session, cfg: FinsentConfig, source: str, version: str, u
         log.info("model output on source %s is back to its baseline", source)
 
 
-def check_models(engine: Engine, cfg: FinsentConfig, as_of: datetime, version: str, now: datetime | None = None) -> ModelHealthReport:
+def check_models(
+    engine: Engine, cfg: FinsentConfig, as_of: datetime, version: str, now: datetime | None = None
+) -> ModelHealthReport:
     """Record the window ending at `as_of` for every enabled source, then open or resolve drift episodes."""
     report = ModelHealthReport()
     if not cfg.model_health.enabled:
@@ -383,7 +435,9 @@ def render_model_health(alert: s.Alert) -> tuple[str, str]:
     stat = f"{d.get('feature')} PSI {d.get('psi')}" + (f" (chi-square p={p:.2g})" if p is not None else "")
     if alert.kind == "resolved":
         subject = f"[RESOLVED] finsent model output on source {name} is back to its baseline"
-        lines = [f"The model's output on source {name} matches its baseline again; it had drifted since {since} ({stat})."]
+        lines = [
+            f"The model's output on source {name} matches its baseline again; it had drifted since {since} ({stat})."
+        ]
     else:
         subject = f"[WARNING] finsent model output drifted on source {name}: {stat}"
         shares = ", ".join(f"{k} {v:.0%}" for k, v in (d.get("label_shares") or {}).items())
@@ -391,9 +445,11 @@ def render_model_health(alert: s.Alert) -> tuple[str, str]:
         lines = [
             f"What model {d.get('model_version')} produces for source {name} differs from its trailing baseline in",
             f"{d.get('drifted_windows')} of the last {d.get('of_windows')} windows (since {since}): {stat}.",
-            (f"Last window: labels {shares or 'n/a'}; mean top probability {d.get('mean_top_prob')}, "
-            f"low-confidence share {d.get('low_conf_share')}; languages {langs or 'n/a'}; "
-            f"mean length {d.get('mean_text_chars')} chars, truncated share {d.get('truncated_share')}."),
+            (
+                f"Last window: labels {shares or 'n/a'}; mean top probability {d.get('mean_top_prob')}, "
+                f"low-confidence share {d.get('low_conf_share')}; languages {langs or 'n/a'}; "
+                f"mean length {d.get('mean_text_chars')} chars, truncated share {d.get('truncated_share')}."
+            ),
             "Has the feed changed (other content, language, spam)? Alerts from this source may be unreliable.",
         ]
     lines.append(f"Alert id: {alert.id}   (acknowledge: finsent alerts ack {alert.id})")

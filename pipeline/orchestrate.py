@@ -95,7 +95,8 @@ def load() -> FinsentConfig:
     path = config_path()
     if path is None:
         raise OrchestrationError(
-            f"no finsent config: set the Airflow Variable {CONFIG_VARIABLE!r} or the env var {CONFIG_ENV} to the YAML path"
+            f"no finsent config: set the Airflow Variable {CONFIG_VARIABLE!r} or the env var {CONFIG_ENV} to the YAML "
+            "path"
         )
     cfg = load_config(path)
     url = database_url()
@@ -179,7 +180,9 @@ def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None
             return store.start_run(engine, RUN_KIND, start, end, lease=AIRFLOW_LEASE)
         P = s.PipelineRun
         with store.session_scope(engine) as session:
-            if session.get_bind().dialect.name == "postgresql":  # two tries racing (a zombie and its retry) still make one row
+            if (
+                session.get_bind().dialect.name == "postgresql"
+            ):  # two tries racing (a zombie and its retry) still make one row
                 session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{RUN_KIND}:{airflow_run_id}"))))
             found = session.scalars(
                 select(P.id)
@@ -199,8 +202,15 @@ def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None
                 return found
             now = datetime.now(UTC)
             run = P(
-                kind=RUN_KIND, started_at=now, status=RunStatus.RUNNING, interval_start=start, interval_end=end,
-                heartbeat_at=now, lease_expires_at=now + AIRFLOW_LEASE, owner=owner(), airflow_run_id=airflow_run_id,
+                kind=RUN_KIND,
+                started_at=now,
+                status=RunStatus.RUNNING,
+                interval_start=start,
+                interval_end=end,
+                heartbeat_at=now,
+                lease_expires_at=now + AIRFLOW_LEASE,
+                owner=owner(),
+                airflow_run_id=airflow_run_id,
             )
             session.add(run)
             session.flush()
@@ -278,7 +288,7 @@ def xcom_items(values: Iterable[Any] | None) -> list[Any]:
     if values is None:
         return []
     if hasattr(values, "__getitem__") and not isinstance(values, Mapping | str):
-        return list(values[:])  # type: ignore[index]
+        return list(values[:])
     return list(values)
 
 
@@ -295,7 +305,11 @@ def merge_scored(
     versions = {p["model_version"] for p in parts}
     if len(versions) != 1:
         raise OrchestrationError(f"score shards used different models: {sorted(versions)}")
-    return {"model_version": versions.pop(), "scored": sum(int(p["scored"]) for p in parts), "seconds": max(float(p["seconds"]) for p in parts)}
+    return {
+        "model_version": versions.pop(),
+        "scored": sum(int(p["scored"]) for p in parts),
+        "seconds": max(float(p["seconds"]) for p in parts),
+    }
 
 
 def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any]:
@@ -386,7 +400,9 @@ def finish_run(
     scored = merge_scored(scored, score_shards)
     outcomes = [o for o in (ingested or []) if o]
     errors: list[dict[str, str]] = [
-        {"step": "ingest", "source": o["source"], "error": o.get("error") or ""} for o in outcomes if o["status"] == "failed"
+        {"step": "ingest", "source": o["source"], "error": o.get("error") or ""}
+        for o in outcomes
+        if o["status"] == "failed"
     ]
     missing = sorted(set(sources) - {o["source"] for o in outcomes})
     errors += [{"step": "ingest", "source": n, "error": "task failed"} for n in missing]
@@ -440,7 +456,6 @@ def train_due(dag_run: Any, now: datetime | None = None, grace: timedelta = TRAI
         log.info("skipping training: run scheduled for %s started %s late (a catch-up)", _as_utc(due).isoformat(), late)
         return False
     return True
-
 
 
 def _jsonable(value: Any) -> Any:
@@ -507,11 +522,17 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
         raise OrchestrationError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
     options = {k: v for k, v in options.items() if v is not None}
     target = Path(output_dir) if output_dir else train_output_dir()
-    run_dir = target / (candidate_dir_name(airflow_run_id) if airflow_run_id else datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
+    run_dir = target / (
+        candidate_dir_name(airflow_run_id) if airflow_run_id else datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    )
     meta = _finished_candidate(run_dir, options) if airflow_run_id else None
     if meta is not None:
         log.info("reusing candidate %s finished by an earlier try of %s", run_dir, airflow_run_id)
-        path, seconds, device = run_dir, (meta.get("training") or {}).get("seconds"), (meta.get("training") or {}).get("device")
+        path, seconds, device = (
+            run_dir,
+            (meta.get("training") or {}).get("seconds"),
+            (meta.get("training") or {}).get("device"),
+        )
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -530,7 +551,14 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     finally:
         engine.dispose()
     return _jsonable(
-        {"path": str(path), "version": version, "seconds": seconds, "device": device, "limit": options.get("limit"), "reused": meta is not None}
+        {
+            "path": str(path),
+            "version": version,
+            "seconds": seconds,
+            "device": device,
+            "limit": options.get("limit"),
+            "reused": meta is not None,
+        }
     )
 
 
@@ -543,7 +571,14 @@ def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
     cfg = load()
     engine = _engine(cfg)
     try:
-        report = evaluate_model(trained["path"], cfg.data_dir, engine=engine, baselines=False, limit=trained.get("limit"), command="finsent_train.evaluate")
+        report = evaluate_model(
+            trained["path"],
+            cfg.data_dir,
+            engine=engine,
+            baselines=False,
+            limit=trained.get("limit"),
+            command="finsent_train.evaluate",
+        )
     finally:
         engine.dispose()
     model = report.results["model"]

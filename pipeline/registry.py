@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,7 +76,13 @@ def register_trained(engine: Engine, path: str | Path, name: str | None = None) 
     return version
 
 
-def record_evaluation(engine: Engine, version: str, path: str, eval_metrics: dict[str, dict[str, float]], fingerprints: dict[str, str]) -> None:
+def record_evaluation(
+    engine: Engine,
+    version: str,
+    path: str,
+    eval_metrics: Mapping[str, Mapping[str, float | None]],  # ECE is None where a split has no logits
+    fingerprints: dict[str, str],
+) -> None:
     """Store a model's fixed-split metrics (registering a non-finsent checkpoint on the way if needed)."""
     with session_scope(engine) as session:
         row = session.get(s.ModelVersion, version)
@@ -83,8 +90,13 @@ def record_evaluation(engine: Engine, version: str, path: str, eval_metrics: dic
             register_model(session, version, name=version, path=path, metrics={})
             session.flush()
             row = session.get(s.ModelVersion, version)
+            assert row is not None  # registered just above
         metrics = dict(row.metrics or {})
-        metrics.update(eval=eval_metrics, eval_fingerprints=fingerprints, evaluated_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        metrics.update(
+            eval=eval_metrics,
+            eval_fingerprints=fingerprints,
+            evaluated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         row.metrics = metrics
 
 
@@ -104,7 +116,16 @@ def list_models(engine: Engine) -> list[ModelInfo]:
     with session_scope(engine) as session:
         rows = session.scalars(select(s.ModelVersion).order_by(s.ModelVersion.created_at, s.ModelVersion.id)).all()
         return [
-            ModelInfo(r.id, r.name, r.path, r.base, bool(r.is_production), r.promoted_at, r.created_at, _metric(r.metrics, *PRIMARY))
+            ModelInfo(
+                r.id,
+                r.name,
+                r.path,
+                r.base,
+                bool(r.is_production),
+                r.promoted_at,
+                r.created_at,
+                _metric(r.metrics, *PRIMARY),
+            )
             for r in rows
         ]
 
@@ -141,7 +162,9 @@ def _set_production(session: Session, version: str) -> None:
     session.execute(update(s.ModelVersion).where(s.ModelVersion.is_production.is_(True)).values(is_production=False))
     session.flush()
     session.execute(
-        update(s.ModelVersion).where(s.ModelVersion.id == version).values(is_production=True, promoted_at=datetime.now(UTC))
+        update(s.ModelVersion)
+        .where(s.ModelVersion.id == version)
+        .values(is_production=True, promoted_at=datetime.now(UTC))
     )
 
 
@@ -157,14 +180,21 @@ def bundled_baseline(path: str | Path | None = None) -> tuple[str | None, dict[s
     version = str(meta.get("version"))
     metrics = meta.get("metrics") or {}
     if not metrics.get("eval"):
-        return version, None, (
-            f"the bundled default {version} has no recorded evaluation metrics (metrics.eval in {folder / META_FILE}; "
-            f"finsent evaluate {folder} --no-db --record-in-model writes them)"
+        return (
+            version,
+            None,
+            (
+                f"the bundled default {version} has no recorded evaluation metrics (metrics.eval in "
+                f"{folder / META_FILE}; "
+                f"finsent evaluate {folder} --no-db --record-in-model writes them)"
+            ),
         )
     return version, metrics, None
 
 
-def _incumbent_metrics(inc: s.ModelVersion | None, bundled: str | Path | None) -> tuple[str | None, dict[str, Any] | None, str]:
+def _incumbent_metrics(
+    inc: s.ModelVersion | None, bundled: str | Path | None
+) -> tuple[str | None, dict[str, Any] | None, str]:
     """The numbers to beat: production's, else the bundled default's; with a reason when there are none."""
     if inc is not None:
         if (inc.metrics or {}).get("eval"):
@@ -172,7 +202,11 @@ def _incumbent_metrics(inc: s.ModelVersion | None, bundled: str | Path | None) -
         version, metrics, _ = bundled_baseline(bundled)
         if version == inc.id and metrics is not None:  # the bundled default promoted by hand, never evaluated in the DB
             return inc.id, metrics, f"compared with production {inc.id} (its metrics from the bundled folder)"
-        return inc.id, None, f"production {inc.id} has no evaluation metrics: evaluate it, or promote by hand with --force"
+        return (
+            inc.id,
+            None,
+            f"production {inc.id} has no evaluation metrics: evaluate it, or promote by hand with --force",
+        )
     version, metrics, why = bundled_baseline(bundled)
     if metrics is None:
         return version, None, f"no production model and {why}: nothing to compare with, promote by hand with --force"
@@ -180,7 +214,12 @@ def _incumbent_metrics(inc: s.ModelVersion | None, bundled: str | Path | None) -
 
 
 def promote_if_better(
-    engine: Engine, candidate_version: str, *, tolerance: float = 0.0, force: bool = False, bundled: str | Path | None = None
+    engine: Engine,
+    candidate_version: str,
+    *,
+    tolerance: float = 0.0,
+    force: bool = False,
+    bundled: str | Path | None = None,
 ) -> PromotionDecision:
     """Promote only if no worse (within `tolerance`) on every fixed split and strictly better on the primary one
     than production, or than the bundled default (`bundled`, default models/finsent-minilm) when nothing is
@@ -208,13 +247,17 @@ def promote_if_better(
         if inc is not None and inc.id == candidate_version:
             decision.reasons.append(f"{candidate_version} is already production")
         elif not cand_eval:
-            decision.reasons.append(f"{candidate_version} has no evaluation metrics: run `finsent evaluate` on it first")
+            decision.reasons.append(
+                f"{candidate_version} has no evaluation metrics: run `finsent evaluate` on it first"
+            )
         else:
             decision.baseline, base, against = _incumbent_metrics(inc, bundled)
             if base is None:
                 decision.reasons.append(against)
             elif (cand.metrics or {}).get("eval_fingerprints") != base.get("eval_fingerprints"):
-                decision.reasons.append(f"{against}: evaluated on different splits; re-evaluate both with the same data")
+                decision.reasons.append(
+                    f"{against}: evaluated on different splits; re-evaluate both with the same data"
+                )
             else:
                 decision.reasons.append(against)
                 _compare(decision, cand.metrics, base, tolerance)
@@ -223,7 +266,10 @@ def promote_if_better(
             decision.reasons.append("forced by the operator although the gate refused")
         if decision.promoted:
             _set_production(session, candidate_version)
-        cand.metrics = {**(cand.metrics or {}), "promotion_decision": {**decision.as_dict(), "at": datetime.now(UTC).isoformat(timespec="seconds")}}
+        cand.metrics = {
+            **(cand.metrics or {}),
+            "promotion_decision": {**decision.as_dict(), "at": datetime.now(UTC).isoformat(timespec="seconds")},
+        }
     log.info(
         "promotion %s for %s (production was %s, compared with %s): %s; %s",
         ("FORCED" if decision.forced else "ACCEPTED") if decision.promoted else "REFUSED",
@@ -247,7 +293,9 @@ def _compare(decision: PromotionDecision, cand: dict[str, Any], base: dict[str, 
             decision.comparisons.append(Comparison(split, metric, c, i, fine))
             if not fine:
                 ok = False
-                decision.reasons.append(f"worse on {split} {metric}: {c} < {i}" + (f" - {tolerance}" if tolerance else ""))
+                decision.reasons.append(
+                    f"worse on {split} {metric}: {c} < {i}" + (f" - {tolerance}" if tolerance else "")
+                )
     c, i = _metric(cand, *PRIMARY), _metric(base, *PRIMARY)
     better = c is not None and i is not None and c > i
     decision.comparisons.append(Comparison(PRIMARY[0], f"{PRIMARY[1]} (primary, must improve)", c, i, better))
@@ -291,7 +339,8 @@ def rollback(engine: Engine) -> str:
 
 
 def resolve_model_path(cfg: Any, session: Session) -> str:
-    """The model `finsent run` uses: an explicit FINSENT_MODEL / model.path, else production, else the bundled default."""
+    """The model `finsent run` uses: an explicit FINSENT_MODEL / model.path, else production, else the bundled
+    default."""
     from pipeline.config import DEFAULT_MODEL_DIR, model_override
 
     explicit = model_override() or (cfg.model.path if cfg.model.path != str(DEFAULT_MODEL_DIR) else None)
@@ -301,5 +350,10 @@ def resolve_model_path(cfg: Any, session: Session) -> str:
     if prod is not None and prod.path:
         if Path(prod.path).expanduser().is_dir() or not prod.path.startswith(("/", ".", "~")):
             return prod.path
-        log.warning("production model %s points to missing folder %s; using the bundled default %s", prod.id, prod.path, DEFAULT_MODEL_DIR)
+        log.warning(
+            "production model %s points to missing folder %s; using the bundled default %s",
+            prod.id,
+            prod.path,
+            DEFAULT_MODEL_DIR,
+        )
     return str(DEFAULT_MODEL_DIR)

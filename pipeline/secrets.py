@@ -45,7 +45,8 @@ def airflow_connection(conn_id: str) -> Any | None:
             from airflow.sdk import BaseHook
         except Exception:
             try:
-                from airflow.hooks.base import BaseHook  # type: ignore[no-redef]  # Airflow 2
+                # Airflow 2 only (Airflow 3's module lacks BaseHook; which codes fire depends on what is installed)
+                from airflow.hooks.base import BaseHook  # type: ignore[no-redef,attr-defined,unused-ignore]
             except Exception:
                 return None
         try:

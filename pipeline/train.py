@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 from pipeline.data import (
     DEFAULT_SEED,
@@ -100,7 +101,7 @@ class TrainResult:
     metrics: dict[str, dict[str, float]]
     temperature: float
     topic_temperature: float
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # eval points; a soup's trail names its members
     seconds: float = 0.0
     device: str = "cpu"
     feedback_used: int = 0
@@ -119,7 +120,7 @@ def set_seed(seed: int) -> None:
 class JointModel:
     """Wraps an HF sequence classifier; the topic head reads the last hidden [CLS] vector (as Scorer does)."""
 
-    def __new__(cls, seq_model, n_topics: int, dropout: float):
+    def __new__(cls, seq_model, n_topics: int, dropout: float) -> Any:  # a torch nn.Module, not a JointModel
         import torch
         from torch import nn
 
@@ -238,7 +239,9 @@ def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random | 
 def _encode(tokenizer, batch: Sequence[Example], max_length: int, device: str):
     import torch
 
-    enc = tokenizer([ex.text for ex in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tokenizer(
+        [ex.text for ex in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     enc = {k: v.to(device) for k, v in enc.items()}
     sent = torch.tensor([IGNORE if ex.sentiment is None else ex.sentiment for ex in batch], device=device)
     topic = torch.tensor([IGNORE if ex.topic is None else ex.topic for ex in batch], device=device)
@@ -287,11 +290,16 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], n_class
     }
 
 
-def _split_metrics(model, tokenizer, name: str, examples: Sequence[Example], cfg: TrainConfig, device: str, n_topics: int):
+def _split_metrics(
+    model, tokenizer, name: str, examples: Sequence[Example], cfg: TrainConfig, device: str, n_topics: int
+):
     sent, top = predict_logits(model, tokenizer, examples, cfg.max_length, device)
+    # an evaluation split only holds examples labelled for its head
     if name.startswith("topic"):
-        return classification_metrics([ex.topic for ex in examples], top.argmax(1).tolist(), n_topics), sent, top
-    return classification_metrics([ex.sentiment for ex in examples], sent.argmax(1).tolist(), 3), sent, top
+        topics = cast(list[int], [ex.topic for ex in examples])
+        return classification_metrics(topics, top.argmax(1).tolist(), n_topics), sent, top
+    sentiments = cast(list[int], [ex.sentiment for ex in examples])
+    return classification_metrics(sentiments, sent.argmax(1).tolist(), 3), sent, top
 
 
 def fit_temperature(logits, labels) -> float:
@@ -379,14 +387,16 @@ def train_model(
             cfg.base, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()}, dtype=torch.float32
         )
     except Exception as e:
-        raise TrainError(f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise TrainError(
+            f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from None
     model = JointModel(seq, len(splits.topics), cfg.dropout)
     _load_topic_head(model, Path(cfg.base))
     model = model.to(dev)
 
     head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
     no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
         {"params": [], "lr": cfg.head_lr, "weight_decay": 0.0},
@@ -423,7 +433,9 @@ def train_model(
                 d = distil or DistilConfig()
                 soft_s, soft_t, known = teacher.batch(batch, dev)
                 if known.any():
-                    soft = distil_loss(s_logits, t_logits, soft_s, soft_t, known, d.temperature, cfg.topic_weight if d.topic else 0.0)
+                    soft = distil_loss(
+                        s_logits, t_logits, soft_s, soft_t, known, d.temperature, cfg.topic_weight if d.topic else 0.0
+                    )
                     loss = (1 - d.alpha) * loss + d.alpha * soft
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -433,7 +445,9 @@ def train_model(
             step += 1
             if ema is not None:
                 with torch.no_grad():
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - min(cfg.ema, (1 + step) / (10 + step)))
+                    torch._foreach_lerp_(
+                        ema, [p.detach() for p in params], 1.0 - min(cfg.ema, (1 + step) / (10 + step))
+                    )
             bar.update(1)
             if step % 50 == 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
@@ -450,7 +464,10 @@ def train_model(
                 history.append(rec)
                 if on_epoch:
                     on_epoch(rec)
-                bar.write(f"step {step} epoch {epoch}: val score {score:.4f} " + " ".join(f"{k}={v['macro_f1']:.3f}" for k, v in metrics.items()))
+                bar.write(
+                    f"step {step} epoch {epoch}: val score {score:.4f} "
+                    + " ".join(f"{k}={v['macro_f1']:.3f}" for k, v in metrics.items())
+                )
                 if score > best_score:
                     best_score, best_metrics, bad_evals = score, metrics, 0
                     best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -471,7 +488,9 @@ def train_model(
     if best_state is not None:
         model.load_state_dict(best_state)
 
-    version, temperature, topic_temperature = _calibrate_and_save(model, tokenizer, splits, out, cfg.max_length, dev, cfg.name)
+    version, temperature, topic_temperature = _calibrate_and_save(
+        model, tokenizer, splits, out, cfg.max_length, dev, cfg.name
+    )
     seconds = time.monotonic() - t0
     meta = {
         "version": version,
@@ -483,7 +502,12 @@ def train_model(
         "split_seed": cfg.split_seed,
         "hyperparameters": asdict(cfg),
         "data_fingerprints": splits.fingerprints,
-        "data_sizes": {**splits.summary(), "train_with_repeats": len(train), "feedback": len(feedback), "feedback_skipped": skipped},
+        "data_sizes": {
+            **splits.summary(),
+            "train_with_repeats": len(train),
+            "feedback": len(feedback),
+            "feedback_skipped": skipped,
+        },
         "metrics": {"val": best_metrics},
         "history": history,
         "training": {
@@ -497,10 +521,14 @@ def train_model(
     }
     (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, best_metrics)
-    return TrainResult(out, version, best_metrics, temperature, topic_temperature, history, seconds, _device_name(dev), len(feedback))
+    return TrainResult(
+        out, version, best_metrics, temperature, topic_temperature, history, seconds, _device_name(dev), len(feedback)
+    )
 
 
-def _calibrate_and_save(model, tokenizer, splits: Splits, out: Path, max_length: int, dev: str, name: str) -> tuple[str, float, float]:
+def _calibrate_and_save(
+    model, tokenizer, splits: Splits, out: Path, max_length: int, dev: str, name: str
+) -> tuple[str, float, float]:
     """Fit temperatures on the validation splits, then write the fp16 folder; returns (version, T, topic T)."""
     import numpy as np
     import torch
@@ -510,17 +538,29 @@ def _calibrate_and_save(model, tokenizer, splits: Splits, out: Path, max_length:
     s_logits, _ = predict_logits(model, tokenizer, sent_val, max_length, dev) if sent_val else (np.zeros((0, 3)), None)
     temperature = fit_temperature(s_logits, [ex.sentiment for ex in sent_val])
     topic_val = splits.val.get("topic_val", [])
-    _, t_logits = predict_logits(model, tokenizer, topic_val, max_length, dev) if topic_val else (None, np.zeros((0, 1)))
+    _, t_logits = (
+        predict_logits(model, tokenizer, topic_val, max_length, dev) if topic_val else (None, np.zeros((0, 1)))
+    )
     topic_temperature = fit_temperature(t_logits, [ex.topic for ex in topic_val])
     out.mkdir(parents=True, exist_ok=True)
     model.seq.to("cpu", dtype=torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     head = model.topic_head.to("cpu", dtype=torch.float16)
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(out / "topic_head.safetensors"))
+    save_file(
+        {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+        str(out / "topic_head.safetensors"),
+    )
     return _version_id(name, out), temperature, topic_temperature
 
 
-def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: str | Path | None = None, *, device: str | None = None, name: str = "finsent-minilm-soup") -> TrainResult:
+def soup_models(
+    paths: Sequence[str | Path],
+    output_dir: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    device: str | None = None,
+    name: str = "finsent-minilm-soup",
+) -> TrainResult:
     """Greedy "model soup" (Wortsman et al. 2022): average the weights of runs fine-tuned from the same base,
     adding each run (best validation score first) only if the average scores better on validation.
     One model's size and speed, usually an ensemble's accuracy; test splits play no part."""
@@ -536,8 +576,10 @@ def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: s
     max_length = metas[0]["hyperparameters"].get("max_length", 128)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     states = [
-        ({k: v.float() for k, v in load_file(str(Path(p) / "model.safetensors")).items()},
-         {k: v.float() for k, v in load_file(str(Path(p) / "topic_head.safetensors")).items()})
+        (
+            {k: v.float() for k, v in load_file(str(Path(p) / "model.safetensors")).items()},
+            {k: v.float() for k, v in load_file(str(Path(p) / "topic_head.safetensors")).items()},
+        )
         for p in paths
     ]
     tokenizer = AutoTokenizer.from_pretrained(str(paths[0]))
@@ -553,7 +595,11 @@ def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: s
 
     def evaluate() -> tuple[float, dict]:
         cfg = TrainConfig(max_length=max_length)
-        metrics = {k: _split_metrics(model, tokenizer, k, exs, cfg, dev, len(splits.topics))[0] for k, exs in splits.val.items() if exs}
+        metrics = {
+            k: _split_metrics(model, tokenizer, k, exs, cfg, dev, len(splits.topics))[0]
+            for k, exs in splits.val.items()
+            if exs
+        }
         return _val_score(metrics), metrics
 
     scored = []
@@ -577,17 +623,31 @@ def soup_models(paths: Sequence[str | Path], output_dir: str | Path, data_dir: s
     seconds = time.monotonic() - t0
     first = metas[soup[0]]
     meta = {
-        **{k: first[k] for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes") if k in first},
+        **{
+            k: first[k]
+            for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes")
+            if k in first
+        },
         "version": version,
         "temperature": temperature,
         "topic_temperature": topic_temperature,
         "hyperparameters": {**first["hyperparameters"], "name": name, "soup_of": [metas[i]["version"] for i in soup]},
         "metrics": {"val": best_metrics},
-        "soup": {"members": [metas[i]["version"] for i in soup], "candidates": [m["version"] for m in metas],
-                 "single_val_scores": {metas[i]["version"]: sc for sc, i in scored}, "trail": trail,
-                 "member_hyperparameters": [metas[i]["hyperparameters"] for i in soup], "member_training": [metas[i].get("training") for i in soup]},
-        "training": {"seconds": round(seconds, 1), "device": _device_name(dev), "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                     "torch": torch.__version__, "command": _command_line()},
+        "soup": {
+            "members": [metas[i]["version"] for i in soup],
+            "candidates": [m["version"] for m in metas],
+            "single_val_scores": {metas[i]["version"]: sc for sc, i in scored},
+            "trail": trail,
+            "member_hyperparameters": [metas[i]["hyperparameters"] for i in soup],
+            "member_training": [metas[i].get("training") for i in soup],
+        },
+        "training": {
+            "seconds": round(seconds, 1),
+            "device": _device_name(dev),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "command": _command_line(),
+        },
     }
     (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("soup %s of %d/%d runs: val %.4f", version, len(soup), len(paths), best)
@@ -669,7 +729,9 @@ def train_with_teacher(
     if stop_after == "teacher":
         return DistilResult(teacher_dir, teacher_version, 0, None, reused)
 
-    splits = build_splits(data_dir, seed=(student_config or TrainConfig()).split_seed, limit=(student_config or TrainConfig()).limit)
+    splits = build_splits(
+        data_dir, seed=(student_config or TrainConfig()).split_seed, limit=(student_config or TrainConfig()).limit
+    )
     texts = transfer_texts(splits, extra_texts)
     marker, logits_file = work / "transfer.json", work / "transfer.npz"
     want = {"teacher": teacher_version, "texts": len(texts), "fingerprint": _fingerprint(texts)}
@@ -697,11 +759,15 @@ def train_with_teacher(
     out = Path(output_dir)
     if (out / "finsent.json").is_file():
         meta = json.loads((out / "finsent.json").read_text())
-        if meta.get("distillation", {}).get("teacher") == teacher_version and meta["distillation"].get("transfer_fingerprint") == want["fingerprint"]:
+        if (
+            meta.get("distillation", {}).get("teacher") == teacher_version
+            and meta["distillation"].get("transfer_fingerprint") == want["fingerprint"]
+        ):
             log.info("student: reusing the finished student in %s", out)
             t = meta.get("training", {})
             student = TrainResult(out, meta["version"], meta.get("metrics", {}).get("val", {}), meta["temperature"],
-                                  meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0), t.get("device", ""))  # fmt: skip
+                                  meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0),
+                                  t.get("device", ""))  # fmt: skip
             return DistilResult(teacher_dir, teacher_version, len(texts), student, [*reused, "student"])
     student_cfg = student_config or TrainConfig()
     targets = TeacherTargets(texts, sent, topic)
@@ -756,7 +822,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     p.add_argument("--no-progress", action="store_true")
-    casts = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    casts: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "bool": lambda v: v.lower() in ("1", "true", "yes"),
+    }
     for f in TrainConfig.__dataclass_fields__.values():
         cast = casts[str(f.type).split("|")[0].strip()]
         p.add_argument(f"--{f.name.replace('_', '-')}", type=cast, default=f.default)
@@ -767,19 +838,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["soup"]:
-        p = argparse.ArgumentParser(prog="python -m pipeline.train soup", description="greedy weight-average of finsent runs")
+        p = argparse.ArgumentParser(
+            prog="python -m pipeline.train soup", description="greedy weight-average of finsent runs"
+        )
         p.add_argument("output_dir")
         p.add_argument("models", nargs="+")
         p.add_argument("--data-dir", default=None)
         a = p.parse_args(argv[1:])
         res = soup_models(a.models, a.output_dir, a.data_dir)
-        print(json.dumps({"version": res.version, "val": res.metrics, "temperature": res.temperature, "seconds": round(res.seconds, 1)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "version": res.version,
+                    "val": res.metrics,
+                    "temperature": res.temperature,
+                    "seconds": round(res.seconds, 1),
+                },
+                indent=2,
+            )
+        )
         return
     a = _parse_args(argv)
     fields = {k: getattr(a, k) for k in TrainConfig.__dataclass_fields__}
-    res = train_model(a.output_dir, a.data_dir, TrainConfig(**fields), database_url=a.database_url, progress=not a.no_progress)
-    print(json.dumps({"version": res.version, "val": res.metrics, "temperature": res.temperature,
-                      "topic_temperature": res.topic_temperature, "seconds": round(res.seconds, 1), "device": res.device}, indent=2))
+    res = train_model(
+        a.output_dir, a.data_dir, TrainConfig(**fields), database_url=a.database_url, progress=not a.no_progress
+    )
+    print(
+        json.dumps(
+            {
+                "version": res.version,
+                "val": res.metrics,
+                "temperature": res.temperature,
+                "topic_temperature": res.topic_temperature,
+                "seconds": round(res.seconds, 1),
+                "device": res.device,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

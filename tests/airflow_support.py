@@ -38,7 +38,9 @@ AIRFLOW_ENV = {
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
 }
 if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(AIRFLOW_HOME):
-    raise RuntimeError("tests/airflow_support.py must be imported before airflow (Airflow reads AIRFLOW_HOME at import)")
+    raise RuntimeError(
+        "tests/airflow_support.py must be imported before airflow (Airflow reads AIRFLOW_HOME at import)"
+    )
 os.environ.update(AIRFLOW_ENV)
 
 
@@ -48,7 +50,11 @@ def airflow_db() -> Path:
     marker = AIRFLOW_HOME / ".migrated"
     if not marker.exists():
         proc = subprocess.run(
-            [str(VENV_BIN / "airflow"), "db", "migrate"], env={**os.environ, **AIRFLOW_ENV}, capture_output=True, text=True, timeout=300
+            [str(VENV_BIN / "airflow"), "db", "migrate"],
+            env={**os.environ, **AIRFLOW_ENV},
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, f"airflow db migrate failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         marker.touch()
@@ -90,7 +96,7 @@ class Item:
 
 def rss(title: str, items: list[Item]) -> bytes:
     entries = "".join(
-        f"<item><guid isPermaLink=\"false\">{escape(i.guid)}</guid><title>{escape(i.title)}</title>"
+        f'<item><guid isPermaLink="false">{escape(i.guid)}</guid><title>{escape(i.title)}</title>'
         f"<link>https://news.example.com/{escape(i.guid)}</link><description>{escape(i.summary)}</description>"
         f"<pubDate>{format_datetime(i.published)}</pubDate></item>"
         for i in items
@@ -234,7 +240,14 @@ def write_config(
 
     sinks: list[dict] = [{"name": "console", "kind": "console"}]
     if webhook_env:
-        sinks.append({"name": "ops-slack", "kind": "slack", "webhook_url_env": webhook_env, "severities": ["info", "warning", "critical"]})
+        sinks.append(
+            {
+                "name": "ops-slack",
+                "kind": "slack",
+                "webhook_url_env": webhook_env,
+                "severities": ["info", "warning", "critical"],
+            }
+        )
     if smtp:
         sinks.append(
             {
@@ -250,12 +263,24 @@ def write_config(
         )
     cfg = {
         "sources": [
-            {"name": n, "kind": "rss", "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True}  # loopback feeds
+            {
+                "name": n,
+                "kind": "rss",
+                "url": u,
+                "retries": 0,
+                "timeout_s": 5,
+                "allow_private_network": True,
+            }  # loopback feeds
             for n, u in feed_urls.items()
         ],
         "watchlist": [{"ticker": "NWB", "name": "Northwind Bank", "aliases": ["Northwind"]}],
         "model": {"batch_size": 16, "chunk_size": chunk_size, "device": "cpu"},
-        "detect": {"window_minutes": window_minutes, "baseline_days": baseline_days, "min_volume": 5, "min_negative": 3},
+        "detect": {
+            "window_minutes": window_minutes,
+            "baseline_days": baseline_days,
+            "min_volume": 5,
+            "min_negative": 3,
+        },
         "sinks": sinks,
     }
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -81,8 +81,15 @@ def make_tiny_model(folder: Path, seed: int = 0, topics: list[str] | None = None
     torch.manual_seed(seed)
     labels = ["negative", "neutral", "positive"]
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=512, num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
     )
     model = BertForSequenceClassification(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +146,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_ba
 
     out = tmp_path_factory.mktemp("finsent-model") / "m"
     with single_thread():
-        train_model(out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False)
+        train_model(
+            out, data_dir, TrainConfig(base=str(tiny_base), max_steps=100, eval_every=50, **TINY), progress=False
+        )
     return out
 
 

@@ -121,7 +121,9 @@ class FeedServer:
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
 
-    def put(self, path: str, body: bytes | str, content_type: str | None = None, *, last_modified: float | None = None) -> str:
+    def put(
+        self, path: str, body: bytes | str, content_type: str | None = None, *, last_modified: float | None = None
+    ) -> str:
         """Serve `body` at `path` (in memory, overriding any file there); returns its URL."""
         data = body.encode("utf-8") if isinstance(body, str) else body
         key = "/" + path.lstrip("/")
@@ -177,7 +179,9 @@ class FeedServer:
         file = (self.root / path.lstrip("/")).resolve()
         if not file.is_relative_to(self.root) or not file.is_file():
             return None
-        return _Resource(file.read_bytes(), CONTENT_TYPES.get(file.suffix.lower(), "application/octet-stream"), file.stat().st_mtime)
+        return _Resource(
+            file.read_bytes(), CONTENT_TYPES.get(file.suffix.lower(), "application/octet-stream"), file.stat().st_mtime
+        )
 
     def _record(self, path: str, headers: dict[str, str], status: int, query: str = "") -> None:
         with self._lock:

@@ -34,13 +34,19 @@ def summarise(shift: str) -> None:
 
             normal = [w for w in judged if not (shifted and w.source_name == "newswire" and hour(w) in shifted)]
             drifted = [w for w in judged if w.drifted]
-            print(f"shift={shift}: judged source-windows {len(judged)}, drifted {len(drifted)} "
-                  f"(in normal data {sum(bool(w.drifted) for w in normal)}; max PSI there {max(w.psi or 0 for w in normal):.3f})")
+            print(
+                f"shift={shift}: judged source-windows {len(judged)}, drifted {len(drifted)} "
+                f"(in normal data {sum(bool(w.drifted) for w in normal)}; max PSI there "
+                f"{max(w.psi or 0 for w in normal):.3f})"
+            )
             for w in drifted:
                 print(f"  drifted {w.source_name} hour {hour(w):.0f}: {w.feature} PSI {w.psi} p={w.p_value:.2g}")
             for a in ses.scalars(select(s.Alert).where(s.Alert.scope_kind == "model").order_by(s.Alert.created_at)):
                 at = (a.created_at - t.START).total_seconds() / 3600
-                print(f"  alert {a.kind} {a.scope_value} at hour {at:.0f}: {(a.details or {}).get('feature')} PSI {a.statistic}")
+                print(
+                    f"  alert {a.kind} {a.scope_value} at hour {at:.0f}: {(a.details or {}).get('feature')} PSI "
+                    f"{a.statistic}"
+                )
         eng.dispose()
 
 

@@ -33,7 +33,11 @@ def add_hex_alert(engine) -> str:
     return aid.lower()
 
 
-def test_the_emailed_ack_link_works_once_and_refuses_tampered_or_expired_tokens(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_the_emailed_ack_link_works_once_and_refuses_tampered_or_expired_tokens(
+    engine,
+    smtp_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     box, port = smtp_server
     monkeypatch.setenv("TEST_ACK_SECRET", SECRET)
     cfg = FinsentConfig.model_validate(
@@ -65,10 +69,18 @@ def test_the_emailed_ack_link_works_once_and_refuses_tampered_or_expired_tokens(
 
 def _signed(body: bytes, secret: str, ts: int) -> dict[str, str]:
     sig = "v0=" + hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
-    return {"X-Slack-Request-Timestamp": str(ts), "X-Slack-Signature": sig, "Content-Type": "application/x-www-form-urlencoded"}
+    return {
+        "X-Slack-Request-Timestamp": str(ts),
+        "X-Slack-Signature": sig,
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
 
 
-def test_slack_button_acknowledges_only_when_signed_and_fresh(engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_slack_button_acknowledges_only_when_signed_and_fresh(
+    engine,
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
     cfg = FinsentConfig.model_validate(
         {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "database_url": "sqlite://",
@@ -80,14 +92,31 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(engine, webhook: W
     buttons = [e for b in webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
     ack = next(e for e in buttons if e.get("action_id") == ACK_ACTION_ID)
     assert ack["value"] == aid
-    payload = {"type": "block_actions", "user": {"id": "U1", "username": "alice"}, "actions": [{"action_id": ACK_ACTION_ID, "value": ack["value"]}]}
+    payload = {
+        "type": "block_actions",
+        "user": {"id": "U1", "username": "alice"},
+        "actions": [{"action_id": ACK_ACTION_ID, "value": ack["value"]}],
+    }
     body = urlencode({"payload": json.dumps(payload)}).encode()
     now = datetime.now(UTC)
     ts = int(time.time())
-    assert handle_slack_action(body, _signed(body, "another-secret", ts), engine, "slack-signing-secret", now).status == 401
-    assert handle_slack_action(body, _signed(body, "slack-signing-secret", ts - 3600), engine, "slack-signing-secret", now).status == 401
+    assert (
+        handle_slack_action(body, _signed(body, "another-secret", ts), engine, "slack-signing-secret", now).status
+        == 401
+    )
+    assert (
+        handle_slack_action(
+            body, _signed(body, "slack-signing-secret", ts - 3600), engine, "slack-signing-secret", now
+        ).status
+        == 401
+    )
     forged = body.replace(b"alice", b"mallory")
-    assert handle_slack_action(forged, _signed(body, "slack-signing-secret", ts), engine, "slack-signing-secret", now).status == 401
+    assert (
+        handle_slack_action(
+            forged, _signed(body, "slack-signing-secret", ts), engine, "slack-signing-secret", now
+        ).status
+        == 401
+    )
     with session_scope(engine) as session:
         assert session.get(s.Alert, aid).acknowledged_at is None
     ok = handle_slack_action(body, _signed(body, "slack-signing-secret", ts), engine, "slack-signing-secret", now)

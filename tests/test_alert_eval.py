@@ -14,8 +14,8 @@ from pipeline.alert_eval import ScopeProfile, Spike, db_replay_check, evaluate, 
 from pipeline.cli import app
 from pipeline.config import DetectConfig
 from pipeline.notify import deliver_pending
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.test_notify import NOW, add_alert, make_cfg
 
 runner = CliRunner()
@@ -24,9 +24,15 @@ runner = CliRunner()
 def test_replay_is_deterministic_and_measures_the_detector() -> None:
     a = evaluate(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
     b = evaluate(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
-    assert (a.recall_3sd, a.false_alerts_per_scope_week, a.precision) == (b.recall_3sd, b.false_alerts_per_scope_week, b.precision)
+    assert (a.recall_3sd, a.false_alerts_per_scope_week, a.precision) == (
+        b.recall_3sd,
+        b.false_alerts_per_scope_week,
+        b.precision,
+    )
     assert a.spikes_total > 20 and a.spikes_3sd > 5
-    assert 0.5 <= a.recall_3sd <= 1 and a.false_alerts_per_scope_week <= 2  # 12 scope-weeks: the report measures the target
+    assert (
+        0.5 <= a.recall_3sd <= 1 and a.false_alerts_per_scope_week <= 2
+    )  # 12 scope-weeks: the report measures the target
     assert a.recall_by_local_sd["6-8.01"]["recall"] >= a.recall_by_local_sd["1-2"]["recall"]
     # A detector that can never fire finds nothing: the metrics respond to the detector.
     blind = evaluate(DetectConfig(min_volume=10_000), seeds=(11,), scopes=6, weeks=2, db_check=False)
@@ -34,7 +40,10 @@ def test_replay_is_deterministic_and_measures_the_detector() -> None:
     # Several seeds pool their spikes; each seed is reported on its own too.
     c = evaluate(DetectConfig(), seeds=(12,), scopes=6, weeks=2, db_check=False)
     both = evaluate(DetectConfig(), seeds=(11, 12), scopes=6, weeks=2, db_check=False)
-    assert both.spikes_total == a.spikes_total + c.spikes_total and both.quiet_false_alerts == a.quiet_false_alerts + c.quiet_false_alerts
+    assert (
+        both.spikes_total == a.spikes_total + c.spikes_total
+        and both.quiet_false_alerts == a.quiet_false_alerts + c.quiet_false_alerts
+    )
     assert [x["seed"] for x in both.per_seed] == [11, 12] and both.per_seed[0]["recall_3sd"] == a.recall_3sd
 
 
@@ -54,17 +63,44 @@ def test_database_path_gives_the_same_alerts_as_the_replay() -> None:
 
 def test_evaluate_command_writes_the_report(tmp_path: Path) -> None:
     res = runner.invoke(
-        app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--seed", "3", "--seed", "4", "--scopes", "4", "--weeks", "1", "--no-db-check", "--warning-p", "0.006"]
+        app,
+        [
+            "alerts",
+            "evaluate",
+            "--out-dir",
+            str(tmp_path),
+            "--seed",
+            "3",
+            "--seed",
+            "4",
+            "--scopes",
+            "4",
+            "--weeks",
+            "1",
+            "--no-db-check",
+            "--warning-p",
+            "0.006",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "recall (counted surges" in res.output and "false alerts per scope per week" in res.output
-    assert [line for line in res.output.splitlines() if line.startswith("[")] == ["[baseline]", "[realistic]", "[adversarial]"]
+    assert [line for line in res.output.splitlines() if line.startswith("[")] == [
+        "[baseline]",
+        "[realistic]",
+        "[adversarial]",
+    ]
     data = json.loads((tmp_path / "alert-evaluation.json").read_text())
     assert data["detector"]["warning_p"] == 0.006 and data["scopes"] == 4 and data["seeds"] == [3, 4]
     assert data["tuning_seeds"] == [7, 11] and not set(data["tuning_seeds"]) & set(data["seeds"])
     assert set(data["families"]) == {"baseline", "realistic", "adversarial"}
     for fam in data["families"].values():
-        assert {"recall_3sd", "precision", "false_alerts_per_scope_week", "median_delay_windows_3sd", "recall_3sd_by_volume"} <= set(fam)
+        assert {
+            "recall_3sd",
+            "precision",
+            "false_alerts_per_scope_week",
+            "median_delay_windows_3sd",
+            "recall_3sd_by_volume",
+        } <= set(fam)
     md = (tmp_path / "alert-evaluation.md").read_text()
     assert "finsent alerts evaluate" in md and "--warning-p 0.006" in md and "--seed 3 --seed 4" in md and "| 4 |" in md
     assert md.count("Where it still fails:") == 3 and "## Family `adversarial`" in md
@@ -79,7 +115,11 @@ def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkey
     monkeypatch.delenv("FINSENT_CONFIG", raising=False)
     aid = add_alert(engine)
     with session_scope(engine) as session:
-        session.execute(s.Alert.__table__.update().values(window_end=datetime.now(UTC), window_start=datetime.now(UTC) - timedelta(hours=1)))
+        session.execute(
+            s.Alert.__table__.update().values(
+                window_end=datetime.now(UTC), window_start=datetime.now(UTC) - timedelta(hours=1)
+            )
+        )
     listed = runner.invoke(app, ["alerts", "list"])
     assert listed.exit_code == 0, listed.output
     assert aid[:12] in listed.output and "critical" in listed.output and "80% vs 15%" in listed.output

@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import DAGS_DIR, ROOT, fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.airflow_support import DAGS_DIR, ROOT, fresh_dag, rss, window_items, write_config
 from tests.conftest import PG_BASE, migrated_schema
 from tests.test_dags import _snapshot
 
@@ -89,7 +88,9 @@ class Stack:
     def start(self, name: str, args: list[str], cwd: Path | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
         fh = log.open("w")
-        proc = subprocess.Popen(args, cwd=cwd or ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=cwd or ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append((name, proc, log))
         return proc, log
 
@@ -110,7 +111,8 @@ def _tis(meta_url: str, run_id: str) -> list:
     with eng.connect() as c:
         rows = c.execute(
             text(
-                "SELECT task_id, map_index, state, queue, pool, hostname, extract(epoch FROM end_date - start_date) AS seconds "
+                "SELECT task_id, map_index, state, queue, pool, hostname, extract(epoch FROM end_date - start_date) "
+                "AS seconds "
                 "FROM task_instance WHERE dag_id = 'finsent_monitor' AND run_id = :r ORDER BY start_date, map_index"
             ),
             {"r": run_id},
@@ -126,7 +128,9 @@ def _celery_compatible() -> str | None:
     except ImportError as e:
         import celery
 
-        return f"apache-airflow-providers-celery cannot import with celery {celery.__version__} ({e}); pin celery==5.6.3"
+        return (
+            f"apache-airflow-providers-celery cannot import with celery {celery.__version__} ({e}); pin celery==5.6.3"
+        )
     return None
 
 
@@ -141,7 +145,9 @@ def reset_meta_db() -> str:
 
 
 @contextmanager
-def celery_stack(home: Path, meta_db_url: str, app_env: dict[str, str], default_concurrency: int = 2) -> Iterator[CeleryStack]:
+def celery_stack(
+    home: Path, meta_db_url: str, app_env: dict[str, str], default_concurrency: int = 2
+) -> Iterator[CeleryStack]:
     """Migrated metadata DB, serialized DAGs, the gpu pool, an api-server and two Celery workers
     (`default` and `gpu`), all sharing `meta_db_url` and the Redis broker; stopped on exit."""
     import redis
@@ -151,26 +157,32 @@ def celery_stack(home: Path, meta_db_url: str, app_env: dict[str, str], default_
     assert problem is None, problem
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     api_port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))} | {
-        "AIRFLOW_HOME": str(home),
-        "PYTHONPATH": str(ROOT),
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_db_url,
-        # psycopg 3 serves the async engine too (Airflow would otherwise pick asyncpg, not installed)
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": meta_db_url.replace("postgresql+psycopg://", "postgresql+psycopg_async://"),
-        "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta_db_url,
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
-        "AIRFLOW__API__PORT": str(api_port),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        # each worker runs in its own directory; recording that as the TI's hostname tells them apart
-        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "os.getcwd",
-    } | app_env
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_", "AIRFLOW__"))}
+        | {
+            "AIRFLOW_HOME": str(home),
+            "PYTHONPATH": str(ROOT),
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_db_url,
+            # psycopg 3 serves the async engine too (Airflow would otherwise pick asyncpg, not installed)
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": meta_db_url.replace(
+                "postgresql+psycopg://", "postgresql+psycopg_async://"
+            ),
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta_db_url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            # each worker runs in its own directory; recording that as the TI's hostname tells them apart
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "os.getcwd",
+        }
+        | app_env
+    )
     stack = CeleryStack(home, env)
     try:
         t0 = time.monotonic()
@@ -184,8 +196,20 @@ def celery_stack(home: Path, meta_db_url: str, app_env: dict[str, str], default_
             stack.dirs[queue].mkdir()
             stack.start(
                 f"worker-{queue}",
-                [stack.airflow, "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
-                 "--celery-hostname", f"{queue}@%h", "--skip-serve-logs", "--without-gossip", "--without-mingle"],
+                [
+                    stack.airflow,
+                    "celery",
+                    "worker",
+                    "--queues",
+                    queue,
+                    "--concurrency",
+                    str(concurrency),
+                    "--celery-hostname",
+                    f"{queue}@%h",
+                    "--skip-serve-logs",
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
                 cwd=stack.dirs[queue],
             )
         _wait_http(f"http://127.0.0.1:{api_port}/api/v2/version", api, api_log, BOOT_TIMEOUT)
@@ -209,14 +233,19 @@ class CeleryStack(Stack):
         started = time.monotonic()
         done = subprocess.run(
             [self.airflow, "dags", "test", "finsent_monitor", logical_date.isoformat(), "--use-executor"],
-            env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=400,
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         seconds = time.monotonic() - started
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
         meta = create_engine(self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
         with meta.connect() as c:
             row = c.execute(
-                text("SELECT run_id, state FROM dag_run WHERE dag_id = 'finsent_monitor' AND logical_date = :d"), {"d": logical_date}
+                text("SELECT run_id, state FROM dag_run WHERE dag_id = 'finsent_monitor' AND logical_date = :d"),
+                {"d": logical_date},
             ).one()
         meta.dispose()
         assert row.state == "success", self.logs()
@@ -227,11 +256,15 @@ class CeleryStack(Stack):
 
 
 @pytest.mark.redis
-def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, pg_url, feed_server, tiny_model_dir, monkeypatch):
+def test_monitor_on_celery_workers_matches_dag_test(
+    tmp_path, airflow_db, pg_url, feed_server, tiny_model_dir, monkeypatch
+):
     end = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
     feed_server.put("wire.xml", rss("wire", window_items("wire", end - timedelta(minutes=15), 6)))
     feed_server.put("social.xml", rss("social", window_items("social", end - timedelta(minutes=12), 5)))
-    cfg = write_config(tmp_path / "finsent.yaml", {"wire": feed_server.url("wire.xml"), "social": feed_server.url("social.xml")})
+    cfg = write_config(
+        tmp_path / "finsent.yaml", {"wire": feed_server.url("wire.xml"), "social": feed_server.url("social.xml")}
+    )
     meta_db_url = reset_meta_db()
     home = Path(tempfile.mkdtemp(prefix="finsent-celery-"))
     app_env = {"FINSENT_CONFIG": str(cfg), "DATABASE_URL": pg_url, "FINSENT_MODEL": str(tiny_model_dir)}
@@ -274,7 +307,10 @@ def test_monitor_on_celery_workers_matches_dag_test(tmp_path, airflow_db, pg_url
 
 
 def _rounded(snapshot: dict[str, list]) -> dict[str, list]:
-    return {k: [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows] for k, rows in snapshot.items()}
+    return {
+        k: [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
+        for k, rows in snapshot.items()
+    }
 
 
 _fresh_schema = migrated_schema

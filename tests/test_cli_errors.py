@@ -82,7 +82,10 @@ def test_read_only_file(tmp_path):
 
 
 def test_missing_folder(tmp_path):
-    _one_error_line(_invoke(["alerts", "list"], f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}"), "(missing folder or permission denied)")
+    _one_error_line(
+        _invoke(["alerts", "list"], f"sqlite:///{tmp_path / 'no' / 'such' / 'x.db'}"),
+        "(missing folder or permission denied)",
+    )
 
 
 def test_disk_full(tmp_path):
@@ -96,10 +99,11 @@ def test_disk_full(tmp_path):
         dbapi_conn.execute("PRAGMA max_page_count = 40")
 
     docs = [Document("wire", f"id-{i}", f"h{i}", "x" * 2000, "y" * 2000, None, pipeline_time()) for i in range(200)]
-    with pytest.raises(store.StoreError) as err:
-        with store.session_scope(engine) as session:
-            session.execute(s.Source.__table__.insert().values(name="wire", kind="rss", url="http://x", created_at=pipeline_time()))
-            store.save_documents(session, docs)
+    with pytest.raises(store.StoreError) as err, store.session_scope(engine) as session:
+        session.execute(
+            s.Source.__table__.insert().values(name="wire", kind="rss", url="http://x", created_at=pipeline_time())
+        )
+        store.save_documents(session, docs)
     engine.dispose()
     assert str(err.value) == f"database {url}: disk full"
 
@@ -129,9 +133,13 @@ def test_config_error_exits_2_in_one_line(tmp_path):
 def test_model_load_error_exits_1_in_one_line(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("profit rose\n")
-    res = runner.invoke(app, ["score", str(src), "-o", str(tmp_path / "out.csv"), "--model", str(tmp_path / "no-model")])
+    res = runner.invoke(
+        app, ["score", str(src), "-o", str(tmp_path / "out.csv"), "--model", str(tmp_path / "no-model")]
+    )
     lines = res.output.strip().splitlines()
-    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "no-model" in lines[0], res.output
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "no-model" in lines[0], (
+        res.output
+    )
 
 
 def test_every_exception_class_derives_from_finsent_error():

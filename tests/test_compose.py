@@ -8,12 +8,12 @@ import json
 import re
 from pathlib import Path
 
-import tests.airflow_support  # noqa: F401  (isolated AIRFLOW_HOME before anything imports airflow)
-
 import pytest
 import yaml
 from jsonschema import Draft7Validator
 from sqlalchemy import text
+
+import tests.airflow_support  # noqa: F401  (isolated AIRFLOW_HOME before anything imports airflow)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -62,8 +62,16 @@ def test_schema_rejects_a_broken_compose_file(compose):
 def test_stack_has_the_production_services(compose):
     services = compose["services"]
     assert {
-        "postgres", "redis", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-        "airflow-triggerer", "airflow-worker", "airflow-worker-gpu", "grafana",
+        "postgres",
+        "redis",
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "airflow-worker-gpu",
+        "grafana",
     } <= set(services)
     assert services["postgres"]["image"].startswith("postgres:16")
     for name, svc in services.items():
@@ -94,8 +102,10 @@ def test_every_reference_in_compose_exists(compose):
             context = ROOT / build["context"]
             assert (context / build.get("dockerfile", "Dockerfile")).is_file(), f"{name}: no Dockerfile"
             dockerfile = (context / build.get("dockerfile", "Dockerfile")).read_text()
-            for arg in (build.get("args") or {}):
-                assert re.search(rf"^ARG {arg}\b", dockerfile, re.M), f"{name}: build arg {arg} not declared in the Dockerfile"
+            for arg in build.get("args") or {}:
+                assert re.search(rf"^ARG {arg}\b", dockerfile, re.M), (
+                    f"{name}: build arg {arg} not declared in the Dockerfile"
+                )
         for f in svc.get("env_file") or []:
             path, required = (f, True) if isinstance(f, str) else (f["path"], f.get("required", True))
             assert not required or (ROOT / path).is_file(), f"{name}: env_file {path} missing"
@@ -147,12 +157,14 @@ def test_every_env_var_is_real(compose):
     for name, svc in compose["services"].items():
         for var in _env_of(svc):
             if var.startswith("AIRFLOW__"):
-                section, key = var[len("AIRFLOW__"):].lower().split("__", 1)
+                section, key = var[len("AIRFLOW__") :].lower().split("__", 1)
                 assert (section, key) in known, f"{name}: {var} is not an Airflow setting"
             elif var.startswith("AIRFLOW_CONN_"):
-                assert var[len("AIRFLOW_CONN_"):].lower() in conn_ids, f"{name}: unknown connection {var}"
+                assert var[len("AIRFLOW_CONN_") :].lower() in conn_ids, f"{name}: unknown connection {var}"
             elif var.startswith("AIRFLOW_VAR_"):
-                assert var[len("AIRFLOW_VAR_"):].lower() == orchestrate.CONFIG_VARIABLE, f"{name}: unknown Variable {var}"
+                assert var[len("AIRFLOW_VAR_") :].lower() == orchestrate.CONFIG_VARIABLE, (
+                    f"{name}: unknown Variable {var}"
+                )
             elif not var.startswith(IMAGE_ENV):
                 assert var.lower() in readers, f"{name}: nothing reads {var}"
 
@@ -163,7 +175,7 @@ def test_gpu_pool_and_queue_match_the_dag():
     score = DagBag(str(ROOT / "dags")).dags["finsent_monitor"].get_task("score")
     init = (ROOT / "docker" / "airflow-init.sh").read_text()
     assert f"airflow pools set {score.pool} " in init
-    assert f"--queues\", \"{score.queue}\"" in COMPOSE.read_text()
+    assert f'--queues", "{score.queue}"' in COMPOSE.read_text()
 
 
 def _grafana_queries() -> list[tuple[str, str]]:
@@ -184,7 +196,9 @@ def test_grafana_provisioning_is_wired(compose):
     assert provider["options"]["path"] in mounts
     assert any((ROOT / mounts[provider["options"]["path"]]).glob("*.json"))
     dash = json.loads((ROOT / "grafana/dashboards/finsent.json").read_text())
-    uids = {p["datasource"]["uid"] for p in dash["panels"]} | {t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]}
+    uids = {p["datasource"]["uid"] for p in dash["panels"]} | {
+        t["datasource"]["uid"] for p in dash["panels"] for t in p["targets"]
+    }
     assert uids == {ds["uid"]}
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 
@@ -195,7 +209,9 @@ def test_grafana_queries_run_against_the_migrated_views(engine):
     assert len(queries) >= 8
     with engine.connect() as c:
         views = set(c.execute(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars())
-        views |= set(c.execute(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()")).scalars())
+        views |= set(
+            c.execute(text("SELECT matviewname FROM pg_matviews WHERE schemaname = current_schema()")).scalars()
+        )
         for title, sql in queries:
             used = set(re.findall(r"\bFROM\s+([a-z_]+)", sql))
             assert used and used <= views, f"{title}: queries {used - views}, not a view created by sql/views"

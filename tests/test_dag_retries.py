@@ -12,14 +12,13 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline import orchestrate
 from pipeline.store import schema as s
+from tests.airflow_support import fresh_dag, rss, window_items, write_config
 
 END = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 START = END - timedelta(minutes=15)
@@ -54,7 +53,9 @@ def _runs(engine) -> list[s.PipelineRun]:
 
 @pytest.fixture
 def env(tmp_path, pg_url, monkeypatch):
-    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "finsent.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
+    monkeypatch.setenv(
+        "FINSENT_CONFIG", str(write_config(tmp_path / "finsent.yaml", {"wire": "http://127.0.0.1:9/none.xml"}))
+    )
     monkeypatch.setenv("DATABASE_URL", pg_url)
     return tmp_path
 
@@ -63,14 +64,23 @@ def test_start_run_twice_for_one_dag_run_gives_one_row(env, engine):
     first = orchestrate.start_run(START, END, airflow_run_id=RUN)
     assert orchestrate.start_run(START, END, airflow_run_id=RUN) == first
     rows = _runs(engine)
-    assert [(r.id, r.kind, r.status, r.airflow_run_id, r.counts) for r in rows] == [(first, orchestrate.RUN_KIND, "running", RUN, {})]
+    assert [(r.id, r.kind, r.status, r.airflow_run_id, r.counts) for r in rows] == [
+        (first, orchestrate.RUN_KIND, "running", RUN, {})
+    ]
 
     other = orchestrate.start_run(START, END, airflow_run_id="manual__2026-03-02T10:03:00+00:00")
     assert other != first, "another DAG run for the same interval is a run of its own"
     later = orchestrate.start_run(END, END + timedelta(minutes=15), airflow_run_id=RUN)
     assert later not in (first, other), "the same run id over another interval is not the same run"
 
-    done = orchestrate.finish_run(first, ["wire"], [{"source": "wire", "status": "ok", "new_documents": 2}], {"model_version": "m", "scored": 2, "seconds": 0.1}, {"alerts": []}, {"sent": 0})
+    done = orchestrate.finish_run(
+        first,
+        ["wire"],
+        [{"source": "wire", "status": "ok", "new_documents": 2}],
+        {"model_version": "m", "scored": 2, "seconds": 0.1},
+        {"alerts": []},
+        {"sent": 0},
+    )
     assert done["status"] == "ok"
     row = next(r for r in _runs(engine) if r.id == first)
     assert row.status == "ok" and row.airflow_run_id == RUN
@@ -104,8 +114,17 @@ def test_racing_tries_of_start_run_make_one_row(env, engine):
     assert len(_runs(engine)) == 1
 
 
-def test_retried_start_run_task_leaves_one_pipeline_run(airflow_db, env, engine, feed_server, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(env / "monitor.yaml", {"wire": feed_server.put("wire.xml", rss("wire", window_items("wire", START, 3)))})))
+def test_retried_start_run_task_leaves_one_pipeline_run(
+    airflow_db, env, engine, feed_server, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv(
+        "FINSENT_CONFIG",
+        str(
+            write_config(
+                env / "monitor.yaml", {"wire": feed_server.put("wire.xml", rss("wire", window_items("wire", START, 3)))}
+            )
+        ),
+    )
     monkeypatch.setenv("FINSENT_MODEL", str(tiny_model_dir))
     dag = fresh_dag("finsent_monitor")
     outputs: list[int] = []
@@ -118,7 +137,9 @@ def test_retried_start_run_task_leaves_one_pipeline_run(airflow_db, env, engine,
     assert len(outputs) == 2 and outputs[0] == outputs[1]
     rows = _runs(engine)
     assert [(r.id, r.status, r.interval_start, r.interval_end) for r in rows] == [(outputs[0], "ok", START, END)]
-    assert rows[0].airflow_run_id == dr.run_id and rows[0].counts["new_documents"] == 3 and rows[0].finished_at is not None
+    assert (
+        rows[0].airflow_run_id == dr.run_id and rows[0].counts["new_documents"] == 3 and rows[0].finished_at is not None
+    )
 
 
 TRAIN_CONF = {"base": None, "max_steps": 2, "epochs": 1, "limit": 40}
@@ -138,7 +159,9 @@ def test_retried_train_task_reuses_its_candidate(airflow_db, env, engine, tiny_m
     outputs: list[dict] = []
     fail_first_try_after_its_work(dag.task_dict["train"], outputs)
 
-    dr = dag.test(logical_date=datetime(2026, 3, 1, 3, 0, tzinfo=UTC), run_conf=conf, mark_success_pattern="evaluate|promote")
+    dr = dag.test(
+        logical_date=datetime(2026, 3, 1, 3, 0, tzinfo=UTC), run_conf=conf, mark_success_pattern="evaluate|promote"
+    )
     assert dr.state == "success"
     ti = next(t for t in dr.get_task_instances() if t.task_id == "train")
     assert (ti.state, ti.try_number) == ("success", 2), "train was not retried"

@@ -14,8 +14,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.airflow_support import AIRFLOW_ENV, DAGS_DIR, ROOT, Item, fresh_dag, rss, window_items, write_config
-
 import pytest
 from sqlalchemy import func, select, text
 
@@ -23,6 +21,7 @@ from pipeline import store
 from pipeline.config import SourceConfig
 from pipeline.records import Document, EntityMention, Prediction, ScoreRow
 from pipeline.store import schema as s
+from tests.airflow_support import AIRFLOW_ENV, DAGS_DIR, ROOT, Item, fresh_dag, rss, window_items, write_config
 
 DAG_IDS = {"finsent_monitor", "finsent_train", "finsent_maintenance"}
 WEBHOOK_ENV = "FINSENT_TEST_WEBHOOK_URL"
@@ -50,7 +49,10 @@ def test_dagbag_structure(dagbag):
                 assert orchestrate.on_failure in cbs, f"{dag_id}.{t.task_id} has no failure notifier"
 
     monitor = dagbag.dags["finsent_monitor"]
-    assert monitor.timetable.expression == "*/15 * * * *" and type(monitor.timetable).__name__ == "CronDataIntervalTimetable"
+    assert (
+        monitor.timetable.expression == "*/15 * * * *"
+        and type(monitor.timetable).__name__ == "CronDataIntervalTimetable"
+    )
     tasks = {t.task_id: t for t in monitor.tasks}
     assert set(tasks) == {"sources", "start_run", "ingest", "score", "detect", "notify", "finish"}
     from airflow.sdk.definitions.mappedoperator import MappedOperator
@@ -90,7 +92,14 @@ def test_dag_files_parse_without_heavy_imports():
     files = sorted(DAGS_DIR.glob("*.py"))
     assert {f.stem for f in files} == DAG_IDS
     for f in files:
-        proc = subprocess.run([sys.executable, "-c", probe, str(f)], capture_output=True, text=True, env={**os.environ, **AIRFLOW_ENV}, cwd=ROOT, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, str(f)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **AIRFLOW_ENV},
+            cwd=ROOT,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["heavy"] == [], f"{f.name} imports {out['heavy']} at parse time"
@@ -103,32 +112,76 @@ def _snapshot(engine) -> dict[str, list]:
     """Everything a cycle stores, keyed by natural keys (no surrogate ids or wall-clock timestamps)."""
     with engine.connect() as c:
         docs = c.execute(
-            select(s.Document.source_name, s.Document.external_id, s.Document.content_hash, s.Document.title, s.Document.summary, s.Document.published_at)
-            .order_by(s.Document.source_name, s.Document.external_id)
+            select(
+                s.Document.source_name,
+                s.Document.external_id,
+                s.Document.content_hash,
+                s.Document.title,
+                s.Document.summary,
+                s.Document.published_at,
+            ).order_by(s.Document.source_name, s.Document.external_id)
         ).all()
         scores = c.execute(
-            select(s.Document.source_name, s.Document.external_id, s.Score.model_version_id, s.Score.label, s.Score.p_negative, s.Score.p_positive, s.Score.topic)
+            select(
+                s.Document.source_name,
+                s.Document.external_id,
+                s.Score.model_version_id,
+                s.Score.label,
+                s.Score.p_negative,
+                s.Score.p_positive,
+                s.Score.topic,
+            )
             .join(s.Document, s.Document.id == s.Score.document_id)
             .order_by(s.Document.source_name, s.Document.external_id)
         ).all()
         ents = c.execute(
-            select(s.Document.external_id, s.DocumentEntity.entity).join(s.Document, s.Document.id == s.DocumentEntity.document_id).order_by(s.Document.external_id, s.DocumentEntity.entity)
+            select(s.Document.external_id, s.DocumentEntity.entity)
+            .join(s.Document, s.Document.id == s.DocumentEntity.document_id)
+            .order_by(s.Document.external_id, s.DocumentEntity.entity)
         ).all()
         alerts = c.execute(
-            select(s.Alert.id, s.Alert.kind, s.Alert.scope_kind, s.Alert.scope_value, s.Alert.window_end, s.Alert.severity, s.Alert.neg_count, s.Alert.total_count).order_by(s.Alert.id)
+            select(
+                s.Alert.id,
+                s.Alert.kind,
+                s.Alert.scope_kind,
+                s.Alert.scope_value,
+                s.Alert.window_end,
+                s.Alert.severity,
+                s.Alert.neg_count,
+                s.Alert.total_count,
+            ).order_by(s.Alert.id)
         ).all()
         risks = c.execute(
-            select(s.RiskScore.scope_kind, s.RiskScore.scope_value, s.RiskScore.window_start, s.RiskScore.risk).order_by(s.RiskScore.scope_kind, s.RiskScore.scope_value, s.RiskScore.window_start)
+            select(
+                s.RiskScore.scope_kind, s.RiskScore.scope_value, s.RiskScore.window_start, s.RiskScore.risk
+            ).order_by(s.RiskScore.scope_kind, s.RiskScore.scope_value, s.RiskScore.window_start)
         ).all()
-        deliveries = c.execute(select(s.AlertDelivery.alert_id, s.AlertDelivery.sink, s.AlertDelivery.status).order_by(s.AlertDelivery.alert_id, s.AlertDelivery.sink)).all()
-    return {"documents": docs, "scores": scores, "entities": ents, "alerts": alerts, "risk_scores": risks, "deliveries": deliveries}
+        deliveries = c.execute(
+            select(s.AlertDelivery.alert_id, s.AlertDelivery.sink, s.AlertDelivery.status).order_by(
+                s.AlertDelivery.alert_id, s.AlertDelivery.sink
+            )
+        ).all()
+    return {
+        "documents": docs,
+        "scores": scores,
+        "entities": ents,
+        "alerts": alerts,
+        "risk_scores": risks,
+        "deliveries": deliveries,
+    }
 
 
 def _runs(engine) -> list:
     with engine.connect() as c:
         return c.execute(
-            select(s.PipelineRun.kind, s.PipelineRun.status, s.PipelineRun.interval_start, s.PipelineRun.interval_end, s.PipelineRun.counts, s.PipelineRun.finished_at)
-            .order_by(s.PipelineRun.id)
+            select(
+                s.PipelineRun.kind,
+                s.PipelineRun.status,
+                s.PipelineRun.interval_start,
+                s.PipelineRun.interval_end,
+                s.PipelineRun.counts,
+                s.PipelineRun.finished_at,
+            ).order_by(s.PipelineRun.id)
         ).all()
 
 
@@ -139,7 +192,10 @@ def _schema_of(pg_url: str) -> str:
 @pytest.fixture
 def monitor_env(airflow_db, tmp_path, pg_url, feed_server, tiny_model_dir, webhook, smtp_server, monkeypatch):
     """Config + env for finsent_monitor: two loopback feeds, the tiny model, loopback Slack and SMTP sinks."""
-    urls = {"wire": feed_server.put("wire.xml", rss("wire", [])), "social": feed_server.put("social.xml", rss("social", []))}
+    urls = {
+        "wire": feed_server.put("wire.xml", rss("wire", [])),
+        "social": feed_server.put("social.xml", rss("social", [])),
+    }
     cfg = write_config(tmp_path / "finsent.yaml", urls, webhook_env=WEBHOOK_ENV, smtp=smtp_server)
     monkeypatch.setenv("FINSENT_CONFIG", str(cfg))
     monkeypatch.setenv("DATABASE_URL", pg_url)
@@ -157,7 +213,14 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
     feeds = monitor_env["feeds"]
     monkeypatch.delenv("FINSENT_CONFIG")
     monkeypatch.setenv("AIRFLOW_VAR_FINSENT_CONFIG_PATH", str(monitor_env["config"]))
-    conn = {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "postgres", "schema": "test", "extra": {"options": f"-csearch_path={_schema_of(pg_url)}"}}
+    conn = {
+        "conn_type": "postgres",
+        "host": "127.0.0.1",
+        "port": 5432,
+        "login": "postgres",
+        "schema": "test",
+        "extra": {"options": f"-csearch_path={_schema_of(pg_url)}"},
+    }
     monkeypatch.setenv("AIRFLOW_CONN_FINSENT_DB", json.dumps(conn))
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://nobody:wrong@127.0.0.1:1/nowhere")
 
@@ -166,7 +229,12 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
     wire_a = window_items("wire", a_end - timedelta(minutes=15), 6)
     social_a = window_items("social", a_end - timedelta(minutes=14), 4) + [
         # the same story under a social GUID, and one about a watchlist name
-        Item("social-nwb", "Northwind Bank faces lawsuit", "Northwind Bank accused of hiding losses", a_end - timedelta(minutes=2))
+        Item(
+            "social-nwb",
+            "Northwind Bank faces lawsuit",
+            "Northwind Bank accused of hiding losses",
+            a_end - timedelta(minutes=2),
+        )
     ]
     wire_b = window_items("wire", b_end - timedelta(minutes=15), 5)
     monkeypatch.setenv("FINSENT_SCORE_SHARDS", "2")  # two mapped score tasks split the backlog
@@ -185,7 +253,9 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
     assert len(first_a["scores"]) == 11 and {r.model_version_id for r in first_a["scores"]} == {TINY_VERSION}
     assert ("social-nwb", "NWB") in [tuple(e) for e in first_a["entities"]]
     runs = _runs(engine)
-    assert [(r.kind, r.status, r.interval_start, r.interval_end) for r in runs] == [("airflow:finsent_monitor", "ok", a_end - timedelta(minutes=15), a_end)]
+    assert [(r.kind, r.status, r.interval_start, r.interval_end) for r in runs] == [
+        ("airflow:finsent_monitor", "ok", a_end - timedelta(minutes=15), a_end)
+    ]
     assert runs[0].counts["new_documents"] == 11 and runs[0].counts["scored"] == 11 and runs[0].finished_at is not None
 
     run_window(b_end, wire_a + wire_b, social_a)
@@ -205,7 +275,9 @@ def test_monitor_backfill_of_two_windows_is_reproducible(pg_url, engine, monitor
     assert [r.counts["scored"] for r in runs] == [11, 5, 0, 0]
     with engine.connect() as c:
         dupes = c.execute(
-            select(s.Document.source_name, s.Document.external_id).group_by(s.Document.source_name, s.Document.external_id).having(func.count() > 1)
+            select(s.Document.source_name, s.Document.external_id)
+            .group_by(s.Document.source_name, s.Document.external_id)
+            .having(func.count() > 1)
         ).all()
     assert dupes == []
 
@@ -243,10 +315,18 @@ def _seed_spike(engine, spike_end: datetime, window_minutes: int = 15) -> int:
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [SourceConfig(name="seed", url="http://127.0.0.1/seed.xml")])
         store.save_documents(session, records)
-        store.register_model(session, TINY_VERSION, name=TINY_VERSION, path="tiny", labels=["negative", "neutral", "positive"])
-        ids = dict(session.execute(select(s.Document.external_id, s.Document.id).where(s.Document.source_name == "seed")).all())
+        store.register_model(
+            session, TINY_VERSION, name=TINY_VERSION, path="tiny", labels=["negative", "neutral", "positive"]
+        )
+        ids = dict(
+            session.execute(select(s.Document.external_id, s.Document.id).where(s.Document.source_name == "seed")).all()
+        )
         for ext, _, label in docs:
-            probs = {"negative": 0.05, "neutral": 0.9, "positive": 0.05} if label == "neutral" else {"negative": 0.9, "neutral": 0.05, "positive": 0.05}
+            probs = (
+                {"negative": 0.05, "neutral": 0.9, "positive": 0.05}
+                if label == "neutral"
+                else {"negative": 0.9, "neutral": 0.05, "positive": 0.05}
+            )
             rows.append(ScoreRow(ids[ext], TINY_VERSION, Prediction(label=label, probs=probs)))
         store.save_scores(session, rows)
     return len(docs)
@@ -286,7 +366,14 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     for name in ("wire", "social"):
         assert orchestrate.ingest(name)["status"] == "ok"
     err_log = (tmp_path / "score-task.err").open("w+")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_FIRST_CHUNK], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=err_log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_AFTER_FIRST_CHUNK],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=err_log,
+        text=True,
+    )
     try:
         ready, _, _ = io_select.select([proc.stdout], [], [], 120)
         line = proc.stdout.readline() if ready else ""
@@ -301,7 +388,9 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
         err_log.close()
     assert proc.returncode == -signal.SIGKILL
     with engine.connect() as c:
-        partial = c.scalar(select(func.count()).select_from(s.Score).join(s.Document).where(s.Document.source_name != "seed"))
+        partial = c.scalar(
+            select(func.count()).select_from(s.Score).join(s.Document).where(s.Document.source_name != "seed")
+        )
     assert partial == 4, "the first chunk (chunk_size=4) should be committed before the kill"
 
     dag = fresh_dag("finsent_monitor")
@@ -310,10 +399,15 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     after_retry = _snapshot(engine)
     assert len(after_retry["documents"]) == seeded + 12
     assert len(after_retry["scores"]) == seeded + 12
-    spikes = [a for a in after_retry["alerts"] if a.kind == "spike" and a.scope_kind == "entity" and a.scope_value == "NWB"]
+    spikes = [
+        a for a in after_retry["alerts"] if a.kind == "spike" and a.scope_kind == "entity" and a.scope_value == "NWB"
+    ]
     assert len(spikes) == 1 and spikes[0].window_end == spike_end
     alert_ids = {a.id for a in after_retry["alerts"]}
-    assert {(d.alert_id, d.sink) for d in after_retry["deliveries"] if d.status == "sent"} >= {(spikes[0].id, "ops-slack"), (spikes[0].id, "ops-mail")}
+    assert {(d.alert_id, d.sink) for d in after_retry["deliveries"] if d.status == "sent"} >= {
+        (spikes[0].id, "ops-slack"),
+        (spikes[0].id, "ops-mail"),
+    }
     slack_msgs, mails = len(hook.bodies), len(smtp.messages)
     assert any("NWB" in t or "Northwind" in t for t in hook.texts())
 
@@ -323,7 +417,9 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     assert {a.id for a in _snapshot(engine)["alerts"]} == alert_ids
     assert (len(hook.bodies), len(smtp.messages)) == (slack_msgs, mails), "a rerun delivered an alert twice"
     first_run, rerun = _runs(engine)[-2:]
-    assert first_run.counts["alerts"] >= 1 and rerun.counts["alerts"] == 0, "counts.alerts repeats the window's old alerts"
+    assert first_run.counts["alerts"] >= 1 and rerun.counts["alerts"] == 0, (
+        "counts.alerts repeats the window's old alerts"
+    )
 
 
 def test_failed_task_notifies_sinks_without_leaking_secrets(tmp_path, monitor_env, monkeypatch):
@@ -342,7 +438,9 @@ def test_failed_task_notifies_sinks_without_leaking_secrets(tmp_path, monitor_en
         assert password not in blob and "test-secret-token" not in blob
 
 
-def test_failure_notice_text_from_feeds_is_escaped_and_a_broken_sink_does_not_stop_the_others(monitor_env, capsys, caplog):
+def test_failure_notice_text_from_feeds_is_escaped_and_a_broken_sink_does_not_stop_the_others(
+    monitor_env, capsys, caplog
+):
     """The on_failure callback with an error quoting hostile feed text: Slack gets it inert in a code block,
     email and the console get it without control characters, and a sink that fails is logged without secrets."""
     from types import SimpleNamespace
@@ -351,13 +449,22 @@ def test_failure_notice_text_from_feeds_is_escaped_and_a_broken_sink_does_not_st
 
     hook, smtp = monitor_env["webhook"], monitor_env["smtp"]
     hostile = "feed 'wire' item <!channel> <http://evil.example|click> @here *bold* ```x``` \x1b[31mred\u202e"
-    ti = SimpleNamespace(dag_id="finsent_monitor", task_id="ingest", map_index=1, run_id="scheduled__2026-03-02T10:00:00+00:00", try_number=3)
+    ti = SimpleNamespace(
+        dag_id="finsent_monitor",
+        task_id="ingest",
+        map_index=1,
+        run_id="scheduled__2026-03-02T10:00:00+00:00",
+        try_number=3,
+    )
     context = {"ti": ti, "exception": ValueError(hostile), "data_interval_end": datetime(2026, 3, 2, 10, 0, tzinfo=UTC)}
     orchestrate.on_failure(context)
 
     assert len(hook.bodies) == 1 and len(smtp.messages) == 1
     post = hook.bodies[0]
-    assert post["blocks"][0] == {"type": "header", "text": {"type": "plain_text", "text": "[finsent] task failed: finsent_monitor.ingest[1]", "emoji": False}}
+    assert post["blocks"][0] == {
+        "type": "header",
+        "text": {"type": "plain_text", "text": "[finsent] task failed: finsent_monitor.ingest[1]", "emoji": False},
+    }
     code = post["blocks"][1]["text"]["text"]
     assert code.startswith("```") and code.endswith("```") and code.count("```") == 2, code
     assert "Task: ingest[1]" in code and "Try: 3" in code and "ValueError" in code
@@ -368,19 +475,26 @@ def test_failure_notice_text_from_feeds_is_escaped_and_a_broken_sink_does_not_st
     assert "<" not in post["text"] and "*" not in post["text"]
     mail = smtp.messages[0]
     assert mail["Subject"] == "[finsent] task failed: finsent_monitor.ingest[1]"
-    assert "<!channel>" in mail.get_content() and "\x1b" not in mail.get_content()  # plain text: shown as is, minus control characters
+    assert (
+        "<!channel>" in mail.get_content() and "\x1b" not in mail.get_content()
+    )  # plain text: shown as is, minus control characters
     out = capsys.readouterr().out
     assert "finsent_monitor.ingest[1]" in out and "\x1b" not in out and "\u202e" not in out
 
     hook.status = 500
     caplog.clear()
-    assert orchestrate.send_notice(orchestrate.load(), "[finsent] task failed: x", "Error: boom") == ["console", "ops-mail"]
+    assert orchestrate.send_notice(orchestrate.load(), "[finsent] task failed: x", "Error: boom") == [
+        "console",
+        "ops-mail",
+    ]
     assert len(smtp.messages) == 2 and "ops-slack" in caplog.text and "HTTP 500" in caplog.text
     assert "test-secret-token" not in caplog.text
 
 
 def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp_path, pg_url, engine, monkeypatch):
-    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "m.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
+    monkeypatch.setenv(
+        "FINSENT_CONFIG", str(write_config(tmp_path / "m.yaml", {"wire": "http://127.0.0.1:9/none.xml"}))
+    )
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("FINSENT_RETENTION_DAYS", "30")
     run_end = datetime(2026, 3, 5, 0, 0, tzinfo=UTC)
@@ -388,9 +502,14 @@ def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp
     with engine.begin() as c:
         c.execute(text("UPDATE documents SET fetched_at = published_at"))
         old_ids = [r[0] for r in c.execute(text("SELECT id FROM documents ORDER BY id LIMIT 5"))]
-        c.execute(text("UPDATE documents SET fetched_at = :t WHERE id = ANY(:ids)"), {"t": run_end - timedelta(days=31), "ids": old_ids})
+        c.execute(
+            text("UPDATE documents SET fetched_at = :t WHERE id = ANY(:ids)"),
+            {"t": run_end - timedelta(days=31), "ids": old_ids},
+        )
         total = c.scalar(text("SELECT count(*) FROM documents"))
-        assert c.scalar(text("SELECT count(*) FROM v_sentiment_daily")) == 0  # scores written outside a cycle: no rollup yet
+        assert (
+            c.scalar(text("SELECT count(*) FROM v_sentiment_daily")) == 0
+        )  # scores written outside a cycle: no rollup yet
 
     dag = fresh_dag("finsent_maintenance")
     assert dag.test(logical_date=run_end).state == "success"
@@ -399,7 +518,9 @@ def test_maintenance_dag_applies_retention_and_refreshes_rollups(airflow_db, tmp
         assert cleared == old_ids
         assert c.scalar(text("SELECT count(*) FROM documents")) == total  # headlines and scores stay
         assert c.scalar(text("SELECT count(*) FROM scores")) == total
-        daily = c.execute(text("SELECT scope_kind, scope_value, total_count FROM v_sentiment_daily WHERE scope_kind = 'entity'")).all()
+        daily = c.execute(
+            text("SELECT scope_kind, scope_value, total_count FROM v_sentiment_daily WHERE scope_kind = 'entity'")
+        ).all()
     assert sum(r.total_count for r in daily) == total and {r.scope_value for r in daily} == {"NWB"}
     # idempotent: a rerun of the same day clears nothing more
     assert dag.test(logical_date=run_end).state == "success"
@@ -415,33 +536,44 @@ def test_dashboard_views_agree_with_stored_scores(engine):
     refresh_rollups(engine)  # the views read the rollups, which detection (or maintenance) writes
     with engine.connect() as c:
         rows = c.execute(
-            text("SELECT bucket_start, total_count, neg_count, neg_share FROM v_sentiment_hourly WHERE scope_kind = 'entity' AND scope_value = 'NWB' ORDER BY bucket_start")
+            text(
+                "SELECT bucket_start, total_count, neg_count, neg_share FROM v_sentiment_hourly WHERE scope_kind = "
+                "'entity' AND scope_value = 'NWB' ORDER BY bucket_start"
+            )
         ).all()
         market = c.scalar(text("SELECT sum(total_count) FROM v_sentiment_hourly WHERE scope_kind = 'market'"))
         negs = c.scalar(text("SELECT count(*) FROM scores WHERE label = 'negative'"))
     assert sum(r.total_count for r in rows) == n == market
     assert sum(r.neg_count for r in rows) == negs
     last = rows[-1]
-    assert last.bucket_start == end - timedelta(hours=1) and last.neg_share == pytest.approx(last.neg_count / last.total_count)
+    assert last.bucket_start == end - timedelta(hours=1) and last.neg_share == pytest.approx(
+        last.neg_count / last.total_count
+    )
     baseline = sum(r.neg_count for r in rows[:-1]) / sum(r.total_count for r in rows[:-1])
     assert last.neg_share > 0.4 > 0.2 > baseline
 
 
 @pytest.mark.data
-def test_train_dag_trains_evaluates_and_gates_against_the_bundled_default(airflow_db, tmp_path, pg_url, engine, tiny_model_dir, monkeypatch):
+def test_train_dag_trains_evaluates_and_gates_against_the_bundled_default(
+    airflow_db, tmp_path, pg_url, engine, tiny_model_dir, monkeypatch
+):
     """finsent_train with a tiny base and two steps: a registered candidate with its fixed-split metrics in
     the registry, refused by the registry's gate: with no production model it must beat the bundled default."""
     from pipeline.registry import bundled_baseline
 
     default_version, default_metrics, _ = bundled_baseline()
-    monkeypatch.setenv("FINSENT_CONFIG", str(write_config(tmp_path / "t.yaml", {"wire": "http://127.0.0.1:9/none.xml"})))
+    monkeypatch.setenv(
+        "FINSENT_CONFIG", str(write_config(tmp_path / "t.yaml", {"wire": "http://127.0.0.1:9/none.xml"}))
+    )
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("FINSENT_TRAIN_OUTPUT", str(tmp_path / "candidates"))
     dag = fresh_dag("finsent_train")
     conf = {"base": str(tiny_model_dir), "max_steps": 2, "epochs": 1}
     assert dag.test(logical_date=datetime(2026, 3, 1, 3, 0, tzinfo=UTC), run_conf=conf).state == "success"
     with engine.connect() as c:
-        rows = c.execute(select(s.ModelVersion.id, s.ModelVersion.path, s.ModelVersion.is_production, s.ModelVersion.metrics)).all()
+        rows = c.execute(
+            select(s.ModelVersion.id, s.ModelVersion.path, s.ModelVersion.is_production, s.ModelVersion.metrics)
+        ).all()
     assert len(rows) == 1 and not rows[0].is_production
     assert Path(rows[0].path).is_relative_to(tmp_path / "candidates") and (Path(rows[0].path) / "config.json").is_file()
     assert set(rows[0].metrics["eval"]) >= {"fpb_test", "tfns_dev"}
@@ -449,7 +581,10 @@ def test_train_dag_trains_evaluates_and_gates_against_the_bundled_default(airflo
     assert not decision["promoted"] and decision["incumbent"] is None and decision["baseline"] == default_version
     assert decision["reasons"][0] == f"no production model: compared with the bundled default {default_version}"
     primary = next(c for c in decision["comparisons"] if "primary" in c["metric"])
-    assert primary["incumbent"] == default_metrics["eval"]["fpb_test"]["macro_f1"] and primary["candidate"] < primary["incumbent"]
+    assert (
+        primary["incumbent"] == default_metrics["eval"]["fpb_test"]["macro_f1"]
+        and primary["candidate"] < primary["incumbent"]
+    )
     assert any(r.startswith("not better on the primary fpb_test macro_f1") for r in decision["reasons"])
 
 
@@ -478,9 +613,25 @@ def test_finsent_db_connection_becomes_a_sqlalchemy_url():
 
     from pipeline import orchestrate
 
-    conn = Connection(conn_id="finsent_db", conn_type="postgres", host="db.internal", port=5433, login="finsent", password="p@ss/w:rd", schema="finsent", extra=json.dumps({"options": "-csearch_path=prod", "sslmode": "require", "other": "x"}))
+    conn = Connection(
+        conn_id="finsent_db",
+        conn_type="postgres",
+        host="db.internal",
+        port=5433,
+        login="finsent",
+        password="p@ss/w:rd",
+        schema="finsent",
+        extra=json.dumps({"options": "-csearch_path=prod", "sslmode": "require", "other": "x"}),
+    )
     url = make_url(orchestrate.connection_url(conn))
-    assert (url.drivername, url.host, url.port, url.username, url.password, url.database) == ("postgresql+psycopg", "db.internal", 5433, "finsent", "p@ss/w:rd", "finsent")
+    assert (url.drivername, url.host, url.port, url.username, url.password, url.database) == (
+        "postgresql+psycopg",
+        "db.internal",
+        5433,
+        "finsent",
+        "p@ss/w:rd",
+        "finsent",
+    )
     assert dict(url.query) == {"options": "-csearch_path=prod", "sslmode": "require"}
 
 
@@ -494,16 +645,42 @@ def test_run_window_is_what_the_operator_meant():
     def at(h: int, m: int) -> datetime:
         return datetime(2026, 11, 30, h, m, tzinfo=UTC)
 
-    scheduled = NS(run_type="scheduled", data_interval_start=at(10, 0), data_interval_end=at(10, 15), logical_date=at(10, 0), run_after=at(10, 15))
+    scheduled = NS(
+        run_type="scheduled",
+        data_interval_start=at(10, 0),
+        data_interval_end=at(10, 15),
+        logical_date=at(10, 0),
+        run_after=at(10, 15),
+    )
     assert orchestrate.run_window(scheduled) == (at(10, 0), at(10, 15))
-    backfill = NS(run_type="backfill", data_interval_start=at(8, 0), data_interval_end=at(8, 15), logical_date=at(8, 0), run_after=at(12, 3))
+    backfill = NS(
+        run_type="backfill",
+        data_interval_start=at(8, 0),
+        data_interval_end=at(8, 15),
+        logical_date=at(8, 0),
+        run_after=at(12, 3),
+    )
     assert orchestrate.run_window(backfill) == (at(8, 0), at(8, 15))
     # `airflow dags trigger -l 2026-11-30T10:07Z` at 12:03: Airflow hands the 11:45-12:00 interval
-    with_date = NS(run_type="manual", data_interval_start=at(11, 45), data_interval_end=at(12, 0), logical_date=at(10, 7), run_after=at(12, 3))
+    with_date = NS(
+        run_type="manual",
+        data_interval_start=at(11, 45),
+        data_interval_end=at(12, 0),
+        logical_date=at(10, 7),
+        run_after=at(12, 3),
+    )
     assert orchestrate.run_window(with_date) == (at(9, 45), at(10, 0))
-    no_date = NS(run_type="manual", data_interval_start=None, data_interval_end=None, logical_date=None, run_after=at(12, 3))
+    no_date = NS(
+        run_type="manual", data_interval_start=None, data_interval_end=None, logical_date=None, run_after=at(12, 3)
+    )
     assert orchestrate.run_window(no_date) == (at(11, 45), at(12, 0))
-    rest = NS(run_type="manual", data_interval_start=at(6, 0), data_interval_end=at(6, 15), logical_date=at(6, 0), run_after=at(12, 3))
+    rest = NS(
+        run_type="manual",
+        data_interval_start=at(6, 0),
+        data_interval_end=at(6, 15),
+        logical_date=at(6, 0),
+        run_after=at(12, 3),
+    )
     assert orchestrate.run_window(rest) == (at(6, 0), at(6, 15))
 
 
@@ -511,7 +688,9 @@ def test_manual_trigger_without_logical_date_processes_the_latest_window_and_pag
     """`airflow dags trigger finsent_monitor` with no logical date: the run succeeds for the latest complete
     window at its trigger time, with no failure notice to any sink."""
     for name in ("wire", "social"):
-        monitor_env["feeds"].put(f"{name}.xml", rss(name, window_items(name, datetime(2026, 3, 2, 9, 50, tzinfo=UTC), 2)))
+        monitor_env["feeds"].put(
+            f"{name}.xml", rss(name, window_items(name, datetime(2026, 3, 2, 9, 50, tzinfo=UTC), 2))
+        )
     dag = fresh_dag("finsent_monitor")
     dr = dag.test(logical_date=None, run_after=datetime(2026, 3, 2, 10, 7, tzinfo=UTC))
     assert dr.state == "success"
@@ -520,7 +699,9 @@ def test_manual_trigger_without_logical_date_processes_the_latest_window_and_pag
         ("ok", datetime(2026, 3, 2, 9, 45, tzinfo=UTC), datetime(2026, 3, 2, 10, 0, tzinfo=UTC))
     ]
     with engine.connect() as c:
-        assert set(c.execute(select(s.RiskScore.window_end).distinct()).scalars()) <= {datetime(2026, 3, 2, 10, 0, tzinfo=UTC)}
+        assert set(c.execute(select(s.RiskScore.window_end).distinct()).scalars()) <= {
+            datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+        }
     assert monitor_env["webhook"].bodies == [] and monitor_env["smtp"].messages == []
     assert "XCom not found" not in capsys.readouterr().out  # mapped results are read in one slice, not past the end
 
@@ -535,5 +716,9 @@ def test_train_skips_a_catch_up_run_but_not_its_schedule_or_a_trigger():
     scheduled = NS(run_type="scheduled", run_after=sunday, data_interval_end=sunday)
     assert orchestrate.train_due(scheduled, now=sunday + timedelta(minutes=1))
     assert not orchestrate.train_due(scheduled, now=sunday + timedelta(days=2))
-    assert orchestrate.train_due(NS(run_type="manual", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2))
-    assert orchestrate.train_due(NS(run_type="backfill", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2))
+    assert orchestrate.train_due(
+        NS(run_type="manual", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2)
+    )
+    assert orchestrate.train_due(
+        NS(run_type="backfill", run_after=sunday, data_interval_end=sunday), now=sunday + timedelta(days=2)
+    )

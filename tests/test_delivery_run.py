@@ -12,22 +12,29 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.test_notify import add_alert, failing_smtp, mail_sink, slack_sink, webhook  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 
 
 def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
-    tmp_path, pg_url, engine, webhook, failing_smtp, tiny_model_dir, monkeypatch  # noqa: F811  (fixtures)
+    tmp_path,
+    pg_url,
+    engine,
+    webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    failing_smtp,  # noqa: F811  (pytest fixture imported from its defining module)
+    tiny_model_dir,
+    monkeypatch,
 ):
     box, port = failing_smtp
     aid = add_alert(engine)
     now = datetime.now(UTC)
     with session_scope(engine) as session:  # a delivery an earlier process has been retrying for 25 hours
-        session.add(s.AlertDelivery(alert_id=aid, sink="mail-ops", status="failed", attempts=40, last_error="sink mail-ops: SMTP 451",
-                                    created_at=now - timedelta(hours=25), last_attempt_at=now - timedelta(minutes=20),
+        session.add(s.AlertDelivery(alert_id=aid, sink="mail-ops", status="failed", attempts=40,
+                                    last_error="sink mail-ops: SMTP 451", created_at=now - timedelta(hours=25),
+                                    last_attempt_at=now - timedelta(minutes=20),
                                     next_attempt_at=now - timedelta(minutes=5)))  # fmt: skip
     cfg = {
         "sources": [],

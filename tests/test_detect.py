@@ -25,7 +25,10 @@ def cfg(**detect) -> FinsentConfig:
     return FinsentConfig.model_validate(
         {
             "database_url": "sqlite://",
-            "sources": [{"name": "newswire", "url": "http://127.0.0.1/a"}, {"name": "reddit", "kind": "reddit", "url": "http://127.0.0.1/b"}],
+            "sources": [
+                {"name": "newswire", "url": "http://127.0.0.1/a"},
+                {"name": "reddit", "kind": "reddit", "url": "http://127.0.0.1/b"},
+            ],
             "watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}, {"ticker": "ACME", "name": "Acme Motors"}],
             "detect": detect,
         }
@@ -61,7 +64,11 @@ class Seeder:
                         "fetched_at": it["at"],
                     }
                 )
-            ids = session.execute(insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True), docs).scalars().all()
+            ids = (
+                session.execute(insert(s.Document).returning(s.Document.id, sort_by_parameter_order=True), docs)
+                .scalars()
+                .all()
+            )
             for doc_id, it in zip(ids, items, strict=True):
                 neg = it.get("neg", False)
                 pn = it.get("p", 0.93 if neg else 0.04)
@@ -80,7 +87,11 @@ class Seeder:
                 )
                 for e in it.get("entities", ()):
                     ents.append({"document_id": doc_id, "entity": e, "kind": "watchlist", "matched": e})
-                ents += [{"document_id": doc_id, "entity": "ZZZ", "kind": "cashtag", "matched": "$ZZZ"}] if it.get("cashtag") else []
+                ents += (
+                    [{"document_id": doc_id, "entity": "ZZZ", "kind": "cashtag", "matched": "$ZZZ"}]
+                    if it.get("cashtag")
+                    else []
+                )
             session.execute(insert(s.Score), scores)
             if ents:
                 session.execute(insert(s.DocumentEntity), ents)
@@ -120,11 +131,27 @@ class Seeder:
         ]
         # The same story carried by both sources: counted once for market/entity/topic scopes.
         items += [
-            {"at": start + timedelta(minutes=50), "neg": True, "p": 0.99, "source": src, "entities": ["NWB"], "topic": "Legal | Regulation",
-             "title": f"Regulator fines Northwind Bank {tag}", "hash": f"dup-{tag}"}  # fmt: skip
+            {
+                "at": start + timedelta(minutes=50),
+                "neg": True,
+                "p": 0.99,
+                "source": src,
+                "entities": ["NWB"],
+                "topic": "Legal | Regulation",
+                "title": f"Regulator fines Northwind Bank {tag}",
+                "hash": f"dup-{tag}",
+            }  # fmt: skip
             for src in ("newswire", "reddit")
         ]
-        items += [{"at": start + timedelta(minutes=20), "source": "reddit", "entities": ["ACME"], "title": f"Acme schedule {tag}{i}"} for i in range(3)]
+        items += [
+            {
+                "at": start + timedelta(minutes=20),
+                "source": "reddit",
+                "entities": ["ACME"],
+                "title": f"Acme schedule {tag}{i}",
+            }
+            for i in range(3)
+        ]
         self.add(items)
 
 
@@ -153,12 +180,16 @@ def test_spike_alerts_per_scope_with_top_documents_and_risk(engine, seeded: Seed
     assert nwb.window_start == AS_OF - H and nwb.window_end == AS_OF
     tops = nwb.top_documents
     assert len(tops) == 5 and [t.p_negative for t in tops] == sorted((t.p_negative for t in tops), reverse=True)
-    assert tops[0].title == "Regulator fines Northwind Bank s" and sum(t.title.startswith("Regulator") for t in tops) == 1
+    assert (
+        tops[0].title == "Regulator fines Northwind Bank s" and sum(t.title.startswith("Regulator") for t in tops) == 1
+    )
     assert got[("source", "newswire")].total_count == 8  # a source scope counts its own copy
     with session_scope(engine) as session:
         risks = dict(
             session.execute(
-                select(s.RiskScore.scope_value, s.RiskScore.risk).where(s.RiskScore.scope_kind == "entity", s.RiskScore.window_start == AS_OF - H)
+                select(s.RiskScore.scope_value, s.RiskScore.risk).where(
+                    s.RiskScore.scope_kind == "entity", s.RiskScore.window_start == AS_OF - H
+                )
             ).all()
         )
         stored = session.scalar(select(s.Alert).where(s.Alert.id == nwb.id))
@@ -176,7 +207,9 @@ def test_rerun_and_backfill_give_the_same_ids_and_store_nothing_twice(engine, se
     assert sorted(a.id for a in first) == sorted(a.id for a in again) and first
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(s.Alert)) == len(first)
-        assert session.scalar(select(func.count()).select_from(s.RiskScore)) == 2 + 2 + 1 + 3  # entities, sources, market, topics
+        assert (
+            session.scalar(select(func.count()).select_from(s.RiskScore)) == 2 + 2 + 1 + 3
+        )  # entities, sources, market, topics
 
 
 def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None:
@@ -185,7 +218,9 @@ def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None
     seeded.quiet(AS_OF + H, AS_OF + 6 * H, seed=9)
     c = cfg(cooldown_windows=3)
     windows = [AS_OF + i * H for i in range(6)]
-    seen = {w: [a for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in windows}
+    seen = {
+        w: [a for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in windows
+    }
     kinds = {w: [(a.scope_value, a.kind) for a in v] for w, v in seen.items()}
     assert kinds[AS_OF] == [("NWB", "spike")]
     later = [(w, v) for w, v in kinds.items() if w > AS_OF and v]
@@ -196,7 +231,10 @@ def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None
     spike, resolved = seen[AS_OF][0], seen[resolved_at][0]
     assert resolved.episode_id == spike.episode_id and resolved.severity == "info" and resolved.id != spike.id
     # A backfill in reverse order recomputes the same episodes and ids.
-    back = {w: [a.id for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"] for w in reversed(windows)}
+    back = {
+        w: [a.id for a in detect_spikes(engine, c, w, MODEL, explain=False) if a.scope_kind == "entity"]
+        for w in reversed(windows)
+    }
     assert all(back[w] == [a.id for a in seen[w]] for w in windows)
 
 

@@ -12,7 +12,14 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from pipeline.data import EVAL_SPLITS, build_splits
-from pipeline.evaluate import EvaluationError, evaluate_model, expected_calibration_error, record_in_model, split_result, write_report
+from pipeline.evaluate import (
+    EvaluationError,
+    evaluate_model,
+    expected_calibration_error,
+    record_in_model,
+    split_result,
+    write_report,
+)
 from pipeline.lexicon import finvader_label, lm_label, lm_words, vader_label
 from pipeline.registry import bundled_baseline, list_models, promote, promote_if_better
 from pipeline.score import ModelLoadError
@@ -48,7 +55,9 @@ def test_lexicon_baselines() -> None:
     assert vader_label("Sales declined") == "neutral" and finvader_label("Sales declined") == "negative"
 
 
-def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_scores_model_and_baselines_on_the_same_splits(
+    tiny_model: Path, data_dir: Path, tmp_path: Path
+) -> None:
     rep = evaluate_model(tiny_model, data_dir, command="finsent evaluate X")
     splits = build_splits(data_dir, seed=rep.split_seed)
     assert set(rep.results) == {"model", "vader", "finvader", "lm_dictionary", "tfidf_logreg"}
@@ -67,7 +76,7 @@ def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path
     data = json.loads(js.read_text())
     assert data["command"] == "finsent evaluate X" and data["results"]["model"]["fpb_test"]["confusion"]
     # error analysis: the most confident mistakes, surest first, each really wrong, with its kind
-    for split, r in rep.results["model"].items():
+    for r in rep.results["model"].values():
         wrong = sum(row[j] for i, row in enumerate(r.confusion) for j in range(len(row)) if i != j)
         assert len(r.mistakes) == min(20, wrong)
         assert [m["confidence"] for m in r.mistakes] == sorted((m["confidence"] for m in r.mistakes), reverse=True)
@@ -76,7 +85,9 @@ def test_evaluate_scores_model_and_baselines_on_the_same_splits(tiny_model: Path
         {**m} for m in rep.results["model"]["fpb_test"].mistakes
     ]
     assert "## Long texts" in body and set(rep.long_text["accuracy"]) == {
-        "headline alone", "title + lead (finsent's policy)", "mean of chunk scores"
+        "headline alone",
+        "title + lead (finsent's policy)",
+        "mean of chunk scores",
     }
 
 
@@ -95,23 +106,40 @@ def test_error_kinds_say_what_went_wrong() -> None:
     )
 
 
-def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_url: str, engine, tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_evaluate_records_metrics_compares_production_and_ignores_feedback(
+    pg_url: str, engine, tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     from pipeline.cli import app
 
     with engine.begin() as c:  # feedback must change no eval split
-        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES ('Totally new sentence about margins', 'negative', now())"))
+        c.execute(
+            text(
+                "INSERT INTO feedback (text, label, created_at) VALUES ('Totally new sentence about margins', "
+                "'negative', now())"
+            )
+        )
     before = build_splits(data_dir).fingerprints
     monkeypatch.setenv("DATABASE_URL", pg_url)
     out = tmp_path / "docs"
-    r = CliRunner().invoke(app, ["evaluate", str(tiny_model), "--data-dir", str(data_dir), "--out", str(out), "--promote", "--no-baselines"])
+    r = CliRunner().invoke(
+        app,
+        ["evaluate", str(tiny_model), "--data-dir", str(data_dir), "--out", str(out), "--promote", "--no-baselines"],
+    )
     assert r.exit_code == 0, r.output
     # with no production model the gate compares with the bundled default, measured on the full data, not these splits
-    assert "targets met" in r.output and "NOT promoted" in r.output and "bundled default" in r.output and "different splits" in r.output
+    assert (
+        "targets met" in r.output
+        and "NOT promoted" in r.output
+        and "bundled default" in r.output
+        and "different splits" in r.output
+    )
     [m] = list_models(engine)
     assert not m.is_production and m.primary is not None
     promote(engine, m.id)
     rep = json.loads((out / "model-evaluation.json").read_text())
-    assert {k: v for k, v in rep["fingerprints"].items() if k.startswith("split:")} == {k: v for k, v in before.items() if k.startswith("split:")}
+    assert {k: v for k, v in rep["fingerprints"].items() if k.startswith("split:")} == {
+        k: v for k, v in before.items() if k.startswith("split:")
+    }
     assert "finsent evaluate" in rep["command"]
     # a second version is compared against production in the same run; equal numbers are no promotion
     twin = tmp_path / "twin"
@@ -125,7 +153,9 @@ def test_evaluate_records_metrics_compares_production_and_ignores_feedback(pg_ur
     assert not d.promoted and d.incumbent == m.id
 
 
-def test_record_in_model_gives_the_gate_a_baseline(tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_record_in_model_gives_the_gate_a_baseline(
+    tiny_model: Path, data_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     from pipeline.cli import app
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
@@ -133,10 +163,38 @@ def test_record_in_model_gives_the_gate_a_baseline(tiny_model: Path, data_dir: P
     shutil.copytree(tiny_model, model)
     assert bundled_baseline(model)[1] is None
     run = CliRunner().invoke
-    r = run(app, ["evaluate", str(model), "--data-dir", str(data_dir), "--out", str(tmp_path / "docs"), "--no-db", "--no-baselines", "--record-in-model", "--limit", "5"])
+    r = run(
+        app,
+        [
+            "evaluate",
+            str(model),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "docs"),
+            "--no-db",
+            "--no-baselines",
+            "--record-in-model",
+            "--limit",
+            "5",
+        ],
+    )
     assert r.exit_code == 2 and "--record-in-model needs the full splits" in r.output
     assert "eval" not in json.loads((model / "finsent.json").read_text()).get("metrics", {})
-    r = run(app, ["evaluate", str(model), "--data-dir", str(data_dir), "--out", str(tmp_path / "docs"), "--no-db", "--no-baselines", "--record-in-model"])
+    r = run(
+        app,
+        [
+            "evaluate",
+            str(model),
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(tmp_path / "docs"),
+            "--no-db",
+            "--no-baselines",
+            "--record-in-model",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "docs" / "model-evaluation.json").read_text())
     version, metrics, why = bundled_baseline(model)

@@ -52,7 +52,12 @@ class NameScorer:
 
 
 def test_evidence_skips_stopwords_numbers_punctuation_weak_words_and_the_entity_name() -> None:
-    ev = explain_text(NameScorer(), "Northwind (NWB) cuts weekly dividend outlook after the 55 -- and", top_k=5, exclude=["Northwind Bank", "NWB", "Northwind"])
+    ev = explain_text(
+        NameScorer(),
+        "Northwind (NWB) cuts weekly dividend outlook after the 55 -- and",
+        top_k=5,
+        exclude=["Northwind Bank", "NWB", "Northwind"],
+    )
     words = [w for w, _ in ev]
     assert words[0] == "dividend outlook" and "cuts" in words  # a phrase when the pair explains more
     for bad in ("Northwind", "NWB", "the", "55", "--", "and", "after", "weekly"):
@@ -85,8 +90,10 @@ def test_label_and_explain_commands(pg_url: str, engine, tiny_model: Path, monke
         c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
         doc = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
-                "VALUES ('wire', 'e1', 'h', 'Acme said operating loss widened badly in quarter 2 .', '', now(), now()) RETURNING id"
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
+                "VALUES ('wire', 'e1', 'h', 'Acme said operating loss widened badly in quarter 2 .', '', now(), "
+                "now()) RETURNING id"
             )
         ).scalar_one()
     run = CliRunner().invoke
@@ -113,10 +120,13 @@ def test_explain_prints_feed_text_verbatim(pg_url: str, engine, tiny_model: Path
     monkeypatch.setenv("DATABASE_URL", pg_url)
     title = "[/r/stocks] Acme [removed] shares [bold]plunged[/bold] after loss"
     with engine.begin() as c:
-        c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('reddit', 'reddit', 'http://x', now())"))
+        c.execute(
+            text("INSERT INTO sources (name, kind, url, created_at) VALUES ('reddit', 'reddit', 'http://x', now())")
+        )
         doc = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
                 "VALUES ('reddit', 'r1', 'h', :t, '', now(), now()) RETURNING id"
             ),
             {"t": title},
@@ -124,5 +134,7 @@ def test_explain_prints_feed_text_verbatim(pg_url: str, engine, tiny_model: Path
     r = CliRunner().invoke(app, ["explain", str(doc), "--model", str(tiny_model), "--top-k", "20"], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert title in r.output
-    r = CliRunner().invoke(app, ["explain", str(doc), "--model", str(Path(str(tiny_model) + "[missing]"))], terminal_width=400)
+    r = CliRunner().invoke(
+        app, ["explain", str(doc), "--model", str(Path(str(tiny_model) + "[missing]"))], terminal_width=400
+    )
     assert r.exit_code == 1 and "[missing]" in r.output and "\\[" not in r.output  # ModelLoadError: exit 1 everywhere

@@ -11,15 +11,14 @@ from __future__ import annotations
 import functools
 from datetime import UTC, datetime, timedelta
 
-from tests.airflow_support import airflow_db, fresh_dag, rss, smtp_server, webhook, window_items, write_config  # noqa: F401
-from tests.feedserver import feed_server  # noqa: F401
-
 import pytest
 from sqlalchemy import select
 
 from pipeline import orchestrate
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
+from tests.airflow_support import airflow_db, fresh_dag, rss, smtp_server, webhook, window_items, write_config  # noqa: F401
+from tests.feedserver import feed_server  # noqa: F401
 
 END = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 WEBHOOK_ENV = "FINSENT_TEST_WEBHOOK_URL"
@@ -122,7 +121,8 @@ def test_degraded_delivery_fails_the_notify_task_with_its_reason(env, engine):
     now = datetime.now(UTC)
     with session_scope(engine) as session:
         session.add(s.AlertDelivery(alert_id=aid, sink="ops-slack", status="failed", attempts=40, last_error="HTTP 500",
-                                    created_at=now - timedelta(hours=25), next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
+                                    created_at=now - timedelta(hours=25),
+                                    next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
     env["webhook"].status = 500
     dag = fresh_dag("finsent_monitor", retries=None)
     dr = dag.test(logical_date=END)

@@ -16,8 +16,14 @@ from tests.test_ingest import src
 
 WATCHLIST = [WatchlistEntity(ticker="NWB", name="Northwind Bank", aliases=["Northwind"])]
 PERSONAL = [
-    "jane.doe+stocks@example.com", "415-555-0142", "+44 20 7946 0958", "(212) 555-0199", "ir@northwind-bank.example",
-    "mike_trades", "bagholder_99", "SEC_Enforcement",
+    "jane.doe+stocks@example.com",
+    "415-555-0142",
+    "+44 20 7946 0958",
+    "(212) 555-0199",
+    "ir@northwind-bank.example",
+    "mike_trades",
+    "bagholder_99",
+    "SEC_Enforcement",
 ]
 
 

@@ -28,19 +28,54 @@ def _doc(session, source: str, n: int, margin: float, label: str = "negative", a
     probs[label] = top
     probs[next(k for k in probs if k != label)] = second
     at = NOW - timedelta(hours=age_h)
-    doc = s.Document(source_name=source, external_id=f"{source}-{n}", content_hash=f"{source}-{n}", title=f"{source} headline {n}",
-                     summary="", published_at=at, fetched_at=at, language="en")
+    doc = s.Document(
+        source_name=source,
+        external_id=f"{source}-{n}",
+        content_hash=f"{source}-{n}",
+        title=f"{source} headline {n}",
+        summary="",
+        published_at=at,
+        fetched_at=at,
+        language="en",
+    )
     session.add(doc)
     session.flush()
-    session.add(s.Score(document_id=doc.id, model_version_id=VERSION, label=label, p_negative=probs["negative"],
-                        p_neutral=probs["neutral"], p_positive=probs["positive"], probs=probs, scored_at=at))
+    session.add(
+        s.Score(
+            document_id=doc.id,
+            model_version_id=VERSION,
+            label=label,
+            p_negative=probs["negative"],
+            p_neutral=probs["neutral"],
+            p_positive=probs["positive"],
+            probs=probs,
+            scored_at=at,
+        )
+    )
     return doc.id
 
 
 def _alert(session, aid: str, kind: str, docs: list[int], episode: str) -> None:
-    session.add(s.Alert(id=aid, episode_id=episode, kind=kind, scope_kind="entity", scope_value="NWB", window_start=NOW - timedelta(hours=1),
-                        window_end=NOW, severity="warning", neg_count=3, total_count=5, neg_share=0.6, baseline_share=0.1,
-                        baseline_neg_rate=0.1, statistic=5.0, details={"top_documents": [{"document_id": d} for d in docs]}, created_at=NOW))
+    session.add(
+        s.Alert(
+            id=aid,
+            episode_id=episode,
+            kind=kind,
+            scope_kind="entity",
+            scope_value="NWB",
+            window_start=NOW - timedelta(hours=1),
+            window_end=NOW,
+            severity="warning",
+            neg_count=3,
+            total_count=5,
+            neg_share=0.6,
+            baseline_share=0.1,
+            baseline_neg_rate=0.1,
+            statistic=5.0,
+            details={"top_documents": [{"document_id": d} for d in docs]},
+            created_at=NOW,
+        )
+    )
 
 
 def seed(engine) -> dict[str, int]:
@@ -48,7 +83,9 @@ def seed(engine) -> dict[str, int]:
 
     ids: dict[str, int] = {}
     with session_scope(engine) as session:
-        store.ensure_sources(session, [SourceConfig(name=n, url=f"https://x.example.com/{n}.xml") for n in ("alpha", "beta")])
+        store.ensure_sources(
+            session, [SourceConfig(name=n, url=f"https://x.example.com/{n}.xml") for n in ("alpha", "beta")]
+        )
         store.register_model(session, VERSION, name=VERSION, path="x", labels=["negative", "neutral", "positive"])
         for i, m in enumerate((0.02, 0.05, 0.10, 0.30, 0.50, 0.60, 0.70, 0.80)):
             ids[f"a{i}"] = _doc(session, "alpha", i, m)
@@ -113,7 +150,10 @@ def test_labelling_from_the_queue_reaches_training(engine, pg_url: str, tmp_path
     assert r.exit_code == 0 and "alert_flip" not in r.output, r.output  # labelled: off the queue
     rows = load_feedback_rows(pg_url)
     examples, skipped = feedback_examples(rows, topics=[], banned=set())
-    assert ("beta headline 10", 1, "feedback") in [(e.text, e.sentiment, e.source) for e in examples], (examples, skipped)
+    assert ("beta headline 10", 1, "feedback") in [(e.text, e.sentiment, e.source) for e in examples], (
+        examples,
+        skipped,
+    )
     with session_scope(engine) as session:
         assert session.scalars(select(s.Feedback.author).where(s.Feedback.document_id == ids["flip"])).all() == ["ana"]
 

@@ -25,7 +25,9 @@ def test_no_migration_reads_a_file():
             if isinstance(node, ast.Call)
         }
         assert not calls & {"read_text", "read_bytes", "open"}, f"{path.name} reads a file"
-        assert "views" not in {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert "views" not in {
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
 
 
 @pytest.mark.pg
@@ -47,7 +49,9 @@ def test_views_down_to_0001_and_up_again(pg_url, engine):
     assert views() == expected
     command.downgrade(cfg, "0002")
     with engine.connect() as c:
-        assert "escalated" not in c.scalar(text("SELECT pg_get_viewdef('v_entity_risk')")), "0003's downgrade restores spikes only"
+        assert "escalated" not in c.scalar(text("SELECT pg_get_viewdef('v_entity_risk')")), (
+            "0003's downgrade restores spikes only"
+        )
     command.downgrade(cfg, "0001")
     assert views() == set()
     command.upgrade(cfg, "head")

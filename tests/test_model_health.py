@@ -23,7 +23,20 @@ from tests.test_notify import Webhook, webhook  # noqa: F401
 VERSION = "replay-model-1"
 START = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
 PER_WINDOW = 30
-NEWS_WORDS = ["shares", "revenue", "quarter", "guidance", "profit", "outlook", "board", "dividend", "bank", "lending", "margin", "results"]
+NEWS_WORDS = [
+    "shares",
+    "revenue",
+    "quarter",
+    "guidance",
+    "profit",
+    "outlook",
+    "board",
+    "dividend",
+    "bank",
+    "lending",
+    "margin",
+    "results",
+]
 
 
 def make_cfg(**mh) -> FinsentConfig:
@@ -54,12 +67,22 @@ def tweet(rng: random.Random) -> tuple[str, str, str, float]:
 
 def german(rng: random.Random) -> tuple[str, str, str | None, float]:
     """Another language: the English model does not score it (no score row)."""
-    return " ".join(rng.choice(["Aktie", "Gewinn", "Quartal", "Bank", "steigt", "fällt"]) for _ in range(10)), "de", None, 0.0
+    return (
+        " ".join(rng.choice(["Aktie", "Gewinn", "Quartal", "Bank", "steigt", "fällt"]) for _ in range(10)),
+        "de",
+        None,
+        0.0,
+    )
 
 
 def spam(rng: random.Random) -> tuple[str, str, str, float]:
     """A pump-and-dump burst: near-identical confident positives."""
-    return f"BUY $XYZ NOW 1000% gains guaranteed join t.me/pump{rng.randint(1, 5)}", "en", "positive", rng.uniform(0.95, 0.99)
+    return (
+        f"BUY $XYZ NOW 1000% gains guaranteed join t.me/pump{rng.randint(1, 5)}",
+        "en",
+        "positive",
+        rng.uniform(0.95, 0.99),
+    )
 
 
 SHIFTS = {"tweets": tweet, "language": german, "spam": spam}
@@ -81,8 +104,16 @@ def seed(engine, cfg: FinsentConfig, hours: int, shifted: dict[int, object] | No
                 for i in range(n):
                     title, lang, label, top = (gen or news)(rng)  # type: ignore[operator]
                     at = START + timedelta(hours=h, minutes=rng.randint(0, 59))
-                    doc = s.Document(source_name=src, external_id=f"{src}-{h}-{i}", content_hash=f"{src}-{h}-{i}",
-                                     title=title, summary="", published_at=at, fetched_at=at, language=lang)
+                    doc = s.Document(
+                        source_name=src,
+                        external_id=f"{src}-{h}-{i}",
+                        content_hash=f"{src}-{h}-{i}",
+                        title=title,
+                        summary="",
+                        published_at=at,
+                        fetched_at=at,
+                        language=lang,
+                    )
                     made.append((doc, label, top, at))
                 session.add_all([m[0] for m in made])
                 session.flush()  # one round trip per source and hour: ids for the scores
@@ -91,8 +122,18 @@ def seed(engine, cfg: FinsentConfig, hours: int, shifted: dict[int, object] | No
                         continue
                     rest = (1 - top) / 2
                     probs = {k: (top if k == label else rest) for k in ("negative", "neutral", "positive")}
-                    session.add(s.Score(document_id=doc.id, model_version_id=VERSION, label=label, p_negative=probs["negative"],
-                                        p_neutral=probs["neutral"], p_positive=probs["positive"], probs=probs, scored_at=at))
+                    session.add(
+                        s.Score(
+                            document_id=doc.id,
+                            model_version_id=VERSION,
+                            label=label,
+                            p_negative=probs["negative"],
+                            p_neutral=probs["neutral"],
+                            p_positive=probs["positive"],
+                            probs=probs,
+                            scored_at=at,
+                        )
+                    )
 
 
 def replay(engine, cfg: FinsentConfig, hours: int) -> None:
@@ -111,7 +152,13 @@ def model_alerts(engine) -> list[tuple[str, str, str | None]]:
 
 @pytest.mark.parametrize(("shift", "feature"), [("tweets", None), ("language", "language"), ("spam", "label")])
 def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
-    engine, pg_url: str, tmp_path, monkeypatch, webhook: Webhook, shift: str, feature: str | None  # noqa: F811
+    engine,
+    pg_url: str,
+    tmp_path,
+    monkeypatch,
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    shift: str,
+    feature: str | None,
 ) -> None:
     cfg = make_cfg()
     hours = 4 * 24
@@ -153,8 +200,12 @@ def test_a_normal_week_raises_no_model_health_alert(engine, webhook: Webhook) ->
     assert model_alerts(engine) == []
     assert webhook.posts == []
     with session_scope(engine) as session:
-        judged = session.scalar(select(func.count()).select_from(s.ModelHealthWindow).where(s.ModelHealthWindow.drifted.is_not(None)))
-    assert judged and judged > 2 * (hours - 48)  # both sources judged in (nearly) every window after the baseline filled
+        judged = session.scalar(
+            select(func.count()).select_from(s.ModelHealthWindow).where(s.ModelHealthWindow.drifted.is_not(None))
+        )
+    assert judged and judged > 2 * (
+        hours - 48
+    )  # both sources judged in (nearly) every window after the baseline filled
 
 
 def test_psi_and_the_significance_check_both_gate_a_drift() -> None:

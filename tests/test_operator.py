@@ -33,7 +33,9 @@ def negative_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return folder
 
 
-def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(engine, negative_model_dir, pg_url, monkeypatch):
+def test_score_loads_the_model_only_for_work_and_stores_evidence_for_negatives(
+    engine, negative_model_dir, pg_url, monkeypatch
+):
     """Nothing pending: no model load. Work pending: one load for all chunks, and every document scored
     negative gets its evidence words stored with the score (detect reads them, never the model)."""
     import pipeline.explain

@@ -32,7 +32,9 @@ def recorded() -> dict:
 
 def test_train_config_defaults_are_the_bundled_models_recipe():
     hp = recorded()
-    assert set(RECIPE_FIELDS) - set(hp) <= {"soft_labels"}, "the bundled model records every recipe field but soft_labels"
+    assert set(RECIPE_FIELDS) - set(hp) <= {"soft_labels"}, (
+        "the bundled model records every recipe field but soft_labels"
+    )
     assert recipe(asdict(TrainConfig())) == recipe(hp)
 
 
@@ -50,8 +52,23 @@ def test_cli_and_dag_task_train_the_recorded_recipe(tmp_path, data_dir, tiny_bas
     out = tmp_path / "cli-model"
     res = CliRunner().invoke(
         app,
-        ["train", "-o", str(out), "--base", str(tiny_base), "--data-dir", str(data_dir), "--no-db", "--no-held-out",
-         "--limit", str(BUDGET["limit"]), "--max-steps", str(BUDGET["max_steps"]), "--device", "cpu"],
+        [
+            "train",
+            "-o",
+            str(out),
+            "--base",
+            str(tiny_base),
+            "--data-dir",
+            str(data_dir),
+            "--no-db",
+            "--no-held-out",
+            "--limit",
+            str(BUDGET["limit"]),
+            "--max-steps",
+            str(BUDGET["max_steps"]),
+            "--device",
+            "cpu",
+        ],
     )
     assert res.exit_code == 0, res.output
     cli_hp = json.loads((out / "finsent.json").read_text())["hyperparameters"]

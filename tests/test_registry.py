@@ -32,7 +32,15 @@ FPS = {k: f"fp-{k}" for k in EVAL_SPLITS}
 def fake_model(root: Path, version: str) -> Path:
     d = root / version
     d.mkdir(parents=True)
-    meta = {"version": version, "base": "tiny", "topics": ["a", "b"], "temperature": 1.5, "split_seed": 7, "hyperparameters": {"lr": 1e-4}, "data_fingerprints": {"x": "y"}}
+    meta = {
+        "version": version,
+        "base": "tiny",
+        "topics": ["a", "b"],
+        "temperature": 1.5,
+        "split_seed": 7,
+        "hyperparameters": {"lr": 1e-4},
+        "data_fingerprints": {"x": "y"},
+    }
     (d / "finsent.json").write_text(json.dumps(meta))
     return d
 
@@ -51,7 +59,9 @@ def bundled(root: Path, version: str, evals: dict | None, fps: dict = FPS) -> Pa
     d = fake_model(root, version)
     if evals is not None:
         meta = json.loads((d / "finsent.json").read_text())
-        (d / "finsent.json").write_text(json.dumps({**meta, "metrics": {"val": {}, "eval": evals, "eval_fingerprints": fps}}))
+        (d / "finsent.json").write_text(
+            json.dumps({**meta, "metrics": {"val": {}, "eval": evals, "eval_fingerprints": fps}})
+        )
     return d
 
 
@@ -121,7 +131,9 @@ def test_without_production_the_candidate_must_beat_the_bundled_default(engine, 
 
     add(engine, tmp_path, "trade", metrics(0.90, others=0.85, topic_dev__macro_f1=0.84))
     d = promote_if_better(engine, "trade", bundled=default)
-    assert not d.promoted and [(c.split, c.metric, c.candidate, c.incumbent) for c in d.comparisons if not c.ok] == [("topic_dev", "macro_f1", 0.84, 0.85)]
+    assert not d.promoted and [(c.split, c.metric, c.candidate, c.incumbent) for c in d.comparisons if not c.ok] == [
+        ("topic_dev", "macro_f1", 0.84, 0.85)
+    ]
 
     add(engine, tmp_path, "other-data", metrics(0.95, others=0.95), fps={k: "other" for k in EVAL_SPLITS})
     d = promote_if_better(engine, "other-data", bundled=default)
@@ -143,7 +155,9 @@ def test_the_shipped_default_model_is_the_baseline(engine, tmp_path: Path) -> No
         assert shipped["eval"][split]["macro_f1"] == report["results"]["model"][split]["macro_f1"]
         assert shipped["eval_fingerprints"][split] == report["fingerprints"][f"split:{split}"]
     fps = shipped["eval_fingerprints"]
-    just_below = {k: {m: v - 0.001 for m, v in r.items() if m in ("accuracy", "macro_f1")} for k, r in shipped["eval"].items()}
+    just_below = {
+        k: {m: v - 0.001 for m, v in r.items() if m in ("accuracy", "macro_f1")} for k, r in shipped["eval"].items()
+    }
     add(engine, tmp_path, "candidate", just_below, fps)
     d = promote_if_better(engine, "candidate")
     assert not d.promoted and d.baseline == version and production(engine) is None
@@ -180,7 +194,9 @@ def test_production_bundled_default_without_db_metrics_uses_its_folder(engine, t
     add(engine, tmp_path, "stranger-prod", None)
     promote(engine, "stranger-prod")
     d = promote_if_better(engine, "worse", bundled=default)
-    assert not d.promoted and d.reasons == ["production stranger-prod has no evaluation metrics: evaluate it, or promote by hand with --force"]
+    assert not d.promoted and d.reasons == [
+        "production stranger-prod has no evaluation metrics: evaluate it, or promote by hand with --force"
+    ]
 
 
 def test_gate_needs_evaluations_on_the_same_splits(engine, tmp_path: Path) -> None:
@@ -243,14 +259,24 @@ def test_models_cli(pg_url: str, engine, tmp_path: Path, monkeypatch) -> None:
     add(engine, tmp_path, "new", metrics(0.70))
     run = CliRunner().invoke
     r = run(app, ["models", "promote", "old"])  # these fake splits are not the ones the bundled default was measured on
-    assert r.exit_code == 1 and "NOT promoted" in r.output and "bundled default" in r.output and "different splits" in r.output
+    assert (
+        r.exit_code == 1
+        and "NOT promoted" in r.output
+        and "bundled default" in r.output
+        and "different splits" in r.output
+    )
     assert production(engine) is None
     r = run(app, ["models", "promote", "old", "--force"])
     assert r.exit_code == 0 and "PROMOTED (forced)" in r.output and production(engine) == "old"
     r = run(app, ["models", "promote", "new"])
     assert r.exit_code == 1 and "NOT promoted" in r.output and "primary" in r.output
     r = run(app, ["models", "promote", "new", "--force"])
-    assert r.exit_code == 0 and "PROMOTED (forced)" in r.output and "0.700 vs 0.800 WORSE" in r.output and production(engine) == "new"
+    assert (
+        r.exit_code == 0
+        and "PROMOTED (forced)" in r.output
+        and "0.700 vs 0.800 WORSE" in r.output
+        and production(engine) == "new"
+    )
     r = run(app, ["models", "list"])
     assert r.exit_code == 0 and "* new" in r.output and "  old" in r.output
     r = run(app, ["models", "rollback"])

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from pipeline import cycle, store
 from pipeline.config import FinsentConfig, HealthConfig
 from pipeline.health import quiet_threshold
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 from tests.airflow_support import rss, window_items
 from tests.feedserver import feed_server  # noqa: F401
 from tests.test_notify import Webhook, webhook  # noqa: F401
@@ -73,7 +73,10 @@ def dead_source() -> Iterator[Revivable]:
 def make_cfg(sources: dict[str, str], **health) -> FinsentConfig:
     return FinsentConfig.model_validate(
         {
-            "sources": [{"name": n, "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True} for n, u in sources.items()],
+            "sources": [
+                {"name": n, "url": u, "retries": 0, "timeout_s": 5, "allow_private_network": True}
+                for n, u in sources.items()
+            ],
             "sinks": [{"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL", "timeout_s": 5}],
             "health": health,
             "database_url": "sqlite://",
@@ -90,7 +93,10 @@ def health_alerts(engine) -> list[tuple[str, str, str]]:
 
 
 def test_a_dead_source_raises_one_alert_then_a_resolution(
-    engine, webhook: Webhook, feed_server, dead_source: Revivable  # noqa: F811  (fixtures)
+    engine,
+    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    feed_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    dead_source: Revivable,
 ) -> None:
     good = feed_server.put("good.xml", rss("good", window_items("good", NOW - timedelta(hours=1), 3)))
     cfg = make_cfg({"good": good, "dead": dead_source.url}, max_failures=3)

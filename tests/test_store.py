@@ -69,7 +69,12 @@ def test_failed_fetch_keeps_documents_and_validators(engine, tiny_model_dir, pg_
         store.ensure_sources(session, cfg.sources)
         store.save_fetch(session, FetchResult(source="wire", documents=docs("wire", 5), etag='"v1"'))
     with store.session_scope(engine) as session:
-        store.save_fetch(session, FetchResult(source="wire", status="failed", http_status=500, error="HTTP 500 from https://example.com/wire.xml"))
+        store.save_fetch(
+            session,
+            FetchResult(
+                source="wire", status="failed", http_status=500, error="HTTP 500 from https://example.com/wire.xml"
+            ),
+        )
     assert count(engine, s.Document) == 5
     with store.session_scope(engine) as session:
         src = session.get(s.Source, "wire")
@@ -146,11 +151,14 @@ def test_shards_split_the_backlog_without_overlap(engine, tiny_model_dir, pg_url
         store.save_documents(session, docs("wire", 11))
     scorer = cycle.load_scorer(cfg, path=str(tiny_model_dir))
     seen = [
-        {d.id for chunk in store.iter_unscored(engine, scorer.version, 4, shard, 3) for d in chunk} for shard in range(3)
+        {d.id for chunk in store.iter_unscored(engine, scorer.version, 4, shard, 3) for d in chunk}
+        for shard in range(3)
     ]
     assert sum(len(x) for x in seen) == 11 and len(set().union(*seen)) == 11
     assert all(seen)
-    assert [cycle.score_pending(cfg, engine, scorer, shard=i, shards=3).scored for i in range(3)] == [len(x) for x in seen]
+    assert [cycle.score_pending(cfg, engine, scorer, shard=i, shards=3).scored for i in range(3)] == [
+        len(x) for x in seen
+    ]
     assert count(engine, s.Score) == 11
     with pytest.raises(ValueError, match="shard 3 is outside 0..2"):
         next(store.iter_unscored(engine, scorer.version, 4, 3, 3))
@@ -160,7 +168,12 @@ def test_a_moved_source_forgets_its_validators(engine, tiny_model_dir, pg_url):
     cfg = cfg_for(pg_url, tiny_model_dir)
     with store.session_scope(engine) as session:
         store.ensure_sources(session, cfg.sources)
-        store.save_fetch(session, FetchResult(source="wire", documents=docs("wire", 1), etag='"v1"', last_modified="Fri, 20 Nov 2026 10:00:00 GMT"))
+        store.save_fetch(
+            session,
+            FetchResult(
+                source="wire", documents=docs("wire", 1), etag='"v1"', last_modified="Fri, 20 Nov 2026 10:00:00 GMT"
+            ),
+        )
         store.ensure_sources(session, cfg.sources)
         assert store.source_validators(session, "wire") == ('"v1"', "Fri, 20 Nov 2026 10:00:00 GMT")
     moved = cfg_for(pg_url, tiny_model_dir).model_copy(
@@ -190,14 +203,16 @@ def test_entity_risk_view_counts_escalations_as_spikes(engine) -> None:
     h = timedelta(hours=1)
 
     def alert(kind: str, start: datetime) -> dict:
-        return {"id": f"{kind}-{start:%H}", "episode_id": "ep", "kind": kind, "scope_kind": "entity", "scope_value": "NWB",
-                "window_start": start, "window_end": start + h, "severity": "info" if kind == "resolved" else "critical",
+        return {"id": f"{kind}-{start:%H}", "episode_id": "ep", "kind": kind, "scope_kind": "entity",
+                "scope_value": "NWB", "window_start": start, "window_end": start + h,
+                "severity": "info" if kind == "resolved" else "critical",
                 "neg_count": 9, "total_count": 10, "neg_share": 0.9, "baseline_share": 0.2, "baseline_neg_rate": 2.0,
                 "statistic": 5.0, "p_value": 1e-7, "risk_score": 80.0, "details": {}, "created_at": start}  # fmt: skip
 
     with engine.begin() as c:
-        c.execute(insert(s.RiskScore), [{"scope_kind": "entity", "scope_value": "NWB", "window_start": ws + 3 * h, "window_end": ws + 4 * h,
-                                         "risk": 42.0, "components": {}, "computed_at": ws}])  # fmt: skip
+        c.execute(insert(s.RiskScore), [{"scope_kind": "entity", "scope_value": "NWB", "window_start": ws + 3 * h,
+                                         "window_end": ws + 4 * h, "risk": 42.0, "components": {},
+                                         "computed_at": ws}])  # fmt: skip
         c.execute(insert(s.Alert), [alert("spike", ws), alert("escalated", ws + h), alert("resolved", ws + 3 * h)])
         row = c.execute(text("SELECT entity, risk, last_spike_at FROM v_entity_risk")).one()
     assert (row.entity, row.risk, row.last_spike_at) == ("NWB", 42.0, ws + 2 * h)  # the escalation, not the resolution

@@ -20,7 +20,6 @@ from pipeline.data import (
     normalise,
 )
 from pipeline.train import TrainConfig, TrainError, default_base, train_model
-
 from tests.train_support import TINY, TOPICS, _sentences, make_data_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,32 +58,40 @@ def test_training_runs_end_to_end_and_changes_predictions(tiny_model: Path, tiny
     assert meta["topics"] == TOPICS and meta["split_seed"] and meta["data_fingerprints"]["split:fpb_test"]
     assert meta["temperature"] > 0 and meta["topic_temperature"] > 0
     with safe_open(str(tiny_model / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        # safetensors' safe_open is not a dict: it has keys() but is not iterable
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
     scorer = Scorer.load(str(tiny_model))
     assert scorer.version == meta["version"] and scorer.topics == TOPICS
 
     splits = build_splits(data_dir, seed=meta["split_seed"])
     tests = splits.eval["fpb_test"]
     preds = scorer.score([e.text for e in tests])
-    acc = sum(p.label == ("negative", "neutral", "positive")[e.sentiment] for p, e in zip(preds, tests)) / len(tests)
+    acc = sum(
+        p.label == ("negative", "neutral", "positive")[e.sentiment] for p, e in zip(preds, tests, strict=True)
+    ) / len(tests)
     torch.manual_seed(TrainConfig().seed)
     untrained = AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=3).eval()
     enc = scorer.tokenizer([e.text for e in tests], padding=True, return_tensors="pt")
     with torch.no_grad():
         before = untrained(**enc).logits.argmax(1).tolist()
-    acc_before = sum(y == e.sentiment for y, e in zip(before, tests)) / len(tests)
+    acc_before = sum(y == e.sentiment for y, e in zip(before, tests, strict=True)) / len(tests)
     assert acc >= 0.8 > acc_before + 0.2
     topics = splits.eval["topic_dev"]
     tpreds = scorer.score([e.text for e in topics])
-    assert sum(p.topic == TOPICS[e.topic] for p, e in zip(tpreds, topics)) / len(topics) >= 0.8
+    assert sum(p.topic == TOPICS[e.topic] for p, e in zip(tpreds, topics, strict=True)) / len(topics) >= 0.8
 
 
 def test_real_minilm_trains_on_a_few_dozen_examples(tmp_path: Path, data_dir: Path) -> None:
     from pipeline.score import Scorer
 
     out = tmp_path / "minilm"
-    texts = ["Acme said operating profit rose sharply in quarter 1 .", "Acme said operating loss widened badly in quarter 1 ."]
-    res = train_model(out, data_dir, TrainConfig(limit=10, max_steps=4, batch_size=8, lr=1e-4, max_length=32), progress=False)
+    texts = [
+        "Acme said operating profit rose sharply in quarter 1 .",
+        "Acme said operating loss widened badly in quarter 1 .",
+    ]
+    res = train_model(
+        out, data_dir, TrainConfig(limit=10, max_steps=4, batch_size=8, lr=1e-4, max_length=32), progress=False
+    )
     assert res.version.startswith("finsent-minilm-") and res.output_dir == out
     size = (out / "model.safetensors").stat().st_size
     assert 30e6 < size < 60e6  # fp16 MiniLM
@@ -109,8 +116,10 @@ def test_examples_train_only_the_head_they_have_a_label_for(tiny_base: Path) -> 
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     model = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_base), num_labels=3), 4, 0.0)
-    for batch, quiet in (([Example("a tweet", topic=1), Example("another", topic=2)], "seq.classifier"),
-                         ([Example("profit rose", sentiment=2)], "topic_head")):
+    for batch, quiet in (
+        ([Example("a tweet", topic=1), Example("another", topic=2)], "seq.classifier"),
+        ([Example("profit rose", sentiment=2)], "topic_head"),
+    ):
         model.zero_grad(set_to_none=True)
         enc, ys, yt = _encode(tok, batch, 16, "cpu")
         joint_loss(*model(**enc), ys, yt, 0.5).backward()
@@ -131,7 +140,12 @@ def test_cpu_training_is_reproducible(tmp_path: Path, data_dir: Path, tiny_base:
 
 def test_bad_base_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(TrainError, match=str(tmp_path / "no-such-base")):
-        train_model(tmp_path / "out", data_dir, TrainConfig(base=str(tmp_path / "no-such-base"), limit=4, max_steps=1), progress=False)
+        train_model(
+            tmp_path / "out",
+            data_dir,
+            TrainConfig(base=str(tmp_path / "no-such-base"), limit=4, max_steps=1),
+            progress=False,
+        )
 
 
 def test_feedback_filtering_never_touches_eval_texts(data_dir: Path) -> None:
@@ -152,26 +166,48 @@ def test_feedback_filtering_never_touches_eval_texts(data_dir: Path) -> None:
     assert skipped == {"in_eval_split": 1, "unknown_label": 1, "no_text": 1}
 
 
-def test_feedback_rows_from_postgres_reach_training_not_evaluation(pg_url: str, engine, tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+def test_feedback_rows_from_postgres_reach_training_not_evaluation(
+    pg_url: str, engine, tmp_path: Path, data_dir: Path, tiny_base: Path
+) -> None:
     splits = build_splits(data_dir)
     eval_text = splits.eval["tfns_dev"][0].text
     with engine.begin() as c:
         c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES ('wire', 'rss', 'http://x', now())"))
         doc_id = c.execute(
             text(
-                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, fetched_at) "
+                "INSERT INTO documents (source_name, external_id, content_hash, title, summary, published_at, "
+                "fetched_at) "
                 "VALUES ('wire', 'g1', 'h', 'Orion Paper cuts 300 jobs', 'Mill closes.', now(), now()) RETURNING id"
             )
         ).scalar_one()
-        c.execute(text("INSERT INTO feedback (document_id, text, label, created_at) VALUES (:d, NULL, 'negative', now())"), {"d": doc_id})
-        c.execute(text("INSERT INTO feedback (text, label, topic, created_at) VALUES ('Kone Lifts stock jumps', 'positive', 'Stock Movement', now())"))
-        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES (:t, 'negative', now())"), {"t": eval_text})
+        c.execute(
+            text("INSERT INTO feedback (document_id, text, label, created_at) VALUES (:d, NULL, 'negative', now())"),
+            {"d": doc_id},
+        )
+        c.execute(
+            text(
+                "INSERT INTO feedback (text, label, topic, created_at) VALUES ('Kone Lifts stock jumps', 'positive', "
+                "'Stock Movement', now())"
+            )
+        )
+        c.execute(
+            text("INSERT INTO feedback (text, label, created_at) VALUES (:t, 'negative', now())"), {"t": eval_text}
+        )
     rows = load_feedback_rows(pg_url)
-    assert sorted(r.text for r in rows) == sorted(["Orion Paper cuts 300 jobs. Mill closes.", "Kone Lifts stock jumps", eval_text])
+    assert sorted(r.text for r in rows) == sorted(
+        ["Orion Paper cuts 300 jobs. Mill closes.", "Kone Lifts stock jumps", eval_text]
+    )
 
     seen: list[str] = []
     out = tmp_path / "fb"
-    res = train_model(out, data_dir, TrainConfig(base=str(tiny_base), limit=6, max_steps=2, batch_size=64, max_length=32), database_url=pg_url, progress=False, on_epoch=lambda r: seen.append("eval"))
+    res = train_model(
+        out,
+        data_dir,
+        TrainConfig(base=str(tiny_base), limit=6, max_steps=2, batch_size=64, max_length=32),
+        database_url=pg_url,
+        progress=False,
+        on_epoch=lambda r: seen.append("eval"),
+    )
     meta = json.loads((out / "finsent.json").read_text())
     assert res.feedback_used == 2
     assert meta["data_sizes"]["feedback"] == 2 and meta["data_sizes"]["feedback_skipped"] == {"in_eval_split": 1}
@@ -190,7 +226,22 @@ def test_cli_train_with_limit(tmp_path: Path, data_dir: Path, tiny_base: Path, p
     monkeypatch.setenv("DATABASE_URL", pg_url)
     out = tmp_path / "cli-model"
     r = CliRunner().invoke(
-        app, ["train", "--out", str(out), "--base", str(tiny_base), "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2", "--epochs", "1"]
+        app,
+        [
+            "train",
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_base),
+            "--data-dir",
+            str(data_dir),
+            "--limit",
+            "8",
+            "--max-steps",
+            "2",
+            "--epochs",
+            "1",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert (out / "topic_head.safetensors").exists() and "registered" in r.output
@@ -219,7 +270,9 @@ def test_soft_labels_follow_annotator_agreement(tmp_path: Path, data_dir: Path, 
     d = tmp_path / "data"
     shutil.copytree(data_dir, d)
     fpb = read_phrasebank(d / "financial_phrasebank/Sentences_50Agree.txt")
-    (d / "financial_phrasebank/Sentences_75Agree.txt").write_text("".join(f"{t}@{['negative', 'neutral', 'positive'][y]}\n" for t, y in fpb[:30]), encoding="utf-8")
+    (d / "financial_phrasebank/Sentences_75Agree.txt").write_text(
+        "".join(f"{t}@{['negative', 'neutral', 'positive'][y]}\n" for t, y in fpb[:30]), encoding="utf-8"
+    )
     allagree = {normalise(t) for t, _ in read_phrasebank(d / "financial_phrasebank/Sentences_AllAgree.txt")}
     sp = build_splits(d)
     fpb_train = [ex for ex in sp.train if ex.source == "fpb"]
@@ -237,7 +290,9 @@ def test_soft_labels_follow_annotator_agreement(tmp_path: Path, data_dir: Path, 
     assert torch.isclose(joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5, torch.tensor([1.0])), hard)
     soft = torch.tensor([FPB_50_TARGET])
     # With a 0.58 target a near-certain prediction costs more than a hesitant one; with a hard label, less.
-    assert joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5, soft) > joint_loss(unsure, torch.zeros(1, 4), ys, yt, 0.5, soft)
+    assert joint_loss(sure, torch.zeros(1, 4), ys, yt, 0.5, soft) > joint_loss(
+        unsure, torch.zeros(1, 4), ys, yt, 0.5, soft
+    )
     assert hard < joint_loss(unsure, torch.zeros(1, 4), ys, yt, 0.5)
 
     cfg = TrainConfig(base=str(tiny_base), limit=12, max_steps=3, batch_size=8, max_length=32, lr=1e-3)
@@ -248,7 +303,9 @@ def test_soft_labels_follow_annotator_agreement(tmp_path: Path, data_dir: Path, 
     assert json.loads((b.output_dir / "finsent.json").read_text())["hyperparameters"]["soft_labels"] is True
 
 
-def test_continuing_from_a_finsent_model_keeps_its_topic_head(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_continuing_from_a_finsent_model_keeps_its_topic_head(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
@@ -260,8 +317,12 @@ def test_continuing_from_a_finsent_model_keeps_its_topic_head(tiny_model: Path, 
     model = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3), n_topics, 0.0)
     assert not torch.allclose(model.topic_head.weight, saved["weight"].float())
     _load_topic_head(model, tiny_model)
-    assert torch.equal(model.topic_head.weight, saved["weight"].float()) and torch.equal(model.topic_head.bias, saved["bias"].float())
-    other = JointModel(AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3), n_topics + 1, 0.0)
+    assert torch.equal(model.topic_head.weight, saved["weight"].float()) and torch.equal(
+        model.topic_head.bias, saved["bias"].float()
+    )
+    other = JointModel(
+        AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3), n_topics + 1, 0.0
+    )
     before = other.topic_head.weight.clone()
     _load_topic_head(other, tiny_model)
     assert torch.equal(other.topic_head.weight, before) and "does not fit" in caplog.text
@@ -281,7 +342,9 @@ def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
     assert distil_loss(other, None, teacher, None, only_second, 2.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(
+    tmp_path: Path, data_dir: Path, tiny_base: Path
+) -> None:
     from pipeline.score import Scorer
     from pipeline.train import DistilConfig, train_with_teacher, transfer_texts
 
@@ -292,8 +355,9 @@ def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(tmp_pa
     extra = ["Unlabelled ingested headline about Acme", "Another unlabelled text about Fiskars"]
 
     def run(stop_after=None):
-        return train_with_teacher(out, work, data_dir, teacher_cfg, student_cfg, DistilConfig(temperature=2.0, alpha=0.5),
-                                  extra_texts=extra, progress=False, stop_after=stop_after)  # fmt: skip
+        return train_with_teacher(out, work, data_dir, teacher_cfg, student_cfg,
+                                  DistilConfig(temperature=2.0, alpha=0.5), extra_texts=extra, progress=False,
+                                  stop_after=stop_after)  # fmt: skip
 
     first = run(stop_after="teacher")
     assert first.student is None and not out.exists() and first.reused == []
@@ -308,27 +372,40 @@ def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(tmp_pa
     assert second.transfer_size == len(texts) > len({ex.text for ex in splits.train if ex.sentiment is not None})
     assert not {normalise(t) for t in texts} & eval_texts(splits)  # evaluation and validation splits never enter
     meta = json.loads((out / "finsent.json").read_text())
-    assert meta["distillation"]["teacher"] == first.teacher_version and meta["distillation"]["transfer_texts"] == len(texts)
-    assert Scorer.load(str(out), device="cpu").score(["Acme profit rose"])[0].label in ("negative", "neutral", "positive")
+    assert meta["distillation"]["teacher"] == first.teacher_version and meta["distillation"]["transfer_texts"] == len(
+        texts
+    )
+    assert Scorer.load(str(out), device="cpu").score(["Acme profit rose"])[0].label in (
+        "negative",
+        "neutral",
+        "positive",
+    )
 
     third = run()
     assert third.reused == ["teacher", "transfer", "student"] and third.student.version == second.student.version
 
 
-def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(tmp_path: Path, data_dir: Path, tiny_base: Path) -> None:
+def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
+    tmp_path: Path, data_dir: Path, tiny_base: Path
+) -> None:
     from typer.testing import CliRunner
 
     from pipeline.cli import app
     from pipeline.config import PROJECT_DIR
 
-    args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base), "--teacher", str(tiny_base),
-            "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2", "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
+    args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base),
+            "--teacher", str(tiny_base), "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2",
+            "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
     r = CliRunner().invoke(app, [*args, "--work-dir", str(PROJECT_DIR / "runs" / "distil")])
     assert r.exit_code == 2 and "inside the repository" in r.output and not (PROJECT_DIR / "runs" / "distil").exists()
     work = tmp_path / "work"
     r = CliRunner().invoke(app, [*args, "--work-dir", str(work), "--stop-after", "teacher"])
     assert r.exit_code == 0, r.output
-    assert "stopped after teacher" in r.output and (work / "teacher" / "finsent.json").exists() and not (tmp_path / "student").exists()
+    assert (
+        "stopped after teacher" in r.output
+        and (work / "teacher" / "finsent.json").exists()
+        and not (tmp_path / "student").exists()
+    )
     r = CliRunner().invoke(app, [*args, "--work-dir", str(work)])
     assert r.exit_code == 0, r.output
     assert "reused the finished phase(s) teacher" in r.output and (tmp_path / "student" / "finsent.json").exists()

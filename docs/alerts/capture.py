@@ -91,10 +91,17 @@ def main() -> None:
     (OUT / "email.txt").write_text(msg.get_body(("plain",)).get_content())
     html = OUT / "email.html"
     html.write_text(msg.get_body(("html",)).get_content())
-    for name, size, extra in (("email.png", "800,1040", []), ("email-phone-dark.png", "390,1240", ["--force-dark-mode", "--enable-features=WebContentsForceDark:inversion_method/cielab_based"])):
+    for name, size, extra in (
+        ("email.png", "800,1040", []),
+        (
+            "email-phone-dark.png",
+            "390,1240",
+            ["--force-dark-mode", "--enable-features=WebContentsForceDark:inversion_method/cielab_based"],
+        ),
+    ):
         subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}", *extra,
-             f"--screenshot={OUT / name}", html.as_uri()],
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={size}",
+             *extra, f"--screenshot={OUT / name}", html.as_uri()],
             check=True, capture_output=True, timeout=120,
         )  # fmt: skip
     print(f"wrote {OUT}/slack.json, email.eml, email.txt, email.html, email.png, email-phone-dark.png")

@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from sqlalchemy import func, select
 
-from pipeline.records import ScopeKind, Severity
 from pipeline.commands.core import fail
+from pipeline.records import ScopeKind, Severity
 
 ConfigOpt = Annotated[
-    str | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults).")
+    str | None,
+    typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (default: built-in defaults)."),
 ]
-DbOpt = Annotated[str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")]
+DbOpt = Annotated[
+    str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")
+]
 
 alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, evaluate the detector.", no_args_is_help=True)
 
@@ -49,7 +52,9 @@ def _find(session, alert_id: str):
 def list_alerts(
     config: ConfigOpt = None,
     database_url: DbOpt = None,
-    since_hours: Annotated[float, typer.Option("--since-hours", min=0, help="Only alerts whose window ended this recently.")] = 24 * 7,
+    since_hours: Annotated[
+        float, typer.Option("--since-hours", min=0, help="Only alerts whose window ended this recently.")
+    ] = 24 * 7,
     scope: Annotated[ScopeKind | None, typer.Option(help="Only this scope kind.", case_sensitive=False)] = None,
     severity: Annotated[Severity | None, typer.Option(help="Only this severity.", case_sensitive=False)] = None,
     unacked: Annotated[bool, typer.Option("--unacked", help="Only alerts not yet acknowledged.")] = False,
@@ -70,7 +75,12 @@ def list_alerts(
     if unacked:
         filters.append(s.Alert.acknowledged_at.is_(None))
     with session_scope(engine) as session:
-        q = select(s.Alert).where(s.Alert.window_end >= since, *filters).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(limit)
+        q = (
+            select(s.Alert)
+            .where(s.Alert.window_end >= since, *filters)
+            .order_by(s.Alert.window_end.desc(), s.Alert.id)
+            .limit(limit)
+        )
         rows = session.scalars(q).all()
         hidden = "" if rows else _what_was_hidden(session, since, since_hours, filters)
         states = {
@@ -85,7 +95,19 @@ def list_alerts(
     if not rows:
         typer.echo(hidden)
         return
-    header = ("id", "window end (UTC)", "kind", "severity", "scope", "neg/total", "share vs base", "risk", "incident", "delivery", "ack")
+    header = (
+        "id",
+        "window end (UTC)",
+        "kind",
+        "severity",
+        "scope",
+        "neg/total",
+        "share vs base",
+        "risk",
+        "incident",
+        "delivery",
+        "ack",
+    )
     table = [header]
     for r in rows:
         deliv = ", ".join(f"{st} {c}" for (a, st), c in sorted(states.items()) if a == r.id) or "-"
@@ -118,11 +140,15 @@ def _what_was_hidden(session, since: datetime, since_hours: float, filters: list
         return "no alerts in this database"
     in_window = session.scalar(select(func.count()).select_from(s.Alert).where(s.Alert.window_end >= since)) or 0
     if in_window:
-        return f"no alerts match the filters; {in_window} alert(s) ended in the last {since_hours:g} h (drop --scope/--severity/--unacked to see them)"
+        return (
+            f"no alerts match the filters; {in_window} alert(s) ended in the last {since_hours:g} h "
+            "(drop --scope/--severity/--unacked to see them)"
+        )
     newest = session.scalar(select(func.max(s.Alert.window_end)))
     hours = int((datetime.now(UTC) - newest).total_seconds() // 3600) + 2
     return (
-        f"no alerts in the last {since_hours:g} h; {total} older alert(s), the newest ended {newest:%Y-%m-%d %H:%M} UTC "
+        f"no alerts in the last {since_hours:g} h; {total} older alert(s), the newest ended {newest:%Y-%m-%d %H:%M} "
+        "UTC "
         f"(see them with: finsent alerts list --since-hours {hours})"
     )
 
@@ -149,11 +175,17 @@ def show_alert(
         console = SinkConfig(name="console", kind="console", severities=["info", "warning", "critical"])
         # source and model health are plain notices, not news surges
         view = render_health(row) if is_health(row) else build_message(session, row, console, cfg)
-        deliveries = session.execute(
-            select(s.AlertDelivery).where(s.AlertDelivery.alert_id == row.id).order_by(s.AlertDelivery.sink)
-        ).scalars().all()
+        deliveries = (
+            session.execute(
+                select(s.AlertDelivery).where(s.AlertDelivery.alert_id == row.id).order_by(s.AlertDelivery.sink)
+            )
+            .scalars()
+            .all()
+        )
         attempts = {
-            d.id: session.scalars(select(s.DeliveryAttempt).where(s.DeliveryAttempt.delivery_id == d.id).order_by(s.DeliveryAttempt.id)).all()
+            d.id: session.scalars(
+                select(s.DeliveryAttempt).where(s.DeliveryAttempt.delivery_id == d.id).order_by(s.DeliveryAttempt.id)
+            ).all()
             for d in deliveries
         }
         ack = (row.acknowledged_at, row.acknowledged_by)
@@ -164,9 +196,15 @@ def show_alert(
     if not deliveries:
         typer.echo("Deliveries: none yet")
     for d in deliveries:
-        typer.echo(f"Delivery to {d.sink}: {d.status}, {d.attempts} attempt(s)" + (f", next at {d.next_attempt_at:%H:%M} UTC" if d.next_attempt_at else ""))
+        typer.echo(
+            f"Delivery to {d.sink}: {d.status}, {d.attempts} attempt(s)"
+            + (f", next at {d.next_attempt_at:%H:%M} UTC" if d.next_attempt_at else "")
+        )
         for a in attempts[d.id]:
-            typer.echo(f"  {a.attempted_at:%Y-%m-%d %H:%M:%S} {'ok' if a.ok else 'failed'}" + (f": {a.error}" if a.error else ""))
+            typer.echo(
+                f"  {a.attempted_at:%Y-%m-%d %H:%M:%S} {'ok' if a.ok else 'failed'}"
+                + (f": {a.error}" if a.error else "")
+            )
 
 
 @alerts_app.command("ack")
@@ -190,7 +228,10 @@ def ack_alert(
             failed = True
             continue
         if res.already:
-            typer.echo(f"{res.alert_id} was already acknowledged by {res.acknowledged_by} at {res.acknowledged_at:%Y-%m-%d %H:%M} UTC")
+            typer.echo(
+                f"{res.alert_id} was already acknowledged by {res.acknowledged_by} at "
+                f"{res.acknowledged_at:%Y-%m-%d %H:%M} UTC"
+            )
         else:
             typer.echo(f"acknowledged {res.alert_id} as {res.acknowledged_by}")
     engine.dispose()
@@ -202,29 +243,50 @@ def ack_alert(
 def evaluate_cmd(
     config: ConfigOpt = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where alert-evaluation.md/.json go.")] = Path("docs"),
-    seed: Annotated[list[int] | None, typer.Option(help="Random seed of the synthetic streams; repeat to pool several (default 101, 202, 303, 404).")] = None,
+    seed: Annotated[
+        list[int] | None,
+        typer.Option(help="Random seed of the synthetic streams; repeat to pool several (default 101, 202, 303, 404)."),
+    ] = None,
     scopes: Annotated[int, typer.Option(min=2, max=1000, help="Scopes per seed.")] = 100,
     weeks: Annotated[float, typer.Option(min=1, max=52)] = 8.0,
     warning_p: Annotated[float | None, typer.Option("--warning-p", help="Override detect.warning_p.")] = None,
-    min_share_increase: Annotated[float | None, typer.Option("--min-share-increase", help="Override detect.min_share_increase.")] = None,
-    seasonality: Annotated[bool | None, typer.Option("--seasonality/--no-seasonality", help="Override detect.seasonality.")] = None,
-    db_check: Annotated[bool, typer.Option("--db-check/--no-db-check", help="Also replay a slice through SQLite and detect_spikes.")] = True,
-    family: Annotated[list[str] | None, typer.Option(help="Stream family: baseline, realistic, adversarial; repeat for several (default all).")] = None,
+    min_share_increase: Annotated[
+        float | None, typer.Option("--min-share-increase", help="Override detect.min_share_increase.")
+    ] = None,
+    seasonality: Annotated[
+        bool | None, typer.Option("--seasonality/--no-seasonality", help="Override detect.seasonality.")
+    ] = None,
+    db_check: Annotated[
+        bool, typer.Option("--db-check/--no-db-check", help="Also replay a slice through SQLite and detect_spikes.")
+    ] = True,
+    family: Annotated[
+        list[str] | None,
+        typer.Option(help="Stream family: baseline, realistic, adversarial; repeat for several (default all)."),
+    ] = None,
 ) -> None:
     """Replay synthetic streams of every family through the detector; report recall, precision, false alerts, delay."""
-    from pipeline.alert_eval import DEFAULT_SEEDS, FAMILIES, evaluate_families, write_report
+    from pipeline.alert_eval import DEFAULT_SEEDS, FAMILIES, Family, evaluate_families, write_report
     from pipeline.config import load_config
 
     cfg = load_config(config)
-    overrides = {k: v for k, v in {"warning_p": warning_p, "min_share_increase": min_share_increase, "seasonality": seasonality}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "warning_p": warning_p,
+            "min_share_increase": min_share_increase,
+            "seasonality": seasonality,
+        }.items()
+        if v is not None
+    }
     try:
         detect_cfg = cfg.detect.model_validate({**cfg.detect.model_dump(), **overrides})
     except ValueError as e:
         raise fail(f"invalid detector override: {e}") from None
-    families = tuple(family) if family else FAMILIES
-    unknown = [f for f in families if f not in FAMILIES]
+    names = tuple(family) if family else FAMILIES
+    unknown = [f for f in names if f not in FAMILIES]
     if unknown:
         raise fail(f"unknown stream family {unknown[0]!r}: use {', '.join(FAMILIES)}")
+    families = cast(tuple[Family, ...], names)  # every name was checked against FAMILIES above
     parts = ["finsent alerts evaluate"]
     if config:
         parts.append(f"-c {config}")
@@ -233,7 +295,9 @@ def evaluate_cmd(
     seeds = tuple(seed) if seed else DEFAULT_SEEDS
     if seeds != DEFAULT_SEEDS:
         parts += [f"--seed {x}" for x in seeds]
-    parts += [f"--{k} {v:g}" for k, v in (("scopes", scopes), ("weeks", weeks)) if v != {"scopes": 100, "weeks": 8.0}[k]]
+    parts += [
+        f"--{k} {v:g}" for k, v in (("scopes", scopes), ("weeks", weeks)) if v != {"scopes": 100, "weeks": 8.0}[k]
+    ]
     if warning_p is not None:
         parts.append(f"--warning-p {warning_p:g}")
     if min_share_increase is not None:
@@ -245,16 +309,27 @@ def evaluate_cmd(
     if families != FAMILIES:
         parts += [f"--family {f}" for f in families]
     command = " ".join(parts)
-    report = evaluate_families(detect_cfg, families=families, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check, command=command)  # type: ignore[arg-type]
+    report = evaluate_families(
+        detect_cfg, families=families, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check, command=command
+    )
     md, js = write_report(report, out_dir)
     for name, result in report.families.items():
         typer.echo(f"[{name}]")
         typer.echo(f"  recall (counted surges, n={result.spikes_3sd}): {result.recall_3sd:.3f}   target >= 0.95")
-        typer.echo(f"  false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope {result.max_false_alerts_per_scope_week:.3f})   target <= 1")
+        typer.echo(
+            f"  false alerts per scope per week (quiet): {result.false_alerts_per_scope_week:.3f} (worst scope "
+            f"{result.max_false_alerts_per_scope_week:.3f})   target <= 1"
+        )
         typer.echo(f"  median detection delay (windows): {result.median_delay_windows_3sd}   target <= 1")
         for x in result.per_seed:
-            typer.echo(f"    seed {x['seed']}: recall {x['recall_3sd']:.3f} over {x['spikes_3sd']} surges, {x['false_alerts_per_scope_week']:.3f} false alerts per scope-week")
-        typer.echo(f"  precision: {result.precision:.3f}   recall over all {result.spikes_total} surges: {result.recall_all:.3f}")
+            typer.echo(
+                f"    seed {x['seed']}: recall {x['recall_3sd']:.3f} over {x['spikes_3sd']} surges, "
+                f"{x['false_alerts_per_scope_week']:.3f} false alerts per scope-week"
+            )
+        typer.echo(
+            f"  precision: {result.precision:.3f}   recall over all {result.spikes_total} surges: "
+            f"{result.recall_all:.3f}"
+        )
         if result.db_path_agreement:
             typer.echo(f"  database path identical to in-memory replay: {result.db_path_agreement['identical']}")
     typer.echo(f"targets met on every family: {'yes' if report.targets_met_on_every_family else 'no'}")
@@ -263,9 +338,24 @@ def evaluate_cmd(
 
 @alerts_app.command("bench-detect")
 def bench_detect_cmd(
-    database_url: Annotated[str, typer.Option("--database-url", envvar="FINSENT_BENCH_DATABASE_URL", help="An EMPTY scratch database (it is migrated and filled).")],
-    entities: Annotated[list[int] | None, typer.Option("--entities", min=1, max=1_000_000, help="Watchlist size; repeat for several (default 1000 and 10000).")] = None,
-    benchmark_json: Annotated[Path | None, typer.Option("--benchmark-json", help="Record detect.entities_10000_seconds in this file (other keys kept).")] = None,
+    database_url: Annotated[
+        str,
+        typer.Option(
+            "--database-url",
+            envvar="FINSENT_BENCH_DATABASE_URL",
+            help="An EMPTY scratch database (it is migrated and filled).",
+        ),
+    ],
+    entities: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--entities", min=1, max=1_000_000, help="Watchlist size; repeat for several (default 1000 and 10000)."
+        ),
+    ] = None,
+    benchmark_json: Annotated[
+        Path | None,
+        typer.Option("--benchmark-json", help="Record detect.entities_10000_seconds in this file (other keys kept)."),
+    ] = None,
 ) -> None:
     """Time one detection window over thousands of entities on a scratch database."""
     import json
@@ -279,14 +369,19 @@ def bench_detect_cmd(
             store.upgrade(database_url)
             with store.session_scope(store.make_engine(database_url)) as session:
                 if session.scalar(select(func.count()).select_from(store.schema.Document)):
-                    typer.echo(f"{store.safe_url(database_url)} is not empty: bench-detect needs a scratch database", err=True)
+                    typer.echo(
+                        f"{store.safe_url(database_url)} is not empty: bench-detect needs a scratch database", err=True
+                    )
                     raise typer.Exit(2)
             r = bench_detect(database_url, size)
         except store.StoreError as e:
             typer.echo(str(e), err=True)
             raise typer.Exit(1) from None
         results.append(r)
-        typer.echo(f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one detection window {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU in this process)")
+        typer.echo(
+            f"{r['entities']} entities, {r['documents']} documents ({r['documents_in_window']} in the window): one "
+            f"detection window {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU in this process)"
+        )
         _truncate(database_url)
     if benchmark_json is not None:
         ten = [r for r in results if r["entities"] == 10000]
@@ -311,14 +406,18 @@ def _truncate(url: str) -> None:
     engine.dispose()
 
 
-incidents_app = typer.Typer(help="Incidents: alerts of one run that share evidence, told as one story.", no_args_is_help=True)
+incidents_app = typer.Typer(
+    help="Incidents: alerts of one run that share evidence, told as one story.", no_args_is_help=True
+)
 
 
 @incidents_app.command("list")
 def list_incidents(
     config: ConfigOpt = None,
     database_url: DbOpt = None,
-    since_hours: Annotated[float | None, typer.Option("--since-hours", min=0, help="Only incidents opened this recently (default: all).")] = None,
+    since_hours: Annotated[
+        float | None, typer.Option("--since-hours", min=0, help="Only incidents opened this recently (default: all).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Incidents, newest first: head scope, severity, state and the scopes they moved."""
@@ -334,18 +433,31 @@ def list_incidents(
         if since_hours is not None:
             q = q.where(s.Incident.opened_at >= datetime.now(UTC) - timedelta(hours=since_hours))
         rows = session.scalars(q).all()
-        n_alerts = dict(session.execute(select(s.Alert.incident_id, func.count()).where(s.Alert.incident_id.in_([r.id for r in rows])).group_by(s.Alert.incident_id)).all())
+        n_alerts = dict(
+            session.execute(
+                select(s.Alert.incident_id, func.count())
+                .where(s.Alert.incident_id.in_([r.id for r in rows]))
+                .group_by(s.Alert.incident_id)
+            ).all()
+        )
     engine.dispose()
     if not rows:
-        typer.echo("no incidents" + (f" opened in the last {since_hours:g} h (drop --since-hours to see all)" if since_hours is not None else ""))
+        typer.echo(
+            "no incidents"
+            + (
+                f" opened in the last {since_hours:g} h (drop --since-hours to see all)"
+                if since_hours is not None
+                else ""
+            )
+        )
         return
     table = [("id", "opened (UTC)", "closed (UTC)", "state", "severity", "incident", "alerts", "scopes")]
     for r in rows:
         scopes = ", ".join(scope_label(x["scope_kind"], x["scope_value"], cfg) for x in r.scopes)
         table.append(
             (
-                r.id[:12], f"{r.opened_at:%Y-%m-%d %H:%M}", f"{r.closed_at:%Y-%m-%d %H:%M}" if r.closed_at else "-", r.state,
-                r.severity, clean_text(r.title, 60), str(n_alerts.get(r.id, 0)), clean_text(scopes, 80),
+                r.id[:12], f"{r.opened_at:%Y-%m-%d %H:%M}", f"{r.closed_at:%Y-%m-%d %H:%M}" if r.closed_at else "-",
+                r.state, r.severity, clean_text(r.title, 60), str(n_alerts.get(r.id, 0)), clean_text(scopes, 80),
             )
         )  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
@@ -366,23 +478,41 @@ def show_incident(
 
     cfg, engine = _open(config, database_url)
     with session_scope(engine) as session:
-        found = session.scalars(select(s.Incident).where(s.Incident.id.startswith(incident_id.strip().lower(), autoescape=True)).limit(2)).all()
+        found = session.scalars(
+            select(s.Incident).where(s.Incident.id.startswith(incident_id.strip().lower(), autoescape=True)).limit(2)
+        ).all()
         if len(found) != 1 or len(incident_id.strip()) < 6:
             engine.dispose()
-            why = "ambiguous; give more characters" if len(found) > 1 else "not found (at least 6 characters; see finsent incidents list)"
+            why = (
+                "ambiguous; give more characters"
+                if len(found) > 1
+                else "not found (at least 6 characters; see finsent incidents list)"
+            )
             typer.echo(f"incident {incident_id!r}: {why}", err=True)
             raise typer.Exit(1)
         inc = found[0]
-        alerts = session.scalars(select(s.Alert).where(s.Alert.incident_id == inc.id).order_by(s.Alert.window_end, s.Alert.id)).all()
+        alerts = session.scalars(
+            select(s.Alert).where(s.Alert.incident_id == inc.id).order_by(s.Alert.window_end, s.Alert.id)
+        ).all()
     engine.dispose()
     typer.echo(f"{clean_text(inc.title, 200)}   [{inc.severity}, {inc.state}]")
-    typer.echo(f"Incident {inc.id}: opened {inc.opened_at:%Y-%m-%d %H:%M} UTC" + (f", closed {inc.closed_at:%Y-%m-%d %H:%M} UTC" if inc.closed_at else ""))
-    typer.echo("Scopes: " + ", ".join(f"{scope_label(x['scope_kind'], x['scope_value'], cfg)} ({'open' if x.get('open') else 'back to normal'})" for x in inc.scopes))
+    typer.echo(
+        f"Incident {inc.id}: opened {inc.opened_at:%Y-%m-%d %H:%M} UTC"
+        + (f", closed {inc.closed_at:%Y-%m-%d %H:%M} UTC" if inc.closed_at else "")
+    )
+    typer.echo(
+        "Scopes: "
+        + ", ".join(
+            f"{scope_label(x['scope_kind'], x['scope_value'], cfg)} ({'open' if x.get('open') else 'back to normal'})"
+            for x in inc.scopes
+        )
+    )
     typer.echo("Alerts:")
     for a in alerts:
         ack = f", acknowledged by {a.acknowledged_by}" if a.acknowledged_at else ""
         typer.echo(
-            f"  {a.id[:12]}  {a.window_end:%Y-%m-%d %H:%M}  {a.kind:<9} {a.severity:<8} {clean_text(scope_label(a.scope_kind, a.scope_value, cfg), 40)}"
+            f"  {a.id[:12]}  {a.window_end:%Y-%m-%d %H:%M}  {a.kind:<9} {a.severity:<8} "
+            f"{clean_text(scope_label(a.scope_kind, a.scope_value, cfg), 40)}"
             f"  {a.neg_count}/{a.total_count} negative{ack}"
         )
     if inc.message_refs:

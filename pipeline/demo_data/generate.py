@@ -67,7 +67,14 @@ SPIKE = [
 
 def _fill(tpl: str, rng: random.Random, name: str) -> str:
     m = rng.choice([12, 18, 25, 40, 55, 120, 240])
-    return tpl.format(c=name, conf=rng.choice(CONFS), d=rng.randint(1, 28), n=rng.randint(3, 30), m=m, k=max(1, m - rng.randint(2, 10)))
+    return tpl.format(
+        c=name,
+        conf=rng.choice(CONFS),
+        d=rng.randint(1, 28),
+        n=rng.randint(3, 30),
+        m=m,
+        k=max(1, m - rng.randint(2, 10)),
+    )
 
 
 def _items(rng: random.Random) -> list[tuple[datetime, str, str, str]]:
@@ -84,10 +91,24 @@ def _items(rng: random.Random) -> list[tuple[datetime, str, str, str]]:
         t += timedelta(hours=1)
     spike_start = END - timedelta(hours=1)
     for i in range(16):
-        out.append((spike_start + timedelta(minutes=2 + i * 3), "NWB", _fill(SPIKE[i % len(SPIKE)], rng, "Northwind Bank"), "negative"))
+        out.append(
+            (
+                spike_start + timedelta(minutes=2 + i * 3),
+                "NWB",
+                _fill(SPIKE[i % len(SPIKE)], rng, "Northwind Bank"),
+                "negative",
+            )
+        )
     for _ in range(3):
         ticker, name = rng.choice(COMPANIES[1:])
-        out.append((spike_start + timedelta(minutes=rng.randint(0, 59)), ticker, _fill(rng.choice(NEUTRAL), rng, name), "neutral"))
+        out.append(
+            (
+                spike_start + timedelta(minutes=rng.randint(0, 59)),
+                ticker,
+                _fill(rng.choice(NEUTRAL), rng, name),
+                "neutral",
+            )
+        )
     return sorted(out)
 
 

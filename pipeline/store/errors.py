@@ -34,7 +34,7 @@ _PG_STATES = {
 }
 # (lower-case fragment of a driver message, cause): connect failures and SQLite carry no SQLSTATE.
 _MESSAGES = (
-    ("database \"", "database does not exist"),  # only with "does not exist", see storage_cause
+    ('database "', "database does not exist"),  # only with "does not exist", see storage_cause
     ("connection refused", "connection refused"),
     ("could not translate host name", "unknown host"),
     ("name or service not known", "unknown host"),

@@ -182,6 +182,8 @@ class ScoringOutcome(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(16))
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Explanation(Base):
     """Evidence words for a document's stored label, computed where it was scored (the model is loaded
     there anyway) so detection and alerts read them without loading the model."""

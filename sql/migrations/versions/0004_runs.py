@@ -8,6 +8,7 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-01 10:45:00
 """
+
 from collections.abc import Sequence
 from datetime import timedelta
 

@@ -7,6 +7,7 @@ Revision ID: 0006
 Revises: 0003
 Create Date: 2026-12-01 11:00:00
 """
+
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -40,7 +41,8 @@ WITH scored AS (
     JOIN v_current_model m ON m.model_version = s.model_version_id
 ),
 dims AS (
-    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, content_hash AS unit, label, p_negative FROM scored
+    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, content_hash AS unit, label,
+           p_negative FROM scored
     UNION ALL
     SELECT bucket_start, model_version_id, 'source', source_name, document_id::text, label, p_negative FROM scored
     UNION ALL

@@ -8,6 +8,7 @@ Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-01 11:00:00
 """
+
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -32,10 +33,15 @@ def upgrade() -> None:
             "status IN ('failed', 'skipped_empty', 'skipped_language')", name=op.f("ck_scoring_outcomes_status")
         ),
         sa.ForeignKeyConstraint(
-            ["document_id"], ["documents.id"], name=op.f("fk_scoring_outcomes_document_id_documents"), ondelete="CASCADE"
+            ["document_id"],
+            ["documents.id"],
+            name=op.f("fk_scoring_outcomes_document_id_documents"),
+            ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
-            ["model_version_id"], ["model_versions.id"], name=op.f("fk_scoring_outcomes_model_version_id_model_versions")
+            ["model_version_id"],
+            ["model_versions.id"],
+            name=op.f("fk_scoring_outcomes_model_version_id_model_versions"),
         ),
         sa.PrimaryKeyConstraint("document_id", "model_version_id", name=op.f("pk_scoring_outcomes")),
     )

@@ -165,7 +165,8 @@ WITH scored AS (
     JOIN v_current_model m ON m.model_version = s.model_version_id
 ),
 dims AS (
-    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, content_hash AS unit, label, p_negative FROM scored
+    SELECT bucket_start, model_version_id, 'market' AS scope_kind, '*' AS scope_value, content_hash AS unit, label,
+           p_negative FROM scored
     UNION ALL
     SELECT bucket_start, model_version_id, 'source', source_name, document_id::text, label, p_negative FROM scored
     UNION ALL
