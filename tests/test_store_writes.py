@@ -52,3 +52,21 @@ def test_documents_outcomes_and_explanations_past_the_parameter_limit(engine):
         langs = set(session.scalars(select(s.Document.language)))
     assert langs == {"de"}
     assert count(engine, s.Explanation) == n
+
+
+def test_the_sqlite_demo_store_takes_the_same_bulk_writes(tmp_path):
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    try:
+        n = 4_000  # the demo's path of the same writes (executemany, not COPY): counts and idempotency hold
+        ids = _stored_ids(engine, n, batch=n)
+        pred = Prediction("neutral", {"negative": 0.1, "neutral": 0.8, "positive": 0.1})
+        with store.session_scope(engine) as session:
+            assert store.save_scores(session, [ScoreRow(d, MODEL, pred) for d in ids]) == n
+            assert store.save_scores(session, [ScoreRow(d, MODEL, pred) for d in ids]) == 0
+        assert count(engine, s.DocumentEntity) == n
+        with store.session_scope(engine) as session:
+            assert session.scalars(select(s.Score.probs).limit(1)).one() == pred.probs
+    finally:
+        engine.dispose()

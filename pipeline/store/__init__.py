@@ -91,17 +91,45 @@ def _insert(session: Session, table: Any) -> Any:
     raise StoreError(f"unsupported database dialect {name!r}: use PostgreSQL or SQLite")
 
 
-def _insert_new(session: Session, table: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], *returning: Any) -> list[Any]:
-    """INSERT ... ON CONFLICT DO NOTHING of many rows as ONE compiled statement executed with all parameter sets
-    (SQLAlchemy's insertmanyvalues): no per-chunk statement building, and pages sized under the driver's
-    parameter limit (psycopg caps a statement at 65,535), so no row count or chunk size can break a write.
-    Returns the `returning` columns of the rows actually inserted (conflicting rows return nothing)."""
+def _insert_new(session: Session, table: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], *returning: Any) -> list[tuple]:
+    """INSERT ... ON CONFLICT DO NOTHING of many rows, returning the `returning` columns (default: the first
+    conflict column) of the rows actually inserted, so callers count what was written, not what was tried.
+
+    Postgres: COPY into a temporary staging table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING, at the
+    pace of COPY and with no statement parameters at all. SQLite (the demo): one compiled INSERT executed for all
+    rows (SQLAlchemy's insertmanyvalues pages them under the driver's parameter limit). Either way no row count
+    or chunk size can hit psycopg's 65,535-parameter limit. Every row must carry the same keys."""
     if not rows:
         return []
     tbl = getattr(table, "__table__", table)  # the Core table: a plain executemany, not the ORM bulk path
+    names = [c.key for c in returning] or [conflict[0]]
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_insert_new(session, tbl, rows, conflict, names)
     stmt = _insert(session, tbl).on_conflict_do_nothing(index_elements=list(conflict))
-    cols = [tbl.c[c.key] for c in returning] or [tbl.c[conflict[0]]]
-    return list(session.execute(stmt.returning(*cols), list(rows)).all())
+    return [tuple(r) for r in session.execute(stmt.returning(*(tbl.c[n] for n in names)), list(rows))]
+
+
+def _copy_insert_new(session: Session, tbl: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], names: list[str]) -> list[tuple]:
+    """The Postgres path of _insert_new, in the session's transaction. Values go through each column's own
+    bind processing (JSONB, aware UTC datetimes), exactly as an executemany would send them."""
+    dialect = session.get_bind().dialect
+    cols = list(rows[0])
+    procs = [tbl.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in cols]
+    quoted = ", ".join(f'"{c}"' for c in cols)
+    stage = f"_stage_{tbl.name}"
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(f'CREATE TEMP TABLE "{stage}" ON COMMIT DROP AS SELECT {quoted} FROM "{tbl.name}" WITH NO DATA')
+        with cur.copy(f'COPY "{stage}" ({quoted}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row([p(row[c]) if p else row[c] for c, p in zip(cols, procs, strict=True)])
+        cur.execute(
+            f'INSERT INTO "{tbl.name}" ({quoted}) SELECT {quoted} FROM "{stage}" '
+            f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING {', '.join(names)}"
+        )
+        out = cur.fetchall()
+        cur.execute(f'DROP TABLE "{stage}"')
+    return out
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -232,7 +260,7 @@ def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int 
         ]
         D = s.Document.__table__.c
         written = _insert_new(session, s.Document, rows, ["source_name", "external_id"], D.id, D.source_name, D.external_id)
-        new = {(r.source_name, r.external_id): r.id for r in written}
+        new = {(source, external_id): doc_id for doc_id, source, external_id in written}
         inserted += len(new)
         ent_rows = [
             {"document_id": new[(d.source, d.external_id)], "entity": e.entity, "kind": e.kind, "matched": e.matched}
