@@ -97,10 +97,14 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 
 
 def default_threads() -> int:
-    """torch intra-op threads when config sets none: more than 4 rarely helps a small encoder, and on a shared
-    box every extra thread fights the other processes for the same cores."""
+    """torch intra-op threads when config sets none: OMP_NUM_THREADS when the environment sets it, else
+    min(4, cores): more than 4 rarely helps a small encoder, and on a shared box every extra thread fights
+    the other processes for the same cores."""
     import os
 
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     return max(1, min(4, os.cpu_count() or 1))
 
 
