@@ -62,16 +62,24 @@ def test_missing_or_corrupt_model_names_the_path(tmp_path):
     assert res.exit_code == 1 and "broken" in res.output and not (tmp_path / "o.csv").exists()
 
 
-def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir):
+def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir, pg_url):
+    """One run measures finsent, the naive pipeline, the hand loop and the write path, and keeps detect.* keys."""
     report = tmp_path / "bench"
-    res = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "-n", "40", "--batch-sizes", "8,16", "--report", str(report)])
+    report.with_suffix(".json").write_text(json.dumps({"detect": {"entities_10000_seconds": 4.2}}))
+    args = ["bench", "--model", str(tiny_model_dir), "-n", "12", "--rounds", "2", "--batch-size", "4", "--report", str(report)]
+    res = runner.invoke(app, [*args, "--database-url", pg_url, "--db-rows", "300"])
     assert res.exit_code == 0, res.output
     data = json.loads(report.with_suffix(".json").read_text())
-    assert [r["batch_size"] for r in data["results"]] == [8, 16]
-    assert all(r["texts"] == 40 and r["texts_per_s"] > 0 for r in data["results"])
-    assert "texts/s" in res.output and "| tiny-0 | cpu | 40 | 8 |" in report.with_suffix(".md").read_text()
-    res = runner.invoke(app, ["bench", "--model", str(tiny_model_dir), "--batch-sizes", "8,x"])
-    assert res.exit_code == 2 and "--batch-sizes" in res.output
+    assert {r["method"] for r in data["scoring"]} == {"finsent", "naive_pipeline", "hand_loop"}
+    assert all(r["texts"] == 12 and len(r["rounds_texts_per_s"]) == 2 and r["texts_per_s"] > 0 for r in data["scoring"])
+    assert set(data["ratios"]) == {"vs_naive_pipeline", "vs_hand_loop", "db_writes_vs_copy"}
+    assert all(v > 0 for v in data["ratios"].values()) and data["detect"] == {"entities_10000_seconds": 4.2}
+    assert [w["rows"] for w in data["db_writes"]] == [900] * 4  # 300 documents + 300 entities + 300 scores, each round
+    assert "ratios.vs_hand_loop" in res.output and "`ratios.db_writes_vs_copy`" in report.with_suffix(".md").read_text()
+    res = runner.invoke(app, [*args, "--database-url", "none"])
+    assert res.exit_code == 0, res.output
+    kept = json.loads(report.with_suffix(".json").read_text())
+    assert kept["ratios"]["db_writes_vs_copy"] == data["ratios"]["db_writes_vs_copy"]  # a skipped part keeps its figure
 
 
 def test_score_uses_the_production_model_like_run(tmp_path, tiny_model_dir, monkeypatch):

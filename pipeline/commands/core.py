@@ -360,25 +360,46 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
-        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="How many headlines to score per batch size.")] = 2000,
-        batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "32,64,128",
+        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")] = 400,
+        rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; the median round is reported.")] = 3,
+        batch_size: Annotated[int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")] = None,
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+        database_url: Annotated[
+            str | None,
+            typer.Option(help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."),
+        ] = None,
+        db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 10_000,
         report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path("docs/benchmark"),
         config: ConfigOpt = None,
     ) -> None:
-        """Measure scoring throughput (texts/s) and write it to a report file."""
-        from pipeline.bench import run_bench, write_report
+        """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
+        idempotent COPY ceiling, in one run, and write the ratios to a report file."""
+        import torch
+
+        from pipeline.bench import Report, run_bench, run_db_bench, write_report
+        from pipeline.score import default_threads
 
         cfg = config_or_exit(config)
-        try:
-            sizes = tuple(int(x) for x in batch_sizes.split(","))
-        except ValueError:
-            raise fail(f"--batch-sizes {batch_sizes!r}: expected comma-separated whole numbers, e.g. 32,64,128") from None
-        results = run_bench(model or cfg.model.path, n, sizes, device or cfg.model.device)
-        command = "finsent bench " + " ".join(sys.argv[2:])
-        write_report(results, command.strip(), report)
+        torch.set_num_threads(cfg.model.threads or default_threads())
+        results, source = run_bench(model or cfg.model.path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
+        url = database_url or cfg.database_url.get_secret_value()
+        rep = Report(command=("finsent bench " + " ".join(sys.argv[2:])).strip(), texts_source=source, scoring=results)
+        if url.lower() == "none":
+            rep.writes_note = "Not measured in this run (--database-url none)."
+        elif not url.startswith("postgres"):
+            rep.writes_note = "Not measured in this run: the write benchmark needs Postgres (--database-url)."
+        else:
+            rep.writes = run_db_bench(url, db_rows, rounds)
+        meta = write_report(rep, report)
+        console.print(f"texts: {source}", highlight=False)
         for r in results:
-            console.print(f"{r.model_version} on {r.device}: batch {r.batch_size}: {r.texts} texts in {r.seconds:.2f} s = {r.texts_per_s:.0f} texts/s")
+            console.print(f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s (batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)")
+        for w in rep.writes:
+            console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
+        if rep.writes_note:
+            console.print(rep.writes_note)
+        for k, v in meta["ratios"].items():
+            console.print(f"ratios.{k} = {v:.2f}")
         console.print(f"report: {report.with_suffix('.md')}")
 
     @db_app.command("upgrade")
