@@ -291,3 +291,22 @@ def test_thread_count_is_applied_when_given(tiny_model_dir: Path) -> None:
     finally:
         torch.set_num_threads(before)
     assert 1 <= default_threads() <= 4
+
+
+def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finsent() -> None:
+    """Standard tools read the folder right: fp32 on CPU (fp16 weights, fp32 dtype in config.json), and the
+    pipeline's raw logits over finsent.json's temperature give finsent's calibrated probabilities."""
+    import numpy as np
+    from transformers import pipeline
+
+    from pipeline.config import DEFAULT_MODEL_DIR
+
+    texts = ["Operating loss widened and the company issued a profit warning.", "Net sales rose 25% on strong demand.", "The AGM is on Friday."]
+    pipe = pipeline("text-classification", model=str(DEFAULT_MODEL_DIR), top_k=None, device="cpu")
+    assert str(pipe.model.dtype) == "torch.float32"
+    s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    for text, mine in zip(texts, s.score(texts), strict=True):
+        raw = {d["label"]: d["score"] for d in pipe(text, top_k=None, function_to_apply="none")}
+        z = np.array([raw[lab] for lab in s.labels]) / s.temperature
+        calibrated = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert np.allclose(calibrated, [mine.probs[lab] for lab in s.labels], atol=1e-5)
