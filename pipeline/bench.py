@@ -23,6 +23,7 @@ from pipeline.demo import DEMO_DATA
 
 METHODS = ("finsent", "naive_pipeline", "hand_loop")
 NAIVE_BATCH = 32  # how `transformers.pipeline` is typically called: fp32, batch 32, texts as given
+SLICE = 250  # texts each contender scores before the next one runs (see run_bench)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class BenchResult:
     mean_tokens: float
     batch_size: int
     rounds_texts_per_s: list[float]
+    slice_seconds: list[float] = field(default_factory=list)  # per SLICE of texts, paired across contenders
 
     @property
     def texts_per_s(self) -> float:
@@ -57,7 +59,13 @@ def text_sets(n: int, data_dir: Path | None = None) -> tuple[dict[str, list[str]
     sample headlines; and a sentence saying which, for the report."""
     import random
 
-    from pipeline.data import FPB_50, TFNS, default_data_dir, read_labelled_csv, read_phrasebank
+    from pipeline.data import (
+        FPB_50,
+        TFNS,
+        default_data_dir,
+        read_labelled_csv,
+        read_phrasebank,
+    )
 
     d = Path(data_dir) if data_dir else default_data_dir()
     if (d / FPB_50).is_file() and (d / TFNS).is_file():
@@ -117,23 +125,35 @@ def run_bench(
     for run in runners.values():  # warm-up: first-call allocations and kernel selection
         run(next(iter(sets.values()))[:32])
     times: dict[tuple[str, str], list[float]] = {}
+    slices: dict[tuple[str, str], list[float]] = {}
+    methods = list(runners)
     for _ in range(rounds):
         for name, texts in sets.items():
-            for method, run in runners.items():
-                t0 = time.perf_counter()
-                run(texts)
-                times.setdefault((name, method), []).append(len(texts) / (time.perf_counter() - t0))
+            spent = dict.fromkeys(methods, 0.0)
+            # contenders alternate every SLICE texts, in rotating order, so a burst of load from other
+            # processes on a shared machine lands on all of them rather than on whoever ran during it
+            for k, i in enumerate(range(0, len(texts), SLICE)):
+                for method in methods[k % len(methods) :] + methods[: k % len(methods)]:
+                    t0 = time.perf_counter()
+                    runners[method](texts[i : i + SLICE])
+                    dt = time.perf_counter() - t0
+                    spent[method] += dt
+                    slices.setdefault((name, method), []).append(dt)
+            for method in methods:
+                times.setdefault((name, method), []).append(len(texts) / spent[method])
     results = []
     for name, texts in sets.items():
         tokens = sum(len(ids) for ids in scorer.tokenizer(texts, truncation=True, max_length=scorer.max_length)["input_ids"])
         for method in runners:
             bs = NAIVE_BATCH if method == "naive_pipeline" else batch_size
-            results.append(BenchResult(name, method, len(texts), tokens / len(texts), bs, times[(name, method)]))
+            results.append(BenchResult(name, method, len(texts), tokens / len(texts), bs, times[(name, method)], slices[(name, method)]))
     return results, source
 
 
 def scoring_ratios(results: Sequence[BenchResult]) -> dict[str, float]:
-    """finsent's texts/s over each contender's, as the geometric mean over the text sets."""
+    """finsent's speed over each contender's: per text set, the median over slices of the peer's seconds over
+    finsent's on the same texts (run back to back, under the same load from other processes), then the
+    geometric mean over the sets."""
     import math
 
     out = {}
@@ -142,7 +162,8 @@ def scoring_ratios(results: Sequence[BenchResult]) -> dict[str, float]:
         for r in results:
             if r.method == "finsent":
                 peer = next(p for p in results if p.text_set == r.text_set and p.method == method)
-                ratios.append(r.texts_per_s / peer.texts_per_s)
+                paired = [b / a for a, b in zip(r.slice_seconds, peer.slice_seconds, strict=True)]
+                ratios.append(statistics.median(paired))
         out[key] = math.exp(sum(map(math.log, ratios)) / len(ratios))
     return out
 
@@ -180,7 +201,10 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "machine": machine(),
         "texts": report.texts_source,
         "ratios": ratios,
-        "scoring": [{**asdict(r), "texts_per_s": round(r.texts_per_s, 1)} for r in report.scoring],
+        "scoring": [
+            {**asdict(r), "texts_per_s": round(r.texts_per_s, 1), "slice_seconds": [round(x, 4) for x in r.slice_seconds]}
+            for r in report.scoring
+        ],
         "db_writes": [{**asdict(w), "rows_per_s": round(w.rows_per_s)} for w in report.writes] or old.get("db_writes", []),
     }
     if "detect" in old:
@@ -194,8 +218,10 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "",
         f"```\n{report.command}\n```",
         "",
-        "Ratios are finsent over its peer **in the same run**, rounds interleaved (geometric mean over the text sets);",
-        "absolute texts/s hold for this machine only, under whatever else it was running.",
+        f"Ratios are finsent over its peer **in the same run**: the contenders take turns every {SLICE} texts (rotating",
+        "order), a ratio is the median over those slices of the peer's seconds over finsent's on the same texts, then",
+        "the geometric mean over the text sets. Absolute texts/s hold for this machine only, under",
+        "whatever else it was running (the rounds column shows how much that varied).",
         "",
         "| ratio | value |",
         "|---|---|",

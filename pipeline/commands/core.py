@@ -368,7 +368,7 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."),
         ] = None,
-        db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 10_000,
+        db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
         report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path("docs/benchmark"),
         config: ConfigOpt = None,
     ) -> None:
