@@ -32,6 +32,7 @@ _LABEL_ALIASES = {"bearish": "negative", "bullish": "positive", "neg": "negative
 META_FILE = "finsent.json"
 TOPIC_HEAD_FILE = "topic_head.safetensors"
 CHARS_PER_TOKEN = 12  # max_chars default = max_length * this: generous (English averages ~4.5), still bounded
+RAW_CHUNK = 8192  # texts tokenised and scored per pass in Scorer._raw: one tokenizer call and one host copy each
 ANY_LANGUAGE = "*"  # in `languages`: a multilingual model, score every language
 _CANARY = "The company reported its quarterly results."
 
@@ -258,6 +259,11 @@ class Scorer:
             empty = np.zeros((0, n_sent), dtype=np.float32)
             topic = np.zeros((0, len(self.topics or ())), dtype=np.float32) if self.topic_head is not None else None
             return RawOutput(empty, empty, topic, topic)
+        if len(texts) > RAW_CHUNK:  # bound the token lists held at once when evaluation passes a whole dataset
+            pieces = [self._raw(texts[i : i + RAW_CHUNK]) for i in range(0, len(texts), RAW_CHUNK)]
+            fields = ("sent_logits", "sent_probs", "topic_logits", "topic_probs")
+            joined = {f: None if getattr(pieces[0], f) is None else np.concatenate([getattr(p, f) for p in pieces]) for f in fields}
+            return RawOutput(**joined)
         texts = [clip(t, self.char_limit) for t in texts]
         enc = dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False))
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -234,7 +234,7 @@ def save_fetch(session: Session, result: FetchResult, run_id: int | None = None)
 
 def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int = 5000) -> int:
     """Insert documents and their entities; existing (source, external_id) pairs are skipped.
-    `batch` bounds the rows held per executemany (any size is safe for the database: see _insert_new)."""
+    `batch` bounds the rows built in memory per write (any size is safe for the database: see _insert_new)."""
     inserted = 0
     now = datetime.now(UTC)
     seen: set[tuple[str, str]] = set()
