@@ -192,6 +192,7 @@ class ModelConfig(_Strict):
     # languages the model scores (ISO 639-1, "*" = any); None: what the model folder declares, else ["en"]
     languages: list[str] | None = None
     max_chars: int | None = Field(default=None, ge=16)  # characters kept before tokenising; None: max_length * 12
+    threads: int | None = Field(default=None, ge=1, le=256)  # torch intra-op threads; None: min(4, CPU cores)
 
 
 class PrivacyConfig(_Strict):

@@ -152,7 +152,7 @@ def resolve_model(cfg: FinsentConfig, engine: Engine) -> str:
 
 def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | None = None) -> Scorer:
     from pipeline.logsetup import quiet_model_libraries
-    from pipeline.score import Scorer
+    from pipeline.score import Scorer, default_threads
 
     quiet_model_libraries()
 
@@ -164,6 +164,7 @@ def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | No
         batch_size=cfg.model.batch_size,
         languages=cfg.model.languages,
         max_chars=cfg.model.max_chars,
+        threads=cfg.model.threads or default_threads(),
     )
 
 

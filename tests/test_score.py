@@ -239,3 +239,74 @@ def test_a_100_mb_document_costs_no_more_than_a_normal_one(pg_url, engine, tiny_
         normal = _score_in_subprocess(normal_url, tiny_model_dir)
     assert huge["scored"] == normal["scored"] == 201
     assert huge["rss_mb"] < normal["rss_mb"] + 64, (huge, normal)
+
+
+# --- speed: batching by token count, one tokenizer call, threads (issue #16) -------------------------------
+
+
+def test_batches_are_bucketed_by_token_count_with_one_tokenizer_call(tiny_model_dir: Path) -> None:
+    """Texts whose character and token lengths disagree: padding follows tokens, and the whole call tokenises once."""
+    s = Scorer.load(str(tiny_model_dir), device="cpu", batch_size=2)
+    texts = ["$ % & ( ) * + , - .", "Internationalization", "a ; b ; c ; d ; e", "Reorganizations"] * 3
+    lengths = [len(ids) for ids in s.tokenizer(texts)["input_ids"]]
+    calls: list[int] = []
+    widths: list[tuple[int, int]] = []
+    real_tok, real_model = s.tokenizer, s.model
+
+    class Spy:  # the real tokenizer, counting calls
+        def __getattr__(self, name):
+            return getattr(real_tok, name)
+
+        def __call__(self, batch, **kw):
+            calls.append(len(batch))
+            return real_tok(batch, **kw)
+
+    def forward(**kw):
+        widths.append(tuple(kw["input_ids"].shape))
+        return real_model(**kw)
+
+    s.tokenizer, s.model = Spy(), forward
+    preds = s.score(texts)
+    def padded(order: list[int]) -> int:  # tokens fed to the model when batches of 2 follow `order`
+        return sum(max(lengths[i] for i in order[k : k + 2]) * len(order[k : k + 2]) for k in range(0, len(order), 2))
+
+    by_tokens = sorted(range(len(texts)), key=lengths.__getitem__)
+    by_chars = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    assert calls == [len(texts)]
+    assert sum(b * w for b, w in widths) == padded(by_tokens) < padded(by_chars)
+    s.tokenizer, s.model = real_tok, real_model
+    alone = s.score(texts[:4])  # the same texts in other batches: the same probabilities, in input order
+    assert all(abs(a.probs[k] - b.probs[k]) < 1e-5 for a, b in zip(preds, alone) for k in a.probs)
+
+
+def test_thread_count_is_applied_when_given(tiny_model_dir: Path) -> None:
+    import torch
+
+    from pipeline.score import default_threads
+
+    before = torch.get_num_threads()
+    try:
+        Scorer.load(str(tiny_model_dir), device="cpu", threads=3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert 1 <= default_threads() <= 4
+
+
+def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finsent() -> None:
+    """Standard tools read the folder right: fp32 on CPU (fp16 weights, fp32 dtype in config.json), and the
+    pipeline's raw logits over finsent.json's temperature give finsent's calibrated probabilities."""
+    import numpy as np
+    from transformers import pipeline
+
+    from pipeline.config import DEFAULT_MODEL_DIR
+
+    texts = ["Operating loss widened and the company issued a profit warning.", "Net sales rose 25% on strong demand.", "The AGM is on Friday."]
+    pipe = pipeline("text-classification", model=str(DEFAULT_MODEL_DIR), top_k=None, device="cpu")
+    assert str(pipe.model.dtype) == "torch.float32"
+    s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
+    for text, mine in zip(texts, s.score(texts), strict=True):
+        raw = {d["label"]: d["score"] for d in pipe(text, top_k=None, function_to_apply="none")}
+        z = np.array([raw[lab] for lab in s.labels]) / s.temperature
+        calibrated = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        assert np.allclose(calibrated, [mine.probs[lab] for lab in s.labels], atol=1e-5)

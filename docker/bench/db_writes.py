@@ -1,6 +1,7 @@
 """Write throughput of the store's idempotent inserts (documents + entities, then scores) on a Postgres,
 with P concurrent writer processes, the way parallel ingest tasks and score chunks hit the database.
-Runs in a throwaway schema and drops it. docs/deployment.md quotes its output.
+Runs in a throwaway schema and drops it. docs/deployment.md quotes its output; `finsent bench` compares the
+same writes with the idempotent COPY ceiling (ratios.db_writes_vs_copy).
 
 usage: python docker/bench/db_writes.py DATABASE_URL DOCS_PER_WRITER WRITERS[,WRITERS...]
   e.g. python docker/bench/db_writes.py postgresql+psycopg://postgres@127.0.0.1:5432/test 20000 1,2,4

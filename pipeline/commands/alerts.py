@@ -5,13 +5,31 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import typer
-from sqlalchemy import func, select
 
 from pipeline.commands.core import fail
 from pipeline.records import ScopeKind, Severity
+
+
+def select(*args: Any, **kw: Any) -> Any:
+    """sqlalchemy.select, imported on first use: `finsent --help` must not pay for SQLAlchemy (issue #16)."""
+    from sqlalchemy import select as _select
+
+    return _select(*args, **kw)
+
+
+class _LazyFunc:
+    """sqlalchemy.func, imported on first use (see select)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from sqlalchemy import func as _func
+
+        return getattr(_func, name)
+
+
+func = _LazyFunc()
 
 ConfigOpt = Annotated[
     str | None,

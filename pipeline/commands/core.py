@@ -6,9 +6,10 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,8 +76,9 @@ def production_or_configured_model(cfg: FinsentConfig) -> str:
 OUTPUT_FORMATS = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows from a .txt (one text per line), .csv or .jsonl file with a `text` column; every column is kept."""
+def iter_rows(path: Path) -> Iterator[dict]:
+    """Rows from a .txt (one text per line), .csv or .jsonl file with a `text` column, one at a time (a file of
+    any size costs one row of memory); every column is kept. Bad input raises the CLI's one-line error."""
     if not path.exists():
         raise fail(f"input file not found: {path}")
     suffix = path.suffix.lower()
@@ -86,11 +88,16 @@ def read_rows(path: Path) -> list[dict]:
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "text" not in reader.fieldnames:
                     raise fail(f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})")
-                return [{**row, "text": row["text"] or ""} for row in reader]
-        if suffix in (".jsonl", ".ndjson"):
-            rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                for row in reader:
+                    yield {**row, "text": row["text"] or ""}
+            return
+        with path.open(encoding="utf-8") as fh:
+            for n, raw in enumerate(fh, 1):
+                line = raw.rstrip("\r\n")
                 if not line.strip():
+                    continue
+                if suffix not in (".jsonl", ".ndjson"):
+                    yield {"text": line}
                     continue
                 try:
                     obj = json.loads(line)
@@ -98,11 +105,35 @@ def read_rows(path: Path) -> list[dict]:
                     raise fail(f"{path}:{n}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict) or "text" not in obj:
                     raise fail(f"{path}:{n}: each JSON line needs a 'text' field")
-                rows.append({**obj, "text": "" if obj["text"] is None else str(obj["text"])})
-            return rows
-        return [{"text": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                yield {**obj, "text": "" if obj["text"] is None else str(obj["text"])}
     except UnicodeDecodeError as e:
         raise fail(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of `path` in memory (small files); `finsent score` streams with iter_rows instead."""
+    return list(iter_rows(path))
+
+
+def scan_columns(path: Path) -> list[str]:
+    """Input columns in first-seen order, from one streaming pass that also validates the whole file, so a bad
+    line fails before the model is loaded and no output is half-written."""
+    columns: dict[str, None] = {}
+    for row in iter_rows(path):
+        if len(row) != len(columns) or not all(k in columns for k in row):
+            columns.update(dict.fromkeys(row))
+    return list(columns)
+
+
+def chunked(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def read_texts(path: Path) -> list[str]:
@@ -127,7 +158,7 @@ def check_output_columns(input_columns: list[str], labels: list[str], topics: bo
         raise fail(f"input column(s) {', '.join(clash)} would be overwritten by the predictions: rename them")
 
 
-def write_predictions(path: Path, rows: list[dict], outcomes: list, labels: list[str], topics: bool) -> None:
+def prediction_records(rows: list[dict], outcomes: list, labels: list[str], topics: bool) -> list[dict]:
     """Every input column, then label (`none` when not scored), status, reason, language and probabilities."""
     out = []
     for row, o in zip(rows, outcomes, strict=True):
@@ -138,27 +169,85 @@ def write_predictions(path: Path, rows: list[dict], outcomes: list, labels: list
             rec["topic"] = p.topic if p else None
             rec["topic_prob"] = round(p.topic_prob, 6) if p and p.topic_prob is not None else None
         out.append(rec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with path.open("w", encoding="utf-8") as fh:
-            for rec in out:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    elif suffix == ".parquet":
+    return out
+
+
+class PredictionWriter:
+    """Writes prediction records chunk by chunk (memory flat in the file size) to a temporary file next to
+    `path`, renamed into place by `commit`, so a failed run never leaves a half-written output."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
+        self.suffix = path.suffix.lower()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.part")
+        self._fh: Any = None
+        self._csv: csv.DictWriter | None = None
+        self._parquet: Any = None
+        self._schema: Any = None
+        if self.suffix != ".parquet":
+            self._fh = self.tmp.open("w", newline="", encoding="utf-8")
+            if self.suffix == ".csv":
+                self._csv = csv.DictWriter(self._fh, fieldnames=fields)
+                self._csv.writeheader()
+
+    def write(self, records: list[dict]) -> None:
+        if self.suffix in (".jsonl", ".ndjson"):
+            self._fh.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        elif self.suffix == ".parquet":
+            self._write_parquet(records)
+        else:
+            assert self._csv is not None
+            self._csv.writerows({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in rec.items()} for rec in records)
+
+    def _write_parquet(self, records: list[dict]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            table = pa.Table.from_pylist(out)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise fail(f"output {path}: the input columns cannot be stored as Parquet ({str(e).splitlines()[0][:200]})") from None
-        pq.write_table(table, path)
-    else:
-        fields = list(dict.fromkeys(k for rec in out for k in rec))
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in rec.items()} for rec in out)
+            if self._parquet is None:  # the first chunk fixes the schema; columns null so far are strings
+                inferred = pa.Table.from_pylist(records).schema
+                self._schema = pa.schema(
+                    [pa.field(f, pa.string()) if f not in inferred.names or pa.types.is_null(inferred.field(f).type) else inferred.field(f) for f in self.fields]
+                )
+                self._parquet = pq.ParquetWriter(self.tmp, self._schema)
+            self._parquet.write_table(pa.Table.from_pylist(records, schema=self._schema))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            self.abort()
+            raise fail(f"output {self.path}: the input columns cannot be stored as Parquet ({str(e).splitlines()[0][:200]})") from None
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._parquet is not None:
+            self._parquet.close()
+            self._parquet = None
+
+    def commit(self) -> None:
+        if self.suffix == ".parquet" and self._parquet is None:  # no rows at all: still a readable file
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({f: pa.array([], pa.string()) for f in self.fields}), self.tmp)
+        self._close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_predictions(path: Path, rows: list[dict], outcomes: list, labels: list[str], topics: bool) -> None:
+    """All predictions of an in-memory list of rows in one go (see PredictionWriter for streaming)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = PredictionWriter(path, [*columns, *prediction_columns(labels, topics)])
+    try:
+        writer.write(prediction_records(rows, outcomes, labels, topics))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
 
 
 def print_demo(report) -> None:
@@ -276,25 +365,46 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
-        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="How many headlines to score per batch size.")] = 2000,
-        batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "32,64,128",
+        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")] = 400,
+        rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; the median round is reported.")] = 3,
+        batch_size: Annotated[int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")] = None,
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+        database_url: Annotated[
+            str | None,
+            typer.Option(help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."),
+        ] = None,
+        db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
         report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path("docs/benchmark"),
         config: ConfigOpt = None,
     ) -> None:
-        """Measure scoring throughput (texts/s) and write it to a report file."""
-        from pipeline.bench import run_bench, write_report
+        """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
+        idempotent COPY ceiling, in one run, and write the ratios to a report file."""
+        import torch
+
+        from pipeline.bench import Report, run_bench, run_db_bench, write_report
+        from pipeline.score import default_threads
 
         cfg = config_or_exit(config)
-        try:
-            sizes = tuple(int(x) for x in batch_sizes.split(","))
-        except ValueError:
-            raise fail(f"--batch-sizes {batch_sizes!r}: expected comma-separated whole numbers, e.g. 32,64,128") from None
-        results = run_bench(model or cfg.model.path, n, sizes, device or cfg.model.device)
-        command = "finsent bench " + " ".join(sys.argv[2:])
-        write_report(results, command.strip(), report)
+        torch.set_num_threads(cfg.model.threads or default_threads())
+        results, source = run_bench(model or cfg.model.path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
+        url = database_url or cfg.database_url.get_secret_value()
+        rep = Report(command=("finsent bench " + " ".join(sys.argv[2:])).strip(), texts_source=source, scoring=results)
+        if url.lower() == "none":
+            rep.writes_note = "Not measured in this run (--database-url none)."
+        elif not url.startswith("postgres"):
+            rep.writes_note = "Not measured in this run: the write benchmark needs Postgres (--database-url)."
+        else:
+            rep.writes = run_db_bench(url, db_rows, rounds)
+        meta = write_report(rep, report)
+        console.print(f"texts: {source}", highlight=False)
         for r in results:
-            console.print(f"{r.model_version} on {r.device}: batch {r.batch_size}: {r.texts} texts in {r.seconds:.2f} s = {r.texts_per_s:.0f} texts/s")
+            console.print(f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s (batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)")
+        for w in rep.writes:
+            console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
+        if rep.writes_note:
+            console.print(rep.writes_note)
+        for k, v in meta["ratios"].items():
+            console.print(f"ratios.{k} = {v:.2f}")
         console.print(f"report: {report.with_suffix('.md')}")
 
     @db_app.command("upgrade")
@@ -317,11 +427,11 @@ def register(app: typer.Typer) -> None:
         """Score a file of texts, keeping every input column: label (`none` with a reason for empty or
         foreign-language texts), status, language, every class probability (and topic when the model has one)."""
         from pipeline.records import ScoringStatus
-        from pipeline.score import Scorer
+        from pipeline.score import Scorer, default_threads
 
         cfg = config_or_exit(config)
         check_output_format(output)
-        rows = read_rows(file)
+        columns = scan_columns(file)
         target = model or production_or_configured_model(cfg)
         scorer = Scorer.load(
             target,
@@ -330,14 +440,28 @@ def register(app: typer.Typer) -> None:
             batch_size=cfg.model.batch_size,
             languages=cfg.model.languages,
             max_chars=cfg.model.max_chars,
+            threads=cfg.model.threads or default_threads(),
         )
-        check_output_columns(list(dict.fromkeys(k for row in rows for k in row)), scorer.labels, bool(scorer.topics))
-        outcomes = scorer.assess([row["text"] for row in rows])
-        write_predictions(output, rows, outcomes, scorer.labels, topics=bool(scorer.topics))
-        skipped = {st: sum(o.status == st for o in outcomes) for st in ScoringStatus if st != ScoringStatus.SCORED}
+        topics = bool(scorer.topics)
+        check_output_columns(columns, scorer.labels, topics)
+        writer = PredictionWriter(output, [*columns, *prediction_columns(scorer.labels, topics)])
+        total = 0
+        counts = dict.fromkeys(ScoringStatus, 0)
+        try:  # read, score and write a chunk at a time: memory stays flat in the file size
+            for rows in chunked(iter_rows(file), cfg.model.chunk_size):
+                outcomes = scorer.assess([row["text"] for row in rows])
+                writer.write(prediction_records(rows, outcomes, scorer.labels, topics))
+                total += len(rows)
+                for o in outcomes:
+                    counts[o.status] += 1
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+        skipped = {st: n for st, n in counts.items() if st != ScoringStatus.SCORED}
         note = ", ".join(f"{n} {st}" for st, n in skipped.items() if n)
         err_console.print(
-            f"scored {len(rows) - sum(skipped.values())} of {len(rows)} texts with {scorer.version} -> {output}"
+            f"scored {counts[ScoringStatus.SCORED]} of {total} texts with {scorer.version} -> {output}"
             + (f" (not scored: {note})" if note else ""),
             highlight=False,
         )

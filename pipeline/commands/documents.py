@@ -6,9 +6,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
-from sqlalchemy import select
 
-from pipeline.commands.alerts import ConfigOpt, DbOpt, _open
+from pipeline.commands.alerts import ConfigOpt, DbOpt, _open, select
 
 documents_app = typer.Typer(help="Documents: find ids for explain and label.", no_args_is_help=True)
 

@@ -39,6 +39,7 @@ from pipeline.store.runs import (  # re-exported: callers use store.start_run et
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = PROJECT_DIR / "sql" / "migrations"
+_IN_LIST_MAX = 10_000  # ids per IN (...) list: far under psycopg's 65,535 parameters per statement
 
 
 def make_engine(url: str, **kw: Any) -> Engine:
@@ -88,6 +89,47 @@ def _insert(session: Session, table: Any) -> Any:
     if name == "sqlite":
         return sqlite.insert(table)
     raise StoreError(f"unsupported database dialect {name!r}: use PostgreSQL or SQLite")
+
+
+def _insert_new(session: Session, table: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], *returning: Any) -> list[tuple]:
+    """INSERT ... ON CONFLICT DO NOTHING of many rows, returning the `returning` columns (default: the first
+    conflict column) of the rows actually inserted, so callers count what was written, not what was tried.
+
+    Postgres: COPY into a temporary staging table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING, at the
+    pace of COPY and with no statement parameters at all. SQLite (the demo): one compiled INSERT executed for all
+    rows (SQLAlchemy's insertmanyvalues pages them under the driver's parameter limit). Either way no row count
+    or chunk size can hit psycopg's 65,535-parameter limit. Every row must carry the same keys."""
+    if not rows:
+        return []
+    tbl = getattr(table, "__table__", table)  # the Core table: a plain executemany, not the ORM bulk path
+    names = [c.key for c in returning] or [conflict[0]]
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_insert_new(session, tbl, rows, conflict, names)
+    stmt = _insert(session, tbl).on_conflict_do_nothing(index_elements=list(conflict))
+    return [tuple(r) for r in session.execute(stmt.returning(*(tbl.c[n] for n in names)), list(rows))]
+
+
+def _copy_insert_new(session: Session, tbl: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], names: list[str]) -> list[tuple]:
+    """The Postgres path of _insert_new, in the session's transaction. Values go through each column's own
+    bind processing (JSONB, aware UTC datetimes), exactly as an executemany would send them."""
+    dialect = session.get_bind().dialect
+    cols = list(rows[0])
+    procs = [tbl.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in cols]
+    quoted = ", ".join(f'"{c}"' for c in cols)
+    stage = f"_stage_{tbl.name}"
+    raw = session.connection().connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(f'CREATE TEMP TABLE "{stage}" ON COMMIT DROP AS SELECT {quoted} FROM "{tbl.name}" WITH NO DATA')
+        with cur.copy(f'COPY "{stage}" ({quoted}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row([p(row[c]) if p else row[c] for c, p in zip(cols, procs, strict=True)])
+        cur.execute(
+            f'INSERT INTO "{tbl.name}" ({quoted}) SELECT {quoted} FROM "{stage}" '
+            f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING {', '.join(names)}"
+        )
+        out = cur.fetchall()
+        cur.execute(f'DROP TABLE "{stage}"')
+    return out
 
 
 def upgrade(url: str, revision: str = "head") -> None:
@@ -198,39 +240,35 @@ def save_fetch(session: Session, result: FetchResult, run_id: int | None = None)
     return SavedFetch(new_documents=new_docs, fetch_id=fetch.id)
 
 
-def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int = 500) -> int:
-    """Insert documents and their entities; existing (source, external_id) pairs are skipped."""
+def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int = 5000) -> int:
+    """Insert documents and their entities; existing (source, external_id) pairs are skipped.
+    `batch` bounds the rows built in memory per write (any size is safe for the database: see _insert_new)."""
     inserted = 0
     now = datetime.now(UTC)
+    seen: set[tuple[str, str]] = set()
     for i in range(0, len(docs), batch):
-        chunk = docs[i : i + batch]
-        seen: set[tuple[str, str]] = set()
-        rows = []
-        for d in chunk:
-            key = (d.source, d.external_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            rows.append(
-                {
-                    "source_name": d.source,
-                    "external_id": d.external_id,
-                    "content_hash": d.content_hash,
-                    "title": d.title,
-                    "summary": d.summary,
-                    "link": d.link,
-                    "published_at": d.published_at,
-                    "fetched_at": now,
-                    "language": d.language,
-                }
-            )
-        stmt = (
-            _insert(session, s.Document)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["source_name", "external_id"])
-            .returning(s.Document.id, s.Document.source_name, s.Document.external_id)
-        )
-        new = {(r.source_name, r.external_id): r.id for r in session.execute(stmt)}
+        chunk = []
+        for d in docs[i : i + batch]:
+            if (d.source, d.external_id) not in seen:  # the first copy wins, as it would across calls
+                seen.add((d.source, d.external_id))
+                chunk.append(d)
+        rows = [
+            {
+                "source_name": d.source,
+                "external_id": d.external_id,
+                "content_hash": d.content_hash,
+                "title": d.title,
+                "summary": d.summary,
+                "link": d.link,
+                "published_at": d.published_at,
+                "fetched_at": now,
+                "language": d.language,
+            }
+            for d in chunk
+        ]
+        D = s.Document.__table__.c
+        written = _insert_new(session, s.Document, rows, ["source_name", "external_id"], D.id, D.source_name, D.external_id)
+        new = {(source, external_id): doc_id for doc_id, source, external_id in written}
         inserted += len(new)
         ent_rows = [
             {"document_id": new[(d.source, d.external_id)], "entity": e.entity, "kind": e.kind, "matched": e.matched}
@@ -238,10 +276,7 @@ def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int 
             if (d.source, d.external_id) in new
             for e in {e.entity: e for e in d.entities}.values()
         ]
-        if ent_rows:
-            session.execute(
-                _insert(session, s.DocumentEntity).values(ent_rows).on_conflict_do_nothing(index_elements=["document_id", "entity"])
-            )
+        _insert_new(session, s.DocumentEntity, ent_rows, ["document_id", "entity"])
     return inserted
 
 
@@ -301,6 +336,7 @@ def iter_unscored(
 
 
 def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
+    """Store scores; a (document, model) pair already scored is skipped. Returns the rows actually written."""
     if not rows:
         return 0
     now = datetime.now(UTC)
@@ -319,13 +355,7 @@ def save_scores(session: Session, rows: Sequence[ScoreRow]) -> int:
         }
         for r in rows
     ]
-    stmt = (
-        _insert(session, s.Score)
-        .values(values)
-        .on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
-        .returning(s.Score.document_id)
-    )
-    return len(session.execute(stmt).all())
+    return len(_insert_new(session, s.Score, values, ["document_id", "model_version_id"]))
 
 
 def save_outcomes(session: Session, model_version: str, outcomes: Sequence[tuple[int, TextOutcome]]) -> int:
@@ -344,23 +374,17 @@ def save_outcomes(session: Session, model_version: str, outcomes: Sequence[tuple
         for doc_id, o in outcomes
         if o.status != ScoringStatus.SCORED
     ]
-    saved = 0
-    if values:
-        stmt = (
-            _insert(session, s.ScoringOutcome)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
-            .returning(s.ScoringOutcome.document_id)
-        )
-        saved = len(session.execute(stmt).all())
+    saved = len(_insert_new(session, s.ScoringOutcome, values, ["document_id", "model_version_id"]))
     by_language: dict[str, list[int]] = {}
     for doc_id, o in outcomes:
         if o.language:
             by_language.setdefault(o.language, []).append(doc_id)
     for lang, ids in by_language.items():
-        session.execute(
-            update(s.Document).where(s.Document.id.in_(ids), s.Document.language.is_(None)).values(language=lang)
-        )
+        for i in range(0, len(ids), _IN_LIST_MAX):  # each id in IN (...) is a bound parameter
+            part = ids[i : i + _IN_LIST_MAX]
+            session.execute(
+                update(s.Document).where(s.Document.id.in_(part), s.Document.language.is_(None)).values(language=lang)
+            )
     return saved
 
 
@@ -393,9 +417,7 @@ def save_explanations(session: Session, model_version: str, evidence: dict[int, 
         {"document_id": d, "model_version_id": model_version, "tokens": list(t), "created_at": now}
         for d, t in evidence.items()
     ]
-    stmt = _insert(session, s.Explanation).values(values)
-    stmt = stmt.on_conflict_do_nothing(index_elements=["document_id", "model_version_id"])
-    return len(session.execute(stmt.returning(s.Explanation.document_id)).all())
+    return len(_insert_new(session, s.Explanation, values, ["document_id", "model_version_id"]))
 
 
 def load_explanations(session: Session, model_version: str, document_ids: Iterable[int]) -> dict[int, tuple[str, ...]]:
