@@ -74,7 +74,9 @@ def text_sets(n: int, data_dir: Path | None = None) -> tuple[dict[str, list[str]
         rng = random.Random(16)
         sets = {"fpb": rng.sample(fpb, min(n, len(fpb))), "tfns": rng.sample(tfns, min(n, len(tfns)))}
         return sets, f"{n} Financial PhraseBank sentences and {n} TFNS tweets (fixed random sample) from {d}"
-    return {"headlines": sample_texts(n)}, f"labelled data not found in {d}: the bundled sample feeds' headlines, repeated to {n}"
+    return {
+        "headlines": sample_texts(n)
+    }, f"labelled data not found in {d}: the bundled sample feeds' headlines, repeated to {n}"
 
 
 def _naive_pipeline(model: str, device: str) -> Callable[[list[str]], Any]:
@@ -100,7 +102,13 @@ def _hand_loop(scorer: Any) -> Callable[[list[str]], Any]:
         with torch.inference_mode():
             for i in range(0, len(order), bs):
                 idx = order[i : i + bs]
-                enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=scorer.max_length, return_tensors="pt")
+                enc = tok(
+                    [texts[j] for j in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=scorer.max_length,
+                    return_tensors="pt",
+                )
                 probs = torch.softmax(model(**enc.to(scorer.device)).logits.float(), dim=-1).cpu().tolist()
                 for j, p in zip(idx, probs, strict=True):
                     out[j] = p
@@ -110,7 +118,12 @@ def _hand_loop(scorer: Any) -> Callable[[list[str]], Any]:
 
 
 def run_bench(
-    model: str, n: int = 400, rounds: int = 3, batch_size: int = 64, device: str | None = None, data_dir: Path | None = None
+    model: str,
+    n: int = 400,
+    rounds: int = 3,
+    batch_size: int = 64,
+    device: str | None = None,
+    data_dir: Path | None = None,
 ) -> tuple[list[BenchResult], str]:
     """Score each text set with finsent, the naive pipeline and the hand loop, `rounds` times, interleaved."""
     from pipeline.score import Scorer
@@ -143,10 +156,16 @@ def run_bench(
                 times.setdefault((name, method), []).append(len(texts) / spent[method])
     results = []
     for name, texts in sets.items():
-        tokens = sum(len(ids) for ids in scorer.tokenizer(texts, truncation=True, max_length=scorer.max_length)["input_ids"])
+        tokens = sum(
+            len(ids) for ids in scorer.tokenizer(texts, truncation=True, max_length=scorer.max_length)["input_ids"]
+        )
         for method in runners:
             bs = NAIVE_BATCH if method == "naive_pipeline" else batch_size
-            results.append(BenchResult(name, method, len(texts), tokens / len(texts), bs, times[(name, method)], slices[(name, method)]))
+            results.append(
+                BenchResult(
+                    name, method, len(texts), tokens / len(texts), bs, times[(name, method)], slices[(name, method)]
+                )
+            )
     return results, source
 
 
@@ -202,10 +221,15 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "texts": report.texts_source,
         "ratios": ratios,
         "scoring": [
-            {**asdict(r), "texts_per_s": round(r.texts_per_s, 1), "slice_seconds": [round(x, 4) for x in r.slice_seconds]}
+            {
+                **asdict(r),
+                "texts_per_s": round(r.texts_per_s, 1),
+                "slice_seconds": [round(x, 4) for x in r.slice_seconds],
+            }
             for r in report.scoring
         ],
-        "db_writes": [{**asdict(w), "rows_per_s": round(w.rows_per_s)} for w in report.writes] or old.get("db_writes", []),
+        "db_writes": [{**asdict(w), "rows_per_s": round(w.rows_per_s)} for w in report.writes]
+        or old.get("db_writes", []),
     }
     if "detect" in old:
         meta["detect"] = old["detect"]
@@ -238,7 +262,8 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "|---|---|---|---|---|---|---|",
         *(
             f"| {r.text_set} | {r.method} | {r.texts} | {r.mean_tokens:.1f} | {r.batch_size} | {r.texts_per_s:.1f} | "
-            + ", ".join(f"{x:.0f}" for x in r.rounds_texts_per_s) + " |"
+            + ", ".join(f"{x:.0f}" for x in r.rounds_texts_per_s)
+            + " |"
             for r in report.scoring
         ),
         "",
@@ -260,9 +285,29 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return meta
 
-DOC_COLUMNS = ("source_name", "external_id", "content_hash", "title", "summary", "link", "published_at", "fetched_at", "language")
+
+DOC_COLUMNS = (
+    "source_name",
+    "external_id",
+    "content_hash",
+    "title",
+    "summary",
+    "link",
+    "published_at",
+    "fetched_at",
+    "language",
+)
 SCORE_COLUMNS = (
-    "document_id", "model_version_id", "label", "p_negative", "p_neutral", "p_positive", "probs", "topic", "topic_prob", "scored_at",
+    "document_id",
+    "model_version_id",
+    "label",
+    "p_negative",
+    "p_neutral",
+    "p_positive",
+    "probs",
+    "topic",
+    "topic_prob",
+    "scored_at",
 )
 WRITE_CHUNK = 2000  # ModelConfig.chunk_size default: one transaction per chunk, as score_pending commits
 
@@ -287,9 +332,13 @@ def _bench_documents(tag: str, n: int) -> list:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     return [
         Document(
-            source=tag, external_id=f"{tag}-{i}", content_hash=hashlib.sha256(f"{tag}-{i}".encode()).hexdigest(),
-            title=f"Company {i % 50} shares move on quarterly results {i}", summary="Analysts weigh guidance, margins and demand " * 3,
-            link=f"https://news.example.com/{tag}/{i}", published_at=t0 + timedelta(seconds=i),
+            source=tag,
+            external_id=f"{tag}-{i}",
+            content_hash=hashlib.sha256(f"{tag}-{i}".encode()).hexdigest(),
+            title=f"Company {i % 50} shares move on quarterly results {i}",
+            summary="Analysts weigh guidance, margins and demand " * 3,
+            link=f"https://news.example.com/{tag}/{i}",
+            published_at=t0 + timedelta(seconds=i),
             entities=(EntityMention(f"T{i % 50}", "watchlist", f"Company {i % 50}"),),
         )
         for i in range(n)
@@ -316,14 +365,18 @@ def _write_finsent(engine, docs: list, model: str) -> int:
     return written
 
 
-def _copy_insert(cur, table: str, columns: tuple[str, ...], rows: list[tuple], conflict: str, returning: str) -> list[tuple]:
+def _copy_insert(
+    cur, table: str, columns: tuple[str, ...], rows: list[tuple], conflict: str, returning: str
+) -> list[tuple]:
     """The idempotent COPY ceiling: COPY into a temp table, then INSERT ... SELECT ... ON CONFLICT DO NOTHING."""
     cols = ", ".join(columns)
     cur.execute(f"CREATE TEMP TABLE stage AS SELECT {cols} FROM {table} WITH NO DATA")
     with cur.copy(f"COPY stage ({cols}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    cur.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM stage ON CONFLICT ({conflict}) DO NOTHING RETURNING {returning}")
+    cur.execute(
+        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM stage ON CONFLICT ({conflict}) DO NOTHING RETURNING {returning}"
+    )
     out = cur.fetchall()
     cur.execute("DROP TABLE stage")
     return out
@@ -338,11 +391,36 @@ def _write_copy(engine, docs: list, model: str) -> int:
         for i in range(0, len(docs), WRITE_CHUNK):
             chunk = docs[i : i + WRITE_CHUNK]
             with conn.cursor() as cur:
-                rows = [(d.source, d.external_id, d.content_hash, d.title, d.summary, d.link, d.published_at, now, d.language) for d in chunk]
-                new = {(src, ext): i for i, src, ext in _copy_insert(cur, "documents", DOC_COLUMNS, rows, "source_name, external_id", "id, source_name, external_id")}
-                ents = [(new[(d.source, d.external_id)], e.entity, e.kind, e.matched) for d in chunk if (d.source, d.external_id) in new for e in d.entities]
+                rows = [
+                    (
+                        d.source,
+                        d.external_id,
+                        d.content_hash,
+                        d.title,
+                        d.summary,
+                        d.link,
+                        d.published_at,
+                        now,
+                        d.language,
+                    )
+                    for d in chunk
+                ]
+                new = {
+                    (src, ext): i
+                    for i, src, ext in _copy_insert(
+                        cur, "documents", DOC_COLUMNS, rows, "source_name, external_id", "id, source_name, external_id"
+                    )
+                }
+                ents = [
+                    (new[(d.source, d.external_id)], e.entity, e.kind, e.matched)
+                    for d in chunk
+                    if (d.source, d.external_id) in new
+                    for e in d.entities
+                ]
                 ent_cols = ("document_id", "entity", "kind", "matched")
-                written += len(new) + len(_copy_insert(cur, "document_entities", ent_cols, ents, "document_id, entity", "document_id"))
+                written += len(new) + len(
+                    _copy_insert(cur, "document_entities", ent_cols, ents, "document_id, entity", "document_id")
+                )
             conn.commit()
         with conn.cursor() as cur:
             cur.execute("SELECT id FROM documents WHERE source_name = %s", (docs[0].source,))
@@ -351,7 +429,9 @@ def _write_copy(engine, docs: list, model: str) -> int:
         for i in range(0, len(ids), WRITE_CHUNK):
             rows = [(d, model, "neutral", 0.1, 0.8, 0.1, probs, "earnings", 0.5, now) for d in ids[i : i + WRITE_CHUNK]]
             with conn.cursor() as cur:
-                written += len(_copy_insert(cur, "scores", SCORE_COLUMNS, rows, "document_id, model_version_id", "document_id"))
+                written += len(
+                    _copy_insert(cur, "scores", SCORE_COLUMNS, rows, "document_id, model_version_id", "document_id")
+                )
             conn.commit()
     finally:
         conn.close()
@@ -381,7 +461,9 @@ def run_db_bench(url: str, n: int = 10_000, rounds: int = 3) -> list[WriteResult
         engine = store.make_engine(scoped)
         tags = [f"{m}{r}" for r in range(rounds) for m in ("finsent", "copy")]
         with store.session_scope(engine) as session:
-            store.register_model(session, "bench", name="bench", path="bench", labels=["negative", "neutral", "positive"])
+            store.register_model(
+                session, "bench", name="bench", path="bench", labels=["negative", "neutral", "positive"]
+            )
             store.ensure_sources(session, [SourceConfig(name=t, url="https://example.com/feed") for t in tags])
         for tag in tags:
             docs = _bench_documents(tag, n)
@@ -401,6 +483,7 @@ def run_db_bench(url: str, n: int = 10_000, rounds: int = 3) -> list[WriteResult
 
 def write_ratio(results: list[WriteResult]) -> float:
     """finsent's rows/s over the idempotent COPY ceiling's, each summed over its rounds."""
+
     def rate(method: str) -> float:
         rs = [r for r in results if r.method == method]
         return sum(r.rows for r in rs) / sum(r.seconds for r in rs)

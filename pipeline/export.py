@@ -13,9 +13,9 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from pipeline.errors import UsageError
 from pipeline.store import schema as s
 from pipeline.web.queries import HOUR, as_hour, current_model, floor_hour, hour_bucket, zero_filled
-from pipeline.errors import UsageError
 
 ScopeKind = Literal["market", "entity", "source", "topic"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("market", "entity", "source", "topic")

@@ -70,7 +70,11 @@ def scope_documents(
 ) -> list[tuple[int, str, str]]:
     """(document id, content hash, label) of the scored documents a scope counts in [start, end)."""
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
-    q = select(D.id, D.content_hash, Sc.label).join(Sc, Sc.document_id == D.id).where(D.published_at >= start, D.published_at < end)
+    q = (
+        select(D.id, D.content_hash, Sc.label)
+        .join(Sc, Sc.document_id == D.id)
+        .where(D.published_at >= start, D.published_at < end)
+    )
     if model_version:
         q = q.where(Sc.model_version_id == model_version)
     if negative_only:
@@ -150,7 +154,9 @@ def assign_incidents(engine: Engine, cfg: Any = None) -> list[str]:
     with session_scope(engine) as session:
         pending = session.scalars(
             select(s.Alert)
-            .where(s.Alert.incident_id.is_(None), s.Alert.scope_kind.not_in(OPS_SCOPES))  # source/model health is not news
+            .where(
+                s.Alert.incident_id.is_(None), s.Alert.scope_kind.not_in(OPS_SCOPES)
+            )  # source/model health is not news
             .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
         by_run: dict[datetime, list[s.Alert]] = {}
@@ -162,7 +168,11 @@ def assign_incidents(engine: Engine, cfg: Any = None) -> list[str]:
                 if a.kind != "spike" and a.episode_id:
                     inc = session.scalar(
                         select(s.Alert.incident_id)
-                        .where(s.Alert.episode_id == a.episode_id, s.Alert.incident_id.is_not(None), s.Alert.window_end < window_end)
+                        .where(
+                            s.Alert.episode_id == a.episode_id,
+                            s.Alert.incident_id.is_not(None),
+                            s.Alert.window_end < window_end,
+                        )
                         .order_by(s.Alert.window_end.desc())
                         .limit(1)
                     )
@@ -209,12 +219,16 @@ def _store_group(session: Session, g: _Group, window_end: datetime, cfg: Any) ->
     for a in g.members:
         a.incident_id = inc.id
         key = (a.scope_kind, a.scope_value)
-        entry = scopes.setdefault(key, {"scope_kind": a.scope_kind, "scope_value": a.scope_value, "episode_id": a.episode_id})
+        entry = scopes.setdefault(
+            key, {"scope_kind": a.scope_kind, "scope_value": a.scope_value, "episode_id": a.episode_id}
+        )
         entry["open"] = a.kind != "resolved"
         entry["episode_id"] = a.episode_id
         if a.kind != "resolved" and SEVERITY_RANK.get(a.severity, 9) < SEVERITY_RANK.get(severity, 9):
             severity = a.severity
-    ordered = sorted(scopes.values(), key=lambda x: (SCOPE_RANK.get(x["scope_kind"], 9), x["scope_kind"], x["scope_value"]))
+    ordered = sorted(
+        scopes.values(), key=lambda x: (SCOPE_RANK.get(x["scope_kind"], 9), x["scope_kind"], x["scope_value"])
+    )
     inc.scopes = ordered
     inc.severity = severity
     if any(x["open"] for x in ordered):

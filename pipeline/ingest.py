@@ -60,8 +60,34 @@ _ACCEPT = {
 class _TextExtractor(HTMLParser):
     _SKIP = frozenset({"script", "style", "noscript", "template", "head", "title"})
     _BLOCK = frozenset(
-        {"p", "div", "br", "li", "ul", "ol", "tr", "td", "th", "table", "blockquote", "pre", "hr", "section",
-         "article", "header", "footer", "h1", "h2", "h3", "h4", "h5", "h6", "dd", "dt", "figcaption"}
+        {
+            "p",
+            "div",
+            "br",
+            "li",
+            "ul",
+            "ol",
+            "tr",
+            "td",
+            "th",
+            "table",
+            "blockquote",
+            "pre",
+            "hr",
+            "section",
+            "article",
+            "header",
+            "footer",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "dd",
+            "dt",
+            "figcaption",
+        }
     )
 
     def __init__(self) -> None:
@@ -92,10 +118,19 @@ class _TextExtractor(HTMLParser):
 
 # Zero-width characters and C0 controls: invisible, and Postgres rejects NUL in text columns. Bidi embedding,
 # override and isolate controls (and LRM/RLM) are dropped too: they can make an alert read backwards.
-_INVISIBLE = dict.fromkeys([
-    *map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f"), *range(0x202A, 0x202F), *range(0x2066, 0x206A),
-    *range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0xD800, 0xE000),
-])
+_INVISIBLE = dict.fromkeys(
+    [
+        *map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u200e\u200f"),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+        *range(0x00, 0x09),
+        0x0B,
+        0x0C,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0xD800, 0xE000),
+    ]
+)
 
 
 def collapse_ws(text: str) -> str:
@@ -191,7 +226,10 @@ def _matcher(spec: tuple[tuple[str, str, tuple[str, ...]], ...]) -> _WatchlistMa
                 alias_keys[norm].append(ticker.upper())
     alts = sorted(alias_keys, key=len, reverse=True)
     alias_re = (
-        re.compile(r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, a.split(" "))) for a in alts) + r")(?!\w)", re.IGNORECASE)
+        re.compile(
+            r"(?<!\w)(?:" + "|".join(r"\s+".join(map(re.escape, a.split(" "))) for a in alts) + r")(?!\w)",
+            re.IGNORECASE,
+        )
         if alts
         else None
     )
@@ -211,7 +249,9 @@ def _entities(text: str, m: _WatchlistMatcher, symbols: Iterable[str] = ()) -> t
         hits.extend((mt.start(), mt.group(1), "watchlist", mt.group(0)) for mt in m.tickers.finditer(text))
     if m.aliases is not None:
         for mt in m.aliases.finditer(text):
-            hits.extend((mt.start(), key, "watchlist", mt.group(0)) for key in m.alias_keys.get(_alias_norm(mt.group(0)), ()))
+            hits.extend(
+                (mt.start(), key, "watchlist", mt.group(0)) for key in m.alias_keys.get(_alias_norm(mt.group(0)), ())
+            )
     end = len(text)
     for sym in symbols:
         if _SYMBOL.match(sym):
@@ -407,7 +447,11 @@ class _GuardedBackend(httpcore.NetworkBackend):
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         addresses = self._resolve(host, port)
@@ -422,8 +466,9 @@ class _GuardedBackend(httpcore.NetworkBackend):
         last: Exception | None = None
         for addr in addresses:
             try:
-                stream = self.plain.connect_tcp(addr, port, self.deadline.bound(timeout, f"connecting to {host}"),
-                                                local_address, socket_options)
+                stream = self.plain.connect_tcp(
+                    addr, port, self.deadline.bound(timeout, f"connecting to {host}"), local_address, socket_options
+                )
             except httpcore.ConnectError as e:
                 last = e
                 continue
@@ -447,8 +492,11 @@ def _client(src: SourceConfig, deadline: _Deadline) -> httpx.Client:
         ssl_context=transport._pool._ssl_context, network_backend=_GuardedBackend(src, deadline)
     )
     return httpx.Client(
-        transport=transport, follow_redirects=False, timeout=src.timeout_s,
-        trust_env=False, event_hooks={"request": [_check_hop]},
+        transport=transport,
+        follow_redirects=False,
+        timeout=src.timeout_s,
+        trust_env=False,
+        event_hooks={"request": [_check_hop]},
     )
 
 
@@ -548,8 +596,11 @@ def _response_body(resp: httpx.Response, src: SourceConfig, deadline: _Deadline)
 
 
 def _http_once(
-    src: SourceConfig, url: str, headers: dict[str, str],
-    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+    src: SourceConfig,
+    url: str,
+    headers: dict[str, str],
+    env_headers: dict[str, str] | None = None,
+    env_query: dict[str, str] | None = None,
 ) -> _Body:
     """One GET, redirects followed by hand: the credentials from `headers_env`/`query_env` go only to the source's
     own scheme, host and port; once a hop leaves it they are dropped for the rest of the chain (httpx would only
@@ -586,8 +637,11 @@ def _http_once(
 
 
 def _http_get(
-    src: SourceConfig, url: str, headers: dict[str, str],
-    env_headers: dict[str, str] | None = None, env_query: dict[str, str] | None = None,
+    src: SourceConfig,
+    url: str,
+    headers: dict[str, str],
+    env_headers: dict[str, str] | None = None,
+    env_query: dict[str, str] | None = None,
 ) -> _Body:
     """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target)."""
     attempts = src.retries + 1
@@ -610,7 +664,10 @@ def _env_secrets(src: SourceConfig) -> tuple[dict[str, str], dict[str, str]]:
     missing = [v for v in (*src.headers_env.values(), *src.query_env.values()) if not os.environ.get(v)]
     if missing:
         raise _FetchError(f"credential env var {', '.join(sorted(set(missing)))} is not set")
-    return ({h: os.environ[v] for h, v in src.headers_env.items()}, {q: os.environ[v] for q, v in src.query_env.items()})
+    return (
+        {h: os.environ[v] for h, v in src.headers_env.items()},
+        {q: os.environ[v] for q, v in src.query_env.items()},
+    )
 
 
 def _with_query(url: str, params: dict[str, str]) -> str:
@@ -671,8 +728,13 @@ def _read_file(src: SourceConfig, last_modified: str | None) -> _Body:
 
 _XML_DECL_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._\-]+)["']""")
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9._\-]+)", re.IGNORECASE)
-_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 _DETECT_BYTES = 200_000  # charset-normalizer reads this much at most: detection cost stays bounded
@@ -798,7 +860,6 @@ class _Builder:
             entities=_entities(f"{title}\n{summary}", self.matcher, symbols),
         )
 
-
     def _published(self, published: datetime | None) -> datetime:
         """Future dates are clamped to the fetch time and pre-1990 dates count as missing, so a feed cannot
         plant items in a future window or deep in the baseline."""
@@ -895,13 +956,19 @@ def _parse_feed(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
             ctype = body.content_type.split(";")[0] or "unknown content type"
             raise _FetchError(f"returned an HTML page ({ctype}), not an RSS/Atom feed", body.http_status)
         if parsed.bozo:
-            raise _FetchError(f"malformed feed, no entries could be read: {_describe(parsed.bozo_exception)}", body.http_status)
+            raise _FetchError(
+                f"malformed feed, no entries could be read: {_describe(parsed.bozo_exception)}", body.http_status
+            )
         if not parsed.get("version"):
             raise _FetchError("not an RSS/Atom feed (no feed element found)", body.http_status)
         raise _FetchError(f"feed is empty ({parsed.version}, no entries)", body.http_status)
     if parsed.bozo:
-        log.warning("source %s: feed is not well-formed (%s); kept the %d entries that parsed",
-                    src.name, _describe(parsed.bozo_exception), len(entries))
+        log.warning(
+            "source %s: feed is not well-formed (%s); kept the %d entries that parsed",
+            src.name,
+            _describe(parsed.bozo_exception),
+            len(entries),
+        )
     feed_lang = parsed.feed.get("language")
     docs: list[Document] = []
     invalid = 0
@@ -1016,7 +1083,9 @@ def _parse_stocktwits(src: SourceConfig, body: _Body, b: _Builder) -> _Parsed:
         else:
             docs.append(doc)
     if not docs:
-        raise _FetchError(f"none of the {len(messages)} messages is valid (each needs an id and a body)", body.http_status)
+        raise _FetchError(
+            f"none of the {len(messages)} messages is valid (each needs an id and a body)", body.http_status
+        )
     return _finish(src, docs, len(messages), invalid)
 
 
@@ -1032,7 +1101,9 @@ def _safe_build(builder: Any, src: SourceConfig, **fields: Any) -> Document | No
 def _finish(src: SourceConfig, docs: list[Document], seen: int, invalid: int) -> _Parsed:
     capped = max(0, seen - src.max_entries)
     if capped:
-        log.warning("source %s: %d entries, kept the first max_entries=%d, skipped %d", src.name, seen, src.max_entries, capped)
+        log.warning(
+            "source %s: %d entries, kept the first max_entries=%d, skipped %d", src.name, seen, src.max_entries, capped
+        )
     if invalid:
         log.warning("source %s: skipped %d entries without usable id/title/text", src.name, invalid)
     return _Parsed(docs, seen, capped + invalid)
@@ -1067,8 +1138,11 @@ def fetch_source(
         else:
             env_headers, env_query = _env_secrets(src)
             secrets = [*env_headers.values(), *env_query.values()]
-            headers = {"User-Agent": user_agent, "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"]),
-                       "Accept-Encoding": "gzip, deflate"}
+            headers = {
+                "User-Agent": user_agent,
+                "Accept": _ACCEPT.get(src.kind, _ACCEPT["default"]),
+                "Accept-Encoding": "gzip, deflate",
+            }
             if etag:
                 headers["If-None-Match"] = etag
             if last_modified:

@@ -238,7 +238,9 @@ class AlertView:
     def about(self) -> str:
         a = self.alert
         name = self.scope_name or self.scope_label
-        return {"market": "across all sources", "source": f"from {name}", "topic": f"on {name}"}.get(a.scope_kind, f"about {name}")
+        return {"market": "across all sources", "source": f"from {name}", "topic": f"on {name}"}.get(
+            a.scope_kind, f"about {name}"
+        )
 
     @property
     def period(self) -> str:
@@ -343,7 +345,11 @@ class IncidentMessage:
     @property
     def continues(self) -> bool:
         """A later message of an incident opened in an earlier run."""
-        return self.kind != MessageKind.OPENED and self.opened_at is not None and self.opened_at < self.lead.alert.window_end
+        return (
+            self.kind != MessageKind.OPENED
+            and self.opened_at is not None
+            and self.opened_at < self.lead.alert.window_end
+        )
 
     @property
     def resolved_line(self) -> str | None:
@@ -357,7 +363,9 @@ class IncidentMessage:
             start = None
         if start is not None:
             hours = (end - start).total_seconds() / 3600
-            parts.append(f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, counting the quiet hours that confirm it)")
+            parts.append(
+                f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, counting the quiet hours that confirm it)"
+            )
         peak = []
         if self.peak_share is not None:
             peak.append(f"{100 * self.peak_share:.0f}% negative")
@@ -387,7 +395,9 @@ def as_message(v: AlertView | IncidentMessage) -> IncidentMessage:
     if isinstance(v, IncidentMessage):
         return v
     kind = {"resolved": MessageKind.RESOLVED, "escalated": MessageKind.ESCALATED}.get(v.alert.kind, MessageKind.OPENED)
-    return IncidentMessage(lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == "resolved" else v.alert.severity)
+    return IncidentMessage(
+        lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == "resolved" else v.alert.severity
+    )
 
 
 def view_of(row: s.Alert, cfg: FinsentConfig | None = None, usual_count: float | None = None) -> AlertView:
@@ -420,7 +430,11 @@ def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
         return "market-wide"
     if kind == "entity":
         names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
-        return f"{clean_text(names[value], 100)} ({clean_text(value, 40)})" if value in names else f"entity {clean_text(value, 60)}"
+        return (
+            f"{clean_text(names[value], 100)} ({clean_text(value, 40)})"
+            if value in names
+            else f"entity {clean_text(value, 60)}"
+        )
     return f"{kind} {clean_text(value, 100)}"
 
 
@@ -479,11 +493,20 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": heading, "emoji": False}}]
     if m.update_line and not threaded:
         view_link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {view_link}" if view_link else "")}]})
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [
+                    {"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {view_link}" if view_link else "")}
+                ],
+            }
+        )
     if m.resolved_line:
         body = f"{slack_escape(m.resolved_line)}\nNow: {slack_escape(m.lead.share_line)}"
     else:
-        body = f"*{slack_escape(m.lead.share_line)}*\n{slack_escape(m.lead.usual_line)}\n{slack_escape(m.lead.risk_line)}"
+        body = (
+            f"*{slack_escape(m.lead.share_line)}*\n{slack_escape(m.lead.usual_line)}\n{slack_escape(m.lead.risk_line)}"
+        )
         if m.escalated_line:
             body = f"{slack_escape(m.escalated_line)}\n{body}"
     blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": body}})
@@ -497,14 +520,27 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
             line += f"\n    evidence: {slack_escape(', '.join(d.evidence), 200)}"
         items.append(line)
     if items:
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Top negative stories*\n" + "\n".join(items)[:2900]}})
+        blocks.append(
+            {
+                "type": "section",
+                "text": {"type": "mrkdwn", "text": "*Top negative stories*\n" + "\n".join(items)[:2900]},
+            }
+        )
     buttons: list[dict[str, Any]] = []
     for label, url in (("Open alert", m.alert_url), ("Dashboard", m.dashboard_url)):
         link = safe_link(url)
         if link:
             buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
     if m.ack_button and m.kind != MessageKind.RESOLVED:
-        buttons.append({"type": "button", "action_id": ACK_ACTION_ID, "style": "primary", "text": {"type": "plain_text", "text": "Acknowledge"}, "value": a.id})
+        buttons.append(
+            {
+                "type": "button",
+                "action_id": ACK_ACTION_ID,
+                "style": "primary",
+                "text": {"type": "plain_text", "text": "Acknowledge"},
+                "value": a.id,
+            }
+        )
     if safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:  # also with the button: works if Slack can't reach us
         label = "Acknowledge (web)" if m.ack_button else "Acknowledge"
         buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": safe_link(m.ack_url)})
@@ -536,7 +572,9 @@ def render_html(v: AlertView | IncidentMessage) -> str:
     if m.resolved_line:
         paras.append(f"<p class='lead'>{e(m.resolved_line)}</p><p>Now: {e(m.lead.share_line)}</p>")
     else:
-        paras.append(f"<p class='lead'>{e(m.lead.share_line)}</p><p>{e(m.lead.usual_line)}</p><p>{e(m.lead.risk_line)}</p>")
+        paras.append(
+            f"<p class='lead'>{e(m.lead.share_line)}</p><p>{e(m.lead.usual_line)}</p><p>{e(m.lead.risk_line)}</p>"
+        )
     others = ""
     if m.others:
         lis = "".join(f"<li>{e(o.short)}</li>" for o in m.others)
@@ -545,12 +583,20 @@ def render_html(v: AlertView | IncidentMessage) -> str:
     for d in a.top_documents[:MAX_TOP_ITEMS]:
         title = e(clean_text(d.title))
         link = safe_link(d.link)
-        head = f"<a href=\"{e(link, quote=True)}\">{title}</a>" if link else title
-        ev = f"<br><span class='muted'>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</span>" if d.evidence else ""
+        head = f'<a href="{e(link, quote=True)}">{title}</a>' if link else title
+        ev = (
+            f"<br><span class='muted'>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</span>"
+            if d.evidence
+            else ""
+        )
         items.append(f"<li>{head} &mdash; {e(clean_text(d.source, 60))}, p_neg {d.p_negative:.2f}{ev}</li>")
     top = f"<h2>Top negative stories</h2><ol>{''.join(items)}</ol>" if items else ""
     buttons = []
-    for label, url in (("Open alert", m.alert_url), ("Dashboard", m.dashboard_url), ("Acknowledge", m.ack_url if m.kind != MessageKind.RESOLVED else None)):
+    for label, url in (
+        ("Open alert", m.alert_url),
+        ("Dashboard", m.dashboard_url),
+        ("Acknowledge", m.ack_url if m.kind != MessageKind.RESOLVED else None),
+    ):
         link = safe_link(url)
         if link:
             buttons.append(f"<a class='btn' href=\"{e(link, quote=True)}\">{e(label)}</a>")
@@ -562,9 +608,13 @@ def render_html(v: AlertView | IncidentMessage) -> str:
             details.append(f"acknowledge: finsent alerts ack {a.id[:12]}")
     style = (
         "body{margin:0;padding:0;background:#f4f5f7;color:#1d2433;font:16px/1.5 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif}"
-        ".card{max-width:600px;width:100%;margin:0 auto;background:#fff;border-top:6px solid " + colour + ";box-sizing:border-box;padding:16px 20px}"
+        ".card{max-width:600px;width:100%;margin:0 auto;background:#fff;border-top:6px solid "
+        + colour
+        + ";box-sizing:border-box;padding:16px 20px}"
         "h1{font-size:20px;margin:0 0 8px}h2{font-size:16px;margin:16px 0 4px}"
-        ".badge{display:inline-block;padding:2px 8px;border-radius:4px;color:#fff;background:" + colour + ";font-size:13px;font-weight:600}"
+        ".badge{display:inline-block;padding:2px 8px;border-radius:4px;color:#fff;background:"
+        + colour
+        + ";font-size:13px;font-weight:600}"
         ".lead{font-size:17px;font-weight:600}.muted{color:#5b6474;font-size:14px}"
         "a{color:#1a56db}.btn{display:inline-block;margin:4px 8px 4px 0;padding:8px 14px;border-radius:6px;background:#1a56db;color:#fff!important;text-decoration:none}"
         "ol,ul{padding-left:20px}li{margin:4px 0;word-wrap:break-word}"
@@ -659,7 +709,12 @@ class SlackSink:
         thread = m.thread_ref.split(" ", 1) if m.thread_ref and " " in m.thread_ref else None
         text, blocks = render_slack(m, threaded=thread is not None)
         try:
-            client = WebClient(token=token, base_url=c.api_base_url.rstrip("/") + "/", timeout=max(1, round(c.timeout_s)), retry_handlers=[])
+            client = WebClient(
+                token=token,
+                base_url=c.api_base_url.rstrip("/") + "/",
+                timeout=max(1, round(c.timeout_s)),
+                retry_handlers=[],
+            )
             resp = client.chat_postMessage(
                 channel=thread[0] if thread else str(c.channel),
                 text=text,
@@ -670,7 +725,9 @@ class SlackSink:
                 unfurl_media=False,
             )
         except (SlackClientError, OSError, HTTPException, ValueError) as e:
-            raise DeliveryError(f"sink {self.name}: Slack chat.postMessage failed: {scrub(f'{type(e).__name__}: {e}', [token])}") from None
+            raise DeliveryError(
+                f"sink {self.name}: Slack chat.postMessage failed: {scrub(f'{type(e).__name__}: {e}', [token])}"
+            ) from None
         channel, ts = resp.get("channel") or c.channel, resp.get("ts")
         if not ts:
             raise DeliveryError(f"sink {self.name}: Slack chat.postMessage answered without a message ts")
@@ -695,9 +752,13 @@ class SlackSink:
             client = WebhookClient(url, timeout=max(1, round(self.cfg.timeout_s)), logger=sdk_log, retry_handlers=[])
             resp = client.send(text=text, blocks=blocks, unfurl_links=False, unfurl_media=False)
         except Exception as e:
-            raise DeliveryError(f"sink {self.name}: Slack webhook failed: {scrub(f'{type(e).__name__}: {e}', [url])}") from None
+            raise DeliveryError(
+                f"sink {self.name}: Slack webhook failed: {scrub(f'{type(e).__name__}: {e}', [url])}"
+            ) from None
         if resp.status_code != 200:
-            raise DeliveryError(f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: {scrub(str(resp.body)[:200], [url])}")
+            raise DeliveryError(
+                f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: {scrub(str(resp.body)[:200], [url])}"
+            )
 
 
 class EmailSink:
@@ -758,10 +819,16 @@ class EmailSink:
                     smtp.login(user, password or "")
                 smtp.send_message(msg)
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise DeliveryError(f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: {scrub(f'{type(e).__name__}: {e}', [password])}") from None
+            raise DeliveryError(
+                f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: {scrub(f'{type(e).__name__}: {e}', [password])}"
+            ) from None
 
 
-_SINK_KINDS: dict[str, type[ConsoleSink | SlackSink | EmailSink]] = {"console": ConsoleSink, "slack": SlackSink, "email": EmailSink}
+_SINK_KINDS: dict[str, type[ConsoleSink | SlackSink | EmailSink]] = {
+    "console": ConsoleSink,
+    "slack": SlackSink,
+    "email": EmailSink,
+}
 
 
 def build_sink(cfg: SinkConfig) -> Sink:
@@ -818,7 +885,9 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
         for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
             stale = sink.kind != "console" and lead.window_end < now - timedelta(hours=sink.expire_hours)
             for a in sorted(members, key=head_key):
-                status = (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
+                status = (
+                    (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
+                )
                 rows.append(
                     {
                         "alert_id": a.id,
@@ -848,7 +917,9 @@ def build_message(session: Session, row: s.Alert, sink: SinkConfig, cfg: Finsent
     if inc is not None:
         members = [
             a
-            for a in session.scalars(select(s.Alert).where(s.Alert.incident_id == inc.id, s.Alert.window_end == row.window_end))
+            for a in session.scalars(
+                select(s.Alert).where(s.Alert.incident_id == inc.id, s.Alert.window_end == row.window_end)
+            )
             if a.id != row.id and routes_to(sink, a)
         ]
     kind = message_kind(inc, [row, *members], row.window_end)
@@ -874,7 +945,9 @@ def build_message(session: Session, row: s.Alert, sink: SinkConfig, cfg: Finsent
         incident_id=inc.id if inc else None,
         incident_title=inc.title if inc else None,
         kind=kind,
-        severity=(inc.severity if inc else row.severity) if row.severity != "info" or inc else str((row.details or {}).get("episode_severity", "warning")),
+        severity=(inc.severity if inc else row.severity)
+        if row.severity != "info" or inc
+        else str((row.details or {}).get("episode_severity", "warning")),
         thread_ref=(inc.message_refs or {}).get(sink.name) if inc else None,
         opened_at=inc.opened_at if inc else None,
         closed_at=inc.closed_at if inc else None,
@@ -1100,8 +1173,14 @@ def _backoff(attempts: int, sink_cfg: SinkConfig) -> timedelta:
 
 
 def _give_up(
-    engine: Engine, row: Any, sink_cfg: SinkConfig, attempts: int, err: str, next_at: datetime,
-    expired: list[ExpiredDelivery], report: DeliveryReport,
+    engine: Engine,
+    row: Any,
+    sink_cfg: SinkConfig,
+    attempts: int,
+    err: str,
+    next_at: datetime,
+    expired: list[ExpiredDelivery],
+    report: DeliveryReport,
 ) -> None:
     """Release a claimed delivery after this run's last failed attempt: expired past max_attempts, else
     failed and retried at `next_at`."""

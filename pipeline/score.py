@@ -176,7 +176,9 @@ class Scorer:
             tokenizer = AutoTokenizer.from_pretrained(target)
             model = AutoModelForSequenceClassification.from_pretrained(target, dtype=dtype)
         except Exception as e:  # transformers raises many types (OSError, ValueError, safetensors errors)
-            raise ModelLoadError(f"cannot load model {source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            raise ModelLoadError(
+                f"cannot load model {source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from None
         labels = _normalise_labels(model.config.id2label, source)
         model.to(dev).eval()
         meta = {}
@@ -196,7 +198,9 @@ class Scorer:
                 topic_head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
                 topic_head.load_state_dict({k: v.float() for k, v in state.items()})
             except Exception as e:
-                raise ModelLoadError(f"model folder {local}: cannot read {head_path.name}: {type(e).__name__}: {str(e)[:200]}") from None
+                raise ModelLoadError(
+                    f"model folder {local}: cannot read {head_path.name}: {type(e).__name__}: {str(e)[:200]}"
+                ) from None
             if topic_head.out_features != len(topics):
                 raise ModelLoadError(
                     f"model folder {local}: {head_path.name} has {topic_head.out_features} outputs but {META_FILE} lists {len(topics)} topics"
@@ -230,7 +234,10 @@ class Scorer:
         width = max(len(enc["input_ids"][i]) for i in idx)
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         tok = self.tokenizer
-        pads = {"input_ids": getattr(tok, "pad_token_id", None) or 0, "token_type_ids": getattr(tok, "pad_token_type_id", 0)}
+        pads = {
+            "input_ids": getattr(tok, "pad_token_id", None) or 0,
+            "token_type_ids": getattr(tok, "pad_token_type_id", 0),
+        }
         out = {}
         for key, rows in enc.items():
             arr = np.full((len(idx), width), pads.get(key, 0), dtype=np.int64)
@@ -262,12 +269,17 @@ class Scorer:
         if len(texts) > RAW_CHUNK:  # bound the token lists held at once when evaluation passes a whole dataset
             pieces = [self._raw(texts[i : i + RAW_CHUNK]) for i in range(0, len(texts), RAW_CHUNK)]
             fields = ("sent_logits", "sent_probs", "topic_logits", "topic_probs")
-            joined = {f: None if getattr(pieces[0], f) is None else np.concatenate([getattr(p, f) for p in pieces]) for f in fields}
+            joined = {
+                f: None if getattr(pieces[0], f) is None else np.concatenate([getattr(p, f) for p in pieces])
+                for f in fields
+            }
             return RawOutput(**joined)
         texts = [clip(t, self.char_limit) for t in texts]
         enc = dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False))
         enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
+        )
         parts, order = [], []
         with torch.inference_mode(), autocast:
             for idx in length_batches([len(ids) for ids in enc["input_ids"]], self.batch_size):
@@ -310,7 +322,10 @@ class Scorer:
                 Prediction(label=labels[b], probs=dict(zip(labels, p, strict=True)), topic=t, topic_prob=tp)
                 for b, p, t, tp in zip(best, probs, names, tprobs, strict=True)
             ]
-        return [Prediction(label=labels[b], probs=dict(zip(labels, p, strict=True))) for b, p in zip(best, probs, strict=True)]
+        return [
+            Prediction(label=labels[b], probs=dict(zip(labels, p, strict=True)))
+            for b, p in zip(best, probs, strict=True)
+        ]
 
     def accepts(self, language: str | None) -> bool:
         """Whether this model may score a text in `language` (None: too short to tell, scored as English)."""

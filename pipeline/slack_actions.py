@@ -53,7 +53,9 @@ def verify_slack_signature(body: bytes, headers: Mapping[str, str], secret: str,
     return None
 
 
-def handle_slack_action(body: bytes, headers: Mapping[str, str], engine: Engine, secret: str, now: datetime | None = None) -> SlackActionResult:
+def handle_slack_action(
+    body: bytes, headers: Mapping[str, str], engine: Engine, secret: str, now: datetime | None = None
+) -> SlackActionResult:
     """Verify a Slack interaction request and acknowledge the alert its button names."""
     now = now or datetime.now(UTC)
     if len(body) > MAX_BODY:
@@ -77,4 +79,6 @@ def handle_slack_action(body: bytes, headers: Mapping[str, str], engine: Engine,
         return _note(200, f"Cannot acknowledge: {e}")
     if res.already:
         return _note(200, f"Already acknowledged by {res.acknowledged_by} at {res.acknowledged_at:%Y-%m-%d %H:%M} UTC.")
-    return _note(200, f"Acknowledged alert {res.alert_id[:12]} as {res.acknowledged_by}; its pending messages will not be sent.")
+    return _note(
+        200, f"Acknowledged alert {res.alert_id[:12]} as {res.acknowledged_by}; its pending messages will not be sent."
+    )

@@ -128,7 +128,9 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(
 
 
 def test_slack_message_keeps_the_signed_link_next_to_the_button(
-    engine, webhook: Webhook, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    engine,
+    webhook: Webhook,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     """If Slack cannot reach the server (firewall, wrong request URL) the signed web link still acknowledges."""
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")

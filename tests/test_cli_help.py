@@ -11,5 +11,7 @@ def test_help_imports_neither_sqlalchemy_nor_torch():
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, cwd=root, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, cwd=root, check=False
+    )
     assert res.returncode == 0 and "score" in res.stdout and "bench" in res.stdout, res.stderr[-2000:]

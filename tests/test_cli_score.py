@@ -38,7 +38,9 @@ def test_score_file_writes_label_and_every_probability(tmp_path, tiny_model_dir,
 
 
 def test_score_bad_inputs_name_the_input(tmp_path, tiny_model_dir):
-    res = runner.invoke(app, ["score", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)])
+    res = runner.invoke(
+        app, ["score", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_dir)]
+    )
     assert res.exit_code == 2 and "missing.txt" in res.output
     bad = tmp_path / "bad.csv"
     bad.write_text("headline\nx\n")
@@ -66,7 +68,19 @@ def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir, pg_url):
     """One run measures finsent, the naive pipeline, the hand loop and the write path, and keeps detect.* keys."""
     report = tmp_path / "bench"
     report.with_suffix(".json").write_text(json.dumps({"detect": {"entities_10000_seconds": 4.2}}))
-    args = ["bench", "--model", str(tiny_model_dir), "-n", "12", "--rounds", "2", "--batch-size", "4", "--report", str(report)]
+    args = [
+        "bench",
+        "--model",
+        str(tiny_model_dir),
+        "-n",
+        "12",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "4",
+        "--report",
+        str(report),
+    ]
     res = runner.invoke(app, [*args, "--database-url", pg_url, "--db-rows", "300"])
     assert res.exit_code == 0, res.output
     data = json.loads(report.with_suffix(".json").read_text())
@@ -91,7 +105,14 @@ def test_score_uses_the_production_model_like_run(tmp_path, tiny_model_dir, monk
     store.upgrade(url)
     engine = store.make_engine(url)
     with store.session_scope(engine) as session:
-        store.register_model(session, "tiny-1", name="tiny-1", path=str(prod), labels=["negative", "neutral", "positive"], is_production=True)
+        store.register_model(
+            session,
+            "tiny-1",
+            name="tiny-1",
+            path=str(prod),
+            labels=["negative", "neutral", "positive"],
+            is_production=True,
+        )
     engine.dispose()
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.delenv("FINSENT_MODEL", raising=False)
@@ -106,7 +127,13 @@ def test_score_keeps_every_input_column_and_gives_tricky_rows_no_sentiment(tmp_p
     import pyarrow.parquet as pq
 
     src = tmp_path / "tricky.csv"
-    rows = [("a1", ""), ("a2", "   "), ("a3", "苹果公司股价暴跌"), ("a4", "Die Aktie bricht nach Gewinnwarnung ein"), ("a5", TEXTS[1])]
+    rows = [
+        ("a1", ""),
+        ("a2", "   "),
+        ("a3", "苹果公司股价暴跌"),
+        ("a4", "Die Aktie bricht nach Gewinnwarnung ein"),
+        ("a5", TEXTS[1]),
+    ]
     with src.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["id", "text", "desk"])
@@ -119,7 +146,11 @@ def test_score_keeps_every_input_column_and_gives_tricky_rows_no_sentiment(tmp_p
     assert [r["id"] for r in got] == ["a1", "a2", "a3", "a4", "a5"] and {r["desk"] for r in got} == {"fx"}
     assert [r["status"] for r in got] == ["skipped_empty"] * 2 + ["skipped_language"] * 2 + ["scored"]
     assert [r["label"] for r in got[:4]] == ["none"] * 4 and got[4]["label"] in ("negative", "neutral", "positive")
-    assert all(r["p_neutral"] is None and r["reason"] for r in got[:4]) and [r["language"] for r in got[2:]] == ["zh", "de", "en"]
+    assert all(r["p_neutral"] is None and r["reason"] for r in got[:4]) and [r["language"] for r in got[2:]] == [
+        "zh",
+        "de",
+        "en",
+    ]
     jsonl = tmp_path / "out.jsonl"
     src_jsonl = tmp_path / "in.jsonl"
     src_jsonl.write_text(json.dumps({"id": 7, "text": TEXTS[0], "meta": {"k": 1}}) + "\n")
@@ -167,7 +198,11 @@ def _peak_rss_scoring(tmp_path, model, n: int) -> float:
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [sys.executable, "-c", _SCORE_FILE_IN_SUBPROCESS, str(src), str(out), str(model)],
-        check=False, capture_output=True, text=True, cwd=root, env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     lines = out.read_text().splitlines()

@@ -46,7 +46,9 @@ def _sinks(port: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(demo_pg, webhook: Webhook, smtp_server) -> None:  # noqa: F811
+def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(
+    demo_pg, webhook: Webhook, smtp_server
+) -> None:  # noqa: F811
     box, port = smtp_server
     cfg = demo_config(demo_pg).model_copy(update={"sinks": []})
     cfg = type(cfg).model_validate({**cfg.model_dump(mode="json"), "database_url": demo_pg, "sinks": _sinks(port)})
@@ -78,7 +80,9 @@ def test_alert_counts_equal_the_dashboard_view(demo_pg) -> None:
         assert alerts
         for a in alerts:
             row = session.execute(
-                text("SELECT total_count, neg_count FROM v_sentiment_hourly WHERE bucket_start = :b AND scope_kind = :k AND scope_value = :v"),
+                text(
+                    "SELECT total_count, neg_count FROM v_sentiment_hourly WHERE bucket_start = :b AND scope_kind = :k AND scope_value = :v"
+                ),
                 {"b": a.window_start, "k": a.scope_kind, "v": a.scope_value},
             ).one()
             assert (row.total_count, row.neg_count) == (a.total_count, a.neg_count), (a.scope_kind, a.scope_value)
@@ -88,7 +92,9 @@ def test_alert_counts_equal_the_dashboard_view(demo_pg) -> None:
 def test_demo_evidence_has_no_stopwords_nor_the_entity_name(demo_pg) -> None:
     engine = make_engine(demo_pg)
     with session_scope(engine) as session:
-        a = session.scalars(select(s.Alert).where(s.Alert.window_end == SPIKE_END, s.Alert.scope_kind == "entity")).first()
+        a = session.scalars(
+            select(s.Alert).where(s.Alert.window_end == SPIKE_END, s.Alert.scope_kind == "entity")
+        ).first()
     engine.dispose()
     assert a is not None
     tokens = [t for d in a.details["top_documents"] for t in d["evidence"]]
@@ -111,7 +117,11 @@ class FakeSlackApi:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 api.calls.append((dict(self.headers), json.loads(body)))
-                answer = {"ok": False, "error": api.error} if api.error else {"ok": True, "channel": "C0DESK", "ts": f"1700000000.00{len(api.calls)}"}
+                answer = (
+                    {"ok": False, "error": api.error}
+                    if api.error
+                    else {"ok": True, "channel": "C0DESK", "ts": f"1700000000.00{len(api.calls)}"}
+                )
                 out = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -127,7 +137,9 @@ class FakeSlackApi:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _add(engine, aid: str, kind: str, scope: tuple[str, str], end: datetime, severity: str, episode: str, neg: int = 12) -> None:
+def _add(
+    engine, aid: str, kind: str, scope: tuple[str, str], end: datetime, severity: str, episode: str, neg: int = 12
+) -> None:
     with session_scope(engine) as session:
         session.add(
             s.Alert(
@@ -142,19 +154,32 @@ def _add(engine, aid: str, kind: str, scope: tuple[str, str], end: datetime, sev
         )  # fmt: skip
 
 
-def test_escalation_and_resolution_thread_in_email_and_slack(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_escalation_and_resolution_thread_in_email_and_slack(
+    engine, smtp_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: F811
     box, port = smtp_server
     api = FakeSlackApi()
     monkeypatch.setenv("TEST_SLACK_BOT", "xoxb-test-token")
     sinks = _sinks(port)
-    sinks[0].update({"channel": "C0DESK", "bot_token_env": "TEST_SLACK_BOT", "api_base_url": api.url, "severities": ["warning", "critical"]})
+    sinks[0].update(
+        {
+            "channel": "C0DESK",
+            "bot_token_env": "TEST_SLACK_BOT",
+            "api_base_url": api.url,
+            "severities": ["warning", "critical"],
+        }
+    )
     from pipeline.config import FinsentConfig
 
-    cfg = FinsentConfig.model_validate({"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": sinks, "database_url": "sqlite://"})
+    cfg = FinsentConfig.model_validate(
+        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": sinks, "database_url": "sqlite://"}
+    )
     _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
     _add(engine, "spike-mkt", "spike", ("market", "*"), SPIKE_END, "warning", "ep-mkt")
     assert deliver_pending(engine, cfg, now=SPIKE_END, retry_delays=FAST).sent == 2
-    _add(engine, "esc-nwb", "escalated", ("entity", "NWB"), SPIKE_END + timedelta(hours=1), "critical", "ep-nwb", neg=14)
+    _add(
+        engine, "esc-nwb", "escalated", ("entity", "NWB"), SPIKE_END + timedelta(hours=1), "critical", "ep-nwb", neg=14
+    )
     assert deliver_pending(engine, cfg, now=SPIKE_END + timedelta(hours=1), retry_delays=FAST).sent == 2
     _add(engine, "res-nwb", "resolved", ("entity", "NWB"), SPIKE_END + timedelta(hours=5), "info", "ep-nwb", neg=0)
     _add(engine, "res-mkt", "resolved", ("market", "*"), SPIKE_END + timedelta(hours=5), "info", "ep-mkt", neg=0)
@@ -191,7 +216,9 @@ def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: 
          "sinks": [{"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL"}]}
     )  # fmt: skip
     _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
-    _add(engine, "esc-nwb", "escalated", ("entity", "NWB"), SPIKE_END + timedelta(hours=1), "critical", "ep-nwb", neg=14)
+    _add(
+        engine, "esc-nwb", "escalated", ("entity", "NWB"), SPIKE_END + timedelta(hours=1), "critical", "ep-nwb", neg=14
+    )
     assert deliver_pending(engine, cfg, now=SPIKE_END + timedelta(hours=1), retry_delays=FAST).sent == 2
     with session_scope(engine) as session:
         inc = session.scalars(select(s.Incident)).one()
@@ -226,8 +253,11 @@ def test_alert_found_in_a_later_pass_joins_the_open_incident_of_its_window(engin
 
     box, port = smtp_server
     cfg = FinsentConfig.model_validate(
-        {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "sinks": _sinks(port)[1:],
-         "database_url": "sqlite://"}
+        {
+            "watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}],
+            "sinks": _sinks(port)[1:],
+            "database_url": "sqlite://",
+        }
     )
     _add(engine, "spike-nwb", "spike", ("entity", "NWB"), SPIKE_END, "critical", "ep-nwb")
     assert deliver_pending(engine, cfg, now=SPIKE_END, retry_delays=FAST).sent == 1

@@ -71,7 +71,11 @@ def test_rss_entries_are_normalised(feed_server):
     assert ents(globex) == [("GLBX", "watchlist")]
 
     # neither GUID nor link: the content hash; no date: fetch time
-    assert bonds.external_id == bonds.content_hash == content_hash("Bond yields steady ahead of the Fed", "Treasury markets were quiet.")
+    assert (
+        bonds.external_id
+        == bonds.content_hash
+        == content_hash("Bond yields steady ahead of the Fed", "Treasury markets were quiet.")
+    )
     assert before <= bonds.published_at <= after and bonds.link is None
 
     assert jnj.title == "Johnson & Johnson holds dividend"
@@ -158,7 +162,10 @@ def test_bad_feed_is_a_failed_fetch_with_a_clear_logged_error(feed_server, caplo
     assert r.status == "failed" and r.documents == [] and r.http_status == 200
     assert expected in r.error
     assert r.error.startswith(f"source 'broken-src' ({feed_server.url(path)}):")
-    assert any(rec.levelno >= logging.WARNING and "broken-src" in rec.getMessage() and expected in rec.getMessage() for rec in caplog.records)
+    assert any(
+        rec.levelno >= logging.WARNING and "broken-src" in rec.getMessage() and expected in rec.getMessage()
+        for rec in caplog.records
+    )
 
 
 def test_html_page_served_as_xml_is_still_not_a_feed(feed_server):
@@ -267,7 +274,11 @@ def test_conditional_get(feed_server):
     by_date = fetch_source(s1, WATCHLIST, last_modified=first.last_modified)
     assert by_date.status == "not_modified" and "If-None-Match" not in feed_server.requests[-1].headers
 
-    feed_server.put("news_rss.xml", rss(["<item><title>Fresh story</title><guid>new-1</guid></item>"]), last_modified=time.time() + 10)
+    feed_server.put(
+        "news_rss.xml",
+        rss(["<item><title>Fresh story</title><guid>new-1</guid></item>"]),
+        last_modified=time.time() + 10,
+    )
     changed = fetch_source(s1, WATCHLIST, etag=first.etag, last_modified=first.last_modified)
     assert changed.status == "ok" and [d.title for d in changed.documents] == ["Fresh story"]
     assert changed.etag != first.etag
@@ -332,7 +343,9 @@ def test_feed_of_10000_entries(feed_server):
 
 
 def test_max_entries_caps_and_logs(feed_server, caplog):
-    url = feed_server.put("many.xml", rss([f"<item><title>Story {i}</title><guid>m-{i}</guid></item>" for i in range(250)]))
+    url = feed_server.put(
+        "many.xml", rss([f"<item><title>Story {i}</title><guid>m-{i}</guid></item>" for i in range(250)])
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
         r = fetch_source(src("many", url, max_entries=100), WATCHLIST)
     assert (r.status, r.entries_seen, r.entries_skipped, len(r.documents)) == ("ok", 250, 150, 100)
@@ -352,8 +365,11 @@ def test_same_story_on_two_sources_has_the_same_content_hash(feed_server):
 
 
 def test_storing_fetches_twice_stores_nothing_twice(feed_server, engine):
-    sources = [src("wire-a", feed_server.url("wire_a.xml")), src("wire-b", feed_server.url("wire_b.xml")),
-               src("st", feed_server.url("stocktwits_acme.json"), "stocktwits")]
+    sources = [
+        src("wire-a", feed_server.url("wire_a.xml")),
+        src("wire-b", feed_server.url("wire_b.xml")),
+        src("st", feed_server.url("stocktwits_acme.json"), "stocktwits"),
+    ]
     for _ in range(2):
         results = [fetch_source(x, WATCHLIST) for x in sources]  # no validators: full re-download each time
         assert all(r.status == "ok" for r in results)
@@ -371,10 +387,20 @@ def test_storing_fetches_twice_stores_nothing_twice(feed_server, engine):
             .join(s.DocumentEntity, s.DocumentEntity.document_id == s.Document.id)
             .where(s.Document.source_name == "st")
         ).all()
-        assert sorted(entities) == [("911", "GLBX", "watchlist"), ("912", "ACME", "watchlist"), ("912", "SPY", "cashtag")]
+        assert sorted(entities) == [
+            ("911", "GLBX", "watchlist"),
+            ("912", "ACME", "watchlist"),
+            ("912", "SPY", "cashtag"),
+        ]
         fetches = session.scalars(select(s.SourceFetch).order_by(s.SourceFetch.id)).all()
         assert [(f.source_name, f.entries_new) for f in fetches] == [
-            ("wire-a", 2), ("wire-b", 1), ("st", 2), ("wire-a", 0), ("wire-b", 0), ("st", 0)]
+            ("wire-a", 2),
+            ("wire-b", 1),
+            ("st", 2),
+            ("wire-a", 0),
+            ("wire-b", 0),
+            ("st", 0),
+        ]
         assert session.get(s.Source, "wire-a").etag == results[0].etag
 
 
@@ -407,7 +433,10 @@ def test_failed_fetch_after_a_good_one_keeps_documents_and_records_the_error(fee
     ("text", "expected"),
     [
         ("$AAPL up, $5 dividend, $1.2bn buyback, US$3 fee, $3k", [("AAPL", "cashtag", "$AAPL")]),
-        ("$aapl and $BRK.B, then $TSLA's drop.", [("AAPL", "cashtag", "$aapl"), ("BRK.B", "cashtag", "$BRK.B"), ("TSLA", "cashtag", "$TSLA")]),
+        (
+            "$aapl and $BRK.B, then $TSLA's drop.",
+            [("AAPL", "cashtag", "$aapl"), ("BRK.B", "cashtag", "$BRK.B"), ("TSLA", "cashtag", "$TSLA")],
+        ),
         ("price$ABC and $ABCDEFGH are not cashtags", []),
         ("acme corporation filed; ACME fell", [("ACME", "watchlist", "acme corporation")]),
         ("Acmeville and ACMEX are other names, glbx is lower case", []),
@@ -423,11 +452,18 @@ def test_extract_entities(text, expected):
 
 def test_extract_entities_alias_spanning_whitespace_and_order():
     found = extract_entities("The Globex\n  Corporation board met; later $XYZ and Acme Corp.", WATCHLIST)
-    assert [(e.entity, e.matched) for e in found] == [("GLBX", "Globex\n  Corporation"), ("XYZ", "$XYZ"), ("ACME", "Acme Corp")]
+    assert [(e.entity, e.matched) for e in found] == [
+        ("GLBX", "Globex\n  Corporation"),
+        ("XYZ", "$XYZ"),
+        ("ACME", "Acme Corp"),
+    ]
 
 
 def test_strip_html_and_canonical_url():
-    assert strip_html("<p>Tom &amp; Jerry&nbsp;<b>up</b></p><script>x()</script><!-- c -->\n\n 5 &lt; 6") == "Tom & Jerry up 5 < 6"
+    assert (
+        strip_html("<p>Tom &amp; Jerry&nbsp;<b>up</b></p><script>x()</script><!-- c -->\n\n 5 &lt; 6")
+        == "Tom & Jerry up 5 < 6"
+    )
     assert strip_html("a < b and AT&T") == "a < b and AT&T"
     assert strip_html("<div>one</div><div>two</div>") == "one two"
     assert canonical_url("HTTPS://Example.COM/a?utm_source=x&b=2&UTM_Campaign=y#frag") == "https://example.com/a?b=2"
@@ -443,12 +479,15 @@ def test_redirect_is_followed(feed_server):
 def test_odd_stream_values_are_made_storable(feed_server, engine):
     """NUL bytes (Postgres rejects them), a huge id (too long for the unique index) and a bad date."""
     long_id = "x" * 5000
-    url = feed_server.put("odd.json", (
-        '{"messages": ['
-        '{"id": 1, "body": "$ACME nul\\u0000byte", "created_at": "yesterday-ish"},'
-        f'{{"id": "{long_id}", "body": "long id", "created_at": "2026-11-20T10:00:00+01:00"}}'
-        "]}"
-    ))
+    url = feed_server.put(
+        "odd.json",
+        (
+            '{"messages": ['
+            '{"id": 1, "body": "$ACME nul\\u0000byte", "created_at": "yesterday-ish"},'
+            f'{{"id": "{long_id}", "body": "long id", "created_at": "2026-11-20T10:00:00+01:00"}}'
+            "]}"
+        ),
+    )
     before = datetime.now(UTC)
     r = fetch_source(src("odd", url, "stocktwits"), WATCHLIST)
     assert r.status == "ok"
@@ -485,11 +524,16 @@ def test_surrogate_character_references_do_not_fail_a_feed(feed_server, kind):
     titles = ["Acme rallies &#55357;&#56832;", "Broken half &#xD800; here", "Plain title"]
     if kind == "rss":
         items = "".join(f"<item><guid>g{i}</guid><title>{t}</title></item>" for i, t in enumerate(titles))
-        body = f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>x</title>{items}</channel></rss>'
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>x</title>{items}</channel></rss>'
+        )
     else:
-        items = "".join(f"<entry><id>g{i}</id><title>{t}</title><updated>2026-11-20T10:00:00Z</updated></entry>" for i, t in enumerate(titles))
+        items = "".join(
+            f"<entry><id>g{i}</id><title>{t}</title><updated>2026-11-20T10:00:00Z</updated></entry>"
+            for i, t in enumerate(titles)
+        )
         body = f'<?xml version="1.0" encoding="UTF-8"?><feed xmlns="http://www.w3.org/2005/Atom"><title>x</title><id>f</id>{items}</feed>'
     url = feed_server.put(f"surrogates.{kind}", body.encode(), "application/xml")
     r = fetch_source(src("s", url, kind), WATCHLIST)
     assert r.status == "ok", r.error
-    assert [d.title for d in r.documents] == ["Acme rallies \U0001F600", "Broken half \ufffd here", "Plain title"]
+    assert [d.title for d in r.documents] == ["Acme rallies \U0001f600", "Broken half \ufffd here", "Plain title"]

@@ -43,7 +43,11 @@ def fetch_measured(source: SourceConfig) -> dict:
     gets through shows up as memory, not as time, and cannot take the test process down with it."""
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, source.model_dump_json()],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -101,8 +105,10 @@ def test_gzip_encoded_feed_is_decoded(feed_server):
 
 
 def test_text_fields_are_capped(feed_server):
-    items = [f"<item><title>{'Acme ' * 400}</title><guid>c-1</guid><description>{'word ' * 20_000}</description>"
-             f"<link>https://example.com/{'x' * 5_000}</link></item>"]
+    items = [
+        f"<item><title>{'Acme ' * 400}</title><guid>c-1</guid><description>{'word ' * 20_000}</description>"
+        f"<link>https://example.com/{'x' * 5_000}</link></item>"
+    ]
     url = feed_server.put("long.xml", rss(items))
     r = fetch_source(src("long", url, max_title_chars=100, max_summary_chars=1_000, max_link_chars=200), WATCHLIST)
     assert r.status == "ok"
@@ -169,8 +175,9 @@ def test_6to4_address_embedding_an_internal_ipv4_is_refused(host, kind):
     r = fetch_source(src("sixtofour", f"http://[{host}]:8080/feed.xml", allow_private_network=False), WATCHLIST)
     assert r.status == "failed" and "refused to connect" in r.error and kind in r.error
     assert f"(http://[{host}]:8080/feed.xml)" in r.error
-    public = fetch_source(src("sixtofour", "http://[2002:808:808::1]:9/feed.xml", allow_private_network=False,
-                              timeout_s=0.5), WATCHLIST)
+    public = fetch_source(
+        src("sixtofour", "http://[2002:808:808::1]:9/feed.xml", allow_private_network=False, timeout_s=0.5), WATCHLIST
+    )
     assert "refused to connect" not in (public.error or "")  # 8.8.8.8 inside: public, tried (and unreachable here)
 
 

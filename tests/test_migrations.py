@@ -69,18 +69,32 @@ def test_0011_scrubs_tokens_older_redaction_stored(pg_url, engine):
     command.downgrade(cfg, "0010")
     token, hexed = "sk_live_abcdEFGH1234ijkl5678", "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
     with engine.begin() as c:
-        c.execute(text("INSERT INTO sources (name, kind, url, created_at) VALUES (:n, 'rss', :u, now())"),
-                  [{"n": "keyed", "u": f"https://feeds.example.com/rss/{token}/news?api_key=***"},
-                   {"n": "plain", "u": "https://feeds.example.com/rss/market_news/latest"}])
-        c.execute(text("INSERT INTO source_fetches (source_name, fetched_at, status, entries_seen, entries_new, error) "
-                       "VALUES ('keyed', now(), 'failed', 0, 0, :e)"),
-                  [{"e": f"source 'keyed' (file:///srv/{hexed}/feed.xml): file not found: /srv/{hexed}/feed.xml"},
-                   {"e": "source 'keyed' (https://feeds.example.com/rss/market_news/latest): HTTP 500"}])
+        c.execute(
+            text("INSERT INTO sources (name, kind, url, created_at) VALUES (:n, 'rss', :u, now())"),
+            [
+                {"n": "keyed", "u": f"https://feeds.example.com/rss/{token}/news?api_key=***"},
+                {"n": "plain", "u": "https://feeds.example.com/rss/market_news/latest"},
+            ],
+        )
+        c.execute(
+            text(
+                "INSERT INTO source_fetches (source_name, fetched_at, status, entries_seen, entries_new, error) "
+                "VALUES ('keyed', now(), 'failed', 0, 0, :e)"
+            ),
+            [
+                {"e": f"source 'keyed' (file:///srv/{hexed}/feed.xml): file not found: /srv/{hexed}/feed.xml"},
+                {"e": "source 'keyed' (https://feeds.example.com/rss/market_news/latest): HTTP 500"},
+            ],
+        )
     command.upgrade(cfg, "head")
     with engine.connect() as c:
         urls = dict(c.execute(text("SELECT name, url FROM sources")).all())
         errors = list(c.scalars(text("SELECT error FROM source_fetches ORDER BY id")))
-    assert urls == {"keyed": "https://feeds.example.com/rss/***/news?api_key=***",
-                    "plain": "https://feeds.example.com/rss/market_news/latest"}
-    assert errors == ["source 'keyed' (file:///srv/***/feed.xml): file not found: /srv/***/feed.xml",
-                      "source 'keyed' (https://feeds.example.com/rss/market_news/latest): HTTP 500"]
+    assert urls == {
+        "keyed": "https://feeds.example.com/rss/***/news?api_key=***",
+        "plain": "https://feeds.example.com/rss/market_news/latest",
+    }
+    assert errors == [
+        "source 'keyed' (file:///srv/***/feed.xml): file not found: /srv/***/feed.xml",
+        "source 'keyed' (https://feeds.example.com/rss/market_news/latest): HTTP 500",
+    ]

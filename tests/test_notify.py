@@ -25,8 +25,8 @@ from sqlalchemy import select
 
 from pipeline.config import FinsentConfig
 from pipeline.notify import DeliveryError, DeliveryReport, EmailSink, deliver_pending, safe_link, slack_escape
-from pipeline.store import session_scope
 from pipeline.store import schema as s
+from pipeline.store import session_scope
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 20, 15, 5, tzinfo=UTC)
@@ -117,13 +117,18 @@ def _cert(tmp: Path) -> tuple[Path, Path]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -185,7 +190,12 @@ def make_cfg(**sink_overrides) -> FinsentConfig:
 
 
 def add_alert(
-    engine, kind: str = "spike", severity: str = "critical", scope: tuple[str, str] = ("entity", "NWB"), suffix: str = "a", hours_earlier: int = 0
+    engine,
+    kind: str = "spike",
+    severity: str = "critical",
+    scope: tuple[str, str] = ("entity", "NWB"),
+    suffix: str = "a",
+    hours_earlier: int = 0,
 ) -> str:
     ws = datetime(2026, 11, 20, 14, tzinfo=UTC) - timedelta(hours=hours_earlier)
     aid = f"{kind}-{scope[1]}-{suffix}".ljust(12, "0")
@@ -194,9 +204,25 @@ def add_alert(
         "episode_severity": "warning" if kind == "resolved" else severity,
         "episode_onset": ws.isoformat(),
         "top_documents": [
-            {"document_id": 1, "title": HOSTILE, "link": "https://news.example.com/a?x=1&y=<2>", "source": "newswire", "p_negative": 0.97, "evidence": ["plunge", "<@U999>"]},
-            {"document_id": 2, "title": "Northwind Bank faces record fine", "link": "javascript:alert(1)", "source": "reddit", "p_negative": 0.91, "evidence": []},
-        ] if kind != "resolved" else [],
+            {
+                "document_id": 1,
+                "title": HOSTILE,
+                "link": "https://news.example.com/a?x=1&y=<2>",
+                "source": "newswire",
+                "p_negative": 0.97,
+                "evidence": ["plunge", "<@U999>"],
+            },
+            {
+                "document_id": 2,
+                "title": "Northwind Bank faces record fine",
+                "link": "javascript:alert(1)",
+                "source": "reddit",
+                "p_negative": 0.91,
+                "evidence": [],
+            },
+        ]
+        if kind != "resolved"
+        else [],
     }
     with session_scope(engine) as session:
         session.add(
@@ -245,7 +271,9 @@ def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, w
     post = webhook.posts[0]
     raw = json.dumps(post, ensure_ascii=False)
     assert post["blocks"][0]["type"] == "header"
-    assert "CRITICAL" in post["blocks"][0]["text"]["text"] and "Northwind Bank (NWB)" in post["blocks"][0]["text"]["text"]
+    assert (
+        "CRITICAL" in post["blocks"][0]["text"]["text"] and "Northwind Bank (NWB)" in post["blocks"][0]["text"]["text"]
+    )
     assert "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)" in raw and "82/100" in raw
     for bad in ("<!channel>", "<@U123ABC>", "<@U999>", "<script>", "@here", "*bold*", "`code`", "javascript:"):
         assert bad not in raw, bad
@@ -262,7 +290,10 @@ def test_repeated_and_concurrent_runs_send_once(engine, webhook: Webhook) -> Non
     webhook.delay = 0.5
     cfg = make_cfg()
     reports = []
-    threads = [threading.Thread(target=lambda: reports.append(deliver_pending(engine, cfg, now=NOW, retry_delays=FAST))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: reports.append(deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -298,7 +329,9 @@ def test_500_is_retried_in_run_then_in_a_later_run(engine, webhook: Webhook, cap
     assert [a.ok for a in attempts(engine)] == [False, False, False, True]
 
 
-def test_receiver_down_then_up_delivers_later_without_leaking_url(engine, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+def test_receiver_down_then_up_delivers_later_without_leaking_url(
+    engine, webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
     add_alert(engine)
     webhook.stop()
     cfg = make_cfg()
@@ -356,7 +389,12 @@ def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -
     r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
     assert r.sent == 1  # the source-scope spike is routed elsewhere
     text = json.dumps(webhook.posts[0])
-    assert "RESOLVED" in text and "Back to normal after 1 h" in text and "Acknowledge" not in text and "alerts ack" not in text
+    assert (
+        "RESOLVED" in text
+        and "Back to normal after 1 h" in text
+        and "Acknowledge" not in text
+        and "alerts ack" not in text
+    )
     # A critical-only sink gets the critical spike but not the end of a warning-level episode.
     crit = make_cfg(severities=["critical"])
     crit = crit.model_copy(update={"sinks": [crit.sinks[0].model_copy(update={"name": "crit"})]})
@@ -388,7 +426,10 @@ def test_email_starttls_auth_text_and_html(engine, smtp_server, caplog: pytest.L
     assert msg["Message-ID"] == f"<{aid}.mail-desk@finsent.alerts>"
     plain = msg.get_body(("plain",)).get_content()
     html_part = msg.get_body(("html",)).get_content()
-    assert "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)." in plain and "Risk 82/100" in plain
+    assert (
+        "15 stories about Northwind Bank in the hour to 15:00 UTC, 12 negative (80%)." in plain
+        and "Risk 82/100" in plain
+    )
     assert "<script>" not in html_part and "&lt;script&gt;" in html_part and "Profits &amp; losses" in html_part
     assert 'href="https://news.example.com/a?x=1&amp;y=%3C2%3E"' in html_part
     assert "javascript:" not in html_part
@@ -407,7 +448,9 @@ def test_email_wrong_password_fails_without_leaking_it(engine, smtp_server, monk
     assert all("wrong-pa55word" not in (a.error or "") for a in attempts(engine))
 
 
-def test_email_refuses_an_unverified_certificate(engine, smtp_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_email_refuses_an_unverified_certificate(
+    engine, smtp_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     box, port = smtp_server
     (tmp_path / "other").mkdir()
     other, _ = _cert(tmp_path / "other")  # a different CA than the server's
@@ -459,10 +502,10 @@ def test_secrets_from_airflow_connections_when_env_is_empty() -> None:
         "print(secrets.smtp_credentials('UNSET_ENV_VAR', None));"
         "print(secrets.airflow_connection('no_such_conn'))"
     )
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")
-    } | {
-        "AIRFLOW_CONN_FINSENT_SLACK": json.dumps({"conn_type": "slackwebhook", "host": "https://hooks.example.com/services", "password": "T1/B2/xyz"}),
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")} | {
+        "AIRFLOW_CONN_FINSENT_SLACK": json.dumps(
+            {"conn_type": "slackwebhook", "host": "https://hooks.example.com/services", "password": "T1/B2/xyz"}
+        ),
         "AIRFLOW_CONN_FINSENT_SMTP": json.dumps({"conn_type": "smtp", "login": "bot", "password": "from-conn"}),
     }
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -475,8 +518,19 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, web
     add_alert(engine)
     cfg = make_cfg()
     with session_scope(engine) as session:
-        session.add(s.AlertDelivery(alert_id=session.scalar(select(s.Alert.id)), sink="slack-desk", status="sending", attempts=0, last_attempt_at=NOW, created_at=NOW))
-    assert deliver_pending(engine, cfg, now=NOW + timedelta(minutes=2), retry_delays=FAST).sent == 0  # another run may still be sending
+        session.add(
+            s.AlertDelivery(
+                alert_id=session.scalar(select(s.Alert.id)),
+                sink="slack-desk",
+                status="sending",
+                attempts=0,
+                last_attempt_at=NOW,
+                created_at=NOW,
+            )
+        )
+    assert (
+        deliver_pending(engine, cfg, now=NOW + timedelta(minutes=2), retry_delays=FAST).sent == 0
+    )  # another run may still be sending
     assert webhook.hits == 0
     r = deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST)
     assert r.sent == 1 and len(webhook.posts) == 1
@@ -485,14 +539,21 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, web
 
 def test_console_resolution_notice(engine, capsys: pytest.CaptureFixture[str]) -> None:
     add_alert(engine, kind="resolved")
-    assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console", "severities": ["warning"]}]), now=NOW).sent == 1
+    assert (
+        deliver_pending(
+            engine, make_cfg(sinks=[{"name": "console", "kind": "console", "severities": ["warning"]}]), now=NOW
+        ).sent
+        == 1
+    )
     out = capsys.readouterr().out
     assert "[RESOLVED] Northwind Bank (NWB): negative news surge" in out
     assert "Back to normal after 1 h (2026-11-20 14:00\u201315:00 UTC" in out and "Top negative stories" not in out
     assert "Acknowledge" not in out and "p=1.0e-09" not in out
 
 
-def test_escalation_is_paged_like_a_spike_and_says_so(engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]) -> None:
+def test_escalation_is_paged_like_a_spike_and_says_so(
+    engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]
+) -> None:
     add_alert(engine, kind="escalated", severity="critical")
     assert deliver_pending(engine, make_cfg(severities=["critical"]), now=NOW, retry_delays=FAST).sent == 1
     text = json.dumps(webhook.posts[0])
@@ -579,7 +640,7 @@ def test_six_hour_slack_outage_ends_in_exactly_one_delivery(engine, webhook: Web
         done.append((r.sent, r.degraded))
     sent_at = [i for i, (n, _) in enumerate(done) if n]
     assert len(webhook.posts) == 1 and len(sent_at) == 1 and sum(n for n, _ in done) == 1, done
-    assert not any(deg for _, deg in done[sent_at[0]:]), done  # degraded until it is delivered, not after
+    assert not any(deg for _, deg in done[sent_at[0] :]), done  # degraded until it is delivered, not after
     assert {x.sink: x.status for x in deliveries(engine)} == {"slack-desk": "sent", "mail-ops": "sent"}
     assert r.per_sink["slack-desk"].pending == 0 and len(box.messages) == 2
 
@@ -590,7 +651,9 @@ def test_an_email_outage_past_expire_hours_sends_one_operator_notice(engine, web
     box, port = failing_smtp
     add_alert(engine)
     cfg = make_cfg(sinks=[mail_sink(port, expire_hours=3, failing_after_minutes=600), slack_sink(severities=["info"])])
-    reports = [deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST) for k in range(4 * 4)]
+    reports = [
+        deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST) for k in range(4 * 4)
+    ]
     assert box.messages == [] and box.refused >= 6
     expired_at = [k for k, r in enumerate(reports) if r.expired]
     assert len(expired_at) == 1 and expired_at[0] > 4 * 3 - 1  # not before expire_hours
@@ -605,7 +668,9 @@ def test_an_email_outage_past_expire_hours_sends_one_operator_notice(engine, web
     assert deliveries(engine)[0].status == "expired"
 
 
-def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(
+    engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]
+) -> None:
     add_alert(engine)
     webhook.status = 500
     cfg = make_cfg(sinks=[slack_sink(expire_hours=1), {"name": "console", "kind": "console"}])
@@ -621,14 +686,26 @@ def test_summary_counts_sent_pending_failed_per_sink(engine, webhook: Webhook) -
 
     add_alert(engine)
     webhook.status = 500
-    r = deliver_pending(engine, make_cfg(sinks=[slack_sink(), {"name": "console", "kind": "console"}]), now=NOW, retry_delays=FAST)
+    r = deliver_pending(
+        engine, make_cfg(sinks=[slack_sink(), {"name": "console", "kind": "console"}]), now=NOW, retry_delays=FAST
+    )
     assert summary_line(r) == "slack-desk: 0 sent, 1 pending, 0 failed; console: 1 sent, 0 pending, 0 failed"
 
 
 def test_backoff_is_exponential_and_capped() -> None:
     from pipeline.notify import backoff
 
-    assert [backoff(n).total_seconds() / 60 for n in (1, 2, 3, 4, 5, 6, 7, 50, 10**6)] == [1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert [backoff(n).total_seconds() / 60 for n in (1, 2, 3, 4, 5, 6, 7, 50, 10**6)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        30,
+        30,
+        30,
+        30,
+    ]
     assert backoff(9, timedelta(hours=2)) == timedelta(minutes=120)
 
 

@@ -80,7 +80,9 @@ def gated_feed() -> Iterator[GatedFeed]:
 
 def _config(path: Path, url: str, model: Path) -> Path:
     cfg = {
-        "sources": [{"name": "wire", "kind": "rss", "url": url, "retries": 0, "timeout_s": 300, "allow_private_network": True}],
+        "sources": [
+            {"name": "wire", "kind": "rss", "url": url, "retries": 0, "timeout_s": 300, "allow_private_network": True}
+        ],
         "model": {"path": str(model), "device": "cpu", "chunk_size": 4, "batch_size": 4},
         "sinks": [{"name": "console", "kind": "console"}],
     }
@@ -90,7 +92,12 @@ def _config(path: Path, url: str, model: Path) -> Path:
 
 def _finsent(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -152,8 +159,12 @@ KILLED_RUN = textwrap.dedent(
 @pytest.mark.pg
 def test_killed_run_is_marked_abandoned_by_the_next_run(tmp_path, pg_url, engine, tiny_model_dir, gated_feed):
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, pg_url], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", KILLED_RUN, pg_url],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     dead, pid = (int(x) for x in proc.stdout.split())
@@ -194,10 +205,17 @@ def test_heartbeat_survives_an_unexpected_database_error(engine, caplog):
     a ProgrammingError, not a StoreError) is logged, and the next beats still renew the lease."""
     run_id = store.start_run(engine, "cycle", lease=timedelta(seconds=3))
     with engine.begin() as conn:
-        conn.execute(text("CREATE FUNCTION refuse_beat() RETURNS trigger LANGUAGE plpgsql AS "
-                          "$$ BEGIN RAISE EXCEPTION 'beat refused'; END $$"))
-        conn.execute(text("CREATE TRIGGER refuse_beat BEFORE UPDATE ON pipeline_runs "
-                          "FOR EACH ROW EXECUTE FUNCTION refuse_beat()"))
+        conn.execute(
+            text(
+                "CREATE FUNCTION refuse_beat() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'beat refused'; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_beat BEFORE UPDATE ON pipeline_runs FOR EACH ROW EXECUTE FUNCTION refuse_beat()"
+            )
+        )
     first = _runs(engine)[0].lease_expires_at
     with store.runs.Heartbeat(engine, run_id, lease=timedelta(seconds=3)):
         for _ in range(100):
@@ -251,7 +269,8 @@ def test_migration_moves_the_airflow_run_id_out_of_counts(pg_url, engine):
     _migrate(pg_url, "0003", down=True)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT status, counts FROM pipeline_runs").one() == (
-            "failed", {"scored": 3, "airflow_run_id": "r1"}
+            "failed",
+            {"scored": 3, "airflow_run_id": "r1"},
         )
     _migrate(pg_url, "head")
 
@@ -272,10 +291,23 @@ def test_sqlite_run_lock_is_a_file_next_to_the_database(tmp_path):
     url = f"sqlite:///{db}"
     store.upgrade(url)
     engine = store.make_engine(url)
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT), "FINSENT_CONFIG": "", "FINSENT_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "FINSENT_CONFIG": "",
+        "FINSENT_LOG_LEVEL": "WARNING",
+    }
     try:
         with store.run_lock(engine):
-            held = subprocess.run([sys.executable, "-m", "pipeline.cli", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            held = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "run"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
         assert held.returncode == 5, held.stderr
         assert held.stderr.strip() == f"error: another finsent run holds the lock {db}.lock; nothing done"
         with store.run_lock(engine), pytest.raises(store.RunLockedError):  # a second holder in this process too

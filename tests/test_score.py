@@ -23,7 +23,9 @@ def test_loads_fp16_folder_as_fp32_on_cpu_with_calibrated_probs(tiny_model: Path
     import numpy as np
 
     s = Scorer.load(str(tiny_model), device="cpu")
-    assert next(s.model.parameters()).dtype.is_floating_point and str(next(s.model.parameters()).dtype) == "torch.float32"
+    assert (
+        next(s.model.parameters()).dtype.is_floating_point and str(next(s.model.parameters()).dtype) == "torch.float32"
+    )
     texts = ["Acme said operating profit rose sharply in quarter 1 .", "", "Acme : the chairman is based in Espoo"]
     preds = s.score(texts)
     assert len(preds) == 3 and all(abs(sum(p.probs.values()) - 1) < 1e-5 for p in preds)
@@ -71,17 +73,23 @@ def test_bundled_default_model_loads_and_is_sane() -> None:
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 60e6
     s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
     assert s.version == meta["version"] and len(s.topics) == 20 and s.temperature == meta["temperature"]
-    neg, pos, neu = s.score([
-        "Operating loss widened and the company issued a profit warning.",
-        "Net sales rose 25% and operating profit more than doubled.",
-        "The company's head office is located in Helsinki.",
-    ])
+    neg, pos, neu = s.score(
+        [
+            "Operating loss widened and the company issued a profit warning.",
+            "Net sales rose 25% and operating profit more than doubled.",
+            "The company's head office is located in Helsinki.",
+        ]
+    )
     assert (neg.label, pos.label, neu.label) == ("negative", "positive", "neutral")
 
 
 # --- input policy: empty, foreign-language, huge and poison inputs --------------------------------------------
 
-FOREIGN = ["苹果公司股价暴跌", "Die Aktie bricht nach Gewinnwarnung ein", "Les actions de Renault chutent après l'avertissement"]
+FOREIGN = [
+    "苹果公司股价暴跌",
+    "Die Aktie bricht nach Gewinnwarnung ein",
+    "Les actions de Renault chutent après l'avertissement",
+]
 
 
 def test_empty_and_foreign_texts_get_no_sentiment_unless_the_model_is_multilingual(tiny_model_dir: Path) -> None:
@@ -90,7 +98,9 @@ def test_empty_and_foreign_texts_get_no_sentiment_unless_the_model_is_multilingu
     s = Scorer.load(str(tiny_model_dir), device="cpu")
     english = "Northwind Bank chief executive resigns amid lending scandal"
     out = s.assess(["", "   \n\t", *FOREIGN, english])
-    assert [o.status for o in out] == [ScoringStatus.SKIPPED_EMPTY] * 2 + [ScoringStatus.SKIPPED_LANGUAGE] * 3 + [ScoringStatus.SCORED]
+    assert [o.status for o in out] == [ScoringStatus.SKIPPED_EMPTY] * 2 + [ScoringStatus.SKIPPED_LANGUAGE] * 3 + [
+        ScoringStatus.SCORED
+    ]
     assert all(o.prediction is None and o.label == NO_LABEL and o.reason for o in out[:5])
     assert [o.language for o in out[2:]] == ["zh", "de", "fr", "en"]
     assert "language zh" in out[2].reason and out[5].label in s.labels
@@ -112,7 +122,9 @@ def test_english_financial_headlines_are_detected_as_english() -> None:
     texts = [e.text for e in splits.eval["fpb_test"]] + [e.text for e in splits.eval["tfns_dev"]]
     langs = detect_languages(texts)
     english = sum(lang in ("en", None) for lang in langs)
-    assert len(texts) > 1500 and english / len(texts) >= 0.99, [t for t, lang in zip(texts, langs) if lang not in ("en", None)][:20]
+    assert len(texts) > 1500 and english / len(texts) >= 0.99, [
+        t for t, lang in zip(texts, langs) if lang not in ("en", None)
+    ][:20]
 
 
 def test_long_text_is_cut_by_characters_before_tokenising(tiny_model_dir: Path) -> None:
@@ -138,7 +150,9 @@ def _pending_docs(engine, n: int, source: str = "wire") -> None:
     from tests.test_store import docs
 
     with store.session_scope(engine) as session:
-        store.ensure_sources(session, [SimpleNamespace(name=source, kind="rss", url=f"https://example.com/{source}.xml")])
+        store.ensure_sources(
+            session, [SimpleNamespace(name=source, kind="rss", url=f"https://example.com/{source}.xml")]
+        )
         store.save_documents(session, docs(source, n))
 
 
@@ -212,7 +226,13 @@ def _score_in_subprocess(url: str, model: Path) -> dict:
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", _SCORE_IN_SUBPROCESS, url, str(model)], check=False, capture_output=True, text=True, cwd=root)
+    res = subprocess.run(
+        [sys.executable, "-c", _SCORE_IN_SUBPROCESS, url, str(model)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -227,10 +247,15 @@ def test_a_100_mb_document_costs_no_more_than_a_normal_one(pg_url, engine, tiny_
     _pending_docs(engine, 201)
     with engine.begin() as conn:  # built in the database, so the test process never holds it
         conn.execute(
-            text("UPDATE documents SET summary = repeat('The company said quarterly profit fell sharply. ', 2200000) "
-                 "WHERE external_id = 'wire-100'")
+            text(
+                "UPDATE documents SET summary = repeat('The company said quarterly profit fell sharply. ', 2200000) "
+                "WHERE external_id = 'wire-100'"
+            )
         )
-        assert conn.execute(text("SELECT length(summary) FROM documents WHERE external_id = 'wire-100'")).scalar() > 100_000_000
+        assert (
+            conn.execute(text("SELECT length(summary) FROM documents WHERE external_id = 'wire-100'")).scalar()
+            > 100_000_000
+        )
     huge = _score_in_subprocess(pg_url, tiny_model_dir)
     with migrated_schema() as normal_url:
         normal_engine = make_engine(normal_url)
@@ -267,6 +292,7 @@ def test_batches_are_bucketed_by_token_count_with_one_tokenizer_call(tiny_model_
 
     s.tokenizer, s.model = Spy(), forward
     preds = s.score(texts)
+
     def padded(order: list[int]) -> int:  # tokens fed to the model when batches of 2 follow `order`
         return sum(max(lengths[i] for i in order[k : k + 2]) * len(order[k : k + 2]) for k in range(0, len(order), 2))
 
@@ -301,7 +327,11 @@ def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finse
 
     from pipeline.config import DEFAULT_MODEL_DIR
 
-    texts = ["Operating loss widened and the company issued a profit warning.", "Net sales rose 25% on strong demand.", "The AGM is on Friday."]
+    texts = [
+        "Operating loss widened and the company issued a profit warning.",
+        "Net sales rose 25% on strong demand.",
+        "The AGM is on Friday.",
+    ]
     pipe = pipeline("text-classification", model=str(DEFAULT_MODEL_DIR), top_k=None, device="cpu")
     assert str(pipe.model.dtype) == "torch.float32"
     s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")

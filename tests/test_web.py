@@ -318,8 +318,11 @@ def test_slack_button_and_ack_links_use_the_configured_secrets(demo: Demo, tmp_p
 
     def signed(secret: str) -> dict[str, str]:
         sig = hmac.new(secret.encode(), f"v0:{ts}:".encode() + body, hashlib.sha256).hexdigest()
-        return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={sig}",
-                "Content-Type": "application/x-www-form-urlencoded"}
+        return {
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": f"v0={sig}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
 
     with serving(demo.url, env, "--config", str(cfg)) as base:
         assert httpx.get(base + "/alerts").status_code == 401  # still behind the token

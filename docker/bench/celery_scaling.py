@@ -21,12 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
+from pipeline.store import upgrade  # noqa: E402
 from tests.airflow_support import rss, window_items, write_config  # noqa: E402
 from tests.conftest import PG_BASE, make_tiny_model  # noqa: E402
 from tests.feedserver import FeedServer  # noqa: E402
 from tests.test_celery import _tis, celery_stack, reset_meta_db  # noqa: E402
-
-from pipeline.store import upgrade  # noqa: E402
 
 
 def main() -> None:
@@ -59,14 +58,24 @@ def main() -> None:
                 ingest = [t for t in tis if t.task_id == "ingest"]
                 with create_engine(meta).connect() as c:
                     span = c.execute(
-                        text("SELECT extract(epoch FROM max(end_date) - min(start_date)) FROM task_instance WHERE run_id = :r AND task_id = 'ingest'"),
+                        text(
+                            "SELECT extract(epoch FROM max(end_date) - min(start_date)) FROM task_instance WHERE run_id = :r AND task_id = 'ingest'"
+                        ),
                         {"r": run_id},
                     ).scalar()
-                print(json.dumps({
-                    "sources": n_sources, "delay_s": delay, "default_worker_concurrency": level,
-                    "dag_run_s": round(seconds, 1), "ingest_phase_s": round(float(span), 1),
-                    "ingest_task_s_sum": round(sum(float(t.seconds) for t in ingest), 1),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "sources": n_sources,
+                            "delay_s": delay,
+                            "default_worker_concurrency": level,
+                            "dag_run_s": round(seconds, 1),
+                            "ingest_phase_s": round(float(span), 1),
+                            "ingest_task_s_sum": round(sum(float(t.seconds) for t in ingest), 1),
+                        }
+                    ),
+                    flush=True,
+                )
             finally:
                 with admin.connect() as c:
                     c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

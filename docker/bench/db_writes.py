@@ -36,9 +36,13 @@ def writer(args: tuple[str, int, int]) -> tuple[float, float]:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     docs = [
         Document(
-            source=f"src{w}", external_id=f"{w}-{i}", content_hash=hashlib.sha256(f"{w}-{i}".encode()).hexdigest(),
-            title=f"Company {i % 50} shares move on quarterly results {i}", summary="Analysts weigh guidance, margins and demand " * 3,
-            link=f"https://news.example.com/{w}/{i}", published_at=t0 + timedelta(seconds=i),
+            source=f"src{w}",
+            external_id=f"{w}-{i}",
+            content_hash=hashlib.sha256(f"{w}-{i}".encode()).hexdigest(),
+            title=f"Company {i % 50} shares move on quarterly results {i}",
+            summary="Analysts weigh guidance, margins and demand " * 3,
+            link=f"https://news.example.com/{w}/{i}",
+            published_at=t0 + timedelta(seconds=i),
             entities=(EntityMention(f"T{i % 50}", "watchlist", f"Company {i % 50}"),),
         )
         for i in range(n)
@@ -51,7 +55,11 @@ def writer(args: tuple[str, int, int]) -> tuple[float, float]:
             store.save_documents(session, docs[i : i + CHUNK])
     doc_s = time.perf_counter() - start
     with engine.connect() as c:
-        ids = c.execute(select(s.Document.id).where(s.Document.source_name == f"src{w}").order_by(s.Document.id)).scalars().all()
+        ids = (
+            c.execute(select(s.Document.id).where(s.Document.source_name == f"src{w}").order_by(s.Document.id))
+            .scalars()
+            .all()
+        )
     pred = Prediction("neutral", {"negative": 0.1, "neutral": 0.8, "positive": 0.1})
     start = time.perf_counter()
     for i in range(0, len(ids), CHUNK):
@@ -73,14 +81,27 @@ def main() -> None:
         try:
             store.upgrade(url)
             with store.session_scope(store.make_engine(url)) as session:
-                store.register_model(session, "bench", name="bench", path="bench", labels=["negative", "neutral", "positive"])
+                store.register_model(
+                    session, "bench", name="bench", path="bench", labels=["negative", "neutral", "positive"]
+                )
             wall = time.perf_counter()
             with Pool(p) as pool:
                 times = pool.map(writer, [(url, w, n) for w in range(p)])
             wall = time.perf_counter() - wall
             docs_s = max(t[0] for t in times)
             scores_s = max(t[1] for t in times)
-            print(json.dumps({"writers": p, "docs_per_writer": n, "documents_per_s": round(p * n / docs_s), "scores_per_s": round(p * n / scores_s), "wall_s": round(wall, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "writers": p,
+                        "docs_per_writer": n,
+                        "documents_per_s": round(p * n / docs_s),
+                        "scores_per_s": round(p * n / scores_s),
+                        "wall_s": round(wall, 1),
+                    }
+                ),
+                flush=True,
+            )
         finally:
             with admin.connect() as c:
                 c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

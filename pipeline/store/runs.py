@@ -67,8 +67,15 @@ def start_run(
     t = _now(now)
     with session_scope(engine) as session:
         run = s.PipelineRun(
-            kind=kind, started_at=t, status=RunStatus.RUNNING, interval_start=interval_start, interval_end=interval_end,
-            heartbeat_at=t, lease_expires_at=t + lease, owner=owner(), airflow_run_id=airflow_run_id,
+            kind=kind,
+            started_at=t,
+            status=RunStatus.RUNNING,
+            interval_start=interval_start,
+            interval_end=interval_end,
+            heartbeat_at=t,
+            lease_expires_at=t + lease,
+            owner=owner(),
+            airflow_run_id=airflow_run_id,
         )
         session.add(run)
         session.flush()
@@ -117,8 +124,9 @@ def abandon_expired(engine: Engine, now: datetime | None = None) -> list[int]:
     abandoned: list[int] = []
     with session_scope(engine) as session:
         rows = session.execute(
-            select(P.id, P.kind, P.owner, P.heartbeat_at, P.errors)
-            .where(P.status == RunStatus.RUNNING, P.lease_expires_at < t)
+            select(P.id, P.kind, P.owner, P.heartbeat_at, P.errors).where(
+                P.status == RunStatus.RUNNING, P.lease_expires_at < t
+            )
         ).all()
         for row in rows:
             last = f"{row.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC" if row.heartbeat_at else "never"
@@ -222,4 +230,3 @@ def run_lock(engine: Engine, name: str = LOCK_NAME) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
