@@ -427,10 +427,14 @@ def _write_copy(engine, docs: list, model: str) -> int:
             ids = [r[0] for r in cur.fetchall()]
         conn.commit()
         for i in range(0, len(ids), WRITE_CHUNK):
-            rows = [(d, model, "neutral", 0.1, 0.8, 0.1, probs, "earnings", 0.5, now) for d in ids[i : i + WRITE_CHUNK]]
+            score_rows = [
+                (d, model, "neutral", 0.1, 0.8, 0.1, probs, "earnings", 0.5, now) for d in ids[i : i + WRITE_CHUNK]
+            ]
             with conn.cursor() as cur:
                 written += len(
-                    _copy_insert(cur, "scores", SCORE_COLUMNS, rows, "document_id, model_version_id", "document_id")
+                    _copy_insert(
+                        cur, "scores", SCORE_COLUMNS, score_rows, "document_id, model_version_id", "document_id"
+                    )
                 )
             conn.commit()
     finally:

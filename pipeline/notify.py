@@ -34,10 +34,10 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from enum import StrEnum
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, cast
 from urllib.parse import quote, urlsplit
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline import secrets
@@ -992,11 +992,15 @@ def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
     D = s.AlertDelivery
     unacked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_(None))
     with session_scope(engine) as session:
-        res = session.execute(
-            update(D)
-            .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
-            .values(status=DeliveryState.SENDING, last_attempt_at=datetime.now(UTC))
-            .execution_options(synchronize_session=False)
+        # DML returns a CursorResult (it has rowcount); Session.execute is typed as returning a plain Result
+        res = cast(
+            CursorResult[Any],
+            session.execute(
+                update(D)
+                .where(D.id == delivery_id, _due_filter(now), D.alert_id.in_(unacked))
+                .values(status=DeliveryState.SENDING, last_attempt_at=datetime.now(UTC))
+                .execution_options(synchronize_session=False)
+            ),
         )
         return res.rowcount == 1
 
@@ -1049,10 +1053,13 @@ def _expire(engine: Engine, row: Any, now: datetime) -> bool:
     D = s.AlertDelivery
     with session_scope(engine) as session:
         return bool(
-            session.execute(
-                update(D)
-                .where(D.id == row.id, _due_filter(now))
-                .values(status=DeliveryState.EXPIRED, next_attempt_at=None)
+            cast(
+                CursorResult[Any],
+                session.execute(
+                    update(D)
+                    .where(D.id == row.id, _due_filter(now))
+                    .values(status=DeliveryState.EXPIRED, next_attempt_at=None)
+                ),
             ).rowcount
         )
 
@@ -1085,11 +1092,14 @@ def deliver_pending(
     with session_scope(engine) as session:
         _enqueue(session, cfg, now)
         acked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_not(None))
-        skipped = session.execute(
-            update(D)
-            .where(D.status.in_(OPEN_STATES), D.alert_id.in_(acked))
-            .values(status=DeliveryState.CANCELLED, last_error="acknowledged before delivery", next_attempt_at=None)
-            .execution_options(synchronize_session=False)
+        skipped = cast(
+            CursorResult[Any],
+            session.execute(
+                update(D)
+                .where(D.status.in_(OPEN_STATES), D.alert_id.in_(acked))
+                .values(status=DeliveryState.CANCELLED, last_error="acknowledged before delivery", next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            ),
         )
         report.skipped = skipped.rowcount or 0
         due = session.execute(

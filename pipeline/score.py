@@ -124,14 +124,15 @@ class RawOutput:
 class Scorer:
     """A loaded model; `score` maps texts to Predictions in input order."""
 
-    model: object
-    tokenizer: object
+    # transformers / torch objects, imported lazily, so typed loosely
+    model: Any
+    tokenizer: Any
     labels: list[str]
     version: str
     source: str
     device: str
     topics: list[str] | None = None
-    topic_head: object | None = None
+    topic_head: Any | None = None
     temperature: float = 1.0
     topic_temperature: float = 1.0
     max_length: int = 128

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, case, create_engine, event, func, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -133,7 +133,8 @@ def _copy_insert_new(
     procs = [tbl.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in cols]
     quoted = ", ".join(f'"{c}"' for c in cols)
     stage = f"_stage_{tbl.name}"
-    raw = session.connection().connection.driver_connection
+    # the pooled connection is checked out, so its psycopg driver connection is always set here
+    raw = cast(Any, session.connection().connection.driver_connection)
     with raw.cursor() as cur:
         cur.execute(f'CREATE TEMP TABLE "{stage}" ON COMMIT DROP AS SELECT {quoted} FROM "{tbl.name}" WITH NO DATA')
         with cur.copy(f'COPY "{stage}" ({quoted}) FROM STDIN') as copy:
