@@ -190,7 +190,10 @@ def scoring_ratios(results: Sequence[BenchResult]) -> dict[str, float]:
 def machine() -> str:
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 @dataclass
@@ -242,7 +245,8 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "",
         f"```\n{report.command}\n```",
         "",
-        f"Ratios are finsent over its peer **in the same run**: the contenders take turns every {SLICE} texts (rotating",
+        f"Ratios are finsent over its peer **in the same run**: "
+        f"the contenders take turns every {SLICE} texts (rotating",
         "order), a ratio is the median over those slices of the peer's seconds over finsent's on the same texts, then",
         "the geometric mean over the text sets. Absolute texts/s hold for this machine only, under",
         "whatever else it was running (the rounds column shows how much that varied).",
@@ -256,7 +260,8 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "",
         f"Texts: {report.texts_source}. Contenders: `finsent` (Scorer.score: token-count buckets, one tokenizer call,",
         "sentiment + topic head, calibrated); `naive_pipeline` (`transformers.pipeline`, fp32, batch 32, texts in the",
-        "given order); `hand_loop` (a hand-written dynamic-padding torch loop, texts sorted by token count, sentiment only).",
+        "given order); `hand_loop` (a hand-written dynamic-padding torch loop, "
+        "texts sorted by token count, sentiment only).",
         "",
         "| texts | contender | n | mean tokens | batch | texts/s (median) | rounds |",
         "|---|---|---|---|---|---|---|",
@@ -273,7 +278,8 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
     if report.writes:
         lines += [
             "Documents + entities + scores in 2,000-row transactions on Postgres: `finsent` (store.save_documents and",
-            "save_scores) against `copy_staging` (COPY into a temp table + INSERT ... ON CONFLICT DO NOTHING RETURNING,",
+            "save_scores) against `copy_staging` "
+            "(COPY into a temp table + INSERT ... ON CONFLICT DO NOTHING RETURNING,",
             "the idempotent COPY ceiling), interleaved, in a throwaway schema.",
             "",
             "| method | rows | seconds | rows/s |",
@@ -375,7 +381,8 @@ def _copy_insert(
         for row in rows:
             copy.write_row(row)
     cur.execute(
-        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM stage ON CONFLICT ({conflict}) DO NOTHING RETURNING {returning}"
+        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM stage "
+        f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {returning}"
     )
     out = cur.fetchall()
     cur.execute("DROP TABLE stage")

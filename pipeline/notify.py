@@ -255,14 +255,20 @@ class AlertView:
         a = self.alert
         if not a.total_count:
             return f"No {self.unit} {self.about} {self.period}."
-        return f"{a.total_count} {self.unit} {self.about} {self.period}, {a.neg_count} negative ({100 * a.neg_share:.0f}%)."
+        return (
+            f"{a.total_count} {self.unit} {self.about} {self.period}, "
+            f"{a.neg_count} negative ({100 * a.neg_share:.0f}%)."
+        )
 
     @property
     def usual_line(self) -> str:
         a = self.alert
         if self.usual_count is None:
             return f"Usually {100 * a.baseline_share:.0f}% negative."
-        return f"At this hour it usually sees about {_num(self.usual_count)} {self.unit}, with {100 * a.baseline_share:.0f}% negative."
+        return (
+            f"At this hour it usually sees about {_num(self.usual_count)} {self.unit}, "
+            f"with {100 * a.baseline_share:.0f}% negative."
+        )
 
     @property
     def stats_line(self) -> str:
@@ -292,7 +298,11 @@ class AlertView:
         a = self.alert
         if a.kind == "resolved":
             return f"{self.scope_label}: back to normal"
-        return f"{a.severity.upper()} {self.scope_label}: {a.total_count} {self.unit}, {a.neg_count} negative ({100 * a.neg_share:.0f}%; usually {100 * a.baseline_share:.0f}%), risk {self.risk}"
+        return (
+            f"{a.severity.upper()} {self.scope_label}: {a.total_count} {self.unit}, "
+            f"{a.neg_count} negative ({100 * a.neg_share:.0f}%; usually {100 * a.baseline_share:.0f}%), "
+            f"risk {self.risk}"
+        )
 
 
 def _num(x: float) -> str:
@@ -364,7 +374,8 @@ class IncidentMessage:
         if start is not None:
             hours = (end - start).total_seconds() / 3600
             parts.append(
-                f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, counting the quiet hours that confirm it)"
+                f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, "
+                "counting the quiet hours that confirm it)"
             )
         peak = []
         if self.peak_share is not None:
@@ -515,7 +526,10 @@ def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> t
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*{m.others_label}*\n{others}"[:2900]}})
     items = []
     for d in a.top_documents[:MAX_TOP_ITEMS]:
-        line = f"\u2022 {_slack_link(d.link, slack_escape(d.title))} \u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
+        line = (
+            f"\u2022 {_slack_link(d.link, slack_escape(d.title))} "
+            f"\u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
+        )
         if d.evidence:
             line += f"\n    evidence: {slack_escape(', '.join(d.evidence), 200)}"
         items.append(line)
@@ -607,7 +621,8 @@ def render_html(v: AlertView | IncidentMessage) -> str:
         if not m.ack_url:
             details.append(f"acknowledge: finsent alerts ack {a.id[:12]}")
     style = (
-        "body{margin:0;padding:0;background:#f4f5f7;color:#1d2433;font:16px/1.5 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif}"
+        "body{margin:0;padding:0;background:#f4f5f7;color:#1d2433;"
+        "font:16px/1.5 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif}"
         ".card{max-width:600px;width:100%;margin:0 auto;background:#fff;border-top:6px solid "
         + colour
         + ";box-sizing:border-box;padding:16px 20px}"
@@ -616,9 +631,11 @@ def render_html(v: AlertView | IncidentMessage) -> str:
         + colour
         + ";font-size:13px;font-weight:600}"
         ".lead{font-size:17px;font-weight:600}.muted{color:#5b6474;font-size:14px}"
-        "a{color:#1a56db}.btn{display:inline-block;margin:4px 8px 4px 0;padding:8px 14px;border-radius:6px;background:#1a56db;color:#fff!important;text-decoration:none}"
+        "a{color:#1a56db}.btn{display:inline-block;margin:4px 8px 4px 0;padding:8px 14px;border-radius:6px;"
+        "background:#1a56db;color:#fff!important;text-decoration:none}"
         "ol,ul{padding-left:20px}li{margin:4px 0;word-wrap:break-word}"
-        "@media (prefers-color-scheme: dark){body{background:#111418;color:#e6e9ef}.card{background:#1b1f26}.muted{color:#a3acb9}a{color:#8ab4f8}}"
+        "@media (prefers-color-scheme: dark){body{background:#111418;color:#e6e9ef}"
+        ".card{background:#1b1f26}.muted{color:#a3acb9}a{color:#8ab4f8}}"
         "@media (max-width:480px){.card{padding:12px}h1{font-size:18px}}"
     )
     badge = "RESOLVED" if m.kind == MessageKind.RESOLVED else m.severity.upper()
@@ -742,7 +759,8 @@ class SlackSink:
         url = secrets.slack_webhook_url(self.cfg.webhook_url_env)
         if not url:
             raise DeliveryError(
-                f"sink {self.name}: no Slack webhook URL (set env {self.cfg.webhook_url_env} or Airflow connection {secrets.SLACK_CONN_ID})"
+                f"sink {self.name}: no Slack webhook URL "
+                f"(set env {self.cfg.webhook_url_env} or Airflow connection {secrets.SLACK_CONN_ID})"
             )
         sdk_log = logging.Logger(f"{__name__}.slack_sdk", level=logging.WARNING)
         sdk_log.addFilter(_RedactFilter(url))
@@ -757,7 +775,8 @@ class SlackSink:
             ) from None
         if resp.status_code != 200:
             raise DeliveryError(
-                f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: {scrub(str(resp.body)[:200], [url])}"
+                f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: "
+                f"{scrub(str(resp.body)[:200], [url])}"
             )
 
 
@@ -807,7 +826,8 @@ class EmailSink:
         user, password = secrets.smtp_credentials(c.smtp_password_env, c.smtp_user)
         if user and not password:
             raise DeliveryError(
-                f"sink {self.name}: no SMTP password for {user} (set env {c.smtp_password_env} or Airflow connection {secrets.SMTP_CONN_ID})"
+                f"sink {self.name}: no SMTP password for {user} "
+                f"(set env {c.smtp_password_env} or Airflow connection {secrets.SMTP_CONN_ID})"
             )
         try:
             with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=c.timeout_s) as smtp:
@@ -820,7 +840,8 @@ class EmailSink:
                 smtp.send_message(msg)
         except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
             raise DeliveryError(
-                f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: {scrub(f'{type(e).__name__}: {e}', [password])}"
+                f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: "
+                f"{scrub(f'{type(e).__name__}: {e}', [password])}"
             ) from None
 
 

@@ -204,7 +204,8 @@ class Scorer:
                 ) from None
             if topic_head.out_features != len(topics):
                 raise ModelLoadError(
-                    f"model folder {local}: {head_path.name} has {topic_head.out_features} outputs but {META_FILE} lists {len(topics)} topics"
+                    f"model folder {local}: {head_path.name} has {topic_head.out_features} outputs "
+                    f"but {META_FILE} lists {len(topics)} topics"
                 )
             topic_head.to(dev).eval()
         elif topics:
@@ -302,7 +303,8 @@ class Scorer:
         return RawOutput(res[:, :n_sent], res[:, n_sent:t0], res[:, t0 : t0 + n_topic], res[:, t0 + n_topic :])
 
     def logits(self, texts: Sequence[str]):
-        """Uncalibrated (sentiment, topic-or-None) logits as numpy arrays in input order: for evaluation and explanations."""
+        """Uncalibrated (sentiment, topic-or-None) logits as numpy arrays in input order: for evaluation and
+        explanations."""
         texts = [clip(t, self.char_limit) if t and t.strip() else " " for t in texts]
         out = self._raw(texts)
         topic = out.topic_logits if self.topics else None

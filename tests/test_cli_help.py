@@ -6,7 +6,10 @@ from pathlib import Path
 
 
 def test_help_imports_neither_sqlalchemy_nor_torch():
-    probe = "import sys; from pipeline.cli import app; print(sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'torch', 'transformers'}))"
+    probe = (
+        "import sys; from pipeline.cli import app; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'torch', 'transformers'}))"
+    )
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, check=False)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -42,7 +42,8 @@ def _sinks(port: int) -> list[dict]:
     return [
         {"name": "slack-desk", "kind": "slack", "webhook_url_env": "TEST_SLACK_URL"},
         {"name": "mail-desk", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_user": "alerts",
-         "smtp_password_env": "TEST_SMTP_PASSWORD", "mail_from": "finsent@example.com", "mail_to": ["desk@example.com"]},
+         "smtp_password_env": "TEST_SMTP_PASSWORD", "mail_from": "finsent@example.com",
+         "mail_to": ["desk@example.com"]},
     ]  # fmt: skip
 
 
@@ -81,7 +82,8 @@ def test_alert_counts_equal_the_dashboard_view(demo_pg) -> None:
         for a in alerts:
             row = session.execute(
                 text(
-                    "SELECT total_count, neg_count FROM v_sentiment_hourly WHERE bucket_start = :b AND scope_kind = :k AND scope_value = :v"
+                    "SELECT total_count, neg_count FROM v_sentiment_hourly "
+                    "WHERE bucket_start = :b AND scope_kind = :k AND scope_value = :v"
                 ),
                 {"b": a.window_start, "k": a.scope_kind, "v": a.scope_value},
             ).one()
@@ -145,10 +147,13 @@ def _add(
             s.Alert(
                 id=aid, episode_id=episode, kind=kind, scope_kind=scope[0], scope_value=scope[1],
                 window_start=end - timedelta(hours=1), window_end=end, severity=severity, neg_count=neg, total_count=15,
-                neg_share=neg / 15, baseline_share=0.15, baseline_neg_rate=0.6, statistic=9.5, p_value=1e-9, risk_score=70.0 + neg,
-                details={"episode_severity": severity if kind != "resolved" else "critical", "episode_onset": (SPIKE_END - timedelta(hours=1)).isoformat(),
-                         "top_documents": [] if kind == "resolved" else [{"document_id": 7, "title": "Northwind cuts dividend", "link": None,
-                                                                              "source": "newswire", "p_negative": 0.9, "evidence": ["cuts"]}]},
+                neg_share=neg / 15, baseline_share=0.15, baseline_neg_rate=0.6, statistic=9.5, p_value=1e-9,
+                risk_score=70.0 + neg,
+                details={"episode_severity": severity if kind != "resolved" else "critical",
+                         "episode_onset": (SPIKE_END - timedelta(hours=1)).isoformat(),
+                         "top_documents": [] if kind == "resolved" else [
+                             {"document_id": 7, "title": "Northwind cuts dividend", "link": None,
+                              "source": "newswire", "p_negative": 0.9, "evidence": ["cuts"]}]},
                 created_at=NOW,
             )
         )  # fmt: skip

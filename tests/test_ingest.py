@@ -40,7 +40,10 @@ def ents(doc) -> list[tuple[str, str]]:
 
 
 def rss(items: list[str], extra: str = "") -> str:
-    return f'<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>gen</title>{extra}{"".join(items)}</channel></rss>'
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel><title>gen</title>'
+        f"{extra}{''.join(items)}</channel></rss>"
+    )
 
 
 # --------------------------------------------------------------------------- good feeds
@@ -505,8 +508,10 @@ def test_one_unencodable_message_does_not_fail_the_stream(feed_server, engine):
     """A lone surrogate (a truncated emoji in JSON) is dropped; the valid messages beside it are kept and stored."""
     body = (
         '{"messages": ['
-        '{"id": 1, "body": "$ACME guidance cut \\ud83d", "created_at": "2026-11-20T14:03:00Z", "symbols": [{"symbol": "ACME"}]},'
-        '{"id": 2, "body": "$ACME beats estimates", "created_at": "2026-11-20T14:05:00Z", "symbols": [{"symbol": "ACME"}]}'
+        '{"id": 1, "body": "$ACME guidance cut \\ud83d", "created_at": "2026-11-20T14:03:00Z", '
+        '"symbols": [{"symbol": "ACME"}]},'
+        '{"id": 2, "body": "$ACME beats estimates", "created_at": "2026-11-20T14:05:00Z", '
+        '"symbols": [{"symbol": "ACME"}]}'
         "]}"
     )
     url = feed_server.put("surrogate.json", body.encode(), "application/json")

@@ -455,8 +455,9 @@ def test_email_refuses_an_unverified_certificate(
     (tmp_path / "other").mkdir()
     other, _ = _cert(tmp_path / "other")  # a different CA than the server's
     monkeypatch.setenv("SSL_CERT_FILE", str(other))
-    sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_user": "alerts",
-                            "smtp_password_env": "TEST_SMTP_PASSWORD", "mail_to": ["d@example.com"]}]).sinks[0]  # fmt: skip
+    sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port,
+                            "smtp_user": "alerts", "smtp_password_env": "TEST_SMTP_PASSWORD",
+                            "mail_to": ["d@example.com"]}]).sinks[0]  # fmt: skip
     from pipeline.notify import view_of
 
     aid = add_alert(engine)

@@ -59,7 +59,8 @@ def main() -> None:
                 with create_engine(meta).connect() as c:
                     span = c.execute(
                         text(
-                            "SELECT extract(epoch FROM max(end_date) - min(start_date)) FROM task_instance WHERE run_id = :r AND task_id = 'ingest'"
+                            "SELECT extract(epoch FROM max(end_date) - min(start_date)) FROM task_instance "
+                            "WHERE run_id = :r AND task_id = 'ingest'"
                         ),
                         {"r": run_id},
                     ).scalar()

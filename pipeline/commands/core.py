@@ -91,7 +91,8 @@ def iter_rows(path: Path) -> Iterator[dict]:
                 reader = csv.DictReader(fh)
                 if not reader.fieldnames or "text" not in reader.fieldnames:
                     raise fail(
-                        f"{path}: CSV needs a 'text' column (found: {', '.join(reader.fieldnames or []) or 'no header'})"
+                        f"{path}: CSV needs a 'text' column "
+                        f"(found: {', '.join(reader.fieldnames or []) or 'no header'})"
                     )
                 for row in reader:
                     yield {**row, "text": row["text"] or ""}
@@ -297,7 +298,8 @@ def print_demo(report) -> None:
     for a in spikes:
         risk = f", risk {a.risk_score:.0f}/100" if a.risk_score is not None else ""
         console.print(
-            f"  [{'red' if a.severity == 'critical' else 'yellow'}]{a.severity.upper()}[/] {a.scope_kind} {escape(a.scope_value)}: "
+            f"  [{'red' if a.severity == 'critical' else 'yellow'}]{a.severity.upper()}[/] "
+            f"{a.scope_kind} {escape(a.scope_value)}: "
             f"{a.neg_count}/{a.total_count} negative ({a.neg_share:.0%} vs baseline {a.baseline_share:.0%}){risk}"
         )
     if report.failed_sources:
@@ -328,7 +330,8 @@ def register(app: typer.Typer) -> None:
         db: Annotated[
             Path | None,
             typer.Option(
-                help="SQLite file for the demo, recreated each run (default: the database every command uses, finsent.db)."
+                help="SQLite file for the demo, recreated each run "
+                "(default: the database every command uses, finsent.db)."
             ),
         ] = None,
         model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
@@ -409,7 +412,8 @@ def register(app: typer.Typer) -> None:
         database_url: Annotated[
             str | None,
             typer.Option(
-                help="Postgres for the write benchmark, in a throwaway schema (default: the config's when it is Postgres; 'none' skips)."
+                help="Postgres for the write benchmark, in a throwaway schema "
+                "(default: the config's when it is Postgres; 'none' skips)."
             ),
         ] = None,
         db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
@@ -442,7 +446,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"texts: {source}", highlight=False)
         for r in results:
             console.print(
-                f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s (batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)"
+                f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s "
+                f"(batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)"
             )
         for w in rep.writes:
             console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
