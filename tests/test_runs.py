@@ -258,7 +258,8 @@ def test_migration_moves_the_airflow_run_id_out_of_counts(pg_url, engine):
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO pipeline_runs (kind, started_at, status, counts, errors) VALUES "
-            "('airflow:finsent_monitor', now() - interval '1 day', 'running', '{\"airflow_run_id\": \"r1\", \"scored\": 3}', '[]')"
+            "('airflow:finsent_monitor', now() - interval '1 day', 'running', "
+            '\'{"airflow_run_id": "r1", "scored": 3}\', \'[]\')'
         )
     _migrate(pg_url, "head")
     [row] = _runs(engine)
@@ -310,9 +311,12 @@ def test_sqlite_run_lock_is_a_file_next_to_the_database(tmp_path):
             )
         assert held.returncode == 5, held.stderr
         assert held.stderr.strip() == f"error: another finsent run holds the lock {db}.lock; nothing done"
-        with store.run_lock(engine), pytest.raises(store.RunLockedError):  # a second holder in this process too
-            with store.run_lock(store.make_engine(url)):
-                pass
+        with (
+            store.run_lock(engine),
+            pytest.raises(store.RunLockedError),  # a second holder in this process too
+            store.run_lock(store.make_engine(url)),
+        ):
+            pass
         assert _runs(engine) == [], "a refused run leaves no row"
     finally:
         engine.dispose()
