@@ -25,7 +25,7 @@ from pipeline.config import DEFAULT_DATA_DIR
 from pipeline.store import make_engine, upgrade
 
 # airflow_support isolates AIRFLOW_HOME at import, before any test module can import airflow
-pytest_plugins = ["tests.feedserver", "tests.airflow_support"]
+pytest_plugins = ["tests.feedserver", "tests.airflow_support", "tests.notify_receivers"]
 
 PG_BASE = os.environ.get("FINSENT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROOT = Path(__file__).resolve().parents[1]

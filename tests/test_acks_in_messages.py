@@ -20,7 +20,8 @@ from pipeline.notify import ACK_ACTION_ID, deliver_pending
 from pipeline.slack_actions import handle_slack_action
 from pipeline.store import schema as s
 from pipeline.store import session_scope
-from tests.test_notify import FAST, NOW, Webhook, add_alert, smtp_server, webhook  # noqa: F401  (fixtures)
+from tests.notify_receivers import Webhook
+from tests.test_notify import FAST, NOW, add_alert
 
 SECRET = "ack-secret-for-tests"
 
@@ -35,10 +36,10 @@ def add_hex_alert(engine) -> str:
 
 def test_the_emailed_ack_link_works_once_and_refuses_tampered_or_expired_tokens(
     engine,
-    smtp_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    starttls_smtp,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    box, port = smtp_server
+    box, port = starttls_smtp
     monkeypatch.setenv("TEST_ACK_SECRET", SECRET)
     cfg = FinsentConfig.model_validate(
         {"watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}], "database_url": "sqlite://",
@@ -78,7 +79,7 @@ def _signed(body: bytes, secret: str, ts: int) -> dict[str, str]:
 
 def test_slack_button_acknowledges_only_when_signed_and_fresh(
     engine,
-    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    slack_webhook: Webhook,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
@@ -89,7 +90,7 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(
     )  # fmt: skip
     aid = add_hex_alert(engine)
     assert deliver_pending(engine, cfg, now=NOW, retry_delays=FAST).sent == 1
-    buttons = [e for b in webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
+    buttons = [e for b in slack_webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
     ack = next(e for e in buttons if e.get("action_id") == ACK_ACTION_ID)
     assert ack["value"] == aid
     payload = {
@@ -129,8 +130,8 @@ def test_slack_button_acknowledges_only_when_signed_and_fresh(
 
 def test_slack_message_keeps_the_signed_link_next_to_the_button(
     engine,
-    webhook: Webhook,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    slack_webhook: Webhook,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """If Slack cannot reach the server (firewall, wrong request URL) the signed web link still acknowledges."""
     monkeypatch.setenv("TEST_SIGNING", "slack-signing-secret")
@@ -143,7 +144,7 @@ def test_slack_message_keeps_the_signed_link_next_to_the_button(
     )  # fmt: skip
     aid = add_hex_alert(engine)
     assert deliver_pending(engine, cfg, now=NOW, retry_delays=FAST).sent == 1
-    buttons = [e for b in webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
+    buttons = [e for b in slack_webhook.posts[0]["blocks"] if b["type"] == "actions" for e in b["elements"]]
     assert [e["value"] for e in buttons if e.get("action_id") == ACK_ACTION_ID] == [aid]
     links = [e["url"] for e in buttons if e.get("url", "").startswith("https://finsent.example.com/ack/")]
     assert len(links) == 1 and verify_ack_token(links[0].rsplit("/", 1)[1], SECRET, now=NOW) == aid

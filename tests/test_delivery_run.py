@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.store import schema as s
 from pipeline.store import session_scope
-from tests.test_notify import add_alert, failing_smtp, mail_sink, slack_sink, webhook  # noqa: F401  (fixtures)
+from tests.test_notify import add_alert, mail_sink, slack_sink
 
 runner = CliRunner()
 
@@ -23,8 +23,8 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
     tmp_path,
     pg_url,
     engine,
-    webhook,  # noqa: F811  (pytest fixture imported from its defining module)
-    failing_smtp,  # noqa: F811  (pytest fixture imported from its defining module)
+    slack_webhook,
+    failing_smtp,
     tiny_model_dir,
     monkeypatch,
 ):
@@ -53,7 +53,7 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
     assert result.exit_code == 4, result.output
     assert "degraded: 1 alert deliveries expired undelivered (mail-ops)" in result.output
     assert "mail-ops: 0 sent, 0 pending, 1 failed" in result.output
-    assert len(webhook.posts) == 1 and "could not be delivered to mail-ops" in json.dumps(webhook.posts[0])
+    assert len(slack_webhook.posts) == 1 and "could not be delivered to mail-ops" in json.dumps(slack_webhook.posts[0])
     assert box.messages == []
     with session_scope(engine) as session:
         run = session.scalars(select(s.PipelineRun).order_by(s.PipelineRun.id.desc())).first()
@@ -62,4 +62,4 @@ def test_finsent_run_exits_non_zero_when_an_alert_expires_undelivered(
 
     again = runner.invoke(app, ["run", "-c", str(path)])
     assert again.exit_code == 0, again.output  # told once; nothing new is lost
-    assert len(webhook.posts) == 1
+    assert len(slack_webhook.posts) == 1

@@ -18,7 +18,8 @@ from pipeline.notify import deliver_pending
 from pipeline.store import make_engine, session_scope
 from pipeline.store import schema as s
 from tests.conftest import migrated_schema
-from tests.test_notify import FAST, NOW, Webhook, add_alert, smtp_server, webhook  # noqa: F401  (fixtures)
+from tests.notify_receivers import Webhook
+from tests.test_notify import FAST, NOW
 
 SPIKE_END = datetime(2026, 11, 20, 15, tzinfo=UTC)
 STOPWORDS = {"the", "and", "a", "an", "to", "of", "as", "after", "in", "on", "for", "with", "at", "by", "is"}
@@ -48,9 +49,9 @@ def _sinks(port: int) -> list[dict]:
 
 
 def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(
-    demo_pg, webhook: Webhook, smtp_server
-) -> None:  # noqa: F811
-    box, port = smtp_server
+    demo_pg, slack_webhook: Webhook, starttls_smtp
+) -> None:
+    box, port = starttls_smtp
     cfg = demo_config(demo_pg).model_copy(update={"sinks": []})
     cfg = type(cfg).model_validate({**cfg.model_dump(mode="json"), "database_url": demo_pg, "sinks": _sinks(port)})
     engine = make_engine(demo_pg)
@@ -65,10 +66,10 @@ def test_demo_surge_is_one_incident_with_one_message_per_sink_entity_first(
     assert len(incidents) == 1 and {a.incident_id for a in alerts} == {incidents[0].id}
     assert incidents[0].head_scope_kind == "entity" and incidents[0].head_scope_value == "NWB"
     assert report.sent == 2, report.errors
-    assert len(webhook.posts) == 1 and len(box.messages) == 1
-    header = webhook.posts[0]["blocks"][0]["text"]["text"]
+    assert len(slack_webhook.posts) == 1 and len(box.messages) == 1
+    header = slack_webhook.posts[0]["blocks"][0]["text"]["text"]
     assert header == "[CRITICAL] Northwind Bank (NWB): negative news surge"
-    raw = json.dumps(webhook.posts[0], ensure_ascii=False)
+    raw = json.dumps(slack_webhook.posts[0], ensure_ascii=False)
     assert "Also moved" in raw and "market-wide" in raw
     assert box.messages[0]["Subject"] == "finsent: Northwind Bank (NWB): negative news surge"
     assert statuses.count(("slack-desk", "sent")) == 1 and statuses.count(("slack-desk", "grouped")) == len(alerts) - 1
@@ -160,9 +161,9 @@ def _add(
 
 
 def test_escalation_and_resolution_thread_in_email_and_slack(
-    engine, smtp_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # noqa: F811
-    box, port = smtp_server
+    engine, starttls_smtp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box, port = starttls_smtp
     api = FakeSlackApi()
     monkeypatch.setenv("TEST_SLACK_BOT", "xoxb-test-token")
     sinks = _sinks(port)
@@ -212,7 +213,7 @@ def test_escalation_and_resolution_thread_in_email_and_slack(
     api.server.shutdown()
 
 
-def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: Webhook) -> None:  # noqa: F811
+def test_webhook_only_updates_say_which_incident_they_continue(engine, slack_webhook: Webhook) -> None:
     from pipeline.config import FinsentConfig
 
     cfg = FinsentConfig.model_validate(
@@ -227,9 +228,9 @@ def test_webhook_only_updates_say_which_incident_they_continue(engine, webhook: 
     assert deliver_pending(engine, cfg, now=SPIKE_END + timedelta(hours=1), retry_delays=FAST).sent == 2
     with session_scope(engine) as session:
         inc = session.scalars(select(s.Incident)).one()
-    second = json.dumps(webhook.posts[1], ensure_ascii=False)
+    second = json.dumps(slack_webhook.posts[1], ensure_ascii=False)
     assert f"Update to incident {inc.id[:12]}" in second and "https://finsent.example.com/alerts/spike-nwb" in second
-    assert "Update to incident" not in json.dumps(webhook.posts[0], ensure_ascii=False)
+    assert "Update to incident" not in json.dumps(slack_webhook.posts[0], ensure_ascii=False)
 
 
 def test_slack_web_api_error_is_a_failed_delivery_without_the_token(engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,12 +252,12 @@ def test_slack_web_api_error_is_a_failed_delivery_without_the_token(engine, monk
     assert "xoxb-secret-token" not in " ".join(report.errors)
 
 
-def test_alert_found_in_a_later_pass_joins_the_open_incident_of_its_window(engine, smtp_server) -> None:  # noqa: F811
+def test_alert_found_in_a_later_pass_joins_the_open_incident_of_its_window(engine, starttls_smtp) -> None:
     """A second detection pass over the same window adds the market alert that shares the entity's evidence:
     it joins the incident already open for that window, and its mail replies in that incident's thread."""
     from pipeline.config import FinsentConfig
 
-    box, port = smtp_server
+    box, port = starttls_smtp
     cfg = FinsentConfig.model_validate(
         {
             "watchlist": [{"ticker": "NWB", "name": "Northwind Bank"}],

@@ -18,7 +18,7 @@ from pipeline.config import FinsentConfig
 from pipeline.model_health import check_models, compare, psi
 from pipeline.store import schema as s
 from pipeline.store import session_scope
-from tests.test_notify import Webhook, webhook  # noqa: F401
+from tests.notify_receivers import Webhook
 
 VERSION = "replay-model-1"
 START = datetime(2026, 11, 2, 0, 0, tzinfo=UTC)
@@ -156,7 +156,7 @@ def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
     pg_url: str,
     tmp_path,
     monkeypatch,
-    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
+    slack_webhook: Webhook,
     shift: str,
     feature: str | None,
 ) -> None:
@@ -169,9 +169,9 @@ def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
     assert [(k, src) for k, src, _ in alerts] == [("model_health", "newswire"), ("resolved", "newswire")], alerts
     if feature:
         assert alerts[0][2] == feature
-    opened = json.dumps(webhook.posts[0])
+    opened = json.dumps(slack_webhook.posts[0])
     assert "model output drifted on source newswire" in opened and "PSI" in opened and "chi-square p=" in opened
-    assert len(webhook.posts) == 2 and "back to its baseline" in json.dumps(webhook.posts[1])
+    assert len(slack_webhook.posts) == 2 and "back to its baseline" in json.dumps(slack_webhook.posts[1])
     with session_scope(engine) as session:
         W = s.ModelHealthWindow
         drifted = session.scalars(select(W.window_start).where(W.drifted.is_(True)).order_by(W.window_start)).all()
@@ -192,13 +192,13 @@ def test_a_shifted_stream_raises_one_model_health_alert_then_a_resolution(
         assert "news surge" not in r.output
 
 
-def test_a_normal_week_raises_no_model_health_alert(engine, webhook: Webhook) -> None:  # noqa: F811
+def test_a_normal_week_raises_no_model_health_alert(engine, slack_webhook: Webhook) -> None:
     cfg = make_cfg()
     hours = 7 * 24
     seed(engine, cfg, hours, rng_seed=11)
     replay(engine, cfg, hours)
     assert model_alerts(engine) == []
-    assert webhook.posts == []
+    assert slack_webhook.posts == []
     with session_scope(engine) as session:
         judged = session.scalar(
             select(func.count()).select_from(s.ModelHealthWindow).where(s.ModelHealthWindow.drifted.is_not(None))

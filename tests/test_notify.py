@@ -1,23 +1,17 @@
 """Delivery against real receivers: a Slack-style webhook on 127.0.0.1, aiosmtpd with STARTTLS + AUTH,
-and the real Postgres (alerts, deliveries and attempts)."""
+and the real Postgres (alerts, deliveries and attempts). The receivers and their fixtures (`slack_webhook`,
+`starttls_smtp`, `failing_smtp`) live in tests/notify_receivers.py, a plugin listed in conftest."""
 
 from __future__ import annotations
 
-import email
-import ipaddress
 import json
 import logging
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from email import policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,154 +21,12 @@ from pipeline.config import FinsentConfig
 from pipeline.notify import DeliveryError, DeliveryReport, EmailSink, deliver_pending, safe_link, slack_escape
 from pipeline.store import schema as s
 from pipeline.store import session_scope
+from tests.notify_receivers import Webhook, make_cert
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 20, 15, 5, tzinfo=UTC)
 HOSTILE = "<!channel> <script>alert(1)</script> Profits & losses @here <@U123ABC> *bold* `code`"
 FAST = (0.01, 0.01)
-
-
-# --- receivers -----------------------------------------------------------------------------------
-
-
-class Webhook:
-    """A Slack-style incoming webhook: records accepted JSON posts; `status` switches to 500; `delay` slows it."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict] = []
-        self.hits = 0
-        self.status = 200
-        self.delay = 0.0
-        self.hold: threading.Event | None = None  # when set: each post waits (max 30 s) until the event is set
-        self.lock = threading.Lock()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with hook.lock:
-                    hook.hits += 1
-                if hook.hold is not None:
-                    hook.hold.wait(30)
-                time.sleep(hook.delay)
-                if hook.status != 200:
-                    self.send_response(hook.status)
-                    self.end_headers()
-                    self.wfile.write(b"internal_error")
-                    return
-                with hook.lock:
-                    hook.posts.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/services/T000/B000/s3cretT0ken"
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.thread is None:
-            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.server.RequestHandlerClass)
-            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-            self.thread.start()
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.thread = None
-
-
-@pytest.fixture
-def webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Webhook]:
-    hook = Webhook()
-    hook.server.server_close()  # start() rebinds the same port, so "down" and "up again" are both real
-    hook.start()
-    monkeypatch.setenv("TEST_SLACK_URL", hook.url)
-    yield hook
-    hook.stop()
-
-
-def _cert(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
-class Mailbox:
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-        self.logins: list[tuple[str, str]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Mailbox, int]]:
-    from aiosmtpd.controller import Controller
-    from aiosmtpd.smtp import AuthResult
-
-    cert, key = _cert(tmp_path)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    box = Mailbox()
-
-    def authenticator(server, session, envelope, mechanism, auth_data):
-        box.logins.append((auth_data.login.decode(), auth_data.password.decode()))
-        ok = auth_data.login == b"alerts" and auth_data.password == b"smtp-pa55word"
-        return AuthResult(success=ok, handled=False)
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    ctl = Controller(
-        box,
-        hostname="127.0.0.1",
-        port=port,
-        tls_context=ctx,
-        require_starttls=True,
-        auth_required=True,
-        auth_require_tls=True,
-        authenticator=authenticator,
-    )
-    ctl.start()
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the client verifies the server against this CA
-    monkeypatch.setenv("TEST_SMTP_PASSWORD", "smtp-pa55word")
-    yield box, port
-    ctl.stop()
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -263,12 +115,12 @@ def attempts(engine) -> list[s.DeliveryAttempt]:
 # --- tests ---------------------------------------------------------------------------------------
 
 
-def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, webhook: Webhook) -> None:
+def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, slack_webhook: Webhook) -> None:
     add_alert(engine)
     report = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
     assert (report.sent, report.failed, report.expired) == (1, 0, 0)
-    assert len(webhook.posts) == 1
-    post = webhook.posts[0]
+    assert len(slack_webhook.posts) == 1
+    post = slack_webhook.posts[0]
     raw = json.dumps(post, ensure_ascii=False)
     assert post["blocks"][0]["type"] == "header"
     assert (
@@ -285,9 +137,9 @@ def test_slack_block_kit_message_arrives_with_hostile_text_neutralised(engine, w
     assert [a.ok for a in attempts(engine)] == [True]
 
 
-def test_repeated_and_concurrent_runs_send_once(engine, webhook: Webhook) -> None:
+def test_repeated_and_concurrent_runs_send_once(engine, slack_webhook: Webhook) -> None:
     add_alert(engine)
-    webhook.delay = 0.5
+    slack_webhook.delay = 0.5
     cfg = make_cfg()
     reports = []
     threads = [
@@ -299,41 +151,43 @@ def test_repeated_and_concurrent_runs_send_once(engine, webhook: Webhook) -> Non
     for t in threads:
         t.join()
     assert sum(r.sent for r in reports) == 1
-    assert webhook.hits == 1
+    assert slack_webhook.hits == 1
     again = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
-    assert again.sent == 0 and webhook.hits == 1
+    assert again.sent == 0 and slack_webhook.hits == 1
     assert len(deliveries(engine)) == 1
 
 
-def test_500_is_retried_in_run_then_in_a_later_run(engine, webhook: Webhook, caplog: pytest.LogCaptureFixture) -> None:
+def test_500_is_retried_in_run_then_in_a_later_run(
+    engine, slack_webhook: Webhook, caplog: pytest.LogCaptureFixture
+) -> None:
     add_alert(engine)
-    webhook.status = 500
+    slack_webhook.status = 500
     cfg = make_cfg(max_attempts=10)
     with caplog.at_level(logging.DEBUG):
         r1 = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
     assert (r1.sent, r1.failed) == (0, 1)
-    assert webhook.hits == 3  # three attempts in the same run
+    assert slack_webhook.hits == 3  # three attempts in the same run
     d = deliveries(engine)[0]
     assert d.status == "failed" and d.attempts == 3 and d.next_attempt_at > NOW
     errs = [a.error for a in attempts(engine)]
     assert len(errs) == 3 and all("HTTP 500" in e for e in errs)
     assert "s3cretT0ken" not in caplog.text and all("s3cretT0ken" not in e for e in errs)
 
-    webhook.status = 200
+    slack_webhook.status = 200
     r_early = deliver_pending(engine, cfg, now=NOW + timedelta(seconds=30), retry_delays=FAST)
-    assert r_early.sent == 0 and webhook.posts == []  # not due yet: backoff
+    assert r_early.sent == 0 and slack_webhook.posts == []  # not due yet: backoff
     r2 = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
-    assert r2.sent == 1 and len(webhook.posts) == 1
+    assert r2.sent == 1 and len(slack_webhook.posts) == 1
     d = deliveries(engine)[0]
     assert d.status == "sent" and d.attempts == 4
     assert [a.ok for a in attempts(engine)] == [False, False, False, True]
 
 
 def test_receiver_down_then_up_delivers_later_without_leaking_url(
-    engine, webhook: Webhook, caplog: pytest.LogCaptureFixture
+    engine, slack_webhook: Webhook, caplog: pytest.LogCaptureFixture
 ) -> None:
     add_alert(engine)
-    webhook.stop()
+    slack_webhook.stop()
     cfg = make_cfg()
     with caplog.at_level(logging.DEBUG):
         r1 = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
@@ -341,54 +195,54 @@ def test_receiver_down_then_up_delivers_later_without_leaking_url(
     assert "s3cretT0ken" not in caplog.text and all("s3cretT0ken" not in e for e in r1.errors)
     assert all("s3cretT0ken" not in (a.error or "") for a in attempts(engine))
     assert "Slack webhook failed" in r1.errors[0]
-    webhook.start()
+    slack_webhook.start()
     r2 = deliver_pending(engine, cfg, now=NOW + timedelta(hours=1), retry_delays=FAST)
-    assert r2.sent == 1 and len(webhook.posts) == 1
+    assert r2.sent == 1 and len(slack_webhook.posts) == 1
 
 
-def test_max_attempts_and_expiry(engine, webhook: Webhook) -> None:
+def test_max_attempts_and_expiry(engine, slack_webhook: Webhook) -> None:
     add_alert(engine, suffix="x")
-    webhook.status = 500
+    slack_webhook.status = 500
     r = deliver_pending(engine, make_cfg(max_attempts=2), now=NOW, retry_delays=FAST)
     assert (r.sent, r.failed, r.expired) == (0, 0, 1)
-    assert webhook.hits == 2
+    assert slack_webhook.hits == 2
     assert deliveries(engine)[0].status == "expired"
-    webhook.status = 200
+    slack_webhook.status = 200
     assert deliver_pending(engine, make_cfg(max_attempts=2), now=NOW + timedelta(hours=2), retry_delays=FAST).sent == 0
 
     add_alert(engine, suffix="y")
-    webhook.status = 500
+    slack_webhook.status = 500
     cfg = make_cfg(expire_hours=1)
     assert deliver_pending(engine, cfg, now=NOW, retry_delays=FAST).failed == 1
-    webhook.status = 200
+    slack_webhook.status = 200
     late = deliver_pending(engine, cfg, now=NOW + timedelta(hours=3), retry_delays=FAST)
-    assert late.expired == 1 and late.sent == 0 and webhook.posts == []
+    assert late.expired == 1 and late.sent == 0 and slack_webhook.posts == []
 
 
-def test_acknowledged_alerts_are_not_sent_or_resent(engine, webhook: Webhook) -> None:
+def test_acknowledged_alerts_are_not_sent_or_resent(engine, slack_webhook: Webhook) -> None:
     first = add_alert(engine, suffix="1")
     with session_scope(engine) as session:
         session.get(s.Alert, first).acknowledged_at = NOW
     second = add_alert(engine, suffix="2")
-    webhook.status = 500
+    slack_webhook.status = 500
     r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
     assert r.failed == 1  # only the unacknowledged one was tried
     with session_scope(engine) as session:
         session.get(s.Alert, second).acknowledged_at = NOW
-    webhook.status = 200
+    slack_webhook.status = 200
     r2 = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
-    assert r2.sent == 0 and r2.skipped == 1 and webhook.posts == []
+    assert r2.sent == 0 and r2.skipped == 1 and slack_webhook.posts == []
     states = {d.alert_id: d.status for d in deliveries(engine)}
     assert states == {second: "cancelled"}
 
 
-def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -> None:
+def test_resolution_notice_follows_its_episode_route(engine, slack_webhook: Webhook) -> None:
     add_alert(engine, kind="resolved")
     add_alert(engine, scope=("source", "reddit"), suffix="r")
     cfg = make_cfg(severities=["warning", "critical"], scopes=["entity", "market"])
     r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
     assert r.sent == 1  # the source-scope spike is routed elsewhere
-    text = json.dumps(webhook.posts[0])
+    text = json.dumps(slack_webhook.posts[0])
     assert (
         "RESOLVED" in text
         and "Back to normal after 1 h" in text
@@ -399,11 +253,11 @@ def test_resolution_notice_follows_its_episode_route(engine, webhook: Webhook) -
     crit = make_cfg(severities=["critical"])
     crit = crit.model_copy(update={"sinks": [crit.sinks[0].model_copy(update={"name": "crit"})]})
     assert deliver_pending(engine, crit, now=NOW, retry_delays=FAST).sent == 1
-    assert "RESOLVED" not in json.dumps(webhook.posts[1]) and "reddit" in json.dumps(webhook.posts[1])
+    assert "RESOLVED" not in json.dumps(slack_webhook.posts[1]) and "reddit" in json.dumps(slack_webhook.posts[1])
 
 
-def test_email_starttls_auth_text_and_html(engine, smtp_server, caplog: pytest.LogCaptureFixture) -> None:
-    box, port = smtp_server
+def test_email_starttls_auth_text_and_html(engine, starttls_smtp, caplog: pytest.LogCaptureFixture) -> None:
+    box, port = starttls_smtp
     aid = add_alert(engine)
     sink = {
         "name": "mail-desk",
@@ -436,8 +290,8 @@ def test_email_starttls_auth_text_and_html(engine, smtp_server, caplog: pytest.L
     assert "smtp-pa55word" not in caplog.text
 
 
-def test_email_wrong_password_fails_without_leaking_it(engine, smtp_server, monkeypatch: pytest.MonkeyPatch) -> None:
-    box, port = smtp_server
+def test_email_wrong_password_fails_without_leaking_it(engine, starttls_smtp, monkeypatch: pytest.MonkeyPatch) -> None:
+    box, port = starttls_smtp
     monkeypatch.setenv("TEST_SMTP_PASSWORD", "wrong-pa55word")
     add_alert(engine)
     sink = {"name": "mail", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_user": "alerts",
@@ -449,11 +303,11 @@ def test_email_wrong_password_fails_without_leaking_it(engine, smtp_server, monk
 
 
 def test_email_refuses_an_unverified_certificate(
-    engine, smtp_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    engine, starttls_smtp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    box, port = smtp_server
+    box, port = starttls_smtp
     (tmp_path / "other").mkdir()
-    other, _ = _cert(tmp_path / "other")  # a different CA than the server's
+    other, _ = make_cert(tmp_path / "other")  # a different CA than the server's
     monkeypatch.setenv("SSL_CERT_FILE", str(other))
     sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port,
                             "smtp_user": "alerts", "smtp_password_env": "TEST_SMTP_PASSWORD",
@@ -481,10 +335,10 @@ def test_console_sink_prints_a_readable_alert(engine, capsys: pytest.CaptureFixt
     assert "javascript:" not in out
 
 
-def test_stale_alerts_are_not_paged_to_slack(engine, webhook: Webhook) -> None:
+def test_stale_alerts_are_not_paged_to_slack(engine, slack_webhook: Webhook) -> None:
     add_alert(engine)
     r = deliver_pending(engine, make_cfg(expire_hours=24), now=NOW + timedelta(days=3), retry_delays=FAST)
-    assert r.sent == 0 and webhook.hits == 0
+    assert r.sent == 0 and slack_webhook.hits == 0
     assert deliveries(engine)[0].status == "expired"
 
 
@@ -515,7 +369,7 @@ def test_secrets_from_airflow_connections_when_env_is_empty() -> None:
     assert lines == ["https://hooks.example.com/services/T1/B2/xyz", "('bot', 'from-conn')", "None"]
 
 
-def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, webhook: Webhook) -> None:
+def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, slack_webhook: Webhook) -> None:
     add_alert(engine)
     cfg = make_cfg()
     with session_scope(engine) as session:
@@ -532,9 +386,9 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, web
     assert (
         deliver_pending(engine, cfg, now=NOW + timedelta(minutes=2), retry_delays=FAST).sent == 0
     )  # another run may still be sending
-    assert webhook.hits == 0
+    assert slack_webhook.hits == 0
     r = deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST)
-    assert r.sent == 1 and len(webhook.posts) == 1
+    assert r.sent == 1 and len(slack_webhook.posts) == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
 
 
@@ -553,11 +407,11 @@ def test_console_resolution_notice(engine, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_escalation_is_paged_like_a_spike_and_says_so(
-    engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]
+    engine, slack_webhook: Webhook, capsys: pytest.CaptureFixture[str]
 ) -> None:
     add_alert(engine, kind="escalated", severity="critical")
     assert deliver_pending(engine, make_cfg(severities=["critical"]), now=NOW, retry_delays=FAST).sent == 1
-    text = json.dumps(webhook.posts[0])
+    text = json.dumps(slack_webhook.posts[0])
     assert "[CRITICAL] Escalating: Northwind Bank (NWB)" in text and "much stronger than at its last alert" in text
     assert "Top negative stories" in text and "<@U999>" not in text
     assert deliver_pending(engine, make_cfg(sinks=[{"name": "console", "kind": "console"}]), now=NOW).sent == 1
@@ -565,36 +419,6 @@ def test_escalation_is_paged_like_a_spike_and_says_so(
 
 
 # --- no silent loss (issue #9.6) -----------------------------------------------------------------
-
-
-class FailingMailbox:
-    """An SMTP server that answers every message with a temporary failure (451) until `accept` is set."""
-
-    def __init__(self) -> None:
-        self.accept = False
-        self.refused = 0
-        self.messages: list[email.message.EmailMessage] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
-        if not self.accept:
-            self.refused += 1
-            return "451 4.3.0 mail system temporarily unavailable"
-        self.messages.append(email.message_from_bytes(envelope.content, policy=policy.default))
-        return "250 OK"
-
-
-@pytest.fixture
-def failing_smtp() -> Iterator[tuple[FailingMailbox, int]]:
-    from aiosmtpd.controller import Controller
-
-    box = FailingMailbox()
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    ctl = Controller(box, hostname="127.0.0.1", port=port)
-    ctl.start()
-    yield box, port
-    ctl.stop()
 
 
 def mail_sink(port: int, **extra) -> dict:
@@ -611,20 +435,22 @@ def notices(engine) -> list[s.OperatorNotice]:
         return list(session.scalars(select(s.OperatorNotice).order_by(s.OperatorNotice.id)))
 
 
-def test_six_hour_slack_outage_ends_in_exactly_one_delivery(engine, webhook: Webhook, failing_smtp) -> None:
+def test_six_hour_slack_outage_ends_in_exactly_one_delivery(engine, slack_webhook: Webhook, failing_smtp) -> None:
     """Slack answers 500 for six hours of 15-minute cycles (each a fresh run, as after a restart), then
     recovers: the alert arrives exactly once, and email hears once that Slack is failing."""
     box, port = failing_smtp
     box.accept = True  # email works: it is the "other sink" the operator hears from
     add_alert(engine)
     cfg = make_cfg(sinks=[slack_sink(), mail_sink(port)])
-    webhook.status = 500
+    slack_webhook.status = 500
     degraded = []
     for k in range(6 * 4):
         r = deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST)
         assert r.sent == (1 if k == 0 else 0) and r.expired == 0  # only email's copy of the alert, in the first cycle
         degraded.append(r.degraded)
-    assert webhook.posts == [] and 10 <= webhook.hits <= 60, webhook.hits  # retried, with backoff (not every cycle)
+    assert slack_webhook.posts == [] and 10 <= slack_webhook.hits <= 60, (
+        slack_webhook.hits
+    )  # retried, with backoff (not every cycle)
     d = {x.sink: x for x in deliveries(engine)}
     assert d["slack-desk"].status == "failed" and d["mail-ops"].status == "sent"
     assert degraded[:4] == [False] * 4 and all(degraded[4:]), degraded  # failing_after_minutes=60
@@ -634,19 +460,21 @@ def test_six_hour_slack_outage_ends_in_exactly_one_delivery(engine, webhook: Web
     assert notice["Subject"] == "[finsent] alert sink slack-desk is failing"
     assert "HTTP 500" in notice.get_content() and "s3cretT0ken" not in notice.get_content()
 
-    webhook.status = 200
+    slack_webhook.status = 200
     done = []
     for k in range(24, 24 + 4):
         r = deliver_pending(engine, cfg, now=NOW + k * timedelta(minutes=15), retry_delays=FAST)
         done.append((r.sent, r.degraded))
     sent_at = [i for i, (n, _) in enumerate(done) if n]
-    assert len(webhook.posts) == 1 and len(sent_at) == 1 and sum(n for n, _ in done) == 1, done
+    assert len(slack_webhook.posts) == 1 and len(sent_at) == 1 and sum(n for n, _ in done) == 1, done
     assert not any(deg for _, deg in done[sent_at[0] :]), done  # degraded until it is delivered, not after
     assert {x.sink: x.status for x in deliveries(engine)} == {"slack-desk": "sent", "mail-ops": "sent"}
     assert r.per_sink["slack-desk"].pending == 0 and len(box.messages) == 2
 
 
-def test_an_email_outage_past_expire_hours_sends_one_operator_notice(engine, webhook: Webhook, failing_smtp) -> None:
+def test_an_email_outage_past_expire_hours_sends_one_operator_notice(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
     """SMTP refuses every message for longer than expire_hours: the delivery expires, Slack (the other
     sink) gets one notice naming the lost alert, the report is degraded and counts it as failed."""
     box, port = failing_smtp
@@ -662,18 +490,20 @@ def test_an_email_outage_past_expire_hours_sends_one_operator_notice(engine, web
     assert reports[k].degraded and not any(r.degraded for r in reports[:k])
     assert reports[k].per_sink["mail-ops"].failed == 1 and reports[k].per_sink["mail-ops"].pending == 0
     assert "expired undelivered" in reports[k].problems[0]
-    assert len(webhook.posts) == 1, "exactly one notice, and the alert itself was never routed to this info-only sink"
-    text = json.dumps(webhook.posts[0])
+    assert len(slack_webhook.posts) == 1, (
+        "exactly one notice, and the alert itself was never routed to this info-only sink"
+    )
+    text = json.dumps(slack_webhook.posts[0])
     assert "could not be delivered to mail-ops" in text and "Northwind Bank (NWB)" in text and "451" in text
     assert [(n.kind, n.sent_to) for n in notices(engine)] == [("delivery_expired", ["slack-desk"])]
     assert deliveries(engine)[0].status == "expired"
 
 
 def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(
-    engine, webhook: Webhook, capsys: pytest.CaptureFixture[str]
+    engine, slack_webhook: Webhook, capsys: pytest.CaptureFixture[str]
 ) -> None:
     add_alert(engine)
-    webhook.status = 500
+    slack_webhook.status = 500
     cfg = make_cfg(sinks=[slack_sink(expire_hours=1), {"name": "console", "kind": "console"}])
     deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
     r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
@@ -682,11 +512,11 @@ def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(
     assert "could not be delivered to slack-desk" in capsys.readouterr().out
 
 
-def test_summary_counts_sent_pending_failed_per_sink(engine, webhook: Webhook) -> None:
+def test_summary_counts_sent_pending_failed_per_sink(engine, slack_webhook: Webhook) -> None:
     from pipeline.notify import summary_line
 
     add_alert(engine)
-    webhook.status = 500
+    slack_webhook.status = 500
     r = deliver_pending(
         engine, make_cfg(sinks=[slack_sink(), {"name": "console", "kind": "console"}]), now=NOW, retry_delays=FAST
     )
@@ -710,20 +540,20 @@ def test_backoff_is_exponential_and_capped() -> None:
     assert backoff(9, timedelta(hours=2)) == timedelta(minutes=120)
 
 
-def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, webhook: Webhook) -> None:
+def test_a_dead_sink_costs_one_deliverys_tries_per_run(engine, slack_webhook: Webhook) -> None:
     """Twenty alerts queued for a dead webhook: one run tries one of them (three attempts), not all twenty,
     so a run stays bounded; all are delivered once the webhook is back."""
     for i in range(20):
         add_alert(engine, suffix=f"n{i}", hours_earlier=i)  # twenty windows: twenty incidents, twenty messages
-    webhook.status = 500
+    slack_webhook.status = 500
     r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
-    assert webhook.hits == 3 and r.failed == 1 and r.per_sink["slack-desk"].pending == 20
-    webhook.status = 200
+    assert slack_webhook.hits == 3 and r.failed == 1 and r.per_sink["slack-desk"].pending == 20
+    slack_webhook.status = 200
     r = deliver_pending(engine, make_cfg(), now=NOW + timedelta(hours=1), retry_delays=FAST)
-    assert r.sent == 20 and len(webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
+    assert r.sent == 20 and len(slack_webhook.posts) == 20 and r.per_sink["slack-desk"].pending == 0
 
 
-def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine, webhook: Webhook) -> None:
+def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine, slack_webhook: Webhook) -> None:
     """A renderer error after the claim is a recorded failed attempt (retried later), not a row stuck in
     `sending`; the next alert in the queue still goes out."""
     broken = add_alert(engine, suffix="x", hours_earlier=2)
@@ -731,7 +561,7 @@ def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine
     with session_scope(engine) as session:
         session.get(s.Alert, broken).details = {"top_documents": [{"document_id": 3, "p_negative": "very"}]}
     r = deliver_pending(engine, make_cfg(), now=NOW, retry_delays=FAST)
-    assert r.sent == 1 and r.failed == 1 and len(webhook.posts) == 1
+    assert r.sent == 1 and r.failed == 1 and len(slack_webhook.posts) == 1
     rows = {d.alert_id: d for d in deliveries(engine)}
     assert rows[good].status == "sent"
     bad = rows[broken]
@@ -740,7 +570,7 @@ def test_an_alert_that_cannot_be_rendered_fails_alone_and_frees_its_claim(engine
     assert "s3cretT0ken" not in bad.last_error and any(broken in e for e in r.errors)
 
 
-def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(engine, webhook: Webhook) -> None:
+def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(engine, slack_webhook: Webhook) -> None:
     """Run A started 15 min ago (longer than CLAIM_LEASE) and is sending; run B starting now must see A's claim
     as live (stamped when it was taken, not with A's start time) and not send the alert a second time."""
     start = datetime.now(UTC) - timedelta(minutes=15)
@@ -749,19 +579,19 @@ def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(
         row = session.get(s.Alert, aid)
         row.window_start, row.window_end = start - timedelta(hours=1), start
     cfg = make_cfg(timeout_s=60)
-    webhook.hold = threading.Event()
+    slack_webhook.hold = threading.Event()
     runs: dict[str, DeliveryReport] = {}
     a = threading.Thread(target=lambda: runs.update(a=deliver_pending(engine, cfg, now=start, retry_delays=FAST)))
     a.start()
     try:
         for _ in range(600):  # until A's post reaches the receiver (A holds the claim from here on)
-            if webhook.hits:
+            if slack_webhook.hits:
                 break
             time.sleep(0.05)
-        assert webhook.hits == 1
+        assert slack_webhook.hits == 1
         runs["b"] = deliver_pending(engine, cfg, now=datetime.now(UTC), retry_delays=FAST)
     finally:
-        webhook.hold.set()
+        slack_webhook.hold.set()
         a.join(60)
-    assert runs["b"].sent == 0 and runs["a"].sent == 1 and webhook.hits == 1
+    assert runs["b"].sent == 0 and runs["a"].sent == 1 and slack_webhook.hits == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]

@@ -20,8 +20,7 @@ from pipeline.health import quiet_threshold
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 from tests.airflow_support import rss, window_items
-from tests.feedserver import feed_server  # noqa: F401
-from tests.test_notify import Webhook, webhook  # noqa: F401
+from tests.notify_receivers import Webhook
 
 NOW = datetime(2026, 11, 20, 15, 5, tzinfo=UTC)
 
@@ -94,8 +93,8 @@ def health_alerts(engine) -> list[tuple[str, str, str]]:
 
 def test_a_dead_source_raises_one_alert_then_a_resolution(
     engine,
-    webhook: Webhook,  # noqa: F811  (pytest fixture imported from its defining module)
-    feed_server,  # noqa: F811  (pytest fixture imported from its defining module)
+    slack_webhook: Webhook,
+    feed_server,
     dead_source: Revivable,
 ) -> None:
     good = feed_server.put("good.xml", rss("good", window_items("good", NOW - timedelta(hours=1), 3)))
@@ -105,9 +104,9 @@ def test_a_dead_source_raises_one_alert_then_a_resolution(
         assert {o.source: o.status for o in cycle.ingest_all(cfg, engine)}["dead"] == "failed"
         report = cycle.notify(cfg, engine, now=NOW + k * timedelta(minutes=15))
         assert report.failed == 0 and report.expired == 0
-        posts_after.append(len(webhook.posts))
+        posts_after.append(len(slack_webhook.posts))
     assert posts_after == [0, 0, 1, 1, 1, 1], posts_after  # the third consecutive failure, and only once
-    alert = json.dumps(webhook.posts[0])
+    alert = json.dumps(slack_webhook.posts[0])
     assert "finsent source dead is failing" in alert and "failed its last 3 fetches" in alert
     assert "refused" in alert.lower()
     assert health_alerts(engine) == [("source_health", "dead", "dead")]
@@ -116,8 +115,8 @@ def test_a_dead_source_raises_one_alert_then_a_resolution(
     for k in range(6, 9):
         assert {o.source: o.status for o in cycle.ingest_all(cfg, engine)}["dead"] == "ok"
         cycle.notify(cfg, engine, now=NOW + k * timedelta(minutes=15))
-    assert len(webhook.posts) == 2, [p["text"] for p in webhook.posts]
-    assert "[RESOLVED] finsent source dead is healthy again" in json.dumps(webhook.posts[1])
+    assert len(slack_webhook.posts) == 2, [p["text"] for p in slack_webhook.posts]
+    assert "[RESOLVED] finsent source dead is healthy again" in json.dumps(slack_webhook.posts[1])
     assert health_alerts(engine) == [("source_health", "dead", "dead"), ("resolved", "dead", "dead")]
     with session_scope(engine) as session:
         assert {d.status for d in session.scalars(select(s.AlertDelivery))} == {"sent"}
@@ -134,7 +133,7 @@ def _history(engine, name: str, new_at: list[datetime], empty_at: list[datetime]
             )
 
 
-def test_a_quiet_source_past_its_usual_gap_raises_one_alert(engine, webhook: Webhook) -> None:  # noqa: F811
+def test_a_quiet_source_past_its_usual_gap_raises_one_alert(engine, slack_webhook: Webhook) -> None:
     """Hourly news for a day, then fetches that bring nothing: quiet once 4 x 1 h (its learned gap) has
     passed, not before; one alert over several cycles; resolved when something new arrives."""
     last_new = NOW - timedelta(hours=6)
@@ -146,15 +145,15 @@ def test_a_quiet_source_past_its_usual_gap_raises_one_alert(engine, webhook: Web
     )
     cfg = make_cfg({"wire": "http://127.0.0.1:9/q.xml"}, quiet_floor_hours=2)
     cycle.notify(cfg, engine, now=last_new + timedelta(hours=3, minutes=55))
-    assert webhook.posts == [] and health_alerts(engine) == []
+    assert slack_webhook.posts == [] and health_alerts(engine) == []
     for minutes in (5, 20, 35):
         cycle.notify(cfg, engine, now=last_new + timedelta(hours=4, minutes=minutes))
-    assert len(webhook.posts) == 1 and health_alerts(engine) == [("source_health", "wire", "quiet")]
-    assert "has brought nothing new for 4 h" in json.dumps(webhook.posts[0])
+    assert len(slack_webhook.posts) == 1 and health_alerts(engine) == [("source_health", "wire", "quiet")]
+    assert "has brought nothing new for 4 h" in json.dumps(slack_webhook.posts[0])
 
     _history(engine, "wire", [last_new + timedelta(hours=4, minutes=40)], [])
     cycle.notify(cfg, engine, now=last_new + timedelta(hours=4, minutes=50))
-    assert len(webhook.posts) == 2 and "healthy again" in json.dumps(webhook.posts[1])
+    assert len(slack_webhook.posts) == 2 and "healthy again" in json.dumps(slack_webhook.posts[1])
     assert health_alerts(engine)[-1] == ("resolved", "wire", "quiet")
 
 
