@@ -480,22 +480,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a file of texts, keeping every input column: label (`none` with a reason for empty or
         foreign-language texts), status, language, every class probability (and topic when the model has one)."""
+        from pipeline import cycle
         from pipeline.records import ScoringStatus
-        from pipeline.score import Scorer, default_threads
 
         cfg = config_or_exit(config)
         check_output_format(output)
         columns = scan_columns(file)
-        target = model or production_or_configured_model(cfg)
-        scorer = Scorer.load(
-            target,
-            device=cfg.model.device,
-            max_length=cfg.model.max_length,
-            batch_size=cfg.model.batch_size,
-            languages=cfg.model.languages,
-            max_chars=cfg.model.max_chars,
-            threads=cfg.model.threads or default_threads(),
-        )
+        scorer = cycle.load_scorer(cfg, path=model or production_or_configured_model(cfg))  # the cycle's settings
         topics = bool(scorer.topics)
         check_output_columns(columns, scorer.labels, topics)
         writer = PredictionWriter(output, [*columns, *prediction_columns(scorer.labels, topics)])
