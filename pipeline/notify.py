@@ -876,10 +876,14 @@ def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
     return alert.severity in sink.severities
 
 
-def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
+def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[str, str]]:
     """One delivery row per routed (alert, sink). Alerts whose window is already older than the sink's
     expiry are recorded as expired rather than sent to Slack or email (a backfill must not page anyone
-    about last month); the console sink prints them (the offline demo replays a past week)."""
+    about last month); the console sink prints them (the offline demo replays a past week).
+
+    Returns the (alert id, sink) pairs expired here that are a loss, not a backfill: the alert itself was stored
+    longer ago than expire_hours, so nothing routed it in time (the notifier was down). The caller tells operators."""
+    lost: list[tuple[str, str]] = []
     for sink in cfg.sinks:
         has_row = (
             select(s.AlertDelivery.id)
@@ -904,7 +908,10 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
         rows = []
         leads = [(min(g, key=head_key), g) for g in groups.values()]
         for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
-            stale = sink.kind != "console" and lead.window_end < now - timedelta(hours=sink.expire_hours)
+            horizon = now - timedelta(hours=sink.expire_hours)
+            stale = sink.kind != "console" and lead.window_end < horizon
+            if stale and _aware(lead.created_at) < horizon:
+                lost.append((lead.id, sink.name))
             for a in sorted(members, key=head_key):
                 status = (
                     (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
@@ -925,6 +932,12 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> None:
                 .values(rows)
                 .on_conflict_do_nothing(index_elements=["alert_id", "sink"])
             )
+    return lost
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands timestamps back naive; they are stored in UTC."""
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 GROUPED = DeliveryState.GROUPED
@@ -1111,7 +1124,16 @@ def deliver_pending(
     D = s.AlertDelivery
     assign_incidents(engine, cfg)
     with session_scope(engine) as session:
-        _enqueue(session, cfg, now)
+        lost = _enqueue(session, cfg, now)
+        expired: list[ExpiredDelivery] = [
+            ExpiredDelivery(d.id, d.alert_id, d.sink, d.attempts, STALE_ERROR)
+            for alert_id, sink_name in lost
+            for d in session.scalars(select(D).where(D.alert_id == alert_id, D.sink == sink_name))
+        ]
+        for e in expired:
+            log.error(
+                "alert %s was never delivered to %s: older than expire_hours when first routed", e.alert_id, e.sink
+            )
         acked = select(s.Alert.id).where(s.Alert.acknowledged_at.is_not(None))
         skipped = cast(
             CursorResult[Any],
@@ -1129,7 +1151,6 @@ def deliver_pending(
             .order_by(D.created_at, D.id)
         ).all()
 
-    expired: list[ExpiredDelivery] = []
     down: set[str] = set()  # sinks that failed a delivery in this run: the rest wait for the next run
     for row in due:
         sink_cfg = by_name.get(row.sink)

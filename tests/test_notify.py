@@ -499,6 +499,28 @@ def test_an_email_outage_past_expire_hours_sends_one_operator_notice(
     assert deliveries(engine)[0].status == "expired"
 
 
+def test_an_alert_nobody_routed_before_expire_hours_is_reported_not_dropped(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
+    """A backfilled old window is not paged (the alert was just stored); but an alert stored two days ago that no
+    notifier routed in time (the notifier was down) is a loss: operators hear of it through the other sink."""
+    box, port = failing_smtp
+    box.accept = True
+    cfg = make_cfg(sinks=[mail_sink(port), slack_sink(severities=["info"])])
+    add_alert(engine, suffix="backfill", hours_earlier=72)  # stored now, about an old window: a backfill
+    r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.expired == 0 and not r.degraded and slack_webhook.posts == [] and box.messages == []
+
+    lost = add_alert(engine, suffix="lost", hours_earlier=48)
+    with session_scope(engine) as session:  # stored when its window closed, two days before this run
+        session.get_one(s.Alert, lost).created_at = NOW - timedelta(hours=47)
+    r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.expired == 1 and r.degraded and box.messages == []
+    assert len(slack_webhook.posts) == 1 and "could not be delivered to mail-ops" in json.dumps(slack_webhook.posts[0])
+    assert {d.alert_id: d.status for d in deliveries(engine) if d.sink == "mail-ops"}[lost] == "expired"
+    assert deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST).expired == 0  # told once
+
+
 def test_a_notice_that_reaches_only_the_console_is_itself_a_problem(
     engine, slack_webhook: Webhook, capsys: pytest.CaptureFixture[str]
 ) -> None:
