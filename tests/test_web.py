@@ -179,7 +179,9 @@ def test_overview_lists_northwind_first_with_open_alert(demo: Demo, page: Any) -
     first = page.locator("#companies tr.company").first
     assert first.locator("a.name").inner_text() == "Northwind Bank"
     assert first.locator(".open-alert").count() == 1
-    assert "Northwind Bank (NWB)" in page.locator("#open-items").inner_text()
+    first_open = page.locator("#open-items tbody tr").first
+    assert "Northwind Bank (NWB)" in first_open.inner_text() and "incident" in first_open.inner_text()
+    assert "Market-wide" in first_open.locator(".also").inner_text()  # one incident row, not one row per scope
     assert page.locator("#companies tr.company").count() == 5
     assert page.locator("#sources").inner_text().count("ok") >= 4
     assert page.locator("#model").inner_text().startswith("finsent-minilm")

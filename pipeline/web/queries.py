@@ -63,9 +63,9 @@ class CompanyRow:
 
 @dataclass(frozen=True, slots=True)
 class OpenItem:
-    """An open alert today; incidents (a parallel change) become rows of this same list."""
+    """What needs attention: an incident (its head alert, with the other scopes it moved) or a lone alert."""
 
-    kind: Literal["alert"]
+    kind: Literal["alert", "incident"]
     id: str
     title: str
     severity: str
@@ -76,6 +76,7 @@ class OpenItem:
     total_count: int
     neg_share: float
     baseline_share: float
+    also: tuple[str, ...] = ()  # an incident's other open scopes, most severe first
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +268,10 @@ def spark_by_entity(
 
 
 def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
-    """Unacknowledged spike/escalation alerts whose episode has not resolved, most severe and newest first.
+    """Unacknowledged spike/escalation alerts whose episode has not resolved, most severe and newest first, one row
+    per incident (headed like its message: the most specific, most severe scope) or per alert not in one yet."""
+    from pipeline.incidents import head_key, severity_key
 
-    The overview's one query for 'what needs attention'; incidents join this list when they exist."""
     resolved = select(s.Alert.episode_id).where(s.Alert.kind == "resolved", s.Alert.episode_id.is_not(None))
     rows = session.scalars(
         select(s.Alert)
@@ -279,25 +281,33 @@ def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
             or_(s.Alert.episode_id.is_(None), s.Alert.episode_id.not_in(resolved)),
         )
         .order_by((s.Alert.severity == "critical").desc(), s.Alert.window_end.desc(), s.Alert.id)
-        .limit(limit)
+        .limit(limit * 4)
     ).all()
     names = company_names(session)
-    return [
-        OpenItem(
-            kind="alert",
-            id=a.id,
-            title=scope_title(a.scope_kind, a.scope_value, names),
-            severity=a.severity,
-            scope_kind=a.scope_kind,
-            scope_value=a.scope_value,
-            window_end=a.window_end,
-            neg_count=a.neg_count,
-            total_count=a.total_count,
-            neg_share=a.neg_share,
-            baseline_share=a.baseline_share,
+    groups: dict[str, list[s.Alert]] = {}  # in the query's order: the first group is the most urgent
+    for a in rows:
+        groups.setdefault(a.incident_id or a.id, []).append(a)
+    items = []
+    for members in list(groups.values())[:limit]:
+        head = min(members, key=head_key)
+        others = sorted((a for a in members if a is not head), key=severity_key)
+        items.append(
+            OpenItem(
+                kind="incident" if head.incident_id else "alert",
+                id=head.id,
+                title=scope_title(head.scope_kind, head.scope_value, names),
+                severity=min((a.severity for a in members), key=lambda v: v != "critical"),
+                scope_kind=head.scope_kind,
+                scope_value=head.scope_value,
+                window_end=head.window_end,
+                neg_count=head.neg_count,
+                total_count=head.total_count,
+                neg_share=head.neg_share,
+                baseline_share=head.baseline_share,
+                also=tuple(scope_title(a.scope_kind, a.scope_value, names) for a in others),
+            )
         )
-        for a in rows
-    ]
+    return items
 
 
 def scope_title(kind: str, value: str, names: dict[str, str]) -> str:
