@@ -123,6 +123,9 @@ def test_degraded_delivery_fails_the_notify_task_with_its_reason(env, engine):
         session.add(s.AlertDelivery(alert_id=aid, sink="ops-slack", status="failed", attempts=40, last_error="HTTP 500",
                                     created_at=now - timedelta(hours=25),
                                     next_attempt_at=now - timedelta(minutes=1)))  # fmt: skip
+        # routed to both sinks a day ago, as a running notifier does; email delivered it then
+        session.add(s.AlertDelivery(alert_id=aid, sink="ops-mail", status="sent", attempts=1,
+                                    created_at=now - timedelta(hours=25)))  # fmt: skip
     env["webhook"].status = 500
     dag = fresh_dag("finsent_monitor", retries=None)
     dr = dag.test(logical_date=END)
