@@ -4,8 +4,6 @@ the dashboard views; every Grafana panel returns rows for the demo week (topic p
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from pipeline import cycle, rollups, store
+from pipeline.dashboard_bench import expand_macros, grafana_queries
 from pipeline.records import Document, EntityMention, Prediction, ScoreRow
 from pipeline.store import schema as s
 
@@ -122,22 +121,6 @@ def test_dashboard_views_read_the_rollups_with_company_names(engine) -> None:
         assert (row.total_count, row.neg_share, row.scope_label) == (2, 0.5, "Northwind Bank")
         assert row.mean_p_negative == pytest.approx(0.55)
         assert c.execute(text("SELECT neg_count FROM v_sentiment_daily WHERE scope_kind = 'market'")).scalar() == 1
-
-
-def grafana_queries() -> list[tuple[str, str]]:
-    dash = json.loads((ROOT / "grafana" / "dashboards" / "finsent.json").read_text())
-    out = [(p["title"], t["rawSql"]) for p in dash["panels"] for t in p["targets"]]
-    out += [(f"variable {v['name']}", v["query"]) for v in dash["templating"]["list"]]
-    out += [(f"annotation {a['name']}", a["target"]["rawSql"]) for a in dash["annotations"]["list"]]
-    return out
-
-
-def expand_macros(sql: str, start: datetime, end: datetime, entities: list[str]) -> str:
-    """Grafana's Postgres macros as Grafana expands them, for a fixed time range."""
-    frm, to = f"'{start.isoformat()}'", f"'{end.isoformat()}'"
-    sql = re.sub(r"\$__timeFilter\((\w+)\)", rf"\1 BETWEEN {frm} AND {to}", sql)
-    sql = sql.replace("$__timeFrom()", frm).replace("$__timeTo()", to)
-    return sql.replace("$entity", ", ".join(f"'{e}'" for e in entities))
 
 
 @pytest.fixture
