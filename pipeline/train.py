@@ -374,6 +374,8 @@ def train_model(
     extra = [ex for ex in extra_examples if ex.text and normalise(ex.text) not in banned]
     fpb = [ex for ex in splits.train if ex.source == "fpb"]
     train = list(splits.train) + fpb * max(0, cfg.fpb_repeat - 1) + feedback + extra
+    if cfg.topic_weight == 0 and teacher is None:  # topic-only examples would add nothing but compute
+        train = [ex for ex in train if ex.sentiment is not None]
     if not train:
         raise TrainError("no training examples (check data_dir and --limit)")
 

@@ -106,6 +106,15 @@ def train(
     teacher_epochs: int = 3,
     teacher_lr: float = 3e-5,
     teacher_batch_size: int = 16,
+    teacher_topic_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="0: the teacher learns sentiment only and skips the topic-only tweets (about half its CPU time); "
+            "the student's topic head then learns from the hard labels alone.",
+        ),
+    ] = 0.0,
+    teacher_fpb_repeat: int = 1,
     distil_temperature: Annotated[
         float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")
     ] = 2.0,
@@ -164,7 +173,7 @@ def train(
         if teacher:
             res = _train_with_teacher(
                 cfg, out, hp, teacher, work_dir, rows, device, teacher_epochs, teacher_lr, teacher_batch_size,
-                distil_temperature, distil_alpha, transfer_docs if engine is not None else 0, stop_after, data_dir,
+                teacher_topic_weight, teacher_fpb_repeat, distil_temperature, distil_alpha, transfer_docs if engine is not None else 0, stop_after, data_dir,
             )  # fmt: skip
             if res is None:
                 return
@@ -210,7 +219,7 @@ def train(
 
 def _train_with_teacher(
     cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int,
-    teacher_lr: float, teacher_batch_size: int, temperature: float, alpha: float, transfer_docs: int,
+    teacher_lr: float, teacher_batch_size: int, teacher_topic_weight: float, teacher_fpb_repeat: int, temperature: float, alpha: float, transfer_docs: int,
     stop_after: str | None, data_dir: Path | None,
 ):  # fmt: skip
     """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
@@ -227,11 +236,12 @@ def _train_with_teacher(
             f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it"
         )
     teacher_cfg = replace(hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
-                          batch_size=teacher_batch_size, ema=0.0)  # fmt: skip
+                          batch_size=teacher_batch_size, ema=0.0, topic_weight=teacher_topic_weight,
+                          fpb_repeat=teacher_fpb_repeat)  # fmt: skip
     extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
     _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
     result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp,
-                                DistilConfig(temperature=temperature, alpha=alpha), extra_texts=extra,
+                                DistilConfig(temperature=temperature, alpha=alpha, topic=teacher_topic_weight > 0), extra_texts=extra,
                                 feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
                                 stop_after=stop_after)  # fmt: skip
     if result.reused:
