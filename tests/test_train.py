@@ -406,6 +406,13 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
         and (work / "teacher" / "finsent.json").exists()
         and not (tmp_path / "student").exists()
     )
+    # By default the teacher learns sentiment only: the topic-only tweets would cost compute and teach nothing.
+    teacher_meta = json.loads((work / "teacher" / "finsent.json").read_text())
+    sentiment_train = [ex for ex in build_splits(data_dir, limit=8).train if ex.sentiment is not None]
+    assert teacher_meta["hyperparameters"]["topic_weight"] == 0
+    assert teacher_meta["data_sizes"]["train_with_repeats"] == len(sentiment_train)
     r = CliRunner().invoke(app, [*args, "--work-dir", str(work)])
     assert r.exit_code == 0, r.output
     assert "reused the finished phase(s) teacher" in r.output and (tmp_path / "student" / "finsent.json").exists()
+    # ...so the student distils only the sentiment head (the teacher's topic head was never trained).
+    assert json.loads((tmp_path / "student" / "finsent.json").read_text())["distillation"]["topic"] is False

@@ -171,9 +171,19 @@ def train(
     )
     try:
         if teacher:
+            from dataclasses import replace
+
+            from pipeline.train import DistilConfig
+
+            teacher_cfg = replace(
+                hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
+                batch_size=teacher_batch_size, ema=0.0, topic_weight=teacher_topic_weight,
+                fpb_repeat=teacher_fpb_repeat,
+            )  # fmt: skip
+            distil = DistilConfig(temperature=distil_temperature, alpha=distil_alpha, topic=teacher_topic_weight > 0)
             res = _train_with_teacher(
-                cfg, out, hp, teacher, work_dir, rows, device, teacher_epochs, teacher_lr, teacher_batch_size,
-                teacher_topic_weight, teacher_fpb_repeat, distil_temperature, distil_alpha, transfer_docs if engine is not None else 0, stop_after, data_dir,
+                cfg, out, hp, teacher_cfg, distil, work_dir, rows, device,
+                transfer_docs if engine is not None else 0, stop_after, data_dir,
             )  # fmt: skip
             if res is None:
                 return
@@ -218,15 +228,12 @@ def train(
 
 
 def _train_with_teacher(
-    cfg, out: Path, hp, teacher: str, work_dir: Path | None, rows, device: str | None, teacher_epochs: int,
-    teacher_lr: float, teacher_batch_size: int, teacher_topic_weight: float, teacher_fpb_repeat: int, temperature: float, alpha: float, transfer_docs: int,
+    cfg, out: Path, hp, teacher_cfg, distil, work_dir: Path | None, rows, device: str | None, transfer_docs: int,
     stop_after: str | None, data_dir: Path | None,
 ):  # fmt: skip
     """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
-    from dataclasses import replace
-
     from pipeline.config import PROJECT_DIR
-    from pipeline.train import PHASES, DistilConfig, train_with_teacher
+    from pipeline.train import PHASES, train_with_teacher
 
     if stop_after is not None and stop_after not in PHASES[:-1]:
         raise fail(f"--stop-after {stop_after!r}: expected teacher or transfer")
@@ -235,13 +242,10 @@ def _train_with_teacher(
         raise fail(
             f"--work-dir {work} is inside the repository: teacher weights never go into git; choose a folder outside it"
         )
-    teacher_cfg = replace(hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
-                          batch_size=teacher_batch_size, ema=0.0, topic_weight=teacher_topic_weight,
-                          fpb_repeat=teacher_fpb_repeat)  # fmt: skip
     extra = _ingested_texts(cfg, transfer_docs) if transfer_docs else []
-    _say(f"teacher run in {work} (teacher {teacher}, transfer: training texts + {len(extra)} ingested documents)")
+    _say(f"teacher run in {work} (teacher {teacher_cfg.base}, transfer: training texts + {len(extra)} ingested texts)")
     result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp,
-                                DistilConfig(temperature=temperature, alpha=alpha, topic=teacher_topic_weight > 0), extra_texts=extra,
+                                distil, extra_texts=extra,
                                 feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
                                 stop_after=stop_after)  # fmt: skip
     if result.reused:
