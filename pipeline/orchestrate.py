@@ -613,7 +613,9 @@ def maintain(as_of: Any) -> dict[str, Any]:
     cfg = load()
     engine = _engine(cfg)
     try:
-        return _jsonable(run_maintenance(engine, now=_as_utc(as_of)))
+        return _jsonable(
+            run_maintenance(engine, now=_as_utc(as_of), social_text_days=cfg.retention.raw_social_text_days)
+        )
     finally:
         engine.dispose()
 
