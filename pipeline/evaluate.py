@@ -157,6 +157,11 @@ def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[s
     return score_with(scorer, splits), scorer.version, scorer.temperature, scorer.topic_temperature
 
 
+def sentiment_order(scorer: Any) -> list[int]:
+    """Columns of a Scorer's sentiment logits in SENTIMENT_LABELS order (a model may order its labels otherwise)."""
+    return [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+
+
 def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None = None) -> dict[str, SplitResult]:
     """Results of a loaded Scorer on every eval split, each with its most confident mistakes."""
     out: dict[str, SplitResult] = {}
@@ -175,8 +180,7 @@ def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None =
             )
             out[split].mistakes = confident_mistakes(texts, y, _softmax(topic, scorer.topic_temperature), splits.topics)
         else:
-            order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
-            sent = sent[:, order]
+            sent = sent[:, sentiment_order(scorer)]
             out[split] = split_result(
                 y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent
             )
@@ -272,7 +276,7 @@ def long_text_effect(
             count += len(sentence.split())
         bodies.append(" ".join(parts))
     y = np.array([ex.sentiment for ex in heads])
-    order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+    order = sentiment_order(scorer)
 
     def probs(texts: list[str]) -> Any:
         return _softmax(scorer.logits(texts)[0][:, order], scorer.temperature)
