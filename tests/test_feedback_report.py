@@ -111,3 +111,24 @@ def test_finsent_train_prints_and_registers_the_feedback_report(
         metrics = session.get(s.ModelVersion, version).metrics
     assert metrics["feedback"]["rows_used"] == 1 and metrics["feedback"]["reference"] == reference
     assert set(metrics["feedback"]["splits"]) == set(REPORT_SPLITS)
+
+
+def test_the_train_task_records_the_feedback_report(
+    tmp_path: Path, data_dir: Path, tiny_base: Path, pg_url: str, engine, monkeypatch
+) -> None:
+    """The finsent_train DAG's task (called as Airflow calls it, minus Airflow) stores the report in the registry."""
+    from pipeline import orchestrate
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES ('Acme cuts 900 jobs', 'negative', now())"))
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"data_dir": str(data_dir)}))
+    monkeypatch.setenv("FINSENT_CONFIG", str(cfg))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    done = orchestrate.train(str(tmp_path / "candidates"), base=str(tiny_base), limit=LIMIT, max_steps=2, epochs=1)
+    with session_scope(engine) as session:
+        feedback = session.get(s.ModelVersion, done["version"]).metrics["feedback"]
+    assert feedback["rows_used"] == 1 and set(feedback["splits"]) == set(REPORT_SPLITS)
+    assert feedback["reference"]  # no production model: the bundled default

@@ -213,3 +213,20 @@ def test_the_setting_is_validated(tmp_path: Path) -> None:
     bad.write_text("retention:\n  raw_social_text_days: 0\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml[\s\S]*retention\.raw_social_text_days: .*greater than or equal to 1"):
         load_config(bad, env=False)
+
+
+def test_the_maintenance_task_reads_the_setting_from_the_config(pg_url: str, engine, tmp_path: Path, monkeypatch):
+    """The finsent_maintenance DAG's task (called as Airflow calls it, minus Airflow) applies the config's setting."""
+    from pipeline import orchestrate
+
+    ids = seed(engine)
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"retention": {"raw_social_text_days": 30}}))
+    monkeypatch.setenv("FINSENT_CONFIG", str(cfg))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("FINSENT_RETENTION_DAYS", "365")
+    done = orchestrate.maintain(NOW)
+    assert done["social_texts_purged"] == 1 and done["social_text_days"] == 30
+    with session_scope(engine) as session:
+        assert session.get(s.Document, ids["old_post"]).text_purged_at == NOW
+    assert orchestrate.maintain(NOW)["social_texts_purged"] == 0
