@@ -141,7 +141,7 @@ def feedback_effect(
         )
     labelled = [ex for ex in used if ex.sentiment is not None]
     if labelled:
-        texts, y = [ex.text for ex in labelled], [ex.sentiment for ex in labelled]
+        texts, y = [ex.text for ex in labelled], [int(ex.sentiment or 0) for ex in labelled]
         report.agreement = {
             "n": len(labelled),
             "model": sum(p == t for p, t in zip(_predictions(model, texts), y, strict=True)),

@@ -61,8 +61,12 @@ def test_feedback_effect_counts_rows_and_compares_each_split_with_the_reference(
         labels = ["negative", "neutral", "positive"]
         c = rep.splits[name]
         assert c.n == len(texts)
-        assert c.accuracy == pytest.approx(sum(labels[t] == p for t, p in zip(y, p_new, strict=True)) / len(y))
-        assert c.accuracy_reference == pytest.approx(sum(labels[t] == p for t, p in zip(y, p_ref, strict=True)) / len(y))
+        right_new = sum(labels[t] == p for t, p in zip(y, p_new, strict=True))
+        right_ref = sum(labels[t] == p for t, p in zip(y, p_ref, strict=True))
+        assert (c.accuracy, c.accuracy_reference) == (
+            pytest.approx(right_new / len(y)),
+            pytest.approx(right_ref / len(y)),
+        )
         assert c.flipped == sum(a != b for a, b in zip(p_new, p_ref, strict=True))
         assert c.fixed - c.broken == round((c.accuracy - c.accuracy_reference) * c.n)
     assert rep.agreement["n"] == 2 and 0 <= rep.agreement["model"] <= 2
@@ -122,7 +126,7 @@ def test_the_train_task_records_the_feedback_report(
     from pipeline.store import session_scope
 
     with engine.begin() as c:
-        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES ('Acme cuts 900 jobs', 'negative', now())"))
+        c.execute(text("INSERT INTO feedback (text, label, created_at) VALUES ('Acme cuts jobs', 'negative', now())"))
     cfg = tmp_path / "finsent.yaml"
     cfg.write_text(json.dumps({"data_dir": str(data_dir)}))
     monkeypatch.setenv("FINSENT_CONFIG", str(cfg))

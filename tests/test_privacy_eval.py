@@ -49,10 +49,12 @@ def test_only_changed_texts_differ_and_scores_match_full_rescoring(tiny_model_di
     # the shortcut (rescore only what changed) gives what scoring every masked text would
     labels = ["negative", "neutral", "positive"]
     full = [p.label for p in scorer.score([mask(t) for t, _ in TWEETS])]
-    assert tweets.accuracy_masked == pytest.approx(sum(labels[y] == p for (_, y), p in zip(TWEETS, full)) / 5)
+    assert tweets.accuracy_masked == pytest.approx(
+        sum(labels[y] == p for (_, y), p in zip(TWEETS, full, strict=True)) / 5
+    )
     plain = [p.label for p in scorer.score([t for t, _ in TWEETS])]
-    assert tweets.accuracy == pytest.approx(sum(labels[y] == p for (_, y), p in zip(TWEETS, plain)) / 5)
-    assert tweets.flipped == sum(a != b for a, b in zip(plain, full))
+    assert tweets.accuracy == pytest.approx(sum(labels[y] == p for (_, y), p in zip(TWEETS, plain, strict=True)) / 5)
+    assert tweets.flipped == sum(a != b for a, b in zip(plain, full, strict=True))
 
 
 def test_cli_writes_the_report_with_its_command(tmp_path: Path, data_dir: Path, tiny_model_dir: Path, monkeypatch):

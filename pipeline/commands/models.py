@@ -240,7 +240,8 @@ def _print_feedback_report(rep) -> None:
         console.print(table)
     if rep.agreement:
         a = rep.agreement
-        _say(f"analyst labels matched: {a['model']}/{a['n']} by the new model, {a['reference']}/{a['n']} by the reference")
+        n = a["n"]
+        _say(f"analyst labels matched: {a['model']}/{n} by the new model, {a['reference']}/{n} by the reference")
 
 
 def _train_with_teacher(
