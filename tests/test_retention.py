@@ -52,7 +52,7 @@ def seed(engine, now: datetime = NOW) -> dict[str, int]:
         session.flush()
         for key, source, when, title, summary, link in [
             ("old_post", "st-nwb", old, POST, "", "https://stocktwits.com/jane_doe/message/1"),
-            ("new_post", "st-nwb", fresh, "$NWB to the moon", "", "https://stocktwits.com/jane_doe/message/2"),
+            ("new_post", "st-nwb", fresh, "$NWB to the moon", "", "https://stocktwits.com/moon_guy/message/2"),
             ("old_news", "wire", old, "Northwind Bank cuts jobs", "Body of the article.", "https://news.example/1"),
         ]:
             doc = s.Document(
@@ -80,11 +80,11 @@ def seed(engine, now: datetime = NOW) -> dict[str, int]:
                     scored_at=when,
                 )
             )
-            session.add(s.Explanation(document_id=doc.id, model_version_id=VERSION, tokens=[["toast", 0.4]]))
+            session.add(s.Explanation(document_id=doc.id, model_version_id=VERSION, tokens=[[title.split()[1], 0.4]]))
         cited = [
             {"document_id": ids[k], "title": t, "link": f"https://x/{k}", "source": "s", "p_negative": 0.5,
-             "evidence": ["toast"]}
-            for k, t in (("old_post", POST), ("old_news", "Northwind Bank cuts jobs"))
+             "evidence": [word]}
+            for k, t, word in (("old_post", POST, "toast"), ("old_news", "Northwind Bank cuts jobs", "cuts"))
         ]  # fmt: skip
         session.add(
             s.Alert(
@@ -153,7 +153,7 @@ def test_social_text_is_removed_after_n_days_and_scores_stay(db) -> None:
     post, news = cited
     assert (post["title"], post["link"], post["evidence"]) == ("[text removed after 30 days]", None, [])
     assert post["p_negative"] == 0.5 and post["document_id"] == ids["old_post"]
-    assert news["title"] == "Northwind Bank cuts jobs" and news["evidence"] == ["toast"]
+    assert news["title"] == "Northwind Bank cuts jobs" and news["evidence"] == ["cuts"]
     assert sorted((d, t, lab) for d, t, lab in feedback if d == ids["old_post"]) == [
         (ids["old_post"], None, "negative"),
         (ids["old_post"], None, "neutral"),
@@ -232,3 +232,28 @@ def test_the_maintenance_task_reads_the_setting_from_the_config(pg_url: str, eng
     with session_scope(engine) as session:
         assert session.get(s.Document, ids["old_post"]).text_purged_at == NOW
     assert orchestrate.maintain(NOW)["social_texts_purged"] == 0
+
+
+def test_the_web_view_shows_why_the_text_is_gone(tmp_path: Path) -> None:
+    """`finsent serve` (a real process on 127.0.0.1) shows the placeholder on the alert and in document search,
+    and nothing of the purged post: no text, no author link, no evidence word."""
+    import httpx
+
+    from tests.test_web import serving
+
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    now = datetime.now(UTC)
+    seed(engine, now=now)
+    run_maintenance(engine, now=now, days=365, social_text_days=30)
+    engine.dispose()
+    start = (now - timedelta(days=60)).strftime("%Y-%m-%dT%H:%M")
+    with serving(url) as base:
+        alert = httpx.get(f"{base}/alerts/a1", timeout=30)
+        docs = httpx.get(f"{base}/documents", params={"company": "NWB", "start": start}, timeout=30)
+    for page in (alert, docs):
+        assert page.status_code == 200, page.text[:500]
+        assert "[text removed after 30 days]" in page.text
+        assert "toast" not in page.text and "jane_doe" not in page.text
+    assert "Northwind Bank cuts jobs" in alert.text and "$NWB to the moon" in docs.text  # the others are intact
