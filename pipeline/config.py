@@ -201,7 +201,7 @@ class ModelConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Personal data masked in titles and summaries before a document is stored (docs/reliability.md lists the
+    """Personal data masked in titles and summaries before a document is stored (docs/privacy.md lists the
     rules). Cashtags and company names are never touched; handles of watchlist companies are kept."""
 
     mask_emails: bool = True  # -> [email]
