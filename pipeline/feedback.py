@@ -86,12 +86,6 @@ class FeedbackReport:
         return asdict(self)
 
 
-def _predictions(scorer: Any, texts: list[str]) -> list[int]:
-    from pipeline.evaluate import sentiment_order
-
-    return scorer.logits(texts)[0][:, sentiment_order(scorer)].argmax(1).tolist() if texts else []
-
-
 def feedback_effect(
     candidate: str | Path,
     reference: str | Path | None,
@@ -102,7 +96,7 @@ def feedback_effect(
     limit: int | None = None,
 ) -> FeedbackReport:
     """What the feedback rows a model was trained with changed, against `reference` (None: counts only)."""
-    from pipeline.evaluate import split_result
+    from pipeline.evaluate import sentiment_predictions, split_result
     from pipeline.score import Scorer
 
     splits = build_splits(data_dir, seed=DEFAULT_SEED if split_seed is None else split_seed, limit=limit)
@@ -126,7 +120,7 @@ def feedback_effect(
         if not exs:
             continue
         texts, y = [ex.text for ex in exs], [int(ex.sentiment or 0) for ex in exs]
-        new, old = _predictions(model, texts), _predictions(ref, texts)
+        new, old = sentiment_predictions(model, texts), sentiment_predictions(ref, texts)
         r_new, r_old = split_result(y, new, labels), split_result(y, old, labels)
         pairs = [(a, b, t) for a, b, t in zip(new, old, y, strict=True) if a != b]
         report.splits[name] = SplitChange(
@@ -144,8 +138,8 @@ def feedback_effect(
         texts, y = [ex.text for ex in labelled], [int(ex.sentiment or 0) for ex in labelled]
         report.agreement = {
             "n": len(labelled),
-            "model": sum(p == t for p, t in zip(_predictions(model, texts), y, strict=True)),
-            "reference": sum(p == t for p, t in zip(_predictions(ref, texts), y, strict=True)),
+            "model": sum(p == t for p, t in zip(sentiment_predictions(model, texts), y, strict=True)),
+            "reference": sum(p == t for p, t in zip(sentiment_predictions(ref, texts), y, strict=True)),
         }
     return report
 

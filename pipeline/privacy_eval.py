@@ -18,7 +18,15 @@ from typing import Any
 
 from pipeline.config import PrivacyConfig, WatchlistEntity
 from pipeline.data import SENTIMENT_LABELS, Splits, build_splits
-from pipeline.evaluate import SPLIT_TITLES, _cell, _model_split_seed, _truth, sentiment_order, split_result
+from pipeline.evaluate import (
+    SPLIT_TITLES,
+    _cell,
+    _model_split_seed,
+    _truth,
+    sentiment_predictions,
+    split_result,
+    write_pair,
+)
 
 MASKING_SPLITS = ("fpb_test", "tfns_dev")
 TARGET_POINTS = 0.5  # largest accepted accuracy change, in percentage points
@@ -69,12 +77,6 @@ class MaskingReport:
         return out
 
 
-def _predict(scorer: Any, texts: Sequence[str]) -> list[int]:
-    if not texts:
-        return []
-    return scorer.logits(list(texts))[0][:, sentiment_order(scorer)].argmax(1).tolist()
-
-
 def masking_effect(scorer: Any, splits: Splits, mask: Callable[[str], str]) -> dict[str, MaskingSplit]:
     """Accuracy and macro-F1 of `scorer` on each masking split as written and masked, with what changed."""
     labels = list(SENTIMENT_LABELS)
@@ -87,9 +89,9 @@ def masking_effect(scorer: Any, splits: Splits, mask: Callable[[str], str]) -> d
         y = _truth(splits, split)
         masked = [mask(t) for t in texts]
         changed = [i for i, (a, b) in enumerate(zip(texts, masked, strict=True)) if a != b]
-        before = _predict(scorer, texts)
+        before = sentiment_predictions(scorer, texts)
         after = list(before)
-        for i, p in zip(changed, _predict(scorer, [masked[i] for i in changed]), strict=True):
+        for i, p in zip(changed, sentiment_predictions(scorer, [masked[i] for i in changed]), strict=True):
             after[i] = p
         r0, r1 = split_result(y, before, labels), split_result(y, after, labels)
         flipped = [i for i in changed if before[i] != after[i]]
@@ -183,9 +185,4 @@ def render_markdown(rep: MaskingReport) -> str:
 
 
 def write_report(rep: MaskingReport, out_dir: str | Path) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "masking-evaluation.md", out / "masking-evaluation.json"
-    md.write_text(render_markdown(rep))
-    js.write_text(json.dumps(rep.to_json(), indent=1) + "\n")
-    return md, js
+    return write_pair(out_dir, "masking-evaluation", render_markdown(rep), rep.to_json())
