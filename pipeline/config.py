@@ -34,11 +34,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SourceKind = Literal["rss", "atom", "reddit", "stocktwits"]
+# Kinds whose documents are posts by people: `retention.raw_social_text_days` removes their stored text.
+SOCIAL_KINDS: tuple[SourceKind, ...] = ("reddit", "stocktwits")
+
+
 class SourceConfig(_Strict):
     """One feed. Network and size limits bound what a hostile or broken host can cost (docs/reliability.md)."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=100)]
-    kind: Literal["rss", "atom", "reddit", "stocktwits"] = "rss"
+    kind: SourceKind = "rss"
     url: str
     enabled: bool = True
     # one wall-clock deadline per attempt: connect, headers, every redirect hop and the body together
@@ -196,13 +201,23 @@ class ModelConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Personal data masked in titles and summaries before a document is stored (docs/reliability.md lists the
+    """Personal data masked in titles and summaries before a document is stored (docs/privacy.md lists the
     rules). Cashtags and company names are never touched; handles of watchlist companies are kept."""
 
     mask_emails: bool = True  # -> [email]
     mask_phones: bool = True  # -> [phone]
     mask_handles: bool = True  # @someone -> @user, u/someone -> u/user
     keep_handles: list[str] = []  # extra handles (without @) that are public accounts, kept as written
+
+
+class RetentionConfig(_Strict):
+    """How long stored text is kept (pipeline.maintenance, run daily; docs/privacy.md). Article bodies and
+    fetch/delivery logs follow FINSENT_RETENTION_DAYS (a deployment setting, `retention_days` below)."""
+
+    # Title, summary and link of documents from SOCIAL_KINDS sources are removed this many days after they
+    # were fetched (the title becomes "[text removed after N days]"); the row, its scores, entities, rollups and
+    # alerts stay. None: kept until FINSENT_RETENTION_DAYS clears the body (the title stays).
+    raw_social_text_days: int | None = Field(default=None, ge=1, le=36_500)
 
 
 class IngestConfig(_Strict):
@@ -223,6 +238,7 @@ class FinsentConfig(_Strict):
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
     health: HealthConfig = HealthConfig()
     model_health: ModelHealthConfig = ModelHealthConfig()
+    retention: RetentionConfig = RetentionConfig()
     links: LinksConfig = LinksConfig()
     user_agent: str = "finsent/0.1 (+https://github.com/finsent)"
 

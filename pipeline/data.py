@@ -275,6 +275,7 @@ class FeedbackRow:
     text: str
     label: str | None
     topic: str | None
+    purged: bool = False  # retention removed its document's text (pipeline.maintenance): nothing to learn from
 
 
 def feedback_examples(
@@ -286,7 +287,7 @@ def feedback_examples(
     skipped: defaultdict[str, int] = defaultdict(int)
     for r in rows:
         if not r.text or not r.text.strip():
-            skipped["no_text"] += 1
+            skipped["text_purged" if r.purged else "no_text"] += 1
             continue
         if normalise(r.text) in banned:
             skipped["in_eval_split"] += 1
@@ -305,7 +306,8 @@ def feedback_examples(
 
 
 def load_feedback_rows(database_url: str) -> list[FeedbackRow]:
-    """Feedback rows, text taken from the document when the row has none (latest correction per text wins)."""
+    """Feedback rows, text taken from the document when the row has none (latest correction per text wins); a row
+    whose document's text retention removed has no text (the placeholder title is never learned from)."""
     from sqlalchemy import select
 
     from pipeline.store import document_text, make_engine, session_scope
@@ -322,14 +324,16 @@ def load_feedback_rows(database_url: str) -> list[FeedbackRow]:
                     s.Feedback.topic,
                     s.Document.title,
                     s.Document.summary,
+                    s.Document.text_purged_at,
                 )
                 .outerjoin(s.Document, s.Document.id == s.Feedback.document_id)
                 .order_by(s.Feedback.created_at, s.Feedback.id)
             )
             latest: dict[str, FeedbackRow] = {}
             for r in session.execute(q):
-                text = r.text or (document_text(r.title, r.summary) if r.title is not None else None)
-                row = FeedbackRow(id=r.id, text=text or "", label=r.label, topic=r.topic)
+                purged = r.text_purged_at is not None
+                text = r.text or (document_text(r.title, r.summary) if r.title is not None and not purged else None)
+                row = FeedbackRow(id=r.id, text=text or "", label=r.label, topic=r.topic, purged=purged and not text)
                 latest[normalise(row.text) or f"#{r.id}"] = row
             return list(latest.values())
     finally:

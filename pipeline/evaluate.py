@@ -157,6 +157,18 @@ def score_model(path: str, splits: Splits, batch_size: int = 64) -> tuple[dict[s
     return score_with(scorer, splits), scorer.version, scorer.temperature, scorer.topic_temperature
 
 
+def sentiment_order(scorer: Any) -> list[int]:
+    """Columns of a Scorer's sentiment logits in SENTIMENT_LABELS order (a model may order its labels otherwise)."""
+    return [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+
+
+def sentiment_predictions(scorer: Any, texts: Sequence[str]) -> list[int]:
+    """Predicted sentiment (index into SENTIMENT_LABELS) of each text, uncalibrated argmax."""
+    if not texts:
+        return []
+    return scorer.logits(list(texts))[0][:, sentiment_order(scorer)].argmax(1).tolist()
+
+
 def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None = None) -> dict[str, SplitResult]:
     """Results of a loaded Scorer on every eval split, each with its most confident mistakes."""
     out: dict[str, SplitResult] = {}
@@ -175,8 +187,7 @@ def score_with(scorer: Any, splits: Splits, agreement: dict[str, float] | None =
             )
             out[split].mistakes = confident_mistakes(texts, y, _softmax(topic, scorer.topic_temperature), splits.topics)
         else:
-            order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
-            sent = sent[:, order]
+            sent = sent[:, sentiment_order(scorer)]
             out[split] = split_result(
                 y, sent.argmax(1).tolist(), list(SENTIMENT_LABELS), temperature=scorer.temperature, logits=sent
             )
@@ -272,7 +283,7 @@ def long_text_effect(
             count += len(sentence.split())
         bodies.append(" ".join(parts))
     y = np.array([ex.sentiment for ex in heads])
-    order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
+    order = sentiment_order(scorer)
 
     def probs(texts: list[str]) -> Any:
         return _softmax(scorer.logits(texts)[0][:, order], scorer.temperature)
@@ -645,10 +656,15 @@ def render_markdown(rep: EvalReport) -> str:
     return "\n".join(lines)
 
 
-def write_report(rep: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
+def write_pair(out_dir: str | Path, stem: str, markdown: str, data: dict[str, Any]) -> tuple[Path, Path]:
+    """OUT/stem.md and OUT/stem.json: how every evaluation report is written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md, js = out / "model-evaluation.md", out / "model-evaluation.json"
-    md.write_text(render_markdown(rep))
-    js.write_text(json.dumps(rep.to_json(), indent=1) + "\n")
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    md.write_text(markdown)
+    js.write_text(json.dumps(data, indent=1) + "\n")
     return md, js
+
+
+def write_report(rep: EvalReport, out_dir: str | Path) -> tuple[Path, Path]:
+    return write_pair(out_dir, "model-evaluation", render_markdown(rep), rep.to_json())

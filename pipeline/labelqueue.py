@@ -1,9 +1,9 @@
 """The labelling queue (active learning): which stored documents are most worth an analyst's minute.
 
 Candidates are documents scored by the model in use, published in the last `days`, that no analyst has
-labelled yet (no `feedback` row); at most the newest `MAX_CANDIDATES` of them. The margin of a score is its top
-probability minus the runner-up: a small margin means the model nearly chose another label. The queue is, in this
-order (the documented rule):
+labelled yet (no `feedback` row) and whose text retention has not removed; at most the newest `MAX_CANDIDATES`
+of them. The margin of a score is its top probability minus the runner-up: a small margin means the model nearly
+chose another label. The queue is, in this order (the documented rule):
 
 1. **alert_flip**: documents cited as evidence by an open alert (a spike or escalation whose episode has no
    resolution) whose margin is below `flip_margin`: relabelling one could flip what an alert claims.
@@ -113,7 +113,12 @@ def label_queue(
                 Sc.p_positive,
             )
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
-            .where(D.published_at >= now - timedelta(days=days), D.published_at <= now, ~labelled)
+            .where(
+                D.published_at >= now - timedelta(days=days),
+                D.published_at <= now,
+                D.text_purged_at.is_(None),  # retention removed its text: nothing left to read
+                ~labelled,
+            )
             .order_by(D.id.desc())
             .limit(MAX_CANDIDATES)
         ).all()

@@ -2,8 +2,9 @@
 
 Retention keeps what the dashboards and audits need (headline, scores, entities, alerts) and drops
 what policy says we may not keep forever: the article body (`documents.summary`) and old fetch and
-delivery-attempt logs. The retention period comes from FINSENT_RETENTION_DAYS (default 90) because
-the YAML schema belongs to pipeline.config.
+delivery-attempt logs after FINSENT_RETENTION_DAYS (default 90, a deployment setting); and, when the config
+sets `retention.raw_social_text_days`, every stored word of a social post (title, summary, link with the
+author's name, evidence words, copies in alerts and feedback) after that many days (`purge_social_text`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, delete, text, update
+from sqlalchemy import CursorResult, Engine, delete, func, select, text, update
+from sqlalchemy.orm import Session
 
 from pipeline import config, store
 from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
 from pipeline.config import RETENTION_ENV as RETENTION_ENV
-from pipeline.config import ConfigError
+from pipeline.config import SOCIAL_KINDS, ConfigError
 from pipeline.errors import FinsentError
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
+PURGED_TITLE = "[text removed after {days} days]"  # what a purged social post shows wherever its title is shown
+PURGE_PAGE = 2000  # documents purged per transaction: bounded memory and lock time on any backlog
 ROLLUPS = ("mv_sentiment_daily",)  # dropped by migration 0009 (rollup tables instead)
 # A table deserves a manual VACUUM when dead rows exceed this share and autovacuum has not caught up.
 DEAD_SHARE_HINT = 0.2
@@ -52,6 +56,8 @@ class MaintenanceReport:
     rollups_refreshed: list[str] = field(default_factory=list)
     analyzed: list[str] = field(default_factory=list)
     vacuum_hints: list[str] = field(default_factory=list)
+    social_text_days: int | None = None  # retention.raw_social_text_days; None: social text kept
+    social_texts_purged: int = 0
 
 
 def retention_days(env: dict[str, str] | None = None) -> int:
@@ -80,11 +86,68 @@ def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
     return cleared or 0, fetches or 0, attempts or 0
 
 
+def purge_social_text(engine: Engine, cutoff: datetime, days: int, now: datetime | None = None) -> int:
+    """Remove the stored text of social posts fetched before `cutoff`; returns how many documents were purged.
+
+    The title becomes PURGED_TITLE (so the web view and dashboards say why it is gone), summary and link (which
+    names the author) are cleared, `text_purged_at` is set; the document's evidence words, the title, link and
+    evidence copied into alerts' `top_documents`, and the text of its feedback rows go too. Scores, entities,
+    rollups, alert counts and feedback labels stay. Each page is one transaction and only unpurged documents
+    are selected, so a rerun, or a run after a crash, finishes the work once."""
+    now = now or datetime.now(UTC)
+    placeholder = PURGED_TITLE.format(days=days)
+    D = s.Document
+    social = select(s.Source.name).where(s.Source.kind.in_(SOCIAL_KINDS))
+    total = 0
+    while True:
+        with store.session_scope(engine) as session:
+            ids = list(
+                session.scalars(
+                    select(D.id)
+                    .where(D.source_name.in_(social), D.fetched_at < cutoff, D.text_purged_at.is_(None))
+                    .order_by(D.id)
+                    .limit(PURGE_PAGE)
+                )
+            )
+            if not ids:
+                return total
+            first, last = session.execute(
+                select(func.min(D.published_at), func.max(D.published_at)).where(D.id.in_(ids))
+            ).one()
+            session.execute(
+                update(D)
+                .where(D.id.in_(ids))
+                .values(title=placeholder, summary="", link=None, text_purged_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.execute(delete(s.Explanation).where(s.Explanation.document_id.in_(ids)))
+            session.execute(
+                update(s.Feedback)
+                .where(s.Feedback.document_id.in_(ids))
+                .values(text=None)
+                .execution_options(synchronize_session=False)
+            )
+            _scrub_alerts(session, set(ids), first, last, placeholder)
+            total += len(ids)
+
+
+def _scrub_alerts(session: Session, ids: set[int], first: datetime, last: datetime, placeholder: str) -> None:
+    """Alerts cite documents published inside their window: only alerts overlapping [first, last] can cite these."""
+    A = s.Alert
+    for alert in session.scalars(select(A).where(A.window_end >= first, A.window_start <= last)):
+        docs = (alert.details or {}).get("top_documents") or []
+        if not any(int(d.get("document_id", -1)) in ids for d in docs):
+            continue
+        scrubbed = [
+            {**d, "title": placeholder, "link": None, "evidence": []} if int(d.get("document_id", -1)) in ids else d
+            for d in docs
+        ]
+        alert.details = {**alert.details, "top_documents": scrubbed}
+
+
 def refresh_rollups(engine: Engine) -> list[str]:
     """Bring every model's hourly/daily rollups up to date (pipeline.rollups; normally done at each detect,
     so this is the safety net for scores written outside a cycle), and refresh any materialized view left."""
-    from sqlalchemy import select
-
     from pipeline import rollups
 
     done = []
@@ -137,14 +200,21 @@ def analyze_and_hint(engine: Engine, touched: bool) -> tuple[list[str], list[str
     return analyzed, hints
 
 
-def run_maintenance(engine: Engine, now: datetime | None = None, days: int | None = None) -> MaintenanceReport:
-    """One daily pass; `now` is the DAG run's data interval end, so a rerun cuts at the same point."""
+def run_maintenance(
+    engine: Engine, now: datetime | None = None, days: int | None = None, social_text_days: int | None = None
+) -> MaintenanceReport:
+    """One daily pass; `now` is the DAG run's data interval end, so a rerun cuts at the same point.
+    `social_text_days`: the config's `retention.raw_social_text_days` (None: social text is kept)."""
     now = now or datetime.now(UTC)
     days = days if days is not None else retention_days()
     cutoff = now - timedelta(days=days)
     cleared, fetches, attempts = apply_retention(engine, cutoff)
+    purged = 0
+    if social_text_days is not None:
+        purged = purge_social_text(engine, now - timedelta(days=social_text_days), social_text_days, now)
+        log.info("social text retention %d days: %d posts purged", social_text_days, purged)
     refreshed = refresh_rollups(engine)
-    analyzed, hints = analyze_and_hint(engine, touched=bool(cleared or fetches or attempts))
+    analyzed, hints = analyze_and_hint(engine, touched=bool(cleared or fetches or attempts or purged))
     for h in hints:
         log.warning("maintenance hint: %s", h)
     log.info(
@@ -155,4 +225,6 @@ def run_maintenance(engine: Engine, now: datetime | None = None, days: int | Non
         fetches,
         attempts,
     )
-    return MaintenanceReport(days, cutoff, cleared, fetches, attempts, refreshed, analyzed, hints)
+    return MaintenanceReport(
+        days, cutoff, cleared, fetches, attempts, refreshed, analyzed, hints, social_text_days, purged
+    )

@@ -547,6 +547,12 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
         path, seconds, device = result.output_dir, result.seconds, result.device
     engine = _engine(cfg)
     try:
+        if meta is None and result.feedback_used:  # what the analysts' corrections changed, in metrics.feedback
+            from pipeline.data import load_feedback_rows
+            from pipeline.feedback import record_feedback_report
+
+            rows = load_feedback_rows(cfg.database_url.get_secret_value())
+            log.info("feedback report: %s", record_feedback_report(path, cfg.data_dir, rows, engine).to_json())
         version = register_trained(engine, path)
     finally:
         engine.dispose()
@@ -613,7 +619,9 @@ def maintain(as_of: Any) -> dict[str, Any]:
     cfg = load()
     engine = _engine(cfg)
     try:
-        return _jsonable(run_maintenance(engine, now=_as_utc(as_of)))
+        return _jsonable(
+            run_maintenance(engine, now=_as_utc(as_of), social_text_days=cfg.retention.raw_social_text_days)
+        )
     finally:
         engine.dispose()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -65,3 +66,11 @@ def test_masking_rules_are_configurable(feed_server, engine):
     last = stored_texts(engine)[3]
     assert last == "u/user and @SEC_Enforcement: write to [email] or (212) 555-0199"
     assert not re.search(r"[\w.+-]+@[\w-]+\.\w", " ".join(stored_texts(engine)))
+
+
+def test_the_documented_rules_are_the_configurable_ones():
+    """docs/privacy.md lists the masking rules: every `ingest.privacy` setting, and no setting that does not exist."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    table = doc[doc.index("| rule | setting |") : doc.index("Cashtags (`$NWB`)")]
+    documented = set(re.findall(r"`(\w+):", table))
+    assert documented == set(PrivacyConfig.model_fields)

@@ -1,4 +1,4 @@
-"""Core commands: demo, run, db upgrade, score."""
+"""Core commands: demo, run, db upgrade|maintain, score."""
 
 from __future__ import annotations
 
@@ -322,7 +322,7 @@ def print_demo(report) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+    db_app = typer.Typer(help="Database migrations and maintenance.", no_args_is_help=True)
     app.add_typer(db_app, name="db")
 
     @app.command()
@@ -466,6 +466,33 @@ def register(app: typer.Typer) -> None:
         url = cfg.database_url.get_secret_value()
         upgrade(url, revision)
         console.print(f"database {safe_url(url)} is at revision {revision}")
+
+    @db_app.command("maintain")
+    def db_maintain(config: ConfigOpt = None) -> None:
+        """Run the daily maintenance pass now (what the finsent_maintenance DAG runs): text retention
+        (FINSENT_RETENTION_DAYS, retention.raw_social_text_days), rollup refresh, ANALYZE. Safe to rerun."""
+        from pipeline.maintenance import run_maintenance
+        from pipeline.store import check_schema, make_engine
+
+        cfg = config_or_exit(config)
+        engine = make_engine(cfg.database_url.get_secret_value())
+        try:
+            check_schema(engine)
+            rep = run_maintenance(engine, social_text_days=cfg.retention.raw_social_text_days)
+        finally:
+            engine.dispose()
+        social = (
+            f"{rep.social_texts_purged} social posts purged (older than {rep.social_text_days} days)"
+            if rep.social_text_days is not None
+            else "social text kept (retention.raw_social_text_days not set)"
+        )
+        console.print(
+            f"retention {rep.retention_days} days: {rep.texts_cleared} bodies cleared, {rep.fetch_logs_deleted} "
+            f"fetch logs and {rep.delivery_attempts_deleted} delivery attempts deleted; {social}",
+            highlight=False,
+        )
+        for hint in rep.vacuum_hints:
+            console.print(f"hint: {hint}", highlight=False, markup=False)
 
     @app.command()
     def score(

@@ -112,6 +112,8 @@ def show_document(
     if doc.summary and doc.summary != doc.title:
         typer.echo(f"Summary:  {clean_block(doc.summary, 2000)}")
     typer.echo(f"Link:     {safe_link(doc.link) or '-'}")
+    if doc.text_purged_at is not None:
+        typer.echo(f"Purged:   text removed by retention on {doc.text_purged_at:%Y-%m-%d %H:%M} UTC")
     typer.echo("Entities: " + (", ".join(f"{e} ({k})" for e, k in ents) or "-"))
     for sc in scores:
         topic = f", topic {sc.topic}" if sc.topic else ""

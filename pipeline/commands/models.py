@@ -202,6 +202,10 @@ def train(
         table.add_row(escape(split), _pct(m.get("accuracy")), _pct(m.get("macro_f1")), str(m.get("n")))
     console.print(table)
     _say(f"temperatures: sentiment {res.temperature}, topic {res.topic_temperature}; saved to {res.output_dir}")
+    if rows:
+        from pipeline.feedback import record_feedback_report
+
+        _print_feedback_report(record_feedback_report(res.output_dir, data_dir or cfg.data_dir, rows, engine))
     if engine is not None:
         from pipeline.registry import register_trained
 
@@ -225,6 +229,29 @@ def train(
             table.add_row(SPLIT_TITLES[split], _pct(r.accuracy), _pct(r.macro_f1), str(r.n))
         console.print(table)
     _say(f"next: finsent evaluate {res.output_dir} --promote (baselines, report, promotion gate)")
+
+
+def _print_feedback_report(rep) -> None:
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(rep.skipped.items())) or "none"
+    _say(f"feedback: {rep.rows_used} rows used for training (skipped: {skipped}); never in validation or test splits")
+    if rep.note:
+        _say(f"  {rep.note}")
+    if rep.splits:
+        table = Table(title=escape(f"what changed against {rep.reference} (stored in finsent.json metrics.feedback)"))
+        for col in ("split", "n", "accuracy", "macro-F1", "flipped (fixed / broken)"):
+            table.add_column(col)
+        for name, c in rep.splits.items():
+            table.add_row(
+                escape(name), str(c.n),
+                f"{c.accuracy_reference:.3f} -> {c.accuracy:.3f} ({(c.accuracy - c.accuracy_reference) * 100:+.1f})",
+                f"{c.macro_f1_reference:.3f} -> {c.macro_f1:.3f} ({(c.macro_f1 - c.macro_f1_reference) * 100:+.1f})",
+                f"{c.flipped} ({c.fixed} / {c.broken})",
+            )  # fmt: skip
+        console.print(table)
+    if rep.agreement:
+        a = rep.agreement
+        n = a["n"]
+        _say(f"analyst labels matched: {a['model']}/{n} by the new model, {a['reference']}/{n} by the reference")
 
 
 def _train_with_teacher(
@@ -292,6 +319,13 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option(help="Cap each split (quick runs; metrics are then not recorded).")
     ] = None,
+    masking: Annotated[
+        bool,
+        typer.Option(
+            help="Only measure what ingest's personal-data masking does to accuracy (FPB test, TFNS dev; config's "
+            "rules and watchlist): writes masking-evaluation.md/.json, nothing else."
+        ),
+    ] = False,
     promote: Annotated[bool, typer.Option(help="Then promote through the gate if better than production.")] = False,
     record_in_model: Annotated[
         bool,
@@ -310,8 +344,12 @@ def evaluate(
     cfg = config_or_exit(config)
     if record_in_model and limit is not None:
         raise fail("--record-in-model needs the full splits (drop --limit)")
-    engine = None if no_db else _engine(cfg)
     command = _command_line(ctx, model)
+    if masking:
+        if promote or record_in_model:
+            raise fail("--masking measures masking only: drop --promote / --record-in-model")
+        return _evaluate_masking(cfg, model, data_dir, out, limit, command)
+    engine = None if no_db else _engine(cfg)
     rep = evaluate_model(
         model,
         data_dir or cfg.data_dir,
@@ -343,6 +381,29 @@ def evaluate(
         if engine is None:
             raise fail("--promote needs the database (drop --no-db)")
         _print_decision(_gate(engine, rep.version))
+
+
+def _evaluate_masking(
+    cfg: FinsentConfig, model: str, data_dir: Path | None, out: Path, limit: int | None, command: str
+) -> None:
+    from pipeline.evaluate import SPLIT_TITLES
+    from pipeline.privacy_eval import TARGET_POINTS, evaluate_masking, write_report
+
+    rep = evaluate_masking(
+        model, data_dir or cfg.data_dir, cfg.ingest.privacy, cfg.watchlist, limit=limit, command=command
+    )
+    md, js = write_report(rep, out)
+    table = Table(title=escape(f"{rep.version}: accuracy as written / masked"))
+    for col in ("split", "n", "changed", "flipped", "as written", "masked", "points"):
+        table.add_column(col)
+    for k, r in rep.splits.items():
+        table.add_row(
+            SPLIT_TITLES[k], str(r.n), str(r.changed), str(r.flipped), f"{r.accuracy:.4f}",
+            f"{r.accuracy_masked:.4f}", f"{r.delta_points:+.2f}",
+        )  # fmt: skip
+    console.print(table)
+    _say(f"target (unchanged within {TARGET_POINTS} point on each split): {'met' if rep.met else 'MISSED'}")
+    _say(f"wrote {md} and {js}")
 
 
 def _command_line(ctx: typer.Context, model: str) -> str:

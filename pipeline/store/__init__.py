@@ -321,7 +321,8 @@ def iter_unscored(
     shards: int = 1,
     max_chars: int | None = None,
 ) -> Iterator[list[PendingDocument]]:
-    """Stream documents this model has neither scored nor given up on, in id order, a chunk at a time.
+    """Stream documents this model has neither scored nor given up on, and whose text retention has not
+    removed, in id order, a chunk at a time.
 
     Title and summary are cut to `max_chars` in SQL, so a huge document never reaches Python whole.
     With shards > 1 only ids congruent to `shard` are read, so several GPU workers split one backlog.
@@ -345,6 +346,7 @@ def iter_unscored(
                 select(s.Document.id, title.label("title"), summary.label("summary"))
                 .where(
                     s.Document.id > last_id,
+                    s.Document.text_purged_at.is_(None),  # retention left only a placeholder: nothing to score
                     ~scored.exists(),
                     ~given_up.exists(),
                     *([s.Document.id % shards == shard] if shards > 1 else []),

@@ -117,6 +117,8 @@ class Document(Base):
     published_at: Mapped[datetime]
     fetched_at: Mapped[datetime] = mapped_column(default=utcnow)
     language: Mapped[str | None] = mapped_column(String(16))
+    # set when retention cleared a social post's text (pipeline.maintenance); scores and entities stay
+    text_purged_at: Mapped[datetime | None]
 
 
 class DocumentEntity(Base):
