@@ -45,6 +45,9 @@ class SourceConfig(_Strict):
     timeout_s: float = Field(default=15.0, gt=0, le=300)
     max_bytes: int = Field(default=10_000_000, gt=0)  # raw and decoded (after every Content-Encoding layer)
     retries: int = Field(default=2, ge=0, le=10)
+    # one wall-clock deadline for the whole fetch, every attempt and backoff together (None: 2 x timeout_s),
+    # so retries cannot multiply timeout_s; an attempt never gets more than what is left of it
+    deadline_s: float | None = Field(default=None, gt=0, le=900)
     max_entries: int = Field(default=20_000, gt=0)
     # Character caps per stored field, applied to the raw feed value before HTML stripping and again after.
     max_title_chars: int = Field(default=1_000, ge=16, le=100_000)
@@ -58,6 +61,11 @@ class SourceConfig(_Strict):
     # Credentials come from the environment, never the URL: header name -> env var, query param -> env var.
     headers_env: dict[str, str] = {}
     query_env: dict[str, str] = {}
+
+    @property
+    def fetch_deadline_s(self) -> float:
+        """The overall deadline of one fetch across its attempts (the one place its default is decided)."""
+        return self.deadline_s if self.deadline_s is not None else 2 * self.timeout_s
 
     @model_validator(mode="after")
     def _url_is_possible(self) -> SourceConfig:
