@@ -149,6 +149,15 @@ class SinkConfig(_Strict):
     failing_after_minutes: float = Field(default=60.0, gt=0)
 
 
+class NoticesConfig(_Strict):
+    """Operator notices (pipeline.notify): a notice that missed a sink is retried there by later notify runs,
+    with backoff 1, 2, 4 ... minutes capped at `backoff_max_minutes`, at most `max_attempts` tries in all;
+    then it stays `failed` (`finsent alerts notices`)."""
+
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    backoff_max_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
+
+
 class HealthConfig(_Strict):
     """Source health: when a source counts as dead or quiet (pipeline.health)."""
 
@@ -201,6 +210,8 @@ class ModelConfig(_Strict):
     languages: list[str] | None = None
     max_chars: int | None = Field(default=None, ge=16)  # characters kept before tokenising; None: max_length * 12
     threads: int | None = Field(default=None, ge=1, le=256)  # torch intra-op threads; None: min(4, CPU cores)
+    # tries a document gets when scoring raises a transient (device) error, with backoff, before it is failed
+    score_attempts: int = Field(default=3, ge=1, le=100)
 
 
 class PrivacyConfig(_Strict):
@@ -230,6 +241,7 @@ class FinsentConfig(_Strict):
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
     health: HealthConfig = HealthConfig()
+    notices: NoticesConfig = NoticesConfig()
     model_health: ModelHealthConfig = ModelHealthConfig()
     links: LinksConfig = LinksConfig()
     user_agent: str = "finsent/0.1 (+https://github.com/finsent)"

@@ -90,6 +90,21 @@ class NoticeKind(StrEnum):
     DAG_FAILED = "dag_failed"
     DELIVERY_EXPIRED = "delivery_expired"
     SINK_FAILING = "sink_failing"
+    DOCUMENTS_FAILED = "documents_failed"
+
+
+class NoticeState(StrEnum):
+    """`operator_notices.status`: claim, send, confirm, so a notice that reached nobody is not lost."""
+
+    PENDING = "pending"  # queued by a step with no sinks at hand (scoring): the next notify run sends it
+    SENDING = "sending"  # claimed by a sender; taken over after CLAIM_LEASE if that sender died
+    SENT = "sent"  # every sink it was meant for has it
+    RETRYING = "retrying"  # missed a sink: retried there (only there) at next_attempt_at
+    FAILED = "failed"  # missed a sink after notices.max_attempts tries: on record, `finsent alerts notices`
+
+
+NOTICE_OPEN = (NoticeState.PENDING, NoticeState.RETRYING)
+NOTICE_MAX_ATTEMPTS = 10  # notices.max_attempts' default, for callers without a config (record_notice)
 
 
 class DeliveryError(FinsentError, RuntimeError):
@@ -1213,8 +1228,9 @@ def deliver_pending(
         report.per_sink.setdefault(x.sink, SinkCounts()).failed += 1
     _count_pending(engine, cfg, report)
     failing = _failing_sinks(engine, cfg, now)
+    _retry_notices(engine, cfg, now, built, report)  # earlier notices that missed a sink, and queued ones
     if expired:
-        _notice_expired(engine, cfg, expired, failing, built, report)
+        _notice_expired(engine, cfg, expired, failing, built, report, now)
     for name, since in failing.items():
         _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
@@ -1311,6 +1327,7 @@ def _notice_expired(
     failing: dict[str, datetime],
     built: dict[str, Sink],
     report: DeliveryReport,
+    now: datetime,
 ) -> None:
     sinks = sorted({e.sink for e in expired})
     report.problems.append(f"{len(expired)} alert deliveries expired undelivered ({', '.join(sinks)})")
@@ -1329,7 +1346,9 @@ def _notice_expired(
     ids = ",".join(str(e.delivery_id) for e in expired)
     key = f"{NoticeKind.DELIVERY_EXPIRED}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
     subject = f"[finsent] {len(expired)} alert(s) could not be delivered to {', '.join(sinks)}"
-    _notice(engine, cfg, key, NoticeKind.DELIVERY_EXPIRED, subject, "\n".join(lines), {*sinks, *failing}, built, report)
+    _notice(
+        engine, cfg, key, NoticeKind.DELIVERY_EXPIRED, subject, "\n".join(lines), {*sinks, *failing}, built, report, now
+    )
 
 
 def _notice_failing_sink(
@@ -1371,6 +1390,7 @@ def _notice_failing_sink(
         set(failing),
         built,
         report,
+        now,
     )
 
 
@@ -1378,9 +1398,20 @@ def _notice_failing_sink(
 
 
 def claim_notice(
-    engine: Engine, key: str, kind: NoticeKind, subject: str, body: str, now: datetime | None = None
+    engine: Engine,
+    key: str,
+    kind: NoticeKind,
+    subject: str,
+    body: str,
+    now: datetime | None = None,
+    *,
+    exclude: Collection[str] = (),
+    queue: bool = False,
 ) -> bool:
-    """Record a notice under its dedupe key; True if this caller is the first and so must send it."""
+    """Record a notice under its dedupe key; True if this caller is the first. Claimed (`sending`), the caller
+    must send it and then call `record_notice`; with `queue` it waits (`pending`) for the next notify run,
+    for steps that have no sinks at hand (scoring). A claim whose sender died is taken over after CLAIM_LEASE."""
+    at = now or datetime.now(UTC)
     with session_scope(engine) as session:
         res = session.execute(
             _insert(session, s.OperatorNotice)
@@ -1389,9 +1420,14 @@ def claim_notice(
                 kind=kind,
                 subject=subject,
                 body=body[:20000],
-                created_at=now or datetime.now(UTC),
+                created_at=at,
                 sent_to=[],
                 errors=[],
+                status=NoticeState.PENDING if queue else NoticeState.SENDING,
+                attempts=0,
+                last_attempt_at=None if queue else datetime.now(UTC),
+                next_attempt_at=at if queue else None,
+                exclude=sorted(exclude),
             )
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(s.OperatorNotice.id)
@@ -1399,13 +1435,36 @@ def claim_notice(
         return res.scalar() is not None
 
 
-def record_notice(engine: Engine, key: str, sent_to: Sequence[str], errors: Sequence[str]) -> None:
+def record_notice(
+    engine: Engine,
+    key: str,
+    sent_to: Sequence[str],
+    errors: Sequence[str],
+    now: datetime | None = None,
+    *,
+    max_attempts: int = NOTICE_MAX_ATTEMPTS,
+    backoff_cap: timedelta = BACKOFF_MAX,
+) -> NoticeState:
+    """Confirm one attempt of a claimed notice: `sent_to` the sinks it reached now, `errors` one entry per
+    sink it missed. Sent when it missed none; else retried (to the missed sinks only) after a backoff, until
+    `max_attempts`, then `failed` for good. Returns the new state."""
+    at = now or datetime.now(UTC)
+    N = s.OperatorNotice
     with session_scope(engine) as session:
-        session.execute(
-            update(s.OperatorNotice)
-            .where(s.OperatorNotice.key == key[:300])
-            .values(sent_to=list(sent_to), errors=list(errors))
-        )
+        row = session.scalars(select(N).where(N.key == key[:300]).with_for_update()).one_or_none()
+        if row is None:
+            return NoticeState.FAILED
+        attempts = (row.attempts or 0) + 1
+        if not errors:
+            state, next_at = NoticeState.SENT, None
+        elif attempts >= max_attempts:
+            state, next_at = NoticeState.FAILED, None
+        else:
+            state, next_at = NoticeState.RETRYING, at + backoff(attempts, backoff_cap)
+        row.sent_to = [*(row.sent_to or []), *(n for n in sent_to if n not in (row.sent_to or []))]
+        row.errors = list(errors)
+        row.status, row.attempts, row.last_attempt_at, row.next_attempt_at = state, attempts, at, next_at
+        return state
 
 
 def broadcast_notice(
@@ -1417,8 +1476,8 @@ def broadcast_notice(
     for sc in cfg.sinks:
         if sc.name in exclude:
             continue
-        sink = (sinks or {}).get(sc.name) or build_sink(sc)
         try:
+            sink = (sinks or {}).get(sc.name) or build_sink(sc)
             sink.notice(subject, body)
         except Exception as e:  # noqa: BLE001  (a notice must never mask what it reports)
             err = str(e) if isinstance(e, DeliveryError) else f"sink {sc.name}: {type(e).__name__}"
@@ -1445,14 +1504,71 @@ def _notice(
     exclude: Collection[str],
     built: dict[str, Sink],
     report: DeliveryReport,
+    now: datetime,
 ) -> None:
-    if not claim_notice(engine, key, kind, subject, body):
-        return  # already told (an earlier cycle, or a concurrent run)
-    reached, errors = broadcast_notice(cfg, subject, body, exclude, built)
-    record_notice(engine, key, reached, errors)
-    report.notices.append(subject)
-    if not pager_sinks(cfg, reached):
+    """Claim, send, confirm: a notice that misses its sinks now is retried by `_retry_notices` later."""
+    if not claim_notice(engine, key, kind, subject, body, now, exclude=exclude):
+        return  # already told (an earlier cycle, or a concurrent run), or queued for retry there
+    _send_claimed(engine, cfg, key, subject, body, exclude, (), built, report, now)
+
+
+def _send_claimed(
+    engine: Engine,
+    cfg: FinsentConfig,
+    key: str,
+    subject: str,
+    body: str,
+    exclude: Collection[str],
+    reached_before: Collection[str],
+    built: dict[str, Sink],
+    report: DeliveryReport,
+    now: datetime,
+) -> None:
+    reached, errors = broadcast_notice(cfg, subject, body, {*exclude, *reached_before}, built)
+    n = cfg.notices
+    state = record_notice(
+        engine, key, reached, errors, now,
+        max_attempts=n.max_attempts, backoff_cap=timedelta(minutes=n.backoff_max_minutes),
+    )  # fmt: skip
+    if reached:
+        report.notices.append(subject)
+    if state == NoticeState.FAILED:
+        report.problems.append(f"operator notice {subject!r} gave up after {n.max_attempts} attempts: {'; '.join(errors)}")
+    elif state == NoticeState.RETRYING:
+        report.problems.append(f"operator notice {subject!r} not delivered yet (retried): {'; '.join(errors)}")
+    if (reached or state != NoticeState.RETRYING) and not pager_sinks(cfg, [*reached_before, *reached]):
         report.problems.append(f"operator notice {subject!r} reached no sink besides the console")
+
+
+def _retry_notices(
+    engine: Engine, cfg: FinsentConfig, now: datetime, built: dict[str, Sink], report: DeliveryReport
+) -> None:
+    """Send the notices that are due: queued ones, ones that missed a sink (to the missed sinks only), and
+    claims left by a sender that died. Each is claimed first, so concurrent notifiers send it once."""
+    N = s.OperatorNotice
+    due = or_(
+        and_(N.status.in_(NOTICE_OPEN), or_(N.next_attempt_at.is_(None), N.next_attempt_at <= now)),
+        and_(N.status == NoticeState.SENDING, N.last_attempt_at < now - CLAIM_LEASE),
+    )
+    with session_scope(engine) as session:
+        rows = session.execute(select(N.id, N.key).where(due).order_by(N.created_at, N.id)).all()
+    for notice_id, key in rows:
+        with session_scope(engine) as session:
+            claimed = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(N)
+                    .where(N.id == notice_id, due)
+                    .values(status=NoticeState.SENDING, last_attempt_at=datetime.now(UTC))
+                    .execution_options(synchronize_session=False)
+                ),
+            ).rowcount
+            if claimed != 1:
+                continue
+            row = session.get_one(N, notice_id)
+            subject, body, exclude, reached = row.subject, row.body, list(row.exclude or []), list(row.sent_to or [])
+        log.info("operator notice %s: retrying (reached so far: %s)", key, ", ".join(reached) or "none")
+        _send_claimed(engine, cfg, key, subject, body, exclude, reached, built, report, now)
 
 
 def summary_line(report: DeliveryReport) -> str:

@@ -617,3 +617,73 @@ def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(
         a.join(60)
     assert runs["b"].sent == 0 and runs["a"].sent == 1 and slack_webhook.hits == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
+
+
+# --- operator notices are claimed, sent, confirmed (reliability review, item 1) --------------------
+
+
+def test_a_notice_that_reached_no_sink_is_retried_next_run_and_sent_once(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
+    """Email refuses the alert past expire_hours; when its notice is due, Slack (the only other sink) answers 500
+    too. The notice is not lost: the next notify run after the backoff sends it, once, and later runs send
+    nothing more. (Before: the notice was marked sent when claimed and never tried again.)"""
+    box, port = failing_smtp
+    add_alert(engine)
+    cfg = make_cfg(sinks=[mail_sink(port, expire_hours=1, failing_after_minutes=600), slack_sink(severities=["info"])])
+    deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    slack_webhook.status = 500
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
+    assert r.expired == 1 and r.degraded and slack_webhook.posts == []
+    assert any("not delivered yet" in p for p in r.problems), r.problems
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.attempts) == ("retrying", [], 1) and "HTTP 500" in n.errors[0]
+
+    slack_webhook.status = 200
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2, seconds=30), retry_delays=FAST)
+    assert slack_webhook.posts == [], "not before its backoff"
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2, minutes=2), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and "could not be delivered to mail-ops" in json.dumps(slack_webhook.posts[0])
+    assert r.notices and not r.degraded
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.errors, n.attempts) == ("sent", ["slack-desk"], [], 2)
+    for k in range(1, 4):
+        deliver_pending(engine, cfg, now=NOW + timedelta(hours=3 + k), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and box.messages == []
+
+
+def test_a_notice_is_retried_only_where_it_missed_and_gives_up_visibly(
+    engine, pg_url, slack_webhook: Webhook, failing_smtp, tmp_path
+) -> None:
+    """A DAG-failure notice reached Slack but not email: later runs retry email only (Slack never gets a second
+    copy), `notices.max_attempts` times in all; then it stays `failed`, the run that gives up is degraded, and
+    `finsent alerts notices` lists it first with the sink's error."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.notify import NoticeKind, broadcast_notice, claim_notice, record_notice
+
+    box, port = failing_smtp
+    cfg = FinsentConfig.model_validate(
+        {"sinks": [slack_sink(), mail_sink(port)], "notices": {"max_attempts": 3}, "database_url": pg_url}
+    )
+    key, subject = "dag_failed:finsent_monitor:run-1", "[finsent] DAG run failed: finsent_monitor (score)"
+    assert claim_notice(engine, key, NoticeKind.DAG_FAILED, subject, "Error: killed")
+    reached, errors = broadcast_notice(cfg, subject, "Error: killed")
+    assert reached == ["slack-desk"] and len(errors) == 1
+    assert record_notice(engine, key, reached, errors, NOW, max_attempts=3) == "retrying"
+
+    runs = [deliver_pending(engine, cfg, now=NOW + timedelta(hours=k), retry_delays=FAST) for k in range(1, 6)]
+    assert len(slack_webhook.posts) == 1, "Slack had it: never sent twice"
+    assert box.refused == 3, "email tried 3 times in all (the first, then twice by later runs), then left alone"
+    assert [any("gave up after 3 attempts" in p for p in r.problems) for r in runs] == [False, True, False, False, False]
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.attempts) == ("failed", ["slack-desk"], 3) and "451" in n.errors[0]
+
+    path = tmp_path / "finsent.yaml"
+    path.write_text(yaml.safe_dump({"sinks": [slack_sink(), mail_sink(port)], "database_url": pg_url}))
+    out = CliRunner().invoke(app, ["alerts", "notices", "-c", str(path)])
+    assert out.exit_code == 0, out.output
+    line = out.output.splitlines()[1]
+    assert "dag_failed" in line and "failed" in line and "slack-desk" in line and "451" in line

@@ -1,4 +1,5 @@
-"""`finsent alerts list|show|ack|evaluate`: read and acknowledge stored alerts, and measure the detector."""
+"""`finsent alerts list|show|ack|notices|evaluate`: read and acknowledge stored alerts, see operator notices, and
+measure the detector."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ DbOpt = Annotated[
     str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")
 ]
 
-alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, evaluate the detector.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, operator notices, evaluate the detector.", no_args_is_help=True)
 
 
 def _open(config: str | None, database_url: str | None):
@@ -144,9 +145,52 @@ def list_alerts(
                 "yes" if r.acknowledged_at else "",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    _print_table(table)
+
+
+def _print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@alerts_app.command("notices")
+def list_notices(
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """Operator notices (failed DAG runs, expired deliveries, failing sinks, documents that failed to score):
+    undelivered ones first (failed for good, then still retried), then the newest."""
+    from sqlalchemy import case
+
+    from pipeline.notify import NoticeState, clean_text
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    _, engine = _open(config, database_url)
+    N = s.OperatorNotice
+    order = case({NoticeState.FAILED: 0, NoticeState.RETRYING: 1, NoticeState.PENDING: 1}, value=N.status, else_=2)
+    with session_scope(engine) as session:
+        rows = session.scalars(select(N).order_by(order, N.created_at.desc(), N.id.desc()).limit(limit)).all()
+        table = [("created (UTC)", "kind", "state", "tries", "reached", "subject / last error")]
+        for r in rows:
+            missed = "; ".join(str(e) for e in r.errors or [])
+            table.append(
+                (
+                    f"{r.created_at:%Y-%m-%d %H:%M}",
+                    r.kind,
+                    r.status,
+                    str(r.attempts),
+                    ", ".join(r.sent_to or []) or "-",
+                    clean_text(r.subject, 80) + (f" | {clean_text(missed, 120)}" if missed else ""),
+                )
+            )
+    engine.dispose()
+    if not rows:
+        typer.echo("no operator notices in this database")
+        return
+    _print_table(table)
 
 
 def _what_was_hidden(session, since: datetime, since_hours: float, filters: list) -> str:
