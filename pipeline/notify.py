@@ -925,19 +925,17 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[
         for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
             horizon = now - timedelta(hours=sink.expire_hours)
             stale = sink.kind != "console" and lead.window_end < horizon
-            if stale and _aware(lead.created_at) < horizon:
-                lost.append((lead.id, sink.name))
-            for a in sorted(members, key=head_key):
-                status = (
-                    (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
-                )
+            for a in sorted(members, key=head_key):  # a stale message's grouped alerts are as stale as its lead
+                if stale and _aware(lead.created_at) < horizon:
+                    lost.append((a.id, sink.name))
+                status = DeliveryState.PENDING if a is lead else DeliveryState.GROUPED
                 rows.append(
                     {
                         "alert_id": a.id,
                         "sink": sink.name,
-                        "status": status,
+                        "status": DeliveryState.EXPIRED if stale else status,
                         "attempts": 0,
-                        "last_error": STALE_ERROR if stale and a is lead else None,
+                        "last_error": STALE_ERROR if stale else None,
                         "created_at": now,
                     }
                 )
@@ -1113,6 +1111,31 @@ def _expire(engine: Engine, row: Any, now: datetime) -> bool:
         )
 
 
+def _expire_grouped(engine: Engine, lead: Any) -> list[ExpiredDelivery]:
+    """The alerts grouped into an expired lead's message never reached the sink either: they expire with it and
+    are named in the same operator notice, rather than staying `grouped` (told nowhere) for ever."""
+    D, A = s.AlertDelivery, s.Alert
+    with session_scope(engine) as session:
+        head = session.get(A, lead.alert_id)
+        if head is None or head.incident_id is None:
+            return []  # no incident: nothing was grouped under it
+        members = select(A.id).where(A.incident_id == head.incident_id, A.window_end == head.window_end)
+        rows = session.execute(
+            select(D.id, D.alert_id).where(D.sink == lead.sink, D.status == GROUPED, D.alert_id.in_(members))
+        ).all()
+        err = f"grouped into the message of alert {lead.alert_id}, which was never delivered"
+        if rows:
+            session.execute(
+                update(D)
+                .where(D.id.in_([r.id for r in rows]), D.status == GROUPED)
+                .values(status=DeliveryState.EXPIRED, last_error=err, next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    for r in rows:
+        log.error("alert %s to %s expired with the message it was grouped into (alert %s)", r.alert_id, lead.sink, lead.alert_id)
+    return [ExpiredDelivery(r.id, r.alert_id, lead.sink, 0, err) for r in rows]
+
+
 def deliver_pending(
     engine: Engine,
     cfg: FinsentConfig,
@@ -1177,6 +1200,7 @@ def deliver_pending(
         if now > deadline or capped:
             if _expire(engine, row, now):
                 expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, row.attempts, row.last_error))
+                expired += _expire_grouped(engine, row)
                 log.error("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
             continue
         if row.sink in down or not _claim(engine, row.id, now):
@@ -1255,6 +1279,7 @@ def _give_up(
     if sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts:
         _release(engine, row.id, DeliveryState.EXPIRED, None)
         expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
+        expired += _expire_grouped(engine, row)
     else:
         _release(engine, row.id, DeliveryState.FAILED, next_at)
         report.failed += 1

@@ -687,3 +687,48 @@ def test_a_notice_is_retried_only_where_it_missed_and_gives_up_visibly(
     assert out.exit_code == 0, out.output
     line = out.output.splitlines()[1]
     assert "dag_failed" in line and "failed" in line and "slack-desk" in line and "451" in line
+
+
+# --- alerts grouped into a message that never arrived (reliability review, item 2) ---------------
+
+
+def test_alerts_grouped_under_an_expired_lead_are_reported_with_it(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
+    """Two alerts of one incident and run go to email as one message (the entity leads, the market is
+    `grouped` into it). Email refuses it past expire_hours: both deliveries expire and the notice names both.
+    (Before: the market alert stayed `grouped` for ever, told nowhere, and the notice named the lead only.)"""
+    box, port = failing_smtp
+    lead = add_alert(engine)
+    market = add_alert(engine, scope=("market", "*"), severity="warning")
+    cfg = make_cfg(sinks=[mail_sink(port, expire_hours=1, failing_after_minutes=600), slack_sink(severities=["info"])])
+    deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert {d.alert_id: d.status for d in deliveries(engine)} == {lead: "failed", market: "grouped"}
+
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
+    assert {d.alert_id: d.status for d in deliveries(engine)} == {lead: "expired", market: "expired"}
+    assert r.expired == 2 and r.per_sink["mail-ops"].failed == 2 and r.degraded
+    [post] = slack_webhook.posts
+    text = json.dumps(post)
+    assert "2 alert(s) could not be delivered to mail-ops" in text
+    assert f"(alert {lead})" in text and f"(alert {market})" in text and "market-wide" in text
+    assert f"grouped into the message of alert {lead}" in text
+    deliver_pending(engine, cfg, now=NOW + timedelta(hours=3), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and box.messages == []
+
+
+def test_a_stale_groups_alerts_are_reported_with_their_lead(engine, slack_webhook: Webhook, failing_smtp) -> None:
+    """An incident nobody routed before expire_hours (the notifier was down): every alert of its message is a
+    loss, not only the lead."""
+    box, port = failing_smtp
+    box.accept = True
+    cfg = make_cfg(sinks=[mail_sink(port), slack_sink(severities=["info"])])
+    ids = [add_alert(engine, hours_earlier=48), add_alert(engine, scope=("market", "*"), hours_earlier=48)]
+    with session_scope(engine) as session:
+        for aid in ids:
+            session.get_one(s.Alert, aid).created_at = NOW - timedelta(hours=47)
+    r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.expired == 2 and box.messages == []
+    assert {d.alert_id: d.status for d in deliveries(engine) if d.sink == "mail-ops"} == dict.fromkeys(ids, "expired")
+    text = json.dumps(slack_webhook.posts)
+    assert all(f"(alert {aid})" in text for aid in ids)
