@@ -603,9 +603,9 @@ def _http_once(
     env_query: dict[str, str] | None = None,
     seconds: float | None = None,
 ) -> _Body:
-    """One GET (bounded by `seconds`, default timeout_s), redirects followed by hand: the credentials from `headers_env`/`query_env` go only to the source's
-    own scheme, host and port; once a hop leaves it they are dropped for the rest of the chain (httpx would only
-    strip Authorization)."""
+    """One GET (bounded by `seconds`, default timeout_s), redirects followed by hand: the credentials from
+    `headers_env`/`query_env` go only to the source's own scheme, host and port; once a hop leaves it they are
+    dropped for the rest of the chain (httpx would only strip Authorization)."""
     deadline = _Deadline(src.timeout_s if seconds is None else max(seconds, 0.001))
     env_headers, env_query = env_headers or {}, env_query or {}
     try:
@@ -658,7 +658,8 @@ def _http_get(
             spent = e.retry and attempt < attempts and time.monotonic() + delay >= ends
             if not e.retry or attempt == attempts or spent:
                 if spent:
-                    e.message = f"{e.message} (gave up after {attempt} attempts: the overall deadline of {overall:g} s is spent)"
+                    why = f"the overall deadline of {overall:g} s is spent"
+                    e.message = f"{e.message} (gave up after {attempt} attempts: {why})"
                 elif attempt > 1:
                     e.message = f"{e.message} (after {attempt} attempts)"
                 raise

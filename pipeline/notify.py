@@ -1132,7 +1132,12 @@ def _expire_grouped(engine: Engine, lead: Any) -> list[ExpiredDelivery]:
                 .execution_options(synchronize_session=False)
             )
     for r in rows:
-        log.error("alert %s to %s expired with the message it was grouped into (alert %s)", r.alert_id, lead.sink, lead.alert_id)
+        log.error(
+            "alert %s to %s expired with the message it was grouped into (alert %s)",
+            r.alert_id,
+            lead.sink,
+            lead.alert_id,
+        )
     return [ExpiredDelivery(r.id, r.alert_id, lead.sink, 0, err) for r in rows]
 
 
@@ -1558,7 +1563,9 @@ def _send_claimed(
     if reached:
         report.notices.append(subject)
     if state == NoticeState.FAILED:
-        report.problems.append(f"operator notice {subject!r} gave up after {n.max_attempts} attempts: {'; '.join(errors)}")
+        report.problems.append(
+            f"operator notice {subject!r} gave up after {n.max_attempts} attempts: {'; '.join(errors)}"
+        )
     elif state == NoticeState.RETRYING:
         report.problems.append(f"operator notice {subject!r} not delivered yet (retried): {'; '.join(errors)}")
     if (reached or state != NoticeState.RETRYING) and not pager_sinks(cfg, [*reached_before, *reached]):

@@ -677,7 +677,13 @@ def test_a_notice_is_retried_only_where_it_missed_and_gives_up_visibly(
     runs = [deliver_pending(engine, cfg, now=NOW + timedelta(hours=k), retry_delays=FAST) for k in range(1, 6)]
     assert len(slack_webhook.posts) == 1, "Slack had it: never sent twice"
     assert box.refused == 3, "email tried 3 times in all (the first, then twice by later runs), then left alone"
-    assert [any("gave up after 3 attempts" in p for p in r.problems) for r in runs] == [False, True, False, False, False]
+    assert [any("gave up after 3 attempts" in p for p in r.problems) for r in runs] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     [n] = notices(engine)
     assert (n.status, n.sent_to, n.attempts) == ("failed", ["slack-desk"], 3) and "451" in n.errors[0]
 

@@ -4,6 +4,7 @@ measure the detector."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -40,7 +41,9 @@ DbOpt = Annotated[
     str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")
 ]
 
-alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, operator notices, evaluate the detector.", no_args_is_help=True)
+alerts_app = typer.Typer(
+    help="Alerts: list, show, acknowledge, operator notices, evaluate the detector.", no_args_is_help=True
+)
 
 
 def _open(config: str | None, database_url: str | None):
@@ -148,7 +151,7 @@ def list_alerts(
     _print_table(table)
 
 
-def _print_table(table: list[tuple[str, ...]]) -> None:
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
