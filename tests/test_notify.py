@@ -18,7 +18,9 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.config import FinsentConfig
-from pipeline.notify import DeliveryError, DeliveryReport, EmailSink, deliver_pending, safe_link, slack_escape
+from pipeline.messages import safe_link, slack_escape
+from pipeline.notify import DeliveryReport, deliver_pending
+from pipeline.sinks import DeliveryError, EmailSink
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 from tests.notify_receivers import Webhook, make_cert
@@ -312,7 +314,7 @@ def test_email_refuses_an_unverified_certificate(
     sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port,
                             "smtp_user": "alerts", "smtp_password_env": "TEST_SMTP_PASSWORD",
                             "mail_to": ["d@example.com"]}]).sinks[0]  # fmt: skip
-    from pipeline.notify import view_of
+    from pipeline.messages import view_of
 
     aid = add_alert(engine)
     with session_scope(engine) as session:

@@ -83,7 +83,7 @@ def list_alerts(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Recent alerts, newest first, with their incident and delivery state."""
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -167,7 +167,8 @@ def list_notices(
     undelivered ones first (failed for good, then still retried), then the newest."""
     from sqlalchemy import case
 
-    from pipeline.notify import NoticeState, clean_text
+    from pipeline.messages import clean_text
+    from pipeline.notify import NoticeState
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -228,7 +229,7 @@ def show_alert(
     from pipeline.config import SinkConfig
     from pipeline.health import is_health, render_health
     from pipeline.incidents import assign_incidents
-    from pipeline.notify import build_message, render_text
+    from pipeline.messages import build_message, render_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -487,7 +488,7 @@ def list_incidents(
 ) -> None:
     """Incidents, newest first: head scope, severity, state and the scopes they moved."""
     from pipeline.incidents import assign_incidents
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -537,7 +538,7 @@ def show_incident(
     database_url: DbOpt = None,
 ) -> None:
     """One incident: its scopes, every alert in it (oldest first) and where its messages went."""
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 

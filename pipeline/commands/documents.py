@@ -43,7 +43,7 @@ def list_documents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
 ) -> None:
     """Documents, newest first, with the current model's label."""
-    from pipeline.notify import clean_text
+    from pipeline.messages import clean_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -92,7 +92,7 @@ def show_document(
     database_url: DbOpt = None,
 ) -> None:
     """One document: text, link, entities, and every model's score."""
-    from pipeline.notify import clean_block, clean_text, safe_link
+    from pipeline.messages import clean_block, clean_text, safe_link
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
