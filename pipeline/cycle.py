@@ -6,30 +6,19 @@ stored: documents are committed before scoring, scores chunk by chunk.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from pipeline import store
 from pipeline.config import FinsentConfig, SourceConfig
-from pipeline.records import (
-    AlertRecord,
-    CycleSummary,
-    FetchResult,
-    PendingDocument,
-    RunStatus,
-    ScoreRow,
-    ScoringStatus,
-    TextOutcome,
-)
+from pipeline.records import AlertRecord, CycleSummary, FetchResult, RunStatus, ScoreRow, ScoringStatus
 from pipeline.store.runs import Heartbeat
 
 if TYPE_CHECKING:
@@ -218,6 +207,8 @@ def score_pending(
     total = 0
     not_scored: dict[str, int] = {}
     names = watched_names(cfg)
+    from pipeline.notify import backoff, queue_failed_documents_notice
+
     now = now or datetime.now(UTC)
     failed_now: list[tuple[int, str]] = []
     for chunk in store.iter_unscored(engine, version, cfg.model.chunk_size, shard, shards, char_limit(cfg), now):
@@ -236,7 +227,10 @@ def score_pending(
         evidence = explain_negatives(scorer, negatives, names)
         with store.session_scope(engine) as session:
             written = store.save_scores(session, rows)
-            final = _defer_transient(session, cfg, scorer.version, list(zip(chunk, outcomes, strict=True)), now)
+            final = store.defer_transient(
+                session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)],
+                cfg.model.score_attempts, lambda n: now + backoff(n),
+            )  # fmt: skip
             store.save_outcomes(session, scorer.version, final)
             store.clear_scoring_retries(session, scorer.version, [doc_id for doc_id, _ in final])
             store.save_explanations(session, scorer.version, evidence)
@@ -264,50 +258,11 @@ def score_pending(
     if not_scored:
         log.warning("not scored with %s: %s", version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
     if failed_now:
-        _notice_failed_documents(engine, version, failed_now, now)
+        queue_failed_documents_notice(engine, version, failed_now, now)
     return ScoreOutcome(version, total, t.elapsed, not_scored)
 
 
 RETRYING = "retrying"  # ScoreOutcome.not_scored key: documents waiting for another try after a device error
-
-
-def _defer_transient(
-    session: Session,
-    cfg: FinsentConfig,
-    version: str,
-    results: list[tuple[PendingDocument, TextOutcome]],
-    now: datetime,
-) -> list[tuple[int, TextOutcome]]:
-    """The outcomes to record now: a device error defers its document (retried at a backoff) until its tries
-    are spent, when it is recorded failed, saying so."""
-    from pipeline.notify import backoff
-
-    transient = [(d.id, o.reason or "") for d, o in results if o.status == ScoringStatus.FAILED and o.transient]
-    spent = store.defer_scoring(session, version, transient, cfg.model.score_attempts, lambda n: now + backoff(n))
-    final = []
-    for d, o in results:
-        if o.status == ScoringStatus.FAILED and o.transient:
-            if d.id not in spent:
-                log.warning("document %d: %s; tried again in a later run", d.id, o.reason)
-                continue
-            o = replace(o, reason=f"{o.reason} (a device error, {spent[d.id]} attempts)")
-        final.append((d.id, o))
-    return final
-
-
-def _notice_failed_documents(engine: Engine, version: str, failed: list[tuple[int, str]], now: datetime) -> None:
-    """Queue one operator notice for the documents this run failed for good; the notify step sends it."""
-    from pipeline.notify import NoticeKind, claim_notice
-
-    ids = ",".join(str(i) for i, _ in failed)
-    key = f"{NoticeKind.DOCUMENTS_FAILED}:{version}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
-    lines = [f"{len(failed)} document(s) failed to score with model {version} and have no sentiment:"]
-    lines += [f"- document {i}: {reason}" for i, reason in failed[:20]]
-    if len(failed) > 20:
-        lines.append(f"... and {len(failed) - 20} more")
-    lines.append(f"Score them again (after fixing the cause) with: finsent documents retry --model {version}")
-    subject = f"[finsent] {len(failed)} document(s) failed to score with {version}"
-    claim_notice(engine, key, NoticeKind.DOCUMENTS_FAILED, subject, "\n".join(lines), now, queue=True)
 
 
 def char_limit(cfg: FinsentConfig) -> int:

@@ -583,6 +583,22 @@ def _notice_failing_sink(
     )
 
 
+def queue_failed_documents_notice(
+    engine: Engine, version: str, failed: Sequence[tuple[int, str]], now: datetime
+) -> None:
+    """Queue one operator notice for documents a scoring step failed for good (id, reason); the next notify run
+    sends it. The scoring step has no sinks at hand, and a GPU worker may not reach them."""
+    ids = ",".join(str(i) for i, _ in failed)
+    key = f"{NoticeKind.DOCUMENTS_FAILED}:{version}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
+    lines = [f"{len(failed)} document(s) failed to score with model {version} and have no sentiment:"]
+    lines += [f"- document {i}: {reason}" for i, reason in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"... and {len(failed) - 20} more")
+    lines.append(f"Score them again (after fixing the cause) with: finsent documents retry --model {version}")
+    subject = f"[finsent] {len(failed)} document(s) failed to score with {version}"
+    claim_notice(engine, key, NoticeKind.DOCUMENTS_FAILED, subject, "\n".join(lines), now, queue=True)
+
+
 # --- operator notices ----------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -445,6 +445,28 @@ def defer_scoring(
             row.attempts, row.last_error, row.next_attempt_at = attempts, reason, retry_at(attempts)
     session.flush()
     return spent
+
+
+def defer_transient(
+    session: Session,
+    model_version: str,
+    results: Sequence[tuple[int, TextOutcome]],
+    max_attempts: int,
+    retry_at: Callable[[int], datetime],
+) -> list[tuple[int, TextOutcome]]:
+    """The outcomes to record now: a document that failed on a device error is deferred (`defer_scoring`)
+    until its tries are spent, when it is recorded failed, saying so."""
+    transient = [(i, o.reason or "") for i, o in results if o.status == ScoringStatus.FAILED and o.transient]
+    spent = defer_scoring(session, model_version, transient, max_attempts, retry_at)
+    final = []
+    for doc_id, o in results:
+        if o.status == ScoringStatus.FAILED and o.transient:
+            if doc_id not in spent:
+                log.warning("document %d: %s; tried again in a later run", doc_id, o.reason)
+                continue
+            o = replace(o, reason=f"{o.reason} (a device error, {spent[doc_id]} attempts)")
+        final.append((doc_id, o))
+    return final
 
 
 def clear_scoring_retries(session: Session, model_version: str, doc_ids: Sequence[int]) -> None:
