@@ -50,6 +50,9 @@ class SourceConfig(_Strict):
     timeout_s: float = Field(default=15.0, gt=0, le=300)
     max_bytes: int = Field(default=10_000_000, gt=0)  # raw and decoded (after every Content-Encoding layer)
     retries: int = Field(default=2, ge=0, le=10)
+    # one wall-clock deadline for the whole fetch, every attempt and backoff together (None: 2 x timeout_s),
+    # so retries cannot multiply timeout_s; an attempt never gets more than what is left of it
+    deadline_s: float | None = Field(default=None, gt=0, le=900)
     max_entries: int = Field(default=20_000, gt=0)
     # Character caps per stored field, applied to the raw feed value before HTML stripping and again after.
     max_title_chars: int = Field(default=1_000, ge=16, le=100_000)
@@ -63,6 +66,11 @@ class SourceConfig(_Strict):
     # Credentials come from the environment, never the URL: header name -> env var, query param -> env var.
     headers_env: dict[str, str] = {}
     query_env: dict[str, str] = {}
+
+    @property
+    def fetch_deadline_s(self) -> float:
+        """The overall deadline of one fetch across its attempts (the one place its default is decided)."""
+        return self.deadline_s if self.deadline_s is not None else 2 * self.timeout_s
 
     @model_validator(mode="after")
     def _url_is_possible(self) -> SourceConfig:
@@ -146,6 +154,15 @@ class SinkConfig(_Strict):
     failing_after_minutes: float = Field(default=60.0, gt=0)
 
 
+class NoticesConfig(_Strict):
+    """Operator notices (pipeline.notify): a notice that missed a sink is retried there by later notify runs,
+    with backoff 1, 2, 4 ... minutes capped at `backoff_max_minutes`, at most `max_attempts` tries in all;
+    then it stays `failed` (`finsent alerts notices`)."""
+
+    max_attempts: int = Field(default=10, ge=1, le=1000)
+    backoff_max_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
+
+
 class HealthConfig(_Strict):
     """Source health: when a source counts as dead or quiet (pipeline.health)."""
 
@@ -198,6 +215,8 @@ class ModelConfig(_Strict):
     languages: list[str] | None = None
     max_chars: int | None = Field(default=None, ge=16)  # characters kept before tokenising; None: max_length * 12
     threads: int | None = Field(default=None, ge=1, le=256)  # torch intra-op threads; None: min(4, CPU cores)
+    # tries a document gets when scoring raises a transient (device) error, with backoff, before it is failed
+    score_attempts: int = Field(default=3, ge=1, le=100)
 
 
 class PrivacyConfig(_Strict):
@@ -237,6 +256,7 @@ class FinsentConfig(_Strict):
     detect: DetectConfig = DetectConfig()
     sinks: list[SinkConfig] = [SinkConfig(name="console", kind="console")]
     health: HealthConfig = HealthConfig()
+    notices: NoticesConfig = NoticesConfig()
     model_health: ModelHealthConfig = ModelHealthConfig()
     retention: RetentionConfig = RetentionConfig()
     links: LinksConfig = LinksConfig()

@@ -188,9 +188,13 @@ def score_pending(
     shard: int = 0,
     shards: int = 1,
     load: Callable[[], Scorer] | None = None,
+    now: datetime | None = None,
 ) -> ScoreOutcome:
     """Score every stored document the model has not scored or given up on (this shard's share), committing
     chunk by chunk. Empty, foreign-language and failing documents are recorded with the reason, never scored.
+    A document that failed on a device error (out of memory) is retried by later runs with backoff, up to
+    `model.score_attempts` tries; documents failed for good are told to operators (a notice the notify step
+    sends; `finsent documents retry` queues them again).
 
     The model is loaded (`load`, else load_scorer) only when there is a document to score, so an idle
     run costs a query, not a model load. Documents scored negative get their evidence words stored
@@ -203,7 +207,11 @@ def score_pending(
     total = 0
     not_scored: dict[str, int] = {}
     names = watched_names(cfg)
-    for chunk in store.iter_unscored(engine, version, cfg.model.chunk_size, shard, shards, char_limit(cfg)):
+    from pipeline.notify import backoff, queue_failed_documents_notice
+
+    now = now or datetime.now(UTC)
+    failed_now: list[tuple[int, str]] = []
+    for chunk in store.iter_unscored(engine, version, cfg.model.chunk_size, shard, shards, char_limit(cfg), now):
         if scorer is None:
             scorer = load() if load is not None else load_scorer(cfg, engine)
             register_scorer(engine, scorer)
@@ -219,14 +227,23 @@ def score_pending(
         evidence = explain_negatives(scorer, negatives, names)
         with store.session_scope(engine) as session:
             written = store.save_scores(session, rows)
-            store.save_outcomes(session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)])
+            final = store.defer_transient(
+                session, scorer.version, [(d.id, o) for d, o in zip(chunk, outcomes, strict=True)],
+                cfg.model.score_attempts, lambda n: now + backoff(n),
+            )  # fmt: skip
+            store.save_outcomes(session, scorer.version, final)
+            store.clear_scoring_retries(session, scorer.version, [doc_id for doc_id, _ in final])
             store.save_explanations(session, scorer.version, evidence)
         total += written
-        for d, o in zip(chunk, outcomes, strict=True):
-            if o.status != ScoringStatus.SCORED:
-                not_scored[o.status] = not_scored.get(o.status, 0) + 1
-                if o.status == ScoringStatus.FAILED:
-                    log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
+        outcome_of = dict(final)
+        for d in chunk:
+            o = outcome_of.get(d.id)
+            status = o.status if o is not None else RETRYING
+            if status != ScoringStatus.SCORED:
+                not_scored[status] = not_scored.get(status, 0) + 1
+            if o is not None and o.status == ScoringStatus.FAILED:
+                log.error("document %d failed to score with %s: %s", d.id, scorer.version, o.reason)
+                failed_now.append((d.id, o.reason or ""))
         # rows written, not attempted: a document another writer scored first is not counted twice
         log.info(
             "scored %d documents (%d written, %d so far, %d explained) with %s",
@@ -240,7 +257,12 @@ def score_pending(
         log.info("nothing to score for %s: model not loaded", version)
     if not_scored:
         log.warning("not scored with %s: %s", version, ", ".join(f"{k} {v}" for k, v in sorted(not_scored.items())))
+    if failed_now:
+        queue_failed_documents_notice(engine, version, failed_now, now)
     return ScoreOutcome(version, total, t.elapsed, not_scored)
+
+
+RETRYING = "retrying"  # ScoreOutcome.not_scored key: documents waiting for another try after a device error
 
 
 def char_limit(cfg: FinsentConfig) -> int:

@@ -142,7 +142,7 @@ def group_run(
 
 
 def incident_title(a: s.Alert, cfg: Any = None) -> str:
-    from pipeline.notify import scope_label
+    from pipeline.messages import scope_label
 
     return f"{scope_label(a.scope_kind, a.scope_value, cfg)}: negative news surge"
 

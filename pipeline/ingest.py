@@ -366,7 +366,7 @@ class _Deadline:
         return time.monotonic() >= self.at
 
     def error(self, what: str) -> _FetchError:
-        return _FetchError(f"timed out after {self.seconds:g} s: deadline exceeded while {what}", retry=True)
+        return _FetchError(f"timed out after {self.seconds:.3g} s: deadline exceeded while {what}", retry=True)
 
     def bound(self, timeout: float | None, what: str) -> float:
         left = self.at - time.monotonic()
@@ -601,11 +601,12 @@ def _http_once(
     headers: dict[str, str],
     env_headers: dict[str, str] | None = None,
     env_query: dict[str, str] | None = None,
+    seconds: float | None = None,
 ) -> _Body:
-    """One GET, redirects followed by hand: the credentials from `headers_env`/`query_env` go only to the source's
-    own scheme, host and port; once a hop leaves it they are dropped for the rest of the chain (httpx would only
-    strip Authorization)."""
-    deadline = _Deadline(src.timeout_s)
+    """One GET (bounded by `seconds`, default timeout_s), redirects followed by hand: the credentials from
+    `headers_env`/`query_env` go only to the source's own scheme, host and port; once a hop leaves it they are
+    dropped for the rest of the chain (httpx would only strip Authorization)."""
+    deadline = _Deadline(src.timeout_s if seconds is None else max(seconds, 0.001))
     env_headers, env_query = env_headers or {}, env_query or {}
     try:
         target = httpx.URL(_with_query(url, env_query))
@@ -627,7 +628,7 @@ def _http_once(
     except httpx.TimeoutException as e:
         if deadline.expired:
             raise deadline.error("waiting for the server") from None
-        raise _FetchError(f"timed out after {src.timeout_s:g} s ({type(e).__name__})", retry=True) from None
+        raise _FetchError(f"timed out after {deadline.seconds:.3g} s ({type(e).__name__})", retry=True) from None
     except httpx.InvalidURL as e:
         raise _FetchError(f"refused a redirect to an invalid URL: {_describe(e)}") from None
     except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
@@ -643,17 +644,25 @@ def _http_get(
     env_headers: dict[str, str] | None = None,
     env_query: dict[str, str] | None = None,
 ) -> _Body:
-    """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target)."""
+    """GET with exponential backoff on timeouts, connection errors and 5xx (never on 4xx or a refused target),
+    all within the source's overall deadline (`fetch_deadline_s`): an attempt gets at most what is left of it,
+    and no retry starts once the backoff would spend it."""
     attempts = src.retries + 1
+    overall = src.fetch_deadline_s
+    ends = time.monotonic() + overall
     for attempt in range(1, attempts + 1):
         try:
-            return _http_once(src, url, headers, env_headers, env_query)
+            return _http_once(src, url, headers, env_headers, env_query, min(src.timeout_s, ends - time.monotonic()))
         except _FetchError as e:
-            if not e.retry or attempt == attempts:
-                if attempt > 1:
+            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
+            spent = e.retry and attempt < attempts and time.monotonic() + delay >= ends
+            if not e.retry or attempt == attempts or spent:
+                if spent:
+                    why = f"the overall deadline of {overall:g} s is spent"
+                    e.message = f"{e.message} (gave up after {attempt} attempts: {why})"
+                elif attempt > 1:
                     e.message = f"{e.message} (after {attempt} attempts)"
                 raise
-            delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
             log.info("source %s: %s; retry %d/%d in %.1f s", src.name, e.message, attempt, src.retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")

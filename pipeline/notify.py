@@ -12,50 +12,31 @@ A claim left by a crashed run is taken over after `CLAIM_LEASE`, so an alert is 
 one case it may be sent twice (email carries a stable Message-ID so clients fold the copy).
 Acknowledged alerts are never (re-)sent: their open deliveries become "cancelled".
 
-Text from feeds is untrusted: it is escaped for Slack mrkdwn (&, <, >, mentions, formatting marks)
-and HTML, control characters are dropped for terminals, and secrets (webhook URL, SMTP password)
-never reach logs, stored errors or exceptions.
+Operator notices are claimed, sent, then confirmed (`operator_notices.status`): one that missed a sink is
+retried there by later runs (`notices.max_attempts`), never resent where it arrived.
+
+What a message says is pipeline.messages; how it travels (Slack, SMTP, console) is pipeline.sinks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
-import os
-import re
-import smtplib
-import ssl
-import sys
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
 from enum import StrEnum
-from typing import Any, Protocol, TextIO, cast
-from urllib.parse import quote, urlsplit
+from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from pipeline import secrets
-from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
-from pipeline.detect import alert_from_row
-from pipeline.errors import FinsentError
 from pipeline.health import OPS_SCOPES, is_health, render_health
-from pipeline.incidents import (
-    MessageKind,
-    assign_incidents,
-    head_key,
-    message_kind,
-    record_message_ref,
-    severity_key,
-    usual_count,
-)
-from pipeline.records import AlertRecord
+from pipeline.incidents import assign_incidents, head_key, record_message_ref, severity_key
+from pipeline.messages import IncidentMessage, alert_title, build_message, routes_to
+from pipeline.sinks import DeliveryError, Sink, build_sink
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
@@ -65,7 +46,6 @@ CLAIM_LEASE = timedelta(minutes=10)
 IN_RUN_DELAYS = (1.0, 3.0)  # sleep before the 2nd and 3rd attempt within one run
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_MAX = timedelta(minutes=30)
-MAX_TOP_ITEMS = 5
 STALE_ERROR = "alert window older than expire_hours when first routed"
 
 
@@ -90,10 +70,21 @@ class NoticeKind(StrEnum):
     DAG_FAILED = "dag_failed"
     DELIVERY_EXPIRED = "delivery_expired"
     SINK_FAILING = "sink_failing"
+    DOCUMENTS_FAILED = "documents_failed"
 
 
-class DeliveryError(FinsentError, RuntimeError):
-    """A sink could not deliver; the message is safe to log and store (no secrets)."""
+class NoticeState(StrEnum):
+    """`operator_notices.status`: claim, send, confirm, so a notice that reached nobody is not lost."""
+
+    PENDING = "pending"  # queued by a step with no sinks at hand (scoring): the next notify run sends it
+    SENDING = "sending"  # claimed by a sender; taken over after CLAIM_LEASE if that sender died
+    SENT = "sent"  # every sink it was meant for has it
+    RETRYING = "retrying"  # missed a sink: retried there (only there) at next_attempt_at
+    FAILED = "failed"  # missed a sink after notices.max_attempts tries: on record, `finsent alerts notices`
+
+
+NOTICE_OPEN = (NoticeState.PENDING, NoticeState.RETRYING)
+NOTICE_MAX_ATTEMPTS = 10  # notices.max_attempts' default, for callers without a config (record_notice)
 
 
 @dataclass(slots=True)
@@ -130,752 +121,6 @@ class DeliveryReport:
         return bool(self.problems)
 
 
-# --- text hygiene --------------------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_SLACK_MARKS = str.maketrans({"*": "\u2217", "_": "\uff3f", "~": "\u223c", "`": "\u02cb", "|": "\u2223"})
-
-
-def clean_text(text: str | None, limit: int = 300) -> str:
-    """One line of feed text without control or bidi-override characters (terminal/escape safety)."""
-    t = _CONTROL.sub(" ", text or "")
-    t = " ".join(t.split())
-    return t if len(t) <= limit else t[: limit - 1] + "\u2026"
-
-
-def slack_escape(text: str | None, limit: int = 300) -> str:
-    """Feed text made inert for Slack mrkdwn: no links, mentions, channel pings or formatting."""
-    t = clean_text(text, limit)
-    t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    t = t.replace("@", "@\u200b")
-    return t.translate(_SLACK_MARKS)
-
-
-def safe_link(url: str | None) -> str | None:
-    """An http(s) URL, percent-encoded where it could break out of Slack or HTML syntax; else None."""
-    if not url:
-        return None
-    url = clean_text(url, 2000).replace(" ", "")
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        return None
-    return quote(url, safe=":/?#[]@!$&'()*+,;=%~-._")
-
-
-def clean_block(text: str | None, limit: int = 2900) -> str:
-    """Multi-line text (an error, a traceback line) with its line breaks kept but control characters dropped."""
-    lines = [" ".join(_CONTROL.sub(" ", line).split()) for line in (text or "").splitlines()]
-    t = "\n".join(lines).strip("\n")
-    return t if len(t) <= limit else t[: limit - 1] + "\u2026"
-
-
-def slack_code_block(text: str | None, limit: int = 2900) -> str:
-    """Untrusted multi-line text as a Slack code block: read verbatim (no *_~ formatting inside a block),
-    with no links, mentions or channel pings, and no backtick that could close the block early."""
-    t = clean_block(text, limit)
-    t = t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("@", "@\u200b").replace("`", "\u02cb")
-    return f"```{t}```"
-
-
-def _slack_link(url: str | None, label: str) -> str:
-    link = safe_link(url)
-    if not link:
-        return label
-    return f"<{link.replace('&', '&amp;').replace('|', '%7C')}|{label}>"
-
-
-def scrub(message: str, secrets_: Sequence[str | None]) -> str:
-    """The message with every secret (and a Slack webhook path) replaced by a placeholder."""
-    for sec in secrets_:
-        if sec:
-            message = message.replace(sec, "<redacted>")
-    return re.sub(r"hooks\.slack\.com/\S+", "hooks.slack.com/<redacted>", message)[:1000]
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-# Alerts and the dashboard (v_sentiment_hourly) count the same unit: market, entity and topic scopes count
-# stories (one per distinct text however many sources carry it; negative when any copy is), a source
-# scope counts the items it published.
-SEVERITY_COLOURS = {"critical": "#b42318", "warning": "#b54708", "info": "#027a48"}
-
-
-@dataclass(frozen=True, slots=True)
-class AlertView:
-    """An alert plus what a reader needs around it (display names, episode, model, usual volume)."""
-
-    alert: AlertRecord
-    scope_label: str
-    episode_severity: str
-    episode_onset: str | None
-    model_version: str | None
-    acknowledged: bool = False
-    scope_name: str = ""  # "Northwind Bank": what the counts are about
-    usual_count: float | None = None  # stories this scope usually has in this hour of the day
-
-    @property
-    def title(self) -> str:
-        a = self.alert
-        if a.kind == "resolved":
-            return f"[RESOLVED] {self.scope_label}: back to normal"
-        if a.kind == "escalated":
-            return f"[{a.severity.upper()}] {self.scope_label}: negative news surge escalating"
-        return f"[{a.severity.upper()}] {self.scope_label}: negative news surge"
-
-    @property
-    def window(self) -> str:
-        a = self.alert
-        return f"{a.window_start:%Y-%m-%d %H:%M}\u2013{a.window_end:%H:%M} UTC"
-
-    @property
-    def unit(self) -> str:
-        return "items" if self.alert.scope_kind == "source" else "stories"
-
-    @property
-    def about(self) -> str:
-        a = self.alert
-        name = self.scope_name or self.scope_label
-        return {"market": "across all sources", "source": f"from {name}", "topic": f"on {name}"}.get(
-            a.scope_kind, f"about {name}"
-        )
-
-    @property
-    def period(self) -> str:
-        a = self.alert
-        minutes = round((a.window_end - a.window_start).total_seconds() / 60)
-        span = "hour" if minutes == 60 else f"{minutes} minutes"
-        return f"in the {span} to {a.window_end:%H:%M} UTC"
-
-    @property
-    def share_line(self) -> str:
-        """What happened, in the dashboard's unit: '11 stories about X in the hour to 15:00 UTC, 10 negative (91%).'"""
-        a = self.alert
-        if not a.total_count:
-            return f"No {self.unit} {self.about} {self.period}."
-        return (
-            f"{a.total_count} {self.unit} {self.about} {self.period}, "
-            f"{a.neg_count} negative ({100 * a.neg_share:.0f}%)."
-        )
-
-    @property
-    def usual_line(self) -> str:
-        a = self.alert
-        if self.usual_count is None:
-            return f"Usually {100 * a.baseline_share:.0f}% negative."
-        return (
-            f"At this hour it usually sees about {_num(self.usual_count)} {self.unit}, "
-            f"with {100 * a.baseline_share:.0f}% negative."
-        )
-
-    @property
-    def stats_line(self) -> str:
-        a = self.alert
-        p = f"p={a.p_value:.1e}" if a.p_value is not None else "p=n/a"
-        return f"z={a.statistic:.1f}, {p} (chance of this many negatives in a normal hour, vs the last 7 days)"
-
-    @property
-    def onset(self) -> str:
-        try:
-            return f"{datetime.fromisoformat(self.episode_onset):%Y-%m-%d %H:%M} UTC" if self.episode_onset else "n/a"
-        except ValueError:
-            return clean_text(self.episode_onset, 40)
-
-    @property
-    def risk(self) -> str:
-        r = self.alert.risk_score
-        return "n/a" if r is None else f"{r:.0f}/100"
-
-    @property
-    def risk_line(self) -> str:
-        return f"Risk {self.risk}: how negative, how unusual and how serious the topics are (0 calm, 50+ worth a look)."
-
-    @property
-    def short(self) -> str:
-        """One line for the 'also moved' list of an incident message."""
-        a = self.alert
-        if a.kind == "resolved":
-            return f"{self.scope_label}: back to normal"
-        return (
-            f"{a.severity.upper()} {self.scope_label}: {a.total_count} {self.unit}, "
-            f"{a.neg_count} negative ({100 * a.neg_share:.0f}%; usually {100 * a.baseline_share:.0f}%), "
-            f"risk {self.risk}"
-        )
-
-
-def _num(x: float) -> str:
-    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.1f}".removesuffix(".0")
-
-
-@dataclass(frozen=True, slots=True)
-class IncidentMessage:
-    """One message of an incident to one sink: its lead alert, the other scopes it moved, how to act."""
-
-    lead: AlertView
-    others: tuple[AlertView, ...] = ()
-    incident_id: str | None = None
-    incident_title: str | None = None
-    kind: MessageKind = MessageKind.OPENED
-    severity: str = "warning"
-    thread_ref: str | None = None  # the first message of the incident on this sink: reply to it
-    opened_at: datetime | None = None
-    closed_at: datetime | None = None
-    peak_share: float | None = None
-    peak_risk: float | None = None
-    alert_url: str | None = None
-    dashboard_url: str | None = None
-    ack_url: str | None = None
-    ack_button: bool = False  # a Slack button, when a signing secret lets finsent verify the click
-
-    @property
-    def name(self) -> str:
-        return self.incident_title or f"{self.lead.scope_label}: negative news surge"
-
-    @property
-    def heading(self) -> str:
-        if self.kind == MessageKind.RESOLVED:
-            return f"[RESOLVED] {self.name}"
-        if self.kind == MessageKind.ESCALATED:
-            return f"[{self.severity.upper()}] Escalating: {self.name}"
-        if self.kind == MessageKind.UPDATE:
-            return f"Update: {self.name}"
-        return f"[{self.severity.upper()}] {self.name}"
-
-    @property
-    def subject(self) -> str:
-        """The same for every message of an incident, so mail clients keep one conversation."""
-        return clean_text(f"finsent: {self.name}", 200)
-
-    @property
-    def short_id(self) -> str:
-        return (self.incident_id or self.lead.alert.id)[:12]
-
-    @property
-    def continues(self) -> bool:
-        """A later message of an incident opened in an earlier run."""
-        return (
-            self.kind != MessageKind.OPENED
-            and self.opened_at is not None
-            and self.opened_at < self.lead.alert.window_end
-        )
-
-    @property
-    def resolved_line(self) -> str | None:
-        if self.kind != MessageKind.RESOLVED:
-            return None
-        parts = ["Back to normal"]
-        end = self.lead.alert.window_end
-        try:
-            start = datetime.fromisoformat(self.lead.episode_onset) if self.lead.episode_onset else None
-        except ValueError:
-            start = None
-        if start is not None:
-            hours = (end - start).total_seconds() / 3600
-            parts.append(
-                f"after {_num(hours)} h ({start:%Y-%m-%d %H:%M}\u2013{end:%H:%M} UTC, "
-                "counting the quiet hours that confirm it)"
-            )
-        peak = []
-        if self.peak_share is not None:
-            peak.append(f"{100 * self.peak_share:.0f}% negative")
-        if self.peak_risk is not None:
-            peak.append(f"risk {self.peak_risk:.0f}/100")
-        return " ".join(parts) + "." + (f" Peak: {', '.join(peak)}." if peak else "")
-
-    @property
-    def escalated_line(self) -> str | None:
-        if self.kind != MessageKind.ESCALATED:
-            return None
-        return f"Open since {self.lead.onset}; the evidence is now much stronger than at its last alert."
-
-    @property
-    def update_line(self) -> str | None:
-        if not self.continues:
-            return None
-        opened = f" (opened {self.opened_at:%Y-%m-%d %H:%M} UTC)" if self.opened_at else ""
-        return f"Update to incident {self.short_id}{opened}."
-
-    @property
-    def others_label(self) -> str:
-        return "Also back to normal" if self.kind == MessageKind.RESOLVED else "Also moved"
-
-
-def as_message(v: AlertView | IncidentMessage) -> IncidentMessage:
-    if isinstance(v, IncidentMessage):
-        return v
-    kind = {"resolved": MessageKind.RESOLVED, "escalated": MessageKind.ESCALATED}.get(v.alert.kind, MessageKind.OPENED)
-    return IncidentMessage(
-        lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == "resolved" else v.alert.severity
-    )
-
-
-def view_of(row: s.Alert, cfg: FinsentConfig | None = None, usual_count: float | None = None) -> AlertView:
-    a = alert_from_row(row)
-    d = row.details or {}
-    return AlertView(
-        alert=a,
-        scope_label=scope_label(a.scope_kind, a.scope_value, cfg),
-        episode_severity=str(d.get("episode_severity") or a.severity),
-        episode_onset=d.get("episode_onset"),
-        model_version=d.get("model_version"),
-        acknowledged=row.acknowledged_at is not None,
-        scope_name=scope_name(a.scope_kind, a.scope_value, cfg),
-        usual_count=usual_count,
-    )
-
-
-def scope_name(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
-    """What a reader calls the scope in a sentence ('Northwind Bank', 'newswire', 'the market')."""
-    if kind == "market":
-        return "the market"
-    if kind == "entity":
-        names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
-        return clean_text(names.get(value, value), 100)
-    return clean_text(value, 100)
-
-
-def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
-    if kind == "market":
-        return "market-wide"
-    if kind == "entity":
-        names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
-        return (
-            f"{clean_text(names[value], 100)} ({clean_text(value, 40)})"
-            if value in names
-            else f"entity {clean_text(value, 60)}"
-        )
-    return f"{kind} {clean_text(value, 100)}"
-
-
-def _ack_hint(m: IncidentMessage) -> str | None:
-    if m.kind == MessageKind.RESOLVED:
-        return None
-    aid = m.lead.alert.id
-    return f"{m.ack_url}  (or: finsent alerts ack {aid[:12]})" if m.ack_url else f"finsent alerts ack {aid[:12]}"
-
-
-def render_text(v: AlertView | IncidentMessage) -> str:
-    """Plain text for the console/log sink and the email's text part."""
-    m = as_message(v)
-    a = m.lead.alert
-    rule = "=" * 78
-    lines = [rule, m.heading, rule]
-    lines += [x for x in (m.update_line, m.escalated_line) if x]
-    if m.resolved_line:
-        lines.append(m.resolved_line)
-        lines.append(f"Now: {m.lead.share_line}")
-    else:
-        lines += [m.lead.share_line, m.lead.usual_line, m.lead.risk_line]
-    if m.others:
-        lines.append(f"{m.others_label}:")
-        lines += [f"  - {o.short}" for o in m.others]
-    if a.top_documents:
-        lines.append("Top negative stories:")
-        for i, d in enumerate(a.top_documents[:MAX_TOP_ITEMS], 1):
-            lines.append(f"  {i}. [{clean_text(d.source, 60)}] {clean_text(d.title)}  (p_neg {d.p_negative:.2f})")
-            link = safe_link(d.link)
-            if link:
-                lines.append(f"     {link}")
-            if d.evidence:
-                lines.append(f"     evidence: {', '.join(clean_text(t, 40) for t in d.evidence)}")
-    if m.kind != MessageKind.RESOLVED:
-        lines.append(f"Details:    {m.lead.stats_line}")
-    lines.append(f"Window:     {m.lead.window}   incident {m.short_id}   alert {a.id}")
-    for label, url in (("View:", m.alert_url), ("Dashboard:", m.dashboard_url)):
-        link = safe_link(url)
-        if link:
-            lines.append(f"{label:<11} {link}")
-    hint = _ack_hint(m)
-    if hint:
-        lines.append(f"Acknowledge: {hint}")
-    lines.append(rule)
-    return "\n".join(lines)
-
-
-def render_slack(v: AlertView | IncidentMessage, *, threaded: bool = False) -> tuple[str, list[dict[str, Any]]]:
-    """Fallback text and Block Kit blocks; every feed-derived string goes through slack_escape.
-
-    `threaded`: the message is a reply in the incident's thread (bot mode), so it needs no "update to" line."""
-    m = as_message(v)
-    a = m.lead.alert
-    heading = clean_text(m.heading, 150)
-    blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": heading, "emoji": False}}]
-    if m.update_line and not threaded:
-        view_link = _slack_link(m.alert_url, "view incident") if safe_link(m.alert_url) else ""
-        blocks.append(
-            {
-                "type": "context",
-                "elements": [
-                    {"type": "mrkdwn", "text": slack_escape(m.update_line) + (f" {view_link}" if view_link else "")}
-                ],
-            }
-        )
-    if m.resolved_line:
-        body = f"{slack_escape(m.resolved_line)}\nNow: {slack_escape(m.lead.share_line)}"
-    else:
-        body = (
-            f"*{slack_escape(m.lead.share_line)}*\n{slack_escape(m.lead.usual_line)}\n{slack_escape(m.lead.risk_line)}"
-        )
-        if m.escalated_line:
-            body = f"{slack_escape(m.escalated_line)}\n{body}"
-    blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": body}})
-    if m.others:
-        others = "\n".join(f"\u2022 {slack_escape(o.short)}" for o in m.others)
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*{m.others_label}*\n{others}"[:2900]}})
-    items = []
-    for d in a.top_documents[:MAX_TOP_ITEMS]:
-        line = (
-            f"\u2022 {_slack_link(d.link, slack_escape(d.title))} "
-            f"\u2014 {slack_escape(d.source, 60)}, p_neg {d.p_negative:.2f}"
-        )
-        if d.evidence:
-            line += f"\n    evidence: {slack_escape(', '.join(d.evidence), 200)}"
-        items.append(line)
-    if items:
-        blocks.append(
-            {
-                "type": "section",
-                "text": {"type": "mrkdwn", "text": "*Top negative stories*\n" + "\n".join(items)[:2900]},
-            }
-        )
-    buttons: list[dict[str, Any]] = []
-    for label, url in (("Open alert", m.alert_url), ("Dashboard", m.dashboard_url)):
-        link = safe_link(url)
-        if link:
-            buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": link})
-    if m.ack_button and m.kind != MessageKind.RESOLVED:
-        buttons.append(
-            {
-                "type": "button",
-                "action_id": ACK_ACTION_ID,
-                "style": "primary",
-                "text": {"type": "plain_text", "text": "Acknowledge"},
-                "value": a.id,
-            }
-        )
-    if safe_link(m.ack_url) and m.kind != MessageKind.RESOLVED:  # also with the button: works if Slack can't reach us
-        label = "Acknowledge (web)" if m.ack_button else "Acknowledge"
-        buttons.append({"type": "button", "text": {"type": "plain_text", "text": label}, "url": safe_link(m.ack_url)})
-    if buttons:
-        blocks.append({"type": "actions", "elements": buttons})
-    context = f"{m.lead.stats_line} | " if m.kind != MessageKind.RESOLVED else ""
-    context += f"incident {m.short_id} | alert {a.id}"
-    if m.kind != MessageKind.RESOLVED and not m.ack_button:
-        context += f" | acknowledge: finsent alerts ack {a.id[:12]}"
-    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": slack_escape(context, 600)}]})
-    fallback = f"{heading} \u2014 {m.lead.share_line}" if not m.resolved_line else f"{heading} \u2014 {m.resolved_line}"
-    if m.update_line and not threaded:
-        fallback = f"{m.update_line} {fallback}"
-    return slack_escape(fallback, 400), blocks
-
-
-ACK_ACTION_ID = "finsent_ack"
-
-
-def render_html(v: AlertView | IncidentMessage) -> str:
-    """A styled, accessible email: severity colour bar, real table headers, dark mode, fits a phone."""
-    m = as_message(v)
-    a = m.lead.alert
-    e = html.escape
-    sev = "info" if m.kind == MessageKind.RESOLVED else m.severity
-    colour = SEVERITY_COLOURS.get(sev, SEVERITY_COLOURS["warning"])
-    paras = []
-    paras += [f"<p class='muted'>{e(x)}</p>" for x in (m.update_line, m.escalated_line) if x]
-    if m.resolved_line:
-        paras.append(f"<p class='lead'>{e(m.resolved_line)}</p><p>Now: {e(m.lead.share_line)}</p>")
-    else:
-        paras.append(
-            f"<p class='lead'>{e(m.lead.share_line)}</p><p>{e(m.lead.usual_line)}</p><p>{e(m.lead.risk_line)}</p>"
-        )
-    others = ""
-    if m.others:
-        lis = "".join(f"<li>{e(o.short)}</li>" for o in m.others)
-        others = f"<h2>{e(m.others_label)}</h2><ul>{lis}</ul>"
-    items = []
-    for d in a.top_documents[:MAX_TOP_ITEMS]:
-        title = e(clean_text(d.title))
-        link = safe_link(d.link)
-        head = f'<a href="{e(link, quote=True)}">{title}</a>' if link else title
-        ev = (
-            f"<br><span class='muted'>evidence: {e(', '.join(clean_text(t, 40) for t in d.evidence))}</span>"
-            if d.evidence
-            else ""
-        )
-        items.append(f"<li>{head} &mdash; {e(clean_text(d.source, 60))}, p_neg {d.p_negative:.2f}{ev}</li>")
-    top = f"<h2>Top negative stories</h2><ol>{''.join(items)}</ol>" if items else ""
-    buttons = []
-    for label, url in (
-        ("Open alert", m.alert_url),
-        ("Dashboard", m.dashboard_url),
-        ("Acknowledge", m.ack_url if m.kind != MessageKind.RESOLVED else None),
-    ):
-        link = safe_link(url)
-        if link:
-            buttons.append(f"<a class='btn' href=\"{e(link, quote=True)}\">{e(label)}</a>")
-    actions = f"<p class='actions'>{' '.join(buttons)}</p>" if buttons else ""
-    details = [f"Window {m.lead.window}", f"incident {m.short_id}", f"alert {a.id}"]
-    if m.kind != MessageKind.RESOLVED:
-        details.insert(0, m.lead.stats_line)
-        if not m.ack_url:
-            details.append(f"acknowledge: finsent alerts ack {a.id[:12]}")
-    style = (
-        "body{margin:0;padding:0;background:#f4f5f7;color:#1d2433;"
-        "font:16px/1.5 -apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif}"
-        ".card{max-width:600px;width:100%;margin:0 auto;background:#fff;border-top:6px solid "
-        + colour
-        + ";box-sizing:border-box;padding:16px 20px}"
-        "h1{font-size:20px;margin:0 0 8px}h2{font-size:16px;margin:16px 0 4px}"
-        ".badge{display:inline-block;padding:2px 8px;border-radius:4px;color:#fff;background:"
-        + colour
-        + ";font-size:13px;font-weight:600}"
-        ".lead{font-size:17px;font-weight:600}.muted{color:#5b6474;font-size:14px}"
-        "a{color:#1a56db}.btn{display:inline-block;margin:4px 8px 4px 0;padding:8px 14px;border-radius:6px;"
-        "background:#1a56db;color:#fff!important;text-decoration:none}"
-        "ol,ul{padding-left:20px}li{margin:4px 0;word-wrap:break-word}"
-        "@media (prefers-color-scheme: dark){body{background:#111418;color:#e6e9ef}"
-        ".card{background:#1b1f26}.muted{color:#a3acb9}a{color:#8ab4f8}}"
-        "@media (max-width:480px){.card{padding:12px}h1{font-size:18px}}"
-    )
-    badge = "RESOLVED" if m.kind == MessageKind.RESOLVED else m.severity.upper()
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        "<meta name='color-scheme' content='light dark'><meta name='supported-color-schemes' content='light dark'>"
-        f"<title>{e(clean_text(m.heading, 200))}</title><style>{style}</style></head>"
-        f"<body><div class='card' role='article' aria-label='{e(clean_text(m.heading, 200), quote=True)}'>"
-        f"<span class='badge'>{e(badge)}</span><h1>{e(clean_text(m.name, 200))}</h1>"
-        f"{''.join(paras)}{others}{top}{actions}"
-        f"<p class='muted'>{' &middot; '.join(e(x) for x in details)}</p>"
-        "</div></body></html>"
-    )
-
-
-def render_notice_slack(subject: str, body: str) -> tuple[str, list[dict[str, Any]]]:
-    """An operational notice (not an alert): a plain-text header and the body as an escaped code block."""
-    blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": clean_text(subject, 150), "emoji": False}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": slack_code_block(body)}},
-    ]
-    return slack_escape(subject, 400), blocks
-
-
-# --- sinks ---------------------------------------------------------------------------------------
-
-
-class Sink(Protocol):
-    name: str
-
-    def send(self, view: IncidentMessage) -> str | None:
-        """Deliver one message; returns a reference later messages of the incident thread under (or None)."""
-        ...
-
-    def notice(self, subject: str, body: str) -> None: ...
-
-
-class ConsoleSink:
-    """Prints a readable plain-text alert (the offline demo's sink; under Airflow it lands in the task log)."""
-
-    def __init__(self, cfg: SinkConfig, stream: TextIO | None = None) -> None:
-        self.name = cfg.name
-        self.stream = stream
-
-    def send(self, view: IncidentMessage | AlertView) -> str | None:
-        print(render_text(view), file=self.stream or sys.stdout, flush=True)
-        return None
-
-    def notice(self, subject: str, body: str) -> None:
-        print(f"{clean_text(subject, 200)}\n{clean_block(body, 10000)}", file=self.stream or sys.stdout, flush=True)
-
-
-class _RedactFilter(logging.Filter):
-    def __init__(self, secret: str) -> None:
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = scrub(record.getMessage(), [self.secret]), None
-        return True
-
-
-class SlackSink:
-    """Slack with Block Kit: an incoming webhook (slack_sdk WebhookClient; URL from env or `finsent_slack`),
-    or, when `channel` is set and a bot token is in env `bot_token_env`, the Web API (chat.postMessage),
-    which threads an incident's updates under its first message (thread_ts)."""
-
-    def __init__(self, cfg: SinkConfig) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
-
-    def send(self, view: IncidentMessage | AlertView) -> str | None:
-        m = as_message(view)
-        token = os.environ.get(self.cfg.bot_token_env, "").strip()
-        if self.cfg.channel and token:
-            return self._post_api(m, token)
-        self._post(*render_slack(m))
-        return "webhook"
-
-    def _post_api(self, m: IncidentMessage, token: str) -> str:
-        from http.client import HTTPException
-
-        from slack_sdk import WebClient
-        from slack_sdk.errors import SlackClientError
-
-        c = self.cfg
-        thread = m.thread_ref.split(" ", 1) if m.thread_ref and " " in m.thread_ref else None
-        text, blocks = render_slack(m, threaded=thread is not None)
-        try:
-            client = WebClient(
-                token=token,
-                base_url=c.api_base_url.rstrip("/") + "/",
-                timeout=max(1, round(c.timeout_s)),
-                retry_handlers=[],
-            )
-            resp = client.chat_postMessage(
-                channel=thread[0] if thread else str(c.channel),
-                text=text,
-                blocks=blocks,
-                thread_ts=thread[1] if thread else None,
-                reply_broadcast=bool(thread) and m.kind in (MessageKind.ESCALATED, MessageKind.RESOLVED),
-                unfurl_links=False,
-                unfurl_media=False,
-            )
-        except (SlackClientError, OSError, HTTPException, ValueError) as e:
-            raise DeliveryError(
-                f"sink {self.name}: Slack chat.postMessage failed: {scrub(f'{type(e).__name__}: {e}', [token])}"
-            ) from None
-        channel, ts = resp.get("channel") or c.channel, resp.get("ts")
-        if not ts:
-            raise DeliveryError(f"sink {self.name}: Slack chat.postMessage answered without a message ts")
-        return f"{channel} {ts}"
-
-    def notice(self, subject: str, body: str) -> None:
-        self._post(*render_notice_slack(subject, body))
-
-    def _post(self, text: str, blocks: list[dict[str, Any]]) -> None:
-        from slack_sdk.webhook import WebhookClient
-
-        url = secrets.slack_webhook_url(self.cfg.webhook_url_env)
-        if not url:
-            raise DeliveryError(
-                f"sink {self.name}: no Slack webhook URL "
-                f"(set env {self.cfg.webhook_url_env} or Airflow connection {secrets.SLACK_CONN_ID})"
-            )
-        sdk_log = logging.Logger(f"{__name__}.slack_sdk", level=logging.WARNING)
-        sdk_log.addFilter(_RedactFilter(url))
-        for h in logging.getLogger().handlers:
-            sdk_log.addHandler(h)
-        try:
-            client = WebhookClient(url, timeout=max(1, round(self.cfg.timeout_s)), logger=sdk_log, retry_handlers=[])
-            resp = client.send(text=text, blocks=blocks, unfurl_links=False, unfurl_media=False)
-        except Exception as e:
-            raise DeliveryError(
-                f"sink {self.name}: Slack webhook failed: {scrub(f'{type(e).__name__}: {e}', [url])}"
-            ) from None
-        if resp.status_code != 200:
-            raise DeliveryError(
-                f"sink {self.name}: Slack webhook answered HTTP {resp.status_code}: "
-                f"{scrub(str(resp.body)[:200], [url])}"
-            )
-
-
-class EmailSink:
-    """Email over SMTP with STARTTLS (certificate verified) and AUTH; plain text plus an HTML alternative."""
-
-    def __init__(self, cfg: SinkConfig) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
-
-    def message(self, view: IncidentMessage | AlertView) -> EmailMessage:
-        """One email; an incident's later messages keep its subject and reply to its first (threading)."""
-        m = as_message(view)
-        msg = EmailMessage()
-        msg["Subject"] = m.subject
-        msg["From"] = self.cfg.mail_from
-        msg["To"] = ", ".join(self.cfg.mail_to)
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = f"<{m.lead.alert.id}.{self.name}@finsent.alerts>"
-        if m.thread_ref and m.thread_ref.startswith("<") and m.thread_ref != msg["Message-ID"]:
-            msg["In-Reply-To"] = m.thread_ref
-            msg["References"] = m.thread_ref
-        msg.set_content(render_text(m))
-        msg.add_alternative(render_html(m), subtype="html")
-        return msg
-
-    def notice(self, subject: str, body: str) -> None:
-        """A plain-text operational notice over the same SMTP path (STARTTLS, AUTH) as alerts."""
-        msg = EmailMessage()
-        msg["Subject"] = clean_text(subject, 200)
-        msg["From"] = self.cfg.mail_from
-        msg["To"] = ", ".join(self.cfg.mail_to)
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = make_msgid(domain="finsent.alerts")
-        msg.set_content(clean_block(body, 10000))
-        self._deliver(msg)
-
-    def send(self, view: IncidentMessage | AlertView) -> str | None:
-        msg = self.message(view)
-        self._deliver(msg)
-        return str(msg["Message-ID"])
-
-    def _deliver(self, msg: EmailMessage) -> None:
-        c = self.cfg
-        if not c.mail_to:
-            raise DeliveryError(f"sink {self.name}: no recipients (mail_to is empty)")
-        user, password = secrets.smtp_credentials(c.smtp_password_env, c.smtp_user)
-        if user and not password:
-            raise DeliveryError(
-                f"sink {self.name}: no SMTP password for {user} "
-                f"(set env {c.smtp_password_env} or Airflow connection {secrets.SMTP_CONN_ID})"
-            )
-        try:
-            with smtplib.SMTP(c.smtp_host, c.smtp_port, timeout=c.timeout_s) as smtp:
-                smtp.ehlo()
-                if c.smtp_starttls:
-                    smtp.starttls(context=ssl.create_default_context())
-                    smtp.ehlo()
-                if user:
-                    smtp.login(user, password or "")
-                smtp.send_message(msg)
-        except (smtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise DeliveryError(
-                f"sink {self.name}: SMTP {c.smtp_host}:{c.smtp_port} failed: "
-                f"{scrub(f'{type(e).__name__}: {e}', [password])}"
-            ) from None
-
-
-_SINK_KINDS: dict[str, type[ConsoleSink | SlackSink | EmailSink]] = {
-    "console": ConsoleSink,
-    "slack": SlackSink,
-    "email": EmailSink,
-}
-
-
-def build_sink(cfg: SinkConfig) -> Sink:
-    return _SINK_KINDS[cfg.kind](cfg)
-
-
-def send_notice(cfg: SinkConfig, subject: str, body: str) -> None:
-    """Send an operational notice (e.g. a failed Airflow task) through the sink code alerts use, with the
-    same escaping and TLS; raises DeliveryError (secret-free) when the sink cannot deliver it."""
-    _SINK_KINDS[cfg.kind](cfg).notice(subject, body)
-
-
-# --- delivery ------------------------------------------------------------------------------------
-
-
-def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
-    """Scope and severity routing; a resolution goes wherever its episode's alert went (or to 'info' sinks).
-    Source-health alerts ignore the sentiment scopes: every sink taking their severity gets them."""
-    if alert.scope_kind not in sink.scopes and alert.scope_kind not in OPS_SCOPES:
-        return False
-    if alert.kind == "resolved":
-        episode_sev = (alert.details or {}).get("episode_severity", "warning")
-        return "info" in sink.severities or episode_sev in sink.severities
-    return alert.severity in sink.severities
-
-
 def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[str, str]]:
     """One delivery row per routed (alert, sink). Alerts whose window is already older than the sink's
     expiry are recorded as expired rather than sent to Slack or email (a backfill must not page anyone
@@ -910,19 +155,17 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[
         for lead, members in sorted(leads, key=lambda x: (x[0].window_end, severity_key(x[0]))):  # oldest run first
             horizon = now - timedelta(hours=sink.expire_hours)
             stale = sink.kind != "console" and lead.window_end < horizon
-            if stale and _aware(lead.created_at) < horizon:
-                lost.append((lead.id, sink.name))
-            for a in sorted(members, key=head_key):
-                status = (
-                    (DeliveryState.EXPIRED if stale else DeliveryState.PENDING) if a is lead else DeliveryState.GROUPED
-                )
+            for a in sorted(members, key=head_key):  # a stale message's grouped alerts are as stale as its lead
+                if stale and _aware(lead.created_at) < horizon:
+                    lost.append((a.id, sink.name))
+                status = DeliveryState.PENDING if a is lead else DeliveryState.GROUPED
                 rows.append(
                     {
                         "alert_id": a.id,
                         "sink": sink.name,
-                        "status": status,
+                        "status": DeliveryState.EXPIRED if stale else status,
                         "attempts": 0,
-                        "last_error": STALE_ERROR if stale and a is lead else None,
+                        "last_error": STALE_ERROR if stale else None,
                         "created_at": now,
                     }
                 )
@@ -941,73 +184,6 @@ def _aware(t: datetime) -> datetime:
 
 
 GROUPED = DeliveryState.GROUPED
-
-
-def build_message(session: Session, row: s.Alert, sink: SinkConfig, cfg: FinsentConfig) -> IncidentMessage:
-    """The message a sink gets for the lead alert `row`: the other alerts of its incident and run that
-    route to this sink, where it threads, and the links to act on it."""
-    inc = session.get(s.Incident, row.incident_id) if row.incident_id else None
-    members = []
-    if inc is not None:
-        members = [
-            a
-            for a in session.scalars(
-                select(s.Alert).where(s.Alert.incident_id == inc.id, s.Alert.window_end == row.window_end)
-            )
-            if a.id != row.id and routes_to(sink, a)
-        ]
-    kind = message_kind(inc, [row, *members], row.window_end)
-    peak_share = peak_risk = None
-    if kind == MessageKind.RESOLVED and inc is not None:
-        peaks = session.execute(
-            select(func.max(s.Alert.neg_share), func.max(s.Alert.risk_score)).where(
-                s.Alert.incident_id == inc.id, s.Alert.kind != "resolved",
-                s.Alert.scope_kind == row.scope_kind, s.Alert.scope_value == row.scope_value,
-            )
-        ).one()  # fmt: skip
-        peak_share, peak_risk = peaks
-    links = cfg.links
-    base = links.base_url.rstrip("/") if links.base_url else None
-    secret = os.environ.get(links.ack_secret_env, "")
-    ack_url = None
-    if base and secret and kind != MessageKind.RESOLVED:
-        token = ack_token_for(row.id, secret, row.created_at, timedelta(hours=links.ack_ttl_hours))
-        ack_url = f"{base}/ack/{token}"
-    return IncidentMessage(
-        lead=view_of(row, cfg, usual_count(session, row, cfg)),
-        others=tuple(view_of(a, cfg) for a in sorted(members, key=severity_key)),
-        incident_id=inc.id if inc else None,
-        incident_title=inc.title if inc else None,
-        kind=kind,
-        severity=(inc.severity if inc else row.severity)
-        if row.severity != "info" or inc
-        else str((row.details or {}).get("episode_severity", "warning")),
-        thread_ref=(inc.message_refs or {}).get(sink.name) if inc else None,
-        opened_at=inc.opened_at if inc else None,
-        closed_at=inc.closed_at if inc else None,
-        peak_share=peak_share,
-        peak_risk=peak_risk,
-        alert_url=f"{base}/alerts/{(inc.head_alert_id if inc else row.id)}" if base else None,
-        dashboard_url=dashboard_url(links.dashboard_url_template, row),
-        ack_url=ack_url,
-        ack_button=bool(os.environ.get(links.slack_signing_secret_env)),
-    )
-
-
-def dashboard_url(template: str | None, row: s.Alert) -> str | None:
-    """The configured dashboard link for an alert's scope and the day around its window (None if unset or broken)."""
-    if not template:
-        return None
-    start, end = row.window_end - timedelta(days=1), row.window_end + timedelta(hours=6)
-    try:
-        return template.format(
-            scope_kind=quote(row.scope_kind, safe=""), scope_value=quote(row.scope_value, safe=""),
-            from_ms=int(start.timestamp() * 1000), to_ms=int(end.timestamp() * 1000),
-            alert_id=row.id, incident_id=row.incident_id or "",
-        )  # fmt: skip
-    except (KeyError, IndexError, ValueError) as e:
-        log.warning("links.dashboard_url_template cannot be filled (%s): no dashboard link", type(e).__name__)
-        return None
 
 
 def _due_filter(now: datetime) -> Any:
@@ -1098,6 +274,36 @@ def _expire(engine: Engine, row: Any, now: datetime) -> bool:
         )
 
 
+def _expire_grouped(engine: Engine, lead: Any) -> list[ExpiredDelivery]:
+    """The alerts grouped into an expired lead's message never reached the sink either: they expire with it and
+    are named in the same operator notice, rather than staying `grouped` (told nowhere) for ever."""
+    D, A = s.AlertDelivery, s.Alert
+    with session_scope(engine) as session:
+        head = session.get(A, lead.alert_id)
+        if head is None or head.incident_id is None:
+            return []  # no incident: nothing was grouped under it
+        members = select(A.id).where(A.incident_id == head.incident_id, A.window_end == head.window_end)
+        rows = session.execute(
+            select(D.id, D.alert_id).where(D.sink == lead.sink, D.status == GROUPED, D.alert_id.in_(members))
+        ).all()
+        err = f"grouped into the message of alert {lead.alert_id}, which was never delivered"
+        if rows:
+            session.execute(
+                update(D)
+                .where(D.id.in_([r.id for r in rows]), D.status == GROUPED)
+                .values(status=DeliveryState.EXPIRED, last_error=err, next_attempt_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    for r in rows:
+        log.error(
+            "alert %s to %s expired with the message it was grouped into (alert %s)",
+            r.alert_id,
+            lead.sink,
+            lead.alert_id,
+        )
+    return [ExpiredDelivery(r.id, r.alert_id, lead.sink, 0, err) for r in rows]
+
+
 def deliver_pending(
     engine: Engine,
     cfg: FinsentConfig,
@@ -1162,6 +368,7 @@ def deliver_pending(
         if now > deadline or capped:
             if _expire(engine, row, now):
                 expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, row.attempts, row.last_error))
+                expired += _expire_grouped(engine, row)
                 log.error("delivery of alert %s to %s expired after %d attempts", row.alert_id, row.sink, row.attempts)
             continue
         if row.sink in down or not _claim(engine, row.id, now):
@@ -1213,8 +420,9 @@ def deliver_pending(
         report.per_sink.setdefault(x.sink, SinkCounts()).failed += 1
     _count_pending(engine, cfg, report)
     failing = _failing_sinks(engine, cfg, now)
+    _retry_notices(engine, cfg, now, built, report)  # earlier notices that missed a sink, and queued ones
     if expired:
-        _notice_expired(engine, cfg, expired, failing, built, report)
+        _notice_expired(engine, cfg, expired, failing, built, report, now)
     for name, since in failing.items():
         _notice_failing_sink(engine, cfg, name, since, now, failing, built, report)
     return report
@@ -1239,6 +447,7 @@ def _give_up(
     if sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts:
         _release(engine, row.id, DeliveryState.EXPIRED, None)
         expired.append(ExpiredDelivery(row.id, row.alert_id, row.sink, attempts, err))
+        expired += _expire_grouped(engine, row)
     else:
         _release(engine, row.id, DeliveryState.FAILED, next_at)
         report.failed += 1
@@ -1259,10 +468,6 @@ def _sender(
         return notice, None
     view = build_message(session, alert, sink_cfg, cfg)
     return (lambda: sink.send(view)), view
-
-
-def alert_title(alert: s.Alert, cfg: FinsentConfig) -> str:
-    return render_health(alert)[0] if is_health(alert) else view_of(alert, cfg).title
 
 
 def _count_pending(engine: Engine, cfg: FinsentConfig, report: DeliveryReport) -> None:
@@ -1311,6 +516,7 @@ def _notice_expired(
     failing: dict[str, datetime],
     built: dict[str, Sink],
     report: DeliveryReport,
+    now: datetime,
 ) -> None:
     sinks = sorted({e.sink for e in expired})
     report.problems.append(f"{len(expired)} alert deliveries expired undelivered ({', '.join(sinks)})")
@@ -1329,7 +535,9 @@ def _notice_expired(
     ids = ",".join(str(e.delivery_id) for e in expired)
     key = f"{NoticeKind.DELIVERY_EXPIRED}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
     subject = f"[finsent] {len(expired)} alert(s) could not be delivered to {', '.join(sinks)}"
-    _notice(engine, cfg, key, NoticeKind.DELIVERY_EXPIRED, subject, "\n".join(lines), {*sinks, *failing}, built, report)
+    _notice(
+        engine, cfg, key, NoticeKind.DELIVERY_EXPIRED, subject, "\n".join(lines), {*sinks, *failing}, built, report, now
+    )
 
 
 def _notice_failing_sink(
@@ -1371,16 +579,44 @@ def _notice_failing_sink(
         set(failing),
         built,
         report,
+        now,
     )
+
+
+def queue_failed_documents_notice(
+    engine: Engine, version: str, failed: Sequence[tuple[int, str]], now: datetime
+) -> None:
+    """Queue one operator notice for documents a scoring step failed for good (id, reason); the next notify run
+    sends it. The scoring step has no sinks at hand, and a GPU worker may not reach them."""
+    ids = ",".join(str(i) for i, _ in failed)
+    key = f"{NoticeKind.DOCUMENTS_FAILED}:{version}:{hashlib.sha256(ids.encode()).hexdigest()[:32]}"
+    lines = [f"{len(failed)} document(s) failed to score with model {version} and have no sentiment:"]
+    lines += [f"- document {i}: {reason}" for i, reason in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"... and {len(failed) - 20} more")
+    lines.append(f"Score them again (after fixing the cause) with: finsent documents retry --model {version}")
+    subject = f"[finsent] {len(failed)} document(s) failed to score with {version}"
+    claim_notice(engine, key, NoticeKind.DOCUMENTS_FAILED, subject, "\n".join(lines), now, queue=True)
 
 
 # --- operator notices ----------------------------------------------------------------------------
 
 
 def claim_notice(
-    engine: Engine, key: str, kind: NoticeKind, subject: str, body: str, now: datetime | None = None
+    engine: Engine,
+    key: str,
+    kind: NoticeKind,
+    subject: str,
+    body: str,
+    now: datetime | None = None,
+    *,
+    exclude: Collection[str] = (),
+    queue: bool = False,
 ) -> bool:
-    """Record a notice under its dedupe key; True if this caller is the first and so must send it."""
+    """Record a notice under its dedupe key; True if this caller is the first. Claimed (`sending`), the caller
+    must send it and then call `record_notice`; with `queue` it waits (`pending`) for the next notify run,
+    for steps that have no sinks at hand (scoring). A claim whose sender died is taken over after CLAIM_LEASE."""
+    at = now or datetime.now(UTC)
     with session_scope(engine) as session:
         res = session.execute(
             _insert(session, s.OperatorNotice)
@@ -1389,9 +625,14 @@ def claim_notice(
                 kind=kind,
                 subject=subject,
                 body=body[:20000],
-                created_at=now or datetime.now(UTC),
+                created_at=at,
                 sent_to=[],
                 errors=[],
+                status=NoticeState.PENDING if queue else NoticeState.SENDING,
+                attempts=0,
+                last_attempt_at=None if queue else datetime.now(UTC),
+                next_attempt_at=at if queue else None,
+                exclude=sorted(exclude),
             )
             .on_conflict_do_nothing(index_elements=["key"])
             .returning(s.OperatorNotice.id)
@@ -1399,13 +640,36 @@ def claim_notice(
         return res.scalar() is not None
 
 
-def record_notice(engine: Engine, key: str, sent_to: Sequence[str], errors: Sequence[str]) -> None:
+def record_notice(
+    engine: Engine,
+    key: str,
+    sent_to: Sequence[str],
+    errors: Sequence[str],
+    now: datetime | None = None,
+    *,
+    max_attempts: int = NOTICE_MAX_ATTEMPTS,
+    backoff_cap: timedelta = BACKOFF_MAX,
+) -> NoticeState:
+    """Confirm one attempt of a claimed notice: `sent_to` the sinks it reached now, `errors` one entry per
+    sink it missed. Sent when it missed none; else retried (to the missed sinks only) after a backoff, until
+    `max_attempts`, then `failed` for good. Returns the new state."""
+    at = now or datetime.now(UTC)
+    N = s.OperatorNotice
     with session_scope(engine) as session:
-        session.execute(
-            update(s.OperatorNotice)
-            .where(s.OperatorNotice.key == key[:300])
-            .values(sent_to=list(sent_to), errors=list(errors))
-        )
+        row = session.scalars(select(N).where(N.key == key[:300]).with_for_update()).one_or_none()
+        if row is None:
+            return NoticeState.FAILED
+        attempts = (row.attempts or 0) + 1
+        if not errors:
+            state, next_at = NoticeState.SENT, None
+        elif attempts >= max_attempts:
+            state, next_at = NoticeState.FAILED, None
+        else:
+            state, next_at = NoticeState.RETRYING, at + backoff(attempts, backoff_cap)
+        row.sent_to = [*(row.sent_to or []), *(n for n in sent_to if n not in (row.sent_to or []))]
+        row.errors = list(errors)
+        row.status, row.attempts, row.last_attempt_at, row.next_attempt_at = state, attempts, at, next_at
+        return state
 
 
 def broadcast_notice(
@@ -1417,8 +681,8 @@ def broadcast_notice(
     for sc in cfg.sinks:
         if sc.name in exclude:
             continue
-        sink = (sinks or {}).get(sc.name) or build_sink(sc)
         try:
+            sink = (sinks or {}).get(sc.name) or build_sink(sc)
             sink.notice(subject, body)
         except Exception as e:  # noqa: BLE001  (a notice must never mask what it reports)
             err = str(e) if isinstance(e, DeliveryError) else f"sink {sc.name}: {type(e).__name__}"
@@ -1445,14 +709,73 @@ def _notice(
     exclude: Collection[str],
     built: dict[str, Sink],
     report: DeliveryReport,
+    now: datetime,
 ) -> None:
-    if not claim_notice(engine, key, kind, subject, body):
-        return  # already told (an earlier cycle, or a concurrent run)
-    reached, errors = broadcast_notice(cfg, subject, body, exclude, built)
-    record_notice(engine, key, reached, errors)
-    report.notices.append(subject)
-    if not pager_sinks(cfg, reached):
+    """Claim, send, confirm: a notice that misses its sinks now is retried by `_retry_notices` later."""
+    if not claim_notice(engine, key, kind, subject, body, now, exclude=exclude):
+        return  # already told (an earlier cycle, or a concurrent run), or queued for retry there
+    _send_claimed(engine, cfg, key, subject, body, exclude, (), built, report, now)
+
+
+def _send_claimed(
+    engine: Engine,
+    cfg: FinsentConfig,
+    key: str,
+    subject: str,
+    body: str,
+    exclude: Collection[str],
+    reached_before: Collection[str],
+    built: dict[str, Sink],
+    report: DeliveryReport,
+    now: datetime,
+) -> None:
+    reached, errors = broadcast_notice(cfg, subject, body, {*exclude, *reached_before}, built)
+    n = cfg.notices
+    state = record_notice(
+        engine, key, reached, errors, now,
+        max_attempts=n.max_attempts, backoff_cap=timedelta(minutes=n.backoff_max_minutes),
+    )  # fmt: skip
+    if reached:
+        report.notices.append(subject)
+    if state == NoticeState.FAILED:
+        report.problems.append(
+            f"operator notice {subject!r} gave up after {n.max_attempts} attempts: {'; '.join(errors)}"
+        )
+    elif state == NoticeState.RETRYING:
+        report.problems.append(f"operator notice {subject!r} not delivered yet (retried): {'; '.join(errors)}")
+    if (reached or state != NoticeState.RETRYING) and not pager_sinks(cfg, [*reached_before, *reached]):
         report.problems.append(f"operator notice {subject!r} reached no sink besides the console")
+
+
+def _retry_notices(
+    engine: Engine, cfg: FinsentConfig, now: datetime, built: dict[str, Sink], report: DeliveryReport
+) -> None:
+    """Send the notices that are due: queued ones, ones that missed a sink (to the missed sinks only), and
+    claims left by a sender that died. Each is claimed first, so concurrent notifiers send it once."""
+    N = s.OperatorNotice
+    due = or_(
+        and_(N.status.in_(NOTICE_OPEN), or_(N.next_attempt_at.is_(None), N.next_attempt_at <= now)),
+        and_(N.status == NoticeState.SENDING, N.last_attempt_at < now - CLAIM_LEASE),
+    )
+    with session_scope(engine) as session:
+        rows = session.execute(select(N.id, N.key).where(due).order_by(N.created_at, N.id)).all()
+    for notice_id, key in rows:
+        with session_scope(engine) as session:
+            claimed = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(N)
+                    .where(N.id == notice_id, due)
+                    .values(status=NoticeState.SENDING, last_attempt_at=datetime.now(UTC))
+                    .execution_options(synchronize_session=False)
+                ),
+            ).rowcount
+            if claimed != 1:
+                continue
+            row = session.get_one(N, notice_id)
+            subject, body, exclude, reached = row.subject, row.body, list(row.exclude or []), list(row.sent_to or [])
+        log.info("operator notice %s: retrying (reached so far: %s)", key, ", ".join(reached) or "none")
+        _send_claimed(engine, cfg, key, subject, body, exclude, reached, built, report, now)
 
 
 def summary_line(report: DeliveryReport) -> str:

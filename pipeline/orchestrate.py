@@ -686,8 +686,8 @@ def failure_message(context: Mapping[str, Any]) -> tuple[str, str]:
 def send_notice(cfg: FinsentConfig, subject: str, body: str) -> list[str]:
     """Send an operational notice to every configured sink through pipeline.notify's sinks (the alerts'
     Slack escaping, STARTTLS and secret scrubbing); returns the sinks reached. Never raises."""
-    from pipeline.notify import DeliveryError
-    from pipeline.notify import send_notice as send_to_sink
+    from pipeline.sinks import DeliveryError
+    from pipeline.sinks import send_notice as send_to_sink
 
     hidden = _secrets(cfg)
     subject, body = redact(subject, hidden), redact(body, hidden)

@@ -97,7 +97,7 @@ class ScoringStatus(StrEnum):
     """What scoring did with one text; only `scored` texts have a sentiment and count in alerts."""
 
     SCORED = "scored"
-    FAILED = "failed"  # the model raised on this text; later cycles skip it
+    FAILED = "failed"  # the model raised on this text; later cycles skip it (a device error is retried first)
     SKIPPED_EMPTY = "skipped_empty"  # empty or whitespace-only: nothing to score
     SKIPPED_LANGUAGE = "skipped_language"  # a language the model was not trained for
 
@@ -113,6 +113,7 @@ class TextOutcome:
     prediction: Prediction | None = None
     language: str | None = None  # ISO 639-1, None when too short to tell
     reason: str | None = None  # why it was not scored
+    transient: bool = False  # failed on a device error (out of memory...): worth another try later
 
     @property
     def label(self) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,22 @@ def clip(text: str, max_chars: int) -> str:
 def _reason(e: BaseException) -> str:
     first = (str(e).splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}"[:300]
+
+
+_DEVICE_ERROR = re.compile(r"out of memory|cuda|cudnn|cublas|nccl|device-side|\bmps\b|\bhip\b", re.IGNORECASE)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A device error (out of memory, a CUDA/cuDNN fault) that says nothing about the text: retried later."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and bool(_DEVICE_ERROR.search(str(e))))
+
+
+@dataclass(frozen=True, slots=True)
+class TextFailure:
+    """Why the model raised on one text, and whether that was the device's fault rather than the text's."""
+
+    reason: str
+    transient: bool = False
 
 
 def _is_local(path_or_id: str) -> bool:
@@ -358,10 +375,12 @@ class Scorer:
             if isinstance(result, Prediction):
                 out[i] = TextOutcome(ScoringStatus.SCORED, result, languages[i])
             else:
-                out[i] = TextOutcome(ScoringStatus.FAILED, language=languages[i], reason=result)
+                out[i] = TextOutcome(
+                    ScoringStatus.FAILED, language=languages[i], reason=result.reason, transient=result.transient
+                )
         return [o for o in out if o is not None]
 
-    def _score_isolating(self, texts: list[str]) -> list[Prediction | str]:
+    def _score_isolating(self, texts: list[str]) -> list[Prediction | TextFailure]:
         """Predictions, or the failure reason of each text the model raises on. When a batch fails its texts
         are retried one by one; if the model then fails on a plain sentence too, the fault is the model's or the
         device's, not the texts', and the error is raised instead of marking every document failed."""
@@ -370,16 +389,18 @@ class Scorer:
         try:
             return list(self.score(texts))
         except Exception as batch_error:  # noqa: BLE001  any model/tokenizer error: find which text causes it
-            results: list[Prediction | str] = []
+            results: list[Prediction | TextFailure] = []
             for text in texts:
                 try:
                     results.append(self.score([text])[0])
                 except Exception as e:  # noqa: BLE001  this text's failure is recorded with its reason
-                    results.append(_reason(e))
-            if any(isinstance(r, str) for r in results):
+                    results.append(TextFailure(_reason(e), is_transient(e)))
+            if any(isinstance(r, TextFailure) for r in results):
                 try:
                     self.score([_CANARY])
                 except Exception:  # noqa: BLE001  the model fails on any text: not the documents' fault
                     raise batch_error from None
-                log.warning("%d of %d texts failed to score", sum(isinstance(r, str) for r in results), len(texts))
+                log.warning(
+                    "%d of %d texts failed to score", sum(isinstance(r, TextFailure) for r in results), len(texts)
+                )
             return results

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 from sqlalchemy.engine import Engine
 
 from pipeline.acks import AckError, acknowledge
-from pipeline.notify import ACK_ACTION_ID
+from pipeline.messages import ACK_ACTION_ID
 
 MAX_SKEW = timedelta(minutes=5)
 MAX_BODY = 64 * 1024

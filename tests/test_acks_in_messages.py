@@ -16,7 +16,8 @@ from sqlalchemy import update
 
 from pipeline.acks import AckError, acknowledge, verify_ack_token
 from pipeline.config import FinsentConfig
-from pipeline.notify import ACK_ACTION_ID, deliver_pending
+from pipeline.messages import ACK_ACTION_ID
+from pipeline.notify import deliver_pending
 from pipeline.slack_actions import handle_slack_action
 from pipeline.store import schema as s
 from pipeline.store import session_scope

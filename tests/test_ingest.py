@@ -218,7 +218,7 @@ def test_4xx_is_not_retried(feed_server):
 def test_timeout_is_retried_then_fails(feed_server):
     feed_server.override("news_rss.xml", delay=3.0)
     t = time.monotonic()
-    r = fetch(feed_server, "news_rss.xml", timeout_s=0.3, retries=1)
+    r = fetch(feed_server, "news_rss.xml", timeout_s=0.3, retries=1, deadline_s=2.0)
     assert r.status == "failed" and "timed out after 0.3 s" in r.error and "after 2 attempts" in r.error
     assert feed_server.hits("news_rss.xml") == 2
     assert time.monotonic() - t < 2.0
@@ -230,6 +230,21 @@ def test_slow_drip_is_cut_by_the_overall_deadline(feed_server):
     r = fetch(feed_server, "news_rss.xml", timeout_s=0.35)
     assert r.status == "failed" and "timed out" in r.error
     assert time.monotonic() - t < 1.0
+
+
+def test_retries_share_one_overall_deadline(feed_server):
+    """A host that never answers costs the source's overall deadline, not (retries + 1) x timeout_s: with
+    timeout_s 0.5 and 3 retries the fetch stops after the second attempt once 1.2 s are spent (4 attempts
+    and about 3 s before)."""
+    feed_server.override("news_rss.xml", delay=5.0)
+    r = fetch(feed_server, "news_rss.xml", timeout_s=0.5, retries=3, deadline_s=1.2)
+    assert r.status == "failed" and "the overall deadline of 1.2 s is spent" in r.error
+    assert feed_server.hits("news_rss.xml") == 2
+
+
+def test_overall_deadline_defaults_to_two_timeouts():
+    assert src("a", "http://127.0.0.1:1/x.xml", timeout_s=15).fetch_deadline_s == 30
+    assert src("a", "http://127.0.0.1:1/x.xml", deadline_s=7).fetch_deadline_s == 7
 
 
 def test_server_down_is_a_failed_fetch():

@@ -18,7 +18,9 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.config import FinsentConfig
-from pipeline.notify import DeliveryError, DeliveryReport, EmailSink, deliver_pending, safe_link, slack_escape
+from pipeline.messages import safe_link, slack_escape
+from pipeline.notify import DeliveryReport, deliver_pending
+from pipeline.sinks import DeliveryError, EmailSink
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 from tests.notify_receivers import Webhook, make_cert
@@ -312,7 +314,7 @@ def test_email_refuses_an_unverified_certificate(
     sink = make_cfg(sinks=[{"name": "m", "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port,
                             "smtp_user": "alerts", "smtp_password_env": "TEST_SMTP_PASSWORD",
                             "mail_to": ["d@example.com"]}]).sinks[0]  # fmt: skip
-    from pipeline.notify import view_of
+    from pipeline.messages import view_of
 
     aid = add_alert(engine)
     with session_scope(engine) as session:
@@ -617,3 +619,124 @@ def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(
         a.join(60)
     assert runs["b"].sent == 0 and runs["a"].sent == 1 and slack_webhook.hits == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
+
+
+# --- operator notices are claimed, sent, confirmed (reliability review, item 1) --------------------
+
+
+def test_a_notice_that_reached_no_sink_is_retried_next_run_and_sent_once(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
+    """Email refuses the alert past expire_hours; when its notice is due, Slack (the only other sink) answers 500
+    too. The notice is not lost: the next notify run after the backoff sends it, once, and later runs send
+    nothing more. (Before: the notice was marked sent when claimed and never tried again.)"""
+    box, port = failing_smtp
+    add_alert(engine)
+    cfg = make_cfg(sinks=[mail_sink(port, expire_hours=1, failing_after_minutes=600), slack_sink(severities=["info"])])
+    deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    slack_webhook.status = 500
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
+    assert r.expired == 1 and r.degraded and slack_webhook.posts == []
+    assert any("not delivered yet" in p for p in r.problems), r.problems
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.attempts) == ("retrying", [], 1) and "HTTP 500" in n.errors[0]
+
+    slack_webhook.status = 200
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2, seconds=30), retry_delays=FAST)
+    assert slack_webhook.posts == [], "not before its backoff"
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2, minutes=2), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and "could not be delivered to mail-ops" in json.dumps(slack_webhook.posts[0])
+    assert r.notices and not r.degraded
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.errors, n.attempts) == ("sent", ["slack-desk"], [], 2)
+    for k in range(1, 4):
+        deliver_pending(engine, cfg, now=NOW + timedelta(hours=3 + k), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and box.messages == []
+
+
+def test_a_notice_is_retried_only_where_it_missed_and_gives_up_visibly(
+    engine, pg_url, slack_webhook: Webhook, failing_smtp, tmp_path
+) -> None:
+    """A DAG-failure notice reached Slack but not email: later runs retry email only (Slack never gets a second
+    copy), `notices.max_attempts` times in all; then it stays `failed`, the run that gives up is degraded, and
+    `finsent alerts notices` lists it first with the sink's error."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.notify import NoticeKind, broadcast_notice, claim_notice, record_notice
+
+    box, port = failing_smtp
+    cfg = FinsentConfig.model_validate(
+        {"sinks": [slack_sink(), mail_sink(port)], "notices": {"max_attempts": 3}, "database_url": pg_url}
+    )
+    key, subject = "dag_failed:finsent_monitor:run-1", "[finsent] DAG run failed: finsent_monitor (score)"
+    assert claim_notice(engine, key, NoticeKind.DAG_FAILED, subject, "Error: killed")
+    reached, errors = broadcast_notice(cfg, subject, "Error: killed")
+    assert reached == ["slack-desk"] and len(errors) == 1
+    assert record_notice(engine, key, reached, errors, NOW, max_attempts=3) == "retrying"
+
+    runs = [deliver_pending(engine, cfg, now=NOW + timedelta(hours=k), retry_delays=FAST) for k in range(1, 6)]
+    assert len(slack_webhook.posts) == 1, "Slack had it: never sent twice"
+    assert box.refused == 3, "email tried 3 times in all (the first, then twice by later runs), then left alone"
+    assert [any("gave up after 3 attempts" in p for p in r.problems) for r in runs] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    [n] = notices(engine)
+    assert (n.status, n.sent_to, n.attempts) == ("failed", ["slack-desk"], 3) and "451" in n.errors[0]
+
+    path = tmp_path / "finsent.yaml"
+    path.write_text(yaml.safe_dump({"sinks": [slack_sink(), mail_sink(port)], "database_url": pg_url}))
+    out = CliRunner().invoke(app, ["alerts", "notices", "-c", str(path)])
+    assert out.exit_code == 0, out.output
+    line = out.output.splitlines()[1]
+    assert "dag_failed" in line and "failed" in line and "slack-desk" in line and "451" in line
+
+
+# --- alerts grouped into a message that never arrived (reliability review, item 2) ---------------
+
+
+def test_alerts_grouped_under_an_expired_lead_are_reported_with_it(
+    engine, slack_webhook: Webhook, failing_smtp
+) -> None:
+    """Two alerts of one incident and run go to email as one message (the entity leads, the market is
+    `grouped` into it). Email refuses it past expire_hours: both deliveries expire and the notice names both.
+    (Before: the market alert stayed `grouped` for ever, told nowhere, and the notice named the lead only.)"""
+    box, port = failing_smtp
+    lead = add_alert(engine)
+    market = add_alert(engine, scope=("market", "*"), severity="warning")
+    cfg = make_cfg(sinks=[mail_sink(port, expire_hours=1, failing_after_minutes=600), slack_sink(severities=["info"])])
+    deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert {d.alert_id: d.status for d in deliveries(engine)} == {lead: "failed", market: "grouped"}
+
+    r = deliver_pending(engine, cfg, now=NOW + timedelta(hours=2), retry_delays=FAST)
+    assert {d.alert_id: d.status for d in deliveries(engine)} == {lead: "expired", market: "expired"}
+    assert r.expired == 2 and r.per_sink["mail-ops"].failed == 2 and r.degraded
+    [post] = slack_webhook.posts
+    text = json.dumps(post)
+    assert "2 alert(s) could not be delivered to mail-ops" in text
+    assert f"(alert {lead})" in text and f"(alert {market})" in text and "market-wide" in text
+    assert f"grouped into the message of alert {lead}" in text
+    deliver_pending(engine, cfg, now=NOW + timedelta(hours=3), retry_delays=FAST)
+    assert len(slack_webhook.posts) == 1 and box.messages == []
+
+
+def test_a_stale_groups_alerts_are_reported_with_their_lead(engine, slack_webhook: Webhook, failing_smtp) -> None:
+    """An incident nobody routed before expire_hours (the notifier was down): every alert of its message is a
+    loss, not only the lead."""
+    box, port = failing_smtp
+    box.accept = True
+    cfg = make_cfg(sinks=[mail_sink(port), slack_sink(severities=["info"])])
+    ids = [add_alert(engine, hours_earlier=48), add_alert(engine, scope=("market", "*"), hours_earlier=48)]
+    with session_scope(engine) as session:
+        for aid in ids:
+            session.get_one(s.Alert, aid).created_at = NOW - timedelta(hours=47)
+    r = deliver_pending(engine, cfg, now=NOW, retry_delays=FAST)
+    assert r.expired == 2 and box.messages == []
+    assert {d.alert_id: d.status for d in deliveries(engine) if d.sink == "mail-ops"} == dict.fromkeys(ids, "expired")
+    text = json.dumps(slack_webhook.posts)
+    assert all(f"(alert {aid})" in text for aid in ids)

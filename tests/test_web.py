@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline import acks, store
-from pipeline.notify import ACK_ACTION_ID
+from pipeline.messages import ACK_ACTION_ID
 from pipeline.records import Document, EntityMention
 from pipeline.store import schema as s
 

@@ -1,8 +1,10 @@
-"""`finsent alerts list|show|ack|evaluate`: read and acknowledge stored alerts, and measure the detector."""
+"""`finsent alerts list|show|ack|notices|evaluate`: read and acknowledge stored alerts, see operator notices, and
+measure the detector."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -39,7 +41,9 @@ DbOpt = Annotated[
     str | None, typer.Option("--database-url", envvar="DATABASE_URL", help="Overrides the config's database_url.")
 ]
 
-alerts_app = typer.Typer(help="Alerts: list, show, acknowledge, evaluate the detector.", no_args_is_help=True)
+alerts_app = typer.Typer(
+    help="Alerts: list, show, acknowledge, operator notices, evaluate the detector.", no_args_is_help=True
+)
 
 
 def _open(config: str | None, database_url: str | None):
@@ -79,7 +83,7 @@ def list_alerts(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Recent alerts, newest first, with their incident and delivery state."""
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -144,9 +148,53 @@ def list_alerts(
                 "yes" if r.acknowledged_at else "",
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    _print_table(table)
+
+
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@alerts_app.command("notices")
+def list_notices(
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """Operator notices (failed DAG runs, expired deliveries, failing sinks, documents that failed to score):
+    undelivered ones first (failed for good, then still retried), then the newest."""
+    from sqlalchemy import case
+
+    from pipeline.messages import clean_text
+    from pipeline.notify import NoticeState
+    from pipeline.store import schema as s
+    from pipeline.store import session_scope
+
+    _, engine = _open(config, database_url)
+    N = s.OperatorNotice
+    order = case({NoticeState.FAILED: 0, NoticeState.RETRYING: 1, NoticeState.PENDING: 1}, value=N.status, else_=2)
+    with session_scope(engine) as session:
+        rows = session.scalars(select(N).order_by(order, N.created_at.desc(), N.id.desc()).limit(limit)).all()
+        table = [("created (UTC)", "kind", "state", "tries", "reached", "subject / last error")]
+        for r in rows:
+            missed = "; ".join(str(e) for e in r.errors or [])
+            table.append(
+                (
+                    f"{r.created_at:%Y-%m-%d %H:%M}",
+                    r.kind,
+                    r.status,
+                    str(r.attempts),
+                    ", ".join(r.sent_to or []) or "-",
+                    clean_text(r.subject, 80) + (f" | {clean_text(missed, 120)}" if missed else ""),
+                )
+            )
+    engine.dispose()
+    if not rows:
+        typer.echo("no operator notices in this database")
+        return
+    _print_table(table)
 
 
 def _what_was_hidden(session, since: datetime, since_hours: float, filters: list) -> str:
@@ -181,7 +229,7 @@ def show_alert(
     from pipeline.config import SinkConfig
     from pipeline.health import is_health, render_health
     from pipeline.incidents import assign_incidents
-    from pipeline.notify import build_message, render_text
+    from pipeline.messages import build_message, render_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -440,7 +488,7 @@ def list_incidents(
 ) -> None:
     """Incidents, newest first: head scope, severity, state and the scopes they moved."""
     from pipeline.incidents import assign_incidents
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -490,7 +538,7 @@ def show_incident(
     database_url: DbOpt = None,
 ) -> None:
     """One incident: its scopes, every alert in it (oldest first) and where its messages went."""
-    from pipeline.notify import clean_text, scope_label
+    from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 

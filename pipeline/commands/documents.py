@@ -1,4 +1,5 @@
-"""`finsent documents list|show`: find the document ids that `finsent explain` and `finsent label` take."""
+"""`finsent documents list|show|retry`: find the document ids that `finsent explain` and `finsent label` take, and
+queue documents that failed to score for another try."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import typer
 
 from pipeline.commands.alerts import ConfigOpt, DbOpt, _open, select
 
-documents_app = typer.Typer(help="Documents: find ids for explain and label.", no_args_is_help=True)
+documents_app = typer.Typer(
+    help="Documents: find ids for explain and label; retry failed scoring.", no_args_is_help=True
+)
 
 
 def _current_model(session) -> str | None:
@@ -40,7 +43,7 @@ def list_documents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
 ) -> None:
     """Documents, newest first, with the current model's label."""
-    from pipeline.notify import clean_text
+    from pipeline.messages import clean_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -89,7 +92,7 @@ def show_document(
     database_url: DbOpt = None,
 ) -> None:
     """One document: text, link, entities, and every model's score."""
-    from pipeline.notify import clean_block, clean_text, safe_link
+    from pipeline.messages import clean_block, clean_text, safe_link
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -122,6 +125,29 @@ def show_document(
             f"{sc.p_positive:.2f}{topic})"
         )
     typer.echo(f"Explain:  finsent explain {doc.id}")
+
+
+@documents_app.command("retry")
+def retry_documents(
+    ids: Annotated[list[int] | None, typer.Argument(help="Document ids (default: every failed document).")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Model version (default: the current model, as `documents list`).")
+    ] = None,
+    config: ConfigOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Queue documents that failed to score (or wait after a device error) for the next scoring step."""
+    from pipeline.commands.core import fail
+    from pipeline.store import retry_failed_scoring, session_scope
+
+    _, engine = _open(config, database_url)
+    with session_scope(engine) as session:
+        version = model or _current_model(session)
+        if version is None:
+            raise fail("no model is registered in this database: nothing has been scored yet", code=1)
+        released = retry_failed_scoring(session, version, ids or None)
+    engine.dispose()
+    typer.echo(f"{released} document(s) queued to be scored again with {version} by the next scoring step")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Engine, case, create_engine, event, func, inspect, select, text, update
+from sqlalchemy import Engine, case, create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -320,9 +320,11 @@ def iter_unscored(
     shard: int = 0,
     shards: int = 1,
     max_chars: int | None = None,
+    now: datetime | None = None,
 ) -> Iterator[list[PendingDocument]]:
     """Stream documents this model has neither scored nor given up on, and whose text retention has not
-    removed, in id order, a chunk at a time.
+    removed, in id order, a chunk at a time (a document waiting after a transient scoring error comes back
+    once its `next_attempt_at` is past `now`).
 
     Title and summary are cut to `max_chars` in SQL, so a huge document never reaches Python whole.
     With shards > 1 only ids congruent to `shard` are read, so several GPU workers split one backlog.
@@ -330,8 +332,13 @@ def iter_unscored(
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
     last_id = 0
+    now = now or datetime.now(UTC)
     while True:
         with Session(engine) as session:
+            R = s.ScoringRetry
+            waiting = select(R.document_id).where(
+                R.model_version_id == model_version, R.document_id == s.Document.id, R.next_attempt_at > now
+            )
             scored = select(s.Score.document_id).where(
                 s.Score.model_version_id == model_version, s.Score.document_id == s.Document.id
             )
@@ -349,6 +356,7 @@ def iter_unscored(
                     s.Document.text_purged_at.is_(None),  # retention left only a placeholder: nothing to score
                     ~scored.exists(),
                     ~given_up.exists(),
+                    ~waiting.exists(),
                     *([s.Document.id % shards == shard] if shards > 1 else []),
                 )
                 .order_by(s.Document.id)
@@ -411,6 +419,78 @@ def save_outcomes(session: Session, model_version: str, outcomes: Sequence[tuple
                 update(s.Document).where(s.Document.id.in_(part), s.Document.language.is_(None)).values(language=lang)
             )
     return saved
+
+
+def defer_scoring(
+    session: Session,
+    model_version: str,
+    failures: Sequence[tuple[int, str]],
+    max_attempts: int,
+    retry_at: Callable[[int], datetime],
+) -> dict[int, int]:
+    """Put documents whose scoring hit a transient error back in the queue for `retry_at(attempts)`, counting
+    attempts; returns {document id: attempts} of those whose `max_attempts` are spent (the caller records them
+    failed)."""
+    R = s.ScoringRetry
+    spent: dict[int, int] = {}
+    for doc_id, reason in failures:
+        row = session.get(R, (doc_id, model_version))
+        attempts = (row.attempts if row is not None else 0) + 1
+        if attempts >= max_attempts:
+            spent[doc_id] = attempts
+            if row is not None:
+                session.delete(row)
+        elif row is None:
+            session.add(R(document_id=doc_id, model_version_id=model_version, attempts=attempts,
+                          last_error=reason, next_attempt_at=retry_at(attempts)))  # fmt: skip
+        else:
+            row.attempts, row.last_error, row.next_attempt_at = attempts, reason, retry_at(attempts)
+    session.flush()
+    return spent
+
+
+def defer_transient(
+    session: Session,
+    model_version: str,
+    results: Sequence[tuple[int, TextOutcome]],
+    max_attempts: int,
+    retry_at: Callable[[int], datetime],
+) -> list[tuple[int, TextOutcome]]:
+    """The outcomes to record now: a document that failed on a device error is deferred (`defer_scoring`)
+    until its tries are spent, when it is recorded failed, saying so."""
+    transient = [(i, o.reason or "") for i, o in results if o.status == ScoringStatus.FAILED and o.transient]
+    spent = defer_scoring(session, model_version, transient, max_attempts, retry_at)
+    final = []
+    for doc_id, o in results:
+        if o.status == ScoringStatus.FAILED and o.transient:
+            if doc_id not in spent:
+                log.warning("document %d: %s; tried again in a later run", doc_id, o.reason)
+                continue
+            o = replace(o, reason=f"{o.reason} (a device error, {spent[doc_id]} attempts)")
+        final.append((doc_id, o))
+    return final
+
+
+def clear_scoring_retries(session: Session, model_version: str, doc_ids: Sequence[int]) -> None:
+    """Forget the retry state of documents that have an outcome now (scored, skipped or failed for good)."""
+    R = s.ScoringRetry
+    for i in range(0, len(doc_ids), _IN_LIST_MAX):
+        part = list(doc_ids[i : i + _IN_LIST_MAX])
+        session.execute(delete(R).where(R.model_version_id == model_version, R.document_id.in_(part)))
+
+
+def retry_failed_scoring(session: Session, model_version: str, doc_ids: Sequence[int] | None = None) -> int:
+    """Make documents this model failed on (or that wait after a transient error) due again: the next scoring
+    step tries them. `doc_ids` None: all of them. Returns how many documents were released."""
+    Out, R = s.ScoringOutcome, s.ScoringRetry
+    where_o = [Out.model_version_id == model_version, Out.status == ScoringStatus.FAILED]
+    where_r = [R.model_version_id == model_version]
+    if doc_ids is not None:
+        where_o.append(Out.document_id.in_(list(doc_ids)))
+        where_r.append(R.document_id.in_(list(doc_ids)))
+    failed = cast(Any, session.execute(delete(Out).where(*where_o))).rowcount or 0
+    waiting = cast(Any, session.execute(delete(R).where(*where_r))).rowcount or 0
+    return int(failed) + int(waiting)
 
 
 def scoring_status_counts(session: Session, model_version: str) -> dict[ScoringStatus, int]:

@@ -186,6 +186,18 @@ class ScoringOutcome(Base):
     attempted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ScoringRetry(Base):
+    """A document whose scoring raised a transient (device) error: it is tried again at `next_attempt_at`
+    (backoff), and recorded as failed in `scoring_outcomes` once `model.score_attempts` are spent."""
+
+    __tablename__ = "scoring_retries"
+    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    attempts: Mapped[int]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime]
+
+
 class Explanation(Base):
     """Evidence words for a document's stored label, computed where it was scored (the model is loaded
     there anyway) so detection and alerts read them without loading the model."""
@@ -314,9 +326,12 @@ class DeliveryAttempt(Base):
 
 
 class OperatorNotice(Base):
-    """A notice to operators about the pipeline itself (failed DAG run, expired delivery, failing sink).
+    """A notice to operators about the pipeline itself (failed DAG run, expired delivery, failing sink,
+    documents that failed to score).
 
-    The unique key is the dedupe: whoever inserts it first sends it, so one event gives one notice."""
+    The unique key is the dedupe: whoever inserts it first sends it, so one event gives one notice. A notice that
+    missed a sink is retried there by later notify runs (`status`, `next_attempt_at`), never resent where it
+    arrived (`sent_to`)."""
 
     __tablename__ = "operator_notices"
     __table_args__ = (UniqueConstraint("key", name="uq_operator_notices_key"),)
@@ -328,6 +343,11 @@ class OperatorNotice(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_to: Mapped[list[Any]] = mapped_column(default=list)  # sink names reached
     errors: Mapped[list[Any]] = mapped_column(default=list)  # sinks that could not be reached, and why
+    status: Mapped[str] = mapped_column(String(16), default="sent", index=True)  # a NoticeState
+    attempts: Mapped[int] = mapped_column(default=1)
+    last_attempt_at: Mapped[datetime | None]
+    next_attempt_at: Mapped[datetime | None]
+    exclude: Mapped[list[Any] | None]  # sinks it must not go to (those whose failure it reports)
 
 
 class RiskScore(Base):

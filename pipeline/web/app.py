@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 from pipeline import acks
 from pipeline.data import SENTIMENT_LABELS
 from pipeline.feedback import add_feedback
-from pipeline.notify import view_of
+from pipeline.messages import view_of
 from pipeline.slack_actions import MAX_BODY as SLACK_MAX_BODY
 from pipeline.slack_actions import handle_slack_action
 from pipeline.store import schema as s
