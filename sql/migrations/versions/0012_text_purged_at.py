@@ -3,7 +3,7 @@
 The row, its scores, entities and rollups stay; only the text columns are cleared (pipeline.maintenance).
 Scoring skips documents whose text was purged, so a later model never scores the placeholder.
 
-Revision ID: 0014
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-01 13:45:00
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0014"
+revision: str = "0012"
 down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

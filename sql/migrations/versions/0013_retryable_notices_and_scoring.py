@@ -10,8 +10,8 @@ count and the time of its next try, instead of being marked failed for good.
 
 Plain DDL and SQL, valid on SQLite too.
 
-Revision ID: 0017
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-01 14:00:00
 """
 
@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0017"
-down_revision: str | None = "0011"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
