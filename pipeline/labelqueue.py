@@ -36,6 +36,8 @@ from pipeline.store import schema as s
 from pipeline.store import session_scope
 
 MAX_CANDIDATES = 50_000  # the newest candidates considered: bounds memory whatever the backlog
+DEFAULT_LIMIT = 20  # items listed by default (the CLI and the web page)
+DEFAULT_DAYS = 7.0  # candidates published in the last N days by default
 
 
 class Reason(StrEnum):
@@ -87,9 +89,9 @@ def _cited_by_open_alerts(session: Session) -> dict[int, str]:
 def label_queue(
     engine: Engine,
     model_version: str,
-    limit: int = 20,
+    limit: int = DEFAULT_LIMIT,
     *,
-    days: float = 7.0,
+    days: float = DEFAULT_DAYS,
     flip_margin: float = 0.2,
     random_share: float = 0.2,
     seed: int = 0,
