@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Integer, and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from pipeline import rollups
 from pipeline.store import schema as s
@@ -257,11 +257,11 @@ def series_by_entity(
     if model is not None and tickers:
         h = s.SentimentHourly
         secs = int(step.total_seconds())
-        if session.get_bind().dialect.name == "postgresql":
-            epoch: Any = func.extract("epoch", h.bucket_start)
+        if session.get_bind().dialect.name == "postgresql":  # date_bin: timestamp arithmetic, no numerics
+            k: Any = func.date_bin(step, h.bucket_start, start).label("k")
         else:
             epoch = func.cast(func.strftime("%s", h.bucket_start), Integer)
-        k = func.floor((epoch - start.timestamp()) / secs).label("k")
+            k = func.floor((epoch - start.timestamp()) / secs).label("k")
         rows = session.execute(
             select(h.scope_value, k, func.sum(h.total_count), func.sum(h.neg_count))
             .where(
@@ -274,7 +274,8 @@ def series_by_entity(
             .group_by(h.scope_value, k)
         ).all()
         for entity, i, total, neg in rows:
-            raw[entity][int(i)] = (int(total), int(neg))
+            index = int((as_hour(i) - start) / step) if isinstance(i, datetime) else int(i)
+            raw[entity][index] = (int(total), int(neg))
     return {t: [HourPoint(start + i * step, *raw[t].get(i, (0, 0))) for i in range(n)] for t in tickers}
 
 
@@ -289,6 +290,7 @@ def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
     resolved = select(s.Alert.episode_id).where(s.Alert.kind == "resolved", s.Alert.episode_id.is_not(None))
     rows = session.scalars(
         select(s.Alert)
+        .options(defer(s.Alert.details))  # evidence lists: not shown here, and parsing 200 of them costs
         .where(
             s.Alert.kind.in_(OPEN_KINDS),
             s.Alert.acknowledged_at.is_(None),
@@ -505,7 +507,12 @@ def company_page(
 
 
 def alert_list(session: Session, f: AlertFilters) -> list[s.Alert]:
-    q = select(s.Alert).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(MAX_ALERT_ROWS)
+    q = (
+        select(s.Alert)
+        .options(defer(s.Alert.details))  # the list shows no evidence
+        .order_by(s.Alert.window_end.desc(), s.Alert.id)
+        .limit(MAX_ALERT_ROWS)
+    )
     if f.status == "open":
         q = q.where(s.Alert.acknowledged_at.is_(None), s.Alert.kind.in_(OPEN_KINDS))
     elif f.status == "acknowledged":
