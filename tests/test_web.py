@@ -396,6 +396,7 @@ def test_screenshots(demo: Demo, page: Any) -> None:
         ("web-overview", "/"),
         ("web-company", "/company/NWB"),
         ("web-alert", f"/alerts/{demo.nwb_alert}"),
+        ("web-label-queue", "/label-queue"),
     ):
         page.goto(demo.base + path)
         page.screenshot(path=str(out / f"{name}.png"), full_page=True)

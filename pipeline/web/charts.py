@@ -22,10 +22,11 @@ def _iso(t: datetime) -> str:
 
 def sparkline(points: Sequence[HourPoint], width: int = 220, height: int = 40, bucket_hours: int = 6) -> Markup:
     """Volume bars and negative-share line, in `bucket_hours` buckets so 168 hours fit in a table cell."""
-    buckets: list[tuple[int, int]] = []
-    for i in range(0, len(points), bucket_hours):
-        chunk = points[i : i + bucket_hours]
-        buckets.append((sum(p.total for p in chunk), sum(p.neg for p in chunk)))
+    if bucket_hours == 1:  # the overview's points are already 6-hour buckets
+        buckets = [(p.total, p.neg) for p in points]
+    else:
+        chunks = (points[i : i + bucket_hours] for i in range(0, len(points), bucket_hours))
+        buckets = [(sum(p.total for p in c), sum(p.neg for p in c)) for c in chunks]
     if not buckets:
         return Markup(f'<svg class="spark" width="{width}" height="{height}" role="img" aria-label="no data"></svg>')
     n = len(buckets)

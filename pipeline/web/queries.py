@@ -190,17 +190,22 @@ def _once(session: Session, key: str, compute: Callable[[], T]) -> T:
     return cast(T, memo[key])
 
 
-def current_model(session: Session) -> str | None:
-    """The model the pipeline scores with: production, else the newest registered (as v_current_model)."""
+def _current_model_row(session: Session) -> s.ModelVersion | None:
     return _once(
         session,
         "model",
         lambda: session.scalar(
-            select(s.ModelVersion.id)
+            select(s.ModelVersion)
             .order_by(s.ModelVersion.is_production.desc(), s.ModelVersion.created_at.desc(), s.ModelVersion.id)
             .limit(1)
         ),
     )
+
+
+def current_model(session: Session) -> str | None:
+    """The model the pipeline scores with: production, else the newest registered (as v_current_model)."""
+    m = _current_model_row(session)
+    return m.id if m is not None else None
 
 
 def company_names(session: Session) -> dict[str, str]:
@@ -351,8 +356,7 @@ def source_rows(session: Session, now: datetime) -> list[SourceRow]:
 
 
 def model_row(session: Session) -> ModelRow | None:
-    mid = current_model(session)
-    m = session.get(s.ModelVersion, mid) if mid else None
+    m = _current_model_row(session)
     return ModelRow(m.id, m.name, m.is_production, m.promoted_at) if m else None
 
 
