@@ -47,9 +47,9 @@ def documents(request: Request) -> Response:
     )
 
 
-async def _save_label(request: Request) -> tuple[int, str]:
+async def _save_label(request: Request) -> str:
     """One analyst correction from a form, through the library function `finsent label` uses; returns the
-    feedback id and the query string of the page to go back to."""
+    query string of the page to go back to, naming the feedback row."""
     w = web(request)
     form = await request.form()
     w.need_csrf(request, form)
@@ -61,12 +61,11 @@ async def _save_label(request: Request) -> tuple[int, str]:
     except LookupError as e:
         raise HTTPException(404, str(e)) from None
     back = field(form, "back")
-    return fid, f"{back}&saved={fid}" if back else f"saved={fid}"
+    return f"{back}&saved={fid}" if back else f"saved={fid}"
 
 
 async def label_doc(request: Request) -> Response:
-    _, query = await _save_label(request)
-    return RedirectResponse(f"/documents?{query}", status_code=303)
+    return RedirectResponse(f"/documents?{await _save_label(request)}", status_code=303)
 
 
 def label_queue_page(request: Request) -> Response:
@@ -96,8 +95,7 @@ def label_queue_page(request: Request) -> Response:
 
 
 async def label_from_queue(request: Request) -> Response:
-    _, query = await _save_label(request)
-    return RedirectResponse(f"/label-queue?{query}", status_code=303)
+    return RedirectResponse(f"/label-queue?{await _save_label(request)}", status_code=303)
 
 
 ROUTES = [
