@@ -360,8 +360,11 @@ def write_report(r: BenchResult, path: Path) -> None:
         "",
         "Web pages are timed in-process (Starlette's test client: routing, queries, SVG and template rendering; no "
         "network). App CPU: the median CPU time the benchmark process spent per request (all its threads: client, "
-        "server, rendering; it does not grow with the machine's load, wall time does); SQL: the median time it "
-        "waited on PostgreSQL per request. Their sum is what a page costs on an idle machine. Company charts "
+        "server, queries' Python side, rendering); it does not grow with the machine's load. SQL: the median time "
+        "it waited on PostgreSQL per request, which does: it includes waiting to be scheduled again once the answer "
+        "is there. The benchmark runs under `nice -n 10` beside other work, so on a loaded machine its wall times "
+        "measure the scheduler more than the pages; on an idle one a page costs about its app CPU plus the "
+        "queries' execution time in PostgreSQL. Company charts "
         "of more than two weeks are drawn in coarser buckets (30 days: 3-hour bars, 90 days: "
         "12-hour bars; `pipeline.web.queries.chart_step`), so the 90-day page draws 180 bars, not 2,160.",
         "",
