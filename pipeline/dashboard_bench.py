@@ -8,6 +8,8 @@ minutes that row-by-row inserts would; the rollups are then built by the same co
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import statistics
 import time
@@ -15,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 
 from pipeline import rollups, store
@@ -35,16 +38,33 @@ MODEL = "bench-model"
 
 
 @dataclass(frozen=True)
+class Stats:
+    """Wall-clock milliseconds of the timed runs: median and p95 (the figures judged), and the best run,
+    the closest this shared machine gets to an idle one."""
+
+    median: float
+    p95: float
+    best: float
+
+    @classmethod
+    def of(cls, times: list[float]) -> Stats:
+        ordered = sorted(times)
+        return cls(statistics.median(ordered), ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)], ordered[0])
+
+
+@dataclass(frozen=True)
 class Timing:
     what: str
     kind: str  # grafana | web
-    ms_7d: float
-    ms_90d: float | None
+    ms_7d: Stats
+    ms_90d: Stats | None
     rows: int
+    cpu_ms: float | None = None  # web pages: median CPU time of the app process per request (all threads)
+    sql_ms: float | None = None  # web pages: median time waiting on the database per request
 
     @property
     def ok(self) -> bool:
-        return self.ms_7d < TARGET_MS
+        return self.ms_7d.median < TARGET_MS
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,8 @@ class BenchResult:
     incremental_ms: float
     timings: list[Timing]
     command: str
+    repeat: int
+    load: tuple[float, float]  # 1-minute load average when the timing started and ended
 
 
 def bench_url(url: str) -> str:
@@ -196,14 +218,14 @@ def expand_macros(sql: str, start: datetime, end: datetime, entities: list[str])
     return sql.replace("$entity", ", ".join(f"'{e}'" for e in entities))
 
 
-def _median_ms(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
+def _timed(fn: Callable[[], int], repeat: int) -> tuple[Stats, int]:
     rows = fn()  # warm-up: plan cache, buffers
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         rows = fn()
         times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), rows
+    return Stats.of(times), rows
 
 
 def time_grafana(engine: Engine, end: datetime, repeat: int) -> list[Timing]:
@@ -215,8 +237,8 @@ def time_grafana(engine: Engine, end: datetime, repeat: int) -> list[Timing]:
             def run(days: int, sql: str = sql) -> int:
                 return len(c.execute(text(expand_macros(sql, end - timedelta(days=days), end, entities))).all())
 
-            ms7, rows = _median_ms(lambda: run(7), repeat)
-            ms90, _ = _median_ms(lambda: run(90), repeat)
+            ms7, rows = _timed(lambda: run(7), repeat)
+            ms90, _ = _timed(lambda: run(90), repeat)
             out.append(Timing(title, "grafana", ms7, ms90, rows))
     return out
 
@@ -231,6 +253,7 @@ def time_pages(engine: Engine, repeat: int) -> list[Timing]:
     pages = [
         ("overview /", "/"),
         ("company /company/C07 (7 days)", "/company/C07"),
+        ("company /company/C07 (30 days)", "/company/C07?start=" + "{start30}"),
         ("company /company/C07 (90 days)", "/company/C07?start=" + "{start90}"),
         ("alerts /alerts", "/alerts"),
         ("alerts /alerts?status=open&severity=critical", "/alerts?status=open&severity=critical"),
@@ -238,23 +261,45 @@ def time_pages(engine: Engine, repeat: int) -> list[Timing]:
         ("documents /documents", "/documents"),
         ("documents text search ?q=md5 fragment", "/documents?q=a1b2"),
         ("documents ?company=C07&label=negative", "/documents?company=C07&label=negative"),
+        ("label queue /label-queue", "/label-queue"),
     ]
     with engine.connect() as c:
         newest: datetime = c.execute(text("SELECT max(published_at) FROM documents")).scalar_one()
+    start30 = (newest - timedelta(days=30)).strftime("%Y-%m-%dT%H:00Z")
     start90 = (newest - timedelta(days=90)).strftime("%Y-%m-%dT%H:00Z")
     out = []
-    with TestClient(create_app(engine)) as client:
-        for name, path in pages:
-            url = path.replace("{start90}", start90)
+    sql_ms = [0.0]
 
-            def get(url: str = url, name: str = name) -> int:
-                r = client.get(url)
-                if r.status_code != 200:
-                    raise RuntimeError(f"{name}: HTTP {r.status_code}")
-                return len(r.content)
+    @event.listens_for(engine, "before_cursor_execute")
+    def _sent(conn: Any, *_: Any) -> None:
+        conn.info["bench_t"] = time.perf_counter()
 
-            ms, size = _median_ms(get, repeat)
-            out.append(Timing(name, "web", ms, None, size))
+    @event.listens_for(engine, "after_cursor_execute")
+    def _answered(conn: Any, *_: Any) -> None:
+        sql_ms[0] += (time.perf_counter() - conn.info.pop("bench_t")) * 1000
+
+    try:
+        with TestClient(create_app(engine)) as client:
+            for name, path in pages:
+                url = path.replace("{start30}", start30).replace("{start90}", start90)
+                cpu: list[float] = []
+                sql: list[float] = []
+
+                def get(url: str = url, name: str = name, cpu: list[float] = cpu, sql: list[float] = sql) -> int:
+                    sql_ms[0] = 0.0
+                    c0 = time.process_time()
+                    r = client.get(url)
+                    cpu.append((time.process_time() - c0) * 1000)
+                    sql.append(sql_ms[0])
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{name}: HTTP {r.status_code}")
+                    return len(r.content)
+
+                ms, size = _timed(get, repeat)
+                out.append(Timing(name, "web", ms, None, size, statistics.median(cpu[1:]), statistics.median(sql[1:])))
+    finally:
+        event.remove(engine, "before_cursor_execute", _sent)
+        event.remove(engine, "after_cursor_execute", _answered)
     return out
 
 
@@ -264,18 +309,21 @@ def run_bench(
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     engine, built, rollup_s = build(url, documents, days, companies, end)
     try:
+        load0 = os.getloadavg()[0]
         timings = time_grafana(engine, end, repeat) + time_pages(engine, repeat)
+        load1 = os.getloadavg()[0]
         inc = incremental_refresh_ms(engine, end)
     finally:
         engine.dispose()
         if not keep:
             with _admin(url).connect() as c:
                 c.execute(text(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"))
-    return BenchResult(documents, days, companies, built, rollup_s, inc, timings, command)
+    return BenchResult(documents, days, companies, built, rollup_s, inc, timings, command, repeat, (load0, load1))
 
 
 def write_report(r: BenchResult, path: Path) -> None:
-    worst = max(t.ms_7d for t in r.timings)
+    worst = max(r.timings, key=lambda t: t.ms_7d.median)
+    over = [t for t in r.timings if not t.ok]
     lines = [
         "# Dashboard and web app latency",
         "",
@@ -288,19 +336,45 @@ def write_report(r: BenchResult, path: Path) -> None:
         f"{r.rollup_build_s:.1f} s (`pipeline.rollups.refresh`, the code detection runs). One detection window's "
         f"incremental rollup refresh (140 new scored documents): {r.incremental_ms:.0f} ms.",
         "",
-        f"Median of the timed runs after one warm-up, on this machine (2 shared CPU cores, PostgreSQL 16). Target: "
-        f"under {TARGET_MS:.0f} ms each for Grafana's default 7-day range and every page. Worst: {worst:.1f} ms.",
+        f"Wall-clock milliseconds over {r.repeat} timed runs after one warm-up: median and p95, judged against "
+        f"the target of {TARGET_MS:.0f} ms (Grafana's default 7-day range, every page), and the best run. "
+        f"PostgreSQL 16 on this machine (2 CPU cores shared: 1-minute load average {r.load[0]:.1f} when the timing "
+        f"began, {r.load[1]:.1f} when it ended). On a busy machine the best run is the nearest to an idle one. "
+        f"Worst median: {worst.ms_7d.median:.1f} ms ({worst.what}); "
+        + (f"{len(over)} over target." if over else "all under target."),
         "",
-        "| query / page | kind | 7-day range (ms) | 90-day range (ms) | rows / bytes | under target |",
-        "|---|---|---:|---:|---:|---|",
+        "| query / page | kind | median (ms) | p95 | best | 90-day median | app CPU | SQL | rows / bytes | under "
+        "target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in r.timings:
-        ms90 = "" if t.ms_90d is None else f"{t.ms_90d:.1f}"
-        lines.append(f"| {t.what} | {t.kind} | {t.ms_7d:.1f} | {ms90} | {t.rows:,} | {'yes' if t.ok else '**no**'} |")
+        s = t.ms_7d
+        ms90 = "" if t.ms_90d is None else f"{t.ms_90d.median:.1f}"
+        cpu = "" if t.cpu_ms is None else f"{t.cpu_ms:.1f}"
+        sql = "" if t.sql_ms is None else f"{t.sql_ms:.1f}"
+        lines.append(
+            f"| {t.what} | {t.kind} | {s.median:.1f} | {s.p95:.1f} | {s.best:.1f} | {ms90} | {cpu} | {sql} | "
+            f"{t.rows:,} | {'yes' if t.ok else '**no**'} |"
+        )
     lines += [
         "",
         "Web pages are timed in-process (Starlette's test client: routing, queries, SVG and template rendering; no "
-        "network). The company page's 90-day row draws 2,160 hourly bars.",
+        "network). App CPU: the median CPU time the benchmark process spent per request (all its threads: client, "
+        "server, queries' Python side, rendering); it does not grow with the machine's load. SQL: the median time "
+        "it waited on PostgreSQL per request, which does: it includes waiting to be scheduled again once the answer "
+        "is there. The benchmark runs under `nice -n 10` beside other work, so on a loaded machine its wall times "
+        "measure the scheduler more than the pages; on an idle one a page costs about its app CPU plus the "
+        "queries' execution time in PostgreSQL. Company charts "
+        "of more than two weeks are drawn in coarser buckets (30 days: 3-hour bars, 90 days: "
+        "12-hour bars; `pipeline.web.queries.chart_step`), so the 90-day page draws 180 bars, not 2,160.",
+        "",
+        "What keeps them bounded: pages and panels read the hourly/daily rollups, never the documents, for "
+        "series; the document search's `lower(title|summary) LIKE '%text%'` uses trigram GIN indexes (pg_trgm, "
+        "migration 0015) instead of filtering every row of its 7-day range; the company filter reads the "
+        "`(entity, document_id)` index without heap visits; the model in use and company names are read once per "
+        "request; lists never load the alerts' evidence JSON they do not show. The label queue ranks every "
+        "unlabelled candidate of its range in Python (`pipeline.labelqueue`, at most 50,000; about 23,000 here), "
+        "so its cost grows with a week's volume, not with the page.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

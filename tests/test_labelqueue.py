@@ -168,3 +168,15 @@ def test_label_still_needs_a_label_and_a_numeric_id(engine, pg_url: str, tmp_pat
     assert r.exit_code == 2 and "give a LABEL" in r.output, r.output
     r = CliRunner().invoke(app, ["label", "twelve", "neutral", "-c", str(cfg)])
     assert r.exit_code == 2 and "'twelve' is not a number" in r.output, r.output
+
+
+def test_fast_margin_is_the_documented_margin() -> None:
+    """The queue computes margins without sorting a list per candidate; the figures must not move."""
+    import itertools
+    import random as rnd
+
+    from pipeline.labelqueue import _margin3, margin
+
+    values = [0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 1.0, *(rnd.Random(1).random() for _ in range(25))]
+    for a, b, c in itertools.product(values, repeat=3):
+        assert _margin3(a, b, c) == margin((a, b, c)), (a, b, c)

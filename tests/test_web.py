@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -252,6 +253,55 @@ def test_label_correction_writes_feedback(demo: Demo, page: Any) -> None:
     assert [(f.label, f.author) for f in fb] == [("negative", "web")]
 
 
+def test_label_queue_page_lists_the_queue_and_labels_from_it(demo: Demo, page: Any) -> None:
+    """The page shows exactly what pipeline.labelqueue.label_queue (`finsent label queue`) returns for the model
+    and time it names; labelling an item writes the same feedback row as `finsent label` and drops it."""
+    from pipeline.data import SENTIMENT_LABELS
+    from pipeline.labelqueue import label_queue
+
+    page.goto(demo.base + "/label-queue")
+    rule = page.locator("#queue-rule")
+    model, as_of = rule.get_attribute("data-model"), rule.get_attribute("data-as-of")
+    assert model and as_of
+    shown = [int(x) for x in page.locator("#queue tbody tr[data-doc]").evaluate_all("rs => rs.map(r => r.dataset.doc)")]
+    engine = store.make_engine(demo.url)
+    expected = label_queue(engine, model, now=datetime.fromisoformat(as_of.replace("Z", "+00:00")))
+    assert len(shown) == 20 and shown == [i.document_id for i in expected]
+    assert {i.reason for i in expected} >= {"least_confident", "random"}
+    doc = shown[0]
+    row = page.locator(f'#queue tr[data-doc="{doc}"]')
+    new = next(lab for lab in SENTIMENT_LABELS if lab != row.locator("select[name=label]").input_value())
+    row.locator("select[name=label]").select_option(new)
+    row.locator("button").click()
+    page.wait_for_url("**/label-queue?*saved=*")
+    assert "Label saved" in page.locator("main").inner_text()
+    assert page.locator(f'#queue tr[data-doc="{doc}"]').count() == 0  # labelled: no longer worth a minute
+    with store.session_scope(engine) as session:
+        fb = session.scalars(select(s.Feedback).where(s.Feedback.document_id == doc)).all()
+        assert [(f.label, f.author) for f in fb] == [(new, "web")]
+    engine.dispose()
+
+
+def test_long_company_range_is_drawn_in_coarser_buckets(demo: Demo) -> None:
+    """A 30-day range is drawn in 3-hour buckets (240 bars, not 720), and they hold the same items as the
+    week's hourly bars; a bar leads to its hours."""
+    week = httpx.get(f"{demo.base}/company/NWB").text
+    end = re.search(r'name="end" value="([^"]+)"', week)
+    assert end is not None
+    last = datetime.fromisoformat(end[1].replace("Z", "+00:00"))
+    stop = last.replace(hour=0) + timedelta(days=1)  # whole days: exactly 240 three-hour buckets
+    span = {"start": f"{stop - timedelta(days=30):%Y-%m-%dT%H:%MZ}", "end": f"{stop:%Y-%m-%dT%H:%MZ}"}
+    month = httpx.get(f"{demo.base}/company/NWB", params=span).text
+    assert 'data-step-hours="3"' in month and 'data-step-hours="1"' in week
+    assert month.count('class="bar') == 240 and week.count('class="bar') == 7 * 24
+
+    def total(html: str) -> int:
+        return sum(int(x) for x in re.findall(r'data-total="(\d+)"', html))
+
+    assert total(month) == total(week) > 0
+    assert re.search(r'<a href="/company/NWB\?start=[^"&]+&amp;end=[^"]+"><rect', month)
+
+
 def test_post_without_csrf_token_is_refused(demo: Demo) -> None:
     r = httpx.post(f"{demo.base}/documents/{demo.xss_doc}/label", data={"label": "positive"})
     assert r.status_code == 403
@@ -346,6 +396,7 @@ def test_screenshots(demo: Demo, page: Any) -> None:
         ("web-overview", "/"),
         ("web-company", "/company/NWB"),
         ("web-alert", f"/alerts/{demo.nwb_alert}"),
+        ("web-label-queue", "/label-queue"),
     ):
         page.goto(demo.base + path)
         page.screenshot(path=str(out / f"{name}.png"), full_page=True)

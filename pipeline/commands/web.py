@@ -176,7 +176,9 @@ def bench_dashboard(
     documents: Annotated[int, typer.Option(min=1000, max=5_000_000)] = 300_000,
     days: Annotated[int, typer.Option(min=7, max=400)] = 90,
     companies: Annotated[int, typer.Option(min=5, max=100)] = 50,
-    repeat: Annotated[int, typer.Option(min=1, max=50, help="Timed runs per query (median reported).")] = 5,
+    repeat: Annotated[
+        int, typer.Option(min=1, max=100, help="Timed runs per query and page (median, p95 and best reported).")
+    ] = 20,
     report: Annotated[Path, typer.Option(help="Markdown report path.")] = Path("docs/dashboard-bench.md"),
     keep: Annotated[bool, typer.Option(help="Keep the finsent_bench schema afterwards.")] = False,
     config: CfgOpt = None,
@@ -197,7 +199,13 @@ def bench_dashboard(
         raise fail(str(e), code=1) from None
     write_report(result, report)
     for t in result.timings:
-        err_console.print(f"{t.kind:8} {t.ms_7d:7.1f} ms  {t.what}", highlight=False)
+        s = t.ms_7d
+        verdict = "ok  " if t.ok else "SLOW"
+        cost = "" if t.cpu_ms is None else f"  cpu {t.cpu_ms:6.1f}  sql {t.sql_ms or 0:6.1f}"
+        err_console.print(
+            f"{t.kind:8} {verdict} median {s.median:7.1f} ms  p95 {s.p95:7.1f}  best {s.best:7.1f}{cost}  {t.what}",
+            highlight=False,
+        )
     slow = [t for t in result.timings if not t.ok]
     err_console.print(f"report: {report}; {len(slow)} over target", highlight=False)
 

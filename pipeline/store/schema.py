@@ -123,7 +123,7 @@ class Document(Base):
 
 class DocumentEntity(Base):
     __tablename__ = "document_entities"
-    __table_args__ = (Index("ix_document_entities_entity", "entity"),)
+    __table_args__ = (Index("ix_document_entities_entity_doc", "entity", "document_id"),)
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
     entity: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # watchlist | cashtag
@@ -239,6 +239,7 @@ class Feedback(Base):
     """Analyst corrections; training uses them, evaluation splits never do."""
 
     __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_document", "document_id"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     document_id: Mapped[int | None] = mapped_column(ForeignKey("documents.id", ondelete="SET NULL"))
     text: Mapped[str | None] = mapped_column(Text)  # filled from the document when NULL

@@ -3,21 +3,24 @@ Postgres and the embedded SQLite alike. Pages never query the database themselve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Integer, and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from pipeline import rollups
 from pipeline.store import schema as s
 
+T = TypeVar("T")
 HOUR = timedelta(hours=1)
 SPARK_DAYS = 7
 SPARK_STEP = timedelta(hours=6)
 MAX_RANGE = timedelta(days=92)  # the company chart's widest range: bounded work for any URL
+MAX_CHART_POINTS = 24 * 14  # a longer range is drawn in coarser buckets (chart_step): bounded page size
+CHART_STEPS = (1, 2, 3, 6, 12, 24)  # hours per chart bucket, each dividing a day
 STALE_AFTER = timedelta(hours=6)  # a source not fetched for this long is shown as stale
 MAX_HOUR_DOCS = 200
 MAX_SEARCH_ROWS = 100
@@ -133,6 +136,7 @@ class CompanyPage:
     hour: datetime | None
     headlines: list[DocRow]
     risk: float | None
+    step: timedelta = HOUR  # the chart's bucket (chart_step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,17 +181,37 @@ def as_hour(value: Any) -> datetime:
     return rollups.as_utc(value)
 
 
-def current_model(session: Session) -> str | None:
-    """The model the pipeline scores with: production, else the newest registered (as v_current_model)."""
-    return session.scalar(
-        select(s.ModelVersion.id)
-        .order_by(s.ModelVersion.is_production.desc(), s.ModelVersion.created_at.desc(), s.ModelVersion.id)
-        .limit(1)
+def _once(session: Session, key: str, compute: Callable[[], T]) -> T:
+    """Per-request invariants (the model in use, company names) read once per session, however many page
+    parts ask: the session is the request's unit of work, so nothing stale outlives it."""
+    memo = session.info.setdefault("finsent_web_memo", {})
+    if key not in memo:
+        memo[key] = compute()
+    return cast(T, memo[key])
+
+
+def _current_model_row(session: Session) -> s.ModelVersion | None:
+    return _once(
+        session,
+        "model",
+        lambda: session.scalar(
+            select(s.ModelVersion)
+            .order_by(s.ModelVersion.is_production.desc(), s.ModelVersion.created_at.desc(), s.ModelVersion.id)
+            .limit(1)
+        ),
     )
 
 
+def current_model(session: Session) -> str | None:
+    """The model the pipeline scores with: production, else the newest registered (as v_current_model)."""
+    m = _current_model_row(session)
+    return m.id if m is not None else None
+
+
 def company_names(session: Session) -> dict[str, str]:
-    return dict(session.execute(select(s.Company.ticker, s.Company.name)).tuples().all())
+    return _once(
+        session, "names", lambda: dict(session.execute(select(s.Company.ticker, s.Company.name)).tuples().all())
+    )
 
 
 def anchor_time(session: Session, now: datetime) -> datetime:
@@ -209,45 +233,40 @@ def zero_filled(points: dict[datetime, tuple[int, int]], start: datetime, end: d
     return out
 
 
-def hourly_by_entity(
-    session: Session, tickers: Sequence[str], start: datetime, end: datetime
-) -> dict[str, list[HourPoint]]:
-    """Hourly volume and negatives per entity for the current model, zero-filled, from the hourly rollup
-    (pipeline.rollups), so the cost follows the range shown, not the history stored."""
-    model = current_model(session)
-    raw: dict[str, dict[datetime, tuple[int, int]]] = {t: {} for t in tickers}
-    if model is not None and tickers:
-        h = s.SentimentHourly
-        rows = session.execute(
-            select(h.scope_value, h.bucket_start, h.total_count, h.neg_count).where(
-                h.model_version == model,
-                h.scope_kind == "entity",
-                h.scope_value.in_(list(tickers)),
-                h.bucket_start >= start,
-                h.bucket_start < end,
-            )
-        ).all()
-        for entity, b, total, neg in rows:
-            raw[entity][as_hour(b)] = (int(total), int(neg))
-    return {t: zero_filled(raw[t], start, end) for t in tickers}
+def chart_step(start: datetime, end: datetime) -> timedelta:
+    """The bucket a chart of [start, end) draws: hourly up to MAX_CHART_POINTS hours (two weeks), else the
+    smallest of CHART_STEPS that keeps it under that many points (a 90-day range: 12-hour buckets)."""
+    for hours in CHART_STEPS:
+        step = timedelta(hours=hours)
+        if (end - start) / step <= MAX_CHART_POINTS:
+            return step
+    return timedelta(hours=CHART_STEPS[-1])
 
 
-def spark_by_entity(
-    session: Session, tickers: Sequence[str], start: datetime, end: datetime, step: timedelta = SPARK_STEP
-) -> dict[str, list[HourPoint]]:
-    """Like hourly_by_entity, but summed into `step` buckets in the database: the overview's 50 sparklines
-    fetch 50 x 28 rows instead of 50 x 168."""
-    model = current_model(session)
+def align(t: datetime, step: timedelta) -> datetime:
+    """`t` floored to a multiple of `step` since the epoch (UTC), so buckets start at 00:00, 06:00, ..."""
     secs = int(step.total_seconds())
+    return datetime.fromtimestamp(int(t.timestamp()) // secs * secs, UTC)
+
+
+def series_by_entity(
+    session: Session, tickers: Sequence[str], start: datetime, end: datetime, step: timedelta = HOUR
+) -> dict[str, list[HourPoint]]:
+    """Volume and negatives per entity for the current model in `step` buckets from `start`, zero-filled (an
+    empty bucket is a zero-volume point, never bridged), read from the hourly rollup (pipeline.rollups) and
+    summed in the database: the cost follows the range shown, not the history stored, and the overview's 50
+    sparklines fetch 50 x 28 rows instead of 50 x 168."""
+    model = current_model(session)
     n = int((end - start) / step)
     raw: dict[str, dict[int, tuple[int, int]]] = {t: {} for t in tickers}
     if model is not None and tickers:
         h = s.SentimentHourly
-        if session.get_bind().dialect.name == "postgresql":
-            epoch: Any = func.extract("epoch", h.bucket_start)
+        secs = int(step.total_seconds())
+        if session.get_bind().dialect.name == "postgresql":  # date_bin: timestamp arithmetic, no numerics
+            k: Any = func.date_bin(step, h.bucket_start, start).label("k")
         else:
             epoch = func.cast(func.strftime("%s", h.bucket_start), Integer)
-        k = func.floor((epoch - start.timestamp()) / secs).label("k")
+            k = func.floor((epoch - start.timestamp()) / secs).label("k")
         rows = session.execute(
             select(h.scope_value, k, func.sum(h.total_count), func.sum(h.neg_count))
             .where(
@@ -260,7 +279,8 @@ def spark_by_entity(
             .group_by(h.scope_value, k)
         ).all()
         for entity, i, total, neg in rows:
-            raw[entity][int(i)] = (int(total), int(neg))
+            index = int((as_hour(i) - start) / step) if isinstance(i, datetime) else int(i)
+            raw[entity][index] = (int(total), int(neg))
     return {t: [HourPoint(start + i * step, *raw[t].get(i, (0, 0))) for i in range(n)] for t in tickers}
 
 
@@ -275,6 +295,7 @@ def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
     resolved = select(s.Alert.episode_id).where(s.Alert.kind == "resolved", s.Alert.episode_id.is_not(None))
     rows = session.scalars(
         select(s.Alert)
+        .options(defer(s.Alert.details))  # evidence lists: not shown here, and parsing 200 of them costs
         .where(
             s.Alert.kind.in_(OPEN_KINDS),
             s.Alert.acknowledged_at.is_(None),
@@ -335,8 +356,7 @@ def source_rows(session: Session, now: datetime) -> list[SourceRow]:
 
 
 def model_row(session: Session) -> ModelRow | None:
-    mid = current_model(session)
-    m = session.get(s.ModelVersion, mid) if mid else None
+    m = _current_model_row(session)
     return ModelRow(m.id, m.name, m.is_production, m.promoted_at) if m else None
 
 
@@ -363,7 +383,7 @@ def overview(session: Session, now: datetime) -> Overview:
     names = company_names(session)
     tickers = sorted(names)
     risks = latest_risk(session, tickers, anchor)
-    spark = spark_by_entity(session, tickers, anchor - timedelta(days=SPARK_DAYS), anchor)
+    spark = series_by_entity(session, tickers, anchor - timedelta(days=SPARK_DAYS), anchor, SPARK_STEP)
     open_count: dict[str, int] = {}
     for i in items:
         if i.scope_kind == "entity":
@@ -448,7 +468,10 @@ def company_page(
     if start >= end:
         start = end - HOUR
     start = max(start, end - MAX_RANGE)
-    series = hourly_by_entity(session, [ticker], start, end)[ticker]
+    step = chart_step(start, end)
+    if step > HOUR:  # whole buckets, so every bar sums the same number of hours
+        start, end = align(start, step), align(end - HOUR, step) + step
+    series = series_by_entity(session, [ticker], start, end, step)[ticker]
     alerts = list(
         session.scalars(
             select(s.Alert)
@@ -465,7 +488,7 @@ def company_page(
         flagged = [a for a in alerts if a.kind in OPEN_KINDS]
         if flagged:
             hour = floor_hour(flagged[-1].window_end - HOUR)
-        elif any(p.neg for p in series):
+        elif step == HOUR and any(p.neg for p in series):
             hour = max(series, key=lambda p: (p.neg, p.start)).start
     headlines: list[DocRow] = []
     if hour is not None:
@@ -483,12 +506,17 @@ def company_page(
         headlines = _doc_rows(session, rows, _evidence(alerts))
     risk = latest_risk(session, [ticker], end).get(ticker)
     return CompanyPage(
-        ticker, names.get(ticker, ticker), start, end, series, alerts, hour, headlines, risk[0] if risk else None
+        ticker, names.get(ticker, ticker), start, end, series, alerts, hour, headlines, risk[0] if risk else None, step
     )
 
 
 def alert_list(session: Session, f: AlertFilters) -> list[s.Alert]:
-    q = select(s.Alert).order_by(s.Alert.window_end.desc(), s.Alert.id).limit(MAX_ALERT_ROWS)
+    q = (
+        select(s.Alert)
+        .options(defer(s.Alert.details))  # the list shows no evidence
+        .order_by(s.Alert.window_end.desc(), s.Alert.id)
+        .limit(MAX_ALERT_ROWS)
+    )
     if f.status == "open":
         q = q.where(s.Alert.acknowledged_at.is_(None), s.Alert.kind.in_(OPEN_KINDS))
     elif f.status == "acknowledged":
