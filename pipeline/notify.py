@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from enum import StrEnum
 from typing import Any, Protocol, TextIO, cast
 from urllib.parse import quote, urlsplit
 
@@ -55,7 +54,7 @@ from pipeline.incidents import (
     severity_key,
     usual_count,
 )
-from pipeline.records import AlertRecord
+from pipeline.records import AlertRecord, DeliveryState, NoticeKind
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
@@ -69,27 +68,7 @@ MAX_TOP_ITEMS = 5
 STALE_ERROR = "alert window older than expire_hours when first routed"
 
 
-class DeliveryState(StrEnum):
-    """`alert_deliveries.status`."""
-
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"  # an attempt failed; retried at next_attempt_at
-    EXPIRED = "expired"  # given up: past expire_hours (or max_attempts), or stale when first routed
-    CANCELLED = "cancelled"  # acknowledged before it was sent
-    GROUPED = "grouped"  # told inside its incident's message (the lead alert's row carries the delivery)
-
-
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.FAILED)
-
-
-class NoticeKind(StrEnum):
-    """`operator_notices.kind`: what an operator is told about the pipeline itself."""
-
-    DAG_FAILED = "dag_failed"
-    DELIVERY_EXPIRED = "delivery_expired"
-    SINK_FAILING = "sink_failing"
 
 
 class DeliveryError(FinsentError, RuntimeError):
