@@ -448,7 +448,7 @@ def _training_examples(
     return train, feedback, skipped
 
 
-def _load_base(cfg: TrainConfig, n_topics: int, dev: str) -> tuple[Any, JointModel]:
+def _load_base(cfg: TrainConfig, n_topics: int, dev: str) -> tuple[Any, Any]:
     """The base checkpoint's tokenizer and a JointModel on `dev` (the base's topic head when it has one)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
