@@ -320,6 +320,16 @@ def fit_temperature(logits, labels) -> float:
     return round(best_t, 4)
 
 
+def _val_metrics(model: Any, tokenizer: Any, splits: Splits, cfg: TrainConfig, dev: str) -> dict[str, dict[str, float]]:
+    """Metrics on every non-empty validation split, by split name."""
+    n_topics = len(splits.topics)
+    return {
+        name: _split_metrics(model, tokenizer, name, exs, cfg, dev, n_topics)[0]
+        for name, exs in splits.val.items()
+        if exs
+    }
+
+
 def _val_score(metrics: dict[str, dict[str, float]]) -> float:
     vals = [m["macro_f1"] for m in metrics.values() if m]
     return sum(vals) / len(vals) if vals else 0.0
@@ -610,12 +620,7 @@ class _TrainingLoop:
     def _evaluate(self, splits: Splits, evals: _Evaluations, rec: dict[str, float], bar: Any) -> None:
         """Score the validation splits with the EMA weights swapped in (the ones a checkpoint keeps)."""
         live = _swap_in(self.params, self.ema)
-        n_topics = len(splits.topics)
-        metrics = {
-            name: _split_metrics(self.model, self.tokenizer, name, exs, self.cfg, self.dev, n_topics)[0]
-            for name, exs in splits.val.items()
-            if exs
-        }
+        metrics = _val_metrics(self.model, self.tokenizer, splits, self.cfg, self.dev)
         score = _val_score(metrics)
         rec = {**rec, "val_score": score}
         rec.update({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items() if m != "n"})
@@ -694,27 +699,22 @@ def soup_models(
         model.topic_head.load_state_dict(avg_head)
         model.to(dev)
 
-    def evaluate() -> tuple[float, dict]:
-        cfg = TrainConfig(max_length=max_length)
-        metrics = {
-            k: _split_metrics(model, tokenizer, k, exs, cfg, dev, len(splits.topics))[0]
-            for k, exs in splits.val.items()
-            if exs
-        }
+    def val_score() -> tuple[float, dict]:
+        metrics = _val_metrics(model, tokenizer, splits, TrainConfig(max_length=max_length), dev)
         return _val_score(metrics), metrics
 
     scored = []
     for i in range(len(paths)):
         load([i])
-        scored.append((evaluate()[0], i))
+        scored.append((val_score()[0], i))
     order = [i for _, i in sorted(scored, reverse=True)]
     soup = [order[0]]
     load(soup)
-    best, best_metrics = evaluate()
+    best, best_metrics = val_score()
     trail = [{"members": [str(paths[i]) for i in soup], "val_score": best}]
     for i in order[1:]:
         load(soup + [i])
-        score, metrics = evaluate()
+        score, metrics = val_score()
         trail.append({"members": [str(paths[j]) for j in soup + [i]], "val_score": score})
         if score >= best:
             soup, best, best_metrics = soup + [i], score, metrics

@@ -5,31 +5,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
 import typer
 
 from pipeline.commands.core import fail
 from pipeline.records import ScopeKind, Severity
-
-
-def select(*args: Any, **kw: Any) -> Any:
-    """sqlalchemy.select, imported on first use: `finsent --help` must not pay for SQLAlchemy (issue #16)."""
-    from sqlalchemy import select as _select
-
-    return _select(*args, **kw)
-
-
-class _LazyFunc:
-    """sqlalchemy.func, imported on first use (see select)."""
-
-    def __getattr__(self, name: str) -> Any:
-        from sqlalchemy import func as _func
-
-        return getattr(_func, name)
-
-
-func = _LazyFunc()
 
 ConfigOpt = Annotated[
     str | None,
@@ -52,6 +33,8 @@ def _open(config: str | None, database_url: str | None):
 
 def _find(session, alert_id: str):
     """An alert by id or unique id prefix (at least 6 characters)."""
+    from sqlalchemy import select
+
     from pipeline.store import schema as s
 
     row = session.get(s.Alert, alert_id)
@@ -79,6 +62,8 @@ def list_alerts(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Recent alerts, newest first, with their incident and delivery state."""
+    from sqlalchemy import func, select
+
     from pipeline.notify import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
@@ -151,6 +136,8 @@ def list_alerts(
 
 def _what_was_hidden(session, since: datetime, since_hours: float, filters: list) -> str:
     """Why `alerts list` shows nothing, and the command that would show something."""
+    from sqlalchemy import func, select
+
     from pipeline.store import schema as s
 
     total = session.scalar(select(func.count()).select_from(s.Alert)) or 0
@@ -178,6 +165,8 @@ def show_alert(
     database_url: DbOpt = None,
 ) -> None:
     """One alert in full: the message the sinks get, plus every delivery attempt."""
+    from sqlalchemy import select
+
     from pipeline.config import SinkConfig
     from pipeline.health import is_health, render_health
     from pipeline.incidents import assign_incidents
@@ -378,6 +367,8 @@ def bench_detect_cmd(
     """Time one detection window over thousands of entities on a scratch database."""
     import json
 
+    from sqlalchemy import func, select
+
     from pipeline import store
     from pipeline.alert_eval import bench_detect
 
@@ -439,6 +430,8 @@ def list_incidents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Incidents, newest first: head scope, severity, state and the scopes they moved."""
+    from sqlalchemy import func, select
+
     from pipeline.incidents import assign_incidents
     from pipeline.notify import clean_text, scope_label
     from pipeline.store import schema as s
@@ -490,6 +483,8 @@ def show_incident(
     database_url: DbOpt = None,
 ) -> None:
     """One incident: its scopes, every alert in it (oldest first) and where its messages went."""
+    from sqlalchemy import select
+
     from pipeline.notify import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope

@@ -7,13 +7,15 @@ from typing import Annotated
 
 import typer
 
-from pipeline.commands.alerts import ConfigOpt, DbOpt, _open, select
+from pipeline.commands.alerts import ConfigOpt, DbOpt, _open
 
 documents_app = typer.Typer(help="Documents: find ids for explain and label.", no_args_is_help=True)
 
 
 def _current_model(session) -> str | None:
     """The model the dashboards show: production, else the newest registered (as v_current_model)."""
+    from sqlalchemy import select
+
     from pipeline.store import schema as s
 
     M = s.ModelVersion
@@ -40,6 +42,8 @@ def list_documents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
 ) -> None:
     """Documents, newest first, with the current model's label."""
+    from sqlalchemy import select
+
     from pipeline.notify import clean_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
@@ -89,6 +93,8 @@ def show_document(
     database_url: DbOpt = None,
 ) -> None:
     """One document: text, link, entities, and every model's score."""
+    from sqlalchemy import select
+
     from pipeline.notify import clean_block, clean_text, safe_link
     from pipeline.store import schema as s
     from pipeline.store import session_scope
