@@ -179,7 +179,7 @@ def show_alert(
     with session_scope(engine) as session:
         row = _find(session, alert_id)
         # the message as the console sink would tell it: the incident it belongs to, links, what to do
-        console = SinkConfig(name="console", kind="console", severities=["info", "warning", "critical"])
+        console = SinkConfig(name="console", kind="console", severities=list(Severity))
         # source and model health are plain notices, not news surges
         view = render_health(row) if is_health(row) else build_message(session, row, console, cfg)
         deliveries = (
