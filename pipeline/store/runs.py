@@ -4,7 +4,8 @@ A run holds a lease (`lease_expires_at`) that its process keeps pushing forward 
 that dies (SIGKILL, OOM, a lost host) stops pushing, so the next run finds the lease expired and marks the
 row `abandoned` instead of leaving it `running` forever. Separately, `run_lock` makes concurrent
 `finsent run`s on one database exclusive (a Postgres advisory lock, a file lock next to a SQLite file),
-so only one scores and detects; the lock dies with its process, so it never needs reaping.
+so only one scores and detects; Airflow monitor tasks hold it shared, so they never overlap a `finsent
+run` either. The lock dies with its process, so it never needs reaping.
 """
 
 from __future__ import annotations
