@@ -38,11 +38,11 @@ def finsent_monitor():
     @task
     def start_run(dag_run=None, run_id=None) -> int:
         start, end = orchestrate.run_window(dag_run)
-        return orchestrate.start_run(start, end, airflow_run_id=run_id)
+        return orchestrate.monitor_start(start, end, airflow_run_id=run_id)
 
     @task(max_active_tis_per_dagrun=8)
     def ingest(source: str, pipeline_run_id: int) -> dict:
-        return orchestrate.ingest(source, pipeline_run_id)
+        return orchestrate.monitor_ingest(source, pipeline_run_id)
 
     # max_active_tis_per_dag: a backfill ignores the DAG's max_active_runs, so concurrent runs queue here
     @task(
@@ -53,15 +53,17 @@ def finsent_monitor():
         max_active_tis_per_dag=len(orchestrate.score_shards()),
     )
     def score(shard: int, shards: int) -> dict:
-        return orchestrate.score(shard, shards)
+        return orchestrate.monitor_score(shard, shards)
 
     @task(max_active_tis_per_dag=1)
     def detect(scored, dag_run=None) -> dict:
-        return orchestrate.detect(orchestrate.run_window(dag_run)[1], orchestrate.merge_scored(scored)["model_version"])
+        return orchestrate.monitor_detect(
+            orchestrate.run_window(dag_run)[1], orchestrate.merge_scored(scored)["model_version"]
+        )
 
     @task(max_active_tis_per_dag=1)
     def notify() -> dict:
-        return orchestrate.notify()
+        return orchestrate.monitor_notify()
 
     # finish fails on purpose when a step failed, sending the run's failure notice (a killed task sends none);
     # retrying would only repeat that verdict
@@ -69,7 +71,7 @@ def finsent_monitor():
     def finish(
         pipeline_run_id: int, names: list[str], ingested, scored, detected, notified, shards: int, run_id=None, ti=None
     ) -> dict:
-        return orchestrate.finish_run(
+        return orchestrate.monitor_finish(
             pipeline_run_id,
             names,
             orchestrate.xcom_items(ingested),

@@ -40,15 +40,17 @@ def finsent_train():
 
     @task(queue="gpu", pool="gpu", execution_timeout=timedelta(hours=6))
     def train(params=None, run_id=None) -> dict:
-        return orchestrate.train(airflow_run_id=run_id, **{k: v for k, v in (params or {}).items() if v is not None})
+        return orchestrate.train_candidate(
+            airflow_run_id=run_id, **{k: v for k, v in (params or {}).items() if v is not None}
+        )
 
     @task(queue="gpu", pool="gpu")
     def evaluate(trained: dict) -> dict:
-        return orchestrate.evaluate(trained)
+        return orchestrate.evaluate_candidate(trained)
 
     @task
     def promote(trained: dict, evaluated: dict) -> dict:
-        return orchestrate.promote(trained, evaluated)
+        return orchestrate.promote_candidate(trained, evaluated)
 
     trained = train()
     on_schedule() >> trained

@@ -377,7 +377,7 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
     return out
 
 
-def evaluate(
+def evaluate_detector(
     detect_cfg: DetectConfig | None = None,
     *,
     family: Family = "baseline",
@@ -611,7 +611,7 @@ def evaluate_families(
     t0 = time.perf_counter()
     d = detect_cfg or DetectConfig()
     out = {
-        fam: evaluate(
+        fam: evaluate_detector(
             d, family=fam, seeds=seeds, scopes=scopes, weeks=weeks, db_check=db_check and i == 0, command=command
         )
         for i, fam in enumerate(families)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import UsageError
+from pipeline.records import ScopeKind, Severity
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # FINSENT_HOME: where sql/ and models/ live when the package is installed outside its checkout (e.g. the image)
@@ -122,14 +123,14 @@ class DetectConfig(_Strict):
     critical_p: float = Field(default=1e-6, gt=0, lt=1)
     cooldown_windows: int = Field(default=3, ge=0)
     seasonality: bool = True
-    scopes: list[Literal["market", "entity", "source", "topic"]] = ["market", "entity", "source", "topic"]
+    scopes: list[ScopeKind] = list(ScopeKind)
 
 
 class SinkConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")]
     kind: Literal["console", "slack", "email"]
-    severities: list[Literal["info", "warning", "critical"]] = ["warning", "critical"]
-    scopes: list[Literal["market", "entity", "source", "topic"]] = ["market", "entity", "source", "topic"]
+    severities: list[Severity] = [Severity.WARNING, Severity.CRITICAL]
+    scopes: list[ScopeKind] = list(ScopeKind)
     # slack: the webhook URL comes from this env var or Airflow connection, never from the file
     webhook_url_env: str = "FINSENT_SLACK_WEBHOOK_URL"
     # slack bot mode (threads incident updates): used when `channel` is set and the token env var is non-empty

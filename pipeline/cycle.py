@@ -1,7 +1,9 @@
-"""One monitoring cycle (ingest -> score -> detect -> notify), as separate steps the CLI and DAGs call.
+"""The step layer: one monitoring cycle (ingest -> score -> detect -> deliver) as separate steps.
 
-Each step opens its own transactions, so a failure in a later step never loses what an earlier one
-stored: documents are committed before scoring, scores chunk by chunk.
+`finsent run` calls `run_cycle`; each Airflow task (pipeline.orchestrate, the thin adapter) calls one
+step. Steps take a config and an engine and never dispose them. Each step opens its own transactions,
+so a failure in a later step never loses what an earlier one stored: documents are committed before
+scoring, scores chunk by chunk.
 """
 
 from __future__ import annotations
@@ -292,9 +294,10 @@ def current_model_version(cfg: FinsentConfig, engine: Engine) -> str:
     return model_version_id(resolve_model(cfg, engine))
 
 
-def detect(
+def detect_alerts(
     cfg: FinsentConfig, engine: Engine, as_of: datetime, model_version: str | None = None, scorer: Scorer | None = None
 ) -> list[AlertRecord]:
+    """Refresh the rollups, store the window's spike alerts, then the model-drift alerts (notify delivers both)."""
     from pipeline import rollups
     from pipeline.detect import detect_spikes
     from pipeline.model_health import check_models
@@ -306,7 +309,7 @@ def detect(
     return alerts
 
 
-def notify(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:
+def deliver_alerts(cfg: FinsentConfig, engine: Engine, now: datetime | None = None) -> DeliveryReport:
     """Check source health (dead or quiet sources become alerts), then deliver due alerts; the report's
     `problems` (expired deliveries, a failing sink) make the run degraded."""
     from pipeline.health import check_sources
@@ -363,9 +366,9 @@ def _leased_cycle(
         scored = score_pending(cfg, engine, scorer)
         counts["scored"] = scored.scored
         counts.update({f"not_scored_{k}": v for k, v in scored.not_scored.items()})
-        alerts = detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
+        alerts = detect_alerts(cfg, engine, as_of, scored.model_version, scorer=scorer)
         counts["alerts"] = len(alerts)
-        report = notify(cfg, engine)
+        report = deliver_alerts(cfg, engine)
         counts["delivered"] = report.sent
         errors += [{"step": "notify", "error": p} for p in report.problems]
         status = RunStatus.DEGRADED if report.degraded else (RunStatus.PARTIAL if errors else RunStatus.OK)

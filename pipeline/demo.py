@@ -146,10 +146,10 @@ def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -
     )
 
     t = time.perf_counter()
-    alerts = cycle.detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
+    alerts = cycle.detect_alerts(cfg, engine, as_of, scored.model_version, scorer=scorer)
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
-    cycle.notify(cfg, engine)
+    cycle.deliver_alerts(cfg, engine)
     timings["notify"] = time.perf_counter() - t
 
     with store.session_scope(engine) as session:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import and_, case, func, select
@@ -14,11 +14,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from pipeline.errors import UsageError
+from pipeline.records import ScopeKind
 from pipeline.store import schema as s
 from pipeline.web.queries import HOUR, as_hour, current_model, floor_hour, hour_bucket, zero_filled
 
-ScopeKind = Literal["market", "entity", "source", "topic"]
-SCOPE_KINDS: tuple[ScopeKind, ...] = ("market", "entity", "source", "topic")
+SCOPE_KINDS: tuple[str, ...] = tuple(ScopeKind)
 FORMATS = {".csv": "csv", ".parquet": "parquet"}
 MAX_SERIES_RANGE = timedelta(days=366)
 BATCH = 10_000

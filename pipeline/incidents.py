@@ -21,13 +21,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pipeline.health import OPS_SCOPES
+from pipeline.records import IncidentState as IncidentState
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
-
-
-class IncidentState(StrEnum):
-    OPEN = "open"
-    RESOLVED = "resolved"
 
 
 class MessageKind(StrEnum):

@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, and_, func, or_, select, update
@@ -36,6 +35,7 @@ from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import assign_incidents, head_key, record_message_ref, severity_key
 from pipeline.messages import IncidentMessage, alert_title, build_message, routes_to
+from pipeline.records import DeliveryState, NoticeKind, NoticeState
 from pipeline.sinks import DeliveryError, Sink, build_sink
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -49,38 +49,7 @@ BACKOFF_MAX = timedelta(minutes=30)
 STALE_ERROR = "alert window older than expire_hours when first routed"
 
 
-class DeliveryState(StrEnum):
-    """`alert_deliveries.status`."""
-
-    PENDING = "pending"
-    SENDING = "sending"
-    SENT = "sent"
-    FAILED = "failed"  # an attempt failed; retried at next_attempt_at
-    EXPIRED = "expired"  # given up: past expire_hours (or max_attempts), or stale when first routed
-    CANCELLED = "cancelled"  # acknowledged before it was sent
-    GROUPED = "grouped"  # told inside its incident's message (the lead alert's row carries the delivery)
-
-
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.FAILED)
-
-
-class NoticeKind(StrEnum):
-    """`operator_notices.kind`: what an operator is told about the pipeline itself."""
-
-    DAG_FAILED = "dag_failed"
-    DELIVERY_EXPIRED = "delivery_expired"
-    SINK_FAILING = "sink_failing"
-    DOCUMENTS_FAILED = "documents_failed"
-
-
-class NoticeState(StrEnum):
-    """`operator_notices.status`: claim, send, confirm, so a notice that reached nobody is not lost."""
-
-    PENDING = "pending"  # queued by a step with no sinks at hand (scoring): the next notify run sends it
-    SENDING = "sending"  # claimed by a sender; taken over after CLAIM_LEASE if that sender died
-    SENT = "sent"  # every sink it was meant for has it
-    RETRYING = "retrying"  # missed a sink: retried there (only there) at next_attempt_at
-    FAILED = "failed"  # missed a sink after notices.max_attempts tries: on record, `finsent alerts notices`
 
 
 NOTICE_OPEN = (NoticeState.PENDING, NoticeState.RETRYING)

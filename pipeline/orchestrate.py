@@ -1,9 +1,11 @@
-"""Glue between Airflow tasks and the pipeline steps in `pipeline.cycle`.
+"""The Airflow adapter: what each DAG task does, in terms of the steps in `pipeline.cycle`.
 
-DAG files stay declarative and cheap to parse: every task calls one function here, which resolves
-config and secrets the same way in every task (Airflow Variables/Connections first, then env vars,
-so the CLI, `dag.test()` and a bare container all work) and returns small JSON-able dicts for XCom.
-Nothing here imports torch or transformers at module level.
+DAG files stay declarative and cheap to parse: every task calls one function here (named
+`<dag>_<task>`-like: `monitor_detect`, `train_candidate`...), which opens its config and engine through
+`task_resources` (Airflow Variables/Connections first, then env vars, so the CLI, `dag.test()` and a
+bare container all work) and returns small JSON-able dicts for XCom. The monitor's work steps hold the
+cycle lock `finsent run` takes (shared among themselves), so an Airflow run and a cron `finsent run`
+never work on one database at once. Nothing here imports torch or transformers at module level.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 
 from pipeline import secrets, store
 from pipeline.config import SHARDS_ENV as SHARDS_ENV
@@ -30,7 +33,7 @@ from pipeline.config import score_shards as configured_shards
 from pipeline.errors import FinsentError
 from pipeline.records import RunStatus
 from pipeline.store import schema as s
-from pipeline.store.runs import AIRFLOW_LEASE, owner
+from pipeline.store.runs import AIRFLOW_LEASE, AIRFLOW_LOCK_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +110,32 @@ def load() -> FinsentConfig:
     return cfg
 
 
-def _engine(cfg: FinsentConfig) -> Engine:
+@contextmanager
+def _engine(cfg: FinsentConfig) -> Iterator[Engine]:
+    """An engine for `cfg`, disposed on the way out (a task process must not keep pooled connections)."""
     from pipeline.cycle import open_engine
 
-    return open_engine(cfg)
+    engine = open_engine(cfg)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def task_resources(*, lock: bool = False) -> Iterator[tuple[FinsentConfig, Engine]]:
+    """The config and engine one task works with, the engine disposed when it ends.
+
+    `lock`: hold the cycle lock in shared mode (other monitor tasks run alongside; a `finsent run` on the
+    same database does not), waiting up to AIRFLOW_LOCK_WAIT for a `finsent run` to finish before the task
+    fails with RunLockedError (and is retried)."""
+    cfg = load()
+    with _engine(cfg) as engine:
+        if lock:
+            with store.run_lock(engine, shared=True, wait=AIRFLOW_LOCK_WAIT):
+                yield cfg, engine
+        else:
+            yield cfg, engine
 
 
 def _as_utc(value: Any) -> datetime:
@@ -156,6 +181,7 @@ def run_window(dag_run: Any, step: timedelta = MONITOR_STEP) -> tuple[datetime, 
 
 
 def source_names() -> list[str]:
+    """The enabled sources, one mapped ingest task each."""
     cfg = load()
     names = [s.name for s in cfg.sources if s.enabled]
     if not names:
@@ -163,71 +189,27 @@ def source_names() -> list[str]:
     return names
 
 
-def start_run(interval_start: Any, interval_end: Any, airflow_run_id: str | None = None) -> int:
-    """The `pipeline_runs` row for this DAG run: a retried start_run reuses the unfinished row its earlier
-    try made (same kind, interval and Airflow run id) instead of leaving an orphan.
-
-    Runs whose lease expired (a DAG run whose `finish` never ran) are marked abandoned first, so a retry
-    never adopts a dead row. A DAG run cleared and run again after `finish` gets a new row, so each full
-    execution stays on record.
-    """
-    start, end = _as_utc(interval_start), _as_utc(interval_end)
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+def monitor_start(interval_start: Any, interval_end: Any, airflow_run_id: str | None = None) -> int:
+    """The `pipeline_runs` row for this DAG run (store.start_run: a retried start reuses the row its
+    earlier try made). Runs whose lease expired (a DAG run whose `finish` never ran) are marked abandoned
+    first, so a retry never adopts a dead row."""
+    with task_resources() as (_, engine):
         store.abandon_expired(engine)
-        if not airflow_run_id:
-            return store.start_run(engine, RUN_KIND, start, end, lease=AIRFLOW_LEASE)
-        P = s.PipelineRun
-        with store.session_scope(engine) as session:
-            if (
-                session.get_bind().dialect.name == "postgresql"
-            ):  # two tries racing (a zombie and its retry) still make one row
-                session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{RUN_KIND}:{airflow_run_id}"))))
-            found = session.scalars(
-                select(P.id)
-                .where(
-                    P.kind == RUN_KIND,
-                    P.interval_start == start,
-                    P.interval_end == end,
-                    P.status == RunStatus.RUNNING,
-                    P.airflow_run_id == airflow_run_id,
-                )
-                .order_by(P.id.desc())
-                .limit(1)
-            ).first()
-            if found is not None:
-                log.info("pipeline run %s reused for Airflow run %s (a retried start_run)", found, airflow_run_id)
-                store.heartbeat(engine, found, AIRFLOW_LEASE)
-                return found
-            now = datetime.now(UTC)
-            run = P(
-                kind=RUN_KIND,
-                started_at=now,
-                status=RunStatus.RUNNING,
-                interval_start=start,
-                interval_end=end,
-                heartbeat_at=now,
-                lease_expires_at=now + AIRFLOW_LEASE,
-                owner=owner(),
-                airflow_run_id=airflow_run_id,
-            )
-            session.add(run)
-            session.flush()
-            return run.id
-    finally:
-        engine.dispose()
+        return store.start_run(
+            engine,
+            RUN_KIND,
+            _as_utc(interval_start),
+            _as_utc(interval_end),
+            lease=AIRFLOW_LEASE,
+            airflow_run_id=airflow_run_id or None,
+        )
 
 
-def ingest(name: str, run_id: int | None = None) -> dict[str, Any]:
+def monitor_ingest(name: str, run_id: int | None = None) -> dict[str, Any]:
     from pipeline.cycle import ingest_source
 
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+    with task_resources(lock=True) as (cfg, engine):
         return asdict(ingest_source(cfg, engine, name, run_id=run_id))
-    finally:
-        engine.dispose()
 
 
 def score_shards() -> list[int]:
@@ -241,19 +223,15 @@ def score_shards() -> list[int]:
         raise OrchestrationError(str(e)) from None
 
 
-def score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
+def monitor_score(shard: int = 0, shards: int = 1) -> dict[str, Any]:
     """Score this shard of everything still unscored; chunks are committed, so a killed try resumes where it stopped."""
     from pipeline.cycle import score_pending
 
-    cfg = load()
-    device = shard_device(cfg.model.device, shard)
-    if device != cfg.model.device:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
-    engine = _engine(cfg)
-    try:
+    with task_resources(lock=True) as (cfg, engine):
+        device = shard_device(cfg.model.device, shard)
+        if device != cfg.model.device:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": device})})
         return asdict(score_pending(cfg, engine, shard=shard, shards=shards, load=lambda: cached_scorer(cfg, engine)))
-    finally:
-        engine.dispose()
 
 
 _SCORERS: dict[tuple[Any, ...], Any] = {}
@@ -312,24 +290,19 @@ def merge_scored(
     }
 
 
-def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any]:
+def monitor_detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any]:
     """Detect for the last complete window at the run's data_interval_end, so a backfill replays that window.
 
     The DAG runs every 15 minutes while detection windows may be longer (detect.window_minutes); the
     window end is aligned to that grid, so the runs inside one window re-check it idempotently.
     """
-    from pipeline.cycle import detect as detect_step
-    from pipeline.cycle import window_end
+    from pipeline.cycle import detect_alerts, window_end
 
-    cfg = load()
-    as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)
-    engine = _engine(cfg)
-    try:
+    with task_resources(lock=True) as (cfg, engine):
+        as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)
         with engine.connect() as c:  # the runs inside one window re-find its alerts: count only this run's
             known = set(c.scalars(select(s.Alert.id).where(s.Alert.window_end == as_of)))
-        alerts = detect_step(cfg, engine, as_of, model_version=model_version)
-    finally:
-        engine.dispose()
+        alerts = detect_alerts(cfg, engine, as_of, model_version=model_version)
     ids = [a.id for a in alerts]
     return {"as_of": as_of.isoformat(), "alerts": ids, "new_alerts": [i for i in ids if i not in known]}
 
@@ -339,17 +312,13 @@ class DeliveryDegraded(OrchestrationError):
     a retry would find nothing newly expired and pass) and the DAG run is marked failed."""
 
 
-def notify() -> dict[str, Any]:
+def monitor_notify() -> dict[str, Any]:
     """Deliver due alerts; fail the task, naming why, when delivery is degraded (the operator notice went out)."""
-    from pipeline.cycle import notify as notify_step
+    from pipeline.cycle import deliver_alerts
     from pipeline.notify import summary_line
 
-    cfg = load()
-    engine = _engine(cfg)
-    try:
-        report = notify_step(cfg, engine)
-    finally:
-        engine.dispose()
+    with task_resources(lock=True) as (cfg, engine):
+        report = deliver_alerts(cfg, engine)
     if report.degraded:
         message = f"alert delivery degraded: {'; '.join(report.problems)} ({summary_line(report)})"
         try:
@@ -377,7 +346,7 @@ def skipped_steps(ti: Any) -> set[str]:
     return {task for task, seen in by_task.items() if seen and seen <= NOT_RUN_STATES}
 
 
-def finish_run(
+def monitor_finish(
     run_id: int | None,
     sources: Sequence[str],
     ingested: Iterable[Mapping[str, Any] | None],
@@ -419,12 +388,8 @@ def finish_run(
     }
     failed_steps = [e for e in errors if e["error"] == "task failed"]
     status = RunStatus.FAILED if failed_steps else (RunStatus.PARTIAL if errors else RunStatus.OK)
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+    with task_resources() as (_, engine):
         store.finish_run(engine, run_id, status, counts, errors)
-    finally:
-        engine.dispose()
     if failed_steps:
         message = f"pipeline run {run_id} failed in: {', '.join(e.get('source') or e['step'] for e in failed_steps)}"
         steps = ", ".join(e["step"] for e in failed_steps)
@@ -504,7 +469,7 @@ def _finished_candidate(run_dir: Path, options: Mapping[str, Any]) -> dict[str, 
     return meta
 
 
-def train(output_dir: str | None = None, airflow_run_id: str | None = None, **options: Any) -> dict[str, Any]:
+def train_candidate(output_dir: str | None = None, airflow_run_id: str | None = None, **options: Any) -> dict[str, Any]:
     """Fine-tune a candidate and register it; options (limit, epochs, max_steps, base...) come from the run's params.
 
     Under Airflow the folder is named by the DAG run id, so a retried task finds the candidate an earlier
@@ -515,7 +480,7 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     from pipeline.train import TrainConfig, train_model
 
     quiet_model_libraries()
-    cfg = load()
+    cfg = load()  # no engine while training (hours): one is opened to register the result
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(k for k in options if k not in known)
     if unknown:
@@ -545,8 +510,7 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
             progress=False,
         )
         path, seconds, device = result.output_dir, result.seconds, result.device
-    engine = _engine(cfg)
-    try:
+    with task_resources() as (_, engine):
         if meta is None and result.feedback_used:  # what the analysts' corrections changed, in metrics.feedback
             from pipeline.data import load_feedback_rows
             from pipeline.feedback import record_feedback_report
@@ -554,8 +518,6 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
             rows = load_feedback_rows(cfg.database_url.get_secret_value())
             log.info("feedback report: %s", record_feedback_report(path, cfg.data_dir, rows, engine).to_json())
         version = register_trained(engine, path)
-    finally:
-        engine.dispose()
     return _jsonable(
         {
             "path": str(path),
@@ -568,15 +530,13 @@ def train(output_dir: str | None = None, airflow_run_id: str | None = None, **op
     )
 
 
-def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
+def evaluate_candidate(trained: Mapping[str, Any]) -> dict[str, Any]:
     """Score the candidate on the fixed splits; the metrics land in the registry (not for a `limit` smoke run)."""
     from pipeline.evaluate import evaluate_model
     from pipeline.logsetup import quiet_model_libraries
 
     quiet_model_libraries()
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+    with task_resources() as (cfg, engine):
         report = evaluate_model(
             trained["path"],
             cfg.data_dir,
@@ -585,8 +545,6 @@ def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
             limit=trained.get("limit"),
             command="finsent_train.evaluate",
         )
-    finally:
-        engine.dispose()
     model = report.results["model"]
     return {
         "version": report.version,
@@ -596,18 +554,14 @@ def evaluate(trained: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def promote(trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
+def promote_candidate(trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
     """Promote through the registry's gate: only a candidate no worse anywhere and better on the primary split."""
     from pipeline.registry import promote_if_better
 
     if evaluated["version"] != trained["version"]:
         raise OrchestrationError(f"evaluated {evaluated['version']} but trained {trained['version']}")
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+    with task_resources() as (_, engine):
         return _jsonable(promote_if_better(engine, trained["version"]).as_dict())
-    finally:
-        engine.dispose()
 
 
 # --- finsent_maintenance ------------------------------------------------------------------------
@@ -616,14 +570,10 @@ def promote(trained: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[st
 def maintain(as_of: Any) -> dict[str, Any]:
     from pipeline.maintenance import run_maintenance
 
-    cfg = load()
-    engine = _engine(cfg)
-    try:
+    with task_resources() as (cfg, engine):
         return _jsonable(
             run_maintenance(engine, now=_as_utc(as_of), social_text_days=cfg.retention.raw_social_text_days)
         )
-    finally:
-        engine.dispose()
 
 
 # --- failure notices ------------------------------------------------------------------------------
@@ -718,28 +668,19 @@ def _claim_run_notice(cfg: FinsentConfig, key: str, subject: str, body: str) -> 
     from pipeline.notify import NoticeKind, claim_notice
 
     try:
-        engine = _engine(cfg)
-    except Exception as e:  # noqa: BLE001  (a bad URL must not stop the notice)
-        log.error("failure notice %s: database unusable: %s", key, redact(f"{type(e).__name__}: {e}", _secrets(cfg)))
-        return None
-    try:
-        return claim_notice(engine, key, NoticeKind.DAG_FAILED, subject, body)
-    except Exception as e:  # noqa: BLE001
+        with _engine(cfg) as engine:
+            return claim_notice(engine, key, NoticeKind.DAG_FAILED, subject, body)
+    except Exception as e:  # noqa: BLE001  (a bad URL or a database outage must not stop the notice)
         log.error("failure notice %s not recorded: %s", key, redact(f"{type(e).__name__}: {e}", _secrets(cfg)))
         return None
-    finally:
-        engine.dispose()
 
 
 def _record_run_notice(cfg: FinsentConfig, key: str, reached: list[str]) -> None:
     from pipeline.notify import record_notice
 
     try:
-        engine = _engine(cfg)
-        try:
+        with _engine(cfg) as engine:
             record_notice(engine, key, reached, [s.name for s in cfg.sinks if s.name not in reached])
-        finally:
-            engine.dispose()
     except Exception as e:  # noqa: BLE001  (the notice went out; only its record is missing)
         log.warning("failure notice %s sent to %s but not recorded: %s", key, reached, type(e).__name__)
 

@@ -33,6 +33,44 @@ class Severity(StrEnum):
     CRITICAL = "critical"
 
 
+class DeliveryState(StrEnum):
+    """`alert_deliveries.status`."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"  # an attempt failed; retried at next_attempt_at
+    EXPIRED = "expired"  # given up: past expire_hours (or max_attempts), or stale when first routed
+    CANCELLED = "cancelled"  # acknowledged before it was sent
+    GROUPED = "grouped"  # told inside its incident's message (the lead alert's row carries the delivery)
+
+
+class NoticeKind(StrEnum):
+    """`operator_notices.kind`: what an operator is told about the pipeline itself."""
+
+    DAG_FAILED = "dag_failed"
+    DELIVERY_EXPIRED = "delivery_expired"
+    SINK_FAILING = "sink_failing"
+    DOCUMENTS_FAILED = "documents_failed"
+
+
+class NoticeState(StrEnum):
+    """`operator_notices.status`: claim, send, confirm, so a notice that reached nobody is not lost."""
+
+    PENDING = "pending"  # queued by a step with no sinks at hand (scoring): the next notify run sends it
+    SENDING = "sending"  # claimed by a sender; taken over after CLAIM_LEASE if that sender died
+    SENT = "sent"  # every sink it was meant for has it
+    RETRYING = "retrying"  # missed a sink: retried there (only there) at next_attempt_at
+    FAILED = "failed"  # missed a sink after notices.max_attempts tries: on record, `finsent alerts notices`
+
+
+class IncidentState(StrEnum):
+    """`incidents.state`."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
 def document_text(title: str, summary: str | None) -> str:
     """The text a model scores: title plus summary (one definition for ingest, storage, scoring and evidence)."""
     if summary and summary != title:

@@ -2,7 +2,7 @@
 
 Dashboards and the web app read these small tables instead of aggregating every stored document, so a
 panel over 7 days reads 7 days of rows whatever the history. They are written when a window is detected
-(pipeline.cycle.detect): every hour that holds a document scored since the last refresh is recomputed from
+(pipeline.cycle.detect_alerts): every hour that holds a document scored since the last refresh is recomputed from
 the base tables, delete-then-insert in one transaction, so a rerun or a backfill rewrites the same rows,
 and the days those hours fall in are recomputed from the hourly rows. No refresh job to forget.
 """

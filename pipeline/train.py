@@ -320,6 +320,16 @@ def fit_temperature(logits, labels) -> float:
     return round(best_t, 4)
 
 
+def _val_metrics(model: Any, tokenizer: Any, splits: Splits, cfg: TrainConfig, dev: str) -> dict[str, dict[str, float]]:
+    """Metrics on every non-empty validation split, by split name."""
+    n_topics = len(splits.topics)
+    return {
+        name: _split_metrics(model, tokenizer, name, exs, cfg, dev, n_topics)[0]
+        for name, exs in splits.val.items()
+        if exs
+    }
+
+
 def _val_score(metrics: dict[str, dict[str, float]]) -> float:
     vals = [m["macro_f1"] for m in metrics.values() if m]
     return sum(vals) / len(vals) if vals else 0.0
@@ -343,17 +353,16 @@ def train_model(
     extra_examples: Sequence[Example] = (),
     device: str | None = None,
     progress: bool = True,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_eval: Callable[[dict[str, float]], None] | None = None,
     teacher: TeacherTargets | None = None,
     distil: DistilConfig | None = None,
 ) -> TrainResult:
     """Fine-tune, early-stop on the validation splits, calibrate, and save an fp16 model folder.
 
     With `teacher`, every example the teacher labelled also learns the teacher's temperature-softened
-    distributions (see `distil_loss`), weighted `distil.alpha` against the hard labels."""
+    distributions (see `distil_loss`), weighted `distil.alpha` against the hard labels. `on_eval` gets
+    each validation record (every `eval_every` steps, default once an epoch)."""
     import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     cfg = config or TrainConfig()
     if not cfg.base:
@@ -362,133 +371,22 @@ def train_model(
     t0 = time.monotonic()
     set_seed(cfg.seed)
     splits: Splits = build_splits(data_dir, seed=cfg.split_seed, limit=cfg.limit)
-    banned = eval_texts(splits)
     rows = list(feedback_rows)
     if database_url:
         from pipeline.data import load_feedback_rows
 
         rows += load_feedback_rows(database_url)
-    feedback, skipped = feedback_examples(rows, splits.topics, banned)
-    if rows:
-        log.info("feedback: %d rows used for training, skipped %s", len(feedback), skipped or "none")
-    extra = [ex for ex in extra_examples if ex.text and normalise(ex.text) not in banned]
-    fpb = [ex for ex in splits.train if ex.source == "fpb"]
-    train = list(splits.train) + fpb * max(0, cfg.fpb_repeat - 1) + feedback + extra
-    if cfg.topic_weight == 0 and teacher is None:  # topic-only examples would add nothing but compute
-        train = [ex for ex in train if ex.sentiment is not None]
-    if not train:
-        raise TrainError("no training examples (check data_dir and --limit)")
+    train, feedback, skipped = _training_examples(splits, cfg, rows, extra_examples, distilling=teacher is not None)
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    id2label = dict(enumerate(SENTIMENT_LABELS))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.base)
-        seq = AutoModelForSequenceClassification.from_pretrained(
-            cfg.base, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()}, dtype=torch.float32
-        )
-    except Exception as e:
-        raise TrainError(
-            f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        ) from None
-    model = JointModel(seq, len(splits.topics), cfg.dropout)
-    _load_topic_head(model, Path(cfg.base))
-    model = model.to(dev)
-
-    head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
-    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
-    groups: list[dict[str, Any]] = [
-        {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
-        {"params": [], "lr": cfg.head_lr, "weight_decay": 0.0},
-    ]
-    for n, p in model.named_parameters():
-        groups[2 if n in head_names else (1 if n.endswith(no_decay) else 0)]["params"].append(p)
-    optim = torch.optim.AdamW(groups, lr=cfg.lr, fused=dev.startswith("cuda"))
-    rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    sched = get_linear_schedule_with_warmup(optim, int(cfg.warmup_frac * total), max(total, 1))
-    eval_every = cfg.eval_every or steps_per_epoch
-    use_amp = cfg.amp and dev.startswith("cuda")
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    ema = [p.detach().clone() for p in params] if cfg.ema > 0 else None
-    best_score, best_state, best_metrics, bad_evals, step = -1.0, None, {}, 0, 0
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    stop = False
-    epoch = 0
-    while not stop and step < total:
-        epoch += 1
-        model.train()
-        for batch in _batches(train, cfg.batch_size, rng):
-            enc, ys, yt = _encode(tokenizer, batch, cfg.max_length, dev)
-            with _autocast(dev) if use_amp else torch.autocast("cpu", enabled=False):
-                s_logits, t_logits = model(**enc)
-            agree = torch.tensor([ex.agreement for ex in batch], device=dev) if cfg.soft_labels else None
-            loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight, agree)
-            if teacher is not None:
-                d = distil or DistilConfig()
-                soft_s, soft_t, known = teacher.batch(batch, dev)
-                if known.any():
-                    soft = distil_loss(
-                        s_logits, t_logits, soft_s, soft_t, known, d.temperature, cfg.topic_weight if d.topic else 0.0
-                    )
-                    loss = (1 - d.alpha) * loss + d.alpha * soft
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(
-                        ema, [p.detach() for p in params], 1.0 - min(cfg.ema, (1 + step) / (10 + step))
-                    )
-            bar.update(1)
-            if step % 50 == 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-            if step % eval_every == 0 or step >= total:
-                live = _swap_in(params, ema)
-                metrics = {
-                    name: _split_metrics(model, tokenizer, name, exs, cfg, dev, len(splits.topics))[0]
-                    for name, exs in splits.val.items()
-                    if exs
-                }
-                score = _val_score(metrics)
-                rec = {"step": step, "epoch": epoch, "loss": float(loss.item()), "val_score": score}
-                rec.update({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items() if m != "n"})
-                history.append(rec)
-                if on_epoch:
-                    on_epoch(rec)
-                bar.write(
-                    f"step {step} epoch {epoch}: val score {score:.4f} "
-                    + " ".join(f"{k}={v['macro_f1']:.3f}" for k, v in metrics.items())
-                )
-                if score > best_score:
-                    best_score, best_metrics, bad_evals = score, metrics, 0
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                else:
-                    bad_evals += 1
-                _swap_in(params, live)
-                if bad_evals >= cfg.patience:
-                    bar.write(f"early stop: no val improvement in {cfg.patience} evaluations")
-                    stop = True
-                    break
-                model.train()
-            if cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s and best_state is not None:
-                bar.write(f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: keeping the best checkpoint")
-                stop = True
-            if step >= total or stop:
-                break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    tokenizer, model = _load_base(cfg, len(splits.topics), dev)
+    loop = _TrainingLoop(model, tokenizer, cfg, dev, len(train), teacher, distil or DistilConfig())
+    evals = _Evaluations(cfg.patience, on_eval)
+    step = loop.run(train, splits, evals, t0, progress)
+    if evals.best_state is not None:
+        model.load_state_dict(evals.best_state)
 
     version, temperature, topic_temperature = _calibrate_and_save(
         model, tokenizer, splits, out, cfg.max_length, dev, cfg.name
@@ -510,8 +408,8 @@ def train_model(
             "feedback": len(feedback),
             "feedback_skipped": skipped,
         },
-        "metrics": {"val": best_metrics},
-        "history": history,
+        "metrics": {"val": evals.best_metrics},
+        "history": evals.history,
         "training": {
             "seconds": round(seconds, 1),
             "device": _device_name(dev),
@@ -522,10 +420,216 @@ def train_model(
         },
     }
     (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, best_metrics)
+    log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, evals.best_metrics)
     return TrainResult(
-        out, version, best_metrics, temperature, topic_temperature, history, seconds, _device_name(dev), len(feedback)
+        out,
+        version,
+        evals.best_metrics,
+        temperature,
+        topic_temperature,
+        evals.history,
+        seconds,
+        _device_name(dev),
+        len(feedback),
     )
+
+
+def _training_examples(
+    splits: Splits,
+    cfg: TrainConfig,
+    rows: Sequence[FeedbackRow],
+    extra_examples: Sequence[Example],
+    *,
+    distilling: bool,
+) -> tuple[list[Example], list[Example], dict[str, int]]:
+    """(train set, feedback examples used, feedback skipped by reason): FPB repeated `fpb_repeat` times, and
+    nothing whose text is in an evaluation split (feedback or extra), so no evaluation text is trained on."""
+    banned = eval_texts(splits)
+    feedback, skipped = feedback_examples(rows, splits.topics, banned)
+    if rows:
+        log.info("feedback: %d rows used for training, skipped %s", len(feedback), skipped or "none")
+    extra = [ex for ex in extra_examples if ex.text and normalise(ex.text) not in banned]
+    fpb = [ex for ex in splits.train if ex.source == "fpb"]
+    train = list(splits.train) + fpb * max(0, cfg.fpb_repeat - 1) + feedback + extra
+    if cfg.topic_weight == 0 and not distilling:  # topic-only examples would add nothing but compute
+        train = [ex for ex in train if ex.sentiment is not None]
+    if not train:
+        raise TrainError("no training examples (check data_dir and --limit)")
+    return train, feedback, skipped
+
+
+def _load_base(cfg: TrainConfig, n_topics: int, dev: str) -> tuple[Any, Any]:
+    """The base checkpoint's tokenizer and a JointModel on `dev` (the base's topic head when it has one)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    id2label = dict(enumerate(SENTIMENT_LABELS))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+        seq = AutoModelForSequenceClassification.from_pretrained(
+            cfg.base, num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()}, dtype=torch.float32
+        )
+    except Exception as e:
+        raise TrainError(
+            f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        ) from None
+    model = JointModel(seq, n_topics, cfg.dropout)
+    _load_topic_head(model, Path(cfg.base))
+    return tokenizer, model.to(dev)
+
+
+def _optimizer(model: Any, cfg: TrainConfig, dev: str) -> Any:
+    """AdamW with three groups: decayed encoder weights, undecayed biases/LayerNorm, and the heads at head_lr."""
+    import torch
+
+    head_names = {n for n, _ in model.named_parameters() if n.startswith(("topic_head", "seq.classifier"))}
+    no_decay = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+    groups: list[dict[str, Any]] = [
+        {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"params": [], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": [], "lr": cfg.head_lr, "weight_decay": 0.0},
+    ]
+    for n, p in model.named_parameters():
+        groups[2 if n in head_names else (1 if n.endswith(no_decay) else 0)]["params"].append(p)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=dev.startswith("cuda"))
+
+
+@dataclass(slots=True)
+class _Evaluations:
+    """Early-stopping state across validation evaluations: the best checkpoint so far, the history, and
+    how many evaluations in a row did not improve on it."""
+
+    patience: int
+    on_eval: Callable[[dict[str, float]], None] | None = None
+    best_score: float = -1.0
+    best_state: dict[str, Any] | None = None
+    best_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self, rec: dict[str, float], metrics: dict[str, dict[str, float]], model: Any) -> None:
+        """Log one evaluation; keep a CPU copy of the model's weights when it is the best so far."""
+        self.history.append(rec)
+        if self.on_eval:
+            self.on_eval(rec)
+        if rec["val_score"] > self.best_score:
+            self.best_score, self.best_metrics, self.bad_evals = rec["val_score"], metrics, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_evals >= self.patience
+
+
+class _TrainingLoop:
+    """The optimizer, schedule and EMA of one training run, and its steps."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        cfg: TrainConfig,
+        dev: str,
+        n_train: int,
+        teacher: TeacherTargets | None,
+        distil: DistilConfig,
+    ) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        self.model, self.tokenizer, self.cfg, self.dev = model, tokenizer, cfg, dev
+        self.teacher, self.distil = teacher, distil
+        self.optim = _optimizer(model, cfg, dev)
+        self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+        total = self.steps_per_epoch * cfg.epochs
+        self.total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        self.sched = get_linear_schedule_with_warmup(self.optim, int(cfg.warmup_frac * self.total), max(self.total, 1))
+        self.use_amp = cfg.amp and dev.startswith("cuda")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema > 0 else None
+
+    def run(self, train: Sequence[Example], splits: Splits, evals: _Evaluations, t0: float, progress: bool) -> int:
+        """Train until `total` steps, early stopping or the time limit; returns the steps taken."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        eval_every = cfg.eval_every or self.steps_per_epoch
+        step = epoch = 0
+        with tqdm(total=self.total, desc="train", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+            while step < self.total:
+                epoch += 1
+                self.model.train()
+                for batch in _batches(train, cfg.batch_size, rng):
+                    loss = self.step(batch)
+                    step += 1
+                    self._update_ema(step)
+                    bar.update(1)
+                    if step % 50 == 1:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                    if step % eval_every == 0 or step >= self.total:
+                        self._evaluate(splits, evals, {"step": step, "epoch": epoch, "loss": float(loss.item())}, bar)
+                        if evals.exhausted:
+                            bar.write(f"early stop: no val improvement in {cfg.patience} evaluations")
+                            return step
+                        self.model.train()
+                    late = cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s
+                    if late and evals.best_state is not None:
+                        bar.write(
+                            f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: keeping the best checkpoint"
+                        )
+                        return step
+                    if step >= self.total:
+                        break
+        return step
+
+    def step(self, batch: Sequence[Example]) -> Any:
+        """One optimizer step on `batch` (joint loss, plus the teacher's soft targets when distilling)."""
+        import torch
+
+        cfg, dev = self.cfg, self.dev
+        enc, ys, yt = _encode(self.tokenizer, batch, cfg.max_length, dev)
+        with _autocast(dev) if self.use_amp else torch.autocast("cpu", enabled=False):
+            s_logits, t_logits = self.model(**enc)
+        agree = torch.tensor([ex.agreement for ex in batch], device=dev) if cfg.soft_labels else None
+        loss = joint_loss(s_logits, t_logits, ys, yt, cfg.topic_weight, agree)
+        if self.teacher is not None:
+            d = self.distil
+            soft_s, soft_t, known = self.teacher.batch(batch, dev)
+            if known.any():
+                soft = distil_loss(
+                    s_logits, t_logits, soft_s, soft_t, known, d.temperature, cfg.topic_weight if d.topic else 0.0
+                )
+                loss = (1 - d.alpha) * loss + d.alpha * soft
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optim.step()
+        self.sched.step()
+        return loss
+
+    def _update_ema(self, step: int) -> None:
+        import torch
+
+        if self.ema is not None:
+            with torch.no_grad():
+                decay = min(self.cfg.ema, (1 + step) / (10 + step))
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+
+    def _evaluate(self, splits: Splits, evals: _Evaluations, rec: dict[str, float], bar: Any) -> None:
+        """Score the validation splits with the EMA weights swapped in (the ones a checkpoint keeps)."""
+        live = _swap_in(self.params, self.ema)
+        metrics = _val_metrics(self.model, self.tokenizer, splits, self.cfg, self.dev)
+        score = _val_score(metrics)
+        rec = {**rec, "val_score": score}
+        rec.update({f"{k}.{m}": v for k, d in metrics.items() for m, v in d.items() if m != "n"})
+        evals.record(rec, metrics, self.model)
+        bar.write(
+            f"step {rec['step']} epoch {rec['epoch']}: val score {score:.4f} "
+            + " ".join(f"{k}={v['macro_f1']:.3f}" for k, v in metrics.items())
+        )
+        _swap_in(self.params, live)
 
 
 def _calibrate_and_save(
@@ -595,27 +699,22 @@ def soup_models(
         model.topic_head.load_state_dict(avg_head)
         model.to(dev)
 
-    def evaluate() -> tuple[float, dict]:
-        cfg = TrainConfig(max_length=max_length)
-        metrics = {
-            k: _split_metrics(model, tokenizer, k, exs, cfg, dev, len(splits.topics))[0]
-            for k, exs in splits.val.items()
-            if exs
-        }
+    def val_score() -> tuple[float, dict]:
+        metrics = _val_metrics(model, tokenizer, splits, TrainConfig(max_length=max_length), dev)
         return _val_score(metrics), metrics
 
     scored = []
     for i in range(len(paths)):
         load([i])
-        scored.append((evaluate()[0], i))
+        scored.append((val_score()[0], i))
     order = [i for _, i in sorted(scored, reverse=True)]
     soup = [order[0]]
     load(soup)
-    best, best_metrics = evaluate()
+    best, best_metrics = val_score()
     trail = [{"members": [str(paths[i]) for i in soup], "val_score": best}]
     for i in order[1:]:
         load(soup + [i])
-        score, metrics = evaluate()
+        score, metrics = val_score()
         trail.append({"members": [str(paths[j]) for j in soup + [i]], "val_score": score})
         if score >= best:
             soup, best, best_metrics = soup + [i], score, metrics

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from pipeline.alert_eval import ScopeProfile, Spike, db_replay_check, evaluate, make_stream
+from pipeline.alert_eval import ScopeProfile, Spike, db_replay_check, evaluate_detector, make_stream
 from pipeline.cli import app
 from pipeline.config import DetectConfig
 from pipeline.notify import deliver_pending
@@ -22,8 +22,8 @@ runner = CliRunner()
 
 
 def test_replay_is_deterministic_and_measures_the_detector() -> None:
-    a = evaluate(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
-    b = evaluate(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
+    a = evaluate_detector(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
+    b = evaluate_detector(DetectConfig(), seeds=(11,), scopes=6, weeks=2, db_check=False)
     assert (a.recall_3sd, a.false_alerts_per_scope_week, a.precision) == (
         b.recall_3sd,
         b.false_alerts_per_scope_week,
@@ -35,11 +35,11 @@ def test_replay_is_deterministic_and_measures_the_detector() -> None:
     )  # 12 scope-weeks: the report measures the target
     assert a.recall_by_local_sd["6-8.01"]["recall"] >= a.recall_by_local_sd["1-2"]["recall"]
     # A detector that can never fire finds nothing: the metrics respond to the detector.
-    blind = evaluate(DetectConfig(min_volume=10_000), seeds=(11,), scopes=6, weeks=2, db_check=False)
+    blind = evaluate_detector(DetectConfig(min_volume=10_000), seeds=(11,), scopes=6, weeks=2, db_check=False)
     assert blind.recall_3sd == 0 and blind.quiet_false_alerts == 0
     # Several seeds pool their spikes; each seed is reported on its own too.
-    c = evaluate(DetectConfig(), seeds=(12,), scopes=6, weeks=2, db_check=False)
-    both = evaluate(DetectConfig(), seeds=(11, 12), scopes=6, weeks=2, db_check=False)
+    c = evaluate_detector(DetectConfig(), seeds=(12,), scopes=6, weeks=2, db_check=False)
+    both = evaluate_detector(DetectConfig(), seeds=(11, 12), scopes=6, weeks=2, db_check=False)
     assert (
         both.spikes_total == a.spikes_total + c.spikes_total
         and both.quiet_false_alerts == a.quiet_false_alerts + c.quiet_false_alerts

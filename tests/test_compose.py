@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -178,14 +179,6 @@ def test_gpu_pool_and_queue_match_the_dag():
     assert f'--queues", "{score.queue}"' in COMPOSE.read_text()
 
 
-def _grafana_queries() -> list[tuple[str, str]]:
-    dash = json.loads((ROOT / "grafana" / "dashboards" / "finsent.json").read_text())
-    out = [(p["title"], t["rawSql"]) for p in dash["panels"] for t in p["targets"]]
-    out += [(f"variable {v['name']}", v["query"]) for v in dash["templating"]["list"]]
-    out += [(f"annotation {a['name']}", a["target"]["rawSql"]) for a in dash["annotations"]["list"]]
-    return out
-
-
 def test_grafana_provisioning_is_wired(compose):
     ds = yaml.safe_load((ROOT / "grafana/provisioning/datasources/finsent.yaml").read_text())["datasources"][0]
     assert ds["type"] == "grafana-postgresql-datasource" and ds["url"].startswith("postgres:")
@@ -205,7 +198,10 @@ def test_grafana_provisioning_is_wired(compose):
 
 def test_grafana_queries_run_against_the_migrated_views(engine):
     """Every dashboard query, with Grafana's macros expanded, runs on a freshly migrated schema."""
-    queries = _grafana_queries()
+    from pipeline.dashboard_bench import expand_macros, grafana_queries
+
+    queries = grafana_queries()
+    end = datetime.now(UTC)
     assert len(queries) >= 8
     with engine.connect() as c:
         views = set(c.execute(text("SELECT viewname FROM pg_views WHERE schemaname = current_schema()")).scalars())
@@ -215,7 +211,4 @@ def test_grafana_queries_run_against_the_migrated_views(engine):
         for title, sql in queries:
             used = set(re.findall(r"\bFROM\s+([a-z_]+)", sql))
             assert used and used <= views, f"{title}: queries {used - views}, not a view created by sql/views"
-            expanded = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 BETWEEN now() - interval '7 days' AND now()", sql)
-            expanded = expanded.replace("($entity)", "('NWB')")
-            expanded = expanded.replace("$__timeFrom()", "(now() - interval '7 days')").replace("$__timeTo()", "now()")
-            c.execute(text(expanded)).all()
+            c.execute(text(expand_macros(sql, end - timedelta(days=7), end, ["NWB"]))).all()

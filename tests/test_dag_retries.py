@@ -61,19 +61,19 @@ def env(tmp_path, pg_url, monkeypatch):
 
 
 def test_start_run_twice_for_one_dag_run_gives_one_row(env, engine):
-    first = orchestrate.start_run(START, END, airflow_run_id=RUN)
-    assert orchestrate.start_run(START, END, airflow_run_id=RUN) == first
+    first = orchestrate.monitor_start(START, END, airflow_run_id=RUN)
+    assert orchestrate.monitor_start(START, END, airflow_run_id=RUN) == first
     rows = _runs(engine)
     assert [(r.id, r.kind, r.status, r.airflow_run_id, r.counts) for r in rows] == [
         (first, orchestrate.RUN_KIND, "running", RUN, {})
     ]
 
-    other = orchestrate.start_run(START, END, airflow_run_id="manual__2026-03-02T10:03:00+00:00")
+    other = orchestrate.monitor_start(START, END, airflow_run_id="manual__2026-03-02T10:03:00+00:00")
     assert other != first, "another DAG run for the same interval is a run of its own"
-    later = orchestrate.start_run(END, END + timedelta(minutes=15), airflow_run_id=RUN)
+    later = orchestrate.monitor_start(END, END + timedelta(minutes=15), airflow_run_id=RUN)
     assert later not in (first, other), "the same run id over another interval is not the same run"
 
-    done = orchestrate.finish_run(
+    done = orchestrate.monitor_finish(
         first,
         ["wire"],
         [{"source": "wire", "status": "ok", "new_documents": 2}],
@@ -86,7 +86,7 @@ def test_start_run_twice_for_one_dag_run_gives_one_row(env, engine):
     assert row.status == "ok" and row.airflow_run_id == RUN
     assert row.counts == {"new_documents": 2, "scored": 2, "alerts": 0, "delivered": 0}
 
-    rerun = orchestrate.start_run(START, END, airflow_run_id=RUN)
+    rerun = orchestrate.monitor_start(START, END, airflow_run_id=RUN)
     assert rerun not in (first, other, later), "a DAG run cleared and run again after finish is recorded anew"
     assert len(_runs(engine)) == 4
 
@@ -100,7 +100,7 @@ def test_racing_tries_of_start_run_make_one_row(env, engine):
     def one_try() -> None:
         try:
             gate.wait(timeout=30)
-            ids.append(orchestrate.start_run(START, END, airflow_run_id=RUN))
+            ids.append(orchestrate.monitor_start(START, END, airflow_run_id=RUN))
         except BaseException as e:  # surfaced by the assertion below
             errors.append(e)
 
@@ -174,7 +174,7 @@ def test_retried_train_task_reuses_its_candidate(airflow_db, env, engine, tiny_m
 
     # the same DAG run asking for other options is refused, and nothing stored changes
     with pytest.raises(orchestrate.OrchestrationError, match=rf"{folder.name}.*\['max_steps'\]"):
-        orchestrate.train(airflow_run_id=dr.run_id, **{**conf, "max_steps": 3})
+        orchestrate.train_candidate(airflow_run_id=dr.run_id, **{**conf, "max_steps": 3})
     assert _models(engine) == [(first["version"], str(folder.resolve()))]
     assert (folder / "finsent.json").is_file()
 
@@ -189,7 +189,7 @@ def test_a_killed_train_try_leaves_nothing_behind(env, engine, tiny_model_dir, m
     folder.mkdir(parents=True)
     (folder / "half-written.safetensors").write_bytes(b"\0" * 64)
 
-    out = orchestrate.train(airflow_run_id=RUN, **{**TRAIN_CONF, "base": str(tiny_model_dir)})
+    out = orchestrate.train_candidate(airflow_run_id=RUN, **{**TRAIN_CONF, "base": str(tiny_model_dir)})
     assert out["reused"] is False and Path(out["path"]) == folder
     assert not (folder / "half-written.safetensors").exists() and (folder / "finsent.json").is_file()
     assert [p.name for p in candidates.iterdir()] == [folder.name]

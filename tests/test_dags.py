@@ -345,7 +345,7 @@ def score(self, texts):
         time.sleep(300)
     return real(self, texts)
 Scorer.score = score
-orchestrate.score()
+orchestrate.monitor_score()
 """
 
 
@@ -364,7 +364,7 @@ def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engi
     from pipeline import orchestrate
 
     for name in ("wire", "social"):
-        assert orchestrate.ingest(name)["status"] == "ok"
+        assert orchestrate.monitor_ingest(name)["status"] == "ok"
     err_log = (tmp_path / "score-task.err").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_AFTER_FIRST_CHUNK],

@@ -34,7 +34,7 @@ def demo_pg() -> Iterator[str]:
         cycle.ingest_all(cfg, engine)
         scorer = cycle.load_scorer(cfg, path=cfg.model.path)
         scored = cycle.score_pending(cfg, engine, scorer)
-        cycle.detect(cfg, engine, SPIKE_END, scored.model_version, scorer=scorer)
+        cycle.detect_alerts(cfg, engine, SPIKE_END, scored.model_version, scorer=scorer)
         engine.dispose()
         yield url
 

@@ -141,7 +141,7 @@ def replay(engine, cfg: FinsentConfig, hours: int) -> None:
     for h in range(1, hours + 1):
         as_of = START + timedelta(hours=h)
         check_models(engine, cfg, as_of, VERSION)
-        cycle.notify(cfg, engine, now=as_of)
+        cycle.deliver_alerts(cfg, engine, now=as_of)
 
 
 def model_alerts(engine) -> list[tuple[str, str, str | None]]:

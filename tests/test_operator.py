@@ -95,7 +95,7 @@ def test_finish_blames_only_steps_that_failed(engine, monitor_env):  # noqa: F81
     ok_ingest = {"source": "social", "status": "ok", "new_documents": 0}
     run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
     with pytest.raises(orchestrate.OrchestrationError) as e:
-        orchestrate.finish_run(
+        orchestrate.monitor_finish(
             run, ["wire", "social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"}
         )
     assert str(e.value) == f"pipeline run {run} failed in: wire"
@@ -111,7 +111,7 @@ def test_finish_blames_only_steps_that_failed(engine, monitor_env):  # noqa: F81
     }
 
     run = store.start_run(engine, orchestrate.RUN_KIND, end - timedelta(minutes=15), end)
-    out = orchestrate.finish_run(
+    out = orchestrate.monitor_finish(
         run, ["social"], [ok_ingest], None, None, None, 1, skipped={"score", "detect", "notify"}
     )
     assert out["status"] == "partial"

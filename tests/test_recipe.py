@@ -79,7 +79,7 @@ def test_cli_and_dag_task_train_the_recorded_recipe(tmp_path, data_dir, tiny_bas
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.setenv("FINSENT_TRAIN_OUTPUT", str(tmp_path / "candidates"))
     # what the DAG's train task passes: only the run's params that are set (all default to None)
-    trained = orchestrate.train(airflow_run_id="manual__recipe", base=str(tiny_base), **BUDGET)
+    trained = orchestrate.train_candidate(airflow_run_id="manual__recipe", base=str(tiny_base), **BUDGET)
     dag_hp = json.loads((Path(trained["path"]) / "finsent.json").read_text())["hyperparameters"]
 
     assert recipe(cli_hp) == recipe(dag_hp) == recipe(recorded())

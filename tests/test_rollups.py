@@ -136,7 +136,7 @@ def demo_week(pg_url):
     with store.session_scope(engine) as session:
         latest = session.scalar(select(func.max(s.Document.published_at)))
     as_of = cycle.window_end(latest, 60) + timedelta(hours=1)
-    cycle.detect(cfg, engine, as_of, scored.model_version, scorer=scorer)
+    cycle.detect_alerts(cfg, engine, as_of, scored.model_version, scorer=scorer)
     yield engine, as_of
     engine.dispose()
 

@@ -238,17 +238,64 @@ def test_airflow_start_run_abandons_an_expired_run_and_never_adopts_it(tmp_path,
     monkeypatch.setenv("DATABASE_URL", pg_url)
     end = datetime(2026, 3, 2, 10, tzinfo=UTC)
     start, run = end - timedelta(minutes=15), "scheduled__2026-03-02T10:00:00+00:00"
-    first = orchestrate.start_run(start, end, airflow_run_id=run)
+    first = orchestrate.monitor_start(start, end, airflow_run_id=run)
     row = _runs(engine)[0]
     assert (row.airflow_run_id, row.counts, row.status) == (run, {}, RunStatus.RUNNING)
     assert row.lease_expires_at - row.heartbeat_at == store.runs.AIRFLOW_LEASE
-    assert orchestrate.start_run(start, end, airflow_run_id=run) == first, "a retried start_run reuses its row"
+    assert orchestrate.monitor_start(start, end, airflow_run_id=run) == first, "a retried start_run reuses its row"
 
     with store.session_scope(engine) as session:  # the DAG run's workers died and `finish` never ran
         session.get(s.PipelineRun, first).lease_expires_at = datetime.now(UTC) - timedelta(seconds=1)
-    retried = orchestrate.start_run(start, end, airflow_run_id=run)
+    retried = orchestrate.monitor_start(start, end, airflow_run_id=run)
     assert retried != first
     assert {r.id: r.status for r in _runs(engine)} == {first: RunStatus.ABANDONED, retried: RunStatus.RUNNING}
+
+
+@pytest.mark.pg
+def test_airflow_tasks_and_finsent_run_never_overlap(tmp_path, pg_url, engine, tiny_model_dir, gated_feed, monkeypatch):
+    """An Airflow monitor task holds the cycle lock `finsent run` takes (shared among monitor tasks): a cron
+    `finsent run` started while the task works refuses, and a task started while `finsent run` works
+    waits for it, then fails (to be retried) if it does not end within AIRFLOW_LOCK_WAIT."""
+    config = _config(tmp_path / "finsent.yaml", gated_feed.url, tiny_model_dir)
+    monkeypatch.setenv("FINSENT_CONFIG", str(config))
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    done: list[dict] = []
+    task = threading.Thread(target=lambda: done.append(orchestrate.monitor_ingest("wire")), daemon=True)
+    task.start()
+    try:
+        assert gated_feed.requested.wait(timeout=120), "the ingest task never fetched"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "FINSENT_LOG_LEVEL": "WARNING"}
+        cron = _finsent("run", "-c", str(config), "--as-of", AS_OF, env=env)
+        _, err = cron.communicate(timeout=120)
+        assert cron.returncode == 5, err
+        assert "another finsent run holds the lock on database" in err and "nothing done" in err, err
+        with orchestrate.task_resources(lock=True):  # another monitor task (a mapped sibling) runs alongside
+            pass
+    finally:
+        gated_feed.gate.set()
+        task.join(timeout=120)
+    assert [(d["source"], d["new_documents"]) for d in done] == [("wire", ITEMS)]
+    assert _runs(engine) == [], "the refused `finsent run` left no row"
+
+    monkeypatch.setattr(orchestrate, "AIRFLOW_LOCK_WAIT", timedelta(0))
+    with store.run_lock(engine), pytest.raises(store.RunLockedError, match="holds the lock"):  # as `finsent run`
+        orchestrate.monitor_notify()
+
+    monkeypatch.setattr(orchestrate, "AIRFLOW_LOCK_WAIT", timedelta(minutes=2))
+    held, release = threading.Event(), threading.Event()
+
+    def cron_run() -> None:
+        with store.run_lock(engine):
+            held.set()
+            release.wait(timeout=120)
+
+    holder = threading.Thread(target=cron_run, daemon=True)
+    holder.start()
+    assert held.wait(timeout=60)
+    threading.Timer(2, release.set).start()
+    assert orchestrate.monitor_notify()["sent"] == 0, "the task waited for the lock, then delivered"
+    assert release.is_set()
+    holder.join(timeout=60)
 
 
 @pytest.mark.pg

@@ -102,7 +102,7 @@ def test_a_dead_source_raises_one_alert_then_a_resolution(
     posts_after = []
     for k in range(6):
         assert {o.source: o.status for o in cycle.ingest_all(cfg, engine)}["dead"] == "failed"
-        report = cycle.notify(cfg, engine, now=NOW + k * timedelta(minutes=15))
+        report = cycle.deliver_alerts(cfg, engine, now=NOW + k * timedelta(minutes=15))
         assert report.failed == 0 and report.expired == 0
         posts_after.append(len(slack_webhook.posts))
     assert posts_after == [0, 0, 1, 1, 1, 1], posts_after  # the third consecutive failure, and only once
@@ -114,7 +114,7 @@ def test_a_dead_source_raises_one_alert_then_a_resolution(
     dead_source.start()
     for k in range(6, 9):
         assert {o.source: o.status for o in cycle.ingest_all(cfg, engine)}["dead"] == "ok"
-        cycle.notify(cfg, engine, now=NOW + k * timedelta(minutes=15))
+        cycle.deliver_alerts(cfg, engine, now=NOW + k * timedelta(minutes=15))
     assert len(slack_webhook.posts) == 2, [p["text"] for p in slack_webhook.posts]
     assert "[RESOLVED] finsent source dead is healthy again" in json.dumps(slack_webhook.posts[1])
     assert health_alerts(engine) == [("source_health", "dead", "dead"), ("resolved", "dead", "dead")]
@@ -144,15 +144,15 @@ def test_a_quiet_source_past_its_usual_gap_raises_one_alert(engine, slack_webhoo
         [last_new + timedelta(minutes=15 * i) for i in range(1, 40)],
     )
     cfg = make_cfg({"wire": "http://127.0.0.1:9/q.xml"}, quiet_floor_hours=2)
-    cycle.notify(cfg, engine, now=last_new + timedelta(hours=3, minutes=55))
+    cycle.deliver_alerts(cfg, engine, now=last_new + timedelta(hours=3, minutes=55))
     assert slack_webhook.posts == [] and health_alerts(engine) == []
     for minutes in (5, 20, 35):
-        cycle.notify(cfg, engine, now=last_new + timedelta(hours=4, minutes=minutes))
+        cycle.deliver_alerts(cfg, engine, now=last_new + timedelta(hours=4, minutes=minutes))
     assert len(slack_webhook.posts) == 1 and health_alerts(engine) == [("source_health", "wire", "quiet")]
     assert "has brought nothing new for 4 h" in json.dumps(slack_webhook.posts[0])
 
     _history(engine, "wire", [last_new + timedelta(hours=4, minutes=40)], [])
-    cycle.notify(cfg, engine, now=last_new + timedelta(hours=4, minutes=50))
+    cycle.deliver_alerts(cfg, engine, now=last_new + timedelta(hours=4, minutes=50))
     assert len(slack_webhook.posts) == 2 and "healthy again" in json.dumps(slack_webhook.posts[1])
     assert health_alerts(engine)[-1] == ("resolved", "wire", "quiet")
 

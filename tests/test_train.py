@@ -206,7 +206,7 @@ def test_feedback_rows_from_postgres_reach_training_not_evaluation(
         TrainConfig(base=str(tiny_base), limit=6, max_steps=2, batch_size=64, max_length=32),
         database_url=pg_url,
         progress=False,
-        on_epoch=lambda r: seen.append("eval"),
+        on_eval=lambda r: seen.append("eval"),
     )
     meta = json.loads((out / "finsent.json").read_text())
     assert res.feedback_used == 2

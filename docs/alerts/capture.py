@@ -79,7 +79,7 @@ def main() -> None:
         cycle.ingest_all(cfg, engine)
         scorer = cycle.load_scorer(cfg, path=cfg.model.path)
         scored = cycle.score_pending(cfg, engine, scorer)
-        cycle.detect(cfg, engine, SPIKE_END, scored.model_version, scorer=scorer)
+        cycle.detect_alerts(cfg, engine, SPIKE_END, scored.model_version, scorer=scorer)
         report = deliver_pending(engine, cfg, now=SPIKE_END + timedelta(minutes=2))
         engine.dispose()
     smtp.stop()

@@ -7,31 +7,12 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
 import typer
 
 from pipeline.commands.core import fail
 from pipeline.records import ScopeKind, Severity
-
-
-def select(*args: Any, **kw: Any) -> Any:
-    """sqlalchemy.select, imported on first use: `finsent --help` must not pay for SQLAlchemy (issue #16)."""
-    from sqlalchemy import select as _select
-
-    return _select(*args, **kw)
-
-
-class _LazyFunc:
-    """sqlalchemy.func, imported on first use (see select)."""
-
-    def __getattr__(self, name: str) -> Any:
-        from sqlalchemy import func as _func
-
-        return getattr(_func, name)
-
-
-func = _LazyFunc()
 
 ConfigOpt = Annotated[
     str | None,
@@ -56,6 +37,8 @@ def _open(config: str | None, database_url: str | None):
 
 def _find(session, alert_id: str):
     """An alert by id or unique id prefix (at least 6 characters)."""
+    from sqlalchemy import select
+
     from pipeline.store import schema as s
 
     row = session.get(s.Alert, alert_id)
@@ -83,6 +66,8 @@ def list_alerts(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Recent alerts, newest first, with their incident and delivery state."""
+    from sqlalchemy import func, select
+
     from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope
@@ -165,10 +150,10 @@ def list_notices(
 ) -> None:
     """Operator notices (failed DAG runs, expired deliveries, failing sinks, documents that failed to score):
     undelivered ones first (failed for good, then still retried), then the newest."""
-    from sqlalchemy import case
+    from sqlalchemy import case, select
 
     from pipeline.messages import clean_text
-    from pipeline.notify import NoticeState
+    from pipeline.records import NoticeState
     from pipeline.store import schema as s
     from pipeline.store import session_scope
 
@@ -199,6 +184,8 @@ def list_notices(
 
 def _what_was_hidden(session, since: datetime, since_hours: float, filters: list) -> str:
     """Why `alerts list` shows nothing, and the command that would show something."""
+    from sqlalchemy import func, select
+
     from pipeline.store import schema as s
 
     total = session.scalar(select(func.count()).select_from(s.Alert)) or 0
@@ -226,6 +213,8 @@ def show_alert(
     database_url: DbOpt = None,
 ) -> None:
     """One alert in full: the message the sinks get, plus every delivery attempt."""
+    from sqlalchemy import select
+
     from pipeline.config import SinkConfig
     from pipeline.health import is_health, render_health
     from pipeline.incidents import assign_incidents
@@ -238,7 +227,7 @@ def show_alert(
     with session_scope(engine) as session:
         row = _find(session, alert_id)
         # the message as the console sink would tell it: the incident it belongs to, links, what to do
-        console = SinkConfig(name="console", kind="console", severities=["info", "warning", "critical"])
+        console = SinkConfig(name="console", kind="console", severities=list(Severity))
         # source and model health are plain notices, not news surges
         view = render_health(row) if is_health(row) else build_message(session, row, console, cfg)
         deliveries = (
@@ -426,6 +415,8 @@ def bench_detect_cmd(
     """Time one detection window over thousands of entities on a scratch database."""
     import json
 
+    from sqlalchemy import func, select
+
     from pipeline import store
     from pipeline.alert_eval import bench_detect
 
@@ -487,6 +478,8 @@ def list_incidents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
     """Incidents, newest first: head scope, severity, state and the scopes they moved."""
+    from sqlalchemy import func, select
+
     from pipeline.incidents import assign_incidents
     from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
@@ -538,6 +531,8 @@ def show_incident(
     database_url: DbOpt = None,
 ) -> None:
     """One incident: its scopes, every alert in it (oldest first) and where its messages went."""
+    from sqlalchemy import select
+
     from pipeline.messages import clean_text, scope_label
     from pipeline.store import schema as s
     from pipeline.store import session_scope

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.commands.alerts import ConfigOpt, DbOpt, _open, select
+from pipeline.commands.alerts import ConfigOpt, DbOpt, _open
 
 documents_app = typer.Typer(
     help="Documents: find ids for explain and label; retry failed scoring.", no_args_is_help=True
@@ -17,6 +17,8 @@ documents_app = typer.Typer(
 
 def _current_model(session) -> str | None:
     """The model the dashboards show: production, else the newest registered (as v_current_model)."""
+    from sqlalchemy import select
+
     from pipeline.store import schema as s
 
     M = s.ModelVersion
@@ -43,6 +45,8 @@ def list_documents(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
 ) -> None:
     """Documents, newest first, with the current model's label."""
+    from sqlalchemy import select
+
     from pipeline.messages import clean_text
     from pipeline.store import schema as s
     from pipeline.store import session_scope
@@ -92,6 +96,8 @@ def show_document(
     database_url: DbOpt = None,
 ) -> None:
     """One document: text, link, entities, and every model's score."""
+    from sqlalchemy import select
+
     from pipeline.messages import clean_block, clean_text, safe_link
     from pipeline.store import schema as s
     from pipeline.store import session_scope

@@ -49,7 +49,7 @@ def _pct(v: float | None) -> str:
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
-    app.command("evaluate")(evaluate)
+    app.command("evaluate")(evaluate_model_cmd)
     app.command("label")(label)
     app.command("explain")(explain)
     app.add_typer(models_app, name="models")
@@ -305,7 +305,7 @@ def _ingested_texts(cfg, limit: int) -> list[str]:
     return [document_text(r.title, r.summary) for r in rows]
 
 
-def evaluate(
+def evaluate_model_cmd(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder or hub id.")],
     data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,

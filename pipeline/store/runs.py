@@ -4,7 +4,8 @@ A run holds a lease (`lease_expires_at`) that its process keeps pushing forward 
 that dies (SIGKILL, OOM, a lost host) stops pushing, so the next run finds the lease expired and marks the
 row `abandoned` instead of leaving it `running` forever. Separately, `run_lock` makes concurrent
 `finsent run`s on one database exclusive (a Postgres advisory lock, a file lock next to a SQLite file),
-so only one scores and detects; the lock dies with its process, so it never needs reaping.
+so only one scores and detects; Airflow monitor tasks hold it shared, so they never overlap a `finsent
+run` either. The lock dies with its process, so it never needs reaping.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy.orm import Session
 
 from pipeline.errors import FinsentError
 from pipeline.records import RunStatus
@@ -32,6 +35,8 @@ DEFAULT_LEASE = timedelta(minutes=10)
 # An Airflow run spans tasks on several workers and only some of them heartbeat it: a lease longer than
 # three score tries (30 min execution_timeout each) plus ingest and retries.
 AIRFLOW_LEASE = timedelta(hours=3)
+# How long an Airflow monitor task waits for a `finsent run` holding the cycle lock before it fails (and retries).
+AIRFLOW_LOCK_WAIT = timedelta(minutes=5)
 LOCK_NAME = "finsent.run_cycle"
 
 
@@ -61,12 +66,24 @@ def start_run(
     airflow_run_id: str | None = None,
     now: datetime | None = None,
 ) -> int:
-    """A new `running` row holding a lease of `lease` from now."""
+    """A new `running` row holding a lease of `lease` from now.
+
+    With an `airflow_run_id`, a retried start reuses the unfinished row an earlier try made (same kind,
+    interval and Airflow run id) instead of leaving an orphan; call `abandon_expired` first so a retry
+    never adopts a dead row. A DAG run cleared and run again after it finished gets a new row.
+    """
     from pipeline.store import session_scope
 
     t = _now(now)
+    P = s.PipelineRun
     with session_scope(engine) as session:
-        run = s.PipelineRun(
+        if airflow_run_id:
+            found = _unfinished_airflow_run(session, kind, interval_start, interval_end, airflow_run_id)
+            if found is not None:
+                log.info("pipeline run %s reused for Airflow run %s (a retried start)", found, airflow_run_id)
+                session.execute(update(P).where(P.id == found).values(heartbeat_at=t, lease_expires_at=t + lease))
+                return found
+        run = P(
             kind=kind,
             started_at=t,
             status=RunStatus.RUNNING,
@@ -80,6 +97,28 @@ def start_run(
         session.add(run)
         session.flush()
         return run.id
+
+
+def _unfinished_airflow_run(
+    session: Session, kind: str, start: datetime | None, end: datetime | None, airflow_run_id: str
+) -> int | None:
+    """The running row an earlier try of this Airflow run made; two racing tries (a zombie and its retry)
+    serialise on a transaction lock on Postgres, so they still make one row."""
+    P = s.PipelineRun
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"{kind}:{airflow_run_id}"))))
+    return session.scalars(
+        select(P.id)
+        .where(
+            P.kind == kind,
+            P.interval_start == start,
+            P.interval_end == end,
+            P.status == RunStatus.RUNNING,
+            P.airflow_run_id == airflow_run_id,
+        )
+        .order_by(P.id.desc())
+        .limit(1)
+    ).first()
 
 
 def heartbeat(engine: Engine, run_id: int, lease: timedelta = DEFAULT_LEASE, now: datetime | None = None) -> bool:
@@ -172,42 +211,53 @@ class Heartbeat:
 
 
 def _holder(engine: Engine) -> str:
-    """Who most likely holds the lock, for the refusal message (best effort: the newest running cycle)."""
+    """Who most likely holds the lock, for the refusal message (best effort: the newest running run)."""
     from pipeline.store import session_scope
 
     try:
         with session_scope(engine) as session:
             row = session.execute(
-                select(s.PipelineRun.id, s.PipelineRun.owner, s.PipelineRun.started_at)
-                .where(s.PipelineRun.status == RunStatus.RUNNING, s.PipelineRun.kind == "cycle")
+                select(s.PipelineRun.id, s.PipelineRun.kind, s.PipelineRun.owner, s.PipelineRun.started_at)
+                .where(s.PipelineRun.status == RunStatus.RUNNING)
                 .order_by(s.PipelineRun.id.desc())
                 .limit(1)
             ).first()
     except StoreError:
         return ""
-    return f" (run {row.id} by {row.owner}, started {row.started_at:%Y-%m-%d %H:%M:%S} UTC)" if row else ""
+    if row is None:
+        return ""
+    return f" (run {row.id}, {row.kind}, by {row.owner}, started {row.started_at:%Y-%m-%d %H:%M:%S} UTC)"
 
 
 @contextmanager
-def run_lock(engine: Engine, name: str = LOCK_NAME) -> Iterator[None]:
-    """Hold the exclusive cycle lock for this database, or raise RunLockedError at once (never waits).
+def run_lock(
+    engine: Engine, name: str = LOCK_NAME, *, shared: bool = False, wait: timedelta = timedelta(0)
+) -> Iterator[None]:
+    """Hold the cycle lock for this database, or raise RunLockedError (after `wait`, polling each second).
 
-    Postgres: a session advisory lock keyed by the name and the current schema, held on a connection of its
-    own. SQLite: an flock on `<database file>.lock`. Both are released by the OS when the process dies.
+    `finsent run` holds it exclusively; Airflow monitor tasks hold it `shared`, so they run side by side
+    (mapped ingest and score tasks) but never while a `finsent run` does, and a `finsent run` never starts
+    while one of them works. Postgres: a session advisory lock keyed by the name and the current schema,
+    held on a connection of its own. SQLite: an flock on `<database file>.lock`. Both are released by the
+    OS when the process dies.
     """
+    deadline = time.monotonic() + wait.total_seconds()
     if engine.dialect.name == "postgresql":
+        mode = "_shared" if shared else ""
         with engine.connect() as conn:
             key = text("SELECT hashtextextended(:name || ':' || current_schema(), 0)")
             lock_id = conn.execute(key, {"name": name}).scalar_one()
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_id}).scalar_one()
+            while not conn.execute(text(f"SELECT pg_try_advisory_lock{mode}(:k)"), {"k": lock_id}).scalar_one():
+                conn.commit()
+                if time.monotonic() >= deadline:
+                    where = f"database {engine_url(engine)}{_holder(engine)}"
+                    raise RunLockedError(f"another finsent run holds the lock on {where}; nothing done")
+                time.sleep(1)
             conn.commit()
-            if not got:
-                where = f"database {engine_url(engine)}{_holder(engine)}"
-                raise RunLockedError(f"another finsent run holds the lock on {where}; nothing done")
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
+                conn.execute(text(f"SELECT pg_advisory_unlock{mode}(:k)"), {"k": lock_id})
                 conn.commit()
         return
     database = engine.url.database
@@ -222,10 +272,16 @@ def run_lock(engine: Engine, name: str = LOCK_NAME) -> Iterator[None]:
     except OSError as e:
         raise StoreError(f"database {engine_url(engine)}: cannot create the lock file {path}: {e.strerror}") from None
     with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLockedError(f"another finsent run holds the lock {path}{_holder(engine)}; nothing done") from None
+        while True:
+            try:
+                fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RunLockedError(
+                        f"another finsent run holds the lock {path}{_holder(engine)}; nothing done"
+                    ) from None
+                time.sleep(1)
         try:
             yield
         finally:

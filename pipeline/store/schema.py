@@ -6,6 +6,7 @@ Types are chosen to work on PostgreSQL (production) and SQLite (the embedded dem
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -27,7 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pipeline.records import RunStatus, ScoringStatus
+from pipeline.records import DeliveryState, IncidentState, NoticeKind, NoticeState, RunStatus, ScoringStatus, Severity
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY, Postgres wants BIGINT for big tables.
@@ -62,6 +63,13 @@ class TZDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def one_of(column: str, values: type[StrEnum] | tuple[str, ...]) -> CheckConstraint:
+    """The CHECK constraint that a state column holds one of its enum's values (named ck_<table>_<column>),
+    so the database refuses a state the code does not know; migration 0016 adds these to older databases."""
+    allowed = ", ".join(f"'{v}'" for v in (values if isinstance(values, tuple) else [m.value for m in values]))
+    return CheckConstraint(f"{column} IN ({allowed})", name=column)
 
 
 class Base(DeclarativeBase):
@@ -175,7 +183,7 @@ class ScoringOutcome(Base):
 
     __tablename__ = "scoring_outcomes"
     __table_args__ = (
-        CheckConstraint(f"status IN ({', '.join(repr(v) for v in NOT_SCORED)})", name="status"),
+        one_of("status", NOT_SCORED),
         Index("ix_scoring_outcomes_model_status", "model_version_id", "status"),
     )
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), primary_key=True)
@@ -251,7 +259,10 @@ class Feedback(Base):
 
 class Alert(Base):
     __tablename__ = "alerts"
-    __table_args__ = (Index("ix_alerts_scope_window", "scope_kind", "scope_value", "window_end"),)
+    __table_args__ = (
+        Index("ix_alerts_scope_window", "scope_kind", "scope_value", "window_end"),
+        one_of("severity", Severity),
+    )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # deterministic hash of scope+window+kind
     episode_id: Mapped[str | None] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))  # spike | escalated | resolved
@@ -284,13 +295,14 @@ class Incident(Base):
     """
 
     __tablename__ = "incidents"
+    __table_args__ = (one_of("severity", Severity), one_of("state", IncidentState))
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     head_alert_id: Mapped[str] = mapped_column(String(64))
     head_scope_kind: Mapped[str] = mapped_column(String(16))
     head_scope_value: Mapped[str] = mapped_column(String(200))
     title: Mapped[str] = mapped_column(Text)  # fixed at opening: every message of the incident keeps it
     severity: Mapped[str] = mapped_column(String(16))  # the highest its alerts reached
-    state: Mapped[str] = mapped_column(String(16))  # IncidentState
+    state: Mapped[str] = mapped_column(String(16))  # an IncidentState
     scopes: Mapped[list[Any]] = mapped_column(default=list)  # [{scope_kind, scope_value, episode_id, open}]
     opened_at: Mapped[datetime]  # window end of the opening run
     closed_at: Mapped[datetime | None]
@@ -302,11 +314,14 @@ class AlertDelivery(Base):
     """One row per (alert, sink): the idempotency key that makes delivery exactly-once."""
 
     __tablename__ = "alert_deliveries"
-    __table_args__ = (UniqueConstraint("alert_id", "sink", name="uq_alert_deliveries_alert_sink"),)
+    __table_args__ = (
+        UniqueConstraint("alert_id", "sink", name="uq_alert_deliveries_alert_sink"),
+        one_of("status", DeliveryState),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     alert_id: Mapped[str] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
     sink: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sending | sent | failed | expired
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)  # a DeliveryState
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_attempt_at: Mapped[datetime | None]
@@ -335,7 +350,11 @@ class OperatorNotice(Base):
     arrived (`sent_to`)."""
 
     __tablename__ = "operator_notices"
-    __table_args__ = (UniqueConstraint("key", name="uq_operator_notices_key"),)
+    __table_args__ = (
+        UniqueConstraint("key", name="uq_operator_notices_key"),
+        one_of("kind", NoticeKind),
+        one_of("status", NoticeState),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(300))
     kind: Mapped[str] = mapped_column(String(32))  # a NoticeKind
@@ -344,7 +363,7 @@ class OperatorNotice(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_to: Mapped[list[Any]] = mapped_column(default=list)  # sink names reached
     errors: Mapped[list[Any]] = mapped_column(default=list)  # sinks that could not be reached, and why
-    status: Mapped[str] = mapped_column(String(16), default="sent", index=True)  # a NoticeState
+    status: Mapped[str] = mapped_column(String(16), default=NoticeState.SENT, index=True)
     attempts: Mapped[int] = mapped_column(default=1)
     last_attempt_at: Mapped[datetime | None]
     next_attempt_at: Mapped[datetime | None]
@@ -412,6 +431,7 @@ class RollupState(Base):
 
 class PipelineRun(Base):
     __tablename__ = "pipeline_runs"
+    __table_args__ = (one_of("status", RunStatus),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))  # cycle | ingest | score | detect | notify | train | demo
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
