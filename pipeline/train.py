@@ -321,12 +321,13 @@ def fit_temperature(logits, labels) -> float:
 
 
 def _val_metrics(model: Any, tokenizer: Any, splits: Splits, cfg: TrainConfig, dev: str) -> dict[str, dict[str, float]]:
-    """Metrics on every non-empty validation split, by split name."""
+    """Metrics on every non-empty validation split, by split name; with topic_weight 0 the topic head is not
+    trained, so its splits are neither scored nor allowed to move early stopping."""
     n_topics = len(splits.topics)
     return {
         name: _split_metrics(model, tokenizer, name, exs, cfg, dev, n_topics)[0]
         for name, exs in splits.val.items()
-        if exs
+        if exs and (cfg.topic_weight > 0 or any(ex.sentiment is not None for ex in exs))
     }
 
 

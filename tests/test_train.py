@@ -395,7 +395,7 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
 
     args = ["train", "--no-db", "--out", str(tmp_path / "student"), "--base", str(tiny_base),
             "--teacher", str(tiny_base), "--data-dir", str(data_dir), "--limit", "8", "--max-steps", "2",
-            "--epochs", "1", "--teacher-epochs", "1", "--no-held-out"]  # fmt: skip
+            "--epochs", "1", "--teacher-epochs", "1", "--no-held-out", "--time-limit-s", "600"]  # fmt: skip
     r = CliRunner().invoke(app, [*args, "--work-dir", str(PROJECT_DIR / "runs" / "distil")])
     assert r.exit_code == 2 and "inside the repository" in r.output and not (PROJECT_DIR / "runs" / "distil").exists()
     work = tmp_path / "work"
@@ -411,6 +411,8 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
     sentiment_train = [ex for ex in build_splits(data_dir, limit=8).train if ex.sentiment is not None]
     assert teacher_meta["hyperparameters"]["topic_weight"] == 0
     assert teacher_meta["data_sizes"]["train_with_repeats"] == len(sentiment_train)
+    assert teacher_meta["history"] and not any("topic_val" in k for h in teacher_meta["history"] for k in h)
+    assert teacher_meta["hyperparameters"]["time_limit_s"] is None  # --time-limit-s is the student's budget
     r = CliRunner().invoke(app, [*args, "--work-dir", str(work)])
     assert r.exit_code == 0, r.output
     assert "reused the finished phase(s) teacher" in r.output and (tmp_path / "student" / "finsent.json").exists()

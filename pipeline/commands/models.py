@@ -115,6 +115,9 @@ def train(
         ),
     ] = 0.0,
     teacher_fpb_repeat: int = 1,
+    teacher_time_limit_s: Annotated[
+        float | None, typer.Option(help="Stop the teacher's training after this many seconds (best checkpoint kept).")
+    ] = None,
     distil_temperature: Annotated[
         float, typer.Option(min=0.1, help="Softening temperature of the teacher's and student's distributions.")
     ] = 2.0,
@@ -178,7 +181,7 @@ def train(
             teacher_cfg = replace(
                 hp, base=teacher, name=f"{hp.name}-teacher", epochs=teacher_epochs, lr=teacher_lr,
                 batch_size=teacher_batch_size, ema=0.0, topic_weight=teacher_topic_weight,
-                fpb_repeat=teacher_fpb_repeat,
+                fpb_repeat=teacher_fpb_repeat, time_limit_s=teacher_time_limit_s,
             )  # fmt: skip
             distil = DistilConfig(temperature=distil_temperature, alpha=distil_alpha, topic=teacher_topic_weight > 0)
             res = _train_with_teacher(
