@@ -43,7 +43,6 @@ from sqlalchemy.orm import Session
 from pipeline import secrets
 from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
-from pipeline.detect import alert_from_row
 from pipeline.errors import FinsentError
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import (
@@ -58,6 +57,7 @@ from pipeline.incidents import (
 from pipeline.records import AlertRecord
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
+from pipeline.store.alerts import alert_from_row
 
 log = logging.getLogger(__name__)
 

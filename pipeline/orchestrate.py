@@ -319,7 +319,7 @@ def detect(interval_end: Any, model_version: str | None = None) -> dict[str, Any
     window end is aligned to that grid, so the runs inside one window re-check it idempotently.
     """
     from pipeline.cycle import detect as detect_step
-    from pipeline.cycle import window_end
+    from pipeline.detect import window_end
 
     cfg = load()
     as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from pipeline.config import FinsentConfig
-from pipeline.detect import DetectorParams, Series, _tokens, compute_stats, detect_spikes, event_at
+from pipeline.detect import DetectorParams, Series, compute_stats, detect_spikes, event_at
+from pipeline.explain import tokens_of
 from pipeline.risk import risk_components, topic_weight
 from pipeline.store import register_model, session_scope
 from pipeline.store import schema as s
@@ -241,9 +242,11 @@ def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None
 def test_quiet_data_raises_nothing_and_bad_as_of_is_named(engine, seeded: Seeder) -> None:
     assert detect_spikes(engine, cfg(), AS_OF - 3 * H, MODEL) == []
     assert detect_spikes(engine, cfg(seasonality=True), AS_OF - 3 * H, MODEL) == []
-    with pytest.raises(ValueError, match="as_of=.*not aligned"):
+    with pytest.raises(
+        ValueError, match="not on the 60-minute window grid: use 2026-11-20T14:00Z or 2026-11-20T15:00Z"
+    ):
         detect_spikes(engine, cfg(), AS_OF - timedelta(minutes=20), MODEL)
-    with pytest.raises(ValueError, match="as_of=.*naive"):
+    with pytest.raises(ValueError, match="has no timezone"):
         detect_spikes(engine, cfg(), AS_OF.replace(tzinfo=None), MODEL)
     assert detect_spikes(engine, cfg(), AS_OF, "another-model") == []  # scores of other models are not mixed in
 
@@ -288,11 +291,11 @@ def test_evidence_token_shapes() -> None:
         def __init__(self, t: str) -> None:
             self.token = t
 
-    assert _tokens(["plunge", "probe"], 5) == ("plunge", "probe")
-    assert _tokens([("loss", 0.9), ("cut", 0.5)], 1) == ("loss",)
-    assert _tokens([{"token": "fine"}], 5) == ("fine",)
-    assert _tokens([Tok("scandal")], 5) == ("scandal",)
-    assert _tokens(None, 5) == ()
+    assert tokens_of(["plunge", "probe"], 5) == ("plunge", "probe")
+    assert tokens_of([("loss", 0.9), ("cut", 0.5)], 1) == ("loss",)
+    assert tokens_of([{"token": "fine"}], 5) == ("fine",)
+    assert tokens_of([Tok("scandal")], 5) == ("scandal",)
+    assert tokens_of(None, 5) == ()
 
 
 def test_evidence_is_read_from_explanations_stored_at_scoring_and_the_model_is_never_loaded(
