@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -198,9 +197,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             # dispersion, so one past episode neither hides the next nor inflates the noise estimate. The
             # first cut uses the median residual (earlier spikes inflate a mean, and at a few items a window
             # they are most of the negatives), the second the share and dispersion of what survived it.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a baseline without items has no median
-                med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
+            med = _median_where(r2, counted) / CHI2_1_MEDIAN
         kept = counted & (r2 <= OUTLIER_R2 * np.maximum(np.nan_to_num(med, nan=1.0), 1.0)[..., None])
         p1 = ((Kw * kept).sum(-1) + 0.5) / ((Nw * kept).sum(-1) + 1.0)
         pr = p1[..., None]
@@ -259,7 +256,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
     ok = has_base & (Nb >= p.min_baseline_docs)
     pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
     if T > B:
-        pc = _count_test(n, k, p0, slot, B, p.window_minutes)
+        pc = _count_test(n, k, p0, B, p.window_minutes)
         hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p)
         new = hotc & ~hot
         pv, hot = np.where(new, pc, pv), hot | hotc
@@ -293,6 +290,16 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
     )
 
 
+def _median_where(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median of x over the last axis where mask holds (nan where it never does); np.nanmedian goes
+    through masked arrays and costs several times more."""
+    v = np.sort(np.where(mask, x, np.inf), axis=-1)
+    c = mask.sum(-1)
+    lo = np.take_along_axis(v, np.maximum((c - 1) // 2, 0)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(v, np.maximum(c // 2 - (c == 0), 0)[..., None], -1)[..., 0]
+    return np.where(c > 0, (lo + hi) / 2, np.nan)
+
+
 def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_minutes: int) -> np.ndarray:
     """A starting share for the outlier cut that earlier spikes cannot drag up: the baseline's share
     without its TRIM_DAYS days of largest negative excess. At a few items an hour two spikes a week are
@@ -310,32 +317,34 @@ def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_min
     return ((Kd * keep).sum(-1) + 0.5) / ((Nd * keep).sum(-1) + 1.0)
 
 
-def _count_test(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int
-) -> np.ndarray:
+def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, B: int, window_minutes: int) -> np.ndarray:
     """Negative volume against its time-of-day expectation: mid-p upper tail of a negative binomial.
 
     Expected negatives = baseline share x the mean volume of the same time-of-day slot in the baseline;
     the volume's Gamma-Poisson dispersion is estimated from the baseline around those slot means, and the
     slot mean's own sampling error is added to the variance. A spike of new negative items raises n as
     well as k, which hides part of it from the share test; at a few items per window this test sees it.
-    Arrays are (scopes, windows); the slots are shared.
+    Arrays are (scopes, windows) of consecutive windows.
     """
     R, T = n.shape
     J = T - B
     out = np.ones((R, T))
     S = (24 * 60) // window_minutes if (24 * 60) % window_minutes == 0 else 1
-    slot = slot % S
     Nw = np.lib.stride_tricks.sliding_window_view(n, B, axis=1)[:, :J]
-    Sw = np.lib.stride_tricks.sliding_window_view(slot, B)[:J]
-    # Per-slot sums of each target's baseline: one (R, B) @ (B, S) matrix product per target window.
-    onehot = (slot[:, None] == np.arange(S)).astype(np.float64)  # (T, S)
-    cnt = np.stack([onehot[j : j + B].sum(0) for j in range(J)])  # (J, S)
-    smean = np.stack([n[:, j : j + B] @ onehot[j : j + B] for j in range(J)], axis=1) / np.maximum(cnt, 1)
-    m_j = np.take_along_axis(smean, np.broadcast_to(Sw, (R, J, B)), axis=-1)
+    # Slot means of each target's baseline, by offset b < S from the baseline's first window (windows are
+    # consecutive, so offset b holds one slot): running sums along each slot's own windows, differenced.
+    M = -(-T // S)
+    cs = np.pad(n, ((0, 0), (0, M * S - T))).reshape(R, M, S).cumsum(1).reshape(R, M * S)
+    off = np.arange(S)
+    cnt = np.maximum(-(-(B - off) // S), 0)  # baseline windows at each offset
+    first = np.arange(J)[:, None] + off  # (J, S)
+    last = first + np.maximum(cnt - 1, 0) * S
+    below = np.where(first >= S, cs[:, np.maximum(first - S, 0)], 0.0)
+    smean = np.where(cnt > 0, (cs[:, np.minimum(last, M * S - 1)] - below) / np.maximum(cnt, 1), 0.0)  # (R, J, S)
+    m_j = np.tile(smean, (1, 1, -(-B // S)))[..., :B]
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_r = np.where(m_j > 0, ((Nw - m_j) ** 2 - m_j) / np.maximum(m_j, 1e-9) ** 2, 0.0)
-    c = np.maximum(cnt.min(1), 2)
+    c = max(int(cnt.min()), 2)
     inv_r = np.maximum(inv_r.mean(-1) * c / (c - 1), 1e-3)
     pb = p0[:, B:]
     # Volume-conditional: the volume the window's non-negative items imply, when above the usual volume
@@ -344,7 +353,7 @@ def _count_test(
     # count against the usual volume.
     others = n[:, B:] - k[:, B:]
     implied = np.maximum(others - np.minimum(2 * np.sqrt(others), 4.0), 0.0) / (1 - pb)
-    nexp = np.maximum(np.maximum(smean[:, np.arange(J), slot[B:]], 0.1), implied)
+    nexp = np.maximum(np.maximum(smean[:, :, B % S], 0.1), implied)  # the target's slot sits at offset B % S
     lam = np.maximum(pb * nexp, 0.05)
     var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
     phi = var / lam

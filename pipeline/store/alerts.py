@@ -6,6 +6,7 @@ and hand back records that `save_risk_scores` and `save_alerts` store idempotent
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy import BigInteger, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig
@@ -36,6 +37,17 @@ def _epoch_seconds(conn: Any, column: Any) -> Any:
     return cast(func.floor(func.extract("epoch", column)), BigInteger)
 
 
+def _fetch_tuples(conn: Any, stmt: Any) -> list[tuple]:
+    """All rows of a Core select as the driver's plain tuples: the selected columns need no result
+    processing (integers, floats, booleans, text), and building 10^5-10^6 Row objects costs more than
+    the query itself."""
+    result = conn.execute(stmt)
+    try:
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
+
+
 def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, grid: WindowGrid) -> ScopeMatrix:
     """Every scope's per-window counts over the grid, in one pass of grouped pandas arithmetic (no loop per
     scope). Market, entity and topic scopes count a story once however many sources carry it (distinct
@@ -45,7 +57,8 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
     # Core execution (no ORM row processing): this reads every item of the history, 10^5-10^6 rows.
     conn = session.connection()
-    rows = conn.execute(
+    rows = _fetch_tuples(
+        conn,
         select(
             D.id,
             _epoch_seconds(conn, D.published_at),
@@ -56,15 +69,16 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
             Sc.topic,
         )
         .join(Sc, Sc.document_id == D.id)
-        .where(Sc.model_version_id == model_version, D.published_at >= start, D.published_at < end)
-    ).all()
+        .where(Sc.model_version_id == model_version, D.published_at >= start, D.published_at < end),
+    )
     kinds = set(cfg.detect.scopes)
     ents = (
-        conn.execute(
+        _fetch_tuples(
+            conn,
             select(E.document_id, E.entity)
             .join(D, D.id == E.document_id)
-            .where(E.kind == "watchlist", D.published_at >= start, D.published_at < end)
-        ).all()
+            .where(E.kind == "watchlist", D.published_at >= start, D.published_at < end),
+        )
         if "entity" in kinds and rows
         else []
     )
@@ -79,7 +93,7 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
     frames: list[pd.DataFrame] = []
     if rows:
         names = ["id", "epoch", "content_hash", "source_name", "negative", "p_negative", "topic"]
-        df = pd.DataFrame(dict(zip(names, zip(*rows, strict=True), strict=True)))  # column-wise: no per-row checks
+        df = pd.DataFrame.from_records(rows, columns=names)
         df["content_hash"] = pd.factorize(df["content_hash"])[0]  # integer keys group several times faster
         df["w"] = grid.index_of_epoch(df["epoch"].to_numpy(dtype=np.int64))
         df = df[(df["w"] >= 0) & (df["w"] < grid.windows)]
@@ -111,7 +125,8 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
             add("topic", df[df["topic"].notna()], "topic", "content_hash")
     counts = pd.concat(frames, ignore_index=True) if frames else None
     if counts is not None:
-        keys.update(zip(counts["kind"], counts["value"], strict=True))
+        seen = counts[["kind", "value"]].drop_duplicates()
+        keys.update(zip(seen["kind"].tolist(), seen["value"].tolist(), strict=True))
     mat = ScopeMatrix.zeros(sorted(keys), grid)
     if counts is not None:
         row = pd.MultiIndex.from_tuples(mat.keys).get_indexer(
@@ -185,11 +200,23 @@ def save_risk_scores(
     session: Session, window_start: datetime, window_end: datetime, scores: Sequence[tuple[ScopeKey, dict[str, Any]]]
 ) -> None:
     """Upsert one risk row per scope for the window; `scores` pairs a scope with its components (whose
-    "risk" is the score). executemany, never one multi-row VALUES: psycopg caps a statement at 65,535
-    parameters, and 10,000 scopes of 7 columns would pass it."""
+    "risk" is the score). No statement grows with the scope count (psycopg caps one at 65,535 parameters):
+    Postgres gets one INSERT ... SELECT over a single JSON parameter (one encode, no per-value escaping),
+    SQLite an executemany."""
     if not scores:
         return
     now = datetime.now(UTC)
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text(_RISK_UPSERT_PG),
+            {
+                "rows": json.dumps([[kind, value, comp] for (kind, value), comp in scores]),
+                "window_start": window_start,
+                "window_end": window_end,
+                "now": now,
+            },
+        )
+        return
     rows = [
         {
             "scope_kind": kind,
@@ -205,9 +232,19 @@ def save_risk_scores(
     stmt = _insert(session, s.RiskScore)
     stmt = stmt.on_conflict_do_update(
         index_elements=["scope_kind", "scope_value", "window_start"],
-        set_={c: stmt.excluded[c] for c in ("window_end", "risk", "components", "computed_at")},
+        set_={c: stmt.excluded[c] for c in _RISK_UPDATED},
     )
     session.execute(stmt, rows)
+
+
+_RISK_UPDATED = ("window_end", "risk", "components", "computed_at")
+_RISK_UPSERT_PG = f"""
+INSERT INTO risk_scores (scope_kind, scope_value, window_start, window_end, risk, components, computed_at)
+SELECT r ->> 0, r ->> 1, :window_start, :window_end, CAST(r -> 2 ->> 'risk' AS float8), r -> 2, :now
+FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS r
+ON CONFLICT (scope_kind, scope_value, window_start) DO UPDATE SET
+{", ".join(f"{c} = EXCLUDED.{c}" for c in _RISK_UPDATED)}
+"""
 
 
 def item_to_dict(i: AlertItem) -> dict[str, Any]:
