@@ -57,9 +57,9 @@ COUNT_GATE_P = 0.2  # the negative-volume test needs the share test at least thi
 MIN_BASELINE_DOCS = 20
 TRIM_DAYS = 2  # days of largest negative excess left out of the starting share of the outlier cut
 RECENT_WINDOWS = (24, 72)  # spans of the recent shares that p0 follows when they drift up
-SLOT_PRIOR_DOCS = 20.0  # least weight of the overall share in an hour-of-day share
 RECENT_PRIOR_DOCS = 20.0  # weight of the long baseline's share in that recent share
 LOOKBACK_WINDOWS = 48
+SPARSE_ALPHA_MAX = 0.01  # the largest warning level a scope with few testable windows gets
 RHO_MAX = 0.2
 OUTLIER_R2 = 9.0
 CHI2_1_MEDIAN = 0.4549  # median of a chi-square with one degree of freedom
@@ -181,6 +181,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
     expected = np.zeros((R, T))
     expected_sd = np.ones((R, T))
     Nb = np.zeros((R, T))
+    alpha = np.full((R, T), p.warning_p)
     has_base = np.arange(T) >= B
     if T > B:
         J = T - B
@@ -206,13 +207,38 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
         phi1 = np.maximum((r2 * kept).sum(-1) / np.maximum(kept.sum(-1), 1) / TRUNCATED_R2_MEAN, 1.0)
         kept = counted & (r2 <= OUTLIER_R2 * phi1[..., None])
         clean = ~counted | kept
+        S = p.slots_per_day
+        hour_p: np.ndarray | None = None  # the target hour's share
+        dof = np.ones((R, J))  # share of the kept windows' residual variance left after fitting the shares
+        rho_p0 = np.zeros((R, J))  # p0's own estimation error, as extra intra-window correlation
+        if S > 1:
+            # The share by hour of day, shrunk toward the overall share by empirical Bayes: as far as the
+            # baseline's hours really differ beyond sampling noise (a scope whose share follows the clock
+            # keeps its cycle, one whose hours only differ by chance gets its overall share). Residuals are
+            # then taken against the hour's share, so a share cycle does not pass for over-dispersion.
+            pad = (-B) % S
+            Ns_o, Ks_o = (np.pad(x * kept, ((0, 0), (0, 0), (0, pad))).reshape(R, J, -1, S).sum(-2) for x in (Nw, Kw))
+            ps_raw = (Ks_o + 0.5 * p1[..., None]) / (Ns_o + 0.5)
+            noise = p1 * (1 - p1) * phi1
+            tot = np.maximum(Ns_o.sum(-1), 1.0)
+            tau2 = np.maximum(((Ns_o * (ps_raw - p1[..., None]) ** 2).sum(-1) - (S - 1) * noise) / tot, 0.0)
+            w = tau2[..., None] / (tau2[..., None] + noise[..., None] / np.maximum(Ns_o, 0.5))
+            slot_p = np.clip(p1[..., None] + w * (ps_raw - p1[..., None]), 1e-3, 1 - 1e-3)  # (R, J, S) by offset
+            pr = np.tile(slot_p, (1, 1, -(-B // S)))[..., :B]
+            dof = np.clip(1 - w.sum(-1) / np.maximum(kept.sum(-1), 1), 0.5, 1.0)
+            t_off = B % S  # the target's hour sits at this offset
+            hour_p = slot_p[..., t_off]
+            # Var(p0) ~ w * phi * p(1-p) / N_hour, i.e. a correlation of w * phi / N_hour among the window's items.
+            rho_p0 = w[..., t_off] * phi1 / np.maximum(Ns_o[..., t_off], 1.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (Nsafe * pr * (1 - pr)), 0.0)
         Nk, Kk = (Nw * clean).sum(-1), (Kw * clean).sum(-1)
         Bc = np.maximum(clean.sum(-1), 1)
         p_all = (Kk + 0.5) / (Nk + 1.0)
         M = np.maximum(kept.sum(-1), 1)
         # Mean squared Pearson residual of the kept windows, corrected for the truncation.
         r2k = r2 * kept
-        r2m = r2k.sum(-1) / M
+        r2m = r2k.sum(-1) / M / dof
         phi = r2m / TRUNCATED_R2_MEAN
         # Only over-dispersion the baseline shows beyond sampling noise counts: at a few items per
         # window the estimate is noisy enough to swallow a real spike.
@@ -224,40 +250,59 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             r = np.where((nbar > 1.5) & (M >= 10), (phi - 1) / (nbar - 1), 0.0)
         lam_all = Kk / Bc
         var_k = np.maximum((Kw * Kw * clean).sum(-1) / Bc - lam_all**2, 0.0)
-        S = p.slots_per_day
         if S > 1:
             sl = slot % S
             same = (np.lib.stride_tricks.sliding_window_view(sl, B)[:J] == sl[B:, None]) & clean
-            Ns, Ks, Ws = (Nw * same).sum(-1), (Kw * same).sum(-1), same.sum(-1)
-            # Shrunk toward the overall share with the weight of an average slot's items, and at least
-            # SLOT_PRIOR_DOCS: a quiet scope's hour holds a handful of items, too few to set a share alone.
-            m0 = np.maximum(Nk / S, SLOT_PRIOR_DOCS)
-            base_p = (Ks + m0 * p_all) / (Ns + m0 + 1e-12)
+            Ks, Ws = (Kw * same).sum(-1), same.sum(-1)
             w0 = Bc / S
             lam = (Ks + w0 * lam_all) / (Ws + w0)
         else:
-            base_p, lam = p_all, lam_all
-        # A share that drifted up is the new normal, not a spike: p0 follows the share of the last day and
-        # of the last three days (each shrunk toward the long baseline) whenever they run above it. Those
-        # count all windows, not only clean ones (a drift makes the newest windows outliers against the long
-        # baseline), short of the last few that a multi-window spike may still be part of.
+            lam = lam_all
+        base_p = p_all if hour_p is None else hour_p
+        # A share that drifted up is the new normal, not a spike: every hour's share rises by the ratio of the
+        # last day's share to the long baseline's, times that of the last three days (each shrunk toward the
+        # long baseline; only rises count). The product keeps up with a share that rose over three days and is
+        # still rising; it over-corrects a drift that has settled until the long baseline catches up (on the
+        # drift test's 40 streams a plain maximum of the two ratios alerted 1.6x as often as on quiet data).
+        # Those shares count windows that are not clean (a drift makes the newest windows outliers against the
+        # long baseline), short of the last few that a multi-window spike may still be part of, but not windows
+        # far out of line with the recent share itself (an earlier surge: in spiked data one every few days),
+        # or a surge three days ago would raise the bar for the next one.
         hi = B - p.sustained_windows
+        ratios = []
         for span in RECENT_WINDOWS:
             lo = max(0, hi - span)
-            Nr, Kr = Nw[..., lo:hi].sum(-1), Kw[..., lo:hi].sum(-1)
-            base_p = np.maximum(base_p, (Kr + RECENT_PRIOR_DOCS * base_p) / (Nr + RECENT_PRIOR_DOCS))
+            Nr, Kr = Nw[..., lo:hi], Kw[..., lo:hi]
+            pr = ((Kr.sum(-1) + RECENT_PRIOR_DOCS * p_all) / (Nr.sum(-1) + RECENT_PRIOR_DOCS))[..., None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2r = (Kr - Nr * pr) ** 2 / (np.maximum(Nr, 1) * pr * (1 - pr))
+            inl = r2r <= OUTLIER_R2 * phi1[..., None]
+            Nr, Kr = Nr * inl, Kr * inl
+            ratios.append((Kr.sum(-1) + RECENT_PRIOR_DOCS * p_all) / (Nr.sum(-1) + RECENT_PRIOR_DOCS) / p_all)
+        factor = np.prod([np.maximum(r, 1.0) for r in ratios], axis=0)
+        base_p = base_p * factor  # a drift scales every hour's share alike
+        # The false-alert budget is per scope and week: a scope whose windows rarely reach min_volume spends
+        # it on few tests, so each of its windows is tested at warning_p over the share of baseline windows
+        # that reach it (at most SPARSE_ALPHA_MAX). Busy scopes keep warning_p, and so does a window whose
+        # other (non-negative) items alone are far above the usual: a news day makes a quiet scope testable
+        # for a few hours, a surge of negative items does not raise the others.
+        testable = (Nw >= p.min_volume).mean(-1)
+        top = max(SPARSE_ALPHA_MAX, p.warning_p)
+        usual = (Nw - Kw).mean(-1)
+        newsy = n[:, B:] - k[:, B:] > usual + 3 * np.sqrt(usual) + 1
+        alpha[:, B:] = np.where(newsy, p.warning_p, np.clip(p.warning_p / np.maximum(testable, 1e-9), p.warning_p, top))
         p0[:, B:] = base_p
-        rho[:, B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
+        rho[:, B:] = np.clip(np.nan_to_num(r) + rho_p0, 0.0, RHO_MAX)
         expected[:, B:] = lam
         expected_sd[:, B:] = np.sqrt(np.maximum(var_k, lam))
         Nb[:, B:] = Nk
     p0 = np.clip(p0, 1e-4, 1 - 1e-4)
 
     ok = has_base & (Nb >= p.min_baseline_docs)
-    pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
+    pv, z, hot = _tail_test(n, k, p0, rho, ok, p, alpha)
     if T > B:
         pc = _count_test(n, k, p0, B, p.window_minutes)
-        hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p)
+        hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p, alpha)
         new = hotc & ~hot
         pv, hot = np.where(new, pc, pv), hot | hotc
     warm = ok & (n > 0) & (k > n * p0) & (pv <= p.exit_p)
@@ -273,7 +318,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             okm[:, :lag] = False
             okm[:, lag:] &= ok[:, :-lag]
         p0m = np.where(nm > 0, exm / np.where(nm > 0, nm, 1), p0)
-        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, charge=SCAN_CHARGE)
+        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, alpha, charge=SCAN_CHARGE)
         new = hotm & ~hot
         pv, z, hot = np.where(new, pvm, pv), np.where(new, zm, z), hot | hotm
     return SeriesStats(
@@ -371,6 +416,7 @@ def _tail_test(
     rho: np.ndarray,
     ok: np.ndarray,
     p: DetectorParams,
+    alpha: np.ndarray,
     charge: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
@@ -391,16 +437,17 @@ def _tail_test(
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
         z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))
-    return pv, z, _passes(n, k, p0, ok, pv, p)
+    return pv, z, _passes(n, k, p0, ok, pv, p, alpha)
 
 
 def _passes(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams, alpha: np.ndarray
 ) -> np.ndarray:
-    """The gates every test shares: enough items and negatives, a real rise in share, p <= warning_p."""
+    """The gates every test shares: enough items and negatives, a real rise in share, p <= alpha (the
+    window's warning level)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= p.warning_p)
+    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= alpha)
 
 
 def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:

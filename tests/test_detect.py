@@ -447,10 +447,33 @@ def test_news_days_at_the_usual_share_do_not_alert() -> None:
 
 def test_a_slow_share_drift_alerts_about_as_often_as_quiet_data() -> None:
     """The negative share drifts over three days to 1.6x and stays. p0 follows the recent share up, so the
-    drifted streams alert at most 1.6x as often as their quiet twins (the old detector: 134 vs 47, 2.9x)."""
+    drifted streams alert at most 1.3x as often as their quiet twins (76 vs 61; the detector before the
+    recent share scaled every hour's share: 1.6x at these settings; the one before that 2.9x). Not yet "no
+    more than quiet data": the extra alerts come while the share is still rising, in busy scopes."""
     drifted = quiet = 0
     for seed in range(40):
         vol = [2, 5, 20, 60, 150][seed % 5]
         drifted += len(_alert_windows(*_newsy_stream(seed, vol, drift=(24 * 12, 72, 1.6)), 24 * 9))
         quiet += len(_alert_windows(*_newsy_stream(seed, vol), 24 * 9))
-    assert drifted <= 1.6 * quiet, (drifted, quiet)
+    assert drifted <= 1.3 * quiet, (drifted, quiet)
+
+
+def test_a_surge_two_days_after_another_is_judged_against_the_share_before_both() -> None:
+    """Surges come every few days in spiked streams. The recent share that p0 follows (so that a drift is
+    the new normal) leaves an earlier surge's windows out: over 40 scopes of 5 items an hour, a second
+    surge two days after a first is caught nearly as often as the same surge alone (28 vs 32; counting the
+    first surge in raised p0: 20 vs 27)."""
+    p = DetectorParams.from_config(cfg().detect)
+    alone = after = 0
+    for seed in range(40):
+        n, k = _calm(p, 5, 0.15, seed=seed)
+        T = len(n)
+        second = T - 1
+        n[second] += 4
+        k[second] += 4
+        alone += int(compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p).hot[second])
+        first = second - 48
+        n[first : first + 4] += 6
+        k[first : first + 4] += 6
+        after += int(compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p).hot[second])
+    assert alone >= 20 and after >= 0.85 * alone, (after, alone)
