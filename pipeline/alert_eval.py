@@ -39,7 +39,10 @@ TUNING_SEEDS = (7, 11)  # the detector's settings were chosen on these; the repo
 Family = Literal["baseline", "realistic", "adversarial"]
 FAMILIES: tuple[Family, ...] = ("baseline", "realistic", "adversarial")
 VOLUME_BANDS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, math.inf)
-METHOD = "beta-binomial share test (mid-p) + negative-volume test + 2-4 window scans; escalation at 100x"
+METHOD = (
+    "beta-binomial share test (mid-p) against an empirical-Bayes hour-of-day share + negative-volume test + 2-4 "
+    "window scans; warning level scaled by the share of testable windows (at most 0.01); escalation at 100x"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -801,9 +804,13 @@ DETECTOR_TEXT = [
     "line with it (earlier spikes) are left out in two cuts: the first against a share computed without the two",
     "days of largest negative excess and the median residual (at a few items an hour two earlier spikes are half",
     "of the baseline's negatives and would otherwise set the share they are judged by), the second against the",
-    "share and dispersion of what survived. The share p0 follows the scope's hour of day (shrunk halfway to its",
-    "overall share) and, when the share of the last 24 clean windows runs above it, that recent share (shrunk",
-    "toward the long baseline), so a slow drift becomes the new normal instead of a run of alerts. Tests:",
+    "share and dispersion of what survived. The share p0 follows the scope's hour of day by empirical Bayes: each",
+    "hour's share is shrunk toward the overall share as far as the hours differ by no more than sampling noise",
+    "(a scope whose share follows the clock keeps its cycle; residuals for the dispersion are taken against the",
+    "hour's share, and the hour share's own estimation error is added to the test's variance). When the share of",
+    "the last day or three days runs above the long baseline, every hour's share is scaled up by that ratio, so a",
+    "slow drift becomes the new normal; windows far out of line with that recent share (an earlier surge) are left",
+    "out of it, so one surge does not raise the bar for the next. Tests:",
     "",
     "1. Negative share: the upper tail P(K >= k | n) of a beta-binomial with p0 and the baseline's over-dispersion",
     "   (only beyond two standard errors of its estimate). Conditioning on n makes it volume-aware.",
@@ -813,8 +820,12 @@ DETECTOR_TEXT = [
     "   volume dispersion. A news day brings more items of every kind and raises that expectation; a surge of",
     "   negative items leaves the others as they were. It also needs the share test at p <= 0.2.",
     "",
-    "All p-values are mid-p. A window alerts when a p-value is <= warning_p (critical at critical_p), n >= min_volume,",
-    "k >= min_negative and the share rose by at least min_share_increase. One episode gives one alert; it stays",
+    "All p-values are mid-p. A window alerts when a p-value is <= its warning level (critical at critical_p),",
+    "n >= min_volume, k >= min_negative and the share rose by at least min_share_increase. The warning level is",
+    "warning_p for a busy scope; the false-alert budget is per scope-week, so a scope whose baseline windows",
+    "rarely reach min_volume spends it on fewer tests and each is tested at warning_p / (share of testable",
+    "windows), at most 0.01.",
+    "One episode gives one alert; it stays",
     "open while windows stay above baseline at p <= 0.05 and ends, with a resolution notice, after cooldown_windows",
     "quiet windows; a window 100 times stronger than the episode's last alert sends an `escalated` alert.",
     "",

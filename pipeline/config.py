@@ -119,7 +119,7 @@ class DetectConfig(_Strict):
     min_volume: int = Field(default=5, ge=1)
     min_negative: int = Field(default=3, ge=1)
     min_share_increase: float = Field(default=0.05, ge=0, le=1)
-    warning_p: float = Field(default=4e-3, gt=0, lt=1)
+    warning_p: float = Field(default=3e-3, gt=0, lt=1)
     critical_p: float = Field(default=1e-6, gt=0, lt=1)
     cooldown_windows: int = Field(default=3, ge=0)
     seasonality: bool = True

@@ -60,26 +60,6 @@ def open_engine(cfg: FinsentConfig) -> Engine:
     return store.make_engine(cfg.database_url.get_secret_value())
 
 
-def window_end(now: datetime, window_minutes: int) -> datetime:
-    """The end of the last complete window at `now` (windows are aligned to the epoch)."""
-    step = window_minutes * 60
-    ts = int(now.timestamp()) // step * step
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def check_as_of(as_of: datetime, window_minutes: int) -> None:
-    """Reject an off-grid detection time before any work is done, naming the nearest valid ones."""
-    if as_of.tzinfo is None:
-        raise ValueError(f"as-of time {as_of.isoformat()} has no timezone: give UTC, e.g. {as_of.isoformat()}Z")
-    before = window_end(as_of, window_minutes)
-    if before != as_of:
-        after = before + timedelta(minutes=window_minutes)
-        raise ValueError(
-            f"as-of time {as_of.isoformat()} is not on the {window_minutes}-minute window grid: "
-            f"use {before:%Y-%m-%dT%H:%MZ} or {after:%Y-%m-%dT%H:%MZ}"
-        )
-
-
 def ingest_source(cfg: FinsentConfig, engine: Engine, name: str, run_id: int | None = None) -> IngestOutcome:
     """Fetch one source and commit its new documents; a broken feed is recorded, never raised."""
     src = cfg.source(name)
@@ -283,7 +263,7 @@ def explain_negatives(
     scorer: Scorer, docs: Sequence[tuple[int, str]], exclude: Sequence[str] = ()
 ) -> dict[int, Sequence[str]]:
     """Evidence words for documents scored negative (the only ones alerts cite), by document id."""
-    from pipeline.detect import evidence_tokens
+    from pipeline.explain import evidence_tokens
 
     return {doc_id: evidence_tokens(scorer, text, exclude) for doc_id, text in docs}
 
@@ -338,6 +318,8 @@ def run_cycle(
     One cycle at a time per database: a second one raises RunLockedError before doing anything. The run
     holds a lease its heartbeat renews, so if this process dies the next cycle marks the run abandoned.
     """
+    from pipeline.detect import check_as_of, window_end
+
     engine = engine or open_engine(cfg)
     as_of = as_of or window_end(datetime.now(UTC), cfg.detect.window_minutes)
     check_as_of(as_of, cfg.detect.window_minutes)

@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import cycle, store
 from pipeline.config import DEFAULT_MODEL_DIR, FinsentConfig, SinkConfig, SourceConfig, WatchlistEntity
+from pipeline.detect import window_end
 from pipeline.errors import UsageError
 from pipeline.records import AlertRecord
 from pipeline.store import schema as s
@@ -141,9 +142,7 @@ def run_demo(db_path: Path, model_path: str | None = None, fresh: bool = True) -
     with store.session_scope(engine) as session:
         latest = session.scalar(select(func.max(s.Document.published_at)))
     window = timedelta(minutes=cfg.detect.window_minutes)
-    as_of = (
-        cycle.window_end(latest, cfg.detect.window_minutes) + window if latest else cycle.window_end(datetime.now(), 60)
-    )
+    as_of = window_end(latest, cfg.detect.window_minutes) + window if latest else window_end(datetime.now(), 60)
 
     t = time.perf_counter()
     alerts = cycle.detect_alerts(cfg, engine, as_of, scored.model_version, scorer=scorer)

@@ -31,23 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from scipy import stats as sps
-from sqlalchemy import BigInteger, Engine, cast, func, select
-from sqlalchemy.orm import Session
 
 from pipeline.config import DetectConfig, FinsentConfig
-from pipeline.records import AlertItem, AlertRecord, document_text
-from pipeline.risk import RiskComponents, risk_components, topic_weight
-from pipeline.store import _insert, load_explanations, session_scope
-from pipeline.store import schema as s
+from pipeline.errors import UsageError
+from pipeline.records import AlertItem, AlertRecord
+from pipeline.risk import component_arrays, risk_of
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +57,16 @@ COUNT_GATE_P = 0.2  # the negative-volume test needs the share test at least thi
 MIN_BASELINE_DOCS = 20
 TRIM_DAYS = 2  # days of largest negative excess left out of the starting share of the outlier cut
 RECENT_WINDOWS = (24, 72)  # spans of the recent shares that p0 follows when they drift up
-SLOT_PRIOR_DOCS = 20.0  # least weight of the overall share in an hour-of-day share
 RECENT_PRIOR_DOCS = 20.0  # weight of the long baseline's share in that recent share
 LOOKBACK_WINDOWS = 48
+SPARSE_ALPHA_MAX = 0.01  # the largest warning level a scope with few testable windows gets
 RHO_MAX = 0.2
 OUTLIER_R2 = 9.0
 CHI2_1_MEDIAN = 0.4549  # median of a chi-square with one degree of freedom
 TRUNCATED_R2_MEAN = 0.9733  # E[Z^2 | Z^2 <= 9] for a standard normal Z
 TOP_DOCUMENTS = 5
-EVIDENCE_TOKENS = 5
 MARKET = "*"
+METHOD = "beta-binomial share test + negative-volume test vs trailing baseline (mid-p)"  # stored in alert details
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +181,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
     expected = np.zeros((R, T))
     expected_sd = np.ones((R, T))
     Nb = np.zeros((R, T))
+    alpha = np.full((R, T), p.warning_p)
     has_base = np.arange(T) >= B
     if T > B:
         J = T - B
@@ -200,9 +198,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             # dispersion, so one past episode neither hides the next nor inflates the noise estimate. The
             # first cut uses the median residual (earlier spikes inflate a mean, and at a few items a window
             # they are most of the negatives), the second the share and dispersion of what survived it.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a baseline without items has no median
-                med = np.nanmedian(np.where(counted, r2, np.nan), axis=-1) / CHI2_1_MEDIAN
+            med = _median_where(r2, counted) / CHI2_1_MEDIAN
         kept = counted & (r2 <= OUTLIER_R2 * np.maximum(np.nan_to_num(med, nan=1.0), 1.0)[..., None])
         p1 = ((Kw * kept).sum(-1) + 0.5) / ((Nw * kept).sum(-1) + 1.0)
         pr = p1[..., None]
@@ -211,13 +207,38 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
         phi1 = np.maximum((r2 * kept).sum(-1) / np.maximum(kept.sum(-1), 1) / TRUNCATED_R2_MEAN, 1.0)
         kept = counted & (r2 <= OUTLIER_R2 * phi1[..., None])
         clean = ~counted | kept
+        S = p.slots_per_day
+        hour_p: np.ndarray | None = None  # the target hour's share
+        dof = np.ones((R, J))  # share of the kept windows' residual variance left after fitting the shares
+        rho_p0 = np.zeros((R, J))  # p0's own estimation error, as extra intra-window correlation
+        if S > 1:
+            # The share by hour of day, shrunk toward the overall share by empirical Bayes: as far as the
+            # baseline's hours really differ beyond sampling noise (a scope whose share follows the clock
+            # keeps its cycle, one whose hours only differ by chance gets its overall share). Residuals are
+            # then taken against the hour's share, so a share cycle does not pass for over-dispersion.
+            pad = (-B) % S
+            Ns_o, Ks_o = (np.pad(x * kept, ((0, 0), (0, 0), (0, pad))).reshape(R, J, -1, S).sum(-2) for x in (Nw, Kw))
+            ps_raw = (Ks_o + 0.5 * p1[..., None]) / (Ns_o + 0.5)
+            noise = p1 * (1 - p1) * phi1
+            tot = np.maximum(Ns_o.sum(-1), 1.0)
+            tau2 = np.maximum(((Ns_o * (ps_raw - p1[..., None]) ** 2).sum(-1) - (S - 1) * noise) / tot, 0.0)
+            w = tau2[..., None] / (tau2[..., None] + noise[..., None] / np.maximum(Ns_o, 0.5))
+            slot_p = np.clip(p1[..., None] + w * (ps_raw - p1[..., None]), 1e-3, 1 - 1e-3)  # (R, J, S) by offset
+            pr = np.tile(slot_p, (1, 1, -(-B // S)))[..., :B]
+            dof = np.clip(1 - w.sum(-1) / np.maximum(kept.sum(-1), 1), 0.5, 1.0)
+            t_off = B % S  # the target's hour sits at this offset
+            hour_p = slot_p[..., t_off]
+            # Var(p0) ~ w * phi * p(1-p) / N_hour, i.e. a correlation of w * phi / N_hour among the window's items.
+            rho_p0 = w[..., t_off] * phi1 / np.maximum(Ns_o[..., t_off], 1.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2 = np.where(counted, (Kw - Nw * pr) ** 2 / (Nsafe * pr * (1 - pr)), 0.0)
         Nk, Kk = (Nw * clean).sum(-1), (Kw * clean).sum(-1)
         Bc = np.maximum(clean.sum(-1), 1)
         p_all = (Kk + 0.5) / (Nk + 1.0)
         M = np.maximum(kept.sum(-1), 1)
         # Mean squared Pearson residual of the kept windows, corrected for the truncation.
         r2k = r2 * kept
-        r2m = r2k.sum(-1) / M
+        r2m = r2k.sum(-1) / M / dof
         phi = r2m / TRUNCATED_R2_MEAN
         # Only over-dispersion the baseline shows beyond sampling noise counts: at a few items per
         # window the estimate is noisy enough to swallow a real spike.
@@ -229,40 +250,59 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             r = np.where((nbar > 1.5) & (M >= 10), (phi - 1) / (nbar - 1), 0.0)
         lam_all = Kk / Bc
         var_k = np.maximum((Kw * Kw * clean).sum(-1) / Bc - lam_all**2, 0.0)
-        S = p.slots_per_day
         if S > 1:
             sl = slot % S
             same = (np.lib.stride_tricks.sliding_window_view(sl, B)[:J] == sl[B:, None]) & clean
-            Ns, Ks, Ws = (Nw * same).sum(-1), (Kw * same).sum(-1), same.sum(-1)
-            # Shrunk toward the overall share with the weight of an average slot's items, and at least
-            # SLOT_PRIOR_DOCS: a quiet scope's hour holds a handful of items, too few to set a share alone.
-            m0 = np.maximum(Nk / S, SLOT_PRIOR_DOCS)
-            base_p = (Ks + m0 * p_all) / (Ns + m0 + 1e-12)
+            Ks, Ws = (Kw * same).sum(-1), same.sum(-1)
             w0 = Bc / S
             lam = (Ks + w0 * lam_all) / (Ws + w0)
         else:
-            base_p, lam = p_all, lam_all
-        # A share that drifted up is the new normal, not a spike: p0 follows the share of the last day and
-        # of the last three days (each shrunk toward the long baseline) whenever they run above it. Those
-        # count all windows, not only clean ones (a drift makes the newest windows outliers against the long
-        # baseline), short of the last few that a multi-window spike may still be part of.
+            lam = lam_all
+        base_p = p_all if hour_p is None else hour_p
+        # A share that drifted up is the new normal, not a spike: every hour's share rises by the ratio of the
+        # last day's share to the long baseline's, times that of the last three days (each shrunk toward the
+        # long baseline; only rises count). The product keeps up with a share that rose over three days and is
+        # still rising; it over-corrects a drift that has settled until the long baseline catches up (on the
+        # drift test's 40 streams a plain maximum of the two ratios alerted 1.6x as often as on quiet data).
+        # Those shares count windows that are not clean (a drift makes the newest windows outliers against the
+        # long baseline), short of the last few that a multi-window spike may still be part of, but not windows
+        # far out of line with the recent share itself (an earlier surge: in spiked data one every few days),
+        # or a surge three days ago would raise the bar for the next one.
         hi = B - p.sustained_windows
+        ratios = []
         for span in RECENT_WINDOWS:
             lo = max(0, hi - span)
-            Nr, Kr = Nw[..., lo:hi].sum(-1), Kw[..., lo:hi].sum(-1)
-            base_p = np.maximum(base_p, (Kr + RECENT_PRIOR_DOCS * base_p) / (Nr + RECENT_PRIOR_DOCS))
+            Nr, Kr = Nw[..., lo:hi], Kw[..., lo:hi]
+            pr = ((Kr.sum(-1) + RECENT_PRIOR_DOCS * p_all) / (Nr.sum(-1) + RECENT_PRIOR_DOCS))[..., None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2r = (Kr - Nr * pr) ** 2 / (np.maximum(Nr, 1) * pr * (1 - pr))
+            inl = r2r <= OUTLIER_R2 * phi1[..., None]
+            Nr, Kr = Nr * inl, Kr * inl
+            ratios.append((Kr.sum(-1) + RECENT_PRIOR_DOCS * p_all) / (Nr.sum(-1) + RECENT_PRIOR_DOCS) / p_all)
+        factor = np.prod([np.maximum(r, 1.0) for r in ratios], axis=0)
+        base_p = base_p * factor  # a drift scales every hour's share alike
+        # The false-alert budget is per scope and week: a scope whose windows rarely reach min_volume spends
+        # it on few tests, so each of its windows is tested at warning_p over the share of baseline windows
+        # that reach it (at most SPARSE_ALPHA_MAX). Busy scopes keep warning_p, and so does a window whose
+        # other (non-negative) items alone are far above the usual: a news day makes a quiet scope testable
+        # for a few hours, a surge of negative items does not raise the others.
+        testable = (Nw >= p.min_volume).mean(-1)
+        top = max(SPARSE_ALPHA_MAX, p.warning_p)
+        usual = (Nw - Kw).mean(-1)
+        newsy = n[:, B:] - k[:, B:] > usual + 3 * np.sqrt(usual) + 1
+        alpha[:, B:] = np.where(newsy, p.warning_p, np.clip(p.warning_p / np.maximum(testable, 1e-9), p.warning_p, top))
         p0[:, B:] = base_p
-        rho[:, B:] = np.clip(np.nan_to_num(r), 0.0, RHO_MAX)
+        rho[:, B:] = np.clip(np.nan_to_num(r) + rho_p0, 0.0, RHO_MAX)
         expected[:, B:] = lam
         expected_sd[:, B:] = np.sqrt(np.maximum(var_k, lam))
         Nb[:, B:] = Nk
     p0 = np.clip(p0, 1e-4, 1 - 1e-4)
 
     ok = has_base & (Nb >= p.min_baseline_docs)
-    pv, z, hot = _tail_test(n, k, p0, rho, ok, p)
+    pv, z, hot = _tail_test(n, k, p0, rho, ok, p, alpha)
     if T > B:
-        pc = _count_test(n, k, p0, slot, B, p.window_minutes)
-        hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p)
+        pc = _count_test(n, k, p0, B, p.window_minutes)
+        hotc = _passes(n, k, p0, ok & (pv <= COUNT_GATE_P), pc, p, alpha)
         new = hotc & ~hot
         pv, hot = np.where(new, pc, pv), hot | hotc
     warm = ok & (n > 0) & (k > n * p0) & (pv <= p.exit_p)
@@ -278,7 +318,7 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
             okm[:, :lag] = False
             okm[:, lag:] &= ok[:, :-lag]
         p0m = np.where(nm > 0, exm / np.where(nm > 0, nm, 1), p0)
-        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, charge=SCAN_CHARGE)
+        pvm, zm, hotm = _tail_test(nm, km, p0m, rho, okm, p, alpha, charge=SCAN_CHARGE)
         new = hotm & ~hot
         pv, z, hot = np.where(new, pvm, pv), np.where(new, zm, z), hot | hotm
     return SeriesStats(
@@ -293,6 +333,16 @@ def _stats_2d(n: np.ndarray, k: np.ndarray, slot: np.ndarray, p: DetectorParams)
         warm=warm | hot,
         critical=hot & (pv <= p.critical_p),
     )
+
+
+def _median_where(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Median of x over the last axis where mask holds (nan where it never does); np.nanmedian goes
+    through masked arrays and costs several times more."""
+    v = np.sort(np.where(mask, x, np.inf), axis=-1)
+    c = mask.sum(-1)
+    lo = np.take_along_axis(v, np.maximum((c - 1) // 2, 0)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(v, np.maximum(c // 2 - (c == 0), 0)[..., None], -1)[..., 0]
+    return np.where(c > 0, (lo + hi) / 2, np.nan)
 
 
 def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_minutes: int) -> np.ndarray:
@@ -312,32 +362,34 @@ def _trimmed_share(Nw: np.ndarray, Kw: np.ndarray, p_raw: np.ndarray, window_min
     return ((Kd * keep).sum(-1) + 0.5) / ((Nd * keep).sum(-1) + 1.0)
 
 
-def _count_test(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, slot: np.ndarray, B: int, window_minutes: int
-) -> np.ndarray:
+def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, B: int, window_minutes: int) -> np.ndarray:
     """Negative volume against its time-of-day expectation: mid-p upper tail of a negative binomial.
 
     Expected negatives = baseline share x the mean volume of the same time-of-day slot in the baseline;
     the volume's Gamma-Poisson dispersion is estimated from the baseline around those slot means, and the
     slot mean's own sampling error is added to the variance. A spike of new negative items raises n as
     well as k, which hides part of it from the share test; at a few items per window this test sees it.
-    Arrays are (scopes, windows); the slots are shared.
+    Arrays are (scopes, windows) of consecutive windows.
     """
     R, T = n.shape
     J = T - B
     out = np.ones((R, T))
     S = (24 * 60) // window_minutes if (24 * 60) % window_minutes == 0 else 1
-    slot = slot % S
     Nw = np.lib.stride_tricks.sliding_window_view(n, B, axis=1)[:, :J]
-    Sw = np.lib.stride_tricks.sliding_window_view(slot, B)[:J]
-    # Per-slot sums of each target's baseline: one (R, B) @ (B, S) matrix product per target window.
-    onehot = (slot[:, None] == np.arange(S)).astype(np.float64)  # (T, S)
-    cnt = np.stack([onehot[j : j + B].sum(0) for j in range(J)])  # (J, S)
-    smean = np.stack([n[:, j : j + B] @ onehot[j : j + B] for j in range(J)], axis=1) / np.maximum(cnt, 1)
-    m_j = np.take_along_axis(smean, np.broadcast_to(Sw, (R, J, B)), axis=-1)
+    # Slot means of each target's baseline, by offset b < S from the baseline's first window (windows are
+    # consecutive, so offset b holds one slot): running sums along each slot's own windows, differenced.
+    M = -(-T // S)
+    cs = np.pad(n, ((0, 0), (0, M * S - T))).reshape(R, M, S).cumsum(1).reshape(R, M * S)
+    off = np.arange(S)
+    cnt = np.maximum(-(-(B - off) // S), 0)  # baseline windows at each offset
+    first = np.arange(J)[:, None] + off  # (J, S)
+    last = first + np.maximum(cnt - 1, 0) * S
+    below = np.where(first >= S, cs[:, np.maximum(first - S, 0)], 0.0)
+    smean = np.where(cnt > 0, (cs[:, np.minimum(last, M * S - 1)] - below) / np.maximum(cnt, 1), 0.0)  # (R, J, S)
+    m_j = np.tile(smean, (1, 1, -(-B // S)))[..., :B]
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_r = np.where(m_j > 0, ((Nw - m_j) ** 2 - m_j) / np.maximum(m_j, 1e-9) ** 2, 0.0)
-    c = np.maximum(cnt.min(1), 2)
+    c = max(int(cnt.min()), 2)
     inv_r = np.maximum(inv_r.mean(-1) * c / (c - 1), 1e-3)
     pb = p0[:, B:]
     # Volume-conditional: the volume the window's non-negative items imply, when above the usual volume
@@ -346,7 +398,7 @@ def _count_test(
     # count against the usual volume.
     others = n[:, B:] - k[:, B:]
     implied = np.maximum(others - np.minimum(2 * np.sqrt(others), 4.0), 0.0) / (1 - pb)
-    nexp = np.maximum(np.maximum(smean[:, np.arange(J), slot[B:]], 0.1), implied)
+    nexp = np.maximum(np.maximum(smean[:, :, B % S], 0.1), implied)  # the target's slot sits at offset B % S
     lam = np.maximum(pb * nexp, 0.05)
     var = lam + lam**2 * inv_r + pb**2 * (nexp + nexp**2 * inv_r) / c
     phi = var / lam
@@ -364,6 +416,7 @@ def _tail_test(
     rho: np.ndarray,
     ok: np.ndarray,
     p: DetectorParams,
+    alpha: np.ndarray,
     charge: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
@@ -384,16 +437,17 @@ def _tail_test(
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
         z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))
-    return pv, z, _passes(n, k, p0, ok, pv, p)
+    return pv, z, _passes(n, k, p0, ok, pv, p, alpha)
 
 
 def _passes(
-    n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams
+    n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams, alpha: np.ndarray
 ) -> np.ndarray:
-    """The gates every test shares: enough items and negatives, a real rise in share, p <= warning_p."""
+    """The gates every test shares: enough items and negatives, a real rise in share, p <= alpha (the
+    window's warning level)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= p.warning_p)
+    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= alpha)
 
 
 def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
@@ -450,18 +504,73 @@ def episode_id(scope_kind: str, scope_value: str, onset_start: datetime) -> str:
     ).hexdigest()[:32]
 
 
-# --- the database path -------------------------------------------------------------------------
+# --- the window grid and the scope matrix ---------------------------------------------------------------
 
 
-def _check_as_of(as_of: datetime, window_minutes: int) -> None:
-    if as_of.tzinfo is None:
-        raise ValueError(f"as_of={as_of!r} is naive: pass a timezone-aware UTC datetime")
+class OffGridError(UsageError, ValueError):
+    """A detection time that is naive or not a window end of the epoch-aligned grid."""
+
+
+def window_end(now: datetime, window_minutes: int) -> datetime:
+    """The end of the last complete window at `now` (windows are aligned to the epoch)."""
     step = window_minutes * 60
-    if int(as_of.timestamp()) % step or as_of.microsecond:
-        raise ValueError(
-            f"as_of={as_of.isoformat()} is not aligned to the {window_minutes}-minute window grid "
-            "(pass a window end, e.g. the Airflow data interval end)"
+    return datetime.fromtimestamp(int(now.timestamp()) // step * step, UTC)
+
+
+def check_as_of(as_of: datetime, window_minutes: int) -> None:
+    """Reject an off-grid detection time before any work is done, naming the nearest valid ones."""
+    if as_of.tzinfo is None:
+        raise OffGridError(f"as-of time {as_of.isoformat()} has no timezone: give UTC, e.g. {as_of.isoformat()}Z")
+    before = window_end(as_of, window_minutes)
+    if before != as_of:
+        after = before + timedelta(minutes=window_minutes)
+        raise OffGridError(
+            f"as-of time {as_of.isoformat()} is not on the {window_minutes}-minute window grid: "
+            f"use {before:%Y-%m-%dT%H:%MZ} or {after:%Y-%m-%dT%H:%MZ}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowGrid:
+    """`windows` consecutive windows of `window_minutes` ending at `end`: the one place where window indices
+    become times and back (index 0 is the oldest window, `last` the one ending at `end`)."""
+
+    end: datetime
+    windows: int
+    window_minutes: int
+
+    @classmethod
+    def ending_at(cls, as_of: datetime, windows: int, window_minutes: int) -> WindowGrid:
+        """The grid for a decision at `as_of`, which must be an aware window end (OffGridError otherwise)."""
+        check_as_of(as_of, window_minutes)
+        return cls(as_of, windows, window_minutes)
+
+    @property
+    def step(self) -> timedelta:
+        return timedelta(minutes=self.window_minutes)
+
+    @property
+    def start(self) -> datetime:
+        return self.end - self.windows * self.step
+
+    @property
+    def last(self) -> int:
+        return self.windows - 1
+
+    def window(self, i: int) -> tuple[datetime, datetime]:
+        """[start, end) of window i."""
+        lo = self.start + i * self.step
+        return lo, lo + self.step
+
+    def index_of_epoch(self, seconds: np.ndarray) -> np.ndarray:
+        """Window index of each UTC epoch second (outside [0, windows) when off the grid's span)."""
+        return (seconds - int(self.start.timestamp())) // (self.window_minutes * 60)
+
+    def slots(self) -> np.ndarray:
+        """Time-of-day slot (UTC) of each window's start."""
+        per_day = max(1, 86400 // (self.window_minutes * 60))
+        first = int(self.start.timestamp()) % 86400 // (self.window_minutes * 60)
+        return (first + np.arange(self.windows)) % per_day
 
 
 @dataclass(slots=True)
@@ -471,183 +580,17 @@ class ScopeMatrix:
     keys: list[tuple[str, str]]
     n: np.ndarray
     k: np.ndarray
-    sum_p: np.ndarray
-    sum_tw: np.ndarray
+    sum_p: np.ndarray  # sum of p_negative, for the risk score
+    sum_tw: np.ndarray  # sum of topic weights over negatives, for the risk score
     slot: np.ndarray
+
+    @classmethod
+    def zeros(cls, keys: list[tuple[str, str]], grid: WindowGrid) -> ScopeMatrix:
+        shape = (len(keys), grid.windows)
+        return cls(keys, np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape), grid.slots())
 
     def series(self, i: int) -> Series:
         return Series(n=self.n[i], k=self.k[i], slot=self.slot, sum_p=self.sum_p[i], sum_tw=self.sum_tw[i])
-
-
-def load_series(
-    session: Session, cfg: FinsentConfig, model_version: str, range_start: datetime, T: int, p: DetectorParams
-) -> dict[tuple[str, str], Series]:
-    """Per-scope window counts over [range_start, range_start + T windows) from stored scores."""
-    mat = load_matrix(session, cfg, model_version, range_start, T, p)
-    return {key: mat.series(i) for i, key in enumerate(mat.keys)}
-
-
-def _epoch_seconds(conn: Any, column: Any) -> Any:
-    """Whole UTC seconds of a timestamp column, computed by the database (parsing 10^5 datetimes in
-    Python costs more than the whole detection); windows start on whole minutes, so seconds suffice."""
-    if conn.dialect.name == "sqlite":
-        return cast(func.strftime("%s", column), BigInteger)
-    return cast(func.floor(func.extract("epoch", column)), BigInteger)
-
-
-def load_matrix(
-    session: Session, cfg: FinsentConfig, model_version: str, range_start: datetime, T: int, p: DetectorParams
-) -> ScopeMatrix:
-    """All scopes' window counts in one pass of grouped pandas arithmetic (no loop per scope)."""
-    step = timedelta(minutes=p.window_minutes)
-    end = range_start + T * step
-    secs = step.total_seconds()
-    D, Sc, E = s.Document, s.Score, s.DocumentEntity
-    # Core execution (no ORM row processing): this reads every item of the history, 10^5-10^6 rows.
-    conn = session.connection()
-    rows = conn.execute(
-        select(
-            D.id,
-            _epoch_seconds(conn, D.published_at),
-            D.content_hash,
-            D.source_name,
-            Sc.label == "negative",
-            Sc.p_negative,
-            Sc.topic,
-        )
-        .join(Sc, Sc.document_id == D.id)
-        .where(Sc.model_version_id == model_version, D.published_at >= range_start, D.published_at < end)
-    ).all()
-    kinds = set(cfg.detect.scopes)
-    ents = (
-        conn.execute(
-            select(E.document_id, E.entity)
-            .join(D, D.id == E.document_id)
-            .where(E.kind == "watchlist", D.published_at >= range_start, D.published_at < end)
-        ).all()
-        if "entity" in kinds and rows
-        else []
-    )
-
-    keys: set[tuple[str, str]] = set()
-    if "market" in kinds:
-        keys.add(("market", MARKET))
-    if "entity" in kinds:
-        keys.update(("entity", w.key) for w in cfg.watchlist)
-    if "source" in kinds:
-        keys.update(("source", src.name) for src in cfg.sources)
-    slots = window_slots(range_start, T, p.window_minutes)
-    frames: list[pd.DataFrame] = []
-    if rows:
-        names = ["id", "epoch", "content_hash", "source_name", "negative", "p_negative", "topic"]
-        df = pd.DataFrame(dict(zip(names, zip(*rows, strict=True), strict=True)))  # column-wise: no per-row checks
-        df["content_hash"] = pd.factorize(df["content_hash"])[0]  # integer keys group several times faster
-        df["w"] = (df["epoch"].astype(np.int64) - int(range_start.timestamp())) // int(secs)
-        df = df[(df["w"] >= 0) & (df["w"] < T)]
-        df["neg"] = df["negative"].astype(np.float64)
-        df["p"] = df["p_negative"].astype(np.float64)
-        weights = {t: topic_weight(t) for t in df["topic"].dropna().unique()}
-        df["tw_neg"] = df["topic"].map(weights).fillna(topic_weight(None)).astype(np.float64) * df["neg"]
-
-        def add(kind: str, frame: pd.DataFrame, scope_col: str, dedup_col: str) -> None:
-            """Count one item per (scope, window, dedup key); a story is negative if any copy is."""
-            if frame.empty:
-                return
-            items = frame.groupby([scope_col, "w", dedup_col], sort=False)[["neg", "p", "tw_neg"]].max()
-            g = items.groupby(level=[0, 1]).agg(
-                n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum")
-            )
-            g = g.reset_index(names=["value", "w"])
-            frames.append(g.assign(kind=kind, value=g["value"].astype(str)))
-
-        if "market" in kinds:
-            add("market", df.assign(scope=MARKET), "scope", "content_hash")
-        if "entity" in kinds and ents:
-            ids, names_ = zip(*ents, strict=True)
-            ent_df = pd.DataFrame({"id": ids, "entity": names_}).drop_duplicates()
-            add("entity", df.merge(ent_df, on="id"), "entity", "content_hash")
-        if "source" in kinds:
-            add("source", df, "source_name", "id")
-        if "topic" in kinds:
-            add("topic", df[df["topic"].notna()], "topic", "content_hash")
-    counts = pd.concat(frames, ignore_index=True) if frames else None
-    if counts is not None:
-        keys.update(zip(counts["kind"], counts["value"], strict=True))
-    ordered = sorted(keys)
-    R = len(ordered)
-    mat = ScopeMatrix(ordered, np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), np.zeros((R, T)), slots)
-    if counts is not None:
-        row = pd.MultiIndex.from_tuples(ordered).get_indexer(
-            pd.MultiIndex.from_arrays([counts["kind"], counts["value"]])
-        )
-        w = counts["w"].to_numpy()
-        mat.n[row, w], mat.k[row, w] = counts["n"].to_numpy(), counts["k"].to_numpy()
-        mat.sum_p[row, w], mat.sum_tw[row, w] = counts["sp"].to_numpy(), counts["stw"].to_numpy()
-    return mat
-
-
-def window_slots(range_start: datetime, T: int, window_minutes: int) -> np.ndarray:
-    """Time-of-day slot (UTC) of each window's start."""
-    first = int(range_start.timestamp()) % 86400 // (window_minutes * 60)
-    return (first + np.arange(T)) % max(1, 86400 // (window_minutes * 60))
-
-
-def _top_documents_many(
-    session: Session, scopes: Sequence[tuple[str, str]], model_version: str, start: datetime, end: datetime
-) -> dict[tuple[str, str], list[tuple[AlertItem, str]]]:
-    """The most negative documents of each alerting scope in [start, end), from one query for all scopes
-    (not one per scope): highest p_negative first, then newest, one copy per story."""
-    if not scopes:
-        return {}
-    D, Sc, E = s.Document, s.Score, s.DocumentEntity
-    q = (
-        select(
-            D.id,
-            D.title,
-            D.summary,
-            D.link,
-            D.source_name,
-            D.content_hash,
-            D.published_at,
-            Sc.p_negative,
-            Sc.topic,
-            E.entity,
-        )
-        .join(Sc, Sc.document_id == D.id)
-        .outerjoin(E, (E.document_id == D.id) & (E.kind == "watchlist"))
-        .where(
-            Sc.model_version_id == model_version, Sc.label == "negative", D.published_at >= start, D.published_at < end
-        )
-    )
-    docs: dict[int, Any] = {}
-    by_scope: dict[tuple[str, str], set[int]] = {}
-    for r in session.execute(q):
-        docs.setdefault(r.id, r)
-        by_scope.setdefault(("market", MARKET), set()).add(r.id)
-        by_scope.setdefault(("source", r.source_name), set()).add(r.id)
-        if r.topic is not None:
-            by_scope.setdefault(("topic", r.topic), set()).add(r.id)
-        if r.entity is not None:
-            by_scope.setdefault(("entity", r.entity), set()).add(r.id)
-    out: dict[tuple[str, str], list[tuple[AlertItem, str]]] = {}
-    for key in scopes:
-        ranked = sorted(
-            (docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id)
-        )
-        seen: set[str] = set()
-        items: list[tuple[AlertItem, str]] = []
-        for r in ranked:
-            if r.content_hash in seen:
-                continue
-            seen.add(r.content_hash)
-            item = AlertItem(
-                document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative)
-            )
-            items.append((item, document_text(r.title, r.summary)))
-            if len(items) >= TOP_DOCUMENTS:
-                break
-        out[key] = items
-    return out
 
 
 def scan_matrix(
@@ -699,102 +642,88 @@ def scan_matrix(
     return now, events
 
 
-def _tokens(result: Any, top_k: int) -> tuple[str, ...]:
-    """Evidence tokens from whatever explain_text returns: strings, (token, weight) pairs or objects."""
-    if result is None:
-        return ()
-    if hasattr(result, "tokens"):
-        result = result.tokens
-    out: list[str] = []
-    for item in result:
-        if isinstance(item, str):
-            tok = item
-        elif isinstance(item, dict):
-            tok = item.get("token") or item.get("text") or ""
-        elif isinstance(item, tuple | list) and item:
-            tok = item[0]
-        else:
-            tok = getattr(item, "token", None) or getattr(item, "text", None) or ""
-        tok = str(tok).strip()
-        if tok:
-            out.append(tok[:60])
-        if len(out) >= top_k:
-            break
-    return tuple(out)
+# --- the decision at one window ---------------------------------------------------------------------------
 
 
-def evidence_tokens(scorer: Any, text: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
-    """The words that pushed `text` to its label (explain.explain_text), leaving out `exclude` (the watched
-    names), as stored and shown; () on any failure."""
-    try:
-        from pipeline.explain import explain_text
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One scope's event at the decision window: what its alert reports."""
 
-        return _tokens(explain_text(scorer, text, EVIDENCE_TOKENS, exclude=exclude), EVIDENCE_TOKENS)
-    except Exception as e:  # noqa: BLE001  # evidence is optional: a failure must not cost the score or the alert
-        log.warning("no evidence tokens: explain_text failed (%s)", type(e).__name__)
-        return ()
+    scope_kind: str
+    scope_value: str
+    event: Event
+    stats: SeriesStats  # the scope's statistics over the whole history, window `grid.last` last
+    n: int
+    k: int
+    risk: float
 
-
-def _with_evidence(
-    items: list[tuple[AlertItem, str]],
-    stored: dict[int, tuple[str, ...]],
-    scorer: Any = None,
-    exclude: Sequence[str] = (),
-) -> tuple[AlertItem, ...]:
-    """Attach the evidence stored when the documents were scored. Detection never loads the model: a
-    scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any."""
-    out = []
-    for item, text in items:
-        ev = stored.get(item.document_id)
-        if ev is None and scorer is not None:
-            ev = stored[item.document_id] = evidence_tokens(scorer, text, exclude)
-        out.append(AlertItem(item.document_id, item.title, item.link, item.source, item.p_negative, ev or ()))
-    return tuple(out)
-
-
-def item_to_dict(i: AlertItem) -> dict[str, Any]:
-    return {
-        "document_id": i.document_id,
-        "title": i.title,
-        "link": i.link,
-        "source": i.source,
-        "p_negative": round(i.p_negative, 4),
-        "evidence": list(i.evidence),
-    }
-
-
-def alert_from_row(a: s.Alert) -> AlertRecord:
-    """Rebuild the record from a stored alert (notify and the CLI read alerts back this way)."""
-    docs = tuple(
-        AlertItem(
-            document_id=int(d["document_id"]),
-            title=str(d.get("title", "")),
-            link=d.get("link"),
-            source=str(d.get("source", "")),
-            p_negative=float(d.get("p_negative", 0.0)),
-            evidence=tuple(d.get("evidence") or ()),
+    def record(self, grid: WindowGrid, top_documents: tuple[AlertItem, ...] = ()) -> AlertRecord:
+        t = grid.last
+        w_start, w_end = grid.window(t)
+        resolved = self.event.kind == "resolved"
+        return AlertRecord(
+            id=alert_id(self.scope_kind, self.scope_value, w_start, w_end, self.event.kind),
+            scope_kind=self.scope_kind,
+            scope_value=self.scope_value,
+            window_start=w_start,
+            window_end=w_end,
+            kind=self.event.kind,
+            severity="info" if resolved else self.event.severity,
+            neg_count=self.k,
+            total_count=self.n,
+            neg_share=self.k / self.n if self.n else 0.0,
+            baseline_share=float(self.stats.p0[t]),
+            baseline_neg_rate=float(self.stats.expected[t]),
+            statistic=float(self.stats.z[t]),
+            p_value=float(self.stats.p_value[t]),
+            risk_score=self.risk,
+            top_documents=() if resolved else top_documents,
+            episode_id=episode_id(self.scope_kind, self.scope_value, grid.window(self.event.onset)[0]),
         )
-        for d in (a.details or {}).get("top_documents", [])
+
+    def details(self, grid: WindowGrid, model_version: str, p: DetectorParams) -> dict[str, Any]:
+        """What the alert row keeps beside its columns (store.alerts adds the cited documents)."""
+        return {
+            "model_version": model_version,
+            "episode_severity": self.event.severity,
+            "episode_onset": grid.window(self.event.onset)[0].isoformat(),
+            "detector": {
+                "method": METHOD,
+                "window_minutes": p.window_minutes,
+                "baseline_windows": p.baseline_windows,
+                "warning_p": p.warning_p,
+                "critical_p": p.critical_p,
+                "exit_p": p.exit_p,
+                "seasonality": p.seasonality,
+            },
+        }
+
+
+def risk_scores(
+    mat: ScopeMatrix, now: SeriesStats, t: int, model_version: str
+) -> tuple[np.ndarray, list[tuple[tuple[str, str], dict[str, Any]]]]:
+    """Every scope's risk score at window t, and the components stored beside it (vectorised over scopes)."""
+    n, k = mat.n[:, t], mat.k[:, t]
+    intensity, anomaly, topic = component_arrays(
+        n, k, mat.sum_p[:, t], mat.sum_tw[:, t], now.p0, now.expected, now.expected_sd
     )
-    return AlertRecord(
-        id=a.id,
-        scope_kind=a.scope_kind,
-        scope_value=a.scope_value,
-        window_start=a.window_start,
-        window_end=a.window_end,
-        kind=a.kind,
-        severity=a.severity,
-        neg_count=a.neg_count,
-        total_count=a.total_count,
-        neg_share=a.neg_share,
-        baseline_share=a.baseline_share,
-        baseline_neg_rate=a.baseline_neg_rate,
-        statistic=a.statistic,
-        p_value=a.p_value,
-        risk_score=a.risk_score,
-        top_documents=docs,
-        episode_id=a.episode_id,
-    )
+    risk = risk_of(intensity, anomaly, topic)
+    columns: dict[str, list[Any]] = {
+        "intensity": np.round(intensity, 4).tolist(),
+        "anomaly": np.round(anomaly, 4).tolist(),
+        "topic_severity": np.round(topic, 4).tolist(),
+        "risk": risk.tolist(),
+        "n": n.astype(np.int64).tolist(),
+        "negatives": k.astype(np.int64).tolist(),
+        "expected_negatives": np.round(now.expected, 4).tolist(),
+        "baseline_share": np.round(now.p0, 4).tolist(),
+        "p_value": now.p_value.tolist(),
+    }
+    rows = [
+        (key, {**{name: values[i] for name, values in columns.items()}, "model_version": model_version})
+        for i, key in enumerate(mat.keys)
+    ]
+    return risk, rows
 
 
 def detect_spikes(
@@ -806,178 +735,58 @@ def detect_spikes(
     *,
     explain: bool = True,
 ) -> list[AlertRecord]:
-    """Alerts (spikes and resolutions) for the window ending at `as_of`; stores them and the risk scores.
+    """Alerts (spikes, escalations and resolutions) for the window ending at `as_of`; stores them and every
+    scope's risk score. The stage composes three parts: counts in and rows out (pipeline.store.alerts), the
+    statistics and the decision (this module, no database), and the evidence words (pipeline.explain).
 
     Idempotent: a retry or backfill of the same window stores nothing new and returns the same alerts.
     Evidence tokens are read from the `explanations` stored at scoring time; the model is never loaded
     here. `scorer` (optional, already loaded by the caller) explains documents stored without evidence.
     """
+    from pipeline.explain import with_evidence
+    from pipeline.store import alerts as stored
+    from pipeline.store import load_explanations, session_scope
+
     p = DetectorParams.from_config(cfg.detect)
-    _check_as_of(as_of, p.window_minutes)
-    step = timedelta(minutes=p.window_minutes)
-    T = p.history_windows
-    range_start = as_of - T * step
-    t = T - 1
-    w_start, w_end = as_of - step, as_of
-
+    grid = WindowGrid.ending_at(as_of, p.history_windows, p.window_minutes)
+    t = grid.last
     with session_scope(engine) as session:
-        mat = load_matrix(session, cfg, model_version, range_start, T, p)
+        mat = stored.load_scope_counts(session, cfg, model_version, grid)
     now_t, events = scan_matrix(mat, t, p)
-
-    found: list[tuple[str, str, Event, SeriesStats, Series, RiskComponents]] = []
-    risk_rows = []
-    for i, (kind, value) in enumerate(mat.keys):
-        n_t, k_t = int(mat.n[i, t]), int(mat.k[i, t])
-        rc = risk_components(
-            n=n_t,
-            neg=k_t,
-            sum_p_negative=float(mat.sum_p[i, t]),
-            sum_topic_weight_negative=float(mat.sum_tw[i, t]),
-            baseline_share=float(now_t.p0[i]),
-            expected_negatives=float(now_t.expected[i]),
-            negatives_sd=float(now_t.expected_sd[i]),
-        )
-        risk_rows.append(
-            {
-                "scope_kind": kind,
-                "scope_value": value,
-                "window_start": w_start,
-                "window_end": w_end,
-                "risk": rc.risk,
-                "components": {
-                    **rc.as_dict(),
-                    "n": n_t,
-                    "negatives": k_t,
-                    "expected_negatives": round(float(now_t.expected[i]), 4),
-                    "baseline_share": round(float(now_t.p0[i]), 4),
-                    "p_value": float(now_t.p_value[i]),
-                    "model_version": model_version,
-                },
-                "computed_at": datetime.now(UTC),
-            }
-        )
-        if i in events:
-            ev, st = events[i]
-            found.append((kind, value, ev, st, mat.series(i), rc))
-
-    records: list[AlertRecord] = []
+    risk, scores = risk_scores(mat, now_t, t, model_version)
+    found = [
+        Finding(*mat.keys[i], ev, st, int(mat.n[i, t]), int(mat.k[i, t]), float(risk[i]))
+        for i, (ev, st) in sorted(events.items())
+    ]
+    cited = [(f.scope_kind, f.scope_value) for f in found if f.event.kind != "resolved"]
     with session_scope(engine) as session:
-        if risk_rows:
-            stmt = _insert(session, s.RiskScore)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["scope_kind", "scope_value", "window_start"],
-                set_={
-                    "window_end": stmt.excluded.window_end,
-                    "risk": stmt.excluded.risk,
-                    "components": stmt.excluded.components,
-                    "computed_at": stmt.excluded.computed_at,
-                },
-            )
-            # executemany, never one multi-row VALUES: psycopg caps a statement at 65,535 parameters.
-            session.execute(stmt, risk_rows)
-        tops = _top_documents_many(
-            session,
-            [(kind, value) for kind, value, ev, *_ in found if ev.kind != "resolved"],
-            model_version,
-            w_start,
-            w_end,
+        stored.save_risk_scores(session, *grid.window(t), scores)
+        tops = stored.top_documents(session, cited, model_version, *grid.window(t))
+        evidence = (
+            load_explanations(session, model_version, (i.document_id for docs in tops.values() for i, _ in docs))
+            if explain and any(tops.values())
+            else {}
         )
-
-    evidence: dict[int, tuple[str, ...]] = {}
-    if explain and any(tops.values()):
-        with session_scope(engine) as session:
-            evidence = load_explanations(
-                session, model_version, (i.document_id for docs in tops.values() for i, _ in docs)
-            )
     # Every watched name is left out of evidence (whichever scope cites the document).
     names = [x for w in cfg.watchlist for x in (w.name, w.ticker, *w.aliases)]
-    for kind, value, ev, st, ser, rc in found:
-        onset_start = w_start - (t - ev.onset) * step
-        n, k = int(ser.n[t]), int(ser.k[t])
-        docs = (
-            _with_evidence(tops.get((kind, value), []), evidence, scorer if explain else None, names)
-            if ev.kind != "resolved"
-            else ()
+    alerts = [
+        (
+            f.record(
+                grid,
+                with_evidence(
+                    tops.get((f.scope_kind, f.scope_value), []), evidence, scorer if explain else None, names
+                ),
+            ),
+            f.details(grid, model_version, p),
         )
-        records.append(
-            AlertRecord(
-                id=alert_id(kind, value, w_start, w_end, ev.kind),
-                scope_kind=kind,
-                scope_value=value,
-                window_start=w_start,
-                window_end=w_end,
-                kind=ev.kind,
-                severity=ev.severity if ev.kind != "resolved" else "info",
-                neg_count=k,
-                total_count=n,
-                neg_share=k / n if n else 0.0,
-                baseline_share=float(st.p0[t]),
-                baseline_neg_rate=float(st.expected[t]),
-                statistic=float(st.z[t]),
-                p_value=float(st.p_value[t]),
-                risk_score=rc.risk,
-                top_documents=docs,
-                episode_id=episode_id(kind, value, onset_start),
-            )
-        )
-    if records:
-        with session_scope(engine) as session:
-            now = datetime.now(UTC)
-            rows = [
-                {
-                    "id": r.id,
-                    "episode_id": r.episode_id,
-                    "kind": r.kind,
-                    "scope_kind": r.scope_kind,
-                    "scope_value": r.scope_value,
-                    "window_start": r.window_start,
-                    "window_end": r.window_end,
-                    "severity": r.severity,
-                    "neg_count": r.neg_count,
-                    "total_count": r.total_count,
-                    "neg_share": r.neg_share,
-                    "baseline_share": r.baseline_share,
-                    "baseline_neg_rate": r.baseline_neg_rate,
-                    "statistic": r.statistic,
-                    "p_value": r.p_value,
-                    "risk_score": r.risk_score,
-                    "details": _details(r, ev_sev, onset, model_version, p),
-                    "created_at": now,
-                }
-                for r, ev_sev, onset in _with_episode_info(records, found, w_start, t, step)
-            ]
-            session.execute(_insert(session, s.Alert).on_conflict_do_nothing(index_elements=["id"]), rows)
-    for r in records:
+        for f in found
+    ]
+    with session_scope(engine) as session:
+        stored.save_alerts(session, alerts)
+    for r, _ in alerts:
         log.info(
             "%s %s %s=%s window %s: %d/%d negative (baseline share %.1f%%), p=%.2g, risk %.0f",
             r.kind, r.severity, r.scope_kind, r.scope_value, r.window_end.isoformat(), r.neg_count,
             r.total_count, 100 * r.baseline_share, r.p_value or 1.0, r.risk_score or 0.0,
         )  # fmt: skip
-    return records
-
-
-def _with_episode_info(
-    records: Sequence[AlertRecord], found: Sequence[tuple], w_start: datetime, t: int, step: timedelta
-) -> Iterable[tuple[AlertRecord, str, datetime]]:
-    for r, (_k, _v, ev, *_rest) in zip(records, found, strict=True):
-        yield r, ev.severity, w_start - (t - ev.onset) * step
-
-
-def _details(
-    r: AlertRecord, episode_severity: str, onset: datetime, model_version: str, p: DetectorParams
-) -> dict[str, Any]:
-    return {
-        "model_version": model_version,
-        "episode_severity": episode_severity,
-        "episode_onset": onset.isoformat(),
-        "top_documents": [item_to_dict(i) for i in r.top_documents],
-        "detector": {
-            "method": "beta-binomial share test + negative-volume test vs trailing baseline (mid-p)",
-            "window_minutes": p.window_minutes,
-            "baseline_windows": p.baseline_windows,
-            "warning_p": p.warning_p,
-            "critical_p": p.critical_p,
-            "exit_p": p.exit_p,
-            "seasonality": p.seasonality,
-        },
-    }
+    return [r for r, _ in alerts]

@@ -8,9 +8,15 @@ forward pass of n+1 texts, cheap enough for alert messages.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
+
+from pipeline.records import AlertItem
+
+log = logging.getLogger(__name__)
 
 _TOKEN = re.compile(r"\S+")
 _STRIP = ".,;:!?\"'()[]{}«»“”‘’"
@@ -103,3 +109,59 @@ def explain_text(
         if d > best.get(key, 0.0):
             best[key] = float(d)
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
+
+
+# --- evidence as alerts carry it -------------------------------------------------------------------------
+
+EVIDENCE_TOKENS = 5  # evidence words stored per document and shown per cited document
+
+
+def tokens_of(result: Any, top_k: int) -> tuple[str, ...]:
+    """Evidence tokens from whatever an explainer returns: strings, (token, weight) pairs or objects."""
+    if result is None:
+        return ()
+    if hasattr(result, "tokens"):
+        result = result.tokens
+    out: list[str] = []
+    for item in result:
+        if isinstance(item, str):
+            tok = item
+        elif isinstance(item, dict):
+            tok = item.get("token") or item.get("text") or ""
+        elif isinstance(item, tuple | list) and item:
+            tok = item[0]
+        else:
+            tok = getattr(item, "token", None) or getattr(item, "text", None) or ""
+        tok = str(tok).strip()
+        if tok:
+            out.append(tok[:60])
+        if len(out) >= top_k:
+            break
+    return tuple(out)
+
+
+def evidence_tokens(scorer: Any, text: str, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """The words that pushed `text` to its label, leaving out `exclude` (the watched names), as stored and
+    shown; () on any failure."""
+    try:
+        return tokens_of(explain_text(scorer, text, EVIDENCE_TOKENS, exclude=exclude), EVIDENCE_TOKENS)
+    except Exception as e:  # noqa: BLE001  # evidence is optional: a failure must not cost the score or the alert
+        log.warning("no evidence tokens: explain_text failed (%s)", type(e).__name__)
+        return ()
+
+
+def with_evidence(
+    items: Sequence[tuple[AlertItem, str]],
+    stored: dict[int, tuple[str, ...]],
+    scorer: Any = None,
+    exclude: Sequence[str] = (),
+) -> tuple[AlertItem, ...]:
+    """Cited documents with the evidence stored when they were scored. Detection never loads the model: a
+    scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any."""
+    out = []
+    for item, text in items:
+        ev = stored.get(item.document_id)
+        if ev is None and scorer is not None:
+            ev = stored[item.document_id] = evidence_tokens(scorer, text, exclude)
+        out.append(replace(item, evidence=ev or ()))
+    return tuple(out)

@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session
 
 from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
-from pipeline.detect import alert_from_row
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import MessageKind, message_kind, severity_key, usual_count
 from pipeline.records import AlertRecord
 from pipeline.store import schema as s
+from pipeline.store.alerts import alert_from_row
 
 log = logging.getLogger(__name__)
 

@@ -296,7 +296,8 @@ def monitor_detect(interval_end: Any, model_version: str | None = None) -> dict[
     The DAG runs every 15 minutes while detection windows may be longer (detect.window_minutes); the
     window end is aligned to that grid, so the runs inside one window re-check it idempotently.
     """
-    from pipeline.cycle import detect_alerts, window_end
+    from pipeline.cycle import detect_alerts
+    from pipeline.detect import window_end
 
     with task_resources(lock=True) as (cfg, engine):
         as_of = window_end(_as_utc(interval_end), cfg.detect.window_minutes)

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
+
+import numpy as np
 
 WEIGHTS = {"intensity": 0.45, "anomaly": 0.35, "topic_severity": 0.20}
 INTENSITY_PRIOR_DOCS = 5.0
@@ -77,12 +80,7 @@ class RiskComponents:
 
     @property
     def risk(self) -> float:
-        r = 100.0 * (
-            WEIGHTS["intensity"] * self.intensity
-            + WEIGHTS["anomaly"] * self.anomaly
-            + WEIGHTS["topic_severity"] * self.topic_severity
-        )
-        return round(min(100.0, max(0.0, r)), 2)
+        return float(risk_of(self.intensity, self.anomaly, self.topic_severity))
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -91,6 +89,34 @@ class RiskComponents:
             "topic_severity": round(self.topic_severity, 4),
             "risk": self.risk,
         }
+
+
+def risk_of(intensity: Any, anomaly: Any, topic_severity: Any) -> Any:
+    """The score from its components (numbers or arrays), in [0, 100], rounded to 0.01."""
+    r = 100.0 * (
+        WEIGHTS["intensity"] * np.asarray(intensity)
+        + WEIGHTS["anomaly"] * np.asarray(anomaly)
+        + WEIGHTS["topic_severity"] * np.asarray(topic_severity)
+    )
+    return np.round(np.clip(r, 0.0, 100.0), 2)
+
+
+def component_arrays(
+    n: np.ndarray,
+    neg: np.ndarray,
+    sum_p_negative: np.ndarray,
+    sum_topic_weight_negative: np.ndarray,
+    baseline_share: np.ndarray,
+    expected_negatives: np.ndarray,
+    negatives_sd: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intensity, anomaly, topic_severity) of many scopes at once, one entry per scope: detection scores
+    every scope of a window in one pass."""
+    intensity = (sum_p_negative + INTENSITY_PRIOR_DOCS * baseline_share) / (n + INTENSITY_PRIOR_DOCS)
+    anomaly = (neg - expected_negatives) / np.maximum(negatives_sd, 1.0) / ANOMALY_FULL_SD
+    with np.errstate(divide="ignore", invalid="ignore"):
+        topic = np.where(neg > 0, sum_topic_weight_negative / np.where(neg > 0, neg, 1), 0.0)
+    return np.clip(intensity, 0.0, 1.0), np.clip(anomaly, 0.0, 1.0), np.clip(topic, 0.0, 1.0)
 
 
 def risk_components(
@@ -103,12 +129,5 @@ def risk_components(
     negatives_sd: float,
 ) -> RiskComponents:
     """Components from one window's counts and the scope's baseline (all inputs are plain numbers)."""
-    intensity = (sum_p_negative + INTENSITY_PRIOR_DOCS * baseline_share) / (n + INTENSITY_PRIOR_DOCS)
-    sd = max(negatives_sd, 1.0)
-    anomaly = min(1.0, max(0.0, (neg - expected_negatives) / sd / ANOMALY_FULL_SD))
-    topic = sum_topic_weight_negative / neg if neg > 0 else 0.0
-    return RiskComponents(
-        intensity=min(1.0, max(0.0, intensity)),
-        anomaly=anomaly,
-        topic_severity=min(1.0, max(0.0, topic)),
-    )
+    args = (n, neg, sum_p_negative, sum_topic_weight_negative, baseline_share, expected_negatives, negatives_sd)
+    return RiskComponents(*(float(x) for x in component_arrays(*(np.asarray(a, dtype=np.float64) for a in args))))

@@ -352,7 +352,7 @@ orchestrate.monitor_score()
 def test_killed_score_task_and_reruns_leave_no_duplicates(tmp_path, pg_url, engine, monitor_env):
     """SIGKILL the score task after its first committed chunk, then let the DAG run (the retry) finish,
     then run the same window again: every document scored once, one alert, one message per sink."""
-    from pipeline.cycle import window_end
+    from pipeline.detect import window_end
 
     feeds, hook, smtp = monitor_env["feeds"], monitor_env["webhook"], monitor_env["smtp"]
     # the latest complete window: alerts about older windows are recorded but not paged (backfill rule)

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import func, insert, select
 
 from pipeline.config import FinsentConfig
-from pipeline.detect import DetectorParams, Series, _tokens, compute_stats, detect_spikes, event_at
+from pipeline.detect import DetectorParams, Series, compute_stats, detect_spikes, event_at
+from pipeline.explain import tokens_of
 from pipeline.risk import risk_components, topic_weight
 from pipeline.store import register_model, session_scope
 from pipeline.store import schema as s
@@ -241,9 +242,11 @@ def test_one_episode_one_alert_then_a_resolution(engine, seeded: Seeder) -> None
 def test_quiet_data_raises_nothing_and_bad_as_of_is_named(engine, seeded: Seeder) -> None:
     assert detect_spikes(engine, cfg(), AS_OF - 3 * H, MODEL) == []
     assert detect_spikes(engine, cfg(seasonality=True), AS_OF - 3 * H, MODEL) == []
-    with pytest.raises(ValueError, match="as_of=.*not aligned"):
+    with pytest.raises(
+        ValueError, match="not on the 60-minute window grid: use 2026-11-20T14:00Z or 2026-11-20T15:00Z"
+    ):
         detect_spikes(engine, cfg(), AS_OF - timedelta(minutes=20), MODEL)
-    with pytest.raises(ValueError, match="as_of=.*naive"):
+    with pytest.raises(ValueError, match="has no timezone"):
         detect_spikes(engine, cfg(), AS_OF.replace(tzinfo=None), MODEL)
     assert detect_spikes(engine, cfg(), AS_OF, "another-model") == []  # scores of other models are not mixed in
 
@@ -288,11 +291,11 @@ def test_evidence_token_shapes() -> None:
         def __init__(self, t: str) -> None:
             self.token = t
 
-    assert _tokens(["plunge", "probe"], 5) == ("plunge", "probe")
-    assert _tokens([("loss", 0.9), ("cut", 0.5)], 1) == ("loss",)
-    assert _tokens([{"token": "fine"}], 5) == ("fine",)
-    assert _tokens([Tok("scandal")], 5) == ("scandal",)
-    assert _tokens(None, 5) == ()
+    assert tokens_of(["plunge", "probe"], 5) == ("plunge", "probe")
+    assert tokens_of([("loss", 0.9), ("cut", 0.5)], 1) == ("loss",)
+    assert tokens_of([{"token": "fine"}], 5) == ("fine",)
+    assert tokens_of([Tok("scandal")], 5) == ("scandal",)
+    assert tokens_of(None, 5) == ()
 
 
 def test_evidence_is_read_from_explanations_stored_at_scoring_and_the_model_is_never_loaded(
@@ -444,10 +447,33 @@ def test_news_days_at_the_usual_share_do_not_alert() -> None:
 
 def test_a_slow_share_drift_alerts_about_as_often_as_quiet_data() -> None:
     """The negative share drifts over three days to 1.6x and stays. p0 follows the recent share up, so the
-    drifted streams alert at most 1.6x as often as their quiet twins (the old detector: 134 vs 47, 2.9x)."""
+    drifted streams alert at most 1.3x as often as their quiet twins (76 vs 61; the detector before the
+    recent share scaled every hour's share: 1.6x at these settings; the one before that 2.9x). Not yet "no
+    more than quiet data": the extra alerts come while the share is still rising, in busy scopes."""
     drifted = quiet = 0
     for seed in range(40):
         vol = [2, 5, 20, 60, 150][seed % 5]
         drifted += len(_alert_windows(*_newsy_stream(seed, vol, drift=(24 * 12, 72, 1.6)), 24 * 9))
         quiet += len(_alert_windows(*_newsy_stream(seed, vol), 24 * 9))
-    assert drifted <= 1.6 * quiet, (drifted, quiet)
+    assert drifted <= 1.3 * quiet, (drifted, quiet)
+
+
+def test_a_surge_two_days_after_another_is_judged_against_the_share_before_both() -> None:
+    """Surges come every few days in spiked streams. The recent share that p0 follows (so that a drift is
+    the new normal) leaves an earlier surge's windows out: over 40 scopes of 5 items an hour, a second
+    surge two days after a first is caught nearly as often as the same surge alone (28 vs 32; counting the
+    first surge in raised p0: 20 vs 27)."""
+    p = DetectorParams.from_config(cfg().detect)
+    alone = after = 0
+    for seed in range(40):
+        n, k = _calm(p, 5, 0.15, seed=seed)
+        T = len(n)
+        second = T - 1
+        n[second] += 4
+        k[second] += 4
+        alone += int(compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p).hot[second])
+        first = second - 48
+        n[first : first + 4] += 6
+        k[first : first + 4] += 6
+        after += int(compute_stats(Series(n=n, k=k, slot=np.arange(T) % 24), p).hot[second])
+    assert alone >= 20 and after >= 0.85 * alone, (after, alone)

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 
 from pipeline import cycle, rollups, store
 from pipeline.dashboard_bench import expand_macros, grafana_queries
+from pipeline.detect import window_end
 from pipeline.records import Document, EntityMention, Prediction, ScoreRow
 from pipeline.store import schema as s
 
@@ -135,7 +136,7 @@ def demo_week(pg_url):
     scored = cycle.score_pending(cfg, engine, scorer)
     with store.session_scope(engine) as session:
         latest = session.scalar(select(func.max(s.Document.published_at)))
-    as_of = cycle.window_end(latest, 60) + timedelta(hours=1)
+    as_of = window_end(latest, 60) + timedelta(hours=1)
     cycle.detect_alerts(cfg, engine, as_of, scored.model_version, scorer=scorer)
     yield engine, as_of
     engine.dispose()

@@ -366,12 +366,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One monitoring cycle over the configured sources against DATABASE_URL."""
         from pipeline import cycle
+        from pipeline.detect import check_as_of
 
         cfg = config_or_exit(config)
         when = parse_time(as_of)
         if when is not None:
             try:
-                cycle.check_as_of(when, cfg.detect.window_minutes)
+                check_as_of(when, cfg.detect.window_minutes)
             except ValueError as e:
                 raise fail(f"--as-of: {e}") from None
         summary = cycle.run_cycle(cfg, as_of=when)
