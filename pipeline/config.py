@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import UsageError
+from pipeline.precision import Precision
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # FINSENT_HOME: where sql/ and models/ live when the package is installed outside its checkout (e.g. the image)
@@ -193,6 +194,8 @@ class ModelConfig(_Strict):
     languages: list[str] | None = None
     max_chars: int | None = Field(default=None, ge=16)  # characters kept before tokenising; None: max_length * 12
     threads: int | None = Field(default=None, ge=1, le=256)  # torch intra-op threads; None: min(4, CPU cores)
+    # int8: dynamic quantisation on CPU, used only if `finsent models check-int8` recorded < 0.5 point FPB loss
+    precision: Precision = "fp32"
 
 
 class PrivacyConfig(_Strict):

@@ -286,11 +286,15 @@ def test_batches_are_bucketed_by_token_count_with_one_tokenizer_call(tiny_model_
             calls.append(len(batch))
             return real_tok(batch, **kw)
 
-    def forward(**kw):
-        widths.append(tuple(kw["input_ids"].shape))
-        return real_model(**kw)
+    class ModelSpy:  # the real model (its encoder too, for the topic head), recording batch shapes
+        def __getattr__(self, name):
+            return getattr(real_model, name)
 
-    s.tokenizer, s.model = Spy(), forward
+        def __call__(self, **kw):
+            widths.append(tuple(kw["input_ids"].shape))
+            return real_model(**kw)
+
+    s.tokenizer, s.model = Spy(), ModelSpy()
     preds = s.score(texts)
 
     def padded(order: list[int]) -> int:  # tokens fed to the model when batches of 2 follow `order`
