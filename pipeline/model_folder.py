@@ -139,8 +139,15 @@ def write_meta(folder: str | Path, meta: ModelMeta | Mapping[str, Any]) -> Path:
     folded = folded_temperature(p)
     m = m.replace(temperature_folded=folded is not None)
     path = p / META_FILE
+    data = m.to_dict()
+    if path.is_file():  # keep the existing key order, so a changed field is a small diff
+        try:
+            old = [k for k in json.loads(path.read_text()) if k in data]
+        except (json.JSONDecodeError, TypeError):
+            old = []
+        data = {**{k: data[k] for k in old}, **data}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(m.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
