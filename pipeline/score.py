@@ -255,7 +255,9 @@ class Scorer:
         if self.topic_head is None:
             return self.model(**batch).logits, None
         seen: list[Any] = []
-        handle = self.model.base_model.register_forward_hook(lambda _m, _i, out: seen.append(out[0][:, 0]))
+        # a copy of the [CLS] rows only: a view would keep the whole (batch, tokens, hidden) state alive until
+        # the chunk ends (up to RAW_CHUNK texts' worth)
+        handle = self.model.base_model.register_forward_hook(lambda _m, _i, out: seen.append(out[0][:, 0].clone()))
         try:
             logits = self.model(**batch).logits
         finally:
