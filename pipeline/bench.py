@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.demo import DEMO_DATA
 
-METHODS = ("finsent", "naive_pipeline", "hand_loop")
+METHODS = ("finsent", "finsent_int8", "naive_pipeline", "hand_loop")
 NAIVE_BATCH = 32  # how `transformers.pipeline` is typically called: fp32, batch 32, texts as given
 SLICE = 250  # texts each contender scores before the next one runs (see run_bench)
 
@@ -117,6 +117,71 @@ def _hand_loop(scorer: Any) -> Callable[[list[str]], Any]:
     return run
 
 
+class _ZeroEncoder:
+    """Stands in for the encoder: the last hidden state as a zero-cost broadcast view of the right shape."""
+
+    def __init__(self, hidden: int) -> None:
+        self.hidden = hidden
+        self.hooks: list[Callable[..., Any]] = []
+
+    def register_forward_hook(self, hook: Callable[..., Any]) -> Any:
+        hooks = self.hooks
+        hooks.append(hook)
+
+        class Handle:
+            def remove(self) -> None:
+                hooks.remove(hook)
+
+        return Handle()
+
+
+class ZeroCostModel:
+    """A forward pass that costs nothing: zeros of the right shapes. Scoring with it times only the Python,
+    tokeniser and post-processing around the model (issue #16: <= 40 us per text)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.base_model = _ZeroEncoder(int(model.config.hidden_size))
+        self.n_labels = int(model.config.num_labels)
+        self.torch = torch
+
+    def __call__(self, input_ids: Any, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        b, length = input_ids.shape
+        torch = self.torch
+        hidden = torch.zeros(1, 1, self.base_model.hidden).expand(b, length, self.base_model.hidden)
+        for hook in list(self.base_model.hooks):
+            hook(self.base_model, (input_ids,), (hidden,))
+        return SimpleNamespace(logits=torch.zeros(b, self.n_labels))
+
+
+def cpu_side_us(scorer: Any, texts: list[str], rounds: int = 3) -> dict[str, float]:
+    """Microseconds per text that finsent (and, for reference, the hand loop) spend outside the model: the
+    median of `rounds` timings of scoring `texts` with ZeroCostModel in place of the network; and the tokenizer
+    call alone, the floor under both."""
+    from dataclasses import replace
+
+    stub = replace(scorer, model=ZeroCostModel(scorer.model))
+    runners: dict[str, Callable[[list[str]], Any]] = {
+        "finsent": stub.score,
+        "hand_loop": _hand_loop(stub),
+        # the floor under both: one fast-tokenizer call on the same texts (Rust; the part finsent cannot shave)
+        "tokenizer_alone": lambda ts: scorer.tokenizer(ts, truncation=True, max_length=scorer.max_length),
+    }
+    out = {}
+    for name, run in runners.items():
+        run(texts[:64])
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            run(texts)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(1e6 * statistics.median(times) / len(texts), 1)
+    return out
+
+
 def run_bench(
     model: str,
     n: int = 400,
@@ -125,16 +190,17 @@ def run_bench(
     device: str | None = None,
     data_dir: Path | None = None,
 ) -> tuple[list[BenchResult], str]:
-    """Score each text set with finsent, the naive pipeline and the hand loop, `rounds` times, interleaved."""
+    """Score each text set with finsent (fp32, and int8 on CPU), the naive pipeline and the hand loop, `rounds`
+    times, interleaved. The peers run the fp32 model, as their users would."""
+    from pipeline.precision import int8_scorer
     from pipeline.score import Scorer
 
     sets, source = text_sets(n, data_dir)
     scorer = Scorer.load(model, device=device, batch_size=batch_size)
-    runners: dict[str, Callable[[list[str]], Any]] = {
-        "finsent": scorer.score,
-        "naive_pipeline": _naive_pipeline(model, scorer.device),
-        "hand_loop": _hand_loop(scorer),
-    }
+    runners: dict[str, Callable[[list[str]], Any]] = {"finsent": scorer.score}
+    if scorer.device == "cpu":
+        runners["finsent_int8"] = int8_scorer(scorer).score
+    runners |= {"naive_pipeline": _naive_pipeline(model, scorer.device), "hand_loop": _hand_loop(scorer)}
     for run in runners.values():  # warm-up: first-call allocations and kernel selection
         run(next(iter(sets.values()))[:32])
     times: dict[tuple[str, str], list[float]] = {}
@@ -169,9 +235,9 @@ def run_bench(
     return results, source
 
 
-def scoring_ratios(results: Sequence[BenchResult]) -> dict[str, float]:
-    """finsent's speed over each contender's: per text set, the median over slices of the peer's seconds over
-    finsent's on the same texts (run back to back, under the same load from other processes), then the
+def scoring_ratios(results: Sequence[BenchResult], ours: str = "finsent") -> dict[str, float]:
+    """`ours`'s speed over each peer's: per text set, the median over slices of the peer's seconds over
+    ours on the same texts (run back to back, under the same load from other processes), then the
     geometric mean over the sets."""
     import math
 
@@ -179,7 +245,7 @@ def scoring_ratios(results: Sequence[BenchResult]) -> dict[str, float]:
     for method, key in (("naive_pipeline", "vs_naive_pipeline"), ("hand_loop", "vs_hand_loop")):
         ratios = []
         for r in results:
-            if r.method == "finsent":
+            if r.method == ours:
                 peer = next(p for p in results if p.text_set == r.text_set and p.method == method)
                 paired = [b / a for a, b in zip(r.slice_seconds, peer.slice_seconds, strict=True)]
                 ratios.append(statistics.median(paired))
@@ -203,6 +269,31 @@ class Report:
     scoring: list[BenchResult]
     writes: list[WriteResult] = field(default_factory=list)
     writes_note: str = ""
+    precision: str = "fp32"  # whose ratios are the headline: finsent as deployed (fp32, or int8 past its gate)
+    precision_note: str = ""
+    cpu_side_us: dict[str, float] = field(default_factory=dict)
+    int8: Any = None  # pipeline.precision.Int8Check, measured in the same run
+
+
+def headline_precision(requested: str, check: Any) -> tuple[str, str]:
+    """int8 counts for the headline ratios only where it loses < 0.5 point of FPB test accuracy and of topic
+    accuracy, measured in this run (the same rule as Scorer.load's gate, plus topics)."""
+    from pipeline.precision import INT8_MAX_LOSS
+
+    if requested != "int8":
+        return "fp32", ""
+    if check is None:
+        return "fp32", "int8 requested, but its accuracy could not be measured here (no labelled data): fp32 shown"
+    topic_loss = check.fp32.get("topic_dev", 0.0) - check.int8.get("topic_dev", 0.0)
+    if check.fpb_test_loss >= INT8_MAX_LOSS or topic_loss >= INT8_MAX_LOSS:
+        return "fp32", (
+            f"int8 requested, but it loses {100 * check.fpb_test_loss:.2f} points of FPB test accuracy and "
+            f"{100 * topic_loss:.2f} of topic accuracy (limit 0.5): fp32 shown"
+        )
+    return "int8", (
+        f"finsent runs int8 (model.precision: int8): it loses {100 * check.fpb_test_loss:.2f} points of FPB test "
+        f"accuracy and {100 * topic_loss:.2f} of topic accuracy against fp32 in this run (limit 0.5)"
+    )
 
 
 def write_report(report: Report, out: Path) -> dict[str, Any]:
@@ -212,7 +303,10 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         old = json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:
         old = {}
-    ratios = {k: round(v, 3) for k, v in scoring_ratios(report.scoring).items()}
+    ours = "finsent_int8" if report.precision == "int8" else "finsent"
+    ratios = {k: round(v, 3) for k, v in scoring_ratios(report.scoring, ours).items()}
+    if ours != "finsent":
+        ratios |= {f"fp32_{k}": round(v, 3) for k, v in scoring_ratios(report.scoring).items()}
     if report.writes:
         ratios["db_writes_vs_copy"] = round(write_ratio(report.writes), 3)
     elif "db_writes_vs_copy" in old.get("ratios", {}):
@@ -223,6 +317,10 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "machine": machine(),
         "texts": report.texts_source,
         "ratios": ratios,
+        "precision": report.precision,
+        "precision_note": report.precision_note,
+        "cpu_side_us_per_text": report.cpu_side_us,
+        "int8": asdict(report.int8) if report.int8 is not None else None,
         "scoring": [
             {
                 **asdict(r),
@@ -255,6 +353,13 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "|---|---|",
         *(f"| `ratios.{k}` | {v:.2f} |" for k, v in ratios.items()),
         *(f"| `detect.{k}` | {v} |" for k, v in meta.get("detect", {}).items()),
+        *(f"| `cpu_side_us_per_text.{k}` | {v:.1f} |" for k, v in report.cpu_side_us.items()),
+        "",
+        f"`vs_*` ratios are finsent at **{report.precision}**"
+        + (f": {report.precision_note}." if report.precision_note else "."),
+        "`fp32_vs_*` are the same with finsent in fp32." if ours != "finsent" else "",
+        "`cpu_side_us_per_text`: microseconds per FPB text spent outside the network (tokeniser, padding,",
+        "post-processing, Python), timed with a zero-cost stand-in model (`pipeline.bench.ZeroCostModel`).",
         "",
         "## Scoring",
         "",
@@ -262,6 +367,9 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         "sentiment + topic head, calibrated); `naive_pipeline` (`transformers.pipeline`, fp32, batch 32, texts in the",
         "given order); `hand_loop` (a hand-written dynamic-padding torch loop, "
         "texts sorted by token count, sentiment only).",
+        "",
+        "`finsent_int8` is the same scorer with PyTorch dynamic int8 quantisation of the Linear layers",
+        "(`model.precision: int8`, CPU only); the peers run fp32, as their users would.",
         "",
         "| texts | contender | n | mean tokens | batch | texts/s (median) | rounds |",
         "|---|---|---|---|---|---|---|",
@@ -272,6 +380,7 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
             for r in report.scoring
         ),
         "",
+        *_int8_lines(report.int8),
         "## Database writes",
         "",
     ]
@@ -290,6 +399,35 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         lines.append(report.writes_note or "Not measured in this run.")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return meta
+
+
+def _int8_lines(check: Any) -> list[str]:
+    if check is None:
+        return []
+    from pipeline.precision import INT8_MAX_LOSS
+
+    rows = [
+        f"| {split} accuracy | {check.fp32[split]:.4f} | {check.int8.get(split, float('nan')):.4f} |"
+        for split in check.fp32
+    ]
+    return [
+        "## int8 against fp32 (accuracy, same run)",
+        "",
+        f"Model {check.version}, torch {check.torch}, quantised engine `{check.engine}`; full fixed evaluation",
+        "splits. `model.precision: int8` is used only when it loses less than "
+        f"{100 * INT8_MAX_LOSS:.1f} point of FPB test accuracy",
+        "(recorded by `finsent models check-int8 MODEL`; otherwise the scorer warns and runs fp32).",
+        "",
+        "| metric | fp32 | int8 |",
+        "|---|---|---|",
+        *rows,
+        f"| sentiment label agreement (FPB test + TFNS dev) | 1 | {check.sentiment_agreement:.4f} |",
+        f"| topic agreement (topic dev) | 1 | {check.topic_agreement:.4f} |",
+        "",
+        f"FPB test accuracy lost: {100 * check.fpb_test_loss:.2f} points: "
+        + ("passes the gate." if check.passed else "**fails the gate** (int8 is refused)."),
+        "",
+    ]
 
 
 DOC_COLUMNS = (

@@ -147,6 +147,7 @@ def load_scorer(cfg: FinsentConfig, engine: Engine | None = None, path: str | No
         languages=cfg.model.languages,
         max_chars=cfg.model.max_chars,
         threads=cfg.model.threads or default_threads(),
+        precision=cfg.model.precision,
     )
 
 

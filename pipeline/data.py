@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.errors import FinsentError
+from pipeline.model_folder import SENTIMENT_LABELS
 
 log = logging.getLogger(__name__)
 
-SENTIMENT_LABELS = ("negative", "neutral", "positive")
 DEFAULT_SEED = 20241125
 FPB_TEST_FRAC = 0.20
 FPB_VAL_FRAC = 0.10

@@ -481,13 +481,13 @@ class EvaluationError(FinsentError, ValueError):
 def record_in_model(rep: EvalReport | dict[str, Any], model_dir: str | Path) -> Path:
     """Write a report's fixed-split numbers into the model folder's finsent.json (`metrics.eval`), where the
     promotion gate reads them for the bundled default, which has no evaluated registry row of its own."""
-    from pipeline.registry import read_meta
+    from pipeline.model_folder import META_FILE, read_meta, write_meta
 
     data = rep.to_json() if isinstance(rep, EvalReport) else rep
     meta = read_meta(model_dir)
-    meta_path = Path(model_dir).expanduser() / "finsent.json"
-    if data.get("version") != meta.get("version"):
-        raise EvaluationError(f"the report is for {data.get('version')!r} but {meta_path} is {meta.get('version')!r}")
+    meta_path = Path(model_dir).expanduser() / META_FILE
+    if data.get("version") != meta.version:
+        raise EvaluationError(f"the report is for {data.get('version')!r} but {meta_path} is {meta.version!r}")
     model = data["results"]["model"]
     missing = [k for k in EVAL_SPLITS if f"split:{k}" not in data["fingerprints"]] + (
         [] if "fpb_test" in model else ["fpb_test"]
@@ -497,25 +497,27 @@ def record_in_model(rep: EvalReport | dict[str, Any], model_dir: str | Path) -> 
             f"the report for {data['version']} lacks the fixed split(s) {', '.join(missing)}: nothing recorded in "
             f"{meta_path}"
         )
-    meta.setdefault("metrics", {}).update(
-        eval={k: {m: r[m] for m in ("accuracy", "macro_f1", "ece", "ece_calibrated", "n")} for k, r in model.items()},
-        eval_fingerprints={k: data["fingerprints"][f"split:{k}"] for k in EVAL_SPLITS},
-        evaluated_at=data["created_at"],
-        eval_command=data["command"],
-    )
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return meta_path
+    keys = ("accuracy", "macro_f1", "ece", "ece_calibrated", "n")
+    metrics = {
+        **meta.metrics,
+        "eval": {k: {m: r[m] for m in keys} for k, r in model.items()},
+        "eval_fingerprints": {k: data["fingerprints"][f"split:{k}"] for k in EVAL_SPLITS},
+        "evaluated_at": data["created_at"],
+        "eval_command": data["command"],
+    }
+    return write_meta(model_dir, meta.replace(metrics=metrics))
 
 
 def _model_split_seed(path: str) -> int:
     from pipeline.data import DEFAULT_SEED
+    from pipeline.model_folder import ModelLoadError, has_meta, read_meta
 
-    meta = Path(path) / "finsent.json"
-    if meta.is_file():
+    if has_meta(path):
         try:
-            return int(json.loads(meta.read_text()).get("split_seed", DEFAULT_SEED))
-        except (ValueError, json.JSONDecodeError):
-            pass
+            seed = read_meta(path).split_seed
+        except (ValueError, TypeError, ModelLoadError):
+            return DEFAULT_SEED
+        return int(seed) if seed is not None else DEFAULT_SEED
     return DEFAULT_SEED
 
 

@@ -452,12 +452,12 @@ def _finished_candidate(run_dir: Path, options: Mapping[str, Any]) -> dict[str, 
     `finsent.json` is written last, so without it the folder is a killed try's leftovers. A finished
     folder trained with other options is refused rather than overwritten: it may already be registered.
     """
-    from pipeline.registry import ModelLoadError, read_meta
+    from pipeline.model_folder import ModelLoadError, has_meta, read_meta_dict
 
-    if not (run_dir / "finsent.json").is_file():
+    if not has_meta(run_dir):
         return None
     try:
-        meta = read_meta(run_dir)
+        meta = read_meta_dict(run_dir)
     except ModelLoadError:
         return None
     hyper = meta.get("hyperparameters") or {}

@@ -13,7 +13,6 @@ operator's `--force` promotes then.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.data import EVAL_SPLITS
 from pipeline.errors import FinsentError
-from pipeline.score import META_FILE, ModelLoadError
+from pipeline.model_folder import META_FILE, ModelLoadError, read_meta_dict
 from pipeline.store import production_model, register_model, session_scope
 from pipeline.store import schema as s
 
@@ -40,22 +39,9 @@ class RegistryError(FinsentError, RuntimeError):
     """A registry operation cannot be done; the message says which version and why."""
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    p = Path(path).expanduser()
-    meta_path = p / META_FILE
-    if not p.is_dir():
-        raise ModelLoadError(f"model folder not found: {p}")
-    if not meta_path.is_file():
-        raise ModelLoadError(f"model folder {p} has no {META_FILE}: not trained by finsent train")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"model folder {p}: {META_FILE} is not valid JSON ({e})") from None
-
-
 def register_trained(engine: Engine, path: str | Path, name: str | None = None) -> str:
     """Record a finsent model folder (idempotent); returns its version id."""
-    meta = read_meta(path)
+    meta = read_meta_dict(path)
     version = str(meta["version"])
     with session_scope(engine) as session:
         register_model(
@@ -174,7 +160,7 @@ def bundled_baseline(path: str | Path | None = None) -> tuple[str | None, dict[s
 
     folder = Path(path or DEFAULT_MODEL_DIR)
     try:
-        meta = read_meta(folder)
+        meta = read_meta_dict(folder)
     except ModelLoadError as e:
         return None, None, f"the bundled default model cannot be read ({e})"
     version = str(meta.get("version"))

@@ -15,31 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
+import itertools
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import FinsentError
+from pipeline import model_folder
+from pipeline.model_folder import SENTIMENT_LABELS, ModelLoadError
 from pipeline.records import Prediction, ScoringStatus, TextOutcome
 
 log = logging.getLogger(__name__)
 
-SENTIMENT_LABELS = ("negative", "neutral", "positive")
+__all__ = ["ModelLoadError", "Scorer", "clip", "model_version_id"]
 _LABEL_ALIASES = {"bearish": "negative", "bullish": "positive", "neg": "negative", "pos": "positive", "neu": "neutral"}
-META_FILE = "finsent.json"
-TOPIC_HEAD_FILE = "topic_head.safetensors"
 CHARS_PER_TOKEN = 12  # max_chars default = max_length * this: generous (English averages ~4.5), still bounded
 RAW_CHUNK = 8192  # texts tokenised and scored per pass in Scorer._raw: one tokenizer call and one host copy each
 ANY_LANGUAGE = "*"  # in `languages`: a multilingual model, score every language
 _CANARY = "The company reported its quarterly results."
-
-
-class ModelLoadError(FinsentError, RuntimeError):
-    """The model folder or hub id cannot be loaded; the message names it."""
 
 
 def clip(text: str, max_chars: int) -> str:
@@ -77,11 +72,10 @@ def model_version_id(path_or_id: str) -> str:
     """A stable id: finsent.json's version, else folder name + weight hash, else the hub id (+revision)."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
-        meta = p / META_FILE
-        if meta.exists():
-            v = json.loads(meta.read_text()).get("version")
+        if model_folder.has_meta(p):
+            v = model_folder.read_meta(p).version
             if v:
-                return str(v)
+                return v
         h = hashlib.sha256()
         for f in sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin")):
             with f.open("rb") as fh:
@@ -104,14 +98,6 @@ def _normalise_labels(id2label: dict[int, str], source: str) -> list[str]:
             "a sentiment model needs negative/neutral/positive (or bearish/bullish) in config.id2label"
         )
     return labels
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Indices grouped by similar length so dynamic padding wastes little compute. Pass token counts:
-    sorting by characters pads ~30% more tokens on real sentences (issue #16)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
 
 
 def default_threads() -> int:
@@ -150,12 +136,14 @@ class Scorer:
     device: str
     topics: list[str] | None = None
     topic_head: Any | None = None
-    temperature: float = 1.0
+    temperature: float = 1.0  # calibration: probabilities = softmax(raw logits / temperature), folded or not
     topic_temperature: float = 1.0
     max_length: int = 128
     batch_size: int = 64
     languages: tuple[str, ...] = ("en",)  # what the model was trained for; "*" for a multilingual model
     max_chars: int | None = None  # None: max_length * CHARS_PER_TOKEN
+    folded: bool = False  # the classifier outputs raw logits / temperature already (pipeline.model_folder)
+    precision: str = "fp32"  # what actually runs: fp32, or int8 when the gate in pipeline.precision allowed it
 
     @property
     def char_limit(self) -> int:
@@ -171,9 +159,11 @@ class Scorer:
         languages: Sequence[str] | None = None,
         max_chars: int | None = None,
         threads: int | None = None,
+        precision: str = "fp32",
     ) -> Scorer:
         """Load a checkpoint; `languages` overrides what finsent.json declares (default: English only).
-        `threads` sets torch's intra-op threads for the process (None: leave them as they are)."""
+        `threads` sets torch's intra-op threads for the process (None: leave them as they are). `precision`
+        int8 quantises the Linear layers when the folder's recorded int8 check allows it (else fp32, warned)."""
         import torch
 
         if threads is not None:
@@ -187,6 +177,9 @@ class Scorer:
         if local.is_dir() and not (local / "config.json").exists():
             raise ModelLoadError(f"model folder {local} has no config.json: not a Hugging Face checkpoint")
         target = str(local) if local.is_dir() else source
+        meta = model_folder.read_meta(local) if local.is_dir() and model_folder.has_meta(local) else None
+        if meta is not None:
+            model_folder.check_fold(local, meta)
         try:
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             # finsent folders store fp16; CPU kernels want fp32, CUDA runs fp16 under autocast anyway
@@ -199,74 +192,73 @@ class Scorer:
             ) from None
         labels = _normalise_labels(model.config.id2label, source)
         model.to(dev).eval()
-        meta = {}
-        if local.is_dir() and (local / META_FILE).exists():
-            try:
-                meta = json.loads((local / META_FILE).read_text())
-            except json.JSONDecodeError as e:
-                raise ModelLoadError(f"model folder {local}: {META_FILE} is not valid JSON ({e})") from None
-        topics = meta.get("topics")
-        topic_head = None
-        if topics and (local / TOPIC_HEAD_FILE).exists():
-            from safetensors.torch import load_file
-
-            head_path = local / TOPIC_HEAD_FILE
-            try:
-                state = load_file(str(head_path))
-                topic_head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-                topic_head.load_state_dict({k: v.float() for k, v in state.items()})
-            except Exception as e:
-                raise ModelLoadError(
-                    f"model folder {local}: cannot read {head_path.name}: {type(e).__name__}: {str(e)[:200]}"
-                ) from None
-            if topic_head.out_features != len(topics):
-                raise ModelLoadError(
-                    f"model folder {local}: {head_path.name} has {topic_head.out_features} outputs "
-                    f"but {META_FILE} lists {len(topics)} topics"
-                )
-            topic_head.to(dev).eval()
-        elif topics:
+        topics = list(meta.topics) if meta is not None and meta.topics else None
+        topic_head = model_folder.load_topic_head(local, len(topics)) if topics else None
+        if topic_head is None:
             topics = None
+        else:
+            topic_head.to(dev)
+        version = model_version_id(source)
+        from pipeline.precision import apply_precision
+
+        model, topic_head, precision, version = apply_precision(model, topic_head, precision, meta, dev, version)
         return cls(
             model=model,
             tokenizer=tokenizer,
             labels=labels,
-            version=model_version_id(source),
+            version=version,
             source=source,
             device=dev,
             topics=topics,
             topic_head=topic_head,
-            temperature=float(meta.get("temperature", 1.0)),
-            topic_temperature=float(meta.get("topic_temperature", 1.0)),
+            temperature=meta.temperature if meta else 1.0,
+            topic_temperature=meta.topic_temperature if meta else 1.0,
             max_length=max_length,
             batch_size=batch_size,
-            languages=tuple(languages or meta.get("languages") or ("en",)),
+            languages=tuple(languages or (meta.languages if meta else None) or ("en",)),
             max_chars=max_chars,
+            folded=bool(meta and meta.temperature_folded),
+            precision=precision,
         )
 
-    def _batch(self, enc: dict[str, list[list[int]]], idx: list[int]) -> dict[str, Any]:
-        """Pad one batch of pre-tokenised rows to its longest row (numpy, no tokenizer call); on CUDA the
-        tensors go through pinned memory with non-blocking copies so the host can build the next batch."""
+    def _tokenise(self, texts: list[str]) -> tuple[dict[str, Any], Any]:
+        """One tokenizer call for many texts: flat int64 arrays per model input and the token count per text."""
+        import numpy as np
+
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
+        ids = enc["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key in enc:
+                rows = enc[key]
+                flat[key] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+    def _batch(self, flat: dict[str, Any], lengths: Any, starts: Any, idx: Any) -> dict[str, Any]:
+        """Pad one batch of pre-tokenised rows to its longest row with numpy fancy indexing (no Python loop
+        over rows); on CUDA through pinned memory with non-blocking copies, so the host builds the next batch
+        while the device runs this one."""
         import numpy as np
         import torch
 
-        width = max(len(enc["input_ids"][i]) for i in idx)
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        lens = lengths[idx][:, None]
+        width = int(lens.max())
+        col = np.arange(width)[None, :]
+        if getattr(self.tokenizer, "padding_side", "right") == "left":
+            shift = width - lens
+            mask, src = col >= shift, starts[idx][:, None] + np.clip(col - shift, 0, None)
+        else:
+            mask, src = col < lens, starts[idx][:, None] + np.minimum(col, np.maximum(lens - 1, 0))
         tok = self.tokenizer
         pads = {
             "input_ids": getattr(tok, "pad_token_id", None) or 0,
             "token_type_ids": getattr(tok, "pad_token_type_id", 0),
         }
         out = {}
-        for key, rows in enc.items():
-            arr = np.full((len(idx), width), pads.get(key, 0), dtype=np.int64)
-            for r, i in enumerate(idx):
-                row = rows[i]
-                if left:
-                    arr[r, width - len(row) :] = row
-                else:
-                    arr[r, : len(row)] = row
-            t = torch.from_numpy(arr)
+        for key, values in flat.items():
+            arr = np.where(mask, values[np.minimum(src, len(values) - 1)] if len(values) else 0, pads.get(key, 0))
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
             if self.device.startswith("cuda"):
                 t = t.pin_memory().to(self.device, non_blocking=True)
             elif self.device != "cpu":
@@ -274,9 +266,25 @@ class Scorer:
             out[key] = t
         return out
 
+    def _forward(self, batch: dict[str, Any]) -> tuple[Any, Any]:
+        """Sentiment logits and the last hidden state's [CLS] vector (None without a topic head), taken by a
+        hook on the encoder: output_hidden_states would keep every layer's states alive."""
+        if self.topic_head is None:
+            return self.model(**batch).logits, None
+        seen: list[Any] = []
+        # a copy of the [CLS] rows only: a view would keep the whole (batch, tokens, hidden) state alive until
+        # the chunk ends (up to RAW_CHUNK texts' worth)
+        handle = self.model.base_model.register_forward_hook(lambda _m, _i, out: seen.append(out[0][:, 0].clone()))
+        try:
+            logits = self.model(**batch).logits
+        finally:
+            handle.remove()
+        return logits, seen[-1]
+
     def _raw(self, texts: list[str]) -> RawOutput:
         """Logits and calibrated probabilities of `texts` (already clipped), in input order: one tokenizer call,
-        batches bucketed by token count, softmax on the device, and one device-to-host copy for all of them."""
+        batches bucketed by token count, softmax on the device, and one device-to-host copy for all of them.
+        Logits are raw (a folded temperature is multiplied back out), probabilities calibrated."""
         import numpy as np
         import torch
 
@@ -294,23 +302,29 @@ class Scorer:
             }
             return RawOutput(**joined)
         texts = [clip(t, self.char_limit) for t in texts]
-        enc = dict(self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False))
-        enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        flat, lengths = self._tokenise(texts)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        order = np.argsort(lengths, kind="stable")
         autocast = (
             torch.autocast("cuda", dtype=torch.float16) if self.device.startswith("cuda") else contextlib.nullcontext()
         )
-        parts, order = [], []
+        # the classifier outputs logits / T when T is folded in: probabilities directly, raw logits times T
+        out_scale, prob_div = (self.temperature, 1.0) if self.folded else (1.0, self.temperature)
+        sent_parts, cls_parts = [], []
         with torch.inference_mode(), autocast:
-            for idx in length_batches([len(ids) for ids in enc["input_ids"]], self.batch_size):
-                out = self.model(**self._batch(enc, idx), output_hidden_states=self.topic_head is not None)
-                sent = out.logits.float()
-                cols = [sent, torch.softmax(sent / self.temperature, dim=-1)]
-                if self.topic_head is not None:
-                    topic = self.topic_head(out.hidden_states[-1][:, 0].float()).float()
-                    cols += [topic, torch.softmax(topic / self.topic_temperature, dim=-1)]
-                parts.append(torch.cat(cols, dim=-1))
-                order += idx
-        host = torch.cat(parts).cpu().numpy()  # the one synchronising copy
+            for i in range(0, len(order), self.batch_size):
+                logits, cls_vec = self._forward(self._batch(flat, lengths, starts, order[i : i + self.batch_size]))
+                sent_parts.append(logits)
+                if cls_vec is not None:
+                    cls_parts.append(cls_vec)
+            # post-processing once per chunk, not per batch: a few small ops instead of six per batch, each of
+            # which costs a thread-pool wake-up on CPU and a kernel launch on GPU
+            sent = torch.cat(sent_parts).float()
+            cols = [sent * out_scale, torch.softmax(sent / prob_div, dim=-1)]
+            if self.topic_head is not None:
+                topic = self.topic_head(torch.cat(cls_parts).float()).float()
+                cols += [topic, torch.softmax(topic / self.topic_temperature, dim=-1)]
+            host = torch.cat(cols, dim=-1).cpu().numpy()  # the one synchronising copy
         res = np.empty_like(host)
         res[order] = host
         if self.topic_head is None:

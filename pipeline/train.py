@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from pipeline import model_folder
 from pipeline.data import (
     DEFAULT_SEED,
     SENTIMENT_LABELS,
@@ -141,12 +142,10 @@ class JointModel:
 
 def _load_topic_head(model, base: Path) -> None:
     """Continuing from a finsent model folder keeps its trained topic head instead of a random one."""
-    path = base / "topic_head.safetensors"
-    if not path.is_file():
+    path = base / model_folder.TOPIC_HEAD_FILE
+    head = model_folder.read_topic_head_state(base)
+    if head is None:
         return
-    from safetensors.torch import load_file
-
-    head = {k: v.float() for k, v in load_file(str(path)).items()}
     if head.get("weight") is None or tuple(head["weight"].shape) != tuple(model.topic_head.weight.shape):
         log.warning("%s does not fit %d topics; starting a new topic head", path, model.topic_head.out_features)
         return
@@ -420,7 +419,7 @@ def train_model(
             "command": _command_line(),
         },
     }
-    (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
+    model_folder.write_meta(out, meta)
     log.info("saved %s to %s in %.0fs (val %s)", version, out, seconds, evals.best_metrics)
     return TrainResult(
         out,
@@ -474,6 +473,7 @@ def _load_base(cfg: TrainConfig, n_topics: int, dev: str) -> tuple[Any, Any]:
         raise TrainError(
             f"cannot load base model {cfg.base}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         ) from None
+    model_folder.unfold_classifier(seq, cfg.base)  # continuing from a finsent folder: train raw logits
     model = JointModel(seq, n_topics, cfg.dropout)
     _load_topic_head(model, Path(cfg.base))
     return tokenizer, model.to(dev)
@@ -638,8 +638,6 @@ def _calibrate_and_save(
 ) -> tuple[str, float, float]:
     """Fit temperatures on the validation splits, then write the fp16 folder; returns (version, T, topic T)."""
     import numpy as np
-    import torch
-    from safetensors.torch import save_file
 
     sent_val = [ex for name_ in ("fpb_val", "tfns_val") for ex in splits.val.get(name_, [])]
     s_logits, _ = predict_logits(model, tokenizer, sent_val, max_length, dev) if sent_val else (np.zeros((0, 3)), None)
@@ -649,14 +647,7 @@ def _calibrate_and_save(
         predict_logits(model, tokenizer, topic_val, max_length, dev) if topic_val else (None, np.zeros((0, 1)))
     )
     topic_temperature = fit_temperature(t_logits, [ex.topic for ex in topic_val])
-    out.mkdir(parents=True, exist_ok=True)
-    model.seq.to("cpu", dtype=torch.float16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    head = model.topic_head.to("cpu", dtype=torch.float16)
-    save_file(
-        {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
-        str(out / "topic_head.safetensors"),
-    )
+    model_folder.save_checkpoint(out, model.seq, tokenizer, model.topic_head, temperature)
     return _version_id(name, out), temperature, topic_temperature
 
 
@@ -672,11 +663,10 @@ def soup_models(
     adding each run (best validation score first) only if the average scores better on validation.
     One model's size and speed, usually an ensemble's accuracy; test splits play no part."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     t0 = time.monotonic()
-    metas = [json.loads((Path(p) / "finsent.json").read_text()) for p in paths]
+    metas = [model_folder.read_meta_dict(p) for p in paths]
     if len({m["split_seed"] for m in metas}) != 1 or len({tuple(m["topics"]) for m in metas}) != 1:
         raise TrainError("soup needs models trained on the same splits and topics")
     splits = build_splits(data_dir, seed=metas[0]["split_seed"])
@@ -684,8 +674,8 @@ def soup_models(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     states = [
         (
-            {k: v.float() for k, v in load_file(str(Path(p) / "model.safetensors")).items()},
-            {k: v.float() for k, v in load_file(str(Path(p) / "topic_head.safetensors")).items()},
+            model_folder.read_weights(p),  # a folded temperature taken back out: runs of different T average
+            model_folder.read_topic_head_state(p) or {},
         )
         for p in paths
     ]
@@ -724,7 +714,7 @@ def soup_models(
     version, temperature, topic_temperature = _calibrate_and_save(model, tokenizer, splits, out, max_length, dev, name)
     seconds = time.monotonic() - t0
     first = metas[soup[0]]
-    meta = {
+    meta: dict[str, Any] = {
         **{
             k: first[k]
             for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes")
@@ -751,7 +741,7 @@ def soup_models(
             "command": _command_line(),
         },
     }
-    (out / "finsent.json").write_text(json.dumps(meta, indent=2) + "\n")
+    model_folder.write_meta(out, meta)
     log.info("soup %s of %d/%d runs: val %.4f", version, len(soup), len(paths), best)
     return TrainResult(out, version, best_metrics, temperature, topic_temperature, trail, seconds, _device_name(dev), 0)
 
@@ -821,12 +811,12 @@ def train_with_teacher(
     reused: list[str] = []
 
     teacher_dir = work / "teacher"
-    if (teacher_dir / "finsent.json").is_file():
+    if model_folder.has_meta(teacher_dir):
         log.info("teacher: reusing the finished teacher in %s", teacher_dir)
         reused.append("teacher")
     else:
         train_model(teacher_dir, data_dir, teacher_cfg, feedback_rows=feedback_rows, device=device, progress=progress)
-    teacher_meta = json.loads((teacher_dir / "finsent.json").read_text())
+    teacher_meta = model_folder.read_meta_dict(teacher_dir)
     teacher_version = teacher_meta["version"]
     if stop_after == "teacher":
         return DistilResult(teacher_dir, teacher_version, 0, None, reused)
@@ -859,8 +849,8 @@ def train_with_teacher(
         return DistilResult(teacher_dir, teacher_version, len(texts), None, reused)
 
     out = Path(output_dir)
-    if (out / "finsent.json").is_file():
-        meta = json.loads((out / "finsent.json").read_text())
+    if model_folder.has_meta(out):
+        meta = model_folder.read_meta_dict(out)
         if (
             meta.get("distillation", {}).get("teacher") == teacher_version
             and meta["distillation"].get("transfer_fingerprint") == want["fingerprint"]
@@ -876,8 +866,7 @@ def train_with_teacher(
     unlabelled = [Example(t, source="transfer") for t in extra_texts]
     res = train_model(out, data_dir, student_cfg, feedback_rows=feedback_rows, extra_examples=unlabelled, device=device,
                       progress=progress, teacher=targets, distil=distil)  # fmt: skip
-    meta_path = out / "finsent.json"
-    meta = json.loads(meta_path.read_text())
+    meta = model_folder.read_meta_dict(out)
     meta["distillation"] = {
         "teacher": teacher_version,
         "teacher_base": teacher_meta.get("base"),
@@ -888,7 +877,7 @@ def train_with_teacher(
         "transfer_fingerprint": want["fingerprint"],
         "work_dir": str(work),
     }
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    model_folder.write_meta(out, meta)
     return DistilResult(teacher_dir, teacher_version, len(texts), res, reused)
 
 

@@ -11,19 +11,19 @@ from typer.testing import CliRunner
 
 from pipeline.config import DEFAULT_MODEL_DIR, load_config
 from pipeline.data import EVAL_SPLITS
+from pipeline.model_folder import ModelLoadError
+from pipeline.model_folder import read_meta_dict as read_meta
 from pipeline.registry import (
     RegistryError,
     bundled_baseline,
     list_models,
     promote,
     promote_if_better,
-    read_meta,
     record_evaluation,
     register_trained,
     resolve_model_path,
     rollback,
 )
-from pipeline.score import ModelLoadError
 from pipeline.store import session_scope
 
 FPS = {k: f"fp-{k}" for k in EVAL_SPLITS}

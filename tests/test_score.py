@@ -286,11 +286,15 @@ def test_batches_are_bucketed_by_token_count_with_one_tokenizer_call(tiny_model_
             calls.append(len(batch))
             return real_tok(batch, **kw)
 
-    def forward(**kw):
-        widths.append(tuple(kw["input_ids"].shape))
-        return real_model(**kw)
+    class ModelSpy:  # the real model (its encoder too, for the topic head), recording batch shapes
+        def __getattr__(self, name):
+            return getattr(real_model, name)
 
-    s.tokenizer, s.model = Spy(), forward
+        def __call__(self, **kw):
+            widths.append(tuple(kw["input_ids"].shape))
+            return real_model(**kw)
+
+    s.tokenizer, s.model = Spy(), ModelSpy()
     preds = s.score(texts)
 
     def padded(order: list[int]) -> int:  # tokens fed to the model when batches of 2 follow `order`
@@ -321,8 +325,9 @@ def test_thread_count_is_applied_when_given(tiny_model_dir: Path) -> None:
 
 
 def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finsent() -> None:
-    """Standard tools read the folder right: fp32 on CPU (fp16 weights, fp32 dtype in config.json), and the
-    pipeline's raw logits over finsent.json's temperature give finsent's calibrated probabilities."""
+    """Standard tools read the folder right: fp32 on CPU (fp16 weights, fp32 dtype in config.json), and, the
+    temperature being folded into the classifier, the pipeline's own probabilities are finsent's calibrated ones;
+    its raw outputs times the temperature are finsent's raw logits."""
     import numpy as np
     from transformers import pipeline
 
@@ -336,8 +341,10 @@ def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finse
     pipe = pipeline("text-classification", model=str(DEFAULT_MODEL_DIR), top_k=None, device="cpu")
     assert str(pipe.model.dtype) == "torch.float32"
     s = Scorer.load(str(DEFAULT_MODEL_DIR), device="cpu")
-    for text, mine in zip(texts, s.score(texts), strict=True):
+    assert s.folded
+    raw_logits, _ = s.logits(texts)
+    for text, mine, logits in zip(texts, s.score(texts), raw_logits, strict=True):
+        probs = {d["label"]: d["score"] for d in pipe(text, top_k=None)}
+        assert np.allclose([probs[lab] for lab in s.labels], [mine.probs[lab] for lab in s.labels], atol=1e-5)
         raw = {d["label"]: d["score"] for d in pipe(text, top_k=None, function_to_apply="none")}
-        z = np.array([raw[lab] for lab in s.labels]) / s.temperature
-        calibrated = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        assert np.allclose(calibrated, [mine.probs[lab] for lab in s.labels], atol=1e-5)
+        assert np.allclose(np.array([raw[lab] for lab in s.labels]) * s.temperature, logits, atol=1e-4)

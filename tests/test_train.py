@@ -59,7 +59,11 @@ def test_training_runs_end_to_end_and_changes_predictions(tiny_model: Path, tiny
     assert meta["temperature"] > 0 and meta["topic_temperature"] > 0
     with safe_open(str(tiny_model / "model.safetensors"), "pt") as f:
         # safetensors' safe_open is not a dict: it has keys() but is not iterable
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    # fp16 encoder; the classifier with the temperature folded in stays fp32 (pipeline.model_folder)
+    assert {d for k, d in dtypes.items() if not k.startswith("classifier.")} == {torch.float16}
+    assert dtypes["classifier.weight"] == dtypes["classifier.bias"] == torch.float32
+    assert meta["temperature_folded"] is True
     scorer = Scorer.load(str(tiny_model))
     assert scorer.version == meta["version"] and scorer.topics == TOPICS
 

@@ -421,22 +421,55 @@ def register(app: typer.Typer) -> None:
         report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path(
             "docs/benchmark"
         ),
+        precision: Annotated[
+            str | None,
+            typer.Option(
+                help="fp32 or int8: whose ratios are the headline (default: model.precision). int8 counts only where "
+                "it loses < 0.5 point of FPB and topic accuracy in this run."
+            ),
+        ] = None,
         config: ConfigOpt = None,
     ) -> None:
         """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
         idempotent COPY ceiling, in one run, and write the ratios to a report file."""
         import torch
 
-        from pipeline.bench import Report, run_bench, run_db_bench, write_report
-        from pipeline.score import default_threads
+        from pipeline.bench import (
+            Report,
+            cpu_side_us,
+            headline_precision,
+            run_bench,
+            run_db_bench,
+            text_sets,
+            write_report,
+        )
+        from pipeline.precision import PRECISIONS, check_int8
+        from pipeline.score import Scorer, default_threads
 
         cfg = config_or_exit(config)
+        wanted = precision or cfg.model.precision
+        if wanted not in PRECISIONS:
+            raise fail(f"--precision {wanted}: expected one of {', '.join(PRECISIONS)}")
         torch.set_num_threads(cfg.model.threads or default_threads())
-        results, source = run_bench(
-            model or cfg.model.path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device
-        )
+        path = model or cfg.model.path
+        results, source = run_bench(path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
+        sets, _ = text_sets(2000)
+        scorer = Scorer.load(path, device="cpu", batch_size=batch_size or cfg.model.batch_size)
+        cpu = cpu_side_us(scorer, next(iter(sets.values())))
+        check = None
+        if any(r.method == "finsent_int8" for r in results) and "fpb" in sets:
+            check = check_int8(path)
+        chosen, note = headline_precision(wanted, check)
         url = database_url or cfg.database_url.get_secret_value()
-        rep = Report(command=("finsent bench " + " ".join(sys.argv[2:])).strip(), texts_source=source, scoring=results)
+        rep = Report(
+            command=("finsent bench " + " ".join(sys.argv[2:])).strip(),
+            texts_source=source,
+            scoring=results,
+            precision=chosen,
+            precision_note=note,
+            cpu_side_us=cpu,
+            int8=check,
+        )
         if url.lower() == "none":
             rep.writes_note = "Not measured in this run (--database-url none)."
         elif not url.startswith("postgres"):
@@ -456,6 +489,10 @@ def register(app: typer.Typer) -> None:
             console.print(rep.writes_note)
         for k, v in meta["ratios"].items():
             console.print(f"ratios.{k} = {v:.2f}")
+        for k, v in cpu.items():
+            console.print(f"cpu side (zero-cost model): {k} {v:.1f} us per text")
+        if note:
+            console.print(note, highlight=False)
         console.print(f"report: {report.with_suffix('.md')}")
 
     @db_app.command("upgrade")

@@ -492,6 +492,51 @@ def models_promote(
         raise typer.Exit(1)
 
 
+@models_app.command("fold")
+def models_fold(path: Path) -> None:
+    """Fold PATH's calibration temperature into its classifier (and make config.json float32), in place, so
+    that standard tools such as transformers.pipeline() give finsent's calibrated probabilities. Idempotent."""
+    from pipeline.model_folder import ModelLoadError, fold
+
+    try:
+        meta, changed = fold(path)
+    except ModelLoadError as e:
+        raise fail(str(e)) from None
+    verb = "folded" if changed else "already folded:"
+    _say(f"{verb} temperature {meta.temperature} into {path} ({meta.version})")
+
+
+@models_app.command("check-int8")
+def models_check_int8(
+    path: Path,
+    data_dir: Annotated[Path | None, typer.Option(help="Labelled data (default: ../shared/data).")] = None,
+    record: Annotated[
+        bool, typer.Option(help="Write the result into PATH/finsent.json (precision.int8), where the gate reads it.")
+    ] = True,
+) -> None:
+    """Measure the int8 variant against fp32 on the fixed splits; model.precision int8 is allowed only when
+    it loses less than 0.5 point of FPB test accuracy."""
+    from pipeline.model_folder import ModelLoadError
+    from pipeline.precision import INT8_MAX_LOSS, check_int8, record_int8_check
+
+    try:
+        c = check_int8(path, data_dir)
+        if record:
+            record_int8_check(path, c)
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise fail(f"int8 check of {path}: {e}") from None
+    for split in c.fp32:
+        _say(f"{split}: accuracy fp32 {c.fp32[split]:.4f}  int8 {c.int8.get(split, float('nan')):.4f}")
+    _say(f"label agreement {c.sentiment_agreement:.4f}, topic agreement {c.topic_agreement:.4f}")
+    verdict = "passes" if c.passed else "FAILS"
+    _say(
+        f"int8 {verdict} the gate: loses {100 * c.fpb_test_loss:.2f} points of FPB test accuracy "
+        f"(limit {100 * INT8_MAX_LOSS:.1f})" + (f"; recorded in {path / 'finsent.json'}" if record else "")
+    )
+    if not c.passed:
+        raise typer.Exit(1)
+
+
 @models_app.command("rollback")
 def models_rollback(config: ConfigOpt = None) -> None:
     """Return production to the previously promoted version."""
