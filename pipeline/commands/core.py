@@ -321,257 +321,260 @@ def print_demo(report) -> None:
     )
 
 
-def register(app: typer.Typer) -> None:
-    db_app = typer.Typer(help="Database migrations and maintenance.", no_args_is_help=True)
-    app.add_typer(db_app, name="db")
+db_app = typer.Typer(help="Database migrations and maintenance.", no_args_is_help=True)
 
-    @app.command()
-    def demo(
-        db: Annotated[
-            Path | None,
-            typer.Option(
-                help="SQLite file for the demo, recreated each run "
-                "(default: the database every command uses, finsent.db)."
-            ),
-        ] = None,
-        model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
-        keep: Annotated[bool, typer.Option(help="Keep the existing demo database instead of starting fresh.")] = False,
-    ) -> None:
-        """Run the whole loop offline on the bundled sample feeds: ingest, score, detect, alert."""
-        from pipeline.config import DEFAULT_DATABASE_URL
-        from pipeline.demo import next_steps, run_demo
 
-        default_db = Path(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
-        path = db or default_db
-        report = run_demo(path, model_path=model, fresh=not keep)  # a FinsentError is the CLI handler's one line
-        print_demo(report)
-        try:
-            everyone = load_config(None).database_url.get_secret_value()  # what other commands will open
-        except ConfigError:
-            everyone = ""
-        same = everyone == f"sqlite:///{path}" or (
-            everyone == DEFAULT_DATABASE_URL and path.resolve() == default_db.resolve()
-        )
-        console.print("\n[bold]Next steps[/] (each works as printed, from this folder):")
-        for cmd in next_steps(report, None if same else f"sqlite:///{path.resolve()}"):
-            console.print(f"  {escape(cmd)}", highlight=False, soft_wrap=True)
-
-    @app.command()
-    def run(
-        config: ConfigOpt = None,
-        as_of: Annotated[
-            str | None,
-            typer.Option(help="Detect for the window ending at this UTC time (default: last complete window)."),
-        ] = None,
-    ) -> None:
-        """One monitoring cycle over the configured sources against DATABASE_URL."""
-        from pipeline import cycle
-        from pipeline.detect import check_as_of
-
-        cfg = config_or_exit(config)
-        when = parse_time(as_of)
-        if when is not None:
-            try:
-                check_as_of(when, cfg.detect.window_minutes)
-            except ValueError as e:
-                raise fail(f"--as-of: {e}") from None
-        summary = cycle.run_cycle(cfg, as_of=when)
-        console.print(
-            f"run {summary.run_id}: {sum(summary.fetched.values())} new documents from {len(summary.fetched)} sources, "
-            f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind != 'resolved'])} alerts; "
-            f"delivery: {escape(summary.delivery)}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        if summary.not_scored:
-            console.print(
-                "not scored: "
-                + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(summary.not_scored.items()))
-            )
-        for src, error in summary.failed_sources.items():
-            err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
-        for problem in summary.problems:  # an alert that did not reach anyone is worth a non-zero exit
-            err_console.print(f"[red]degraded:[/] {escape(problem)}", highlight=False)
-        if summary.problems:
-            raise typer.Exit(4)
-        if summary.failed_sources:
-            raise typer.Exit(3)
-
-    @app.command()
-    def bench(
-        model: Annotated[
-            str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")
-        ] = None,
-        n: Annotated[
-            int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")
-        ] = 400,
-        rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; the median round is reported.")] = 3,
-        batch_size: Annotated[
-            int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")
-        ] = None,
-        device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-        database_url: Annotated[
-            str | None,
-            typer.Option(
-                help="Postgres for the write benchmark, in a throwaway schema "
-                "(default: the config's when it is Postgres; 'none' skips)."
-            ),
-        ] = None,
-        db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
-        report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path(
-            "docs/benchmark"
+def demo(
+    db: Annotated[
+        Path | None,
+        typer.Option(
+            help="SQLite file for the demo, recreated each run (default: the database every command uses, finsent.db)."
         ),
-        precision: Annotated[
-            str | None,
-            typer.Option(
-                help="fp32 or int8: whose ratios are the headline (default: model.precision). int8 counts only where "
-                "it loses < 0.5 point of FPB and topic accuracy in this run."
-            ),
-        ] = None,
-        config: ConfigOpt = None,
-    ) -> None:
-        """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
-        idempotent COPY ceiling, in one run, and write the ratios to a report file."""
-        import torch
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: the bundled model).")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the existing demo database instead of starting fresh.")] = False,
+) -> None:
+    """Run the whole loop offline on the bundled sample feeds: ingest, score, detect, alert."""
+    from pipeline.config import DEFAULT_DATABASE_URL
+    from pipeline.demo import next_steps, run_demo
 
-        from pipeline.bench import (
-            Report,
-            cpu_side_us,
-            headline_precision,
-            run_bench,
-            run_db_bench,
-            text_sets,
-            write_report,
-        )
-        from pipeline.precision import PRECISIONS, check_int8
-        from pipeline.score import Scorer, default_threads
+    default_db = Path(DEFAULT_DATABASE_URL.removeprefix("sqlite:///"))
+    path = db or default_db
+    report = run_demo(path, model_path=model, fresh=not keep)  # a FinsentError is the CLI handler's one line
+    print_demo(report)
+    try:
+        everyone = load_config(None).database_url.get_secret_value()  # what other commands will open
+    except ConfigError:
+        everyone = ""
+    same = everyone == f"sqlite:///{path}" or (
+        everyone == DEFAULT_DATABASE_URL and path.resolve() == default_db.resolve()
+    )
+    console.print("\n[bold]Next steps[/] (each works as printed, from this folder):")
+    for cmd in next_steps(report, None if same else f"sqlite:///{path.resolve()}"):
+        console.print(f"  {escape(cmd)}", highlight=False, soft_wrap=True)
 
-        cfg = config_or_exit(config)
-        wanted = precision or cfg.model.precision
-        if wanted not in PRECISIONS:
-            raise fail(f"--precision {wanted}: expected one of {', '.join(PRECISIONS)}")
-        torch.set_num_threads(cfg.model.threads or default_threads())
-        path = model or cfg.model.path
-        results, source = run_bench(path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
-        sets, _ = text_sets(2000)
-        scorer = Scorer.load(path, device="cpu", batch_size=batch_size or cfg.model.batch_size)
-        cpu = cpu_side_us(scorer, next(iter(sets.values())))
-        check = None
-        if any(r.method == "finsent_int8" for r in results) and "fpb" in sets:
-            check = check_int8(path)
-        chosen, note = headline_precision(wanted, check)
-        url = database_url or cfg.database_url.get_secret_value()
-        rep = Report(
-            command=("finsent bench " + " ".join(sys.argv[2:])).strip(),
-            texts_source=source,
-            scoring=results,
-            precision=chosen,
-            precision_note=note,
-            cpu_side_us=cpu,
-            int8=check,
-        )
-        if url.lower() == "none":
-            rep.writes_note = "Not measured in this run (--database-url none)."
-        elif not url.startswith("postgres"):
-            rep.writes_note = "Not measured in this run: the write benchmark needs Postgres (--database-url)."
-        else:
-            rep.writes = run_db_bench(url, db_rows, rounds)
-        meta = write_report(rep, report)
-        console.print(f"texts: {source}", highlight=False)
-        for r in results:
-            console.print(
-                f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s "
-                f"(batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)"
-            )
-        for w in rep.writes:
-            console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
-        if rep.writes_note:
-            console.print(rep.writes_note)
-        for k, v in meta["ratios"].items():
-            console.print(f"ratios.{k} = {v:.2f}")
-        for k, v in cpu.items():
-            console.print(f"cpu side (zero-cost model): {k} {v:.1f} us per text")
-        if note:
-            console.print(note, highlight=False)
-        console.print(f"report: {report.with_suffix('.md')}")
 
-    @db_app.command("upgrade")
-    def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
-        """Apply schema migrations to DATABASE_URL (or the config's database_url)."""
-        from pipeline.store import safe_url, upgrade
+def run(
+    config: ConfigOpt = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="Detect for the window ending at this UTC time (default: last complete window)."),
+    ] = None,
+) -> None:
+    """One monitoring cycle over the configured sources against DATABASE_URL."""
+    from pipeline import cycle
+    from pipeline.detect import check_as_of
 
-        cfg = config_or_exit(config)
-        url = cfg.database_url.get_secret_value()
-        upgrade(url, revision)
-        console.print(f"database {safe_url(url)} is at revision {revision}")
-
-    @db_app.command("maintain")
-    def db_maintain(config: ConfigOpt = None) -> None:
-        """Run the daily maintenance pass now (what the finsent_maintenance DAG runs): text retention
-        (FINSENT_RETENTION_DAYS, retention.raw_social_text_days), rollup refresh, ANALYZE. Safe to rerun."""
-        from pipeline.maintenance import run_maintenance
-        from pipeline.store import check_schema, make_engine
-
-        cfg = config_or_exit(config)
-        engine = make_engine(cfg.database_url.get_secret_value())
+    cfg = config_or_exit(config)
+    when = parse_time(as_of)
+    if when is not None:
         try:
-            check_schema(engine)
-            rep = run_maintenance(engine, social_text_days=cfg.retention.raw_social_text_days)
-        finally:
-            engine.dispose()
-        social = (
-            f"{rep.social_texts_purged} social posts purged (older than {rep.social_text_days} days)"
-            if rep.social_text_days is not None
-            else "social text kept (retention.raw_social_text_days not set)"
-        )
+            check_as_of(when, cfg.detect.window_minutes)
+        except ValueError as e:
+            raise fail(f"--as-of: {e}") from None
+    summary = cycle.run_cycle(cfg, as_of=when)
+    console.print(
+        f"run {summary.run_id}: {sum(summary.fetched.values())} new documents from {len(summary.fetched)} sources, "
+        f"{summary.scored} scored, {len([a for a in summary.alerts if a.kind != 'resolved'])} alerts; "
+        f"delivery: {escape(summary.delivery)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if summary.not_scored:
         console.print(
-            f"retention {rep.retention_days} days: {rep.texts_cleared} bodies cleared, {rep.fetch_logs_deleted} "
-            f"fetch logs and {rep.delivery_attempts_deleted} delivery attempts deleted; {social}",
-            highlight=False,
+            "not scored: "
+            + ", ".join(f"{k.replace('skipped_', '')} {v}" for k, v in sorted(summary.not_scored.items()))
         )
-        for hint in rep.vacuum_hints:
-            console.print(f"hint: {hint}", highlight=False, markup=False)
+    for src, error in summary.failed_sources.items():
+        err_console.print(f"[red]source {escape(src)} failed:[/] {escape(error)}", highlight=False)
+    for problem in summary.problems:  # an alert that did not reach anyone is worth a non-zero exit
+        err_console.print(f"[red]degraded:[/] {escape(problem)}", highlight=False)
+    if summary.problems:
+        raise typer.Exit(4)
+    if summary.failed_sources:
+        raise typer.Exit(3)
 
-    @app.command()
-    def score(
-        file: Annotated[Path, typer.Argument(help="Texts: .txt (one per line), .csv or .jsonl with a 'text' column.")],
-        output: Annotated[
-            Path, typer.Option("--output", "-o", help="Where to write predictions (.csv, .jsonl or .parquet).")
-        ],
-        model: Annotated[
-            str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")
-        ] = None,
-        config: ConfigOpt = None,
-    ) -> None:
-        """Score a file of texts, keeping every input column: label (`none` with a reason for empty or
-        foreign-language texts), status, language, every class probability (and topic when the model has one)."""
-        from pipeline import cycle
-        from pipeline.records import ScoringStatus
 
-        cfg = config_or_exit(config)
-        check_output_format(output)
-        columns = scan_columns(file)
-        scorer = cycle.load_scorer(cfg, path=model or production_or_configured_model(cfg))  # the cycle's settings
-        topics = bool(scorer.topics)
-        check_output_columns(columns, scorer.labels, topics)
-        writer = PredictionWriter(output, [*columns, *prediction_columns(scorer.labels, topics)])
-        total = 0
-        counts = dict.fromkeys(ScoringStatus, 0)
-        try:  # read, score and write a chunk at a time: memory stays flat in the file size
-            for rows in chunked(iter_rows(file), cfg.model.chunk_size):
-                outcomes = scorer.assess([row["text"] for row in rows])
-                writer.write(prediction_records(rows, outcomes, scorer.labels, topics))
-                total += len(rows)
-                for o in outcomes:
-                    counts[o.status] += 1
-        except BaseException:
-            writer.abort()
-            raise
-        writer.commit()
-        skipped = {st: n for st, n in counts.items() if st != ScoringStatus.SCORED}
-        note = ", ".join(f"{n} {st}" for st, n in skipped.items() if n)
-        err_console.print(
-            f"scored {counts[ScoringStatus.SCORED]} of {total} texts with {scorer.version} -> {output}"
-            + (f" (not scored: {note})" if note else ""),
-            highlight=False,
+def bench(
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
+    n: Annotated[
+        int, typer.Option("--texts", "-n", min=1, help="Texts per set (FPB, TFNS) and contender per round.")
+    ] = 400,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; the median round is reported.")] = 3,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="finsent's batch size (default: model.batch_size).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Postgres for the write benchmark, in a throwaway schema "
+            "(default: the config's when it is Postgres; 'none' skips)."
+        ),
+    ] = None,
+    db_rows: Annotated[int, typer.Option(min=100, help="Documents (and scores) per write round.")] = 20_000,
+    report: Annotated[Path, typer.Option(help="Report path without suffix (.md and .json are written).")] = Path(
+        "docs/benchmark"
+    ),
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32 or int8: whose ratios are the headline (default: model.precision). int8 counts only where "
+            "it loses < 0.5 point of FPB and topic accuracy in this run."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Measure finsent against the naive transformers pipeline, a hand-written torch loop and the
+    idempotent COPY ceiling, in one run, and write the ratios to a report file."""
+    import torch
+
+    from pipeline.bench import (
+        Report,
+        cpu_side_us,
+        headline_precision,
+        run_bench,
+        run_db_bench,
+        text_sets,
+        write_report,
+    )
+    from pipeline.precision import PRECISIONS, check_int8
+    from pipeline.score import Scorer, default_threads
+
+    cfg = config_or_exit(config)
+    wanted = precision or cfg.model.precision
+    if wanted not in PRECISIONS:
+        raise fail(f"--precision {wanted}: expected one of {', '.join(PRECISIONS)}")
+    torch.set_num_threads(cfg.model.threads or default_threads())
+    path = model or cfg.model.path
+    results, source = run_bench(path, n, rounds, batch_size or cfg.model.batch_size, device or cfg.model.device)
+    sets, _ = text_sets(2000)
+    scorer = Scorer.load(path, device="cpu", batch_size=batch_size or cfg.model.batch_size)
+    cpu = cpu_side_us(scorer, next(iter(sets.values())))
+    check = None
+    if any(r.method == "finsent_int8" for r in results) and "fpb" in sets:
+        check = check_int8(path)
+    chosen, note = headline_precision(wanted, check)
+    url = database_url or cfg.database_url.get_secret_value()
+    rep = Report(
+        command=("finsent bench " + " ".join(sys.argv[2:])).strip(),
+        texts_source=source,
+        scoring=results,
+        precision=chosen,
+        precision_note=note,
+        cpu_side_us=cpu,
+        int8=check,
+    )
+    if url.lower() == "none":
+        rep.writes_note = "Not measured in this run (--database-url none)."
+    elif not url.startswith("postgres"):
+        rep.writes_note = "Not measured in this run: the write benchmark needs Postgres (--database-url)."
+    else:
+        rep.writes = run_db_bench(url, db_rows, rounds)
+    meta = write_report(rep, report)
+    console.print(f"texts: {source}", highlight=False)
+    for r in results:
+        console.print(
+            f"{r.text_set}: {r.method} {r.texts_per_s:.1f} texts/s "
+            f"(batch {r.batch_size}, {r.mean_tokens:.1f} tokens per text)"
         )
+    for w in rep.writes:
+        console.print(f"db writes: {w.method} {w.rows_per_s:.0f} rows/s")
+    if rep.writes_note:
+        console.print(rep.writes_note)
+    for k, v in meta["ratios"].items():
+        console.print(f"ratios.{k} = {v:.2f}")
+    for k, v in cpu.items():
+        console.print(f"cpu side (zero-cost model): {k} {v:.1f} us per text")
+    if note:
+        console.print(note, highlight=False)
+    console.print(f"report: {report.with_suffix('.md')}")
+
+
+def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
+    """Apply schema migrations to DATABASE_URL (or the config's database_url)."""
+    from pipeline.store import safe_url, upgrade
+
+    cfg = config_or_exit(config)
+    url = cfg.database_url.get_secret_value()
+    upgrade(url, revision)
+    console.print(f"database {safe_url(url)} is at revision {revision}")
+
+
+def db_maintain(config: ConfigOpt = None) -> None:
+    """Run the daily maintenance pass now (what the finsent_maintenance DAG runs): text retention
+    (FINSENT_RETENTION_DAYS, retention.raw_social_text_days), rollup refresh, ANALYZE. Safe to rerun."""
+    from pipeline.maintenance import run_maintenance
+    from pipeline.store import check_schema, make_engine
+
+    cfg = config_or_exit(config)
+    engine = make_engine(cfg.database_url.get_secret_value())
+    try:
+        check_schema(engine)
+        rep = run_maintenance(engine, social_text_days=cfg.retention.raw_social_text_days)
+    finally:
+        engine.dispose()
+    social = (
+        f"{rep.social_texts_purged} social posts purged (older than {rep.social_text_days} days)"
+        if rep.social_text_days is not None
+        else "social text kept (retention.raw_social_text_days not set)"
+    )
+    console.print(
+        f"retention {rep.retention_days} days: {rep.texts_cleared} bodies cleared, {rep.fetch_logs_deleted} "
+        f"fetch logs and {rep.delivery_attempts_deleted} delivery attempts deleted; {social}",
+        highlight=False,
+    )
+    for hint in rep.vacuum_hints:
+        console.print(f"hint: {hint}", highlight=False, markup=False)
+
+
+def score(
+    file: Annotated[Path, typer.Argument(help="Texts: .txt (one per line), .csv or .jsonl with a 'text' column.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write predictions (.csv, .jsonl or .parquet).")
+    ],
+    model: Annotated[str | None, typer.Option(help="Model folder or hub id (default: config / bundled model).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Score a file of texts, keeping every input column: label (`none` with a reason for empty or
+    foreign-language texts), status, language, every class probability (and topic when the model has one)."""
+    from pipeline import cycle
+    from pipeline.records import ScoringStatus
+
+    cfg = config_or_exit(config)
+    check_output_format(output)
+    columns = scan_columns(file)
+    scorer = cycle.load_scorer(cfg, path=model or production_or_configured_model(cfg))  # the cycle's settings
+    topics = bool(scorer.topics)
+    check_output_columns(columns, scorer.labels, topics)
+    writer = PredictionWriter(output, [*columns, *prediction_columns(scorer.labels, topics)])
+    total = 0
+    counts = dict.fromkeys(ScoringStatus, 0)
+    try:  # read, score and write a chunk at a time: memory stays flat in the file size
+        for rows in chunked(iter_rows(file), cfg.model.chunk_size):
+            outcomes = scorer.assess([row["text"] for row in rows])
+            writer.write(prediction_records(rows, outcomes, scorer.labels, topics))
+            total += len(rows)
+            for o in outcomes:
+                counts[o.status] += 1
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    skipped = {st: n for st, n in counts.items() if st != ScoringStatus.SCORED}
+    note = ", ".join(f"{n} {st}" for st, n in skipped.items() if n)
+    err_console.print(
+        f"scored {counts[ScoringStatus.SCORED]} of {total} texts with {scorer.version} -> {output}"
+        + (f" (not scored: {note})" if note else ""),
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)
+    app.command()(run)
+    app.command()(bench)
+    db_app.command("upgrade")(db_upgrade)
+    db_app.command("maintain")(db_maintain)
+    app.command()(score)
+    app.add_typer(db_app, name="db")
