@@ -1,5 +1,5 @@
 """Regenerate the measured part of docs/architecture.md: the import graph of `pipeline/` and its longest
-functions and modules, for two git revisions side by side (default: d66e4ef, the tree issue #10 was read
+functions and modules, for two git revisions side by side (default: 52ed4e1, the tree issue #10 was read
 on, and HEAD).
 
     python docs/architecture.py                 # rewrite the generated block of docs/architecture.md
@@ -172,7 +172,7 @@ def generated(before: str, after: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--before", default="d66e4ef")
+    p.add_argument("--before", default="52ed4e1")
     p.add_argument("--after", default="HEAD")
     p.add_argument("--print", action="store_true", help="print the block instead of rewriting the doc")
     args = p.parse_args(argv)
