@@ -370,7 +370,7 @@ def write_report(r: BenchResult, path: Path) -> None:
         "",
         "What keeps them bounded: pages and panels read the hourly/daily rollups, never the documents, for "
         "series; the document search's `lower(title|summary) LIKE '%text%'` uses trigram GIN indexes (pg_trgm, "
-        "migration 0015) instead of filtering every row of its 7-day range; the company filter reads the "
+        "migration 0014) instead of filtering every row of its 7-day range; the company filter reads the "
         "`(entity, document_id)` index without heap visits; the model in use and company names are read once per "
         "request; lists never load the alerts' evidence JSON they do not show. The label queue ranks every "
         "unlabelled candidate of its range in Python (`pipeline.labelqueue`, at most 50,000; about 23,000 here), "

@@ -67,7 +67,7 @@ class TZDateTime(TypeDecorator[datetime]):
 
 def one_of(column: str, values: type[StrEnum] | tuple[str, ...]) -> CheckConstraint:
     """The CHECK constraint that a state column holds one of its enum's values (named ck_<table>_<column>),
-    so the database refuses a state the code does not know; migration 0016 adds these to older databases."""
+    so the database refuses a state the code does not know; migration 0015 adds these to older databases."""
     allowed = ", ".join(f"'{v}'" for v in (values if isinstance(values, tuple) else [m.value for m in values]))
     return CheckConstraint(f"{column} IN ({allowed})", name=column)
 
