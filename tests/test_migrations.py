@@ -98,3 +98,36 @@ def test_0011_scrubs_tokens_older_redaction_stored(pg_url, engine):
         "source 'keyed' (file:///srv/***/feed.xml): file not found: /srv/***/feed.xml",
         "source 'keyed' (https://feeds.example.com/rss/market_news/latest): HTTP 500",
     ]
+
+
+def test_sqlite_table_rebuilds_keep_every_child_row(tmp_path):
+    """On SQLite, batch mode rebuilds a table (copy, DROP, rename): 0012's downgrade rebuilds documents, 0015
+    rebuilds alerts, incidents and runs both ways. With foreign keys on, each DROP cascaded to the children
+    (every alert delivery, every score and entity row); a migration must move no row."""
+    from pipeline.demo import run_demo
+
+    db = tmp_path / "demo.db"
+    run_demo(db)
+    url = f"sqlite:///{db}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = url
+    tables = (
+        "documents", "document_entities", "scores", "explanations", "alerts", "alert_deliveries",
+        "delivery_attempts", "incidents", "pipeline_runs", "operator_notices",
+    )  # fmt: skip
+
+    def counts() -> dict[str, int]:
+        eng = store.make_engine(url)
+        try:
+            with eng.connect() as c:
+                return {t: c.scalar(text(f"SELECT count(*) FROM {t}")) for t in tables}
+        finally:
+            eng.dispose()
+
+    before = counts()
+    assert before["alert_deliveries"] and before["document_entities"] and before["scores"] and before["incidents"]
+    command.downgrade(cfg, "0011")
+    assert counts() == before
+    command.upgrade(cfg, "head")
+    assert counts() == before

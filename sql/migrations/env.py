@@ -13,14 +13,26 @@ connection = config.attributes.get("connection")
 
 
 def _configure(conn) -> None:
-    context.configure(
-        connection=conn,
-        target_metadata=metadata,
-        render_as_batch=conn.dialect.name == "sqlite",
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        # Batch mode rebuilds a table (copy, DROP, rename); with foreign keys on, the DROP would cascade to
+        # every child row (deliveries of alerts, scores of documents). The pragma only takes effect outside a
+        # transaction, so it is set before the migrations' transaction and restored after it.
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.commit()
+    try:
+        context.configure(connection=conn, target_metadata=metadata, render_as_batch=sqlite, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        if sqlite:
+            conn.commit()
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"migration left {len(broken)} rows whose parent is missing: {broken[:5]}")
+    finally:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 if connection is not None:
