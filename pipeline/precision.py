@@ -4,7 +4,10 @@ int8 is PyTorch dynamic quantisation of every Linear layer (weights int8, activa
 no new dependency, no calibration data). It is used only when the model folder records an int8 check
 (`finsent models check-int8 PATH`, written to finsent.json `precision.int8`) for this model version showing it
 loses less than INT8_MAX_LOSS of FPB test accuracy against fp32; otherwise the scorer warns and runs fp32.
-A model scored in int8 reports the version id `<version>+int8`, so its scores are never mistaken for fp32's.
+An int8 scorer keeps the model's version id: it is how that version runs, like the device, and only after
+the gate showed it scores like fp32. Scores, retries, detection, the registry and the web view all key on the
+version id, so a suffixed id made every stored score look missing (each run rescored the whole history).
+The scorer's `precision` field and the log say which one ran.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "int8")
 INT8_MAX_LOSS = 0.005  # FPB test accuracy, as a fraction: int8 must lose less than half a point
-INT8_SUFFIX = "+int8"
 
 
 def quantise(model: Any) -> Any:
@@ -68,14 +70,13 @@ def apply_precision(
     if why is not None:
         log.warning("model.precision int8 refused for %s: %s; scoring in fp32", version, why)
         return model, topic_head, "fp32", version
-    return quantise(model), topic_head, "int8", version + INT8_SUFFIX
+    log.info("scoring %s in int8 (dynamic quantisation; its recorded check passed)", version)
+    return quantise(model), topic_head, "int8", version
 
 
 def int8_scorer(scorer: Any) -> Any:
     """An int8 twin of a loaded fp32 Scorer, bypassing the gate: for measuring what the gate decides on."""
-    return replace(
-        scorer, model=quantise(copy.deepcopy(scorer.model)), precision="int8", version=scorer.version + INT8_SUFFIX
-    )
+    return replace(scorer, model=quantise(copy.deepcopy(scorer.model)), precision="int8")
 
 
 @dataclass(frozen=True)
