@@ -3,7 +3,6 @@ what the corrections a training run used changed (`feedback_effect`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -163,8 +162,9 @@ def record_feedback_report(
 ) -> FeedbackReport:
     """Compute the report for a trained model folder (its split seed and limit) and store it in its finsent.json
     as `metrics.feedback`, which the registry copies when the folder is registered."""
-    meta_path = Path(model_dir) / "finsent.json"
-    meta = json.loads(meta_path.read_text())
+    from pipeline import model_folder
+
+    meta = model_folder.read_meta_dict(model_dir)
     hp = meta.get("hyperparameters") or {}
     report = feedback_effect(
         model_dir,
@@ -174,6 +174,6 @@ def record_feedback_report(
         split_seed=meta.get("split_seed"),
         limit=hp.get("limit"),
     )
-    meta.setdefault("metrics", {})["feedback"] = report.to_json()
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    metrics = {**(meta.get("metrics") or {}), "feedback": report.to_json()}
+    model_folder.update_meta(model_dir, metrics=metrics)  # atomic: finsent.json marks a finished candidate
     return report

@@ -512,7 +512,9 @@ def train_candidate(output_dir: str | None = None, airflow_run_id: str | None = 
         )
         path, seconds, device = result.output_dir, result.seconds, result.device
     with task_resources() as (_, engine):
-        if meta is None and result.feedback_used:  # what the analysts' corrections changed, in metrics.feedback
+        used = result.feedback_used if meta is None else (meta.get("data_sizes") or {}).get("feedback", 0)
+        reported = meta is not None and "feedback" in (meta.get("metrics") or {})
+        if used and not reported:  # what the analysts' corrections changed, in metrics.feedback (a retry too)
             from pipeline.data import load_feedback_rows
             from pipeline.feedback import record_feedback_report
 

@@ -131,7 +131,9 @@ def test_the_train_task_records_the_feedback_report(
     cfg.write_text(json.dumps({"data_dir": str(data_dir)}))
     monkeypatch.setenv("FINSENT_CONFIG", str(cfg))
     monkeypatch.setenv("DATABASE_URL", pg_url)
-    done = orchestrate.train(str(tmp_path / "candidates"), base=str(tiny_base), limit=LIMIT, max_steps=2, epochs=1)
+    done = orchestrate.train_candidate(
+        str(tmp_path / "candidates"), base=str(tiny_base), limit=LIMIT, max_steps=2, epochs=1
+    )
     with session_scope(engine) as session:
         feedback = session.get(s.ModelVersion, done["version"]).metrics["feedback"]
     assert feedback["rows_used"] == 1 and set(feedback["splits"]) == set(REPORT_SPLITS)
