@@ -86,21 +86,30 @@ def apply_retention(engine: Engine, cutoff: datetime) -> tuple[int, int, int]:
     return cleared or 0, fetches or 0, attempts or 0
 
 
-def purge_social_text(engine: Engine, cutoff: datetime, days: int, now: datetime | None = None) -> int:
+PURGE_LOCK_WAIT = timedelta(minutes=5)  # a monitor task or `finsent run` finishes well within it
+
+
+def purge_social_text(
+    engine: Engine, cutoff: datetime, days: int, now: datetime | None = None, lock_wait: timedelta = PURGE_LOCK_WAIT
+) -> int:
     """Remove the stored text of social posts fetched before `cutoff`; returns how many documents were purged.
 
     The title becomes PURGED_TITLE (so the web view and dashboards say why it is gone), summary and link (which
     names the author) are cleared, `text_purged_at` is set; the document's evidence words, the title, link and
     evidence copied into alerts' `top_documents`, and the text of its feedback rows go too. Scores, entities,
     rollups, alert counts and feedback labels stay. Each page is one transaction and only unpurged documents
-    are selected, so a rerun, or a run after a crash, finishes the work once."""
+    are selected, so a rerun, or a run after a crash, finishes the work once.
+
+    Each page holds the cycle lock exclusively (waiting up to `lock_wait` for a running cycle or monitor task):
+    a scoring or detect step that read a post's text before the purge must not write its words or title back
+    after it."""
     now = now or datetime.now(UTC)
     placeholder = PURGED_TITLE.format(days=days)
     D = s.Document
     social = select(s.Source.name).where(s.Source.kind.in_(SOCIAL_KINDS))
     total = 0
     while True:
-        with store.session_scope(engine) as session:
+        with store.run_lock(engine, wait=lock_wait), store.session_scope(engine) as session:
             ids = list(
                 session.scalars(
                     select(D.id)

@@ -257,3 +257,18 @@ def test_the_web_view_shows_why_the_text_is_gone(tmp_path: Path) -> None:
         assert "[text removed after 30 days]" in page.text
         assert "toast" not in page.text and "jane_doe" not in page.text
     assert "Northwind Bank cuts jobs" in alert.text and "$NWB to the moon" in docs.text  # the others are intact
+
+
+def test_the_purge_waits_for_a_running_cycle_step(db) -> None:
+    """A score or detect step that read a post's text before the purge would write its words (evidence) or title
+    (alert details) back after it: the purge takes the cycle lock, so it never runs beside such a step."""
+    from pipeline.maintenance import purge_social_text
+    from pipeline.store.runs import RunLockedError
+
+    _, engine = db
+    seed(engine)
+    with store.run_lock(engine, shared=True), pytest.raises(RunLockedError):  # a monitor task (Airflow) at work
+        purge_social_text(engine, NOW - timedelta(days=30), 30, NOW, lock_wait=timedelta(0))
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).where(s.Document.text_purged_at.is_not(None))) == 0
+    assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW, lock_wait=timedelta(0)) == 1
