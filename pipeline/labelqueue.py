@@ -173,7 +173,14 @@ def label_queue(
     now = now or datetime.now(UTC)
     D, Sc, F = s.Document, s.Score, s.Feedback
     labelled = select(F.document_id).where(F.document_id == D.id).exists()
+    window = (D.published_at >= now - timedelta(days=days), D.published_at <= now)
     with session_scope(engine) as session:
+        # a literal lower bound on the candidates' ids lets Postgres estimate how few scores rows match and read
+        # them by the scores key, instead of hashing every score of the model (about 30% of the query at 300,000)
+        # (min of id + 0: min(id) alone makes Postgres walk the id index from 1 until a row falls in the window)
+        first = session.scalar(select(func.min(D.id + 0)).where(*window))
+        if first is None:
+            return []  # nothing published in the window
         cited = _cited_by_open_alerts(session)
         m = margin_sql(Sc.p_negative, Sc.p_neutral, Sc.p_positive)
         flip = and_(D.id.in_(list(cited)), m < flip_margin) if cited else false()
@@ -181,8 +188,8 @@ def label_queue(
             select(D.id, D.source_name.label("source"), m.label("margin"), flip.label("flip"))
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(
-                D.published_at >= now - timedelta(days=days),
-                D.published_at <= now,
+                *window,
+                Sc.document_id >= first,
                 D.text_purged_at.is_(None),  # retention removed its text: nothing left to read
                 ~labelled,
             )

@@ -160,6 +160,7 @@ def test_a_small_limit_keeps_the_random_share_and_the_flips_first(any_engine) ->
     assert [(by_id[i.document_id], i.reason) for i in q][:1] == [("flip", Reason.ALERT_FLIP)]
     assert q[1].reason is Reason.RANDOM and by_id[q[1].document_id] not in {"flip", "done", "old"}
     assert label_queue(any_engine, VERSION, limit=1, now=NOW) == q[:1]  # no room for a random item
+    assert label_queue(any_engine, VERSION, now=NOW - timedelta(days=60)) == []  # nothing published then
 
 
 def test_labelling_from_the_queue_reaches_training(engine, pg_url: str, tmp_path: Path, monkeypatch) -> None:
