@@ -373,8 +373,9 @@ def write_report(r: BenchResult, path: Path) -> None:
         "migration 0014) instead of filtering every row of its 7-day range; the company filter reads the "
         "`(entity, document_id)` index without heap visits; the model in use and company names are read once per "
         "request; lists never load the alerts' evidence JSON they do not show. The label queue ranks every "
-        "unlabelled candidate of its range in Python (`pipeline.labelqueue`, at most 50,000; about 23,000 here), "
-        "so its cost grows with a week's volume, not with the page.",
+        "unlabelled candidate of its range in the database (`pipeline.labelqueue`: margins and one window sort "
+        "per order over at most 50,000 candidates, about 23,000 here; Python receives a few rows per source), "
+        "so its cost still grows with a week's volume, not with the page.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Column, Float, MetaData, Table, select
 from typer.testing import CliRunner
 
 from pipeline import store
 from pipeline.data import feedback_examples, load_feedback_rows
-from pipeline.labelqueue import Reason, label_queue
+from pipeline.labelqueue import Reason, label_queue, margin, margin_sql
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 
@@ -103,10 +104,23 @@ def seed(engine) -> dict[str, int]:
     return ids
 
 
-def test_queue_orders_flips_then_least_confident_round_robin_then_random(engine) -> None:
-    ids = seed(engine)
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_engine(request, tmp_path: Path):
+    """The queue ranks in SQL: the same rule on Postgres and on the embedded SQLite."""
+    if request.param == "postgres":
+        yield request.getfixturevalue("engine")
+        return
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    store.upgrade(url)
+    eng = store.make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def test_queue_orders_flips_then_least_confident_round_robin_then_random(any_engine) -> None:
+    ids = seed(any_engine)
     by_id = {v: k for k, v in ids.items()}
-    q = label_queue(engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
+    q = label_queue(any_engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
     got = [(by_id[i.document_id], i.reason) for i in q]
     assert got[:8] == [
         ("flip", Reason.ALERT_FLIP),
@@ -118,13 +132,35 @@ def test_queue_orders_flips_then_least_confident_round_robin_then_random(engine)
         ("b2", Reason.LEAST_CONFIDENT),
         ("a2", Reason.LEAST_CONFIDENT),
     ], got
-    assert [r for _, r in got[8:]] == [Reason.RANDOM, Reason.RANDOM]
     listed = {k for k, _ in got}
     assert not listed & {"done", "old"}  # labelled already, or outside the window
-    assert len(listed) == 10 and {k for k, _ in got[8:]} <= {"a3", "a4", "a5", "a6", "a7", "sure"}
-    assert q[0].alert_id == "open1"
-    again = label_queue(engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
-    assert again == q
+    # the random share, round-robin: alpha's first in the draw, then beta's only unlisted candidate
+    assert got[8][0] in {"a3", "a4", "a5", "a6", "a7"} and got[8:] == [
+        (got[8][0], Reason.RANDOM),
+        ("sure", Reason.RANDOM),
+    ], got
+    assert len(listed) == 10
+    assert q[0].alert_id == "open1" and q[0].margin == 0.12
+    assert [i.margin for i in q[1:8]] == [0.01, 0.15, 0.02, 0.4, 0.05, 0.9, 0.1]
+    again = label_queue(any_engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=3)
+    assert again == q  # same seed, same queue
+    # the draw depends on the seed, and every unlisted alpha candidate is drawn by some seed: not stuck on the
+    # newest, the oldest or the least confident
+    drawn = {
+        by_id[label_queue(any_engine, VERSION, limit=10, random_share=0.2, now=NOW, seed=k)[8].document_id]
+        for k in range(40)
+    }
+    assert drawn == {"a3", "a4", "a5", "a6", "a7"}, drawn
+
+
+def test_a_small_limit_keeps_the_random_share_and_the_flips_first(any_engine) -> None:
+    ids = seed(any_engine)
+    by_id = {v: k for k, v in ids.items()}
+    q = label_queue(any_engine, VERSION, limit=2, random_share=0.2, now=NOW, seed=5)
+    assert [(by_id[i.document_id], i.reason) for i in q][:1] == [("flip", Reason.ALERT_FLIP)]
+    assert q[1].reason is Reason.RANDOM and by_id[q[1].document_id] not in {"flip", "done", "old"}
+    assert label_queue(any_engine, VERSION, limit=1, now=NOW) == q[:1]  # no room for a random item
+    assert label_queue(any_engine, VERSION, now=NOW - timedelta(days=60)) == []  # nothing published then
 
 
 def test_labelling_from_the_queue_reaches_training(engine, pg_url: str, tmp_path: Path, monkeypatch) -> None:
@@ -170,13 +206,19 @@ def test_label_still_needs_a_label_and_a_numeric_id(engine, pg_url: str, tmp_pat
     assert r.exit_code == 2 and "'twelve' is not a number" in r.output, r.output
 
 
-def test_fast_margin_is_the_documented_margin() -> None:
-    """The queue computes margins without sorting a list per candidate; the figures must not move."""
+def test_sql_margin_is_the_documented_margin(any_engine) -> None:
+    """The database ranks by `margin_sql`; rounded, it gives exactly the documented `margin` on both dialects
+    (ties included: two classes sharing the top probability have margin 0)."""
     import itertools
     import random as rnd
 
-    from pipeline.labelqueue import _margin3, margin
-
-    values = [0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 1.0, *(rnd.Random(1).random() for _ in range(25))]
-    for a, b, c in itertools.product(values, repeat=3):
-        assert _margin3(a, b, c) == margin((a, b, c)), (a, b, c)
+    values = [0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 1.0, *(rnd.Random(1).random() for _ in range(7))]
+    triples = list(itertools.product(values, repeat=3))
+    probe = Table("margin_probe", MetaData(), *(Column(k, Float) for k in "abc"), prefixes=["TEMPORARY"])
+    with any_engine.begin() as c:
+        probe.create(c)
+        c.execute(probe.insert(), [dict(zip("abc", t, strict=True)) for t in triples])
+        got = c.execute(select(probe.c.a, probe.c.b, probe.c.c, margin_sql(probe.c.a, probe.c.b, probe.c.c))).all()
+    assert len(got) == len(triples)
+    for a, b, c_, m in got:
+        assert round(m, 4) == margin((a, b, c_)), (a, b, c_, m)
