@@ -130,6 +130,8 @@ def purge_social_text(
                 .execution_options(synchronize_session=False)
             )
             session.execute(delete(s.Explanation).where(s.Explanation.document_id.in_(ids)))
+            # scoring skips purged posts, so a pending retry would never be taken up or cleared
+            session.execute(delete(s.ScoringRetry).where(s.ScoringRetry.document_id.in_(ids)))
             session.execute(
                 update(s.Feedback)
                 .where(s.Feedback.document_id.in_(ids))

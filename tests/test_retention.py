@@ -266,9 +266,15 @@ def test_the_purge_waits_for_a_running_cycle_step(db) -> None:
     from pipeline.store.runs import RunLockedError
 
     _, engine = db
-    seed(engine)
+    ids = seed(engine)
+    with session_scope(engine) as session:  # a retry pending after a device error: scoring skips purged posts
+        session.add(
+            s.ScoringRetry(document_id=ids["old_post"], model_version_id=VERSION, attempts=1, next_attempt_at=NOW)
+        )
     with store.run_lock(engine, shared=True), pytest.raises(RunLockedError):  # a monitor task (Airflow) at work
         purge_social_text(engine, NOW - timedelta(days=30), 30, NOW, lock_wait=timedelta(0))
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).where(s.Document.text_purged_at.is_not(None))) == 0
     assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW, lock_wait=timedelta(0)) == 1
+    with session_scope(engine) as session:
+        assert session.scalars(select(s.ScoringRetry)).all() == []  # nothing left waiting for a text that is gone
