@@ -467,7 +467,8 @@ class WriteResult:
         return self.rows / self.seconds
 
 
-def _bench_documents(tag: str, n: int) -> list:
+def bench_documents(tag: str, n: int) -> list:
+    """Synthetic documents with one watchlist mention each: the write benchmarks' input (also docker/bench)."""
     import hashlib
     from datetime import timedelta
 
@@ -615,7 +616,7 @@ def run_db_bench(url: str, n: int = 10_000, rounds: int = 3) -> list[WriteResult
             )
             store.ensure_sources(session, [SourceConfig(name=t, url="https://example.com/feed") for t in tags])
         for tag in tags:
-            docs = _bench_documents(tag, n)
+            docs = bench_documents(tag, n)
             t0 = time.perf_counter()
             rows = (_write_finsent if tag.startswith("finsent") else _write_copy)(engine, docs, "bench")
             dt = time.perf_counter() - t0

@@ -9,12 +9,10 @@ usage: python docker/bench/db_writes.py DATABASE_URL DOCS_PER_WRITER WRITERS[,WR
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -23,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sqlalchemy import create_engine, select, text  # noqa: E402
 
 from pipeline import store  # noqa: E402
+from pipeline.bench import bench_documents  # noqa: E402
 from pipeline.config import SourceConfig  # noqa: E402
-from pipeline.records import Document, EntityMention, Prediction, ScoreRow  # noqa: E402
+from pipeline.records import Prediction, ScoreRow  # noqa: E402
 from pipeline.store import schema as s  # noqa: E402
 
 CHUNK = 2000  # ModelConfig.chunk_size default: one transaction per chunk, as score_pending commits
@@ -33,20 +32,7 @@ CHUNK = 2000  # ModelConfig.chunk_size default: one transaction per chunk, as sc
 def writer(args: tuple[str, int, int]) -> tuple[float, float]:
     url, w, n = args
     engine = store.make_engine(url)
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    docs = [
-        Document(
-            source=f"src{w}",
-            external_id=f"{w}-{i}",
-            content_hash=hashlib.sha256(f"{w}-{i}".encode()).hexdigest(),
-            title=f"Company {i % 50} shares move on quarterly results {i}",
-            summary="Analysts weigh guidance, margins and demand " * 3,
-            link=f"https://news.example.com/{w}/{i}",
-            published_at=t0 + timedelta(seconds=i),
-            entities=(EntityMention(f"T{i % 50}", "watchlist", f"Company {i % 50}"),),
-        )
-        for i in range(n)
-    ]
+    docs = bench_documents(f"src{w}", n)
     with store.session_scope(engine) as session:
         store.ensure_sources(session, [SourceConfig(name=f"src{w}", url="https://example.com/feed")])
     start = time.perf_counter()
