@@ -301,19 +301,22 @@ def _split_metrics(
     return classification_metrics(sentiments, sent.argmax(1).tolist(), 3), sent, top
 
 
-def fit_temperature(logits, labels) -> float:
-    """Temperature minimising dev NLL (grid over log T: robust and needs no optimiser state)."""
+def fit_temperature(logits, labels, weights=None) -> float:
+    """Temperature minimising validation NLL (grid over log T: robust and needs no optimiser state); `weights`
+    (per example, default all equal) let each validation split weigh the same whatever its size."""
     import numpy as np
 
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if not len(labels):
         return 1.0
+    w = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
     best_t, best_nll = 1.0, math.inf
     for t in np.exp(np.linspace(math.log(0.2), math.log(10.0), 241)):
         z = logits / t
         z = z - z.max(1, keepdims=True)
-        nll = -(z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(1))).mean()
+        nll = -(w * (z[np.arange(len(labels)), labels] - np.log(np.exp(z).sum(1)))).sum()
         if nll < best_nll:
             best_t, best_nll = float(t), float(nll)
     return round(best_t, 4)

@@ -13,7 +13,7 @@ import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -411,7 +411,12 @@ def _evaluate_masking(
 
 def _command_line(ctx: typer.Context, model: str) -> str:
     """The invocation as a user would retype it (CliRunner and wrappers leave sys.argv unrelated)."""
-    parts = ["finsent", ctx.info_name or "evaluate", model]
+    names: list[str] = []
+    c: Any = ctx  # click's Context (typer's own, or vendored click's, by version)
+    while c.parent is not None:  # e.g. ["models", "calibration"]; the root's own name is the program's
+        names.insert(0, c.info_name or "")
+        c = c.parent
+    parts = ["finsent", *(names or [ctx.info_name or "evaluate"]), model]
     for p in ctx.command.params:
         if p.name == "model" or getattr(p, "param_type_name", "") != "option":
             continue
@@ -504,6 +509,30 @@ def models_fold(path: Path) -> None:
         raise fail(str(e)) from None
     verb = "folded" if changed else "already folded:"
     _say(f"{verb} temperature {meta.temperature} into {path} ({meta.version})")
+
+
+@models_app.command("calibration")
+def models_calibration(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Model folder.")],
+    data_dir: Annotated[Path | None, typer.Option(help="Labelled data folder (default: config data_dir).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for calibration-study.md/.json.")] = Path("docs"),
+    limit: Annotated[int | None, typer.Option(help="Cap each split (quick runs).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Fit each studied calibration (temperature, vector scaling, ...) on MODEL's validation splits and report
+    its ECE on every split, with bootstrap intervals and what a single temperature could reach. Changes nothing
+    in MODEL."""
+    from pipeline.calibration import study, write_study
+
+    cfg = config_or_exit(config)
+    rep = study(model, data_dir or cfg.data_dir, limit=limit)
+    md, js = write_study(rep, out, _command_line(ctx, model))
+    for m in rep["methods"]:
+        cells = "  ".join(f"{s} {v['ece']:.3f}/{v['accuracy']:.3f}" for s, v in m["splits"].items())
+        _say(f"{'met ' if m['meets_target'] else 'MISS'} {m['name']}: {cells}")
+    _say(f"ECE/accuracy per split; target ECE <= {rep['target_ece']} on every evaluation split")
+    _say(f"wrote {md} and {js}")
 
 
 @models_app.command("check-int8")
