@@ -5,9 +5,9 @@ new dependency, no calibration data) of the Linear layers that do not narrow the
 projections, FFN up-projections, pooler. The narrowing ones stay fp32: each encoder block's FFN
 down-projection (quantising its GELU input cost most of the agreement with fp32) and the classifier heads
 (the topic head is a separate module and is never quantised). Chosen by agreement with fp32 on the
-validation splits (docs/benchmark.md). It is used only when the model folder records an int8 check
-(`finsent models check-int8 PATH`, written to finsent.json `precision.int8`) of this recipe for this model
-version that passes `int8_failures`, the one rule: less than INT8_MAX_LOSS of FPB test accuracy and of topic
+validation splits (docs/deployment.md, CPU-only deployments). It is used only when the model folder records
+an int8 check (`finsent models check-int8 PATH`, written to finsent.json `precision.int8`) of this recipe for
+this model version that passes `int8_failures`, the one rule: less than INT8_MAX_LOSS of FPB test accuracy and of topic
 accuracy lost against fp32; otherwise the scorer warns and runs fp32.
 An int8 scorer keeps the model's version id: it is how that version runs, like the device, and only after
 the gate showed it scores like fp32. Scores, retries, detection, the registry and the web view all key on the

@@ -135,14 +135,19 @@ class FastEncoder:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, max_length: int) -> FastEncoder | None:
-        """The fast path for a transformers fast tokenizer that does not override its own encoding; None for
-        any other tokenizer (the caller then uses the tokenizer's call)."""
+        """The fast path for a transformers fast tokenizer that encodes the standard way (no override of its
+        call or encoding, no input/target modes that rewrite the backend); None for any other tokenizer (the
+        caller then uses the tokenizer's call)."""
         try:
-            from transformers import PreTrainedTokenizerFast
+            from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
         except ImportError:  # pragma: no cover - transformers is a dependency; a stand-in tokenizer still works
             return None
-        if not isinstance(tokenizer, PreTrainedTokenizerFast) or (
-            type(tokenizer)._encode_plus is not PreTrainedTokenizerFast._encode_plus
+        kind = type(tokenizer)
+        if (
+            not isinstance(tokenizer, PreTrainedTokenizerFast)
+            or kind._encode_plus is not PreTrainedTokenizerFast._encode_plus
+            or kind.__call__ is not PreTrainedTokenizerBase.__call__
+            or hasattr(tokenizer, "_switch_to_input_mode")
         ):
             return None
         backend = copy.deepcopy(tokenizer.backend_tokenizer)  # the tokenizer's own calls re-set the shared one
