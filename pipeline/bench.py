@@ -157,19 +157,23 @@ class ZeroCostModel:
         return SimpleNamespace(logits=torch.zeros(b, self.n_labels))
 
 
-def cpu_side_us(scorer: Any, texts: list[str], rounds: int = 3) -> dict[str, float]:
+def cpu_side_us(scorer: Any, texts: list[str], rounds: int = 5) -> dict[str, float]:
     """Microseconds per text that finsent (and, for reference, the hand loop) spend outside the model: the
-    median of `rounds` timings of scoring `texts` with ZeroCostModel in place of the network; and the tokenizer
-    call alone, the floor under both."""
+    fastest of `rounds` timings of scoring `texts` with ZeroCostModel in place of the network (a cost, not a
+    throughput: other processes on a shared machine can only add to it, as timeit's best-of-n); and, alone, the
+    transformers tokenizer call (what the hand loop pays, and finsent did before it called the Rust backend)
+    and the Rust backend's encoding that finsent's fast path makes (the floor under finsent)."""
     from dataclasses import replace
 
     stub = replace(scorer, model=ZeroCostModel(scorer.model))
     runners: dict[str, Callable[[list[str]], Any]] = {
         "finsent": stub.score,
         "hand_loop": _hand_loop(stub),
-        # the floor under both: one fast-tokenizer call on the same texts (Rust; the part finsent cannot shave)
-        "tokenizer_alone": lambda ts: scorer.tokenizer(ts, truncation=True, max_length=scorer.max_length),
+        "tokenizer_call": lambda ts: scorer.tokenizer(ts, truncation=True, max_length=scorer.max_length),
     }
+    fast = stub._encoder()
+    if fast is not None:
+        runners["rust_encode_alone"] = fast.encode
     out = {}
     for name, run in runners.items():
         run(texts[:64])
@@ -178,7 +182,7 @@ def cpu_side_us(scorer: Any, texts: list[str], rounds: int = 3) -> dict[str, flo
             t0 = time.perf_counter()
             run(texts)
             times.append(time.perf_counter() - t0)
-        out[name] = round(1e6 * statistics.median(times) / len(texts), 1)
+        out[name] = round(1e6 * min(times) / len(texts), 1)
     return out
 
 
@@ -276,23 +280,18 @@ class Report:
 
 
 def headline_precision(requested: str, check: Any) -> tuple[str, str]:
-    """int8 counts for the headline ratios only where it loses < 0.5 point of FPB test accuracy and of topic
-    accuracy, measured in this run (the same rule as Scorer.load's gate, plus topics)."""
-    from pipeline.precision import INT8_MAX_LOSS
-
+    """int8 counts for the headline ratios only where its check, measured in this run, passes the gate's rule
+    (pipeline.precision.int8_failures, the same one Scorer.load applies to the recorded check)."""
     if requested != "int8":
         return "fp32", ""
     if check is None:
         return "fp32", "int8 requested, but its accuracy could not be measured here (no labelled data): fp32 shown"
-    topic_loss = check.fp32.get("topic_dev", 0.0) - check.int8.get("topic_dev", 0.0)
-    if check.fpb_test_loss >= INT8_MAX_LOSS or topic_loss >= INT8_MAX_LOSS:
-        return "fp32", (
-            f"int8 requested, but it loses {100 * check.fpb_test_loss:.2f} points of FPB test accuracy and "
-            f"{100 * topic_loss:.2f} of topic accuracy (limit 0.5): fp32 shown"
-        )
+    if check.failures:
+        return "fp32", f"int8 requested, but it {' and '.join(check.failures)} (limit 0.5): fp32 shown"
+    topic = check.fp32.get("topic_dev", 0.0) - check.int8.get("topic_dev", 0.0)
     return "int8", (
         f"finsent runs int8 (model.precision: int8): it loses {100 * check.fpb_test_loss:.2f} points of FPB test "
-        f"accuracy and {100 * topic_loss:.2f} of topic accuracy against fp32 in this run (limit 0.5)"
+        f"accuracy and {100 * topic:.2f} of topic accuracy against fp32 in this run (limit 0.5)"
     )
 
 
@@ -359,17 +358,24 @@ def write_report(report: Report, out: Path) -> dict[str, Any]:
         + (f": {report.precision_note}." if report.precision_note else "."),
         "`fp32_vs_*` are the same with finsent in fp32." if ours != "finsent" else "",
         "`cpu_side_us_per_text`: microseconds per FPB text spent outside the network (tokeniser, padding,",
-        "post-processing, Python), timed with a zero-cost stand-in model (`pipeline.bench.ZeroCostModel`).",
+        "post-processing, Python), timed with a zero-cost stand-in model (`pipeline.bench.ZeroCostModel`), fastest",
+        "of 5 rounds over 2,000 FPB texts (other processes on this shared machine can only add time; the tokenizer's",
+        "Rust encoding runs on both cores, so a busy core slows it up to 2x);",
+        "`tokenizer_call` is the transformers tokenizer call alone on the same texts (what the hand loop pays),",
+        "`rust_encode_alone` the fast tokenizer's Rust `encode_batch_fast` alone (finsent's floor: finsent calls",
+        "it directly and pads with numpy).",
         "",
         "## Scoring",
         "",
-        f"Texts: {report.texts_source}. Contenders: `finsent` (Scorer.score: token-count buckets, one tokenizer call,",
+        f"Texts: {report.texts_source}. Contenders: `finsent` "
+        "(Scorer.score: token-count buckets, one Rust tokenizer pass,",
         "sentiment + topic head, calibrated); `naive_pipeline` (`transformers.pipeline`, fp32, batch 32, texts in the",
         "given order); `hand_loop` (a hand-written dynamic-padding torch loop, "
         "texts sorted by token count, sentiment only).",
         "",
-        "`finsent_int8` is the same scorer with PyTorch dynamic int8 quantisation of the Linear layers",
-        "(`model.precision: int8`, CPU only); the peers run fp32, as their users would.",
+        "`finsent_int8` is the same scorer with PyTorch dynamic int8 quantisation of the Linear layers that do not",
+        "narrow their input (`model.precision: int8`, CPU only; `pipeline.precision`); the peers run fp32, as their",
+        "users would.",
         "",
         "| texts | contender | n | mean tokens | batch | texts/s (median) | rounds |",
         "|---|---|---|---|---|---|---|",
@@ -407,25 +413,28 @@ def _int8_lines(check: Any) -> list[str]:
     from pipeline.precision import INT8_MAX_LOSS
 
     rows = [
-        f"| {split} accuracy | {check.fp32[split]:.4f} | {check.int8.get(split, float('nan')):.4f} |"
+        f"| {split} | {check.fp32[split]:.4f} | {check.int8.get(split, float('nan')):.4f} | "
+        f"{100 * (check.fp32[split] - check.int8.get(split, float('nan'))):+.2f} | "
+        f"{check.agreement.get(split, float('nan')):.4f} |"
         for split in check.fp32
     ]
     return [
         "## int8 against fp32 (accuracy, same run)",
         "",
-        f"Model {check.version}, torch {check.torch}, quantised engine `{check.engine}`; full fixed evaluation",
-        "splits. `model.precision: int8` is used only when it loses less than "
-        f"{100 * INT8_MAX_LOSS:.1f} point of FPB test accuracy",
-        "(recorded by `finsent models check-int8 MODEL`; otherwise the scorer warns and runs fp32).",
+        f"Model {check.version}, torch {check.torch}, quantised engine `{check.engine}`, recipe `{check.recipe}`;",
+        "full fixed splits (`*_test`/`*_dev`: evaluation, what the gate reads; `*_val`: validation, what the recipe",
+        f"was chosen on). `model.precision: int8` is used only when it loses less than {100 * INT8_MAX_LOSS:.1f} point",
+        "of FPB test accuracy and of topic accuracy (recorded by `finsent models check-int8 MODEL`; otherwise the",
+        "scorer warns and runs fp32). Agreement: share of texts whose label (topic) int8 and fp32 agree on. The",
+        "recipes compared, and how this one was chosen: docs/deployment.md (CPU-only deployments).",
         "",
-        "| metric | fp32 | int8 |",
-        "|---|---|---|",
+        "| split | fp32 accuracy | int8 accuracy | points lost | agreement |",
+        "|---|---|---|---|---|",
         *rows,
-        f"| sentiment label agreement (FPB test + TFNS dev) | 1 | {check.sentiment_agreement:.4f} |",
-        f"| topic agreement (topic dev) | 1 | {check.topic_agreement:.4f} |",
         "",
-        f"FPB test accuracy lost: {100 * check.fpb_test_loss:.2f} points: "
-        + ("passes the gate." if check.passed else "**fails the gate** (int8 is refused)."),
+        f"Sentiment label agreement on FPB test + TFNS dev {check.sentiment_agreement:.4f}, topic agreement on topic "
+        f"dev {check.topic_agreement:.4f}. Gate: "
+        + ("**passes**." if check.passed else f"**fails** (int8 {' and '.join(check.failures)}; int8 is refused)."),
         "",
     ]
 

@@ -86,7 +86,7 @@ def test_bench_prints_and_writes_its_report(tmp_path, tiny_model_dir, pg_url):
     data = json.loads(report.with_suffix(".json").read_text())
     assert {r["method"] for r in data["scoring"]} == {"finsent", "finsent_int8", "naive_pipeline", "hand_loop"}
     assert data["precision"] == "fp32"  # model.precision's default: the headline ratios are fp32's
-    assert set(data["cpu_side_us_per_text"]) == {"finsent", "hand_loop", "tokenizer_alone"}
+    assert set(data["cpu_side_us_per_text"]) == {"finsent", "hand_loop", "tokenizer_call", "rust_encode_alone"}
     assert all(v > 0 for v in data["cpu_side_us_per_text"].values())
     assert all(r["texts"] == 12 and len(r["rounds_texts_per_s"]) == 2 and r["texts_per_s"] > 0 for r in data["scoring"])
     assert set(data["ratios"]) == {"vs_naive_pipeline", "vs_hand_loop", "db_writes_vs_copy"}

@@ -11,7 +11,14 @@ import pytest
 
 from pipeline import model_folder
 from pipeline.model_folder import ModelLoadError
-from pipeline.precision import INT8_MAX_LOSS, apply_precision, check_int8, record_int8_check
+from pipeline.precision import (
+    INT8_MAX_LOSS,
+    INT8_RECIPE,
+    apply_precision,
+    check_int8,
+    int8_failures,
+    record_int8_check,
+)
 from pipeline.score import Scorer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -113,9 +120,14 @@ def test_meta_round_trips_unknown_keys(tmp_path: Path, tiny_model_dir: Path) -> 
     assert again["metrics"] == {"eval": {}} and again["version"] == "tiny-0"
 
 
-def _int8_record(folder: Path, loss: float, version: str | None = None) -> None:
+def _int8_record(
+    folder: Path, loss: float, version: str | None = None, topic_loss: float = 0.0, recipe: str | None = INT8_RECIPE
+) -> None:
     meta = model_folder.read_meta(folder)
-    model_folder.update_meta(folder, precision={"int8": {"version": version or meta.version, "fpb_test_loss": loss}})
+    fp32 = {"fpb_test": 0.84, "tfns_dev": 0.86, "topic_dev": 0.90}
+    int8 = {"fpb_test": 0.84 - loss, "tfns_dev": 0.86, "topic_dev": 0.90 - topic_loss}
+    rec = {"version": version or meta.version, "fp32": fp32, "int8": int8, "fpb_test_loss": loss, "recipe": recipe}
+    model_folder.update_meta(folder, precision={"int8": rec})
 
 
 def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -134,6 +146,20 @@ def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptu
     _int8_record(folder, 0.001, version="another-model")
     assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
 
+    # the gate's one rule: topic accuracy counts as FPB accuracy does (the bench refused this, the scorer ran it)
+    _int8_record(folder, 0.001, topic_loss=INT8_MAX_LOSS + 0.001)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
+    assert "loses 0.60 points of topic accuracy" in caplog.text
+
+    # a check of another quantisation recipe (e.g. every Linear layer, before) says nothing about this one
+    _int8_record(folder, 0.001, recipe=None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
+    assert "an older quantisation" in caplog.text
+
     _int8_record(folder, 0.001)
     s = Scorer.load(str(folder), device="cpu", precision="int8")
     # the same version id as fp32: scores, retries, detection and the web view all key on it
@@ -150,7 +176,8 @@ def test_int8_check_is_recorded_where_the_gate_reads_it(tmp_path: Path, tiny_mod
     folder = _calibrated_copy(tiny_model_dir, tmp_path / "c")
     check = check_int8(folder, data_dir)
     assert set(check.fp32) >= {"fpb_test", "tfns_dev"} and check.version == "tiny-0"
-    assert check.passed == (check.fpb_test_loss < INT8_MAX_LOSS)
+    assert {"fpb_val", "tfns_val"} <= set(check.fp32) and set(check.agreement) == set(check.fp32)
+    assert check.passed == (not int8_failures(check.fp32, check.int8)) and check.recipe == INT8_RECIPE
     record_int8_check(folder, check)
     assert model_folder.read_meta(folder).precision["int8"]["fpb_test_loss"] == check.fpb_test_loss
     s = Scorer.load(str(folder), device="cpu", precision="int8")
@@ -184,11 +211,11 @@ def test_bench_headline_uses_int8_only_within_half_a_point() -> None:
         fp32 = {"fpb_test": 0.84, "tfns_dev": 0.86, "topic_dev": 0.90}
         int8 = {"fpb_test": fpb_int8, "tfns_dev": 0.86, "topic_dev": topic_int8}
         loss = fp32["fpb_test"] - fpb_int8
-        return Int8Check("v", fp32, int8, 0.99, 0.99, loss, loss < INT8_MAX_LOSS, "t", "x86", "now", 1.0)
+        return Int8Check("v", fp32, int8, 0.99, 0.99, loss, not int8_failures(fp32, int8), "t", "x86", "now", 1.0)
 
     assert headline_precision("fp32", check(0.84, 0.90)) == ("fp32", "")
     assert headline_precision("int8", check(0.838, 0.899))[0] == "int8"
     assert headline_precision("int8", check(0.834, 0.90))[0] == "fp32"  # 0.6 point of FPB accuracy
     chosen, note = headline_precision("int8", check(0.84, 0.894))  # 0.6 point of topic accuracy
-    assert chosen == "fp32" and "0.60 of topic accuracy" in note
+    assert chosen == "fp32" and "loses 0.60 points of topic accuracy" in note
     assert headline_precision("int8", None)[0] == "fp32"

@@ -348,3 +348,73 @@ def test_bundled_folder_loads_as_fp32_in_transformers_pipeline_and_matches_finse
         assert np.allclose([probs[lab] for lab in s.labels], [mine.probs[lab] for lab in s.labels], atol=1e-5)
         raw = {d["label"]: d["score"] for d in pipe(text, top_k=None, function_to_apply="none")}
         assert np.allclose(np.array([raw[lab] for lab in s.labels]) * s.temperature, logits, atol=1e-4)
+
+
+# --- the fast tokenizer path (issue #16: CPU-side cost per text) -------------------------------------------
+
+_MIXED = [
+    " ",
+    "a",
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
+    "Nestlé’s Q3 — ¥1,2 bn 📈 in Zürich; 株式 naïve café\u00a0déjà vu",
+    "[CLS] an inline [SEP] special token and [UNK] [PAD]",
+    "tabs\tand\nnew lines\r\n  and   spaces",
+    "Internationalization " * 40,  # far past max_length: truncated
+    "$ % & ( ) * + , - .",
+]
+
+
+def _template_type_one(tok) -> None:
+    from tokenizers.processors import TemplateProcessing
+
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="[CLS]:1 $A:1 [SEP]:1", special_tokens=[("[CLS]", tok.cls_token_id), ("[SEP]", tok.sep_token_id)]
+    )
+
+
+def _left(tok) -> None:
+    tok.padding_side = tok.truncation_side = "left"
+
+
+@pytest.mark.parametrize("variant", [None, _left, _template_type_one], ids=["default", "left", "type-ids-1"])
+def test_fast_tokenizer_path_gives_exactly_the_transformers_ids_and_masks(tiny_model_dir: Path, variant) -> None:
+    """The Rust backend called directly (encode_batch_fast, padding made by numpy) gives the ids, type ids and
+    attention masks of the transformers tokenizer call, unpadded per text and padded per batch."""
+    import numpy as np
+
+    s = Scorer.load(str(tiny_model_dir), device="cpu", max_length=16)
+    if variant is not None:
+        variant(s.tokenizer)
+    assert s._encoder() is not None  # the fast path is the one under test
+    ref = s.tokenizer(_MIXED, truncation=True, max_length=16)
+    flat, lengths = s._tokenise(list(_MIXED))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    assert lengths.tolist() == [len(ids) for ids in ref["input_ids"]]
+    for key in ("input_ids", "token_type_ids"):
+        got = [flat[key][a : a + n].tolist() for a, n in zip(starts, lengths, strict=True)]
+        assert got == ref[key], key
+    assert max(lengths) == 16 and any(max(ref["token_type_ids"])) == (variant is _template_type_one)
+    padded = s.tokenizer(_MIXED, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    batch = s._batch(flat, lengths, starts, np.arange(len(_MIXED)))
+    assert set(batch) == set(padded) == {"input_ids", "token_type_ids", "attention_mask"}
+    for key in padded:
+        assert batch[key].tolist() == padded[key].tolist(), key
+
+
+def test_scorer_without_a_fast_backend_calls_the_tokenizer_and_scores_the_same(tiny_model_dir: Path) -> None:
+    """Any tokenizer works: one that is not a transformers fast tokenizer is called as usual, with the same result."""
+    s = Scorer.load(str(tiny_model_dir), device="cpu", max_length=16)
+    fast = s.score(_MIXED)
+    real = s.tokenizer
+    calls: list[int] = []
+
+    class Plain:  # a tokenizer with the transformers call but no Rust backend behind it
+        padding_side, pad_token_id, pad_token_type_id = real.padding_side, real.pad_token_id, real.pad_token_type_id
+
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            return real(texts, **kw)
+
+    s.tokenizer = Plain()
+    assert s._encoder() is None
+    assert s.score(_MIXED) == fast and calls == [len(_MIXED)]

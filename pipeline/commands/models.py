@@ -544,7 +544,7 @@ def models_check_int8(
     ] = True,
 ) -> None:
     """Measure the int8 variant against fp32 on the fixed splits; model.precision int8 is allowed only when
-    it loses less than 0.5 point of FPB test accuracy."""
+    it loses less than 0.5 point of FPB test accuracy and of topic accuracy."""
     from pipeline.model_folder import ModelLoadError
     from pipeline.precision import INT8_MAX_LOSS, check_int8, record_int8_check
 
@@ -555,12 +555,15 @@ def models_check_int8(
     except (ModelLoadError, FileNotFoundError) as e:
         raise fail(f"int8 check of {path}: {e}") from None
     for split in c.fp32:
-        _say(f"{split}: accuracy fp32 {c.fp32[split]:.4f}  int8 {c.int8.get(split, float('nan')):.4f}")
-    _say(f"label agreement {c.sentiment_agreement:.4f}, topic agreement {c.topic_agreement:.4f}")
-    verdict = "passes" if c.passed else "FAILS"
+        _say(
+            f"{split}: accuracy fp32 {c.fp32[split]:.4f}  int8 {c.int8.get(split, float('nan')):.4f}  "
+            f"agreement {c.agreement.get(split, float('nan')):.4f}"
+        )
+    verdict = "passes" if c.passed else f"FAILS ({' and '.join(c.failures)})"
     _say(
-        f"int8 {verdict} the gate: loses {100 * c.fpb_test_loss:.2f} points of FPB test accuracy "
-        f"(limit {100 * INT8_MAX_LOSS:.1f})" + (f"; recorded in {path / 'finsent.json'}" if record else "")
+        f"int8 ({c.recipe}) {verdict} the gate: loses {100 * c.fpb_test_loss:.2f} points of FPB test accuracy "
+        f"(limit {100 * INT8_MAX_LOSS:.1f} of FPB test and of topic accuracy)"
+        + (f"; recorded in {path / 'finsent.json'}" if record else "")
     )
     if not c.passed:
         raise typer.Exit(1)
