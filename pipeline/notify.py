@@ -35,7 +35,7 @@ from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import assign_incidents, head_key, record_message_ref, severity_key
 from pipeline.messages import IncidentMessage, alert_title, build_message, routes_to
-from pipeline.records import DeliveryState, NoticeKind, NoticeState
+from pipeline.records import AlertKind, DeliveryState, NoticeKind, NoticeState
 from pipeline.sinks import DeliveryError, Sink, build_sink
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -110,7 +110,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[
                 ~has_row,
                 s.Alert.acknowledged_at.is_(None),
                 or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind.in_(OPS_SCOPES)),
-                or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
+                or_(s.Alert.kind == AlertKind.RESOLVED, s.Alert.severity.in_(sink.severities)),
             )
             .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
