@@ -176,6 +176,59 @@ def test_social_text_is_removed_after_n_days_and_scores_stay(db) -> None:
     assert snapshot(engine) == before
 
 
+def test_a_purge_page_reads_only_the_alerts_whose_window_holds_its_posts(db) -> None:
+    """A page's alerts used to be every alert between its oldest and newest post: one post with an odd date
+    (a year before the rest) read every alert of that year. Now only alerts whose window holds a purged post
+    are read (operational alerts, whose windows span days, cite no post), and only those citing one change."""
+    from sqlalchemy import event
+
+    from pipeline.maintenance import purge_social_text
+
+    _, engine = db
+    ids = seed(engine)
+    old, odd = NOW - timedelta(days=40), NOW - timedelta(days=400)
+
+    def alert(aid: str, start: datetime, cited: list[dict], **kw: object) -> s.Alert:
+        values: dict = dict(
+            id=aid, kind="spike", scope_kind="entity", scope_value="NWB", window_start=start,
+            window_end=start + timedelta(hours=1), severity="warning", neg_count=1, total_count=1, neg_share=1.0,
+            baseline_share=0.2, baseline_neg_rate=0.2, statistic=3.0, details={"top_documents": cited},
+        )  # fmt: skip
+        return s.Alert(**{**values, **kw})
+
+    news = {"document_id": ids["old_news"], "title": "Northwind Bank cuts jobs", "link": None, "evidence": ["cuts"]}
+    with session_scope(engine) as session:
+        post = s.Document(
+            source_name="st-nwb", external_id="odd", content_hash="odd", title="$NWB bagholders unite", summary="",
+            link="https://stocktwits.com/odd_guy/message/3", published_at=odd, fetched_at=old,
+        )  # fmt: skip
+        session.add(post)
+        session.flush()
+        odd_cite = {"document_id": post.id, "title": post.title, "link": post.link, "evidence": ["bagholders"]}
+        session.add(alert("odd", odd - timedelta(minutes=10), [odd_cite]))
+        session.add_all(alert(f"between-{i}", odd + timedelta(days=30 * i), [news]) for i in range(1, 12))
+        session.add(
+            alert("feed-dead", odd - timedelta(days=1), [], kind="source_health", scope_kind="health",
+                  scope_value="st-nwb", window_end=NOW)
+        )  # fmt: skip
+    loaded: list[str] = []
+
+    def on_load(target: s.Alert, _context: object) -> None:
+        loaded.append(target.id)
+
+    event.listen(s.Alert, "load", on_load)
+    try:
+        assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW) == 2
+    finally:
+        event.remove(s.Alert, "load", on_load)
+    assert sorted(loaded) == ["a1", "odd"]
+    with session_scope(engine) as session:
+        details = {a.id: a.details["top_documents"] for a in session.scalars(select(s.Alert))}
+    assert details["odd"] == [{**odd_cite, "title": "[text removed after 30 days]", "link": None, "evidence": []}]
+    assert all(details[f"between-{i}"] == [news] for i in range(1, 12))
+    assert details["a1"][0]["title"] == "[text removed after 30 days]" and details["a1"][1]["title"] == news["title"]
+
+
 def test_without_the_setting_social_text_is_kept(db) -> None:
     _url, engine = db
     ids = seed(engine)
