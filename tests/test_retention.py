@@ -229,6 +229,48 @@ def test_a_purge_page_reads_only_the_alerts_whose_window_holds_its_posts(db) -> 
     assert details["a1"][0]["title"] == "[text removed after 30 days]" and details["a1"][1]["title"] == news["title"]
 
 
+def test_no_evidence_is_made_up_from_a_purged_post(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """A purged post's title is a placeholder: `finsent explain` says the text was removed (and when) instead of
+    ranking the placeholder's words, and a detection rerun over its window cites it without evidence even with
+    a model at hand (before, both computed "evidence" from "[text removed after 30 days]")."""
+    import pipeline.explain
+    from pipeline.cli import app
+    from pipeline.explain import with_evidence
+    from pipeline.maintenance import purge_social_text
+    from pipeline.score import Scorer
+    from pipeline.store import alerts as stored
+
+    monkeypatch.setattr(pipeline.explain, "MIN_WEIGHT", 0.0)  # any word the model leans on counts as evidence
+    url = f"sqlite:///{tmp_path / 'explain.db'}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    ids = seed(engine)
+    assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW) == 1
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"database_url": url}))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    run = CliRunner().invoke
+    r = run(app, ["explain", str(ids["old_post"]), "--model", str(tiny_model_dir), "-c", str(cfg)])
+    assert r.exit_code == 1, r.output
+    assert "text was removed on 2026-11-30 12:00 UTC" in r.output and "+0." not in r.output, r.output
+    r = run(app, ["explain", str(ids["old_news"]), "--model", str(tiny_model_dir), "-c", str(cfg)])
+    assert r.exit_code == 0 and "Northwind Bank cuts jobs" in r.output, r.output  # the news item is explained
+
+    scorer = Scorer.load(str(tiny_model_dir))
+    old = NOW - timedelta(days=40)
+    with session_scope(engine) as session:
+        tops = stored.top_documents(
+            session, [("entity", "NWB")], VERSION, old - timedelta(hours=1), old + timedelta(hours=1)
+        )
+    engine.dispose()
+    texts = {item.document_id: text for item, text in tops[("entity", "NWB")]}
+    assert texts == {ids["old_post"]: None, ids["old_news"]: "Northwind Bank cuts jobs. Body of the article."}
+    cited = {i.document_id: i for i in with_evidence(tops[("entity", "NWB")], {}, scorer)}
+    assert cited[ids["old_post"]].evidence == ()
+    assert cited[ids["old_post"]].title == "[text removed after 30 days]"
+    assert cited[ids["old_news"]].evidence  # a document with its text still gets its words
+
+
 def test_without_the_setting_social_text_is_kept(db) -> None:
     _url, engine = db
     ids = seed(engine)

@@ -140,9 +140,10 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
 
 def top_documents(
     session: Session, scopes: Sequence[ScopeKey], model_version: str, start: datetime, end: datetime
-) -> dict[ScopeKey, list[tuple[AlertItem, str]]]:
-    """The most negative documents of each alerting scope in [start, end), with their text, from one query
-    for all scopes (not one per scope): highest p_negative first, then newest, one copy per story."""
+) -> dict[ScopeKey, list[tuple[AlertItem, str | None]]]:
+    """The most negative documents of each alerting scope in [start, end), with their text (None for a post
+    whose text retention removed: its title is a placeholder, not words to explain), from one query for all
+    scopes (not one per scope): highest p_negative first, then newest, one copy per story."""
     if not scopes:
         return {}
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
@@ -155,6 +156,7 @@ def top_documents(
             D.source_name,
             D.content_hash,
             D.published_at,
+            D.text_purged_at,
             Sc.p_negative,
             Sc.topic,
             E.entity,
@@ -175,13 +177,13 @@ def top_documents(
             by_scope.setdefault((ScopeKind.TOPIC, r.topic), set()).add(r.id)
         if r.entity is not None:
             by_scope.setdefault((ScopeKind.ENTITY, r.entity), set()).add(r.id)
-    out: dict[ScopeKey, list[tuple[AlertItem, str]]] = {}
+    out: dict[ScopeKey, list[tuple[AlertItem, str | None]]] = {}
     for key in scopes:
         ranked = sorted(
             (docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id)
         )
         seen: set[str] = set()
-        items: list[tuple[AlertItem, str]] = []
+        items: list[tuple[AlertItem, str | None]] = []
         for r in ranked:
             if r.content_hash in seen:
                 continue
@@ -189,7 +191,7 @@ def top_documents(
             item = AlertItem(
                 document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative)
             )
-            items.append((item, document_text(r.title, r.summary)))
+            items.append((item, None if r.text_purged_at else document_text(r.title, r.summary)))
             if len(items) >= TOP_DOCUMENTS:
                 break
         out[key] = items
