@@ -102,8 +102,8 @@ def test_0011_scrubs_tokens_older_redaction_stored(pg_url, engine):
 
 def test_sqlite_table_rebuilds_keep_every_child_row(tmp_path):
     """On SQLite, batch mode rebuilds a table (copy, DROP, rename): 0012's downgrade rebuilds documents, 0015
-    rebuilds alerts, incidents and runs both ways. With foreign keys on, each DROP cascaded to the children
-    (every alert delivery, every score and entity row); a migration must move no row."""
+    rebuilds alerts, incidents and runs both ways, 0016 alerts again. With foreign keys on, each DROP cascaded
+    to the children (every alert delivery, every score and entity row); a migration must move no row."""
     from pipeline.demo import run_demo
 
     db = tmp_path / "demo.db"
