@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.config import DetectConfig
 from pipeline.detect import DetectorParams, Series, compute_stats, event_at
+from pipeline.records import AlertKind, ScopeKind
 from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR_DOCS, WEIGHTS
 
 WEEK_HOURS = 7 * 24
@@ -296,7 +297,7 @@ class EvalResult:
     seconds: float
 
 
-def _events(stream: Stream, p: DetectorParams, first: int) -> list[tuple[int, str]]:
+def _events(stream: Stream, p: DetectorParams, first: int) -> list[tuple[int, AlertKind]]:
     st = compute_stats(Series(n=stream.n, k=stream.k, slot=stream.slot), p)
     out = []
     for t in range(first, len(stream.n)):
@@ -351,7 +352,7 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
     out = _Replay([], [pr.mean_volume for pr in profs], [], [], 0, 0, [], None)
     for prof in profs:
         st = make_family_stream(rng, family, prof, T, wm)
-        out.quiet_counts.append(sum(1 for _, kind in _events(st, p, warm) if kind != "resolved"))
+        out.quiet_counts.append(sum(1 for _, kind in _events(st, p, warm) if kind != AlertKind.RESOLVED))
         out.exceed.append((prof.mean_volume, _exceedances_3sd(st.k, B, warm) / weeks_eval))
     gap = int(3 * 24 * 60 / wm)
     for i, prof in enumerate(profs):
@@ -364,8 +365,8 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
         if out.first_stream is None:
             out.first_stream = st
         evs = _events(st, p, warm)
-        alerts = [t for t, kind in evs if kind != "resolved"]  # spike and escalated both page someone
-        resolved = [t for t, kind in evs if kind == "resolved"]
+        alerts = [t for t, kind in evs if kind != AlertKind.RESOLVED]  # spike and escalated both page someone
+        resolved = [t for t, kind in evs if kind == AlertKind.RESOLVED]
         used: set[int] = set()
         for sp in st.spikes:
             hits = [t for t in alerts if sp.onset <= t < sp.onset + sp.length]
@@ -495,7 +496,7 @@ def db_replay_check(stream: Stream, d: DetectConfig, windows: int = 36) -> dict[
     n0 = first_idx - p.history_windows + 1
     origin = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday, matching the generator's day 0
     cfg = FinsentConfig.model_validate({"detect": d.model_dump(), "sources": [], "watchlist": [], "sinks": []})
-    cfg = cfg.model_copy(update={"detect": d.model_copy(update={"scopes": ["market"]})})
+    cfg = cfg.model_copy(update={"detect": d.model_copy(update={"scopes": [ScopeKind.MARKET]})})
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/replay.db"
         store.upgrade(url)

@@ -15,7 +15,7 @@ from pipeline import cycle, store
 from pipeline.config import DEFAULT_MODEL_DIR, FinsentConfig, SinkConfig, SourceConfig, WatchlistEntity
 from pipeline.detect import window_end
 from pipeline.errors import UsageError
-from pipeline.records import AlertRecord
+from pipeline.records import AlertKind, AlertRecord, ScopeKind
 from pipeline.store import schema as s
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
@@ -100,13 +100,13 @@ def next_steps(report: DemoReport, database_url: str | None) -> list[str]:
     env = f"DATABASE_URL={database_url} " if database_url else ""
     hours = int((datetime.now(UTC) - report.as_of).total_seconds() // 3600) + 2
     steps = [f"finsent incidents list{db}", f"finsent alerts list --since-hours {max(hours, 1)}{db}"]
-    lead = next((a for a in report.alerts if a.kind != "resolved" and a.scope_kind == "entity"), None)
-    lead = lead or next((a for a in report.alerts if a.kind != "resolved"), None)
+    lead = next((a for a in report.alerts if a.kind != AlertKind.RESOLVED and a.scope_kind == ScopeKind.ENTITY), None)
+    lead = lead or next((a for a in report.alerts if a.kind != AlertKind.RESOLVED), None)
     if lead is not None:
         steps.append(f"finsent alerts show {lead.id[:12]}{db}")
         steps.append(
             f"finsent documents list --entity {lead.scope_value} --negative --limit 5{db}"
-            if lead.scope_kind == "entity"
+            if lead.scope_kind == ScopeKind.ENTITY
             else f"finsent documents list --negative --limit 5{db}"
         )
         if lead.top_documents:

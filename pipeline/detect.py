@@ -40,7 +40,7 @@ from scipy import stats as sps
 
 from pipeline.config import DetectConfig, FinsentConfig
 from pipeline.errors import UsageError
-from pipeline.records import AlertItem, AlertRecord
+from pipeline.records import AlertItem, AlertKind, AlertRecord
 from pipeline.risk import component_arrays, risk_of
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class SeriesStats:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # spike | escalated | resolved
+    kind: AlertKind  # a sentiment episode: spike, escalated or resolved
     index: int
     onset: int
     severity: str  # the episode's severity: set at its onset, raised by an escalation
@@ -471,7 +471,7 @@ def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
                 sev = "critical" if st.critical[i] else "warning"
                 last_p = float(st.p_value[i])
                 if i == t:
-                    return Event("spike", t, t, sev)
+                    return Event(AlertKind.SPIKE, t, t, sev)
         elif st.warm[i]:
             quiet = 0
             if st.hot[i] and (
@@ -480,13 +480,13 @@ def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
                 last_p = float(st.p_value[i])
                 sev = "critical" if st.critical[i] else sev
                 if i == t:
-                    return Event("escalated", t, onset, sev)
+                    return Event(AlertKind.ESCALATED, t, onset, sev)
         else:
             quiet += 1
             if quiet >= C:
                 open_ = False
                 if i == t:
-                    return Event("resolved", t, onset, sev)
+                    return Event(AlertKind.RESOLVED, t, onset, sev)
     return None
 
 
@@ -660,7 +660,7 @@ class Finding:
     def record(self, grid: WindowGrid, top_documents: tuple[AlertItem, ...] = ()) -> AlertRecord:
         t = grid.last
         w_start, w_end = grid.window(t)
-        resolved = self.event.kind == "resolved"
+        resolved = self.event.kind == AlertKind.RESOLVED
         return AlertRecord(
             id=alert_id(self.scope_kind, self.scope_value, w_start, w_end, self.event.kind),
             scope_kind=self.scope_kind,
@@ -758,7 +758,7 @@ def detect_spikes(
         Finding(*mat.keys[i], ev, st, int(mat.n[i, t]), int(mat.k[i, t]), float(risk[i]))
         for i, (ev, st) in sorted(events.items())
     ]
-    cited = [(f.scope_kind, f.scope_value) for f in found if f.event.kind != "resolved"]
+    cited = [(f.scope_kind, f.scope_value) for f in found if f.event.kind != AlertKind.RESOLVED]
     with session_scope(engine) as session:
         stored.save_risk_scores(session, *grid.window(t), scores)
         tops = stored.top_documents(session, cited, model_version, *grid.window(t))

@@ -151,17 +151,19 @@ def evidence_tokens(scorer: Any, text: str, exclude: Sequence[str] = ()) -> tupl
 
 
 def with_evidence(
-    items: Sequence[tuple[AlertItem, str]],
+    items: Sequence[tuple[AlertItem, str | None]],
     stored: dict[int, tuple[str, ...]],
     scorer: Any = None,
     exclude: Sequence[str] = (),
 ) -> tuple[AlertItem, ...]:
     """Cited documents with the evidence stored when they were scored. Detection never loads the model: a
-    scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any."""
+    scorer the caller already holds (the CLI's one-process cycle) fills in documents stored without any.
+    A text of None is a post whose text retention removed: it gets no evidence (its placeholder title is no
+    evidence of anything)."""
     out = []
     for item, text in items:
         ev = stored.get(item.document_id)
-        if ev is None and scorer is not None:
+        if ev is None and scorer is not None and text is not None:
             ev = stored[item.document_id] = evidence_tokens(scorer, text, exclude)
         out.append(replace(item, evidence=ev or ()))
     return tuple(out)

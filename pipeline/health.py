@@ -30,15 +30,14 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig, HealthConfig
+from pipeline.records import AlertKind, OpsScope
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
-HEALTH_SCOPE = "health"  # alerts.scope_kind of source-health alerts (no sentiment scope uses it)
-HEALTH_KIND = "source_health"  # alerts.kind of an opened outage; its end is kind "resolved"
-MODEL_SCOPE = "model"  # alerts.scope_kind of model-drift alerts (pipeline.model_health)
-OPS_SCOPES = (HEALTH_SCOPE, MODEL_SCOPE)  # operational alerts: every sink taking their severity gets them
+# Source-health alerts: scope OpsScope.HEALTH, kind AlertKind.SOURCE_HEALTH, their end AlertKind.RESOLVED.
+OPS_SCOPES: tuple[str, ...] = tuple(OpsScope)  # operational alerts: every sink taking their severity gets them
 
 
 class Condition(StrEnum):
@@ -57,7 +56,7 @@ class Outage:
 
     @property
     def alert_id(self) -> str:
-        return _id(HEALTH_KIND, self.source, self.condition, self.since.isoformat())
+        return _id(AlertKind.SOURCE_HEALTH, self.source, self.condition, self.since.isoformat())
 
 
 @dataclass(slots=True)
@@ -135,8 +134,8 @@ def _alert_row(o: Outage, now: datetime) -> dict[str, Any]:
     return {
         "id": o.alert_id,
         "episode_id": o.alert_id,
-        "kind": HEALTH_KIND,
-        "scope_kind": HEALTH_SCOPE,
+        "kind": AlertKind.SOURCE_HEALTH,
+        "scope_kind": OpsScope.HEALTH,
         "scope_value": o.source,
         "window_start": o.since,
         "window_end": now,
@@ -172,9 +171,11 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
             for o in (_dead(session, src.name, hc), _quiet(session, src.name, hc, now)):
                 if o is not None:
                     current[o.alert_id] = o
-        resolved_eps = select(A.episode_id).where(A.scope_kind == HEALTH_SCOPE, A.kind == "resolved")
+        resolved_eps = select(A.episode_id).where(A.scope_kind == OpsScope.HEALTH, A.kind == AlertKind.RESOLVED)
         open_rows = session.scalars(
-            select(A).where(A.scope_kind == HEALTH_SCOPE, A.kind == HEALTH_KIND, A.id.not_in(resolved_eps))
+            select(A).where(
+                A.scope_kind == OpsScope.HEALTH, A.kind == AlertKind.SOURCE_HEALTH, A.id.not_in(resolved_eps)
+            )
         ).all()
         open_ids = {a.id for a in open_rows}
         for aid, o in current.items():
@@ -197,9 +198,9 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
                     k: getattr(a, k)
                     for k in ("scope_kind", "scope_value", "window_start", "neg_count", "total_count", "neg_share")
                 },
-                "id": _id("resolved", a.id),
+                "id": _id(AlertKind.RESOLVED, a.id),
                 "episode_id": a.id,
-                "kind": "resolved",
+                "kind": AlertKind.RESOLVED,
                 "window_end": now,
                 "severity": "info",
                 "baseline_share": 0.0,
@@ -226,14 +227,14 @@ def is_health(alert: s.Alert) -> bool:
 
 def render_health(alert: s.Alert) -> tuple[str, str]:
     """Subject and plain body of a source-health alert or its resolution (sent as a sink notice)."""
-    if alert.scope_kind == MODEL_SCOPE:
+    if alert.scope_kind == OpsScope.MODEL:
         from pipeline.model_health import render_model_health
 
         return render_model_health(alert)
     d = alert.details or {}
     name, condition = alert.scope_value, d.get("condition", "dead")
     since = f"{alert.window_start:%Y-%m-%d %H:%M} UTC"
-    if alert.kind == "resolved":
+    if alert.kind == AlertKind.RESOLVED:
         subject = f"[RESOLVED] finsent source {name} is healthy again"
         lines = [f"Source {name} recovered at {alert.window_end:%Y-%m-%d %H:%M} UTC; it was {condition} since {since}."]
     elif condition == Condition.QUIET:

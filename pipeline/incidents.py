@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from pipeline.health import OPS_SCOPES
+from pipeline.records import OPEN_KINDS, AlertKind, ScopeKind
 from pipeline.records import IncidentState as IncidentState
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -35,7 +36,12 @@ class MessageKind(StrEnum):
     RESOLVED = "resolved"
 
 
-SCOPE_RANK = {"entity": 0, "topic": 1, "source": 2, "market": 3}  # most specific first
+SCOPE_RANK: dict[str, int] = {
+    ScopeKind.ENTITY: 0,
+    ScopeKind.TOPIC: 1,
+    ScopeKind.SOURCE: 2,
+    ScopeKind.MARKET: 3,
+}  # most specific first
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 SHARED_EVIDENCE = 0.5  # alerts share evidence when this share of the smaller one's negative stories is common
 
@@ -75,11 +81,11 @@ def scope_documents(
         q = q.where(Sc.model_version_id == model_version)
     if negative_only:
         q = q.where(Sc.label == "negative")
-    if scope_kind == "entity":
+    if scope_kind == ScopeKind.ENTITY:
         q = q.join(E, E.document_id == D.id).where(E.entity == scope_value, E.kind == "watchlist")
-    elif scope_kind == "source":
+    elif scope_kind == ScopeKind.SOURCE:
         q = q.where(D.source_name == scope_value)
-    elif scope_kind == "topic":
+    elif scope_kind == ScopeKind.TOPIC:
         q = q.where(Sc.topic == scope_value)
     return [(int(r[0]), str(r[1]), str(r[2])) for r in session.execute(q.order_by(D.id))]
 
@@ -115,7 +121,7 @@ def group_run(
     so a late alert joins that incident rather than opening a second one. Only groups with new alerts return."""
     groups: dict[str, _Group] = {}
     for old in existing:
-        if old.incident_id and old.kind != "resolved":
+        if old.incident_id and old.kind != AlertKind.RESOLVED:
             groups.setdefault(old.incident_id, _Group(old.incident_id)).evidence |= _evidence(session, old)
     evidence = {a.id: _evidence(session, a) for a in alerts}
     rest = []
@@ -126,7 +132,7 @@ def group_run(
             continue
         g = groups.setdefault(inc, _Group(inc))
         g.members.append(a)
-        if a.kind != "resolved":
+        if a.kind != AlertKind.RESOLVED:
             g.evidence |= evidence[a.id]
     for a in rest:
         best = max(groups.values(), key=lambda g: (_shares(evidence[a.id], g.evidence), -len(g.members)), default=None)
@@ -161,7 +167,7 @@ def assign_incidents(engine: Engine, cfg: Any = None) -> list[str]:
         for window_end, alerts in sorted(by_run.items()):
             continued = {}
             for a in alerts:
-                if a.kind != "spike" and a.episode_id:
+                if a.kind != AlertKind.SPIKE and a.episode_id:
                     inc = session.scalar(
                         select(s.Alert.incident_id)
                         .where(
@@ -218,9 +224,9 @@ def _store_group(session: Session, g: _Group, window_end: datetime, cfg: Any) ->
         entry = scopes.setdefault(
             key, {"scope_kind": a.scope_kind, "scope_value": a.scope_value, "episode_id": a.episode_id}
         )
-        entry["open"] = a.kind != "resolved"
+        entry["open"] = a.kind != AlertKind.RESOLVED
         entry["episode_id"] = a.episode_id
-        if a.kind != "resolved" and SEVERITY_RANK.get(a.severity, 9) < SEVERITY_RANK.get(severity, 9):
+        if a.kind != AlertKind.RESOLVED and SEVERITY_RANK.get(a.severity, 9) < SEVERITY_RANK.get(severity, 9):
             severity = a.severity
     ordered = sorted(
         scopes.values(), key=lambda x: (SCOPE_RANK.get(x["scope_kind"], 9), x["scope_kind"], x["scope_value"])
@@ -237,12 +243,12 @@ def _store_group(session: Session, g: _Group, window_end: datetime, cfg: Any) ->
 def message_kind(inc: s.Incident | None, members: Iterable[s.Alert], window_end: datetime) -> MessageKind:
     kinds = {a.kind for a in members}
     if inc is None:
-        return MessageKind.RESOLVED if kinds == {"resolved"} else MessageKind.OPENED
-    if inc.opened_at == window_end and "spike" in kinds:
+        return MessageKind.RESOLVED if kinds == {AlertKind.RESOLVED} else MessageKind.OPENED
+    if inc.opened_at == window_end and AlertKind.SPIKE in kinds:
         return MessageKind.OPENED
     if inc.state == IncidentState.RESOLVED and inc.closed_at == window_end:
         return MessageKind.RESOLVED
-    if kinds & {"spike", "escalated"}:
+    if kinds & set(OPEN_KINDS):
         return MessageKind.ESCALATED
     return MessageKind.UPDATE
 
@@ -258,7 +264,7 @@ def record_message_ref(engine: Engine, incident_id: str, sink: str, ref: str) ->
 def count_units(docs: Iterable[tuple[int, str, str]], scope_kind: str) -> tuple[int, int]:
     """(items, negatives) in the unit alerts and the dashboard share: stories (distinct content, negative when
     any copy is) for market, entity and topic scopes; a source scope's own items."""
-    if scope_kind == "source":
+    if scope_kind == ScopeKind.SOURCE:
         rows = list(docs)
         return len(rows), sum(1 for _, _, label in rows if label == "negative")
     stories: dict[str, bool] = {}

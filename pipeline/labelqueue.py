@@ -41,6 +41,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from pipeline.health import OPS_SCOPES
+from pipeline.records import AlertKind
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 
@@ -143,10 +144,10 @@ def _round_robin(items: Sequence[_C]) -> list[_C]:
 
 def _cited_by_open_alerts(session: Session) -> dict[int, str]:
     A = s.Alert
-    resolved = select(A.episode_id).where(A.kind == "resolved", A.episode_id.is_not(None))
+    resolved = select(A.episode_id).where(A.kind == AlertKind.RESOLVED, A.episode_id.is_not(None))
     alerts = session.scalars(
         select(A)
-        .where(A.kind != "resolved", A.scope_kind.not_in(OPS_SCOPES), A.episode_id.not_in(resolved))
+        .where(A.kind != AlertKind.RESOLVED, A.scope_kind.not_in(OPS_SCOPES), A.episode_id.not_in(resolved))
         .order_by(A.window_end.desc())
     ).all()
     cited: dict[int, str] = {}

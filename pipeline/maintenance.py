@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, delete, func, select, text, update
+from sqlalchemy import CursorResult, Engine, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from pipeline import config, store
@@ -22,6 +22,7 @@ from pipeline.config import DEFAULT_RETENTION_DAYS as DEFAULT_RETENTION_DAYS
 from pipeline.config import RETENTION_ENV as RETENTION_ENV
 from pipeline.config import SOCIAL_KINDS, ConfigError
 from pipeline.errors import FinsentError
+from pipeline.records import ScopeKind
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,6 @@ def purge_social_text(
             )
             if not ids:
                 return total
-            first, last = session.execute(
-                select(func.min(D.published_at), func.max(D.published_at)).where(D.id.in_(ids))
-            ).one()
             session.execute(
                 update(D)
                 .where(D.id.in_(ids))
@@ -138,14 +136,18 @@ def purge_social_text(
                 .values(text=None)
                 .execution_options(synchronize_session=False)
             )
-            _scrub_alerts(session, set(ids), first, last, placeholder)
+            _scrub_alerts(session, set(ids), placeholder)
             total += len(ids)
 
 
-def _scrub_alerts(session: Session, ids: set[int], first: datetime, last: datetime, placeholder: str) -> None:
-    """Alerts cite documents published inside their window: only alerts overlapping [first, last] can cite these."""
-    A = s.Alert
-    for alert in session.scalars(select(A).where(A.window_end >= first, A.window_start <= last)):
+def _scrub_alerts(session: Session, ids: set[int], placeholder: str) -> None:
+    """Remove these documents' copies from the alerts citing them. An alert cites only documents published
+    inside its window (store.alerts.top_documents), and only sentiment alerts cite any: so only the alerts
+    whose window holds one of these documents are read (a page with one odd date reads that date's alerts,
+    not every alert between its dates), and of those only the ones naming a document are changed."""
+    A, D = s.Alert, s.Document
+    holds = select(D.id).where(D.id.in_(ids), D.published_at >= A.window_start, D.published_at < A.window_end)
+    for alert in session.scalars(select(A).where(A.scope_kind.in_(list(ScopeKind)), holds.exists())):
         docs = (alert.details or {}).get("top_documents") or []
         if not any(int(d.get("document_id", -1)) in ids for d in docs):
             continue

@@ -27,7 +27,7 @@ from pipeline.acks import ack_token_for
 from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import MessageKind, message_kind, severity_key, usual_count
-from pipeline.records import AlertRecord
+from pipeline.records import AlertKind, AlertRecord, ScopeKind
 from pipeline.store import schema as s
 from pipeline.store.alerts import alert_from_row
 
@@ -117,9 +117,9 @@ class AlertView:
     @property
     def title(self) -> str:
         a = self.alert
-        if a.kind == "resolved":
+        if a.kind == AlertKind.RESOLVED:
             return f"[RESOLVED] {self.scope_label}: back to normal"
-        if a.kind == "escalated":
+        if a.kind == AlertKind.ESCALATED:
             return f"[{a.severity.upper()}] {self.scope_label}: negative news surge escalating"
         return f"[{a.severity.upper()}] {self.scope_label}: negative news surge"
 
@@ -130,15 +130,18 @@ class AlertView:
 
     @property
     def unit(self) -> str:
-        return "items" if self.alert.scope_kind == "source" else "stories"
+        return "items" if self.alert.scope_kind == ScopeKind.SOURCE else "stories"
 
     @property
     def about(self) -> str:
         a = self.alert
         name = self.scope_name or self.scope_label
-        return {"market": "across all sources", "source": f"from {name}", "topic": f"on {name}"}.get(
-            a.scope_kind, f"about {name}"
-        )
+        about: dict[str, str] = {
+            ScopeKind.MARKET: "across all sources",
+            ScopeKind.SOURCE: f"from {name}",
+            ScopeKind.TOPIC: f"on {name}",
+        }
+        return about.get(a.scope_kind, f"about {name}")
 
     @property
     def period(self) -> str:
@@ -194,7 +197,7 @@ class AlertView:
     def short(self) -> str:
         """One line for the 'also moved' list of an incident message."""
         a = self.alert
-        if a.kind == "resolved":
+        if a.kind == AlertKind.RESOLVED:
             return f"{self.scope_label}: back to normal"
         return (
             f"{a.severity.upper()} {self.scope_label}: {a.total_count} {self.unit}, "
@@ -303,9 +306,13 @@ class IncidentMessage:
 def as_message(v: AlertView | IncidentMessage) -> IncidentMessage:
     if isinstance(v, IncidentMessage):
         return v
-    kind = {"resolved": MessageKind.RESOLVED, "escalated": MessageKind.ESCALATED}.get(v.alert.kind, MessageKind.OPENED)
+    kinds: dict[str, MessageKind] = {
+        AlertKind.RESOLVED: MessageKind.RESOLVED,
+        AlertKind.ESCALATED: MessageKind.ESCALATED,
+    }
+    kind = kinds.get(v.alert.kind, MessageKind.OPENED)
     return IncidentMessage(
-        lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == "resolved" else v.alert.severity
+        lead=v, kind=kind, severity=v.episode_severity if v.alert.kind == AlertKind.RESOLVED else v.alert.severity
     )
 
 
@@ -326,18 +333,18 @@ def view_of(row: s.Alert, cfg: FinsentConfig | None = None, usual_count: float |
 
 def scope_name(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
     """What a reader calls the scope in a sentence ('Northwind Bank', 'newswire', 'the market')."""
-    if kind == "market":
+    if kind == ScopeKind.MARKET:
         return "the market"
-    if kind == "entity":
+    if kind == ScopeKind.ENTITY:
         names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
         return clean_text(names.get(value, value), 100)
     return clean_text(value, 100)
 
 
 def scope_label(kind: str, value: str, cfg: FinsentConfig | None = None) -> str:
-    if kind == "market":
+    if kind == ScopeKind.MARKET:
         return "market-wide"
-    if kind == "entity":
+    if kind == ScopeKind.ENTITY:
         names = {w.key: w.name for w in cfg.watchlist} if cfg else {}
         return (
             f"{clean_text(names[value], 100)} ({clean_text(value, 40)})"
@@ -567,7 +574,7 @@ def routes_to(sink: SinkConfig, alert: s.Alert) -> bool:
     Source-health alerts ignore the sentiment scopes: every sink taking their severity gets them."""
     if alert.scope_kind not in sink.scopes and alert.scope_kind not in OPS_SCOPES:
         return False
-    if alert.kind == "resolved":
+    if alert.kind == AlertKind.RESOLVED:
         episode_sev = (alert.details or {}).get("episode_severity", "warning")
         return "info" in sink.severities or episode_sev in sink.severities
     return alert.severity in sink.severities
@@ -591,7 +598,7 @@ def build_message(session: Session, row: s.Alert, sink: SinkConfig, cfg: Finsent
     if kind == MessageKind.RESOLVED and inc is not None:
         peaks = session.execute(
             select(func.max(s.Alert.neg_share), func.max(s.Alert.risk_score)).where(
-                s.Alert.incident_id == inc.id, s.Alert.kind != "resolved",
+                s.Alert.incident_id == inc.id, s.Alert.kind != AlertKind.RESOLVED,
                 s.Alert.scope_kind == row.scope_kind, s.Alert.scope_value == row.scope_value,
             )
         ).one()  # fmt: skip

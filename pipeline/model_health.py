@@ -47,13 +47,15 @@ from sqlalchemy import Engine, case, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig, ModelHealthConfig
-from pipeline.health import MODEL_SCOPE, _id
+from pipeline.health import _id
+from pipeline.records import AlertKind, OpsScope
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
 log = logging.getLogger(__name__)
 
-MODEL_KIND = "model_health"  # alerts.kind of an opened drift episode; its end is kind "resolved"
+# Model-drift alerts: scope OpsScope.MODEL, kind AlertKind.MODEL_HEALTH, their end AlertKind.RESOLVED.
+
 LABELS = ("negative", "neutral", "positive")
 CONF_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9)  # top-probability histogram bins
 LENGTH_EDGES = (40, 80, 160, 320, 640)  # text-length histogram bins (characters)
@@ -287,12 +289,12 @@ def _alert_row(
     mh: ModelHealthConfig,
     now: datetime,
 ) -> dict[str, Any]:
-    aid = _id(MODEL_KIND, source, version, episode_start.isoformat())
+    aid = _id(AlertKind.MODEL_HEALTH, source, version, episode_start.isoformat())
     return {
         "id": aid,
         "episode_id": aid,
-        "kind": MODEL_KIND,
-        "scope_kind": MODEL_SCOPE,
+        "kind": AlertKind.MODEL_HEALTH,
+        "scope_kind": OpsScope.MODEL,
         "scope_value": source,
         "window_start": episode_start,
         "window_end": w.window_end,
@@ -344,10 +346,13 @@ def _episodes(
             .limit(mh.sustained_m)
         )
     )
-    resolved_eps = select(A.episode_id).where(A.scope_kind == MODEL_SCOPE, A.kind == "resolved")
+    resolved_eps = select(A.episode_id).where(A.scope_kind == OpsScope.MODEL, A.kind == AlertKind.RESOLVED)
     open_alert = session.scalars(
         select(A).where(
-            A.scope_kind == MODEL_SCOPE, A.kind == MODEL_KIND, A.scope_value == source, A.id.not_in(resolved_eps)
+            A.scope_kind == OpsScope.MODEL,
+            A.kind == AlertKind.MODEL_HEALTH,
+            A.scope_value == source,
+            A.id.not_in(resolved_eps),
         )
     ).first()
     drifted = [w for w in recent if w.drifted]
@@ -373,7 +378,7 @@ def _episodes(
         and not drifted
         and recent[-1].window_start > open_alert.window_start
     ):
-        rid = _id("resolved", open_alert.id)
+        rid = _id(AlertKind.RESOLVED, open_alert.id)
         row = {
             **{
                 k: getattr(open_alert, k)
@@ -381,7 +386,7 @@ def _episodes(
             },
             "id": rid,
             "episode_id": open_alert.id,
-            "kind": "resolved",
+            "kind": AlertKind.RESOLVED,
             "window_end": recent[0].window_end,
             "severity": "info",
             "baseline_share": 0.0,
@@ -423,7 +428,7 @@ def check_models(
 
 
 def is_model_health(alert: s.Alert) -> bool:
-    return alert.scope_kind == MODEL_SCOPE
+    return alert.scope_kind == OpsScope.MODEL
 
 
 def render_model_health(alert: s.Alert) -> tuple[str, str]:
@@ -433,7 +438,7 @@ def render_model_health(alert: s.Alert) -> tuple[str, str]:
     since = f"{alert.window_start:%Y-%m-%d %H:%M} UTC"
     p = alert.p_value
     stat = f"{d.get('feature')} PSI {d.get('psi')}" + (f" (chi-square p={p:.2g})" if p is not None else "")
-    if alert.kind == "resolved":
+    if alert.kind == AlertKind.RESOLVED:
         subject = f"[RESOLVED] finsent model output on source {name} is back to its baseline"
         lines = [
             f"The model's output on source {name} matches its baseline again; it had drifted since {since} ({stat})."

@@ -9,7 +9,9 @@ after the alert was queued: time expires a delivery, not a count, and the state 
 restarts change nothing. An expired delivery, or a sink failing for `failing_after_minutes`, is told to
 operators once through the other sinks (`operator_notices`) and makes the run degraded.
 A claim left by a crashed run is taken over after `CLAIM_LEASE`, so an alert is never lost; in that
-one case it may be sent twice (email carries a stable Message-ID so clients fold the copy).
+one case it may be sent twice (email carries a stable Message-ID so clients fold the copy). Two clocks:
+the run's `now` (a backfill's or a retried task's) decides what is due and stamps the attempts; a claim is
+a lease between live processes, so it is stamped and judged on the wall clock, for deliveries and notices.
 Acknowledged alerts are never (re-)sent: their open deliveries become "cancelled".
 
 Operator notices are claimed, sent, then confirmed (`operator_notices.status`): one that missed a sink is
@@ -35,7 +37,7 @@ from pipeline.config import FinsentConfig, SinkConfig
 from pipeline.health import OPS_SCOPES, is_health, render_health
 from pipeline.incidents import assign_incidents, head_key, record_message_ref, severity_key
 from pipeline.messages import IncidentMessage, alert_title, build_message, routes_to
-from pipeline.records import DeliveryState, NoticeKind, NoticeState
+from pipeline.records import AlertKind, DeliveryState, NoticeKind, NoticeState
 from pipeline.sinks import DeliveryError, Sink, build_sink
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
@@ -110,7 +112,7 @@ def _enqueue(session: Session, cfg: FinsentConfig, now: datetime) -> list[tuple[
                 ~has_row,
                 s.Alert.acknowledged_at.is_(None),
                 or_(s.Alert.scope_kind.in_(sink.scopes), s.Alert.scope_kind.in_(OPS_SCOPES)),
-                or_(s.Alert.kind == "resolved", s.Alert.severity.in_(sink.severities)),
+                or_(s.Alert.kind == AlertKind.RESOLVED, s.Alert.severity.in_(sink.severities)),
             )
             .order_by(s.Alert.window_end, s.Alert.id)
         ).all()
@@ -155,11 +157,19 @@ def _aware(t: datetime) -> datetime:
 GROUPED = DeliveryState.GROUPED
 
 
+def _lease_expired_before() -> datetime:
+    """Claims older than this were left by a sender that died. A claim is stamped with the wall clock (a run
+    may go on longer than the lease), so its age is judged on the wall clock too, never against a run's
+    `now`: a catch-up run whose `now` lies hours back would otherwise never take over a dead claim, and one
+    whose `now` lies ahead would take over a live one."""
+    return datetime.now(UTC) - CLAIM_LEASE
+
+
 def _due_filter(now: datetime) -> Any:
     D = s.AlertDelivery
     return or_(
         and_(D.status.in_(OPEN_STATES), or_(D.next_attempt_at.is_(None), D.next_attempt_at <= now)),
-        and_(D.status == DeliveryState.SENDING, D.last_attempt_at < now - CLAIM_LEASE),
+        and_(D.status == DeliveryState.SENDING, D.last_attempt_at < _lease_expired_before()),
     )
 
 
@@ -184,23 +194,14 @@ def _claim(engine: Engine, delivery_id: int, now: datetime) -> bool:
         return res.rowcount == 1
 
 
-def _renew_claim(engine: Engine, delivery_id: int) -> None:
-    """Re-stamp a claim this run still holds (between in-run retries: recording the attempt set the run's time)."""
-    D = s.AlertDelivery
-    with session_scope(engine) as session:
-        session.execute(
-            update(D)
-            .where(D.id == delivery_id, D.status == DeliveryState.SENDING)
-            .values(last_attempt_at=datetime.now(UTC))
-        )
-
-
 def _record_attempt(engine: Engine, delivery_id: int, ok: bool, error: str | None, at: datetime) -> int:
+    """The attempt row carries the run's clock `at`; the delivery's `last_attempt_at` is also its claim stamp
+    (the row may stay `sending` for an in-run retry), so it takes the wall clock, as the claim did."""
     D = s.AlertDelivery
     with session_scope(engine) as session:
         session.add(s.DeliveryAttempt(delivery_id=delivery_id, attempted_at=at, ok=ok, error=error))
         attempts = session.scalar(select(D.attempts).where(D.id == delivery_id)) or 0
-        values: dict[str, Any] = {"attempts": attempts + 1, "last_attempt_at": at, "last_error": error}
+        values: dict[str, Any] = {"attempts": attempts + 1, "last_attempt_at": datetime.now(UTC), "last_error": error}
         if ok:
             values.update(status=DeliveryState.SENT, delivered_at=at, next_attempt_at=None)
         session.execute(update(D).where(D.id == delivery_id).values(**values))
@@ -368,7 +369,6 @@ def deliver_pending(
                 log.warning("alert %s to %s: attempt %d failed: %s", row.alert_id, row.sink, attempts, err)
                 over_cap = sink_cfg.max_attempts is not None and attempts >= sink_cfg.max_attempts
                 if not over_cap and delays:
-                    _renew_claim(engine, row.id)
                     sleep(delays.pop(0))
                     continue
                 next_at = min(now + _backoff(attempts, sink_cfg), deadline)
@@ -724,7 +724,7 @@ def _retry_notices(
     N = s.OperatorNotice
     due = or_(
         and_(N.status.in_(NOTICE_OPEN), or_(N.next_attempt_at.is_(None), N.next_attempt_at <= now)),
-        and_(N.status == NoticeState.SENDING, N.last_attempt_at < now - CLAIM_LEASE),
+        and_(N.status == NoticeState.SENDING, N.last_attempt_at < _lease_expired_before()),
     )
     with session_scope(engine) as session:
         rows = session.execute(select(N.id, N.key).where(due).order_by(N.created_at, N.id)).all()

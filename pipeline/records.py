@@ -19,12 +19,37 @@ class RunStatus(StrEnum):
 
 
 class ScopeKind(StrEnum):
-    """The scopes alerts, risk scores and the dashboard views speak of."""
+    """The sentiment scopes detection tests and risk scores, sinks route and the dashboard views speak of."""
 
     MARKET = "market"
     ENTITY = "entity"
     SOURCE = "source"
     TOPIC = "topic"
+
+
+class OpsScope(StrEnum):
+    """`alerts.scope_kind` of operational alerts, about the pipeline rather than sentiment: every sink that
+    takes their severity gets them, whatever its `scopes`."""
+
+    HEALTH = "health"  # a dead or quiet source (pipeline.health)
+    MODEL = "model"  # the model drifting on a source (pipeline.model_health)
+
+
+ALERT_SCOPES: tuple[str, ...] = (*ScopeKind, *OpsScope)  # every `alerts.scope_kind`
+
+
+class AlertKind(StrEnum):
+    """`alerts.kind`: a sentiment episode opens (spike), gets worse (escalated) and ends (resolved); an
+    operational episode opens as source_health or model_health and ends as resolved too."""
+
+    SPIKE = "spike"
+    ESCALATED = "escalated"
+    RESOLVED = "resolved"
+    SOURCE_HEALTH = "source_health"
+    MODEL_HEALTH = "model_health"
+
+
+OPEN_KINDS: tuple[AlertKind, ...] = (AlertKind.SPIKE, AlertKind.ESCALATED)  # sentiment alerts that page someone
 
 
 class Severity(StrEnum):
@@ -190,12 +215,12 @@ class AlertRecord:
     """A detected (or resolved) negative-sentiment episode for one scope and window."""
 
     id: str  # deterministic: same scope+window+kind -> same id
-    scope_kind: str  # market | entity | source | topic
+    scope_kind: str  # a ScopeKind (an OpsScope for operational alerts)
     scope_value: str  # "*" for market
     window_start: datetime
     window_end: datetime
-    kind: str  # "spike" | "escalated" | "resolved"
-    severity: str  # "warning" | "critical" | "info"
+    kind: str  # an AlertKind
+    severity: str  # a Severity
     neg_count: int
     total_count: int
     neg_share: float

@@ -102,8 +102,8 @@ def test_0011_scrubs_tokens_older_redaction_stored(pg_url, engine):
 
 def test_sqlite_table_rebuilds_keep_every_child_row(tmp_path):
     """On SQLite, batch mode rebuilds a table (copy, DROP, rename): 0012's downgrade rebuilds documents, 0015
-    rebuilds alerts, incidents and runs both ways. With foreign keys on, each DROP cascaded to the children
-    (every alert delivery, every score and entity row); a migration must move no row."""
+    rebuilds alerts, incidents and runs both ways, 0016 alerts again. With foreign keys on, each DROP cascaded
+    to the children (every alert delivery, every score and entity row); a migration must move no row."""
     from pipeline.demo import run_demo
 
     db = tmp_path / "demo.db"
@@ -131,3 +131,45 @@ def test_sqlite_table_rebuilds_keep_every_child_row(tmp_path):
     assert counts() == before
     command.upgrade(cfg, "head")
     assert counts() == before
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_0016_keeps_every_alert_kind_and_scope_and_names_an_unknown_one(dialect, request, tmp_path):
+    """0016 constrains alerts.kind and alerts.scope_kind: a database holding every value the code writes
+    (sentiment and operational alerts) upgrades with its rows; one holding a value the code never wrote stops
+    before any change, with one line naming it."""
+    from pipeline.records import ALERT_SCOPES, AlertKind
+    from pipeline.store.errors import StoreError
+
+    url = request.getfixturevalue("pg_url") if dialect == "postgres" else f"sqlite:///{tmp_path / 'f.db'}"
+    if dialect == "sqlite":
+        store.upgrade(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = url
+    command.downgrade(cfg, "0015")
+    insert = text(
+        "INSERT INTO alerts (id, kind, scope_kind, scope_value, window_start, window_end, severity, neg_count, "
+        "total_count, neg_share, baseline_share, baseline_neg_rate, statistic, details, created_at) "
+        "VALUES (:id, :kind, :scope, 'x', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'info', 0, 0, 0, 0, 0, 0, '{}', "
+        "CURRENT_TIMESTAMP)"
+    )
+    rows = [
+        {"id": f"{kind}-{scope}", "kind": kind.value, "scope": scope} for kind in AlertKind for scope in ALERT_SCOPES
+    ]
+    engine = store.make_engine(url)
+    try:
+        with engine.begin() as c:
+            c.execute(insert, rows)
+        store.upgrade(url)
+        with engine.connect() as c:
+            assert c.scalar(text("SELECT count(*) FROM alerts")) == len(rows) == 30
+        command.downgrade(cfg, "0015")
+        with engine.begin() as c:
+            c.execute(insert, [{"id": "old", "kind": "surge", "scope": "market"}])
+        with pytest.raises(StoreError, match=r"alerts\.kind holds values finsent never writes: surge$"):
+            store.upgrade(url)
+        with engine.connect() as c:
+            assert c.scalar(text("SELECT count(*) FROM alerts")) == len(rows) + 1
+    finally:
+        engine.dispose()

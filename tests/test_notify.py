@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from pipeline.config import FinsentConfig
 from pipeline.messages import safe_link, slack_escape
@@ -374,14 +374,14 @@ def test_secrets_from_airflow_connections_when_env_is_empty() -> None:
 def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, slack_webhook: Webhook) -> None:
     add_alert(engine)
     cfg = make_cfg()
-    with session_scope(engine) as session:
+    with session_scope(engine) as session:  # claims are stamped with the wall clock
         session.add(
             s.AlertDelivery(
                 alert_id=session.scalar(select(s.Alert.id)),
                 sink="slack-desk",
                 status="sending",
                 attempts=0,
-                last_attempt_at=NOW,
+                last_attempt_at=datetime.now(UTC) - timedelta(minutes=2),
                 created_at=NOW,
             )
         )
@@ -389,6 +389,8 @@ def test_a_claim_left_by_a_crashed_run_is_taken_over_after_the_lease(engine, sla
         deliver_pending(engine, cfg, now=NOW + timedelta(minutes=2), retry_delays=FAST).sent == 0
     )  # another run may still be sending
     assert slack_webhook.hits == 0
+    with session_scope(engine) as session:
+        session.execute(update(s.AlertDelivery).values(last_attempt_at=datetime.now(UTC) - timedelta(minutes=15)))
     r = deliver_pending(engine, cfg, now=NOW + timedelta(minutes=15), retry_delays=FAST)
     assert r.sent == 1 and len(slack_webhook.posts) == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
@@ -619,6 +621,38 @@ def test_a_run_longer_than_the_lease_keeps_its_claim_from_a_concurrent_notifier(
         a.join(60)
     assert runs["b"].sent == 0 and runs["a"].sent == 1 and slack_webhook.hits == 1
     assert [(d.status, d.attempts) for d in deliveries(engine)] == [("sent", 1)]
+
+
+def test_claims_are_judged_on_the_wall_clock_they_are_stamped_with(engine, slack_webhook: Webhook) -> None:
+    """Claims of notices and deliveries are stamped with the wall clock, so their age is judged on it, never
+    against the run's `now`. A catch-up run whose `now` lies two hours back takes over a notice and a delivery
+    whose sender died 30 minutes ago (before: no such run ever did); a run whose `now` lies an hour ahead
+    leaves a notice claimed 2 minutes ago alone (before: it sent it a second time)."""
+    wall = datetime.now(UTC)
+    aid = add_alert(engine)
+    cfg = make_cfg()
+
+    def notice(key: str, claimed: datetime) -> s.OperatorNotice:
+        return s.OperatorNotice(
+            key=key, kind="sink_failing", subject=f"notice {key}", body="b", created_at=wall - timedelta(hours=3),
+            sent_to=[], errors=[], status="sending", attempts=0, last_attempt_at=claimed, exclude=[],
+        )  # fmt: skip
+
+    with session_scope(engine) as session:
+        session.add(
+            s.AlertDelivery(
+                alert_id=aid, sink="slack-desk", status="sending", attempts=0,
+                last_attempt_at=wall - timedelta(minutes=30), created_at=wall - timedelta(hours=3),
+            )
+        )  # fmt: skip
+        session.add_all([notice("dead", wall - timedelta(minutes=30)), notice("live", wall - timedelta(minutes=2))])
+    r = deliver_pending(engine, cfg, now=wall - timedelta(hours=2), retry_delays=FAST)
+    assert r.sent == 1 and [d.status for d in deliveries(engine)] == ["sent"]
+    assert {n.key: n.status for n in notices(engine)} == {"dead": "sent", "live": "sending"}
+    deliver_pending(engine, cfg, now=wall + timedelta(hours=1), retry_delays=FAST)
+    assert {n.key: n.status for n in notices(engine)} == {"dead": "sent", "live": "sending"}
+    told = [json.dumps(p) for p in slack_webhook.posts]
+    assert sum("notice dead" in p for p in told) == 1 and not any("notice live" in p for p in told)
 
 
 # --- operator notices are claimed, sent, confirmed (reliability review, item 1) --------------------

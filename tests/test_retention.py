@@ -176,6 +176,101 @@ def test_social_text_is_removed_after_n_days_and_scores_stay(db) -> None:
     assert snapshot(engine) == before
 
 
+def test_a_purge_page_reads_only_the_alerts_whose_window_holds_its_posts(db) -> None:
+    """A page's alerts used to be every alert between its oldest and newest post: one post with an odd date
+    (a year before the rest) read every alert of that year. Now only alerts whose window holds a purged post
+    are read (operational alerts, whose windows span days, cite no post), and only those citing one change."""
+    from sqlalchemy import event
+
+    from pipeline.maintenance import purge_social_text
+
+    _, engine = db
+    ids = seed(engine)
+    old, odd = NOW - timedelta(days=40), NOW - timedelta(days=400)
+
+    def alert(aid: str, start: datetime, cited: list[dict], **kw: object) -> s.Alert:
+        values: dict = dict(
+            id=aid, kind="spike", scope_kind="entity", scope_value="NWB", window_start=start,
+            window_end=start + timedelta(hours=1), severity="warning", neg_count=1, total_count=1, neg_share=1.0,
+            baseline_share=0.2, baseline_neg_rate=0.2, statistic=3.0, details={"top_documents": cited},
+        )  # fmt: skip
+        return s.Alert(**{**values, **kw})
+
+    news = {"document_id": ids["old_news"], "title": "Northwind Bank cuts jobs", "link": None, "evidence": ["cuts"]}
+    with session_scope(engine) as session:
+        post = s.Document(
+            source_name="st-nwb", external_id="odd", content_hash="odd", title="$NWB bagholders unite", summary="",
+            link="https://stocktwits.com/odd_guy/message/3", published_at=odd, fetched_at=old,
+        )  # fmt: skip
+        session.add(post)
+        session.flush()
+        odd_cite = {"document_id": post.id, "title": post.title, "link": post.link, "evidence": ["bagholders"]}
+        session.add(alert("odd", odd - timedelta(minutes=10), [odd_cite]))
+        session.add_all(alert(f"between-{i}", odd + timedelta(days=30 * i), [news]) for i in range(1, 12))
+        session.add(
+            alert("feed-dead", odd - timedelta(days=1), [], kind="source_health", scope_kind="health",
+                  scope_value="st-nwb", window_end=NOW)
+        )  # fmt: skip
+    loaded: list[str] = []
+
+    def on_load(target: s.Alert, _context: object) -> None:
+        loaded.append(target.id)
+
+    event.listen(s.Alert, "load", on_load)
+    try:
+        assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW) == 2
+    finally:
+        event.remove(s.Alert, "load", on_load)
+    assert sorted(loaded) == ["a1", "odd"]
+    with session_scope(engine) as session:
+        details = {a.id: a.details["top_documents"] for a in session.scalars(select(s.Alert))}
+    assert details["odd"] == [{**odd_cite, "title": "[text removed after 30 days]", "link": None, "evidence": []}]
+    assert all(details[f"between-{i}"] == [news] for i in range(1, 12))
+    assert details["a1"][0]["title"] == "[text removed after 30 days]" and details["a1"][1]["title"] == news["title"]
+
+
+def test_no_evidence_is_made_up_from_a_purged_post(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    """A purged post's title is a placeholder: `finsent explain` says the text was removed (and when) instead of
+    ranking the placeholder's words, and a detection rerun over its window cites it without evidence even with
+    a model at hand (before, both computed "evidence" from "[text removed after 30 days]")."""
+    import pipeline.explain
+    from pipeline.cli import app
+    from pipeline.explain import with_evidence
+    from pipeline.maintenance import purge_social_text
+    from pipeline.score import Scorer
+    from pipeline.store import alerts as stored
+
+    monkeypatch.setattr(pipeline.explain, "MIN_WEIGHT", 0.0)  # any word the model leans on counts as evidence
+    url = f"sqlite:///{tmp_path / 'explain.db'}"
+    store.upgrade(url)
+    engine = store.make_engine(url)
+    ids = seed(engine)
+    assert purge_social_text(engine, NOW - timedelta(days=30), 30, NOW) == 1
+    cfg = tmp_path / "finsent.yaml"
+    cfg.write_text(json.dumps({"database_url": url}))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    run = CliRunner().invoke
+    r = run(app, ["explain", str(ids["old_post"]), "--model", str(tiny_model_dir), "-c", str(cfg)])
+    assert r.exit_code == 1, r.output
+    assert "text was removed on 2026-11-30 12:00 UTC" in r.output and "+0." not in r.output, r.output
+    r = run(app, ["explain", str(ids["old_news"]), "--model", str(tiny_model_dir), "-c", str(cfg)])
+    assert r.exit_code == 0 and "Northwind Bank cuts jobs" in r.output, r.output  # the news item is explained
+
+    scorer = Scorer.load(str(tiny_model_dir))
+    old = NOW - timedelta(days=40)
+    with session_scope(engine) as session:
+        tops = stored.top_documents(
+            session, [("entity", "NWB")], VERSION, old - timedelta(hours=1), old + timedelta(hours=1)
+        )
+    engine.dispose()
+    texts = {item.document_id: text for item, text in tops[("entity", "NWB")]}
+    assert texts == {ids["old_post"]: None, ids["old_news"]: "Northwind Bank cuts jobs. Body of the article."}
+    cited = {i.document_id: i for i in with_evidence(tops[("entity", "NWB")], {}, scorer)}
+    assert cited[ids["old_post"]].evidence == ()
+    assert cited[ids["old_post"]].title == "[text removed after 30 days]"
+    assert cited[ids["old_news"]].evidence  # a document with its text still gets its words
+
+
 def test_without_the_setting_social_text_is_kept(db) -> None:
     _url, engine = db
     ids = seed(engine)

@@ -11,7 +11,18 @@ from sqlalchemy import CheckConstraint, text
 from sqlalchemy.exc import IntegrityError
 
 from pipeline import store
-from pipeline.records import DeliveryState, IncidentState, NoticeKind, NoticeState, RunStatus, ScoringStatus, Severity
+from pipeline.records import (
+    AlertKind,
+    DeliveryState,
+    IncidentState,
+    NoticeKind,
+    NoticeState,
+    OpsScope,
+    RunStatus,
+    ScopeKind,
+    ScoringStatus,
+    Severity,
+)
 from pipeline.store import schema as s
 
 NOT_SCORED = {v.value for v in ScoringStatus} - {ScoringStatus.SCORED}
@@ -23,6 +34,8 @@ EXPECTED: dict[str, set[str]] = {
     "ck_incidents_state": {v.value for v in IncidentState},
     "ck_incidents_severity": {v.value for v in Severity},
     "ck_alerts_severity": {v.value for v in Severity},
+    "ck_alerts_kind": {v.value for v in AlertKind},
+    "ck_alerts_scope_kind": {v.value for v in ScopeKind} | {v.value for v in OpsScope},
     "ck_scoring_outcomes_status": NOT_SCORED,
 }
 
@@ -90,9 +103,22 @@ def _refuses_unknown_states(engine) -> None:
         "INSERT INTO operator_notices (key, kind, subject, body, created_at, sent_to, errors) "
         "VALUES (:key, :kind, 's', 'b', CURRENT_TIMESTAMP, '[]', '[]')"
     )
+    alert = (
+        "INSERT INTO alerts (id, kind, scope_kind, scope_value, window_start, window_end, severity, neg_count, "
+        "total_count, neg_share, baseline_share, baseline_neg_rate, statistic, details, created_at) "
+        "VALUES (:id, :kind, :scope, 'x', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'info', 0, 0, 0, 0, 0, 0, '{}', "
+        "CURRENT_TIMESTAMP)"
+    )
     with engine.begin() as c:  # the known states are accepted
         c.execute(text(run), {"status": RunStatus.ABANDONED.value})
         c.execute(text(notice), {"key": "k1", "kind": NoticeKind.SINK_FAILING.value})
-    for statement, params in ((run, {"status": "finished"}), (notice, {"key": "k2", "kind": "dag_failure"})):
+        c.execute(text(alert), {"id": "a1", "kind": AlertKind.SOURCE_HEALTH.value, "scope": OpsScope.HEALTH.value})
+        c.execute(text(alert), {"id": "a2", "kind": AlertKind.ESCALATED.value, "scope": ScopeKind.TOPIC.value})
+    for statement, params in (
+        (run, {"status": "finished"}),
+        (notice, {"key": "k2", "kind": "dag_failure"}),
+        (alert, {"id": "a3", "kind": "surge", "scope": ScopeKind.MARKET.value}),
+        (alert, {"id": "a4", "kind": AlertKind.SPIKE.value, "scope": "watchlist"}),
+    ):
         with pytest.raises(IntegrityError, match="ck_|CHECK"), engine.begin() as c:
             c.execute(text(statement), params)

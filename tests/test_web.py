@@ -25,11 +25,11 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from pipeline import acks, store
 from pipeline.messages import ACK_ACTION_ID
-from pipeline.records import Document, EntityMention
+from pipeline.records import ALERT_SCOPES, AlertKind, Document, EntityMention, OpsScope
 from pipeline.store import schema as s
 
 CHROMIUM = os.environ.get("FINSENT_CHROMIUM", "/usr/bin/chromium")
@@ -329,6 +329,40 @@ def test_bad_query_values_give_clear_errors(demo: Demo) -> None:
     assert r.status_code == 400 and "start=&#39;yesterday&#39;" in r.text
     assert httpx.get(f"{demo.base}/company/NOPE").status_code == 404
     assert httpx.get(f"{demo.base}/alerts/nope").status_code == 404
+
+
+def test_alert_filters_offer_every_kind_and_scope_the_database_holds(demo: Demo) -> None:
+    """The alerts page filters by the kinds and scopes of pipeline.records, operational ones included: a
+    source-health or model-drift alert can be listed on its own (before, `scope_kind=health` was dropped as
+    unknown and every alert was listed)."""
+    engine = store.make_engine(demo.url)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    ops = {
+        "ops-health": (AlertKind.SOURCE_HEALTH, OpsScope.HEALTH),
+        "ops-model": (AlertKind.MODEL_HEALTH, OpsScope.MODEL),
+    }
+    try:
+        with store.session_scope(engine) as session:
+            for aid, (kind, scope) in ops.items():
+                session.add(
+                    s.Alert(
+                        id=aid, kind=kind, scope_kind=scope, scope_value="newswire", window_start=when,
+                        window_end=when, severity="warning", neg_count=0, total_count=0, neg_share=0.0,
+                        baseline_share=0.0, baseline_neg_rate=0.0, statistic=0.0, details={},
+                    )
+                )  # fmt: skip
+        health = httpx.get(f"{demo.base}/alerts", params={"scope_kind": "health"}).text
+        model = httpx.get(f"{demo.base}/alerts", params={"kind": "model_health"}).text
+        page = httpx.get(f"{demo.base}/alerts").text
+    finally:
+        with store.session_scope(engine) as session:
+            session.execute(delete(s.Alert).where(s.Alert.id.in_(list(ops))))
+        engine.dispose()
+    listed = re.compile(r'href="/alerts/([0-9a-z-]+)"')
+    assert set(listed.findall(health)) == {"ops-health"}
+    assert set(listed.findall(model)) == {"ops-model"}
+    options = set(re.findall(r"<option[^>]*>([a-z_]+)</option>", page))
+    assert {*AlertKind, *ALERT_SCOPES} <= options
 
 
 def test_non_loopback_without_access_control_refuses_to_start() -> None:

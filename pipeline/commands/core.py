@@ -19,6 +19,7 @@ from rich.text import Text
 
 from pipeline.config import ConfigError, FinsentConfig, load_config
 from pipeline.errors import FinsentError, UsageError
+from pipeline.records import AlertKind
 
 log = logging.getLogger("finsent")
 console = Console()
@@ -293,7 +294,7 @@ def print_demo(report) -> None:
     for src, title, p in report.top_negative:
         neg.add_row(f"{p:.2f}", Text(src), Text(title))  # feed text is data, never rich markup
     console.print(neg)
-    spikes = [a for a in report.alerts if a.kind != "resolved"]
+    spikes = [a for a in report.alerts if a.kind != AlertKind.RESOLVED]
     console.print(f"\n[bold]{len(spikes)} alert(s)[/] for the window ending {report.as_of:%Y-%m-%d %H:%M} UTC:")
     for a in spikes:
         risk = f", risk {a.risk_score:.0f}/100" if a.risk_score is not None else ""

@@ -657,6 +657,12 @@ def explain(
         doc = session.get(s.Document, doc_id)
         if doc is None:
             raise fail(f"no document with id {doc_id}")
+        if doc.text_purged_at is not None:  # its title is a placeholder: words from it would explain nothing
+            raise fail(
+                f"document {doc_id}: its text was removed on {doc.text_purged_at:%Y-%m-%d %H:%M} UTC "
+                "(retention.raw_social_text_days), so there are no words to explain; its stored scores remain",
+                code=1,
+            )
         text = document_text(doc.title, doc.summary)
         path = model or resolve_model_path(cfg, session)
     scorer = Scorer.load(path, device=cfg.model.device, max_length=cfg.model.max_length)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig
 from pipeline.detect import MARKET, TOP_DOCUMENTS, ScopeMatrix, WindowGrid
-from pipeline.records import AlertItem, AlertRecord, document_text
+from pipeline.records import AlertItem, AlertRecord, ScopeKind, document_text
 from pipeline.risk import topic_weight
 from pipeline.store import _insert
 from pipeline.store import schema as s
@@ -79,17 +79,17 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
             .join(D, D.id == E.document_id)
             .where(E.kind == "watchlist", D.published_at >= start, D.published_at < end),
         )
-        if "entity" in kinds and rows
+        if ScopeKind.ENTITY in kinds and rows
         else []
     )
 
     keys: set[ScopeKey] = set()
-    if "market" in kinds:
-        keys.add(("market", MARKET))
-    if "entity" in kinds:
-        keys.update(("entity", w.key) for w in cfg.watchlist)
-    if "source" in kinds:
-        keys.update(("source", src.name) for src in cfg.sources)
+    if ScopeKind.MARKET in kinds:
+        keys.add((ScopeKind.MARKET, MARKET))
+    if ScopeKind.ENTITY in kinds:
+        keys.update((ScopeKind.ENTITY, w.key) for w in cfg.watchlist)
+    if ScopeKind.SOURCE in kinds:
+        keys.update((ScopeKind.SOURCE, src.name) for src in cfg.sources)
     frames: list[pd.DataFrame] = []
     if rows:
         names = ["id", "epoch", "content_hash", "source_name", "negative", "p_negative", "topic"]
@@ -111,18 +111,18 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
                 n=("neg", "size"), k=("neg", "sum"), sp=("p", "sum"), stw=("tw_neg", "sum")
             )
             g = g.reset_index(names=["value", "w"])
-            frames.append(g.assign(kind=kind, value=g["value"].astype(str)))
+            frames.append(g.assign(kind=str(kind), value=g["value"].astype(str)))
 
-        if "market" in kinds:
-            add("market", df.assign(scope=MARKET), "scope", "content_hash")
-        if "entity" in kinds and ents:
+        if ScopeKind.MARKET in kinds:
+            add(ScopeKind.MARKET, df.assign(scope=MARKET), "scope", "content_hash")
+        if ScopeKind.ENTITY in kinds and ents:
             ids, names_ = zip(*ents, strict=True)
             ent_df = pd.DataFrame({"id": ids, "entity": names_}).drop_duplicates()
-            add("entity", df.merge(ent_df, on="id"), "entity", "content_hash")
-        if "source" in kinds:
-            add("source", df, "source_name", "id")
-        if "topic" in kinds:
-            add("topic", df[df["topic"].notna()], "topic", "content_hash")
+            add(ScopeKind.ENTITY, df.merge(ent_df, on="id"), "entity", "content_hash")
+        if ScopeKind.SOURCE in kinds:
+            add(ScopeKind.SOURCE, df, "source_name", "id")
+        if ScopeKind.TOPIC in kinds:
+            add(ScopeKind.TOPIC, df[df["topic"].notna()], "topic", "content_hash")
     counts = pd.concat(frames, ignore_index=True) if frames else None
     if counts is not None:
         seen = counts[["kind", "value"]].drop_duplicates()
@@ -140,9 +140,10 @@ def load_scope_counts(session: Session, cfg: FinsentConfig, model_version: str, 
 
 def top_documents(
     session: Session, scopes: Sequence[ScopeKey], model_version: str, start: datetime, end: datetime
-) -> dict[ScopeKey, list[tuple[AlertItem, str]]]:
-    """The most negative documents of each alerting scope in [start, end), with their text, from one query
-    for all scopes (not one per scope): highest p_negative first, then newest, one copy per story."""
+) -> dict[ScopeKey, list[tuple[AlertItem, str | None]]]:
+    """The most negative documents of each alerting scope in [start, end), with their text (None for a post
+    whose text retention removed: its title is a placeholder, not words to explain), from one query for all
+    scopes (not one per scope): highest p_negative first, then newest, one copy per story."""
     if not scopes:
         return {}
     D, Sc, E = s.Document, s.Score, s.DocumentEntity
@@ -155,6 +156,7 @@ def top_documents(
             D.source_name,
             D.content_hash,
             D.published_at,
+            D.text_purged_at,
             Sc.p_negative,
             Sc.topic,
             E.entity,
@@ -169,19 +171,19 @@ def top_documents(
     by_scope: dict[ScopeKey, set[int]] = {}
     for r in session.execute(q):
         docs.setdefault(r.id, r)
-        by_scope.setdefault(("market", MARKET), set()).add(r.id)
-        by_scope.setdefault(("source", r.source_name), set()).add(r.id)
+        by_scope.setdefault((ScopeKind.MARKET, MARKET), set()).add(r.id)
+        by_scope.setdefault((ScopeKind.SOURCE, r.source_name), set()).add(r.id)
         if r.topic is not None:
-            by_scope.setdefault(("topic", r.topic), set()).add(r.id)
+            by_scope.setdefault((ScopeKind.TOPIC, r.topic), set()).add(r.id)
         if r.entity is not None:
-            by_scope.setdefault(("entity", r.entity), set()).add(r.id)
-    out: dict[ScopeKey, list[tuple[AlertItem, str]]] = {}
+            by_scope.setdefault((ScopeKind.ENTITY, r.entity), set()).add(r.id)
+    out: dict[ScopeKey, list[tuple[AlertItem, str | None]]] = {}
     for key in scopes:
         ranked = sorted(
             (docs[i] for i in by_scope.get(key, ())), key=lambda r: (-r.p_negative, -r.published_at.timestamp(), r.id)
         )
         seen: set[str] = set()
-        items: list[tuple[AlertItem, str]] = []
+        items: list[tuple[AlertItem, str | None]] = []
         for r in ranked:
             if r.content_hash in seen:
                 continue
@@ -189,7 +191,7 @@ def top_documents(
             item = AlertItem(
                 document_id=r.id, title=r.title, link=r.link, source=r.source_name, p_negative=float(r.p_negative)
             )
-            items.append((item, document_text(r.title, r.summary)))
+            items.append((item, None if r.text_purged_at else document_text(r.title, r.summary)))
             if len(items) >= TOP_DOCUMENTS:
                 break
         out[key] = items

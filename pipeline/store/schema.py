@@ -28,7 +28,18 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from pipeline.records import DeliveryState, IncidentState, NoticeKind, NoticeState, RunStatus, ScoringStatus, Severity
+from pipeline.records import (
+    AlertKind,
+    DeliveryState,
+    IncidentState,
+    NoticeKind,
+    NoticeState,
+    OpsScope,
+    RunStatus,
+    ScopeKind,
+    ScoringStatus,
+    Severity,
+)
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY, Postgres wants BIGINT for big tables.
@@ -65,10 +76,11 @@ class TZDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def one_of(column: str, values: type[StrEnum] | tuple[str, ...]) -> CheckConstraint:
-    """The CHECK constraint that a state column holds one of its enum's values (named ck_<table>_<column>),
-    so the database refuses a state the code does not know; migration 0015 adds these to older databases."""
-    allowed = ", ".join(f"'{v}'" for v in (values if isinstance(values, tuple) else [m.value for m in values]))
+def one_of(column: str, *values: type[StrEnum] | tuple[str, ...]) -> CheckConstraint:
+    """The CHECK constraint that a state column holds one of its enums' values (named ck_<table>_<column>),
+    so the database refuses a state the code does not know; migrations 0015 and 0016 add these to older
+    databases."""
+    allowed = ", ".join(f"'{v}'" for group in values for v in group)
     return CheckConstraint(f"{column} IN ({allowed})", name=column)
 
 
@@ -262,11 +274,13 @@ class Alert(Base):
     __table_args__ = (
         Index("ix_alerts_scope_window", "scope_kind", "scope_value", "window_end"),
         one_of("severity", Severity),
+        one_of("kind", AlertKind),
+        one_of("scope_kind", ScopeKind, OpsScope),
     )
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # deterministic hash of scope+window+kind
     episode_id: Mapped[str | None] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # spike | escalated | resolved
-    scope_kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # an AlertKind
+    scope_kind: Mapped[str] = mapped_column(String(16))  # a ScopeKind or an OpsScope
     scope_value: Mapped[str] = mapped_column(String(200))
     window_start: Mapped[datetime]
     window_end: Mapped[datetime]

@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Integer, and_, func, or_, select
 from sqlalchemy.orm import Session, defer
 
 from pipeline import rollups
+from pipeline.records import OPEN_KINDS, AlertKind, ScopeKind
 from pipeline.store import schema as s
 
 T = TypeVar("T")
@@ -27,7 +28,6 @@ MAX_SEARCH_ROWS = 100
 SEARCH_DAYS = 7  # document search's default range
 CURRENT_RISK = timedelta(days=2)  # a risk score older than this before the newest data is not "current"
 MAX_ALERT_ROWS = 200
-OPEN_KINDS = ("spike", "escalated")
 
 SourceState = Literal["ok", "failing", "stale", "never"]
 AlertStatus = Literal["open", "acknowledged", "all"]
@@ -271,7 +271,7 @@ def series_by_entity(
             select(h.scope_value, k, func.sum(h.total_count), func.sum(h.neg_count))
             .where(
                 h.model_version == model,
-                h.scope_kind == "entity",
+                h.scope_kind == ScopeKind.ENTITY,
                 h.scope_value.in_(list(tickers)),
                 h.bucket_start >= start,
                 h.bucket_start < end,
@@ -292,7 +292,7 @@ def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
     per incident (headed like its message: the most specific, most severe scope) or per alert not in one yet."""
     from pipeline.incidents import head_key, severity_key
 
-    resolved = select(s.Alert.episode_id).where(s.Alert.kind == "resolved", s.Alert.episode_id.is_not(None))
+    resolved = select(s.Alert.episode_id).where(s.Alert.kind == AlertKind.RESOLVED, s.Alert.episode_id.is_not(None))
     rows = session.scalars(
         select(s.Alert)
         .options(defer(s.Alert.details))  # evidence lists: not shown here, and parsing 200 of them costs
@@ -332,9 +332,9 @@ def open_items(session: Session, limit: int = 50) -> list[OpenItem]:
 
 
 def scope_title(kind: str, value: str, names: dict[str, str]) -> str:
-    if kind == "market":
+    if kind == ScopeKind.MARKET:
         return "Market-wide"
-    if kind == "entity":
+    if kind == ScopeKind.ENTITY:
         return f"{names[value]} ({value})" if value in names else value
     return f"{kind.capitalize()} {value}"
 
@@ -367,7 +367,7 @@ def latest_risk(session: Session, tickers: Sequence[str], anchor: datetime) -> d
     if not tickers:
         return {}
     r = s.RiskScore
-    recent = [r.scope_kind == "entity", r.scope_value.in_(list(tickers)), r.window_end > anchor - CURRENT_RISK]
+    recent = [r.scope_kind == ScopeKind.ENTITY, r.scope_value.in_(list(tickers)), r.window_end > anchor - CURRENT_RISK]
     newest = select(r.scope_value, func.max(r.window_end).label("w")).where(*recent).group_by(r.scope_value).subquery()
     rows = session.execute(
         select(r.scope_value, r.risk, r.window_end)
@@ -386,7 +386,7 @@ def overview(session: Session, now: datetime) -> Overview:
     spark = series_by_entity(session, tickers, anchor - timedelta(days=SPARK_DAYS), anchor, SPARK_STEP)
     open_count: dict[str, int] = {}
     for i in items:
-        if i.scope_kind == "entity":
+        if i.scope_kind == ScopeKind.ENTITY:
             open_count[i.scope_value] = open_count.get(i.scope_value, 0) + 1
     companies = [
         CompanyRow(
@@ -476,7 +476,7 @@ def company_page(
         session.scalars(
             select(s.Alert)
             .where(
-                s.Alert.scope_kind == "entity",
+                s.Alert.scope_kind == ScopeKind.ENTITY,
                 s.Alert.scope_value == ticker,
                 s.Alert.window_end > start,
                 s.Alert.window_start < end,

@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from pipeline import acks
 from pipeline.messages import view_of
+from pipeline.records import ALERT_SCOPES, AlertKind, Severity
 from pipeline.slack_actions import MAX_BODY as SLACK_MAX_BODY
 from pipeline.slack_actions import handle_slack_action
 from pipeline.store import schema as s
@@ -19,9 +20,8 @@ from pipeline.web import queries
 from pipeline.web.context import Web, choice, web
 from pipeline.web.security import SLACK_ACTIONS_PATH
 
-ALERT_KINDS = ("spike", "escalated", "resolved")
-SEVERITIES = ("info", "warning", "critical")
-SCOPE_KINDS = ("market", "entity", "source", "topic")
+ALERT_KINDS: tuple[str, ...] = tuple(AlertKind)
+SEVERITIES: tuple[str, ...] = tuple(Severity)
 
 
 def _alert(session: Session, alert_id: str) -> s.Alert:
@@ -39,7 +39,7 @@ def alert_list(request: Request) -> Response:
         status=status if status in queries.ALERT_STATUSES else "all",
         kind=choice(qp.get("kind"), ALERT_KINDS),
         severity=choice(qp.get("severity"), SEVERITIES),
-        scope_kind=choice(qp.get("scope_kind"), SCOPE_KINDS),
+        scope_kind=choice(qp.get("scope_kind"), ALERT_SCOPES),
         scope_value=(qp.get("scope_value") or "")[:200],
     )
     with w.session() as session:
@@ -54,7 +54,7 @@ def alert_list(request: Request) -> Response:
         statuses=queries.ALERT_STATUSES,
         kinds=ALERT_KINDS,
         severities=SEVERITIES,
-        scope_kinds=SCOPE_KINDS,
+        scope_kinds=ALERT_SCOPES,
     )
 
 
