@@ -1,9 +1,9 @@
 """The labelling queue (active learning): which stored documents are most worth an analyst's minute.
 
 Candidates are documents scored by the model in use, published in the last `days`, that no analyst has
-labelled yet (no `feedback` row) and whose text retention has not removed; at most the newest `MAX_CANDIDATES`
-of them. The margin of a score is its top probability minus the runner-up: a small margin means the model nearly
-chose another label. The queue is, in this order (the documented rule):
+labelled yet (no `feedback` row) and whose text retention has not removed. The margin of a score is its top
+probability minus the runner-up (`scores.margin`, computed by the database): a small margin means the model
+nearly chose another label. The queue is, in this order (the documented rule):
 
 1. **alert_flip**: documents cited as evidence by an open alert (a spike or escalation whose episode has no
    resolution) whose margin is below `flip_margin`: relabelling one could flip what an alert claims.
@@ -12,12 +12,21 @@ chose another label. The queue is, in this order (the documented rule):
    least confident of each source in turn, sources by name), so one noisy feed cannot fill the queue.
 3. **random**: `random_share` of the queue (at least one item when there is room) from the candidates not
    already listed, round-robin across sources: each source's candidates in the order of a seeded integer hash
-   of their id computed by the database (`_draw_key`: the same seed and candidates give the same items, another
-   seed others), a pseudo-random sample independent of the margin, so the feedback also measures accuracy
-   where the model is confident.
+   of their id (`_draw_key`: the same seed and candidates give the same items, another seed others), a
+   pseudo-random sample independent of the margin, so the feedback also measures accuracy where the model is
+   confident. A source with more than `_SMALL_SOURCE` candidates shuffles the `_SMALL_SOURCE` that follow a
+   threshold the seed picks in content-hash order (the sha256 of their text, wrapping around): each candidate's
+   chance stays close to even, and the database never reads the rest.
 
-The database ranks (margins, one window per order): Python receives the open alerts' flips and at most `limit`
-candidates per source for each of the other two parts, however many candidates there are.
+The database reads about a page, not every candidate (migration 0017's indexes; nothing sorts the candidates):
+one index range gives the window's lowest and highest document id, one index probe per source which sources
+published in the window. Each source's draw walks `documents (source_name, content_hash, published_at)` from the
+seed's threshold (the window checked inside the index) and stops after `_SMALL_SOURCE` candidates, so a smaller
+source is read whole; for each larger source, the least confident walk `scores (model_version_id, margin,
+document_id)` upwards (the window's id range checked inside the index) and stop after the page's need. Such a
+walk reads about need x (the model's scores / the source's candidates) index entries and looks up only the
+documents in the window's id range: a source whose candidates are all more confident than most stored scores
+makes it long (at worst every score of the model, and a lookup per document of the window).
 
 The web app's `/label-queue` page lists the same items (this function, these defaults) with a form per item.
 Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedback` row the next `finsent train` reads
@@ -26,6 +35,7 @@ Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedb
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,21 +44,18 @@ from enum import StrEnum
 from itertools import chain, zip_longest
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import BigInteger, ColumnElement, Engine, Float, and_, cast, false, func, literal, or_, select
-from sqlalchemy.ext.compiler import compiles
+from sqlalchemy import Engine, Select, func, select, text, union_all
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
 
 from pipeline.health import OPS_SCOPES
 from pipeline.records import AlertKind
 from pipeline.store import schema as s
 from pipeline.store import session_scope
 
-MAX_CANDIDATES = 50_000  # the newest candidates considered: bounds the database's work whatever the backlog
 DEFAULT_LIMIT = 20  # items listed by default (the CLI and the web page)
 DEFAULT_DAYS = 7.0  # candidates published in the last N days by default
-_PRIME = 2_147_483_647  # 2**31 - 1: every step of _draw_key stays below 2**63 (SQLite and Postgres bigint)
+_SMALL_SOURCE = 100  # a source with fewer candidates is read whole by its draw instead of walked by margin
+_PRIME = 2_147_483_647  # 2**31 - 1
 _MULT = 1_103_515_245
 
 
@@ -70,64 +77,32 @@ class QueueItem:
 
 
 def margin(probs: Iterable[float]) -> float:
-    """The documented margin (top probability minus the runner-up, 4 decimals); `margin_sql` computes the same."""
+    """The documented margin (top probability minus the runner-up, 4 decimals); `scores.margin` holds the same,
+    unrounded (`pipeline.store.schema.margin_sql`)."""
     top, second = sorted(probs, reverse=True)[:2]
     return round(top - second, 4)
 
 
-class _Greatest(FunctionElement[float]):
-    """greatest(...) on Postgres; SQLite spells it as the scalar max(...)."""
-
-    type = Float()
-    name = "greatest"
-    inherit_cache = True
+def draw_threshold(seed: int) -> str:
+    """Where a seed's draw starts in content-hash order: a sha256 hex digest, as the content hashes are."""
+    return hashlib.sha256(f"finsent label queue draw {seed}".encode()).hexdigest()
 
 
-class _Least(FunctionElement[float]):
-    type = Float()
-    name = "least"
-    inherit_cache = True
-
-
-@compiles(_Greatest)
-@compiles(_Least)
-def _pg_extreme(element: FunctionElement[float], compiler: SQLCompiler, **kw: Any) -> str:
-    return f"{element.name}({compiler.process(element.clauses, **kw)})"
-
-
-@compiles(_Greatest, "sqlite")
-@compiles(_Least, "sqlite")
-def _sqlite_extreme(element: FunctionElement[float], compiler: SQLCompiler, **kw: Any) -> str:
-    return f"{'max' if element.name == 'greatest' else 'min'}({compiler.process(element.clauses, **kw)})"
-
-
-def margin_sql(a: Any, b: Any, c: Any) -> ColumnElement[float]:
-    """The margin of three probabilities in SQL, unrounded: the top minus the median, exactly `top - second` of
-    `margin` (no sum to subtract from, so no rounding error: rounding it to 4 decimals gives `margin`)."""
-    median = _Greatest(_Least(a, b), _Least(_Greatest(a, b), c))
-    return _Greatest(a, b, c) - median
-
-
-def _draw_key(doc_id: Any, seed: int) -> ColumnElement[int]:
-    """The random part's order: an integer hash of (document id, seed), computed the same way by SQLite and
-    Postgres. A linear step, a squaring step that breaks the linear pattern consecutive ids would otherwise keep,
-    and a second linear step, each modulo the prime 2**31 - 1, so no product exceeds 2**62."""
+def _draw_key(doc_id: int, seed: int) -> int:
+    """The random part's order: an integer hash of (document id, seed). A linear step, a squaring step that
+    breaks the linear pattern consecutive ids would otherwise keep, and a second linear step, modulo a prime."""
     s1, s2 = seed % _PRIME, (seed * 7_919 + 1) % _PRIME
-    x = (cast(doc_id, BigInteger) % _PRIME * _MULT + s1) % _PRIME
+    x = (doc_id % _PRIME * _MULT + s1) % _PRIME
     x = (x * x + s2) % _PRIME
     return (x * _MULT + s1) % _PRIME
 
 
 class _Cand(NamedTuple):
-    """A ranked candidate as the database returns it."""
+    """A candidate as the database returns it."""
 
     document_id: int
     source: str
     margin: float  # unrounded
-    flip: bool  # cited by an open alert with a margin below flip_margin
-    by_margin: int  # rank among its source's non-flip candidates, smallest margin first (from 1)
-    by_draw: int  # rank among its source's candidates in the random draw's order (from 1)
-    total: int  # candidates in all
 
 
 _C = TypeVar("_C", QueueItem, _Cand)
@@ -145,16 +120,25 @@ def _round_robin(items: Sequence[_C]) -> list[_C]:
 def _cited_by_open_alerts(session: Session) -> dict[int, str]:
     A = s.Alert
     resolved = select(A.episode_id).where(A.kind == AlertKind.RESOLVED, A.episode_id.is_not(None))
-    alerts = session.scalars(
-        select(A)
+    alerts = session.execute(  # two columns, not the ORM objects: a quarter's open alerts cost milliseconds
+        select(A.id, A.details)
         .where(A.kind != AlertKind.RESOLVED, A.scope_kind.not_in(OPS_SCOPES), A.episode_id.not_in(resolved))
         .order_by(A.window_end.desc())
-    ).all()
+    )
     cited: dict[int, str] = {}
-    for a in alerts:
-        for d in (a.details or {}).get("top_documents", []):
-            cited.setdefault(int(d["document_id"]), a.id)
+    for alert_id, details in alerts:
+        for d in (details or {}).get("top_documents", []):
+            cited.setdefault(int(d["document_id"]), alert_id)
     return cited
+
+
+def _each(session: Session, parts: Sequence[Select[*tuple[Any, ...]]], *order: str) -> list[Any]:
+    """The rows of several LIMIT-ed selects in one statement (UNION ALL; each wrapped in a subquery, as SQLite
+    takes no ORDER BY or LIMIT inside a compound select), ordered by the `order` columns."""
+    if not parts:
+        return []
+    u = union_all(*(select(p.subquery()) for p in parts)).subquery()
+    return list(session.execute(select(u).order_by(*(u.c[k] for k in order))))
 
 
 def label_queue(
@@ -173,52 +157,97 @@ def label_queue(
         return []
     now = now or datetime.now(UTC)
     D, Sc, F = s.Document, s.Score, s.Feedback
-    labelled = select(F.document_id).where(F.document_id == D.id).exists()
     window = (D.published_at >= now - timedelta(days=days), D.published_at <= now)
-    with session_scope(engine) as session:
-        # a literal lower bound on the candidates' ids lets Postgres estimate how few scores rows match and read
-        # them by the scores key, instead of hashing every score of the model (about 30% of the query at 300,000)
-        # (min of id + 0: min(id) alone makes Postgres walk the id index from 1 until a row falls in the window)
-        first = session.scalar(select(func.min(D.id + 0)).where(*window))
-        if first is None:
-            return []  # nothing published in the window
-        cited = _cited_by_open_alerts(session)
-        m = margin_sql(Sc.p_negative, Sc.p_neutral, Sc.p_positive)
-        flip = and_(D.id.in_(list(cited)), m < flip_margin) if cited else false()
-        cand = (
-            select(D.id, D.source_name.label("source"), m.label("margin"), flip.label("flip"))
+
+    def candidates(*where: Any) -> Select[int, str, float]:
+        return (
+            select(D.id, D.source_name.label("source"), Sc.margin)
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(
                 *window,
-                Sc.document_id >= first,
+                *where,
                 D.text_purged_at.is_(None),  # retention removed its text: nothing left to read
-                ~labelled,
+                ~select(F.document_id).where(F.document_id == D.id).exists(),  # labelled already
             )
-            .order_by(D.id.desc())
-            .limit(MAX_CANDIDATES)
-            .subquery("cand")
         )
-        ranked = select(
-            cand.c.id,
-            cand.c.source,
-            cand.c.margin,
-            cand.c.flip,
-            func.row_number()
-            .over(partition_by=(cand.c.source, cand.c.flip), order_by=(cand.c.margin, cand.c.id))
-            .label("by_margin"),
-            func.row_number()
-            .over(partition_by=cand.c.source, order_by=(_draw_key(cand.c.id, seed), cand.c.id))
-            .label("by_draw"),
-            func.count(literal(1)).over().label("total"),
-        ).subquery("ranked")
-        r = ranked.c
-        rows = [
-            _Cand(*row)
-            for row in session.connection().execute(
-                select(ranked).where(or_(r.flip, r.by_margin <= limit, r.by_draw <= limit))
+
+    with session_scope(engine) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            # plan each walk for its values: psycopg prepares a statement run five times, and Postgres then
+            # moves to a generic plan that guesses the window small and sorts each source's week (40 ms)
+            session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+        # the window's id range (id + 0: min(id) alone makes Postgres walk the id index from 1 until a row
+        # falls in the window), so the margin walks skip other dates' scores inside their index
+        first, last = session.execute(select(func.min(D.id + 0), func.max(D.id + 0)).where(*window)).one()
+        if first is None:
+            return []  # nothing published in the window
+        published = select(D.id).where(D.source_name == s.Source.name, *window).exists()
+        sources = list(session.scalars(select(s.Source.name).where(published)))
+        # each source's draw: the n candidates from the seed's threshold up in content-hash order, wrapping
+        # around to the bottom for the sources whose walk reached the top
+        threshold, n = draw_threshold(seed), max(limit, _SMALL_SOURCE)
+
+        def walk(names: Sequence[str], above: bool) -> dict[str, list[_Cand]]:
+            where = D.content_hash >= threshold if above else D.content_hash < threshold
+            by_hash = (D.content_hash, D.id)
+            parts = [
+                candidates(D.source_name == src, where).add_columns(D.content_hash).order_by(*by_hash).limit(n)
+                for src in names
+            ]
+            out: dict[str, list[_Cand]] = defaultdict(list)
+            for r in _each(session, parts, "source", "content_hash", "id"):
+                out[r.source].append(_Cand(r.id, r.source, r.margin))
+            return out
+
+        upper = walk(sources, above=True)
+        wrapped = [src for src in sources if len(upper[src]) < n]
+        lower = walk(wrapped, above=False)
+        read = {src: upper[src] + lower[src] for src in sources}
+        whole = {src for src in wrapped if len(lower[src]) < n}  # every candidate of the source was read
+        # the draw: the first n from the threshold on (all of a smaller source's), shuffled by the seed
+        drawn = {
+            src: sorted(cs[:n], key=lambda c: (_draw_key(c.document_id, seed), c.document_id))
+            for src, cs in read.items()
+        }
+
+        cited = _cited_by_open_alerts(session)
+        flips = (
+            sorted(
+                (_Cand(*r) for r in session.execute(candidates(D.id.in_(list(cited)), Sc.margin < flip_margin))),
+                key=lambda c: (c.margin, c.document_id),
             )
+            if cited
+            else []
+        )
+        total = sum(map(len, drawn.values()))  # every candidate, or at least `limit`: enough for the share
+        n_random = min(total, max(1, round(limit * random_share))) if limit > 1 else 0
+        head = [(c, Reason.ALERT_FLIP) for c in flips[: limit - n_random]]
+        need = max(0, limit - n_random - len(head))
+        flip_ids = {c.document_id for c in flips}
+        least = [
+            c
+            for src in sorted(whole)
+            for c in sorted(
+                (c for c in read[src] if c.document_id not in flip_ids), key=lambda c: (c.margin, c.document_id)
+            )[:need]
         ]
-        chosen = _choose(rows, limit, random_share)
+        if need:
+            walks = [
+                candidates(
+                    D.source_name == src,
+                    Sc.document_id.between(first, last),
+                    *([Sc.document_id.not_in(flip_ids)] if flip_ids else []),
+                )
+                .order_by(Sc.margin, Sc.document_id)
+                .limit(need)
+                for src in sources
+                if src not in whole
+            ]
+            least += [_Cand(*r) for r in _each(session, walks, "source", "margin", "id")]
+        head += [(c, Reason.LEAST_CONFIDENT) for c in _round_robin(least)[:need]]
+        taken = {c.document_id for c, _ in head}
+        rest = [c for src in sorted(drawn) for c in drawn[src][:limit] if c.document_id not in taken]
+        chosen = head + [(c, Reason.RANDOM) for c in _round_robin(rest)[: limit - len(head)]]
         shown = {
             r.id: r
             for r in session.execute(
@@ -240,19 +269,3 @@ def label_queue(
         for c, reason in chosen
         if c.document_id in shown  # deleted meanwhile (retention): not worth a minute any more
     ]
-
-
-def _choose(rows: list[_Cand], limit: int, random_share: float) -> list[tuple[_Cand, Reason]]:
-    """The rule of the module docstring over the ranked rows: every flip, and each source's first `limit` by
-    margin (flips aside: when any least confident item is listed, every flip is) and by the draw's order. A
-    listed item takes at most one of its source's first `limit` in the draw, so those leave enough for the rest."""
-    total = rows[0].total if rows else 0
-    n_random = min(total, max(1, round(limit * random_share))) if limit > 1 else 0
-    flips = sorted((i for i in rows if i.flip), key=lambda i: (i.margin, i.document_id))
-    head = [(i, Reason.ALERT_FLIP) for i in flips[: limit - n_random]]
-    need = max(0, limit - n_random - len(head))
-    least = sorted((i for i in rows if not i.flip and i.by_margin <= need), key=lambda i: i.by_margin)
-    head += [(i, Reason.LEAST_CONFIDENT) for i in _round_robin(least)[:need]]
-    taken = {i.document_id for i, _ in head}
-    rest = sorted((i for i in rows if i.by_draw <= limit and i.document_id not in taken), key=lambda i: i.by_draw)
-    return head + [(i, Reason.RANDOM) for i in _round_robin(rest)[: limit - len(head)]]

@@ -11,29 +11,34 @@ import pytest
 from sqlalchemy import Column, Float, MetaData, Table, select
 from typer.testing import CliRunner
 
-from pipeline import store
+from pipeline import labelqueue, store
 from pipeline.data import feedback_examples, load_feedback_rows
-from pipeline.labelqueue import Reason, label_queue, margin, margin_sql
+from pipeline.ingest import content_hash
+from pipeline.labelqueue import Reason, label_queue, margin
 from pipeline.store import schema as s
 from pipeline.store import session_scope
+from pipeline.store.schema import margin_sql
 
 VERSION = "queue-model-1"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
 
-def _doc(session, source: str, n: int, margin: float, label: str = "negative", age_h: float = 1.0) -> int:
-    """A scored document whose top probability beats the runner-up by `margin`."""
+def _doc(
+    session, source: str, n: int, margin: float, label: str = "negative", age_h: float = 1.0, model: str = VERSION
+) -> int:
+    """A document scored by `model`, whose top probability beats the runner-up by `margin`."""
     top = (1 + margin) / 2 - (1 - margin) / 8  # the third class stays below the runner-up
     second = top - margin
     probs = dict.fromkeys(("negative", "neutral", "positive"), 1 - top - second)
     probs[label] = top
     probs[next(k for k in probs if k != label)] = second
     at = NOW - timedelta(hours=age_h)
+    title = f"{source} headline {n}"
     doc = s.Document(
         source_name=source,
         external_id=f"{source}-{n}",
-        content_hash=f"{source}-{n}",
-        title=f"{source} headline {n}",
+        content_hash=content_hash(title, ""),  # as ingest stores it: a large source's draw starts in its order
+        title=title,
         summary="",
         published_at=at,
         fetched_at=at,
@@ -44,7 +49,7 @@ def _doc(session, source: str, n: int, margin: float, label: str = "negative", a
     session.add(
         s.Score(
             document_id=doc.id,
-            model_version_id=VERSION,
+            model_version_id=model,
             label=label,
             p_negative=probs["negative"],
             p_neutral=probs["neutral"],
@@ -161,6 +166,76 @@ def test_a_small_limit_keeps_the_random_share_and_the_flips_first(any_engine) ->
     assert q[1].reason is Reason.RANDOM and by_id[q[1].document_id] not in {"flip", "done", "old"}
     assert label_queue(any_engine, VERSION, limit=1, now=NOW) == q[:1]  # no room for a random item
     assert label_queue(any_engine, VERSION, now=NOW - timedelta(days=60)) == []  # nothing published then
+
+
+def test_a_large_source_is_walked_by_margin_and_drawn_from_a_seeded_threshold(any_engine) -> None:
+    """A source with more candidates than the draw reads whole (gamma): its least confident come from the margin
+    index walk, its random items from the walk that starts at the seed's content-hash threshold; either walk
+    skips what the queue must skip (purged, labelled, outside the window, scored by another model only), and a
+    source whose documents are all labelled (delta) lists nothing."""
+    import random
+
+    ids = seed(any_engine)
+    rnd = random.Random(7)
+    gamma: dict[str, tuple[int, float]] = {}
+    with session_scope(any_engine) as session:
+        from pipeline.config import SourceConfig
+
+        store.ensure_sources(
+            session, [SourceConfig(name=n, url=f"https://x.example.com/{n}.xml") for n in ("gamma", "delta")]
+        )
+        store.register_model(session, "other", name="other", path="x", labels=["negative", "neutral", "positive"])
+        for i in range(130):
+            m = round(rnd.uniform(0.05, 0.95), 4)
+            gamma[f"g{i}"] = (_doc(session, "gamma", i, m), m)
+        skipped = {
+            "purged": _doc(session, "gamma", 200, 0.001),
+            "labelled": _doc(session, "gamma", 201, 0.002),
+            "old": _doc(session, "gamma", 202, 0.003, age_h=24 * 30),
+            "other model's": _doc(session, "gamma", 203, 0.004, model="other"),
+            "delta's only, labelled": _doc(session, "delta", 0, 0.0005),  # a source with no candidate
+        }
+        session.get(s.Document, skipped["purged"]).text_purged_at = NOW
+        for labelled in ("labelled", "delta's only, labelled"):
+            session.add(s.Feedback(document_id=skipped[labelled], label="neutral", created_at=NOW))
+    assert len(gamma) > labelqueue._SMALL_SOURCE  # the walks, not the small-source path
+    by_id = {v: k for k, v in ids.items()} | {d: k for k, (d, _) in gamma.items()}
+    least_gamma = sorted(gamma, key=lambda k: (gamma[k][1], gamma[k][0]))
+
+    def queue(seed_: int) -> list[tuple[str, Reason]]:
+        q = label_queue(any_engine, VERSION, limit=12, random_share=0.25, now=NOW, seed=seed_)
+        assert not {i.document_id for i in q} & set(skipped.values()), q
+        return [(by_id[i.document_id], i.reason) for i in q]
+
+    got = queue(4)
+    assert got[:9] == [
+        ("flip", Reason.ALERT_FLIP),
+        ("closed", Reason.LEAST_CONFIDENT),
+        ("b0", Reason.LEAST_CONFIDENT),
+        (least_gamma[0], Reason.LEAST_CONFIDENT),  # gamma's two smallest margins, from its walk
+        ("a0", Reason.LEAST_CONFIDENT),
+        ("b1", Reason.LEAST_CONFIDENT),
+        (least_gamma[1], Reason.LEAST_CONFIDENT),
+        ("a1", Reason.LEAST_CONFIDENT),
+        ("b2", Reason.LEAST_CONFIDENT),
+    ], got
+    assert [r for _, r in got[9:]] == [Reason.RANDOM] * 3 and got[10][0] == "sure", got
+    assert got[9][0] in {"a2", "a3", "a4", "a5", "a6", "a7"} and got[11][0] in set(least_gamma[2:]), got
+    assert queue(4) == got  # same seed, same queue
+    # gamma's random item: one of the _SMALL_SOURCE candidates from the seed's threshold up in content-hash order
+    # (wrapping around), so spread over all of them as the seed changes
+    hashes = {k: content_hash(f"gamma headline {k[1:]}", "") for k in gamma}
+    ring = sorted(gamma, key=hashes.__getitem__)
+
+    def window(seed_: int) -> set[str]:
+        t = labelqueue.draw_threshold(seed_)
+        return set(
+            ([k for k in ring if hashes[k] >= t] + [k for k in ring if hashes[k] < t])[: labelqueue._SMALL_SOURCE]
+        )
+
+    drawn = {k: queue(k)[11][0] for k in range(30)}
+    assert all(g in window(k) for k, g in drawn.items()), drawn
+    assert len(set(drawn.values())) >= 20 and set(drawn.values()) <= set(least_gamma[2:]), drawn
 
 
 def test_labelling_from_the_queue_reaches_training(engine, pg_url: str, tmp_path: Path, monkeypatch) -> None:

@@ -173,3 +173,73 @@ def test_0016_keeps_every_alert_kind_and_scope_and_names_an_unknown_one(dialect,
             assert c.scalar(text("SELECT count(*) FROM alerts")) == len(rows) + 1
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_0017_margin_backfilled_and_written_for_new_scores(dialect, request, tmp_path):
+    """`scores.margin` (the labelling queue's order) exists for every score: rows stored before 0017 get it from
+    the migration, rows the scorer writes afterwards (store.save_scores) from the database; the queue's indexes
+    come with it, and a downgrade takes all of it away."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import inspect
+
+    from pipeline.labelqueue import margin
+    from pipeline.records import Prediction, ScoreRow
+
+    if dialect == "postgres":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+        store.upgrade(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store.MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = url
+    command.downgrade(cfg, "0016")
+    eng = store.make_engine(url)
+    old = {1: (0.7, 0.2, 0.1), 2: (0.25, 0.25, 0.5), 3: (0.4, 0.4, 0.2), 4: (0.1, 0.6, 0.3)}
+    at = datetime(2026, 11, 20, tzinfo=UTC)
+    try:
+        with eng.begin() as c:
+            c.execute(
+                text("INSERT INTO sources (name, kind, url, created_at) VALUES ('s', 'rss', 'https://x', :t)"),
+                {"t": at},
+            )
+            c.execute(
+                text(
+                    "INSERT INTO model_versions (id, name, path, labels, data_fingerprints, hyperparameters, metrics, "
+                    "is_production, created_at) VALUES ('m', 'm', 'm', '[]', '{}', '{}', '{}', false, :t)"
+                ),
+                {"t": at},
+            )
+            for i in [*old, 5]:
+                c.execute(
+                    text(
+                        "INSERT INTO documents (id, source_name, external_id, content_hash, title, summary, "
+                        "published_at, fetched_at) VALUES (:i, 's', :e, :h, 't', '', :t, :t)"
+                    ),
+                    {"i": i, "e": f"d{i}", "h": f"h{i}", "t": at},
+                )
+            c.execute(
+                text(
+                    "INSERT INTO scores (document_id, model_version_id, label, p_negative, p_neutral, p_positive, "
+                    "probs, scored_at) VALUES (:d, 'm', 'neutral', :n, :u, :p, '{}', :t)"
+                ),
+                [{"d": d, "n": n, "u": u, "p": p, "t": at} for d, (n, u, p) in old.items()],
+            )
+        command.upgrade(cfg, "head")
+        with store.session_scope(eng) as session:
+            new = Prediction("positive", {"negative": 0.05, "neutral": 0.35, "positive": 0.6})
+            assert store.save_scores(session, [ScoreRow(5, "m", new)]) == 1
+        with eng.connect() as c:
+            got = dict(c.execute(text("SELECT document_id, margin FROM scores")).all())
+            indexes = {i["name"] for t in ("scores", "documents") for i in inspect(c).get_indexes(t)}
+        expected = {**{d: margin(p) for d, p in old.items()}, 5: 0.25}
+        assert {d: round(m, 4) for d, m in got.items()} == expected
+        assert {"ix_scores_model_margin", "ix_documents_source_hash", "ix_documents_source_published"} <= indexes
+        command.downgrade(cfg, "0016")
+        with eng.connect() as c:
+            assert "margin" not in {col["name"] for col in inspect(c).get_columns("scores")}
+            assert c.scalar(text("SELECT count(*) FROM scores")) == 5
+    finally:
+        eng.dispose()
