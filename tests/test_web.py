@@ -435,3 +435,24 @@ def test_screenshots(demo: Demo, page: Any) -> None:
         page.goto(demo.base + path)
         page.screenshot(path=str(out / f"{name}.png"), full_page=True)
         assert (out / f"{name}.png").stat().st_size > 10_000
+
+
+def test_web_connections_plan_each_query_for_its_filters(pg_url: str) -> None:
+    """On Postgres the app's connections plan every statement for its own parameters: psycopg prepares a
+    statement after five runs and Postgres may then keep one generic plan, 2-5x slower for a selective company
+    filter or the label queue's margin walk."""
+    from sqlalchemy import text
+
+    from pipeline import store
+    from pipeline.web.app import create_app
+
+    engine = store.make_engine(pg_url)
+    try:
+        with engine.connect() as c:
+            assert c.scalar(text("SHOW plan_cache_mode")) == "auto"
+        create_app(engine)
+        create_app(engine)  # a second app on the same engine adds nothing twice
+        with engine.connect() as c:
+            assert c.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
+    finally:
+        engine.dispose()
