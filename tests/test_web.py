@@ -446,12 +446,15 @@ def test_web_connections_plan_each_query_for_its_filters(pg_url: str) -> None:
     from pipeline import store
     from pipeline.web.app import create_app
 
-    engine = store.make_engine(pg_url)
+    engine = store.make_engine(pg_url, pool_size=1, max_overflow=0)
     try:
         with engine.connect() as c:
             assert c.scalar(text("SHOW plan_cache_mode")) == "auto"
         create_app(engine)
         create_app(engine)  # a second app on the same engine adds nothing twice
+        with engine.connect() as c:
+            assert c.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
+            c.rollback()  # a request that failed: the setting outlives its transaction
         with engine.connect() as c:
             assert c.scalar(text("SHOW plan_cache_mode")) == "force_custom_plan"
     finally:

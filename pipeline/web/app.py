@@ -74,6 +74,7 @@ def _custom_plans(dbapi_conn: Any, _record: Any) -> None:
     may switch to one generic plan, which is 2-5x slower for a selective company or margin filter."""
     with dbapi_conn.cursor() as cur:
         cur.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_conn.commit()  # a SET inside a transaction that rolls back (a failed request) would be undone
 
 
 def create_app(engine: Engine, access: Access | None = None, clock: Callable[[], datetime] | None = None) -> Starlette:
