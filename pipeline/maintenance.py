@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, delete, select, text, update
+from sqlalchemy import CursorResult, Engine, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from pipeline import config, store
@@ -146,8 +146,12 @@ def _scrub_alerts(session: Session, ids: set[int], placeholder: str) -> None:
     whose window holds one of these documents are read (a page with one odd date reads that date's alerts,
     not every alert between its dates), and of those only the ones naming a document are changed."""
     A, D = s.Alert, s.Document
+    first, last = session.execute(select(func.min(D.published_at), func.max(D.published_at)).where(D.id.in_(ids))).one()
+    if first is None:
+        return
     holds = select(D.id).where(D.id.in_(ids), D.published_at >= A.window_start, D.published_at < A.window_end)
-    for alert in session.scalars(select(A).where(A.scope_kind.in_(list(ScopeKind)), holds.exists())):
+    in_range = (A.window_end > first, A.window_start <= last)  # a cheap prefilter: the EXISTS is per alert
+    for alert in session.scalars(select(A).where(A.scope_kind.in_(list(ScopeKind)), *in_range, holds.exists())):
         docs = (alert.details or {}).get("top_documents") or []
         if not any(int(d.get("document_id", -1)) in ids for d in docs):
             continue
