@@ -86,11 +86,18 @@ def int8_refusal(meta: ModelMeta | None, device: str) -> str | None:
         return (
             f"the recorded int8 check measured {rec.get('recipe') or 'an older quantisation'}, not {INT8_RECIPE}: {fix}"
         )
-    why = int8_failures(rec.get("fp32") or {}, rec.get("int8") or {})
-    if why or "fpb_test" not in (rec.get("fp32") or {}):
-        return (
-            f"int8 {' and '.join(why) or 'has no FPB test accuracy recorded'} (the limit is {100 * INT8_MAX_LOSS:.1f})"
-        )
+    import torch
+
+    engine = torch.backends.quantized.engine
+    if rec.get("engine") != engine:
+        return f"the recorded int8 check ran on the {rec.get('engine')} quantised engine, not {engine}: {fix}"
+    measured = rec.get("fp32") or {}
+    missing = [name for split, name in _GATED if split not in measured and (split != "topic_dev" or meta.topics)]
+    if missing:
+        return f"the recorded int8 check has no {' or '.join(missing)} accuracy: {fix}"
+    why = int8_failures(measured, rec.get("int8") or {})
+    if why:
+        return f"int8 {' and '.join(why)} (the limit is {100 * INT8_MAX_LOSS:.1f})"
     return None
 
 

@@ -121,12 +121,22 @@ def test_meta_round_trips_unknown_keys(tmp_path: Path, tiny_model_dir: Path) -> 
 
 
 def _int8_record(
-    folder: Path, loss: float, version: str | None = None, topic_loss: float = 0.0, recipe: str | None = INT8_RECIPE
+    folder: Path,
+    loss: float,
+    version: str | None = None,
+    topic_loss: float | None = 0.0,
+    recipe: str | None = INT8_RECIPE,
+    engine: str | None = None,
 ) -> None:
+    import torch
+
     meta = model_folder.read_meta(folder)
-    fp32 = {"fpb_test": 0.84, "tfns_dev": 0.86, "topic_dev": 0.90}
-    int8 = {"fpb_test": 0.84 - loss, "tfns_dev": 0.86, "topic_dev": 0.90 - topic_loss}
+    fp32 = {"fpb_test": 0.84, "tfns_dev": 0.86}
+    int8 = {"fpb_test": 0.84 - loss, "tfns_dev": 0.86}
+    if topic_loss is not None:
+        fp32["topic_dev"], int8["topic_dev"] = 0.90, 0.90 - topic_loss
     rec = {"version": version or meta.version, "fp32": fp32, "int8": int8, "fpb_test_loss": loss, "recipe": recipe}
+    rec["engine"] = engine or torch.backends.quantized.engine
     model_folder.update_meta(folder, precision={"int8": rec})
 
 
@@ -159,6 +169,20 @@ def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
         assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
     assert "an older quantisation" in caplog.text
+
+    # a check measured on another quantised engine (x86 against qnnpack on ARM) says nothing about this one
+    _int8_record(folder, 0.001, engine="some-other-engine")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
+    assert "some-other-engine quantised engine" in caplog.text
+
+    # a model with a topic head needs its topic accuracy measured: a check without it does not pass
+    _int8_record(folder, 0.001, topic_loss=None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
+    assert "has no topic accuracy" in caplog.text
 
     _int8_record(folder, 0.001)
     s = Scorer.load(str(folder), device="cpu", precision="int8")
