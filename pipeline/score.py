@@ -212,7 +212,7 @@ class Scorer:
     max_chars: int | None = None  # None: max_length * CHARS_PER_TOKEN
     folded: bool = False  # the classifier outputs raw logits / temperature already (pipeline.model_folder)
     precision: str = "fp32"  # what actually runs: fp32, or int8 when the gate in pipeline.precision allowed it
-    _fast: Any = field(default=None, init=False, repr=False, compare=False)  # (tokenizer, max_length, its FastEncoder)
+    _fast: Any = field(default=None, init=False, repr=False, compare=False)  # (tokenizer, its settings, FastEncoder)
 
     @property
     def char_limit(self) -> int:
@@ -292,13 +292,18 @@ class Scorer:
 
     def _encoder(self) -> FastEncoder | None:
         """The fast path for this tokenizer and max_length (built once; None: call the tokenizer)."""
+        tok = self.tokenizer
+        # what the private copy was configured from: a change to the tokenizer in place rebuilds it
+        key = (
+            id(tok),
+            self.max_length,
+            getattr(tok, "truncation_side", None),
+            getattr(tok, "split_special_tokens", None),
+            len(tok) if hasattr(tok, "__len__") else None,
+        )
         cached = self._fast
-        if cached is None or cached[0] is not self.tokenizer or cached[1] != self.max_length:
-            cached = self._fast = (
-                self.tokenizer,
-                self.max_length,
-                FastEncoder.for_tokenizer(self.tokenizer, self.max_length),
-            )
+        if cached is None or cached[0] is not tok or cached[1] != key:
+            cached = self._fast = (tok, key, FastEncoder.for_tokenizer(tok, self.max_length))
         return cached[2]
 
     def _tokenise(self, texts: list[str]) -> tuple[dict[str, Any], Any]:

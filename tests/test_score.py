@@ -418,3 +418,20 @@ def test_scorer_without_a_fast_backend_calls_the_tokenizer_and_scores_the_same(t
     s.tokenizer = Plain()
     assert s._encoder() is None
     assert s.score(_MIXED) == fast and calls == [len(_MIXED)]
+
+
+def test_fast_tokenizer_path_follows_changes_made_to_the_tokenizer_in_place(tiny_model_dir: Path) -> None:
+    """The private backend copy is rebuilt when the tokenizer it was configured from changes (truncation side,
+    added tokens), so the fast path never keeps encoding the old way while the tokenizer's call does not."""
+    import numpy as np
+
+    s = Scorer.load(str(tiny_model_dir), device="cpu", max_length=16)
+    s._tokenise(list(_MIXED))  # builds and caches the fast path
+    s.tokenizer.truncation_side = "left"
+    s.tokenizer.add_tokens(["zürichcafé"])
+    texts = [*_MIXED, "a zürichcafé token"]
+    ref = s.tokenizer(texts, truncation=True, max_length=16)
+    flat, lengths = s._tokenise(texts)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    got = [flat["input_ids"][a : a + n].tolist() for a, n in zip(starts, lengths, strict=True)]
+    assert got == ref["input_ids"]
