@@ -34,6 +34,10 @@ def test_replay_is_deterministic_and_measures_the_detector() -> None:
         0.5 <= a.recall_3sd <= 1 and a.false_alerts_per_scope_week <= 2
     )  # 12 scope-weeks: the report measures the target
     assert a.recall_by_local_sd["6-8.01"]["recall"] >= a.recall_by_local_sd["1-2"]["recall"]
+    # Counted surges by injected size: a subset of the counted surges, and of all surges of that size.
+    by_size = a.recall_3sd_by_local_sd
+    assert sum(v["spikes"] for v in by_size.values()) == a.spikes_3sd
+    assert all(by_size[b]["spikes"] <= a.recall_by_local_sd[b]["spikes"] for b in by_size)
     # A detector that can never fire finds nothing: the metrics respond to the detector.
     blind = evaluate_detector(DetectConfig(min_volume=10_000), seeds=(11,), scopes=6, weeks=2, db_check=False)
     assert blind.recall_3sd == 0 and blind.quiet_false_alerts == 0
