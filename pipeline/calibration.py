@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, VAL_SPLITS, Splits, build_splits
+from pipeline.errors import UsageError
 from pipeline.train import fit_temperature
 
 SENTIMENT_VAL = ("fpb_val", "tfns_val")
@@ -37,7 +38,7 @@ SEED = 20261201
 Logits = Mapping[str, tuple[Any, Any]]  # split name -> (raw logits, labels), numpy arrays
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UsageError, ValueError):
     """A calibration fit was given something other than validation data."""
 
 
