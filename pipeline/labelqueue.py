@@ -26,7 +26,11 @@ source is read whole; for each larger source, the least confident walk `scores (
 document_id)` upwards (the window's id range checked inside the index) and stop after the page's need. Such a
 walk reads about need x (the model's scores / the source's candidates) index entries and looks up only the
 documents in the window's id range: a source whose candidates are all more confident than most stored scores
-makes it long (at worst every score of the model, and a lookup per document of the window).
+makes it long (at worst every score of the model, and a lookup per document of the window). The walks run
+`_CHUNK` sources per statement (a `UNION ALL` of them; SQLite caps a compound select at 500 terms) and a walk's
+parameters do not depend on the flips (it reads need + its source's flips and skips those here), so no statement
+grows with the number of sources or of flips: up to `_CHUNK` sources published in the window, each walk is one
+statement.
 
 The web app's `/label-queue` page lists the same items (this function, these defaults) with a form per item.
 Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedback` row the next `finsent train` reads
@@ -36,7 +40,7 @@ Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedb
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +59,7 @@ from pipeline.store import session_scope
 DEFAULT_LIMIT = 20  # items listed by default (the CLI and the web page)
 DEFAULT_DAYS = 7.0  # candidates published in the last N days by default
 _SMALL_SOURCE = 100  # a source with fewer candidates is read whole by its draw instead of walked by margin
+_CHUNK = 200  # per-source walks per statement (SQLite caps a compound SELECT at 500 terms)
 _PRIME = 2_147_483_647  # 2**31 - 1
 _MULT = 1_103_515_245
 
@@ -133,12 +138,14 @@ def _cited_by_open_alerts(session: Session) -> dict[int, str]:
 
 
 def _each(session: Session, parts: Sequence[Select[*tuple[Any, ...]]], *order: str) -> list[Any]:
-    """The rows of several LIMIT-ed selects in one statement (UNION ALL; each wrapped in a subquery, as SQLite
-    takes no ORDER BY or LIMIT inside a compound select), ordered by the `order` columns."""
-    if not parts:
-        return []
-    u = union_all(*(select(p.subquery()) for p in parts)).subquery()
-    return list(session.execute(select(u).order_by(*(u.c[k] for k in order))))
+    """The rows of several LIMIT-ed selects, `_CHUNK` of them per statement (UNION ALL; each wrapped in a
+    subquery, as SQLite takes no ORDER BY or LIMIT inside a compound select), each statement's rows ordered by
+    the `order` columns: a part's rows stay in that order, whatever the number of parts."""
+    rows: list[Any] = []
+    for i in range(0, len(parts), _CHUNK):
+        u = union_all(*(select(p.subquery()) for p in parts[i : i + _CHUNK])).subquery()
+        rows += session.execute(select(u).order_by(*(u.c[k] for k in order)))
+    return rows
 
 
 def label_queue(
@@ -224,6 +231,7 @@ def label_queue(
         head = [(c, Reason.ALERT_FLIP) for c in flips[: limit - n_random]]
         need = max(0, limit - n_random - len(head))
         flip_ids = {c.document_id for c in flips}
+        flips_in = Counter(c.source for c in flips)
         least = [
             c
             for src in sorted(whole)
@@ -232,18 +240,20 @@ def label_queue(
             )[:need]
         ]
         if need:
+            # the source's flips are read too and skipped here: a NOT IN per walk would grow the statement's
+            # parameters as sources x flips
             walks = [
-                candidates(
-                    D.source_name == src,
-                    Sc.document_id.between(first, last),
-                    *([Sc.document_id.not_in(flip_ids)] if flip_ids else []),
-                )
+                candidates(D.source_name == src, Sc.document_id.between(first, last))
                 .order_by(Sc.margin, Sc.document_id)
-                .limit(need)
+                .limit(need + flips_in[src])
                 for src in sources
                 if src not in whole
             ]
-            least += [_Cand(*r) for r in _each(session, walks, "source", "margin", "id")]
+            least += [
+                c
+                for c in map(_Cand._make, _each(session, walks, "source", "margin", "id"))
+                if c.document_id not in flip_ids
+            ]
         head += [(c, Reason.LEAST_CONFIDENT) for c in _round_robin(least)[:need]]
         taken = {c.document_id for c, _ in head}
         rest = [c for src in sorted(drawn) for c in drawn[src][:limit] if c.document_id not in taken]

@@ -297,3 +297,63 @@ def test_sql_margin_is_the_documented_margin(any_engine) -> None:
     assert len(got) == len(triples)
     for a, b, c_, m in got:
         assert round(m, 4) == margin((a, b, c_)), (a, b, c_, m)
+
+
+def _many_sources(engine, n: int, docs: int) -> list[str]:
+    """`n` sources (s000, s001, ...) with `docs` scored candidates each, margins 0.3 and up."""
+    from pipeline.config import SourceConfig
+
+    names = [f"s{i:03d}" for i in range(n)]
+    with session_scope(engine) as session:
+        store.ensure_sources(session, [SourceConfig(name=k, url=f"https://x.example.com/{k}.xml") for k in names])
+        store.register_model(session, VERSION, name=VERSION, path="x", labels=["negative", "neutral", "positive"])
+        for k in names:
+            for j in range(docs):
+                _doc(session, k, j, 0.3 + j / 10)
+    return names
+
+
+def test_a_queue_over_many_sources_keeps_each_statement_within_the_database_limits(any_engine, monkeypatch) -> None:
+    """More than 500 sources published in the window: SQLite caps a compound SELECT at 500 terms, and bound
+    parameters are capped too (SQLite 32,766, psycopg 65,535), so the per-source walks run in chunks and no
+    statement's terms or parameters grow with the number of sources or of open-alert flips."""
+    names = _many_sources(any_engine, 501, 5)
+    monkeypatch.setattr(labelqueue, "_SMALL_SOURCE", 1)  # 5 candidates make a source large: the margin walks run
+    statements: list[tuple[str, int]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append((statement, len(parameters or ())))
+
+    from sqlalchemy import event
+
+    event.listen(any_engine, "before_cursor_execute", record)
+    try:
+        q = label_queue(any_engine, VERSION, limit=4, random_share=0.2, now=NOW, seed=1)
+        # the least confident of the first sources by name (margin 0.3 each), then a random one
+        assert [(i.source, i.reason) for i in q[:3]] == [
+            ("s000", Reason.LEAST_CONFIDENT),
+            ("s001", Reason.LEAST_CONFIDENT),
+            ("s002", Reason.LEAST_CONFIDENT),
+        ], q
+        assert [i.margin for i in q[:3]] == [0.3] * 3 and q[3].reason is Reason.RANDOM, q
+        no_flip = max(p for _, p in statements)
+        # an open alert citing a close call of the last source: it comes first, is not listed again among that
+        # source's least confident, and adds no parameter to the walks
+        with session_scope(any_engine) as session:
+            flip = _doc(session, names[-1], 99, 0.05)
+            _alert(session, "open1", "spike", [flip], "open1")
+        statements.clear()
+        q = label_queue(any_engine, VERSION, limit=4, random_share=0.2, now=NOW, seed=1)
+        assert [(i.document_id, i.reason) for i in q[:1]] == [(flip, Reason.ALERT_FLIP)], q
+        assert [(i.source, i.reason) for i in q[1:3]] == [
+            ("s000", Reason.LEAST_CONFIDENT),
+            ("s001", Reason.LEAST_CONFIDENT),
+        ], q
+        assert [i.document_id for i in q].count(flip) == 1, q
+        with_flip = max(p for _, p in statements)
+    finally:
+        event.remove(any_engine, "before_cursor_execute", record)
+    assert with_flip == no_flip
+    terms = max(st.upper().count("UNION ALL") + 1 for st, _ in statements)
+    assert terms <= labelqueue._CHUNK < 500, terms
+    assert no_flip < 32_766 // 2, no_flip
