@@ -18,6 +18,13 @@ nearly chose another label. The queue is, in this order (the documented rule):
    threshold the seed picks in content-hash order (the sha256 of their text, wrapping around): each candidate's
    chance stays close to even, and the database never reads the rest.
 
+A story is listed once: cross-source copies of a syndicated story share its content hash (the sha256 of its
+text), and every source's draw starts at the same threshold in that order, so the copies would otherwise fall
+in every source's draw (and, equally close calls, in every source's least confident). The queue keeps the first
+item of each content hash in the order above and skips the others; a skipped least-confident copy makes room for
+the next candidate in the round-robin (so a source with a copy of an earlier item yields its next one), and when
+the walks read too few distinct stories to fill that part, the random share fills the rest of the queue.
+
 The database reads about a page, not every candidate (migration 0017's indexes; nothing sorts the candidates):
 one index range gives the window's lowest and highest document id, one index probe per source which sources
 published in the window. Each source's draw walks `documents (source_name, content_hash, published_at)` from the
@@ -108,6 +115,7 @@ class _Cand(NamedTuple):
     document_id: int
     source: str
     margin: float  # unrounded
+    content_hash: str  # shared by cross-source copies of a story
 
 
 _C = TypeVar("_C", QueueItem, _Cand)
@@ -148,6 +156,18 @@ def _each(session: Session, parts: Sequence[Select[*tuple[Any, ...]]], *order: s
     return rows
 
 
+def _first_unique(items: Iterable[_Cand], seen: set[str], k: int) -> list[_Cand]:
+    """The first `k` items whose content hash is not in `seen` (nor an earlier item's); adds theirs to it."""
+    out: list[_Cand] = []
+    for c in items:
+        if len(out) >= k:
+            break
+        if c.content_hash not in seen:
+            seen.add(c.content_hash)
+            out.append(c)
+    return out
+
+
 def label_queue(
     engine: Engine,
     model_version: str,
@@ -166,9 +186,9 @@ def label_queue(
     D, Sc, F = s.Document, s.Score, s.Feedback
     window = (D.published_at >= now - timedelta(days=days), D.published_at <= now)
 
-    def candidates(*where: Any) -> Select[int, str, float]:
+    def candidates(*where: Any) -> Select[int, str, float, str]:
         return (
-            select(D.id, D.source_name.label("source"), Sc.margin)
+            select(D.id, D.source_name.label("source"), Sc.margin, D.content_hash)
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(
                 *window,
@@ -197,13 +217,10 @@ def label_queue(
         def walk(names: Sequence[str], above: bool) -> dict[str, list[_Cand]]:
             where = D.content_hash >= threshold if above else D.content_hash < threshold
             by_hash = (D.content_hash, D.id)
-            parts = [
-                candidates(D.source_name == src, where).add_columns(D.content_hash).order_by(*by_hash).limit(n)
-                for src in names
-            ]
+            parts = [candidates(D.source_name == src, where).order_by(*by_hash).limit(n) for src in names]
             out: dict[str, list[_Cand]] = defaultdict(list)
             for r in _each(session, parts, "source", "content_hash", "id"):
-                out[r.source].append(_Cand(r.id, r.source, r.margin))
+                out[r.source].append(_Cand(*r))
             return out
 
         upper = walk(sources, above=True)
@@ -228,7 +245,8 @@ def label_queue(
         )
         total = sum(map(len, drawn.values()))  # every candidate, or at least `limit`: enough for the share
         n_random = min(total, max(1, round(limit * random_share))) if limit > 1 else 0
-        head = [(c, Reason.ALERT_FLIP) for c in flips[: limit - n_random]]
+        seen: set[str] = set()  # the content hashes listed so far: a story is listed once
+        head = [(c, Reason.ALERT_FLIP) for c in _first_unique(flips, seen, limit - n_random)]
         need = max(0, limit - n_random - len(head))
         flip_ids = {c.document_id for c in flips}
         flips_in = Counter(c.source for c in flips)
@@ -254,10 +272,10 @@ def label_queue(
                 for c in map(_Cand._make, _each(session, walks, "source", "margin", "id"))
                 if c.document_id not in flip_ids
             ]
-        head += [(c, Reason.LEAST_CONFIDENT) for c in _round_robin(least)[:need]]
+        head += [(c, Reason.LEAST_CONFIDENT) for c in _first_unique(_round_robin(least), seen, need)]
         taken = {c.document_id for c, _ in head}
         rest = [c for src in sorted(drawn) for c in drawn[src][:limit] if c.document_id not in taken]
-        chosen = head + [(c, Reason.RANDOM) for c in _round_robin(rest)[: limit - len(head)]]
+        chosen = head + [(c, Reason.RANDOM) for c in _first_unique(_round_robin(rest), seen, limit - len(head))]
         shown = {
             r.id: r
             for r in session.execute(
