@@ -18,6 +18,13 @@ nearly chose another label. The queue is, in this order (the documented rule):
    threshold the seed picks in content-hash order (the sha256 of their text, wrapping around): each candidate's
    chance stays close to even, and the database never reads the rest.
 
+A story is listed once: cross-source copies of a syndicated story share its content hash (the sha256 of its
+text), and every source's draw starts at the same threshold in that order, so the copies would otherwise fall
+in every source's draw (and, equally close calls, in every source's least confident). The queue keeps the first
+item of each content hash in the order above and skips the others; a skipped least-confident copy makes room for
+the next candidate in the round-robin (so a source with a copy of an earlier item yields its next one), and when
+the walks read too few distinct stories to fill that part, the random share fills the rest of the queue.
+
 The database reads about a page, not every candidate (migration 0017's indexes; nothing sorts the candidates):
 one index range gives the window's lowest and highest document id, one index probe per source which sources
 published in the window. Each source's draw walks `documents (source_name, content_hash, published_at)` from the
@@ -26,7 +33,11 @@ source is read whole; for each larger source, the least confident walk `scores (
 document_id)` upwards (the window's id range checked inside the index) and stop after the page's need. Such a
 walk reads about need x (the model's scores / the source's candidates) index entries and looks up only the
 documents in the window's id range: a source whose candidates are all more confident than most stored scores
-makes it long (at worst every score of the model, and a lookup per document of the window).
+makes it long (at worst every score of the model, and a lookup per document of the window). The walks run
+`_CHUNK` sources per statement (a `UNION ALL` of them; SQLite caps a compound select at 500 terms) and a walk's
+parameters do not depend on the flips (it reads need + its source's flips and skips those here), so no statement
+grows with the number of sources or of flips: up to `_CHUNK` sources published in the window, each walk is one
+statement.
 
 The web app's `/label-queue` page lists the same items (this function, these defaults) with a form per item.
 Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedback` row the next `finsent train` reads
@@ -36,7 +47,7 @@ Labelling an item (`finsent label DOC_ID LABEL`, or that form) writes the `feedb
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +66,7 @@ from pipeline.store import session_scope
 DEFAULT_LIMIT = 20  # items listed by default (the CLI and the web page)
 DEFAULT_DAYS = 7.0  # candidates published in the last N days by default
 _SMALL_SOURCE = 100  # a source with fewer candidates is read whole by its draw instead of walked by margin
+_CHUNK = 200  # per-source walks per statement (SQLite caps a compound SELECT at 500 terms)
 _PRIME = 2_147_483_647  # 2**31 - 1
 _MULT = 1_103_515_245
 
@@ -103,6 +115,7 @@ class _Cand(NamedTuple):
     document_id: int
     source: str
     margin: float  # unrounded
+    content_hash: str  # shared by cross-source copies of a story
 
 
 _C = TypeVar("_C", QueueItem, _Cand)
@@ -133,12 +146,26 @@ def _cited_by_open_alerts(session: Session) -> dict[int, str]:
 
 
 def _each(session: Session, parts: Sequence[Select[*tuple[Any, ...]]], *order: str) -> list[Any]:
-    """The rows of several LIMIT-ed selects in one statement (UNION ALL; each wrapped in a subquery, as SQLite
-    takes no ORDER BY or LIMIT inside a compound select), ordered by the `order` columns."""
-    if not parts:
-        return []
-    u = union_all(*(select(p.subquery()) for p in parts)).subquery()
-    return list(session.execute(select(u).order_by(*(u.c[k] for k in order))))
+    """The rows of several LIMIT-ed selects, `_CHUNK` of them per statement (UNION ALL; each wrapped in a
+    subquery, as SQLite takes no ORDER BY or LIMIT inside a compound select), each statement's rows ordered by
+    the `order` columns: a part's rows stay in that order, whatever the number of parts."""
+    rows: list[Any] = []
+    for i in range(0, len(parts), _CHUNK):
+        u = union_all(*(select(p.subquery()) for p in parts[i : i + _CHUNK])).subquery()
+        rows += session.execute(select(u).order_by(*(u.c[k] for k in order)))
+    return rows
+
+
+def _first_unique(items: Iterable[_Cand], seen: set[str], k: int) -> list[_Cand]:
+    """The first `k` items whose content hash is not in `seen` (nor an earlier item's); adds theirs to it."""
+    out: list[_Cand] = []
+    for c in items:
+        if len(out) >= k:
+            break
+        if c.content_hash not in seen:
+            seen.add(c.content_hash)
+            out.append(c)
+    return out
 
 
 def label_queue(
@@ -159,9 +186,9 @@ def label_queue(
     D, Sc, F = s.Document, s.Score, s.Feedback
     window = (D.published_at >= now - timedelta(days=days), D.published_at <= now)
 
-    def candidates(*where: Any) -> Select[int, str, float]:
+    def candidates(*where: Any) -> Select[int, str, float, str]:
         return (
-            select(D.id, D.source_name.label("source"), Sc.margin)
+            select(D.id, D.source_name.label("source"), Sc.margin, D.content_hash)
             .join(Sc, (Sc.document_id == D.id) & (Sc.model_version_id == model_version))
             .where(
                 *window,
@@ -190,13 +217,10 @@ def label_queue(
         def walk(names: Sequence[str], above: bool) -> dict[str, list[_Cand]]:
             where = D.content_hash >= threshold if above else D.content_hash < threshold
             by_hash = (D.content_hash, D.id)
-            parts = [
-                candidates(D.source_name == src, where).add_columns(D.content_hash).order_by(*by_hash).limit(n)
-                for src in names
-            ]
+            parts = [candidates(D.source_name == src, where).order_by(*by_hash).limit(n) for src in names]
             out: dict[str, list[_Cand]] = defaultdict(list)
             for r in _each(session, parts, "source", "content_hash", "id"):
-                out[r.source].append(_Cand(r.id, r.source, r.margin))
+                out[r.source].append(_Cand(*r))
             return out
 
         upper = walk(sources, above=True)
@@ -221,9 +245,11 @@ def label_queue(
         )
         total = sum(map(len, drawn.values()))  # every candidate, or at least `limit`: enough for the share
         n_random = min(total, max(1, round(limit * random_share))) if limit > 1 else 0
-        head = [(c, Reason.ALERT_FLIP) for c in flips[: limit - n_random]]
+        seen: set[str] = set()  # the content hashes listed so far: a story is listed once
+        head = [(c, Reason.ALERT_FLIP) for c in _first_unique(flips, seen, limit - n_random)]
         need = max(0, limit - n_random - len(head))
         flip_ids = {c.document_id for c in flips}
+        flips_in = Counter(c.source for c in flips)
         least = [
             c
             for src in sorted(whole)
@@ -232,22 +258,24 @@ def label_queue(
             )[:need]
         ]
         if need:
+            # the source's flips are read too and skipped here: a NOT IN per walk would grow the statement's
+            # parameters as sources x flips
             walks = [
-                candidates(
-                    D.source_name == src,
-                    Sc.document_id.between(first, last),
-                    *([Sc.document_id.not_in(flip_ids)] if flip_ids else []),
-                )
+                candidates(D.source_name == src, Sc.document_id.between(first, last))
                 .order_by(Sc.margin, Sc.document_id)
-                .limit(need)
+                .limit(need + flips_in[src])
                 for src in sources
                 if src not in whole
             ]
-            least += [_Cand(*r) for r in _each(session, walks, "source", "margin", "id")]
-        head += [(c, Reason.LEAST_CONFIDENT) for c in _round_robin(least)[:need]]
+            least += [
+                c
+                for c in map(_Cand._make, _each(session, walks, "source", "margin", "id"))
+                if c.document_id not in flip_ids
+            ]
+        head += [(c, Reason.LEAST_CONFIDENT) for c in _first_unique(_round_robin(least), seen, need)]
         taken = {c.document_id for c, _ in head}
         rest = [c for src in sorted(drawn) for c in drawn[src][:limit] if c.document_id not in taken]
-        chosen = head + [(c, Reason.RANDOM) for c in _round_robin(rest)[: limit - len(head)]]
+        chosen = head + [(c, Reason.RANDOM) for c in _first_unique(_round_robin(rest), seen, limit - len(head))]
         shown = {
             r.id: r
             for r in session.execute(

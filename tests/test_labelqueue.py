@@ -297,3 +297,124 @@ def test_sql_margin_is_the_documented_margin(any_engine) -> None:
     assert len(got) == len(triples)
     for a, b, c_, m in got:
         assert round(m, 4) == margin((a, b, c_)), (a, b, c_, m)
+
+
+def _many_sources(engine, n: int, docs: int) -> list[str]:
+    """`n` sources (s000, s001, ...) with `docs` scored candidates each, margins 0.3 and up."""
+    from pipeline.config import SourceConfig
+
+    names = [f"s{i:03d}" for i in range(n)]
+    with session_scope(engine) as session:
+        store.ensure_sources(session, [SourceConfig(name=k, url=f"https://x.example.com/{k}.xml") for k in names])
+        store.register_model(session, VERSION, name=VERSION, path="x", labels=["negative", "neutral", "positive"])
+        for k in names:
+            for j in range(docs):
+                _doc(session, k, j, 0.3 + j / 10)
+    return names
+
+
+def test_a_queue_over_many_sources_keeps_each_statement_within_the_database_limits(any_engine, monkeypatch) -> None:
+    """More than 500 sources published in the window: SQLite caps a compound SELECT at 500 terms, and bound
+    parameters are capped too (SQLite 32,766, psycopg 65,535), so the per-source walks run in chunks and no
+    statement's terms or parameters grow with the number of sources or of open-alert flips."""
+    names = _many_sources(any_engine, 501, 5)
+    monkeypatch.setattr(labelqueue, "_SMALL_SOURCE", 1)  # 5 candidates make a source large: the margin walks run
+    statements: list[tuple[str, int]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append((statement, len(parameters or ())))
+
+    from sqlalchemy import event
+
+    event.listen(any_engine, "before_cursor_execute", record)
+    try:
+        q = label_queue(any_engine, VERSION, limit=4, random_share=0.2, now=NOW, seed=1)
+        # the least confident of the first sources by name (margin 0.3 each), then a random one
+        assert [(i.source, i.reason) for i in q[:3]] == [
+            ("s000", Reason.LEAST_CONFIDENT),
+            ("s001", Reason.LEAST_CONFIDENT),
+            ("s002", Reason.LEAST_CONFIDENT),
+        ], q
+        assert [i.margin for i in q[:3]] == [0.3] * 3 and q[3].reason is Reason.RANDOM, q
+        no_flip = max(p for _, p in statements)
+        # an open alert citing a close call of the last source: it comes first, is not listed again among that
+        # source's least confident, and adds no parameter to the walks
+        with session_scope(any_engine) as session:
+            flip = _doc(session, names[-1], 99, 0.05)
+            _alert(session, "open1", "spike", [flip], "open1")
+        statements.clear()
+        q = label_queue(any_engine, VERSION, limit=4, random_share=0.2, now=NOW, seed=1)
+        assert [(i.document_id, i.reason) for i in q[:1]] == [(flip, Reason.ALERT_FLIP)], q
+        assert [(i.source, i.reason) for i in q[1:3]] == [
+            ("s000", Reason.LEAST_CONFIDENT),
+            ("s001", Reason.LEAST_CONFIDENT),
+        ], q
+        assert [i.document_id for i in q].count(flip) == 1, q
+        with_flip = max(p for _, p in statements)
+    finally:
+        event.remove(any_engine, "before_cursor_execute", record)
+    assert with_flip == no_flip
+    terms = max(st.upper().count("UNION ALL") + 1 for st, _ in statements)
+    assert terms <= labelqueue._CHUNK < 500, terms
+    assert no_flip < 32_766 // 2, no_flip
+
+
+def _syndicated(session, sources: list[str], n: int, margin: float, story: str) -> list[int]:
+    """Copies of one story in several sources (cross-source copies share the content hash, as ingest stores it)."""
+    ids = [_doc(session, src, n, margin) for src in sources]
+    for d in ids:
+        session.get(s.Document, d).content_hash = content_hash(story, "")
+    return ids
+
+
+def _wire_sources(session, names: tuple[str, ...]) -> None:
+    from pipeline.config import SourceConfig
+
+    store.ensure_sources(session, [SourceConfig(name=k, url=f"https://x.example.com/{k}.xml") for k in names])
+
+
+def test_the_queue_lists_a_syndicated_story_once_keeping_its_first_place(any_engine) -> None:
+    """Copies of a story in several sources share its content hash: the queue lists the first by its order (a flip,
+    then the least confident round-robin, then the random share) and skips the others, so the least-confident
+    part takes the next candidates instead and stays full."""
+    ids = seed(any_engine)
+    with session_scope(any_engine) as session:
+        _wire_sources(session, ("delta", "epsilon", "gamma"))
+        syn_a, syn_b = _syndicated(session, ["alpha", "beta"], 20, 0.03, "a close call on the wire")
+        wire = _syndicated(session, ["delta", "epsilon", "gamma"], 20, 0.9, "a sure thing on the wire")
+        flip_copy = _syndicated(session, ["alpha"], 21, 0.04, "beta headline 10")[0]  # a copy of the flip
+    by_id = {v: k for k, v in ids.items()} | {syn_a: "syn_a", syn_b: "syn_b", wire[0]: "wire_d", flip_copy: "flip2"}
+    q = label_queue(any_engine, VERSION, limit=14, random_share=0.2, now=NOW, seed=3)
+    got = [(by_id.get(i.document_id, i.document_id), i.reason) for i in q]
+    with session_scope(any_engine) as session:
+        hashes = [session.get(s.Document, i.document_id).content_hash for i in q]
+    assert len(set(hashes)) == len(hashes) == 14, got
+    L = Reason.LEAST_CONFIDENT
+    assert got[:11] == [
+        ("flip", Reason.ALERT_FLIP),  # its copy in alpha (flip2) is not listed again
+        ("closed", L),
+        ("syn_b", L),  # the close call's first copy in round-robin order (beta's least confident) ...
+        ("wire_d", L),  # ... and the sure thing's (delta's, the first of the three sources by name)
+        ("a0", L),
+        ("b0", L),
+        ("b1", L),  # alpha's copy of the close call (syn_a) is skipped: beta's next
+        ("b2", L),  # alpha's copy of the flip (flip2, margin 0.04) is skipped too
+        ("a1", L),
+        ("sure", L),
+        ("a2", L),
+    ], got
+    assert [r for _, r in got[11:]] == [Reason.RANDOM] * 3, got
+
+
+def test_the_random_share_draws_a_syndicated_story_once(any_engine) -> None:
+    """Every source's draw starts at the same seeded content-hash threshold, so copies of a story in several
+    sources fall in every source's draw: the random share lists each story once."""
+    with session_scope(any_engine) as session:
+        _wire_sources(session, ("delta", "epsilon", "gamma"))
+        store.register_model(session, VERSION, name=VERSION, path="x", labels=["negative", "neutral", "positive"])
+        x = _syndicated(session, ["delta", "epsilon", "gamma"], 0, 0.9, "story x")
+        y = _syndicated(session, ["delta", "epsilon", "gamma"], 1, 0.8, "story y")
+    for k in range(5):
+        q = label_queue(any_engine, VERSION, limit=3, random_share=1.0, now=NOW, seed=k)
+        assert [i.reason for i in q] == [Reason.RANDOM] * 2, q
+        assert len({i.document_id for i in q} & set(x)) == 1 and len({i.document_id for i in q} & set(y)) == 1, q
