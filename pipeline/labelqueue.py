@@ -67,6 +67,7 @@ DEFAULT_LIMIT = 20  # items listed by default (the CLI and the web page)
 DEFAULT_DAYS = 7.0  # candidates published in the last N days by default
 _SMALL_SOURCE = 100  # a source with fewer candidates is read whole by its draw instead of walked by margin
 _CHUNK = 200  # per-source walks per statement (SQLite caps a compound SELECT at 500 terms)
+_CITED_CHUNK = 1000  # cited documents per flips statement (psycopg allows 65,535 parameters, SQLite 32,766 or more)
 _PRIME = 2_147_483_647  # 2**31 - 1
 _MULT = 1_103_515_245
 
@@ -235,13 +236,14 @@ def label_queue(
         }
 
         cited = _cited_by_open_alerts(session)
-        flips = (
-            sorted(
-                (_Cand(*r) for r in session.execute(candidates(D.id.in_(list(cited)), Sc.margin < flip_margin))),
-                key=lambda c: (c.margin, c.document_id),
-            )
-            if cited
-            else []
+        ids = sorted(cited)  # an alert storm cites thousands: read them _CITED_CHUNK a statement (parameter limits)
+        flips = sorted(
+            (
+                _Cand(*r)
+                for at in range(0, len(ids), _CITED_CHUNK)
+                for r in session.execute(candidates(D.id.in_(ids[at : at + _CITED_CHUNK]), Sc.margin < flip_margin))
+            ),
+            key=lambda c: (c.margin, c.document_id),
         )
         total = sum(map(len, drawn.values()))  # every candidate, or at least `limit`: enough for the share
         n_random = min(total, max(1, round(limit * random_share))) if limit > 1 else 0

@@ -418,3 +418,14 @@ def test_the_random_share_draws_a_syndicated_story_once(any_engine) -> None:
         q = label_queue(any_engine, VERSION, limit=3, random_share=1.0, now=NOW, seed=k)
         assert [i.reason for i in q] == [Reason.RANDOM] * 2, q
         assert len({i.document_id for i in q} & set(x)) == 1 and len({i.document_id for i in q} & set(y)) == 1, q
+
+
+def test_an_alert_storm_citing_tens_of_thousands_of_documents_still_gives_a_queue(any_engine) -> None:
+    """Open alerts may cite more documents than a statement may carry parameters (psycopg 65,535; SQLite
+    builds set their own): the cited documents are read in chunks and the close call among them still comes first."""
+    seed(any_engine)
+    with session_scope(any_engine) as session:
+        flip = _doc(session, "alpha", 50, 0.03)
+        _alert(session, "storm", "spike", [*range(10_000_000, 10_070_000), flip], "storm")
+    q = label_queue(any_engine, VERSION, limit=5, random_share=0.2, now=NOW, seed=1)
+    assert [(i.document_id, i.reason, i.alert_id) for i in q[:1]] == [(flip, Reason.ALERT_FLIP, "storm")], q
