@@ -299,7 +299,7 @@ class Scorer:
             self.max_length,
             getattr(tok, "truncation_side", None),
             getattr(tok, "split_special_tokens", None),
-            len(tok) if hasattr(tok, "__len__") else None,
+            len(tok) if hasattr(type(tok), "__len__") else None,
         )
         cached = self._fast
         if cached is None or cached[0] is not tok or cached[1] != key:
