@@ -143,3 +143,25 @@ def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkey
     with session_scope(engine) as session:
         assert session.scalars(select(s.AlertDelivery)).all() == []
     assert "already acknowledged" in runner.invoke(app, ["alerts", "ack", aid]).output
+
+
+def test_list_filters_operational_alerts_by_their_scope(engine, pg_url: str, monkeypatch) -> None:
+    """`alerts list --scope` takes every scope an alert can have, operational ones included (before, only the
+    four sentiment scopes: a dead source's alert could not be listed on its own)."""
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.delenv("FINSENT_CONFIG", raising=False)
+    spike = add_alert(engine)
+    health = add_alert(engine, kind="source_health", severity="warning", scope=("health", "newswire"), suffix="h")
+    with session_scope(engine) as session:
+        session.execute(
+            s.Alert.__table__.update().values(
+                window_end=datetime.now(UTC), window_start=datetime.now(UTC) - timedelta(hours=1)
+            )
+        )
+    listed = runner.invoke(app, ["alerts", "list", "--scope", "HEALTH"])
+    assert listed.exit_code == 0, listed.output
+    assert health[:12] in listed.output and spike[:12] not in listed.output
+    listed = runner.invoke(app, ["alerts", "list", "--scope", "entity"])
+    assert listed.exit_code == 0 and spike[:12] in listed.output and health[:12] not in listed.output
+    bad = runner.invoke(app, ["alerts", "list", "--scope", "sector"])
+    assert bad.exit_code == 2 and "sector" in bad.output

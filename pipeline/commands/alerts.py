@@ -12,7 +12,7 @@ from typing import Annotated, cast
 import typer
 
 from pipeline.commands.core import fail
-from pipeline.records import ScopeKind, Severity
+from pipeline.records import ALERT_SCOPES, Severity
 
 ConfigOpt = Annotated[
     str | None,
@@ -53,6 +53,13 @@ def _find(session, alert_id: str):
     raise fail(f"no alert with id {alert_id!r}", code=1)
 
 
+def _alert_scope(value: str | None) -> str | None:
+    """Any scope an alert can have, operational ones included (`records.ALERT_SCOPES`), in any case."""
+    if value is None or value.lower() in ALERT_SCOPES:
+        return value and value.lower()
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(ALERT_SCOPES)}")
+
+
 @alerts_app.command("list")
 def list_alerts(
     config: ConfigOpt = None,
@@ -60,7 +67,10 @@ def list_alerts(
     since_hours: Annotated[
         float, typer.Option("--since-hours", min=0, help="Only alerts whose window ended this recently.")
     ] = 24 * 7,
-    scope: Annotated[ScopeKind | None, typer.Option(help="Only this scope kind.", case_sensitive=False)] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(help=f"Only this scope kind: {', '.join(ALERT_SCOPES)}.", callback=_alert_scope),
+    ] = None,
     severity: Annotated[Severity | None, typer.Option(help="Only this severity.", case_sensitive=False)] = None,
     unacked: Annotated[bool, typer.Option("--unacked", help="Only alerts not yet acknowledged.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
@@ -76,7 +86,7 @@ def list_alerts(
     since = datetime.now(UTC) - timedelta(hours=since_hours)
     filters = []
     if scope:
-        filters.append(s.Alert.scope_kind == scope.value)
+        filters.append(s.Alert.scope_kind == scope)
     if severity:
         filters.append(s.Alert.severity == severity.value)
     if unacked:
