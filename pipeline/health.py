@@ -30,7 +30,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig, HealthConfig
-from pipeline.records import AlertKind, OpsScope
+from pipeline.records import AlertKind, OpsScope, Severity
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
@@ -139,7 +139,7 @@ def _alert_row(o: Outage, now: datetime) -> dict[str, Any]:
         "scope_value": o.source,
         "window_start": o.since,
         "window_end": now,
-        "severity": "warning",
+        "severity": Severity.WARNING,
         "neg_count": o.failures,
         "total_count": 0,
         "neg_share": 0.0,
@@ -152,7 +152,7 @@ def _alert_row(o: Outage, now: datetime) -> dict[str, Any]:
             "failures": o.failures,
             "last_error": (o.last_error or "")[:500] or None,
             "threshold_hours": o.threshold_hours,
-            "episode_severity": "warning",
+            "episode_severity": Severity.WARNING,
         },
         "created_at": now,
     }
@@ -202,7 +202,7 @@ def check_sources(engine: Engine, cfg: FinsentConfig, now: datetime) -> HealthRe
                 "episode_id": a.id,
                 "kind": AlertKind.RESOLVED,
                 "window_end": now,
-                "severity": "info",
+                "severity": Severity.INFO,
                 "baseline_share": 0.0,
                 "baseline_neg_rate": 0.0,
                 "statistic": round((now - a.window_start).total_seconds() / 3600, 2),

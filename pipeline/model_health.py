@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.config import FinsentConfig, ModelHealthConfig
 from pipeline.health import _id
-from pipeline.records import AlertKind, OpsScope
+from pipeline.records import AlertKind, OpsScope, Severity
 from pipeline.store import _insert, session_scope
 from pipeline.store import schema as s
 
@@ -298,7 +298,7 @@ def _alert_row(
         "scope_value": source,
         "window_start": episode_start,
         "window_end": w.window_end,
-        "severity": "warning",
+        "severity": Severity.WARNING,
         "neg_count": drifted,
         "total_count": w.scored,
         "neg_share": 0.0,
@@ -319,7 +319,7 @@ def _alert_row(
             "languages": (w.histograms or {}).get("language", {}),
             "mean_text_chars": w.mean_text_chars,
             "truncated_share": w.truncated_share,
-            "episode_severity": "warning",
+            "episode_severity": Severity.WARNING,
         },
         "created_at": now,
     }
@@ -388,7 +388,7 @@ def _episodes(
             "episode_id": open_alert.id,
             "kind": AlertKind.RESOLVED,
             "window_end": recent[0].window_end,
-            "severity": "info",
+            "severity": Severity.INFO,
             "baseline_share": 0.0,
             "baseline_neg_rate": 0.0,
             "statistic": recent[0].psi or 0.0,
