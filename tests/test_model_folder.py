@@ -140,6 +140,14 @@ def _int8_record(
     model_folder.update_meta(folder, precision={"int8": rec})
 
 
+def _refused(folder: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """The warning a Scorer asked for int8 logs when the gate sends it back to fp32."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
+        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
+    return caplog.text
+
+
 def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = _calibrated_copy(tiny_model_dir, tmp_path / "q")
     with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
@@ -148,41 +156,26 @@ def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptu
     assert "no int8 check is recorded" in caplog.text and "scoring in fp32" in caplog.text
 
     _int8_record(folder, INT8_MAX_LOSS + 0.001)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
-        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
-    assert "loses 0.60 points" in caplog.text
+    assert "loses 0.60 points" in _refused(folder, caplog)
 
     _int8_record(folder, 0.001, version="another-model")
     assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
 
     # the gate's one rule: topic accuracy counts as FPB accuracy does (the bench refused this, the scorer ran it)
     _int8_record(folder, 0.001, topic_loss=INT8_MAX_LOSS + 0.001)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
-        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
-    assert "loses 0.60 points of topic accuracy" in caplog.text
+    assert "loses 0.60 points of topic accuracy" in _refused(folder, caplog)
 
     # a check of another quantisation recipe (e.g. every Linear layer, before) says nothing about this one
     _int8_record(folder, 0.001, recipe=None)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
-        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
-    assert "an older quantisation" in caplog.text
+    assert "an older quantisation" in _refused(folder, caplog)
 
     # a check measured on another quantised engine (x86 against qnnpack on ARM) says nothing about this one
     _int8_record(folder, 0.001, engine="some-other-engine")
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
-        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
-    assert "some-other-engine quantised engine" in caplog.text
+    assert "some-other-engine quantised engine" in _refused(folder, caplog)
 
     # a model with a topic head needs its topic accuracy measured: a check without it does not pass
     _int8_record(folder, 0.001, topic_loss=None)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.precision"):
-        assert Scorer.load(str(folder), device="cpu", precision="int8").precision == "fp32"
-    assert "has no topic accuracy" in caplog.text
+    assert "has no topic accuracy" in _refused(folder, caplog)
 
     _int8_record(folder, 0.001)
     s = Scorer.load(str(folder), device="cpu", precision="int8")
