@@ -654,6 +654,16 @@ def _ok(b: bool) -> str:
     return "met" if b else "NOT met"
 
 
+def _band_table(label: str, row: str, bands: dict[str, dict[str, float]]) -> list[str]:
+    """A markdown table of surges and recall per band (columns: the bands)."""
+    return [
+        f"| {label} | " + " | ".join(bands) + " |",
+        "|---|" + "---|" * len(bands),
+        f"| {row} | " + " | ".join(f"{v['spikes']:g}" for v in bands.values()) + " |",
+        "| recall | " + " | ".join(_fmt(v["recall"]) for v in bands.values()) + " |",
+    ]
+
+
 def _weak_spots(r: EvalResult, floor: int = 10) -> list[str]:
     """Where recall of counted surges falls below 0.95 (bands with at least `floor` surges)."""
     out = []
@@ -705,24 +715,15 @@ def _family_section(r: EvalResult) -> list[str]:
             for k, v in r.recall_3sd_by_volume.items()
         ],
         "",
-        "| surge length (windows) | " + " | ".join(r.recall_by_length) + " |",
-        "|---|" + "---|" * len(r.recall_by_length),
-        "| counted surges | " + " | ".join(f"{v['spikes']:g}" for v in r.recall_by_length.values()) + " |",
-        "| recall | " + " | ".join(_fmt(v["recall"]) for v in r.recall_by_length.values()) + " |",
+        *_band_table("surge length (windows)", "counted surges", r.recall_by_length),
         "",
         "Counted surges by their injected size, in SD of the window's own noise (baseline family) or in square roots",
         "of the window's expected negatives (the others): what one window can show against chance at this false-alert",
         "budget (a single-window test at about 2.5 SD catches a 2-SD surge about a third of the time):",
         "",
-        "| injected size | " + " | ".join(r.recall_3sd_by_local_sd) + " |",
-        "|---|" + "---|" * len(r.recall_3sd_by_local_sd),
-        "| counted surges | " + " | ".join(f"{v['spikes']:g}" for v in r.recall_3sd_by_local_sd.values()) + " |",
-        "| recall | " + " | ".join(_fmt(v["recall"]) for v in r.recall_3sd_by_local_sd.values()) + " |",
+        *_band_table("injected size", "counted surges", r.recall_3sd_by_local_sd),
         "",
-        "| size in baseline SD | " + " | ".join(r.recall_by_baseline_sd) + " |",
-        "|---|" + "---|" * len(r.recall_by_baseline_sd),
-        "| surges (all) | " + " | ".join(f"{v['spikes']:g}" for v in r.recall_by_baseline_sd.values()) + " |",
-        "| recall | " + " | ".join(_fmt(v["recall"]) for v in r.recall_by_baseline_sd.values()) + " |",
+        *_band_table("size in baseline SD", "surges (all)", r.recall_by_baseline_sd),
         "",
         "Where it still fails: " + ("; ".join(_weak_spots(r)) or "nowhere with 10 or more surges") + ".",
         "",
