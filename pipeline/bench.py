@@ -281,7 +281,8 @@ class Report:
 
 def headline_precision(requested: str, check: Any) -> tuple[str, str]:
     """int8 counts for the headline ratios only where its check, measured in this run, passes the gate's rule
-    (pipeline.precision.int8_failures, the same one Scorer.load applies to the recorded check)."""
+    (pipeline.precision.int8_failures, the rule Scorer.load applies to the recorded check; recipe and engine
+    always match a check measured in this run)."""
     if requested != "int8":
         return "fp32", ""
     if check is None:

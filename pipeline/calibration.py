@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import EVAL_SPLITS, SENTIMENT_LABELS, VAL_SPLITS, Splits, build_splits
-from pipeline.errors import UsageError
+from pipeline.errors import FinsentError
 from pipeline.train import fit_temperature
 
 SENTIMENT_VAL = ("fpb_val", "tfns_val")
@@ -38,8 +38,8 @@ SEED = 20261201
 Logits = Mapping[str, tuple[Any, Any]]  # split name -> (raw logits, labels), numpy arrays
 
 
-class CalibrationError(UsageError, ValueError):
-    """A calibration fit was given something other than validation data."""
+class CalibrationError(FinsentError, ValueError):
+    """A calibration fit was given something other than validation data (a caller's mistake: exit 1)."""
 
 
 def softmax(z: Any) -> Any:

@@ -175,7 +175,7 @@ def test_int8_gate(tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptu
 
     # a model with a topic head needs its topic accuracy measured: a check without it does not pass
     _int8_record(folder, 0.001, topic_loss=None)
-    assert "has no topic accuracy" in _refused(folder, caplog)
+    assert "has no topic accuracy measured" in _refused(folder, caplog)
 
     _int8_record(folder, 0.001)
     s = Scorer.load(str(folder), device="cpu", precision="int8")
@@ -194,7 +194,7 @@ def test_int8_check_is_recorded_where_the_gate_reads_it(tmp_path: Path, tiny_mod
     check = check_int8(folder, data_dir)
     assert set(check.fp32) >= {"fpb_test", "tfns_dev"} and check.version == "tiny-0"
     assert {"fpb_val", "tfns_val"} <= set(check.fp32) and set(check.agreement) == set(check.fp32)
-    assert check.passed == (not int8_failures(check.fp32, check.int8)) and check.recipe == INT8_RECIPE
+    assert check.passed == (not int8_failures(check.fp32, check.int8, check.topics)) and check.recipe == INT8_RECIPE
     record_int8_check(folder, check)
     assert model_folder.read_meta(folder).precision["int8"]["fpb_test_loss"] == check.fpb_test_loss
     s = Scorer.load(str(folder), device="cpu", precision="int8")
@@ -228,7 +228,8 @@ def test_bench_headline_uses_int8_only_within_half_a_point() -> None:
         fp32 = {"fpb_test": 0.84, "tfns_dev": 0.86, "topic_dev": 0.90}
         int8 = {"fpb_test": fpb_int8, "tfns_dev": 0.86, "topic_dev": topic_int8}
         loss = fp32["fpb_test"] - fpb_int8
-        return Int8Check("v", fp32, int8, 0.99, 0.99, loss, not int8_failures(fp32, int8), "t", "x86", "now", 1.0)
+        ok = not int8_failures(fp32, int8, topics=True)
+        return Int8Check("v", fp32, int8, 0.99, 0.99, loss, ok, "t", "x86", "now", 1.0)
 
     assert headline_precision("fp32", check(0.84, 0.90)) == ("fp32", "")
     assert headline_precision("int8", check(0.838, 0.899))[0] == "int8"
@@ -236,3 +237,7 @@ def test_bench_headline_uses_int8_only_within_half_a_point() -> None:
     chosen, note = headline_precision("int8", check(0.84, 0.894))  # 0.6 point of topic accuracy
     assert chosen == "fp32" and "loses 0.60 points of topic accuracy" in note
     assert headline_precision("int8", None)[0] == "fp32"
+    # a model with a topic head whose check measured no topic accuracy: the headline refuses int8 as the scorer does
+    unmeasured = Int8Check("v", {"fpb_test": 0.84}, {"fpb_test": 0.84}, 0.99, 0.99, 0.0, True, "t", "x86", "now", 1.0)
+    chosen, note = headline_precision("int8", unmeasured)
+    assert chosen == "fp32" and "has no topic accuracy measured" in note
