@@ -55,7 +55,7 @@ from enum import StrEnum
 from itertools import chain, zip_longest
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import Engine, Select, func, select, text, union_all
+from sqlalchemy import Engine, Select, func, select, union_all
 from sqlalchemy.orm import Session
 
 from pipeline.health import OPS_SCOPES
@@ -200,10 +200,6 @@ def label_queue(
         )
 
     with session_scope(engine) as session:
-        if session.get_bind().dialect.name == "postgresql":
-            # plan each walk for its values: psycopg prepares a statement run five times, and Postgres then
-            # moves to a generic plan that guesses the window small and sorts each source's week (40 ms)
-            session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
         # the window's id range (id + 0: min(id) alone makes Postgres walk the id index from 1 until a row
         # falls in the window), so the margin walks skip other dates' scores inside their index
         first, last = session.execute(select(func.min(D.id + 0), func.max(D.id + 0)).where(*window)).one()
