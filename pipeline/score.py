@@ -295,7 +295,6 @@ class Scorer:
         tok = self.tokenizer
         # what the private copy was configured from: a change to the tokenizer in place rebuilds it
         key = (
-            id(tok),
             self.max_length,
             getattr(tok, "truncation_side", None),
             getattr(tok, "split_special_tokens", None),
