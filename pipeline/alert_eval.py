@@ -28,9 +28,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from scipy import stats as sps
 
 from pipeline.config import DetectConfig
-from pipeline.detect import DetectorParams, Series, compute_stats, event_at
+from pipeline.detect import (
+    ESCALATE_FACTOR,
+    SCAN_CHARGE,
+    DetectorParams,
+    Series,
+    compute_stats,
+    event_at,
+    share_tail_p,
+)
 from pipeline.records import AlertKind, ScopeKind
 from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR_DOCS, WEIGHTS
 
@@ -84,6 +93,7 @@ class Stream:
     slot: np.ndarray
     spikes: list[Spike] = field(default_factory=list)
     expected_k: np.ndarray | None = None  # expected negatives per window (surge sizes follow its square root)
+    expected_n: np.ndarray | None = None  # expected items per window (daily cycle, weekend, news days)
 
 
 def _volume_mean(p: ScopeProfile, hours: np.ndarray, window_minutes: int) -> np.ndarray:
@@ -111,7 +121,14 @@ def make_stream(rng: np.random.Generator, profile: ScopeProfile, windows: int, w
     share = rng.beta(profile.share * c, (1 - profile.share) * c, size=windows)
     k = rng.binomial(n, share)
     slot = (np.arange(windows) % max(1, (24 * 60) // window_minutes)).astype(np.int64)
-    return Stream(profile=profile, n=n.astype(np.float64), k=k.astype(np.float64), slot=slot)
+    return Stream(
+        profile=profile,
+        n=n.astype(np.float64),
+        k=k.astype(np.float64),
+        slot=slot,
+        expected_k=mu * profile.share,
+        expected_n=mu,
+    )
 
 
 def inject_spikes(
@@ -198,7 +215,12 @@ def make_family_stream(
     k = rng.binomial(n, rng.beta(share * c, (1 - share) * c))
     slot = (np.arange(windows) % max(1, (24 * 60) // window_minutes)).astype(np.int64)
     return Stream(
-        profile=profile, n=n.astype(np.float64), k=k.astype(np.float64), slot=slot, expected_k=mu * mult * share
+        profile=profile,
+        n=n.astype(np.float64),
+        k=k.astype(np.float64),
+        slot=slot,
+        expected_k=mu * mult * share,
+        expected_n=mu * mult,
     )
 
 
@@ -294,6 +316,7 @@ class EvalResult:
     median_resolution_lag_windows: float | None
     per_seed: list[dict[str, Any]]
     db_path_agreement: dict[str, Any] | None
+    oracle: dict[str, dict[str, float]]  # what a detector that knows the generator's truth reaches
     targets: dict[str, bool]
     seconds: float
 
@@ -318,6 +341,94 @@ def _exceedances_3sd(k: np.ndarray, B: int, first: int) -> int:
     return int(np.sum(k[t] >= mean + 3 * np.maximum(sd, 1e-9)))
 
 
+@dataclass(slots=True)
+class _OracleSeries:
+    """One stream's oracle tests: the smallest p-value of the windows' tests that pass their gates, whether
+    each window is above its true share at p <= exit_p (keeps an episode open) and critical."""
+
+    p_min: np.ndarray
+    warm: np.ndarray
+    critical: np.ndarray
+
+
+def _oracle_series(st: Stream, p: DetectorParams) -> _OracleSeries:
+    """The detector's tests with nothing estimated: each window's true share (drift, cycle and all), its true
+    expected volume and the generator's own noise. Share test: the beta-binomial tail with the true share and
+    share noise. Count test: negatives given the window's other items and the true volume prior (a Gamma-Poisson
+    posterior). The share test also runs on the last 2-4 windows together, charged like the detector's scans.
+    It is what no detector that has to learn these from a week of history can beat at the same false-alert rate."""
+    assert st.expected_k is not None and st.expected_n is not None
+    n, k = st.n, st.k
+    mu = np.maximum(st.expected_n, 1e-9)
+    share = np.clip(st.expected_k / mu, 1e-3, 0.999)
+    prof = st.profile
+    rho = np.full(n.shape, 1 / (prof.share_concentration + 1))
+    every = np.ones(n.shape, dtype=bool)
+
+    def gate(nn: np.ndarray, kk: np.ndarray, s0: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sh = np.where(nn > 0, kk / np.where(nn > 0, nn, 1), 0.0)
+        return (nn >= p.min_volume) & (kk >= p.min_negative) & (sh - s0 >= p.min_share_increase)
+
+    p_share = share_tail_p(n, k, share, rho, every)
+    warm = (k > n * share) & (p_share <= p.exit_p)
+    tests = [np.where(gate(n, k, share), p_share, 1.0)]
+    # Negatives given the others: lambda ~ Gamma(d + m, d / mu + 1 - s) after m others, so k is negative
+    # binomial around s (d + m) / rate; the share noise adds (lambda s)^2 rho (1 - s) / s.
+    d = prof.dispersion
+    m = n - k
+    rate = d / mu + (1 - share)
+    lam = share * (d + m) / rate
+    var = lam + lam**2 / (d + m) + lam**2 * rho[0] * (1 - share) / share
+    phi = np.maximum(var / np.maximum(lam, 1e-9), 1 + 1e-9)
+    size, prob = lam / (phi - 1), 1 / phi
+    p_count = sps.nbinom.sf(k - 1, size, prob) - 0.5 * sps.nbinom.pmf(k, size, prob)
+    tests.append(np.where(gate(n, k, share), np.clip(np.nan_to_num(p_count, nan=1.0), 0.0, 1.0), 1.0))
+    for w in range(2, p.sustained_windows + 1):
+        ones = np.ones(w)
+        nm, km = (np.convolve(x, ones)[: len(x)] for x in (n, k))
+        ex = np.convolve(n * share, ones)[: len(n)]
+        sm = np.where(nm > 0, ex / np.where(nm > 0, nm, 1), share)
+        ok = warm.copy()
+        ok[: w - 1] = False
+        pm = np.clip(share_tail_p(nm, km, sm, rho, ok) * SCAN_CHARGE, 0.0, 1.0)
+        tests.append(np.where(gate(nm, km, sm), pm, 1.0))
+    p_min = np.min(tests, axis=0)
+    return _OracleSeries(p_min=p_min, warm=warm, critical=p_min <= p.critical_p)
+
+
+def _oracle_alerts(o: _OracleSeries, alpha: float, p: DetectorParams, first: int) -> list[int]:
+    """Windows (from `first`) where the oracle alerts at warning level `alpha`, under the detector's episode
+    rules (one alert an episode, escalation at 100x, closed after cooldown quiet windows), in one pass."""
+    hot = o.p_min <= alpha
+    hot_at = np.flatnonzero(hot)
+    if not len(hot_at):
+        return []
+    live = (hot | o.warm).tolist()
+    hot_l, crit, pm = hot.tolist(), o.critical.tolist(), o.p_min.tolist()
+    C, T = p.quiet_to_close, len(hot_l)
+    out: list[int] = []
+    h = 0  # next candidate in hot_at
+    while h < len(hot_at):
+        i = int(hot_at[h])  # an episode opens
+        if i >= first:
+            out.append(i)
+        critical, last_p, quiet = crit[i], pm[i], 0
+        i += 1
+        while i < T and quiet < C:
+            if live[i]:
+                quiet = 0
+                if hot_l[i] and (pm[i] <= last_p * ESCALATE_FACTOR or (crit[i] and not critical)):
+                    last_p, critical = pm[i], critical or crit[i]
+                    if i >= first:
+                        out.append(i)
+            else:
+                quiet += 1
+            i += 1
+        h = int(np.searchsorted(hot_at, i))
+    return out
+
+
 def _bucket(rows: list[tuple[float, bool]], edges: Sequence[float]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
@@ -339,6 +450,8 @@ class _Replay:
     false_alerts: int
     resolution_lags: list[int]
     first_stream: Stream | None
+    oracle_quiet: list[_OracleSeries] = field(default_factory=list)
+    oracle_spiked: list[tuple[_OracleSeries, list[Spike]]] = field(default_factory=list)
 
 
 def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Family = "baseline") -> _Replay:
@@ -353,6 +466,7 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
     out = _Replay([], [pr.mean_volume for pr in profs], [], [], 0, 0, [], None)
     for prof in profs:
         st = make_family_stream(rng, family, prof, T, wm)
+        out.oracle_quiet.append(_oracle_series(st, p))
         out.quiet_counts.append(sum(1 for _, kind in _events(st, p, warm) if kind != AlertKind.RESOLVED))
         out.exceed.append((prof.mean_volume, _exceedances_3sd(st.k, B, warm) / weeks_eval))
     gap = int(3 * 24 * 60 / wm)
@@ -365,6 +479,7 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
         st.spikes = [_measured(st, sp, B) for sp in st.spikes if sp.onset >= warm]
         if out.first_stream is None:
             out.first_stream = st
+        out.oracle_spiked.append((_oracle_series(st, p), st.spikes))
         evs = _events(st, p, warm)
         alerts = [t for t, kind in evs if kind != AlertKind.RESOLVED]  # spike and escalated both page someone
         resolved = [t for t, kind in evs if kind == AlertKind.RESOLVED]
@@ -380,6 +495,34 @@ def _replay(p: DetectorParams, seed: int, scopes: int, weeks: float, family: Fam
         out.true_alerts += len(used)
         out.false_alerts += len([t for t in alerts if t not in used])
     return out
+
+
+def _oracle(runs: Sequence[_Replay], p: DetectorParams, fa_target: float, weeks_eval: float) -> dict[str, float]:
+    """The oracle's warning level that gives `fa_target` false alerts per scope-week on the quiet streams
+    (bisection on log alpha), and its recall of counted surges there."""
+    first = p.history_windows - 1
+    quiet = [o for r in runs for o in r.oracle_quiet]
+    spiked = [x for r in runs for x in r.oracle_spiked]
+
+    def fa(alpha: float) -> float:
+        return sum(len(_oracle_alerts(o, alpha, p, first)) for o in quiet) / (len(quiet) * weeks_eval)
+
+    lo, hi = -8.0, -1.0
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fa(10**mid) <= fa_target else (lo, mid)
+    alpha = 10**lo
+    hits = []
+    for o, spikes in spiked:
+        alerts = np.array(_oracle_alerts(o, alpha, p, first), dtype=np.int64)
+        for sp in spikes:
+            if sp.counted:
+                hits.append(bool(np.any((alerts >= sp.onset) & (alerts < sp.onset + sp.length))))
+    return {
+        "warning_p": float(f"{alpha:.3g}"),
+        "false_alerts_per_scope_week": round(fa(alpha), 4),
+        "recall_3sd": round(sum(hits) / len(hits), 4) if hits else float("nan"),
+    }
 
 
 def evaluate_detector(
@@ -471,6 +614,10 @@ def evaluate_detector(
         median_resolution_lag_windows=statistics.median(resolution_lags) if resolution_lags else None,
         per_seed=per_seed,
         db_path_agreement=agreement,
+        oracle={
+            "at_detector_false_alert_rate": _oracle(runs, p, fa, weeks_eval),
+            "at_1_false_alert_per_scope_week": _oracle(runs, p, 1.0, weeks_eval),
+        },
         targets={
             "recall_3sd>=0.95": recall_3 >= 0.95,
             "false_alerts_per_scope_week<=1": fa <= 1.0,
@@ -694,6 +841,12 @@ def _family_section(r: EvalResult) -> list[str]:
         f"{_fmt(r.mean_delay_windows_3sd)}) | <= 1 ({_ok(r.targets['median_delay<=1'])}) |",
         f"| precision (spiked streams, all alerts) | {_fmt(r.precision)} | |",
         f"| recall, all injected surges ({r.spikes_total}) | {_fmt(r.recall_all)} | |",
+        f"| oracle: recall of counted surges at the detector's false-alert rate | "
+        f"{_fmt(r.oracle['at_detector_false_alert_rate']['recall_3sd'])} (warning level "
+        f"{_fmt(r.oracle['at_detector_false_alert_rate']['warning_p'])}) | |",
+        f"| oracle: recall of counted surges at 1 false alert per scope-week | "
+        f"{_fmt(r.oracle['at_1_false_alert_per_scope_week']['recall_3sd'])} (warning level "
+        f"{_fmt(r.oracle['at_1_false_alert_per_scope_week']['warning_p'])}) | |",
         f"| median lag of the resolved notice after a surge ends, windows | {_fmt(r.median_resolution_lag_windows)} | "
         "|",
         "",
@@ -753,15 +906,19 @@ def render_markdown(rep: EvalReport) -> str:
         "6 weeks), which this report leaves out; nothing is tuned per stream or per family.",
         "",
         "| family | counted surges | recall (>= 0.95) | false alerts / scope-week (<= 1) | median delay (<= 1) | all "
-        "targets |",
-        "|---|---|---|---|---|---|",
+        "targets | oracle recall, same false alerts | oracle recall at 1 false alert / scope-week |",
+        "|---|---|---|---|---|---|---|---|",
         *[
             f"| {name} | {r.spikes_3sd} | {_fmt(r.recall_3sd)} | {_fmt(r.false_alerts_per_scope_week)} | "
-            f"{_fmt(r.median_delay_windows_3sd)} | {_ok(all(r.targets.values()))} |"
+            f"{_fmt(r.median_delay_windows_3sd)} | {_ok(all(r.targets.values()))} | "
+            f"{_fmt(r.oracle['at_detector_false_alert_rate']['recall_3sd'])} | "
+            f"{_fmt(r.oracle['at_1_false_alert_per_scope_week']['recall_3sd'])} |"
             for name, r in fams.items()
         ],
         "",
         f"Targets met on every family: **{'yes' if rep.targets_met_on_every_family else 'no'}**.",
+        "",
+        *ORACLE_TEXT,
         "",
     ]
     for r in fams.values():
@@ -801,6 +958,17 @@ def render_markdown(rep: EvalReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+ORACLE_TEXT = [
+    "The oracle columns say how much of a shortfall is the detector's and how much the streams': the same tests",
+    "(share tail, 2-4 window scans charged alike, negatives given the window's other items) and the same episode",
+    "rules, run with nothing estimated: each window's true negative share (drift and cycle included), its true",
+    "expected volume (news days included) and the generator's own volume and share noise, at the warning level that",
+    "gives it the detector's false-alert rate on the quiet streams (or 1 a scope-week). No detector that must learn",
+    "these from a week of history is expected to beat it; where the oracle itself stays under 0.95 at 1 false alert",
+    "a scope-week, the recall target is out of reach on that family under this report's surge rule at that budget.",
+]
 
 
 SCALE_TEXT = (

@@ -409,6 +409,24 @@ def _count_test(n: np.ndarray, k: np.ndarray, p0: np.ndarray, B: int, window_min
     return out
 
 
+def share_tail_p(n: np.ndarray, k: np.ndarray, p0: np.ndarray, rho: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Mid-p upper tail P(K >= k | n) of a beta-binomial with mean share p0 and intra-window correlation rho
+    (a binomial where rho is negligible); 1 where `ok` is false or there is nothing to test. The evaluation's
+    oracle runs the same tail with the generator's true share and noise."""
+    ni, ki = n.astype(np.int64), k.astype(np.int64)
+    pv = np.ones(n.shape)
+    use = ok & (ni > 0) & (ki > 0)
+    if use.any():
+        nu, ku, pu, ru = ni[use], ki[use], p0[use], rho[use]
+        binom_tail = sps.binom.sf(ku - 1, nu, pu)
+        r = np.maximum(ru, 1e-9)
+        a, b = pu * (1 / r - 1), (1 - pu) * (1 / r - 1)
+        bb_tail = sps.betabinom.sf(ku - 1, nu, a, b)
+        half = np.where(ru > 1e-4, sps.betabinom.pmf(ku, nu, a, b), sps.binom.pmf(ku, nu, pu))
+        pv[use] = np.where(ru > 1e-4, bb_tail, binom_tail) - 0.5 * half
+    return np.clip(np.nan_to_num(pv, nan=1.0), 0.0, 1.0)
+
+
 def _tail_test(
     n: np.ndarray,
     k: np.ndarray,
@@ -422,18 +440,7 @@ def _tail_test(
     """Beta-binomial upper tail P(K >= k | n) as a mid-p value (P(K > k) + P(K = k) / 2, so that a few
     items per window are not tested far below the nominal level), its z-score, and whether each window
     passes every gate."""
-    ni, ki = n.astype(np.int64), k.astype(np.int64)
-    pv = np.ones(n.shape)
-    use = ok & (ni > 0) & (ki > 0)
-    if use.any():
-        nu, ku, pu, ru = ni[use], ki[use], p0[use], rho[use]
-        binom_tail = sps.binom.sf(ku - 1, nu, pu)
-        r = np.maximum(ru, 1e-9)
-        a, b = pu * (1 / r - 1), (1 - pu) * (1 / r - 1)
-        bb_tail = sps.betabinom.sf(ku - 1, nu, a, b)
-        half = np.where(ru > 1e-4, sps.betabinom.pmf(ku, nu, a, b), sps.binom.pmf(ku, nu, pu))
-        pv[use] = np.where(ru > 1e-4, bb_tail, binom_tail) - 0.5 * half
-    pv = np.clip(np.nan_to_num(pv * charge, nan=1.0), 0.0, 1.0)
+    pv = np.clip(share_tail_p(n, k, p0, rho, ok) * charge, 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         sd = np.sqrt(n * p0 * (1 - p0) * (1 + np.maximum(n - 1, 0) * rho))
         z = np.nan_to_num(np.where(sd > 0, (k - n * p0) / sd, 0.0))

@@ -10,9 +10,19 @@ import numpy as np
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from pipeline.alert_eval import ScopeProfile, Spike, db_replay_check, evaluate_detector, make_stream
+from pipeline.alert_eval import (
+    ScopeProfile,
+    Spike,
+    _oracle_alerts,
+    _OracleSeries,
+    db_replay_check,
+    evaluate_detector,
+    make_stream,
+)
 from pipeline.cli import app
 from pipeline.config import DetectConfig
+from pipeline.detect import DetectorParams, SeriesStats, event_at
+from pipeline.records import AlertKind
 from pipeline.notify import deliver_pending
 from pipeline.store import schema as s
 from pipeline.store import session_scope
@@ -49,6 +59,32 @@ def test_replay_is_deterministic_and_measures_the_detector() -> None:
         and both.quiet_false_alerts == a.quiet_false_alerts + c.quiet_false_alerts
     )
     assert [x["seed"] for x in both.per_seed] == [11, 12] and both.per_seed[0]["recall_3sd"] == a.recall_3sd
+
+
+def test_oracle_keeps_the_detectors_episode_rules_and_its_false_alert_rate() -> None:
+    # The one-pass episode scan the oracle uses alerts where event_at does, on random hot/warm/critical runs.
+    p = DetectorParams.from_config(DetectConfig())
+    rng = np.random.default_rng(3)
+    T = 600
+    for _ in range(20):
+        pv = np.where(rng.random(T) < 0.06, 10 ** rng.uniform(-9, -2, T), rng.uniform(0.01, 1, T))
+        hot = pv <= 3e-3
+        warm = hot | (rng.random(T) < 0.1)  # episodes shorter than the lookback (event_at re-alerts after it)
+        crit = pv <= 1e-6
+        zero = np.zeros(T)
+        st = SeriesStats(zero, zero, pv, zero, zero, zero, zero, hot, warm, crit)
+        want = [t for t in range(100, T) if (ev := event_at(st, t, p)) is not None and ev.kind != AlertKind.RESOLVED]
+        got = _oracle_alerts(_OracleSeries(p_min=np.where(hot, pv, 1.0), warm=warm, critical=crit), 3e-3, p, 100)
+        assert got == want
+    # The oracle's warning level is set to the detector's false-alert rate on the quiet streams, and 1 a
+    # scope-week allows at least as much recall as any lower rate.
+    r = evaluate_detector(DetectConfig(), family="realistic", seeds=(11,), scopes=8, weeks=2, db_check=False)
+    same, one = r.oracle["at_detector_false_alert_rate"], r.oracle["at_1_false_alert_per_scope_week"]
+    assert same["false_alerts_per_scope_week"] <= r.false_alerts_per_scope_week + 1e-9
+    assert one["false_alerts_per_scope_week"] <= 1.0 and one["warning_p"] >= same["warning_p"] or (
+        r.false_alerts_per_scope_week > 1
+    )
+    assert 0 < same["recall_3sd"] <= 1
 
 
 def test_database_path_gives_the_same_alerts_as_the_replay() -> None:
@@ -88,6 +124,7 @@ def test_evaluate_command_writes_the_report(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "recall (counted surges" in res.output and "false alerts per scope per week" in res.output
+    assert res.output.count("oracle (true share, volume and noise): recall") == 3
     assert [line for line in res.output.splitlines() if line.startswith("[")] == [
         "[baseline]",
         "[realistic]",
@@ -104,9 +141,11 @@ def test_evaluate_command_writes_the_report(tmp_path: Path) -> None:
             "false_alerts_per_scope_week",
             "median_delay_windows_3sd",
             "recall_3sd_by_volume",
+            "oracle",
         } <= set(fam)
     md = (tmp_path / "alert-evaluation.md").read_text()
     assert "finsent alerts evaluate" in md and "--warning-p 0.006" in md and "--seed 3 --seed 4" in md and "| 4 |" in md
+    assert "oracle recall at 1 false alert / scope-week" in md and md.count("| oracle: recall of counted surges") == 6
     assert md.count("Where it still fails:") == 3 and "## Family `adversarial`" in md
     bad = runner.invoke(app, ["alerts", "evaluate", "--out-dir", str(tmp_path), "--warning-p", "2"])
     assert bad.exit_code == 2 and "warning_p" in bad.output

@@ -395,6 +395,11 @@ def evaluate_cmd(
             f"  precision: {result.precision:.3f}   recall over all {result.spikes_total} surges: "
             f"{result.recall_all:.3f}"
         )
+        same, one = result.oracle["at_detector_false_alert_rate"], result.oracle["at_1_false_alert_per_scope_week"]
+        typer.echo(
+            f"  oracle (true share, volume and noise): recall {same['recall_3sd']:.3f} at the same false-alert rate, "
+            f"{one['recall_3sd']:.3f} at 1 a scope-week"
+        )
         if result.db_path_agreement:
             typer.echo(f"  database path identical to in-memory replay: {result.db_path_agreement['identical']}")
     typer.echo(f"targets met on every family: {'yes' if report.targets_met_on_every_family else 'no'}")
