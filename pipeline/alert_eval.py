@@ -12,6 +12,10 @@ Spike size is reported two ways:
   mean of the scope's trailing-baseline windows, in standard deviations of those windows' counts;
 - "local SD": the injected negatives in units of the noise SD at that hour (a harder yardstick, shown
   for honesty).
+
+An oracle runs the detector's tests and episode rules on the same streams with the generator's true share,
+volume and noise, at the detector's own false-alert rate: what is left between the two is the detector's to
+win, what the oracle misses no detector learning from history is expected to catch.
 """
 
 from __future__ import annotations
