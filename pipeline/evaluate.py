@@ -556,7 +556,8 @@ def render_markdown(rep: EvalReport) -> str:
             f"{'yes' if t['met'] else '**no**'} |"
         )
     all_beaten = all(all(v.values()) for v in rep.baselines_beaten.values())
-    lines += ["", f"Every baseline beaten on every split (accuracy and macro-F1): {'yes' if all_beaten else '**no**'}."]
+    verdict = ("yes" if all_beaten else "**no**") if rep.baselines_beaten else "n/a (no baselines were scored)"
+    lines += ["", f"Every baseline beaten on every split (accuracy and macro-F1): {verdict}."]
     for name, per in rep.baselines_beaten.items():
         lost = [SPLIT_TITLES[k] for k, v in per.items() if not v]
         if lost:

@@ -91,17 +91,19 @@ def test_oracle_keeps_the_detectors_episode_rules_and_its_false_alert_rate() -> 
         count_p.append(tests["count"])
     for pv in (np.concatenate(share_p), np.concatenate(count_p)):
         assert len(pv) > 5000 and 0.006 <= float(np.mean(pv <= 0.01)) <= 0.012  # a moment-matched count test: 0.013
+        assert 0.0015 <= float(np.mean(pv <= 0.003)) <= 0.0045  # near the warning levels the oracle runs at
     # The oracle's warning level is set to the detector's false-alert rate on the quiet streams, and 1 a
     # scope-week allows at least as much recall as any lower rate.
     r = evaluate_detector(DetectConfig(), family="realistic", seeds=(11,), scopes=8, weeks=2, db_check=False)
     same, one = r.oracle["at_detector_false_alert_rate"], r.oracle["at_1_false_alert_per_scope_week"]
-    assert same["false_alerts_per_scope_week"] <= r.false_alerts_per_scope_week + 1e-9
-    assert (
-        one["false_alerts_per_scope_week"] <= 1.0
-        and one["warning_p"] >= same["warning_p"]
-        or (r.false_alerts_per_scope_week > 1)
-    )
-    assert 0 <= same["recall_3sd"] <= 1 or math.isnan(same["recall_3sd"])
+    if math.isnan(same["warning_p"]):  # the detector's rate was below anything the oracle can go down to
+        assert math.isnan(same["recall_3sd"])
+    else:
+        assert same["false_alerts_per_scope_week"] <= r.false_alerts_per_scope_week + 1e-9
+        assert 0 <= same["recall_3sd"] <= 1
+        assert one["false_alerts_per_scope_week"] <= 1.0 and (
+            one["warning_p"] >= same["warning_p"] or r.false_alerts_per_scope_week > 1
+        )
 
 
 def test_database_path_gives_the_same_alerts_as_the_replay() -> None:

@@ -133,6 +133,8 @@ def test_evaluate_records_metrics_compares_production_and_ignores_feedback(
         and "bundled default" in r.output
         and "different splits" in r.output
     )
+    # --no-baselines scores none, so the report cannot claim they were all beaten
+    assert "beaten on every split (accuracy and macro-F1): n/a" in (out / "model-evaluation.md").read_text()
     [m] = list_models(engine)
     assert not m.is_production and m.primary is not None
     promote(engine, m.id)
