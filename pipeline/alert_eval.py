@@ -43,6 +43,7 @@ from pipeline.detect import (
     compute_stats,
     event_at,
     share_tail_p,
+    volume_gates,
 )
 from pipeline.records import AlertKind, ScopeKind
 from pipeline.risk import ANOMALY_FULL_SD, DEFAULT_TOPIC_WEIGHT, INTENSITY_PRIOR_DOCS, WEIGHTS
@@ -406,13 +407,7 @@ def _oracle_series(st: Stream, p: DetectorParams) -> _OracleSeries:
     n, k = st.n, st.k
     t = _oracle_tests(st, p)
     share, rho = t["true_share"], t["rho"]
-
-    def gate(nn: np.ndarray, kk: np.ndarray, s0: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sh = np.where(nn > 0, kk / np.where(nn > 0, nn, 1), 0.0)
-        return (nn >= p.min_volume) & (kk >= p.min_negative) & (sh - s0 >= p.min_share_increase)
-
-    g = gate(n, k, share)
+    g = volume_gates(n, k, share, p)
     tests = [np.where(g, t["share"], 1.0), np.where(g, t["count"], 1.0)]
     warm = (k > n * share) & (np.minimum(t["share"], t["count"]) <= p.exit_p)
     for w in range(2, p.sustained_windows + 1):
@@ -426,7 +421,7 @@ def _oracle_series(st: Stream, p: DetectorParams) -> _OracleSeries:
         ok = warm.copy()
         ok[: w - 1] = False
         pm = np.clip(share_tail_p(nm, km, sm, rho_m, ok) * SCAN_CHARGE, 0.0, 1.0)
-        tests.append(np.where(gate(nm, km, sm), pm, 1.0))
+        tests.append(np.where(volume_gates(nm, km, sm, p), pm, 1.0))
     p_min = np.min(tests, axis=0)
     return _OracleSeries(p_min=p_min, warm=warm, critical=p_min <= p.critical_p)
 

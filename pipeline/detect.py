@@ -450,11 +450,16 @@ def _tail_test(
 def _passes(
     n: np.ndarray, k: np.ndarray, p0: np.ndarray, ok: np.ndarray, pv: np.ndarray, p: DetectorParams, alpha: np.ndarray
 ) -> np.ndarray:
-    """The gates every test shares: enough items and negatives, a real rise in share, p <= alpha (the
-    window's warning level)."""
+    """The gates every test shares (`volume_gates`) and p <= alpha (the window's warning level)."""
+    return ok & volume_gates(n, k, p0, p) & (pv <= alpha)
+
+
+def volume_gates(n: np.ndarray, k: np.ndarray, p0: np.ndarray, p: DetectorParams) -> np.ndarray:
+    """Enough items and negatives and a real rise in share over p0: what a window needs before any p-value
+    counts (the evaluation's oracle applies the same gates)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         share = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
-    return ok & (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase) & (pv <= alpha)
+    return (n >= p.min_volume) & (k >= p.min_negative) & (share - p0 >= p.min_share_increase)
 
 
 def event_at(st: SeriesStats, t: int, p: DetectorParams) -> Event | None:
