@@ -172,6 +172,36 @@ def test_evaluate_command_writes_the_report(tmp_path: Path) -> None:
     assert fam.exit_code == 2 and "unknown stream family 'calm'" in fam.output
 
 
+def test_no_oracle_skips_only_the_oracle(tmp_path: Path) -> None:
+    args = [
+        "alerts",
+        "evaluate",
+        "--seed",
+        "5",
+        "--scopes",
+        "3",
+        "--weeks",
+        "1",
+        "--no-db-check",
+        "--family",
+        "realistic",
+    ]
+    full = runner.invoke(app, [*args, "--out-dir", str(tmp_path / "full")])
+    fast = runner.invoke(app, [*args, "--out-dir", str(tmp_path / "fast"), "--no-oracle"])
+    assert full.exit_code == 0 and fast.exit_code == 0, full.output + fast.output
+    assert "oracle (true share" in full.output and "oracle (true share" not in fast.output
+    a, b = (
+        json.loads((tmp_path / d / "alert-evaluation.json").read_text())["families"]["realistic"]
+        for d in ("full", "fast")
+    )
+    assert a["oracle"] and b["oracle"] == {}
+    for key in ("recall_3sd", "false_alerts_per_scope_week", "spikes_3sd", "precision"):
+        assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key])  # the detector's figures are untouched
+    md = (tmp_path / "fast" / "alert-evaluation.md").read_text()
+    assert "--no-oracle" in md.splitlines()[2] and md.count("| oracle: recall of counted surges not run") == 0
+    assert md.count("not run (--no-oracle)") == 2 and "| not run | not run |" in md
+
+
 def test_list_show_ack_and_acked_alerts_are_not_sent(engine, pg_url: str, monkeypatch) -> None:
     monkeypatch.setenv("DATABASE_URL", pg_url)
     monkeypatch.delenv("FINSENT_CONFIG", raising=False)
