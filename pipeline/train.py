@@ -404,6 +404,7 @@ def train_model(
         "topic_temperature": topic_temperature,
         "split_seed": cfg.split_seed,
         "hyperparameters": asdict(cfg),
+        "lineage": lineage(cfg.base),
         "data_fingerprints": splits.fingerprints,
         "data_sizes": {
             **splits.summary(),
@@ -882,6 +883,19 @@ def train_with_teacher(
     }
     model_folder.write_meta(out, meta)
     return DistilResult(teacher_dir, teacher_version, len(texts), res, reused)
+
+
+def lineage(base: str) -> list[dict[str, Any]]:
+    """The finsent models a run continued from, newest first (version, recipe, distillation, command): bundling
+    a continued model replaces the folder it started from, and every stage's recipe must stay on record."""
+    path = Path(base).expanduser()
+    if not base or not model_folder.has_meta(path):
+        return []
+    m = model_folder.read_meta_dict(path)
+    stage = {k: m[k] for k in ("version", "hyperparameters", "distillation") if k in m}
+    if "command" in m.get("training", {}):
+        stage["command"] = m["training"]["command"]
+    return [stage, *m.get("lineage", [])]
 
 
 def _command_line() -> str:
