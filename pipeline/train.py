@@ -892,7 +892,7 @@ def lineage(base: str) -> list[dict[str, Any]]:
     if not base or not model_folder.has_meta(path):
         return []
     m = model_folder.read_meta_dict(path)
-    stage = {k: m[k] for k in ("version", "hyperparameters", "distillation") if k in m}
+    stage: dict[str, Any] = {k: m[k] for k in ("version", "hyperparameters", "distillation") if k in m}
     if "command" in m.get("training", {}):
         stage["command"] = m["training"]["command"]
     return [stage, *m.get("lineage", [])]
