@@ -372,6 +372,7 @@ def train_model(
         cfg = TrainConfig(**{**asdict(cfg), "base": default_base()})
     out = Path(output_dir)
     t0 = time.monotonic()
+    stages = lineage(cfg.base)  # read before training: the base folder may be replaced while this runs
     set_seed(cfg.seed)
     splits: Splits = build_splits(data_dir, seed=cfg.split_seed, limit=cfg.limit)
     rows = list(feedback_rows)
@@ -404,7 +405,7 @@ def train_model(
         "topic_temperature": topic_temperature,
         "split_seed": cfg.split_seed,
         "hyperparameters": asdict(cfg),
-        "lineage": lineage(cfg.base),
+        "lineage": stages,
         "data_fingerprints": splits.fingerprints,
         "data_sizes": {
             **splits.summary(),
@@ -721,7 +722,7 @@ def soup_models(
     meta: dict[str, Any] = {
         **{
             k: first[k]
-            for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes")
+            for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes", "lineage")
             if k in first
         },
         "version": version,
@@ -892,7 +893,8 @@ def lineage(base: str) -> list[dict[str, Any]]:
     if not base or not model_folder.has_meta(path):
         return []
     m = model_folder.read_meta_dict(path)
-    stage: dict[str, Any] = {k: m[k] for k in ("version", "hyperparameters", "distillation") if k in m}
+    keys = ("version", "base", "base_name", "split_seed", "hyperparameters", "data_fingerprints", "distillation")
+    stage: dict[str, Any] = {k: m[k] for k in keys if k in m}
     if "command" in m.get("training", {}):
         stage["command"] = m["training"]["command"]
     return [stage, *m.get("lineage", [])]

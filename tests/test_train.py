@@ -335,18 +335,22 @@ def test_continuing_from_a_finsent_model_keeps_its_topic_head(
 def test_a_continued_model_keeps_the_recipe_of_every_stage(tmp_path: Path, tiny_model: Path, data_dir: Path) -> None:
     """Bundling a continued model (a distilled student) replaces the folder it started from: the stages it came
     from, newest first, stay in its own finsent.json."""
+    from pipeline.train import lineage
+
     first = json.loads((tiny_model / "finsent.json").read_text())
     assert first["lineage"] == []  # trained from a base encoder, not from a finsent model
+    assert lineage("") == lineage("sentence-transformers/all-MiniLM-L6-v2") == lineage(str(tmp_path / "gone")) == []
     a, b = tmp_path / "a", tmp_path / "b"
     train_model(a, data_dir, TrainConfig(base=str(tiny_model), name="a", max_steps=2, **TINY), progress=False)
     train_model(b, data_dir, TrainConfig(base=str(a), name="b", max_steps=2, **TINY), progress=False)
     meta_a = json.loads((a / "finsent.json").read_text())
-    lineage = json.loads((b / "finsent.json").read_text())["lineage"]
-    assert [x["version"] for x in lineage] == [meta_a["version"], first["version"]]
-    assert lineage[0]["hyperparameters"] == meta_a["hyperparameters"] and lineage[0]["hyperparameters"]["base"] == str(
+    stages = json.loads((b / "finsent.json").read_text())["lineage"]
+    assert [x["version"] for x in stages] == [meta_a["version"], first["version"]]
+    assert stages[0]["hyperparameters"] == meta_a["hyperparameters"] and stages[0]["hyperparameters"]["base"] == str(
         tiny_model
     )
-    assert lineage[-1]["hyperparameters"] == first["hyperparameters"] and "command" in lineage[-1]
+    assert stages[-1]["hyperparameters"] == first["hyperparameters"] and "command" in stages[-1]
+    assert stages[-1]["data_fingerprints"] == first["data_fingerprints"] and "history" not in stages[-1]
 
 
 def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
