@@ -409,6 +409,22 @@ def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(
     third = run()
     assert third.reused == ["teacher", "transfer", "student"] and third.student.version == second.student.version
 
+    # A work folder seeded with the teacher's finsent.json and the transfer logits only, no teacher weights (what
+    # models/distillation/ keeps in git), trains the student without the teacher.
+    seeded = tmp_path / "seeded"
+    (seeded / "teacher").mkdir(parents=True)
+    shutil.copy(teacher_meta, seeded / "teacher" / "finsent.json")
+    for name in ("transfer.npz", "transfer.json"):
+        shutil.copy(work / name, seeded / name)
+    distil = DistilConfig(temperature=2.0, alpha=0.5)
+    fourth = train_with_teacher(
+        tmp_path / "student2", seeded, data_dir, teacher_cfg, student_cfg, distil, extra_texts=extra, progress=False
+    )
+    assert fourth.reused == ["teacher", "transfer"] and fourth.student is not None
+    assert json.loads((tmp_path / "student2" / "finsent.json").read_text())["distillation"]["teacher"] == (
+        first.teacher_version
+    )
+
 
 def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
     tmp_path: Path, data_dir: Path, tiny_base: Path
