@@ -91,7 +91,7 @@ class TrainConfig:
     limit: int | None = None
     amp: bool = True
     ema: float = 0.998  # >0: validate and save an exponential moving average of the weights (steadier)
-    time_limit_s: float | None = None  # stop training (keeping the best checkpoint so far) after this long
+    time_limit_s: float | None = None  # stop training after this long (validating the last step, keeping the best)
     soft_labels: bool = False  # FPB targets from annotator agreement (see pipeline.data.fpb_agreement)
 
 
@@ -529,6 +529,11 @@ class _Evaluations:
         return self.bad_evals >= self.patience
 
 
+def _best_step(evals: _Evaluations) -> int:
+    best = max(evals.history, key=lambda r: r["val_score"], default={"step": 0})
+    return int(best["step"])
+
+
 class _TrainingLoop:
     """The optimizer, schedule and EMA of one training run, and its steps."""
 
@@ -574,16 +579,21 @@ class _TrainingLoop:
                     bar.update(1)
                     if step % 50 == 1:
                         bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                    rec = {"step": step, "epoch": epoch, "loss": float(loss.item())}
                     if step % eval_every == 0 or step >= self.total:
-                        self._evaluate(splits, evals, {"step": step, "epoch": epoch, "loss": float(loss.item())}, bar)
+                        self._evaluate(splits, evals, rec, bar)
                         if evals.exhausted:
                             bar.write(f"early stop: no val improvement in {cfg.patience} evaluations")
                             return step
                         self.model.train()
-                    late = cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s
-                    if late and evals.best_state is not None:
+                    if cfg.time_limit_s is not None and time.monotonic() - t0 > cfg.time_limit_s:
+                        # The steps since the last validation compete too: a run cut off between two validations
+                        # kept an older checkpoint (a teacher stopped at step 574 kept step 400's weights).
+                        if not evals.history or evals.history[-1]["step"] != step:
+                            self._evaluate(splits, evals, rec, bar)
                         bar.write(
-                            f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: keeping the best checkpoint"
+                            f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: validated it, keeping the "
+                            f"best checkpoint (step {_best_step(evals)})"
                         )
                         return step
                     if step >= self.total:

@@ -353,6 +353,17 @@ def test_a_continued_model_keeps_the_recipe_of_every_stage(tmp_path: Path, tiny_
     assert stages[-1]["data_fingerprints"] == first["data_fingerprints"] and "history" not in stages[-1]
 
 
+def test_a_time_limit_validates_the_last_step_before_stopping(tmp_path: Path, tiny_base: Path, data_dir: Path) -> None:
+    """A run stopped by its time limit between two validations validates what it trained since the last one, so
+    the newest weights compete for the checkpoint (before, they were dropped: a teacher cut off at step 574 of 728
+    kept step 400's weights)."""
+    out = tmp_path / "m"
+    cfg = TrainConfig(base=str(tiny_base), max_steps=12, eval_every=5, time_limit_s=1e-9, **TINY)
+    train_model(out, data_dir, cfg, progress=False)
+    meta = json.loads((out / "finsent.json").read_text())
+    assert meta["training"]["steps"] == 1 and [r["step"] for r in meta["history"]] == [1]
+
+
 def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
     import torch
 
