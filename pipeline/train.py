@@ -41,6 +41,7 @@ from pipeline.data import (
 from pipeline.errors import FinsentError
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # seconds between progress lines of a run without a progress bar
 
 IGNORE = -100
 
@@ -568,6 +569,7 @@ class _TrainingLoop:
         rng = random.Random(cfg.seed)
         eval_every = cfg.eval_every or self.steps_per_epoch
         step = epoch = 0
+        logged = time.monotonic()
         with tqdm(total=self.total, desc="train", unit="step", disable=not progress, dynamic_ncols=True) as bar:
             while step < self.total:
                 epoch += 1
@@ -579,6 +581,9 @@ class _TrainingLoop:
                     bar.update(1)
                     if step % 50 == 1:
                         bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+                    if not progress and time.monotonic() - logged >= LOG_EVERY_S:
+                        self._log_progress(step, epoch, float(loss.item()), t0)
+                        logged = time.monotonic()
                     rec = {"step": step, "epoch": epoch, "loss": float(loss.item())}
                     if step % eval_every == 0 or step >= self.total:
                         self._evaluate(splits, evals, rec, bar)
@@ -599,6 +604,19 @@ class _TrainingLoop:
                     if step >= self.total:
                         break
         return step
+
+    def _log_progress(self, step: int, epoch: int, loss: float, t0: float) -> None:
+        """Without a progress bar (a background or Airflow run), a line now and then: an hour-long CPU run
+        otherwise says nothing until its first validation, and a slow machine or a too-short time limit shows
+        only at the end."""
+        elapsed = time.monotonic() - t0
+        rate = max(elapsed / step, 1e-9)
+        limit = self.cfg.time_limit_s
+        log.info(
+            "step %d/%d (epoch %d) loss %.3f, %.2f s/step, %.0f s elapsed, about %.0f s to go%s",
+            step, self.total, epoch, loss, rate, elapsed, rate * (self.total - step),
+            f" (time limit {limit:.0f} s: stops near step {min(self.total, int(limit / rate))})" if limit else "",
+        )  # fmt: skip
 
     def step(self, batch: Sequence[Example]) -> Any:
         """One optimizer step on `batch` (joint loss, plus the teacher's soft targets when distilling)."""

@@ -364,6 +364,21 @@ def test_a_time_limit_validates_the_last_step_before_stopping(tmp_path: Path, ti
     assert meta["training"]["steps"] == 1 and [r["step"] for r in meta["history"]] == [1]
 
 
+def test_a_run_without_a_progress_bar_logs_its_pace(
+    tmp_path: Path, tiny_base: Path, data_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background run (no terminal) says how far it is and when it will stop, not only at its validations."""
+    import pipeline.train
+
+    monkeypatch.setattr(pipeline.train, "LOG_EVERY_S", 0.0)
+    cfg = TrainConfig(base=str(tiny_base), max_steps=3, eval_every=3, time_limit_s=1e6, **TINY)
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        train_model(tmp_path / "m", data_dir, cfg, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "to go" in lines[0] and "time limit 1000000 s: stops near step 3" in lines[0]
+
+
 def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
     import torch
 
