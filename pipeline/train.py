@@ -569,7 +569,7 @@ class _TrainingLoop:
         rng = random.Random(cfg.seed)
         eval_every = cfg.eval_every or self.steps_per_epoch
         step = epoch = 0
-        logged = time.monotonic()
+        start = logged = time.monotonic()
         with tqdm(total=self.total, desc="train", unit="step", disable=not progress, dynamic_ncols=True) as bar:
             while step < self.total:
                 epoch += 1
@@ -582,11 +582,10 @@ class _TrainingLoop:
                     if step % 50 == 1:
                         bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
                     if not progress and time.monotonic() - logged >= LOG_EVERY_S:
-                        self._log_progress(step, epoch, float(loss.item()), t0)
+                        self._log_progress(step, epoch, float(loss.item()), t0, start)
                         logged = time.monotonic()
-                    rec = {"step": step, "epoch": epoch, "loss": float(loss.item())}
                     if step % eval_every == 0 or step >= self.total:
-                        self._evaluate(splits, evals, rec, bar)
+                        self._evaluate(splits, evals, {"step": step, "epoch": epoch, "loss": float(loss.item())}, bar)
                         if evals.exhausted:
                             bar.write(f"early stop: no val improvement in {cfg.patience} evaluations")
                             return step
@@ -595,6 +594,7 @@ class _TrainingLoop:
                         # The steps since the last validation compete too: a run cut off between two validations
                         # kept an older checkpoint (a teacher stopped at step 574 kept step 400's weights).
                         if not evals.history or evals.history[-1]["step"] != step:
+                            rec = {"step": step, "epoch": epoch, "loss": float(loss.item())}
                             self._evaluate(splits, evals, rec, bar)
                         bar.write(
                             f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: validated it, keeping the "
@@ -605,17 +605,23 @@ class _TrainingLoop:
                         break
         return step
 
-    def _log_progress(self, step: int, epoch: int, loss: float, t0: float) -> None:
+    def _log_progress(self, step: int, epoch: int, loss: float, t0: float, start: float) -> None:
         """Without a progress bar (a background or Airflow run), a line now and then: an hour-long CPU run
         otherwise says nothing until its first validation, and a slow machine or a too-short time limit shows
-        only at the end."""
-        elapsed = time.monotonic() - t0
-        rate = max(elapsed / step, 1e-9)
+        only at the end. The pace counts training steps only (validations included), not the model's loading;
+        the time limit counts from the run's start, as the loop does."""
+        now = time.monotonic()
+        rate = max((now - start) / step, 1e-9)
+        to_go = rate * (self.total - step)
         limit = self.cfg.time_limit_s
+        note = ""
+        if limit is not None and math.isfinite(limit):
+            left = max(limit - (now - t0), 0.0)
+            if left < to_go:
+                to_go, note = left, f" (time limit {limit:.0f} s: stops near step {step + int(left / rate)})"
         log.info(
             "step %d/%d (epoch %d) loss %.3f, %.2f s/step, %.0f s elapsed, about %.0f s to go%s",
-            step, self.total, epoch, loss, rate, elapsed, rate * (self.total - step),
-            f" (time limit {limit:.0f} s: stops near step {min(self.total, int(limit / rate))})" if limit else "",
+            step, self.total, epoch, loss, rate, now - t0, to_go, note,
         )  # fmt: skip
 
     def step(self, batch: Sequence[Example]) -> Any:

@@ -353,30 +353,55 @@ def test_a_continued_model_keeps_the_recipe_of_every_stage(tmp_path: Path, tiny_
     assert stages[-1]["data_fingerprints"] == first["data_fingerprints"] and "history" not in stages[-1]
 
 
-def test_a_time_limit_validates_the_last_step_before_stopping(tmp_path: Path, tiny_base: Path, data_dir: Path) -> None:
+def _step_clock(monkeypatch: pytest.MonkeyPatch, seconds_per_step: float) -> None:
+    """pipeline.train's clock reads `seconds_per_step` x the optimizer steps taken so far: time limits and pace
+    lines fall on known steps, whatever the machine's speed."""
+    import types
+
+    import pipeline.train
+
+    taken = [0]
+    real_step = pipeline.train._TrainingLoop.step
+
+    def counted(self, batch):
+        taken[0] += 1
+        return real_step(self, batch)
+
+    monkeypatch.setattr(pipeline.train._TrainingLoop, "step", counted)
+    monkeypatch.setattr(pipeline.train, "time", types.SimpleNamespace(monotonic=lambda: taken[0] * seconds_per_step))
+
+
+@pytest.mark.parametrize(("eval_every", "validated"), [(5, [5, 7]), (1, [1, 2, 3, 4, 5, 6, 7])])
+def test_a_time_limit_validates_the_last_step_before_stopping(
+    tmp_path: Path, tiny_base: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, eval_every: int, validated: list
+) -> None:
     """A run stopped by its time limit between two validations validates what it trained since the last one, so
     the newest weights compete for the checkpoint (before, they were dropped: a teacher cut off at step 574 of 728
-    kept step 400's weights)."""
+    kept step 400's weights); a step that was just validated is not validated twice."""
+    _step_clock(monkeypatch, 10.0)  # the 65 s limit passes at step 7
     out = tmp_path / "m"
-    cfg = TrainConfig(base=str(tiny_base), max_steps=12, eval_every=5, time_limit_s=1e-9, **TINY)
+    cfg = TrainConfig(base=str(tiny_base), max_steps=12, eval_every=eval_every, time_limit_s=65, **TINY)
     train_model(out, data_dir, cfg, progress=False)
     meta = json.loads((out / "finsent.json").read_text())
-    assert meta["training"]["steps"] == 1 and [r["step"] for r in meta["history"]] == [1]
+    assert meta["training"]["steps"] == 7 and [r["step"] for r in meta["history"]] == validated
 
 
 def test_a_run_without_a_progress_bar_logs_its_pace(
     tmp_path: Path, tiny_base: Path, data_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A background run (no terminal) says how far it is and when it will stop, not only at its validations."""
+    """A background run (no terminal) says how far it is, how long it has to go and where its time limit will
+    stop it, not only at its validations."""
     import pipeline.train
 
     monkeypatch.setattr(pipeline.train, "LOG_EVERY_S", 0.0)
-    cfg = TrainConfig(base=str(tiny_base), max_steps=3, eval_every=3, time_limit_s=1e6, **TINY)
+    _step_clock(monkeypatch, 10.0)
+    cfg = TrainConfig(base=str(tiny_base), max_steps=12, eval_every=12, time_limit_s=55, **TINY)
     with caplog.at_level("INFO", logger="pipeline.train"):
         train_model(tmp_path / "m", data_dir, cfg, progress=False)
     lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
-    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert "to go" in lines[0] and "time limit 1000000 s: stops near step 3" in lines[0]
+    assert [line.split()[1] for line in lines] == ["1/12", "2/12", "3/12", "4/12", "5/12", "6/12"]
+    assert "10.00 s/step" in lines[0] and "about 45 s to go" in lines[0]
+    assert "time limit 55 s: stops near step 5" in lines[0]
 
 
 def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
