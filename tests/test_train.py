@@ -461,7 +461,7 @@ def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(
     assert third.reused == ["teacher", "transfer", "student"] and third.student.version == second.student.version
 
     # A work folder seeded with the teacher's finsent.json and the transfer logits only, no teacher weights (what
-    # models/distillation/ keeps in git), trains the student without the teacher.
+    # a GPU machine's run can hand back), trains the student without the teacher.
     seeded = tmp_path / "seeded"
     (seeded / "teacher").mkdir(parents=True)
     shutil.copy(teacher_meta, seeded / "teacher" / "finsent.json")
