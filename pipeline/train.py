@@ -94,6 +94,7 @@ class TrainConfig:
     ema: float = 0.998  # >0: validate and save an exponential moving average of the weights (steadier)
     time_limit_s: float | None = None  # stop training after this long (validating the last step, keeping the best)
     soft_labels: bool = False  # FPB targets from annotator agreement (see pipeline.data.fpb_agreement)
+    length_buckets: bool = False  # batches of similar length: about half the padded tokens on FPB/TFNS (CPU runs)
 
 
 @dataclass
@@ -227,13 +228,30 @@ def distil_loss(s_logits, t_logits, teacher_s, teacher_t, known, temperature: fl
     return loss
 
 
-def _batches(examples: Sequence[Example], batch_size: int, rng: random.Random | None) -> list[list[Example]]:
+BUCKET_BATCHES = 50  # length buckets sort this many batches' worth of shuffled examples at a time
+
+
+def _batches(
+    examples: Sequence[Example], batch_size: int, rng: random.Random | None, buckets: bool = False
+) -> list[list[Example]]:
+    """Shuffled batches (rng), or batches sorted by length (no rng: inference). With `buckets`, each run of
+    BUCKET_BATCHES shuffled batches is sorted by text length before it is cut and the batches are shuffled
+    again: every batch is still a random draw, but pads to a similar length (FPB and TFNS training texts in
+    random batches of 16 carry 1.9x their tokens in padding, bucketed 1.03x)."""
     idx = list(range(len(examples)))
-    if rng is not None:
-        rng.shuffle(idx)
-    else:
+    if rng is None:
         idx.sort(key=lambda i: len(examples[i].text))
-    return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+        return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+    rng.shuffle(idx)
+    if not buckets:
+        return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+    chunk = batch_size * BUCKET_BATCHES
+    out: list[list[Example]] = []
+    for c in range(0, len(idx), chunk):
+        part = sorted(idx[c : c + chunk], key=lambda i: len(examples[i].text))
+        out += [[examples[i] for i in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
+    rng.shuffle(out)
+    return out
 
 
 def _encode(tokenizer, batch: Sequence[Example], max_length: int, device: str):
@@ -574,7 +592,7 @@ class _TrainingLoop:
             while step < self.total:
                 epoch += 1
                 self.model.train()
-                for batch in _batches(train, cfg.batch_size, rng):
+                for batch in _batches(train, cfg.batch_size, rng, cfg.length_buckets):
                     loss = self.step(batch)
                     step += 1
                     self._update_ema(step)

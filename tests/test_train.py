@@ -12,6 +12,7 @@ from sqlalchemy import text
 from pipeline.data import (
     EVAL_SPLITS,
     DataError,
+    Example,
     FeedbackRow,
     build_splits,
     eval_texts,
@@ -402,6 +403,31 @@ def test_a_run_without_a_progress_bar_logs_its_pace(
     assert [line.split()[1] for line in lines] == ["1/12", "2/12", "3/12", "4/12", "5/12", "6/12"]
     assert "10.00 s/step" in lines[0] and "about 45 s to go" in lines[0]
     assert "time limit 55 s: stops near step 5" in lines[0]
+
+
+def test_length_buckets_keep_every_example_once_and_cut_the_padding() -> None:
+    """--length-buckets: each epoch still sees every example once in shuffled batches, but a batch pads to
+    texts of similar length (what a CPU run pays for)."""
+    import random
+
+    from pipeline.train import _batches
+
+    gen = random.Random(5)
+    examples = [Example("w " * gen.choice([3, 5, 8, 12, 20, 40, 60]), sentiment=0) for _ in range(2000)]
+
+    def padded(batches: list) -> int:
+        return sum(max(len(ex.text) for ex in b) * len(b) for b in batches)
+
+    plain = _batches(examples, 16, random.Random(1))
+    bucketed = _batches(examples, 16, random.Random(1), buckets=True)
+    assert sorted(id(ex) for b in bucketed for ex in b) == sorted(id(ex) for ex in examples)
+    assert [len(b) for b in bucketed].count(16) >= len(examples) // 16 - 3  # only each bucket's last batch is short
+    real = sum(len(ex.text) for ex in examples)
+    assert padded(plain) > 1.8 * real and padded(bucketed) < 1.1 * real
+    longest = [max(len(ex.text) for ex in b) for b in bucketed]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order is shuffled
+    again = _batches(examples, 16, random.Random(1), buckets=True)
+    assert [[id(ex) for ex in b] for b in again] == [[id(ex) for ex in b] for b in bucketed]  # seed fixes it
 
 
 def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:

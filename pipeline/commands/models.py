@@ -88,6 +88,13 @@ def train(
             help="FPB targets from annotator agreement (less confidence where annotators disagreed).",
         ),
     ] = RECIPE.soft_labels,
+    length_buckets: Annotated[
+        bool,
+        typer.Option(
+            "--length-buckets/--no-length-buckets",
+            help="Batch texts of similar length (teacher and student): about half the padding, a faster CPU run.",
+        ),
+    ] = RECIPE.length_buckets,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda if available).")] = None,
     teacher: Annotated[
         str | None,
@@ -171,6 +178,7 @@ def train(
         limit=limit,
         time_limit_s=time_limit_s,
         soft_labels=soft_labels,
+        length_buckets=length_buckets,
     )
     try:
         if teacher:
