@@ -238,18 +238,21 @@ def _batches(
     BUCKET_BATCHES shuffled batches is sorted by text length before it is cut and the batches are shuffled
     again: every batch is still a random draw, but pads to a similar length (FPB and TFNS training texts in
     random batches of 16 carry 1.9x their tokens in padding, bucketed 1.03x)."""
+
+    def cut(order: list[int]) -> list[list[Example]]:
+        return [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+
+    def by_length(order: list[int]) -> list[int]:
+        return sorted(order, key=lambda i: len(examples[i].text))
+
     idx = list(range(len(examples)))
     if rng is None:
-        idx.sort(key=lambda i: len(examples[i].text))
-        return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+        return cut(by_length(idx))
     rng.shuffle(idx)
     if not buckets:
-        return [[examples[i] for i in idx[k : k + batch_size]] for k in range(0, len(idx), batch_size)]
+        return cut(idx)
     chunk = batch_size * BUCKET_BATCHES
-    out: list[list[Example]] = []
-    for c in range(0, len(idx), chunk):
-        part = sorted(idx[c : c + chunk], key=lambda i: len(examples[i].text))
-        out += [[examples[i] for i in part[k : k + batch_size]] for k in range(0, len(part), batch_size)]
+    out = [b for c in range(0, len(idx), chunk) for b in cut(by_length(idx[c : c + chunk]))]
     rng.shuffle(out)
     return out
 
@@ -529,6 +532,7 @@ class _Evaluations:
     best_score: float = -1.0
     best_state: dict[str, Any] | None = None
     best_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    best_step: int = 0
     bad_evals: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -539,6 +543,7 @@ class _Evaluations:
             self.on_eval(rec)
         if rec["val_score"] > self.best_score:
             self.best_score, self.best_metrics, self.bad_evals = rec["val_score"], metrics, 0
+            self.best_step = int(rec["step"])
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             self.bad_evals += 1
@@ -546,11 +551,6 @@ class _Evaluations:
     @property
     def exhausted(self) -> bool:
         return self.bad_evals >= self.patience
-
-
-def _best_step(evals: _Evaluations) -> int:
-    best = max(evals.history, key=lambda r: r["val_score"], default={"step": 0})
-    return int(best["step"])
 
 
 class _TrainingLoop:
@@ -616,7 +616,7 @@ class _TrainingLoop:
                             self._evaluate(splits, evals, rec, bar)
                         bar.write(
                             f"time limit {cfg.time_limit_s:.0f}s reached at step {step}: validated it, keeping the "
-                            f"best checkpoint (step {_best_step(evals)})"
+                            f"best checkpoint (step {evals.best_step})"
                         )
                         return step
                     if step >= self.total:
