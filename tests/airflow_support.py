@@ -1,4 +1,4 @@
-"""Shared Airflow test support: an isolated AIRFLOW_HOME, a metadata DB migrated once per session,
+"""Shared Airflow test support: an isolated AIRFLOW_HOME, a metadata DB migrated once per test process,
 the DAGs loaded once, loopback feeds, a Slack-style webhook receiver and a real SMTP server.
 
 Import this module before anything imports airflow: Airflow reads AIRFLOW_HOME and its metadata DB
@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DAGS_DIR = ROOT / "dags"
 VENV_BIN = Path(sys.executable).parent
 
-AIRFLOW_HOME = Path(os.environ.get("FINSENT_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="finsent-airflow-"))
+# One home per test process (pytest-xdist runs several): a fixed FINSENT_TEST_AIRFLOW_HOME gets a folder per worker.
+AIRFLOW_HOME = (
+    Path(os.environ["FINSENT_TEST_AIRFLOW_HOME"]) / os.environ.get("PYTEST_XDIST_WORKER", "main")
+    if os.environ.get("FINSENT_TEST_AIRFLOW_HOME")
+    else Path(tempfile.mkdtemp(prefix="finsent-airflow-"))
+)
+AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
 AIRFLOW_ENV = {
     "AIRFLOW_HOME": str(AIRFLOW_HOME),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -46,7 +52,7 @@ os.environ.update(AIRFLOW_ENV)
 
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
-    """The SQLite metadata DB for dag.test(), migrated once per session (about 3 s)."""
+    """The SQLite metadata DB for dag.test(), migrated once per test process (about 3 s)."""
     marker = AIRFLOW_HOME / ".migrated"
     if not marker.exists():
         proc = subprocess.run(

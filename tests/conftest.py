@@ -4,7 +4,7 @@ below), so no test module imports fixtures from another.
 Markers say what a test needs; when it is absent the test is skipped with the reason, never failed:
 `pg` (PostgreSQL, FINSENT_TEST_PG), `redis` (127.0.0.1:6379), `airflow` (the package), `data` (the labelled
 data in FINSENT_DATA_DIR or ../shared/data). `slow` marks tests that load models, run Airflow or spawn
-processes: `pytest -m "not slow"` runs the rest in about a third of the suite's time (README).
+processes: `pytest -m "not slow"` runs the rest.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", topics=["Earnings", "Legal"])
 
 
-# --- training material (tests/train_support.py), built once per session ---------------------------
+# --- training material (tests/train_support.py), built once per test process ----------------------
 
 
 @pytest.fixture(scope="session")
