@@ -774,9 +774,11 @@ def soup_models(
     meta: dict[str, Any] = {
         **{
             k: first[k]
-            for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes", "lineage")
+            for k in ("base", "labels", "topics", "split_seed", "data_fingerprints", "data_sizes")
             if k in first
         },
+        # the first member's own stage too: its distillation record would otherwise be lost with its folder
+        "lineage": lineage(str(paths[soup[0]])),
         "version": version,
         "temperature": temperature,
         "topic_temperature": topic_temperature,
@@ -955,7 +957,7 @@ def lineage(base: str) -> list[dict[str, Any]]:
 def _command_line() -> str:
     prog = Path(sys.argv[0]).name
     prog = "python -m pipeline.train" if prog == "train.py" else prog
-    return " ".join(shlex.quote(a) for a in [prog, *sys.argv[1:]])
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
 
 
 def _swap_in(params, values):

@@ -353,6 +353,23 @@ def test_a_continued_model_keeps_the_recipe_of_every_stage(tmp_path: Path, tiny_
     assert stages[-1]["hyperparameters"] == first["hyperparameters"] and "command" in stages[-1]
     assert stages[-1]["data_fingerprints"] == first["data_fingerprints"] and "history" not in stages[-1]
 
+    # A soup keeps its first member's own stage (and that member's lineage) on record, not only the lineage.
+    from pipeline.train import soup_models
+
+    soup_models([b, a], tmp_path / "soup", data_dir, device="cpu")
+    soup = json.loads((tmp_path / "soup" / "finsent.json").read_text())
+    versions = [x["version"] for x in soup["lineage"]]
+    assert versions[0] == soup["soup"]["members"][0] and versions[-1] == first["version"], versions
+
+
+def test_the_recorded_command_can_be_pasted_into_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from pipeline.train import _command_line
+
+    monkeypatch.setattr(sys, "argv", ["/x/pipeline/train.py", "soup", "out dir", "m1"])
+    assert _command_line() == "python -m pipeline.train soup 'out dir' m1"
+
 
 def _step_clock(monkeypatch: pytest.MonkeyPatch, seconds_per_step: float) -> None:
     """pipeline.train's clock reads `seconds_per_step` x the optimizer steps taken so far: time limits and pace
