@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -851,12 +851,16 @@ def train_with_teacher(
     device: str | None = None,
     progress: bool = True,
     stop_after: str | None = None,
+    topic_teacher: str | Path | None = None,
 ) -> DistilResult:
     """Fine-tune a teacher, label the transfer set with it, distil it into the student.
 
     Each phase writes its result to `work_dir` (teacher/ folder, transfer.npz + transfer.json) and its
     completion marker last, so a run that is stopped or killed resumes at the first unfinished phase.
-    `stop_after` ends the run after a phase (e.g. train the teacher on a GPU, distil elsewhere)."""
+    `stop_after` ends the run after a phase (e.g. train the teacher on a GPU, distil elsewhere).
+    `topic_teacher`: a finsent model whose topic head labels the transfer set's topics instead of the teacher's
+    (the model the student continues from: its topic head is kept while the encoder learns the teacher's
+    sentiment, learning without forgetting); with it the student distils both heads."""
     import numpy as np
 
     if stop_after is not None and stop_after not in PHASES:
@@ -904,6 +908,10 @@ def train_with_teacher(
         np.savez(tmp, sentiment=sent, **({"topic": topic} if topic is not None else {}))
         tmp.replace(logits_file)
         marker.write_text(json.dumps({**want, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+    topic_version = None
+    if topic_teacher is not None:
+        topic, topic_version = _topic_targets(Path(topic_teacher), work, texts, want, splits.topics, device, reused)
+        distil = replace(distil, topic=True)
     if stop_after == "transfer":
         return DistilResult(teacher_dir, teacher_version, len(texts), None, reused)
 
@@ -913,6 +921,7 @@ def train_with_teacher(
         if (
             meta.get("distillation", {}).get("teacher") == teacher_version
             and meta["distillation"].get("transfer_fingerprint") == want["fingerprint"]
+            and meta["distillation"].get("topic_teacher") == topic_version
         ):
             log.info("student: reusing the finished student in %s", out)
             t = meta.get("training", {})
@@ -932,12 +941,51 @@ def train_with_teacher(
         "teacher_hyperparameters": teacher_meta.get("hyperparameters"),
         "teacher_val": teacher_meta.get("metrics", {}).get("val"),
         **asdict(distil),
+        "topic_teacher": topic_version,
         "transfer_texts": len(texts),
         "transfer_fingerprint": want["fingerprint"],
         "work_dir": str(work),
     }
     model_folder.write_meta(out, meta)
     return DistilResult(teacher_dir, teacher_version, len(texts), res, reused)
+
+
+def _topic_targets(
+    folder: Path,
+    work: Path,
+    texts: Sequence[str],
+    want: dict[str, Any],
+    topics: Sequence[str],
+    device: str | None,
+    reused: list[str],
+) -> tuple[Any, str]:
+    """The transfer texts' topic logits from `folder`'s topic head, cached in the work folder by its version."""
+    import numpy as np
+
+    from pipeline.score import Scorer
+
+    if not model_folder.has_meta(folder):
+        raise TrainError(f"--topic-teacher {folder}: not a finsent model folder (no finsent.json)")
+    meta = model_folder.read_meta_dict(folder)
+    if list(meta.get("topics") or []) != list(topics):
+        raise TrainError(f"--topic-teacher {folder}: its topics differ from the training data's ({len(topics)})")
+    marker, logits_file = work / "topic-transfer.json", work / "topic-transfer.npz"
+    key = {"topic_teacher": meta["version"], "texts": want["texts"], "fingerprint": want["fingerprint"]}
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if {k: done.get(k) for k in key} == key and logits_file.is_file():
+        log.info("topic transfer: reusing %s's topic logits in %s", meta["version"], logits_file)
+        reused.append("topic transfer")
+        return np.load(logits_file)["topic"], meta["version"]
+    log.info("topic transfer: labelling %d texts' topics with %s", len(texts), meta["version"])
+    scorer = Scorer.load(str(folder), device=device)
+    _, topic = scorer.logits(texts)
+    if topic is None:
+        raise TrainError(f"--topic-teacher {folder}: it has no topic head")
+    tmp = work / "topic-transfer.tmp.npz"
+    np.savez(tmp, topic=topic)
+    tmp.replace(logits_file)
+    marker.write_text(json.dumps({**key, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+    return topic, meta["version"]
 
 
 def lineage(base: str) -> list[dict[str, Any]]:

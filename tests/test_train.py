@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
@@ -552,4 +553,25 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
     assert r.exit_code == 0, r.output
     assert "reused the finished phase(s) teacher" in r.output and (tmp_path / "student" / "finsent.json").exists()
     # ...so the student distils only the sentiment head (the teacher's topic head was never trained).
-    assert json.loads((tmp_path / "student" / "finsent.json").read_text())["distillation"]["topic"] is False
+    first = json.loads((tmp_path / "student" / "finsent.json").read_text())
+    assert first["distillation"]["topic"] is False and first["distillation"]["topic_teacher"] is None
+
+    # --topic-teacher: another finsent model's topic head labels the transfer set's topics (learning without
+    # forgetting: the model the student continues from keeps its topics), and the student distils both heads.
+    from pipeline.score import Scorer
+    from pipeline.train import transfer_texts
+
+    second = [*args[:3], str(tmp_path / "student2"), *args[4:], "--work-dir", str(work)]
+    r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tiny_base)])
+    assert r.exit_code == 1 and "not a finsent model folder" in r.output, r.output
+    r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "student2" / "finsent.json").read_text())["distillation"]
+    assert meta["topic"] is True and meta["topic_teacher"] == first["version"]
+    texts = transfer_texts(build_splits(data_dir, limit=8), [])
+    _, expected = Scorer.load(str(tmp_path / "student"), device="cpu").logits(texts)
+    np.testing.assert_allclose(np.load(work / "topic-transfer.npz")["topic"], expected, rtol=1e-4, atol=1e-4)
+    r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student")])
+    assert r.exit_code == 0 and "topic transfer" in r.output and "student" in r.output.split("reused")[-1]
+    r = CliRunner().invoke(app, ["train", "--no-db", "--topic-teacher", str(tmp_path / "student")])
+    assert r.exit_code == 2 and "needs --teacher" in r.output

@@ -122,6 +122,14 @@ def train(
         ),
     ] = 0.0,
     teacher_fpb_repeat: int = 1,
+    topic_teacher: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --teacher: a finsent model whose topic head labels the transfer set's topics (e.g. the model "
+            "in --base, so that distilling the teacher's sentiment keeps its topic head); the student then distils "
+            "both heads.",
+        ),
+    ] = None,
     teacher_time_limit_s: Annotated[
         float | None, typer.Option(help="Stop the teacher's training after this many seconds (best checkpoint kept).")
     ] = None,
@@ -147,6 +155,8 @@ def train(
     """Fine-tune sentiment + topic heads; uses analyst feedback from the database; records the model in the registry."""
     from pipeline.train import train_model
 
+    if topic_teacher is not None and not teacher:
+        raise fail("--topic-teacher labels the transfer set of a teacher run: it needs --teacher")
     cfg = config_or_exit(config)
     rows = []
     engine = None
@@ -194,7 +204,7 @@ def train(
             distil = DistilConfig(temperature=distil_temperature, alpha=distil_alpha, topic=teacher_topic_weight > 0)
             res = _train_with_teacher(
                 cfg, out, hp, teacher_cfg, distil, work_dir, rows, device,
-                transfer_docs if engine is not None else 0, stop_after, data_dir,
+                transfer_docs if engine is not None else 0, stop_after, data_dir, topic_teacher,
             )  # fmt: skip
             if res is None:
                 return
@@ -267,7 +277,7 @@ def _print_feedback_report(rep) -> None:
 
 def _train_with_teacher(
     cfg, out: Path, hp, teacher_cfg, distil, work_dir: Path | None, rows, device: str | None, transfer_docs: int,
-    stop_after: str | None, data_dir: Path | None,
+    stop_after: str | None, data_dir: Path | None, topic_teacher: Path | None = None,
 ):  # fmt: skip
     """The teacher recipe: fine-tune `teacher`, label the transfer set, distil into the student (resumable)."""
     from pipeline.config import PROJECT_DIR
@@ -285,7 +295,7 @@ def _train_with_teacher(
     result = train_with_teacher(out, work, data_dir or cfg.data_dir, teacher_cfg, hp,
                                 distil, extra_texts=extra,
                                 feedback_rows=rows, device=device, progress=sys.stderr.isatty(),
-                                stop_after=stop_after)  # fmt: skip
+                                stop_after=stop_after, topic_teacher=topic_teacher)  # fmt: skip
     if result.reused:
         _say(f"resumed: reused the finished phase(s) {', '.join(result.reused)} from {work}")
     _say(f"teacher {result.teacher_version} in {result.teacher_dir}; transfer set {result.transfer_size} texts")
