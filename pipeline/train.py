@@ -869,6 +869,10 @@ def train_with_teacher(
     if not teacher_cfg.base:
         raise TrainError("the teacher needs a base model (--teacher PATH_OR_HUB_ID), e.g. all-mpnet-base-v2")
     distil = distil or DistilConfig()
+    student_cfg = student_config or TrainConfig()
+    splits = build_splits(data_dir, seed=student_cfg.split_seed, limit=student_cfg.limit)
+    if topic_teacher is not None:  # checked before hours of teacher training, not after
+        _check_topic_teacher(Path(topic_teacher), splits.topics, student_cfg.topic_weight)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     reused: list[str] = []
@@ -884,9 +888,6 @@ def train_with_teacher(
     if stop_after == "teacher":
         return DistilResult(teacher_dir, teacher_version, 0, None, reused)
 
-    splits = build_splits(
-        data_dir, seed=(student_config or TrainConfig()).split_seed, limit=(student_config or TrainConfig()).limit
-    )
     texts = transfer_texts(splits, extra_texts)
     marker, logits_file = work / "transfer.json", work / "transfer.npz"
     want = {"teacher": teacher_version, "texts": len(texts), "fingerprint": _fingerprint(texts)}
@@ -910,7 +911,7 @@ def train_with_teacher(
         marker.write_text(json.dumps({**want, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
     topic_version = None
     if topic_teacher is not None:
-        topic, topic_version = _topic_targets(Path(topic_teacher), work, texts, want, splits.topics, device, reused)
+        topic, topic_version = _topic_targets(Path(topic_teacher), work, texts, want, device, reused)
         distil = replace(distil, topic=True)
     if stop_after == "transfer":
         return DistilResult(teacher_dir, teacher_version, len(texts), None, reused)
@@ -929,7 +930,6 @@ def train_with_teacher(
                                   meta["topic_temperature"], meta.get("history", []), t.get("seconds", 0.0),
                                   t.get("device", ""))  # fmt: skip
             return DistilResult(teacher_dir, teacher_version, len(texts), student, [*reused, "student"])
-    student_cfg = student_config or TrainConfig()
     targets = TeacherTargets(texts, sent, topic)
     unlabelled = [Example(t, source="transfer") for t in extra_texts]
     res = train_model(out, data_dir, student_cfg, feedback_rows=feedback_rows, extra_examples=unlabelled, device=device,
@@ -950,25 +950,25 @@ def train_with_teacher(
     return DistilResult(teacher_dir, teacher_version, len(texts), res, reused)
 
 
+def _check_topic_teacher(folder: Path, topics: Sequence[str], topic_weight: float) -> None:
+    """A topic teacher must be a finsent model with the training data's topics, and the student must learn topics."""
+    if not model_folder.has_meta(folder):
+        raise TrainError(f"--topic-teacher {folder}: not a finsent model folder (no finsent.json)")
+    if list(model_folder.read_meta_dict(folder).get("topics") or []) != list(topics):
+        raise TrainError(f"--topic-teacher {folder}: its topics differ from the training data's ({len(topics)})")
+    if topic_weight <= 0:
+        raise TrainError("--topic-teacher with --topic-weight 0: the student would not learn topics at all")
+
+
 def _topic_targets(
-    folder: Path,
-    work: Path,
-    texts: Sequence[str],
-    want: dict[str, Any],
-    topics: Sequence[str],
-    device: str | None,
-    reused: list[str],
+    folder: Path, work: Path, texts: Sequence[str], want: dict[str, Any], device: str | None, reused: list[str]
 ) -> tuple[Any, str]:
     """The transfer texts' topic logits from `folder`'s topic head, cached in the work folder by its version."""
     import numpy as np
 
     from pipeline.score import Scorer
 
-    if not model_folder.has_meta(folder):
-        raise TrainError(f"--topic-teacher {folder}: not a finsent model folder (no finsent.json)")
     meta = model_folder.read_meta_dict(folder)
-    if list(meta.get("topics") or []) != list(topics):
-        raise TrainError(f"--topic-teacher {folder}: its topics differ from the training data's ({len(topics)})")
     marker, logits_file = work / "topic-transfer.json", work / "topic-transfer.npz"
     key = {"topic_teacher": meta["version"], "texts": want["texts"], "fingerprint": want["fingerprint"]}
     done = json.loads(marker.read_text()) if marker.is_file() else {}
@@ -977,6 +977,7 @@ def _topic_targets(
         reused.append("topic transfer")
         return np.load(logits_file)["topic"], meta["version"]
     log.info("topic transfer: labelling %d texts' topics with %s", len(texts), meta["version"])
+    marker.unlink(missing_ok=True)  # a run killed after the logits but before the marker must not reuse them
     scorer = Scorer.load(str(folder), device=device)
     _, topic = scorer.logits(texts)
     if topic is None:

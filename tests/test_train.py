@@ -566,12 +566,22 @@ def test_cli_teacher_run_resumes_and_keeps_weights_out_of_the_repo(
     assert r.exit_code == 1 and "not a finsent model folder" in r.output, r.output
     r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student")])
     assert r.exit_code == 0, r.output
+    meta_version = json.loads((tmp_path / "student2" / "finsent.json").read_text())["version"]
     meta = json.loads((tmp_path / "student2" / "finsent.json").read_text())["distillation"]
     assert meta["topic"] is True and meta["topic_teacher"] == first["version"]
     texts = transfer_texts(build_splits(data_dir, limit=8), [])
     _, expected = Scorer.load(str(tmp_path / "student"), device="cpu").logits(texts)
     np.testing.assert_allclose(np.load(work / "topic-transfer.npz")["topic"], expected, rtol=1e-4, atol=1e-4)
     r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student")])
-    assert r.exit_code == 0 and "topic transfer" in r.output and "student" in r.output.split("reused")[-1]
+    assert r.exit_code == 0 and "phase(s) teacher, transfer, topic transfer, student from" in " ".join(r.output.split())
+    assert json.loads((tmp_path / "student2" / "finsent.json").read_text())["version"] == meta_version
+    # Another topic teacher: its topics are labelled afresh and the student is trained again.
+    r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student2")])
+    assert r.exit_code == 0 and "phase(s) teacher, transfer from" in " ".join(r.output.split()), r.output
+    assert json.loads((tmp_path / "student2" / "finsent.json").read_text())["distillation"]["topic_teacher"] == (
+        meta_version
+    )
+    r = CliRunner().invoke(app, [*second, "--topic-teacher", str(tmp_path / "student"), "--topic-weight", "0"])
+    assert r.exit_code == 1 and "--topic-weight 0" in r.output, r.output
     r = CliRunner().invoke(app, ["train", "--no-db", "--topic-teacher", str(tmp_path / "student")])
     assert r.exit_code == 2 and "needs --teacher" in r.output
