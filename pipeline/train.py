@@ -861,7 +861,6 @@ def train_with_teacher(
     `topic_teacher`: a finsent model whose topic head labels the transfer set's topics instead of the teacher's
     (the model the student continues from: its topic head is kept while the encoder learns the teacher's
     sentiment, learning without forgetting); with it the student distils both heads."""
-    import numpy as np
 
     if stop_after is not None and stop_after not in PHASES:
         raise TrainError(f"stop_after {stop_after!r}: expected one of {', '.join(PHASES)}")
@@ -889,26 +888,19 @@ def train_with_teacher(
         return DistilResult(teacher_dir, teacher_version, 0, None, reused)
 
     texts = transfer_texts(splits, extra_texts)
-    marker, logits_file = work / "transfer.json", work / "transfer.npz"
     want = {"teacher": teacher_version, "texts": len(texts), "fingerprint": _fingerprint(texts)}
-    done = json.loads(marker.read_text()) if marker.is_file() else {}
-    if {k: done.get(k) for k in want} == want and logits_file.is_file():
-        log.info("transfer: reusing %d teacher-labelled texts in %s", len(texts), logits_file)
-        reused.append("transfer")
-        data = np.load(logits_file)
-        sent, topic = data["sentiment"], (data["topic"] if "topic" in data.files else None)
-    else:
+
+    def label_with_teacher() -> dict[str, Any]:
         from pipeline.score import Scorer
 
         log.info("transfer: labelling %d texts with the teacher %s", len(texts), teacher_version)
         scorer = Scorer.load(str(teacher_dir), device=device, max_length=teacher_cfg.max_length, batch_size=64)
         sent, topic = scorer.logits(texts)
-        order = [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]
-        sent = sent[:, order]
-        tmp = work / "transfer.tmp.npz"
-        np.savez(tmp, sentiment=sent, **({"topic": topic} if topic is not None else {}))
-        tmp.replace(logits_file)
-        marker.write_text(json.dumps({**want, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+        sent = sent[:, [scorer.labels.index(lab) for lab in SENTIMENT_LABELS]]
+        return {"sentiment": sent, **({"topic": topic} if topic is not None else {})}
+
+    arrays = _cached_arrays(work, "transfer", want, label_with_teacher, reused)
+    sent, topic = arrays["sentiment"], arrays.get("topic")
     topic_version = None
     if topic_teacher is not None:
         topic, topic_version = _topic_targets(Path(topic_teacher), work, texts, want, device, reused)
@@ -964,29 +956,45 @@ def _topic_targets(
     folder: Path, work: Path, texts: Sequence[str], want: dict[str, Any], device: str | None, reused: list[str]
 ) -> tuple[Any, str]:
     """The transfer texts' topic logits from `folder`'s topic head, cached in the work folder by its version."""
-    import numpy as np
 
     from pipeline.score import Scorer
 
     meta = model_folder.read_meta_dict(folder)
-    marker, logits_file = work / "topic-transfer.json", work / "topic-transfer.npz"
     key = {"topic_teacher": meta["version"], "texts": want["texts"], "fingerprint": want["fingerprint"]}
+
+    def label_topics() -> dict[str, Any]:
+        log.info("topic transfer: labelling %d texts' topics with %s", len(texts), meta["version"])
+        _, topic = Scorer.load(str(folder), device=device).logits(texts)
+        if topic is None:
+            raise TrainError(f"--topic-teacher {folder}: it has no topic head")
+        return {"topic": topic}
+
+    return _cached_arrays(work, "topic-transfer", key, label_topics, reused)["topic"], meta["version"]
+
+
+def _cached_arrays(
+    work: Path, name: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], reused: list[str]
+) -> dict[str, Any]:
+    """Arrays computed once per `key` (an hour of teacher labelling must survive a killed run): `name`.npz is
+    written first and its `name`.json marker last, and the marker is removed before recomputing, so a run
+    killed in between never reuses arrays from another key."""
+    import numpy as np
+
+    marker, arrays_file = work / f"{name}.json", work / f"{name}.npz"
     done = json.loads(marker.read_text()) if marker.is_file() else {}
-    if {k: done.get(k) for k in key} == key and logits_file.is_file():
-        log.info("topic transfer: reusing %s's topic logits in %s", meta["version"], logits_file)
-        reused.append("topic transfer")
-        return np.load(logits_file)["topic"], meta["version"]
-    log.info("topic transfer: labelling %d texts' topics with %s", len(texts), meta["version"])
-    marker.unlink(missing_ok=True)  # a run killed after the logits but before the marker must not reuse them
-    scorer = Scorer.load(str(folder), device=device)
-    _, topic = scorer.logits(texts)
-    if topic is None:
-        raise TrainError(f"--topic-teacher {folder}: it has no topic head")
-    tmp = work / "topic-transfer.tmp.npz"
-    np.savez(tmp, topic=topic)
-    tmp.replace(logits_file)
+    phase = name.replace("-", " ")
+    if {k: done.get(k) for k in key} == key and arrays_file.is_file():
+        log.info("%s: reusing %s", phase, arrays_file)
+        reused.append(phase)
+        with np.load(arrays_file) as data:
+            return {k: data[k] for k in data.files}
+    marker.unlink(missing_ok=True)
+    arrays = compute()
+    tmp = work / f"{name}.tmp.npz"
+    np.savez(tmp, **arrays)
+    tmp.replace(arrays_file)
     marker.write_text(json.dumps({**key, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
-    return topic, meta["version"]
+    return arrays
 
 
 def lineage(base: str) -> list[dict[str, Any]]:
