@@ -855,13 +855,13 @@ def train_with_teacher(
 ) -> DistilResult:
     """Fine-tune a teacher, label the transfer set with it, distil it into the student.
 
-    Each phase writes its result to `work_dir` (teacher/ folder, transfer.npz + transfer.json) and its
-    completion marker last, so a run that is stopped or killed resumes at the first unfinished phase.
+    Each phase writes its result to `work_dir` (teacher/ folder, transfer.npz + transfer.json, and
+    topic-transfer.npz + .json with a topic teacher) and its completion marker last, so a run that is
+    stopped or killed resumes at the first unfinished phase.
     `stop_after` ends the run after a phase (e.g. train the teacher on a GPU, distil elsewhere).
     `topic_teacher`: a finsent model whose topic head labels the transfer set's topics instead of the teacher's
     (the model the student continues from: its topic head is kept while the encoder learns the teacher's
     sentiment, learning without forgetting); with it the student distils both heads."""
-
     if stop_after is not None and stop_after not in PHASES:
         raise TrainError(f"stop_after {stop_after!r}: expected one of {', '.join(PHASES)}")
     teacher_cfg = teacher_config or TrainConfig(name="finsent-teacher")
@@ -956,13 +956,12 @@ def _topic_targets(
     folder: Path, work: Path, texts: Sequence[str], want: dict[str, Any], device: str | None, reused: list[str]
 ) -> tuple[Any, str]:
     """The transfer texts' topic logits from `folder`'s topic head, cached in the work folder by its version."""
-
-    from pipeline.score import Scorer
-
     meta = model_folder.read_meta_dict(folder)
     key = {"topic_teacher": meta["version"], "texts": want["texts"], "fingerprint": want["fingerprint"]}
 
     def label_topics() -> dict[str, Any]:
+        from pipeline.score import Scorer
+
         log.info("topic transfer: labelling %d texts' topics with %s", len(texts), meta["version"])
         _, topic = Scorer.load(str(folder), device=device).logits(texts)
         if topic is None:
@@ -993,7 +992,9 @@ def _cached_arrays(
     tmp = work / f"{name}.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(arrays_file)
-    marker.write_text(json.dumps({**key, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+    tmp_marker = work / f"{name}.tmp.json"
+    tmp_marker.write_text(json.dumps({**key, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
+    tmp_marker.replace(marker)
     return arrays
 
 
