@@ -791,6 +791,8 @@ def soup_models(
             "trail": trail,
             "member_hyperparameters": [metas[i]["hyperparameters"] for i in soup],
             "member_training": [metas[i].get("training") for i in soup],
+            # a distilled member's teacher, transfer set and topic teacher: `lineage` follows the first member only
+            "member_distillation": [metas[i].get("distillation") for i in soup],
         },
         "training": {
             "seconds": round(seconds, 1),

@@ -357,10 +357,17 @@ def test_a_continued_model_keeps_the_recipe_of_every_stage(tmp_path: Path, tiny_
     # A soup keeps its first member's own stage (and that member's lineage) on record, not only the lineage.
     from pipeline.train import soup_models
 
+    # Every member's distillation record too (a distilled student souped behind the model it started from).
+    for folder in (a, b):
+        meta = json.loads((folder / "finsent.json").read_text())
+        meta["distillation"] = {"teacher": f"teacher-of-{meta['version']}", "topic_teacher": None}
+        (folder / "finsent.json").write_text(json.dumps(meta))
     soup_models([b, a], tmp_path / "soup", data_dir, device="cpu")
     soup = json.loads((tmp_path / "soup" / "finsent.json").read_text())
     versions = [x["version"] for x in soup["lineage"]]
     assert versions[0] == soup["soup"]["members"][0] and versions[-1] == first["version"], versions
+    members = soup["soup"]["members"]
+    assert [d["teacher"] for d in soup["soup"]["member_distillation"]] == [f"teacher-of-{v}" for v in members]
 
 
 def test_the_recorded_command_can_be_pasted_into_a_shell(monkeypatch: pytest.MonkeyPatch) -> None:
