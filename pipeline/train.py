@@ -982,7 +982,10 @@ def _cached_arrays(
     import numpy as np
 
     marker, arrays_file = work / f"{name}.json", work / f"{name}.npz"
-    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    try:
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+    except ValueError:  # a marker cut short (a kill mid-write before markers were atomic): not done
+        done = {}
     phase = name.replace("-", " ")
     if {k: done.get(k) for k in key} == key and arrays_file.is_file():
         log.info("%s: reusing %s", phase, arrays_file)

@@ -469,6 +469,43 @@ def test_distil_loss_is_zero_when_the_student_matches_the_teacher() -> None:
     assert distil_loss(other, None, teacher, None, only_second, 2.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_transfer_labelling_killed_before_its_marker_is_never_reused(
+    tmp_path: Path, data_dir: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relabelling killed after its logits were written but before its marker, or a marker cut short, must make
+    the next run label again: reusing them would distil another transfer set's logits (or crash on the marker)."""
+    import numpy as np
+
+    import pipeline.train as train_mod
+    from pipeline.train import DistilConfig, train_with_teacher, transfer_texts
+
+    cfg = TrainConfig(base=str(tiny_base), name="teacher", max_steps=4, eval_every=4, **TINY)
+    work = tmp_path / "work"
+
+    def run(extra: list[str]):
+        return train_with_teacher(tmp_path / "student", work, data_dir, cfg, cfg, DistilConfig(), extra_texts=extra,
+                                  progress=False, stop_after="transfer")  # fmt: skip
+
+    assert run([]).reused == []  # the teacher trained, the transfer set labelled, its marker written
+
+    class Killed:
+        @staticmethod
+        def now(tz=None):
+            raise RuntimeError("killed before the marker")
+
+    with monkeypatch.context() as m:  # another transfer set, killed between its logits and its marker
+        m.setattr(train_mod, "datetime", Killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(["An extra unlabelled headline"])
+    rerun = run([])
+    n = len(transfer_texts(build_splits(data_dir), []))
+    assert rerun.reused == ["teacher"] and np.load(work / "transfer.npz")["sentiment"].shape[0] == n
+
+    (work / "transfer.json").write_text('{"teacher": ')  # a marker cut short
+    assert run([]).reused == ["teacher"] and json.loads((work / "transfer.json").read_text())["texts"] == n
+    assert run([]).reused == ["teacher", "transfer"]
+
+
 def test_teacher_run_stopped_after_the_teacher_resumes_without_redoing_it(
     tmp_path: Path, data_dir: Path, tiny_base: Path
 ) -> None:
